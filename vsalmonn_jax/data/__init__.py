@@ -1,0 +1,1 @@
+"""Media decoding, model features, chat template, JSONL records, grain pipeline, synthetic data."""

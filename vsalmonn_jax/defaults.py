@@ -1,0 +1,81 @@
+"""Defaults shared by every preset: training, DPO, mrDPO, generation, evaluation, data, mesh.
+
+Size presets in `configs/` (`tiny.py`, `7b.py`, ...) start from `base_config()` and set shapes.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 2024
+    c.stage = "sft"  # align | sft | dpo | mrdpo | rebirth
+    c.workdir = "runs/default"
+
+    # ---- model (shapes are set by the size presets) ----
+    c.model = ml_collections.ConfigDict()
+    c.model.llm = ml_collections.ConfigDict(dict(
+        vocab_size=0, hidden_size=0, intermediate_size=0, num_layers=0, num_heads=0,
+        num_kv_heads=0, head_dim=0, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False,
+        dtype="bfloat16",         # compute dtype (fp32 for parity tests)
+        param_dtype="bfloat16",   # frozen base weights
+        scan_layers=True,         # nn.scan over decoder layers (compile time independent of depth)
+        remat_policy="full",      # none | full | dots (per-layer nn.remat)
+        attention_impl="xla",     # xla | cudnn (jax.nn.dot_product_attention implementation)
+    ))
+    c.model.lora = ml_collections.ConfigDict(dict(
+        rank=128, alpha=256.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
+    c.model.vision = ml_collections.ConfigDict(dict(   # SigLIP vision tower
+        hidden_size=0, intermediate_size=0, num_layers=0, num_heads=0, image_size=384,
+        patch_size=14, layer_norm_eps=1e-6, select_layer=-2, frame_chunk=16))
+    c.model.audio = ml_collections.ConfigDict(dict(    # Whisper encoder
+        num_mel_bins=128, d_model=0, num_layers=0, num_heads=0, ffn_dim=0,
+        max_source_positions=1500, chunk_seconds=30, chunk_batch=4))
+    c.model.qformer = ml_collections.ConfigDict(dict(  # window-level Q-Former (BLIP-2 style)
+        hidden_size=768, num_layers=2, num_heads=12, intermediate_size=3072,
+        layer_norm_eps=1e-12, window=25, num_queries=1))
+    c.model.connector = ml_collections.ConfigDict(dict(
+        pool_mode="max",          # max | average | bilinear
+        pool_stride=2,
+        newline="grid",           # one learned image_newline per row of pooled tokens
+        interleave="timestamp",   # timestamp (clean) | official (nearest-interpolation QUIRK)
+        placeholder_token="<media>",
+    ))
+
+    # ---- data ----
+    c.data = ml_collections.ConfigDict(dict(
+        root="", train="", val="", test="", tokenizer="",
+        fps=1.0, max_frames=110, sample_rate=16000, min_audio_seconds=1.0,
+        missing_audio="silence",  # silence (+ flag) | error
+        max_length=32768, truncation="error",  # error | truncate_response
+        batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,
+        length_buckets=(), quarantine="quarantine.jsonl", encoder_cache="",
+    ))
+
+    # ---- optimisation (official recipe) ----
+    c.train = ml_collections.ConfigDict(dict(
+        lr=2e-5, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.999,
+        eps=1e-8, grad_clip=1.0, grad_accum=1, num_steps=1000, epochs=0,
+        log_every=10, eval_every=500, checkpoint_every=500, keep_checkpoints=3,
+        on_nan="stop",  # stop | skip
+        trainable=("lora", "adapter"),
+    ))
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gt_ce_weight=0.1,
+        reference="snapshot",  # snapshot | lora_disabled (official QUIRK)
+        precompute_reference=False))
+    c.mrdpo = ml_collections.ConfigDict(dict(
+        rounds=3, steps_per_round=1000, samples_per_video=2, pair_rule="total",
+        drop_ties=True, judge="exact"))
+    c.rebirth = ml_collections.ConfigDict(dict(non_caption_ratio=0.3))
+    c.generate = ml_collections.ConfigDict(dict(
+        max_new_tokens=1024, temperature=1.0, top_p=0.9, top_k=0, greedy=True,
+        prompt="Please describe the video in detail."))
+    c.eval = ml_collections.ConfigDict(dict(
+        judge="embedding", passes=7, llm_base_url="", llm_model="gpt-3.5-turbo-0125",
+        llm_concurrency=4, cache_dir=""))
+
+    # ---- parallelism: mesh (data, fsdp, tensor); -1 = all remaining devices ----
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c

@@ -1,0 +1,1 @@
+"""Caption metrics (missed / incorrect / hallucinated events, repetition), judges, QA accuracy, reports."""

@@ -1,0 +1,1 @@
+"""KV-cache generation: jitted prefill + decode loop, greedy / temperature / top-p / top-k."""
