@@ -1,0 +1,176 @@
+"""Media decoding with PyAV: video frames at 1 fps (at most 110, evenly resampled) and 16-kHz mono audio.
+
+Every failure (missing, empty, truncated, undecodable file, no audio track in `error` mode) raises
+`MediaError` with a reason; the pipeline quarantines the record and keeps going.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import av
+import numpy as np
+import soxr
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus")
+
+
+class MediaError(Exception):
+    """A media file that cannot be used; `reason` is a short machine-friendly cause."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclasses.dataclass
+class Media:
+    """Decoded media of one record. Absent parts are empty arrays with the flag False."""
+
+    frames: np.ndarray          # uint8 [F, H, W, 3]
+    frame_times: np.ndarray     # float32 [F] seconds
+    audio: np.ndarray           # float32 [samples] 16 kHz mono, padded to the minimum length
+    audio_seconds: float        # true audio length before padding
+    has_video: bool
+    has_audio: bool
+
+
+def sample_times(duration: float, fps: float = 1.0, max_frames: int = 110) -> np.ndarray:
+    """Target frame times: every 1/fps s within [0, duration); past `max_frames`, evenly resampled."""
+    if duration <= 0:
+        return np.zeros((1,), np.float64)
+    count = max(1, int(np.ceil(duration * fps - 1e-6)))
+    times = np.arange(count, dtype=np.float64) / fps
+    if count > max_frames:
+        picks = np.linspace(0, count - 1, max_frames).astype(np.int64)
+        times = times[picks]
+    return times
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise MediaError(path, "missing", "file not found")
+    if os.path.getsize(path) == 0:
+        raise MediaError(path, "empty", "zero-byte file")
+
+
+def _open(path: str):
+    _check_file(path)
+    try:
+        return av.open(path)
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise MediaError(path, "undecodable", f"cannot open container: {err}") from err
+
+
+def _stream_seconds(stream, container) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6
+    return 0.0
+
+
+def _decode_frames(path: str, container, fps: float, max_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    duration = _stream_seconds(stream, container)
+    rate = float(stream.average_rate) if stream.average_rate else 0.0
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    targets = sample_times(duration, fps, max_frames)
+    tolerance = 0.5 / rate if rate > 0 else 1e-3
+    frames, times, next_target = [], [], 0
+    try:
+        for frame in container.decode(stream):
+            if next_target >= len(targets):
+                break
+            t = (float(frame.pts * stream.time_base) - start) if frame.pts is not None \
+                else len(times) / max(rate, 1e-6)
+            if t + tolerance < targets[next_target]:
+                continue
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(t)
+            while next_target < len(targets) and targets[next_target] <= t + tolerance:
+                next_target += 1
+    except av.FFmpegError as err:
+        raise MediaError(path, "corrupt", f"video decode failed after {len(frames)} frames: {err}") from err
+    if not frames:
+        raise MediaError(path, "no_frames", "no video frame could be decoded")
+    if duration > 0 and next_target < len(targets):
+        raise MediaError(path, "truncated", f"frames end at {times[-1]:.2f} s of {duration:.2f} s")
+    return np.stack(frames), np.asarray(times, np.float32)
+
+
+def _decode_audio(path: str, container, sample_rate: int, channel: str) -> np.ndarray:
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
+    chunks = []
+    try:
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())                     # [channels, samples]
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    except av.FFmpegError as err:
+        raise MediaError(path, "corrupt", f"audio decode failed: {err}") from err
+    if not chunks:
+        return np.zeros((0,), np.float32)
+    wave = np.concatenate(chunks, axis=1)                          # [channels, samples]
+    mono = wave[0] if channel == "first" else wave.mean(axis=0)
+    duration = _stream_seconds(stream, container)
+    if duration > 0:                                               # AAC pads its last frame
+        mono = mono[: int(round(duration * stream.rate))]
+    if stream.rate != sample_rate:
+        mono = soxr.resample(mono.astype(np.float32), stream.rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def load_audio(path: str, sample_rate: int = 16000, channel: str = "first") -> np.ndarray:
+    """Any audio (or video) file's first audio track -> float32 mono at `sample_rate`."""
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise MediaError(path, "no_audio", "file has no audio track")
+        return _decode_audio(path, container, sample_rate, channel)
+
+
+def load_media(video: str | None = None, audio: str | None = None, *, fps: float = 1.0,
+               max_frames: int = 110, sample_rate: int = 16000, min_audio_seconds: float = 1.0,
+               missing_audio: str = "silence", channel: str = "first") -> Media:
+    """Decode one record's media: a video (with its audio track) and/or a separate audio file.
+
+    A video without an audio track: `missing_audio="silence"` gives silence of the video's
+    length with `has_audio=False`; `"error"` raises MediaError("no_audio"). A separate audio
+    file, when given, is used instead of the video's track.
+    """
+    if video is None and audio is None:
+        raise ValueError("load_media needs a video or an audio path")
+    frames = np.zeros((0, 1, 1, 3), np.uint8)
+    times = np.zeros((0,), np.float32)
+    wave, has_audio, duration = None, False, 0.0
+    if video is not None:
+        with _open(video) as container:
+            if not container.streams.video:
+                raise MediaError(video, "no_video", "file has no video track")
+            frames, times = _decode_frames(video, container, fps, max_frames)
+            duration = _stream_seconds(container.streams.video[0], container)
+        if audio is None:
+            with _open(video) as container:
+                if container.streams.audio:
+                    wave, has_audio = _decode_audio(video, container, sample_rate, channel), True
+                elif missing_audio == "error":
+                    raise MediaError(video, "no_audio", "video has no audio track")
+                elif missing_audio != "silence":
+                    raise ValueError(f"data.missing_audio must be 'silence' or 'error', "
+                                     f"got {missing_audio!r}")
+    if audio is not None:
+        wave, has_audio = load_audio(audio, sample_rate, channel), True
+        if wave.shape[0] == 0:
+            raise MediaError(audio, "no_samples", "audio track decodes to zero samples")
+    if wave is None:
+        wave = np.zeros((int(round(duration * sample_rate)),), np.float32)
+    seconds = wave.shape[0] / sample_rate
+    minimum = int(np.ceil(min_audio_seconds * sample_rate))
+    if wave.shape[0] < minimum:
+        wave = np.pad(wave, (0, minimum - wave.shape[0]))
+    return Media(frames=frames, frame_times=times, audio=wave, audio_seconds=float(seconds),
+                 has_video=video is not None, has_audio=has_audio)
