@@ -1,0 +1,140 @@
+"""Train state (frozen params, fp32 trainables, optimizer, rng, DPO reference snapshot) and optax set-up.
+
+The state is created already sharded: `jax.eval_shape` of the boxed init gives the logical specs,
+`jax.jit(init, out_shardings=...)` materialises each shard where it lives (a 7B base never sits on
+one host). AdamW (weight decay from config, 0 by default), linear warm-up + cosine, global-norm
+clipping, gradient accumulation with optax.MultiSteps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, logical_to_sharding
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 [] loop steps taken (micro-batches when grad_accum > 1)
+    params: Any              # frozen base (bf16 at scale); never differentiated
+    trainable: Any           # {"lora": ..., "adapter": ...} fp32
+    opt_state: Any           # optax state for `trainable` only
+    rng: jax.Array           # uint32 [2] raw key; per-step keys are fold_in(rng, step)
+    ref_adapter: Any         # round-start adapter snapshot for dpo.reference="snapshot" ({} if unused)
+
+
+def num_updates(train_cfg, num_steps: int | None = None) -> int:
+    """Optimizer updates in a stage: loop steps / grad_accum."""
+    steps = int(train_cfg.num_steps if num_steps is None else num_steps)
+    return max(1, steps // max(1, int(train_cfg.grad_accum)))
+
+
+def make_schedule(train_cfg, total_updates: int) -> optax.Schedule:
+    """lr schedule over optimizer updates: linear warm-up (ceil(ratio * total)) then cosine/linear/none."""
+    lr = float(train_cfg.lr)
+    warmup = int(math.ceil(float(train_cfg.warmup_ratio) * total_updates))
+    kind = train_cfg.schedule
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_updates, warmup + 1), 0.0)
+    if kind == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
+                                     optax.linear_schedule(lr, 0.0, max(total_updates - warmup, 1))],
+                                    [warmup])
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
+                                     optax.constant_schedule(lr)], [warmup])
+    raise ValueError(f"train.schedule must be cosine | linear | constant, got {kind!r}")
+
+
+def make_optimizer(train_cfg, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW + clipping (+ MultiSteps accumulation). Returns (transformation, schedule)."""
+    schedule = make_schedule(train_cfg, total_updates)
+    parts = []
+    if float(train_cfg.grad_clip) > 0:
+        parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
+    parts.append(optax.adamw(schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2),
+                             eps=float(train_cfg.eps), weight_decay=float(train_cfg.weight_decay)))
+    tx = optax.chain(*parts)
+    accum = int(train_cfg.grad_accum)
+    if accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accum)
+    return tx, schedule
+
+
+def uses_snapshot(config) -> bool:
+    """Whether the DPO reference needs a frozen copy of the round-start adapter."""
+    return config.stage in ("dpo", "mrdpo") and config.dpo.reference == "snapshot"
+
+
+def _fp32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+
+def _init_fn(task, config, tx):
+    collections = tuple(config.train.trainable)
+    for name in collections:
+        if name not in ("lora", "adapter"):
+            raise ValueError(f"train.trainable may hold 'lora' and 'adapter' only, got {name!r}")
+    snapshot = uses_snapshot(config)
+
+    def init(rng):
+        k_model, k_state = jax.random.split(rng)
+        variables = task.init(k_model, collections)
+        trainable = {c: _fp32(variables.get(c, {})) for c in collections}
+        ref = jax.tree.map(lambda x: x, trainable.get("adapter", {})) if snapshot else {}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                          trainable=trainable, opt_state=tx.init(trainable), rng=k_state,
+                          ref_adapter=ref)
+
+    return init
+
+
+def state_shardings(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """(abstract boxed state, NamedSharding tree) without allocating anything."""
+    abstract = jax.eval_shape(_init_fn(task, config, tx), jax.random.PRNGKey(0))
+    return abstract, logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
+
+
+def abstract_state(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """ShapeDtypeStructs carrying shardings: the restore target for orbax."""
+    abstract, shardings = state_shardings(task, config, tx, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.unbox(abstract), shardings)
+
+
+def create_train_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None,
+                       rules=LOGICAL_AXIS_RULES) -> tuple[TrainState, Any]:
+    """Sharded state from scratch (params initialised in place) or around given pretrained `params`.
+
+    Returns (state, shardings). Given `params` are placed with the base shardings and donated.
+    """
+    init = _init_fn(task, config, tx)
+    _, shardings = state_shardings(task, config, tx, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if params is None:
+            state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+        else:
+            params = jax.device_put(params, shardings.params)
+            state = jax.jit(lambda r, p: nn.unbox(init(r)).replace(params=p),
+                            out_shardings=shardings, donate_argnums=(1,))(rng, params)
+    return state, shardings
+
+
+def snapshot_reference(state: TrainState) -> TrainState:
+    """Freeze the current adapter as the DPO reference (start of a DPO stage / mrDPO round)."""
+    adapter = state.trainable.get("adapter", {})
+    return state.replace(ref_adapter=jax.tree.map(jnp.copy, adapter))
+
+
+def trainable_count(state: TrainState) -> dict[str, int]:
+    """Scalars per trainable collection (for the start-of-run log)."""
+    return {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in state.trainable.items()}

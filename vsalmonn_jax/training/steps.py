@@ -1,0 +1,254 @@
+"""Jitted train / eval steps for every objective: SFT (CE), DPO (+ ground-truth CE guidance).
+
+One function per objective, built for a task model + mesh; state buffers are donated; gradients are
+taken w.r.t. `state.trainable` only. A non-finite loss or gradient never reaches the weights: the
+step keeps the previous trainables / optimizer state and reports `finite = 0` (the loop decides
+whether to stop or skip). Media are encoded once per step and shared by every forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vsalmonn_jax.training import losses
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES
+from vsalmonn_jax.training.state import TrainState
+from vsalmonn_jax.training.task import TEXT_FIELDS, present
+
+PAIR_PREFIXES = ("chosen_", "rejected_")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static knobs of a step (hashable, read from the config once)."""
+
+    grad_accum: int = 1
+    logits_chunk: int = 0
+    lora_dropout: bool = False
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    gt_ce_weight: float = 0.1
+    reference: str = "snapshot"  # snapshot | lora_disabled
+
+    @classmethod
+    def from_config(cls, config) -> StepOptions:
+        return cls(grad_accum=int(config.train.grad_accum),
+                   logits_chunk=int(config.train.get("logits_chunk", 0)),
+                   lora_dropout=float(config.model.lora.dropout) > 0,
+                   beta=float(config.dpo.beta), loss_type=str(config.dpo.loss_type),
+                   label_smoothing=float(config.dpo.label_smoothing),
+                   gt_ce_weight=float(config.dpo.gt_ce_weight), reference=str(config.dpo.reference))
+
+
+def text_fields(batch: dict, prefix: str = "") -> dict:
+    """{"input_ids","attention_mask","loss_mask"} of one sequence set ("", "chosen_", ...)."""
+    missing = [prefix + k for k in TEXT_FIELDS if prefix + k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing} (has {sorted(batch)})")
+    return {k: batch[prefix + k] for k in TEXT_FIELDS}
+
+
+def stack_texts(parts: list[dict]) -> dict:
+    """Concatenate sequence sets on the batch axis, right-padding to the longest: n x [B,T_i] -> [nB,T]."""
+    length = max(p["input_ids"].shape[1] for p in parts)
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+    return {k: jnp.concatenate([pad(p[k]) for p in parts], axis=0) for k in TEXT_FIELDS}
+
+
+def tile_media(media: Any, n: int) -> Any:
+    """Repeat batch-major media n times on the batch axis (the same encoding for every forward)."""
+    if n == 1 or media is None:
+        return media
+    return jax.tree.map(lambda x: jnp.concatenate([x] * n, axis=0), media)
+
+
+def _rngs(state: TrainState, opts: StepOptions):
+    return {"dropout": jax.random.fold_in(state.rng, state.step)} if opts.lora_dropout else None
+
+
+def _encode(task, params, batch):
+    return jax.lax.stop_gradient(task.encode({"params": params}, batch))
+
+
+def _token_logps(task, variables, text, media, opts, *, deterministic, rngs):
+    hidden, targets, mask = task.forward(variables, text, media, deterministic=deterministic,
+                                         rngs=rngs)
+    logps = losses.chunked_token_logps(hidden, targets, mask,
+                                       lambda h: task.logits(variables, h), opts.logits_chunk)
+    return logps, mask
+
+
+def sft_loss(task, opts: StepOptions, params, trainable, batch, *, deterministic=False, rngs=None):
+    """(mean CE over target tokens, metrics)."""
+    media = _encode(task, params, batch)
+    variables = present({"params": params, **trainable})
+    logps, mask = _token_logps(task, variables, text_fields(batch), media, opts,
+                               deterministic=deterministic, rngs=rngs)
+    ce, count = losses.masked_ce(logps, mask)
+    return ce, {"ce": ce, "target_tokens": count}
+
+
+def reference_logps(task, opts: StepOptions, state: TrainState, batch, media) -> tuple[jax.Array, jax.Array]:
+    """Reference log pi(chosen), log pi(rejected) [B]: precomputed in the batch, or the same network
+    with LoRA off and the round-start adapter snapshot ("snapshot") or the current one
+    ("lora_disabled", the official quirk). No gradient."""
+    if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    adapter = state.ref_adapter if opts.reference == "snapshot" else state.trainable.get("adapter")
+    variables = present({"params": state.params, "adapter": adapter})
+    n = batch["chosen_input_ids"].shape[0]
+    text = stack_texts([text_fields(batch, p) for p in PAIR_PREFIXES])
+    logps, mask = _token_logps(task, jax.lax.stop_gradient(variables), text, tile_media(media, 2),
+                               opts, deterministic=True, rngs=None)
+    seq = jax.lax.stop_gradient(losses.sequence_logps(logps, mask))
+    return seq[:n], seq[n:]
+
+
+def dpo_loss(task, opts: StepOptions, params, trainable, batch, media, ref, *, deterministic=False,
+             rngs=None):
+    """Chosen, rejected (and ground truth, if in the batch and weighted) in ONE policy forward."""
+    n = batch["chosen_input_ids"].shape[0]
+    use_gt = opts.gt_ce_weight > 0 and "gt_input_ids" in batch
+    prefixes = PAIR_PREFIXES + (("gt_",) if use_gt else ())
+    text = stack_texts([text_fields(batch, p) for p in prefixes])
+    variables = present({"params": params, **trainable})
+    logps, mask = _token_logps(task, variables, text, tile_media(media, len(prefixes)), opts,
+                               deterministic=deterministic, rngs=rngs)
+    seq = losses.sequence_logps(logps[:2 * n], mask[:2 * n])
+    per_example, chosen_r, rejected_r = losses.dpo_loss(
+        seq[:n], seq[n:], ref[0], ref[1], beta=opts.beta, loss_type=opts.loss_type,
+        label_smoothing=opts.label_smoothing)
+    gt_ce = losses.masked_ce(logps[2 * n:], mask[2 * n:])[0] if use_gt else None
+    loss = losses.gt_guided_dpo(per_example, gt_ce, opts.gt_ce_weight)
+    metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r)
+    metrics.update({"logps/chosen": jnp.mean(seq[:n]), "logps/rejected": jnp.mean(seq[n:]),
+                    "target_tokens": jnp.sum(mask.astype(jnp.float32))})
+    if use_gt:
+        metrics["gt_ce"] = gt_ce
+    return loss, metrics
+
+
+def _apply_update(state: TrainState, tx, schedule, opts, loss, grads, metrics):
+    """Optimizer update, skipped (state kept) when loss or grad norm is not finite."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
+    new_trainable = optax.apply_updates(state.trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1, trainable=keep(new_trainable, state.trainable),
+                              opt_state=keep(new_opt, state.opt_state))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
+                   lr=schedule(state.step // opts.grad_accum))
+    return new_state, metrics
+
+
+def _sft_train(task, tx, schedule, opts):
+    def step(state: TrainState, batch):
+        rngs = _rngs(state, opts)
+        grad_fn = jax.value_and_grad(
+            lambda t: sft_loss(task, opts, state.params, t, batch, rngs=rngs), has_aux=True)
+        (loss, metrics), grads = grad_fn(state.trainable)
+        metrics["tokens"] = jnp.sum(batch["attention_mask"].astype(jnp.float32))
+        return _apply_update(state, tx, schedule, opts, loss, grads, metrics)
+
+    return step
+
+
+def _dpo_train(task, tx, schedule, opts):
+    def step(state: TrainState, batch):
+        rngs = _rngs(state, opts)
+        media = _encode(task, state.params, batch)
+        ref = reference_logps(task, opts, state, batch, media)
+        grad_fn = jax.value_and_grad(
+            lambda t: dpo_loss(task, opts, state.params, t, batch, media, ref, rngs=rngs),
+            has_aux=True)
+        (loss, metrics), grads = grad_fn(state.trainable)
+        metrics["tokens"] = sum(jnp.sum(v.astype(jnp.float32)) for k, v in batch.items()
+                                if k.endswith("attention_mask"))
+        return _apply_update(state, tx, schedule, opts, loss, grads, metrics)
+
+    return step
+
+
+def _sft_eval(task, opts):
+    def step(state: TrainState, batch):
+        loss, metrics = sft_loss(task, opts, state.params, state.trainable, batch, deterministic=True)
+        return dict(metrics, loss=loss, ce_sum=loss * metrics["target_tokens"])
+
+    return step
+
+
+def _dpo_eval(task, opts):
+    def step(state: TrainState, batch):
+        media = _encode(task, state.params, batch)
+        ref = reference_logps(task, opts, state, batch, media)
+        loss, metrics = dpo_loss(task, opts, state.params, state.trainable, batch, media, ref,
+                                 deterministic=True)
+        return dict(metrics, loss=loss)
+
+    return step
+
+
+OBJECTIVES = {"align": "sft", "sft": "sft", "rebirth": "sft", "dpo": "dpo", "mrdpo": "dpo"}
+
+
+def objective_of(stage: str) -> str:
+    if stage not in OBJECTIVES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[stage]
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted steps of one stage: train(state, batch) -> (state, metrics); eval -> metrics."""
+
+    train: Callable
+    eval: Callable
+    objective: str
+    mesh: Mesh
+    batch_sharding: NamedSharding
+
+
+def make_steps(task, config, tx, schedule, mesh: Mesh, shardings, objective: str | None = None,
+               rules=LOGICAL_AXIS_RULES) -> Steps:
+    """Jit the train/eval steps for `config.stage` (or `objective` = sft | dpo) on `mesh`.
+
+    The batch (any dict of batch-major arrays) is sharded on its leading axis over (data, fsdp);
+    state in/out shardings are `shardings`; the state argument is donated.
+    """
+    objective = objective or objective_of(config.stage)
+    opts = StepOptions.from_config(config)
+    train_fn = {"sft": _sft_train, "dpo": _dpo_train}[objective](task, tx, schedule, opts)
+    eval_fn = {"sft": _sft_eval, "dpo": _dpo_eval}[objective](task, opts)
+    data = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    rep = NamedSharding(mesh, PartitionSpec())
+    train_jit = jax.jit(train_fn, in_shardings=(shardings, data), out_shardings=(shardings, rep),
+                        donate_argnums=(0,))
+    eval_jit = jax.jit(eval_fn, in_shardings=(shardings, data), out_shardings=rep)
+
+    def in_context(fn):
+        def call(state, batch):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                return fn(state, batch)
+        call.jitted = fn
+        return call
+
+    return Steps(train=in_context(train_jit), eval=in_context(eval_jit), objective=objective,
+                 mesh=mesh, batch_sharding=data)
+
+
+def put_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Host numpy batch (this process's rows) -> global arrays sharded on the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
