@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10, eval_every=500, checkpoint_every=500, keep_checkpoints=3,
         on_nan="stop",  # stop | skip
         trainable=("lora", "adapter"),
+        logits_chunk=1024,  # lm_head + log-softmax over this many positions at a time (0 = all)
     ))
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gt_ce_weight=0.1,
