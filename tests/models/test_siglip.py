@@ -1,0 +1,49 @@
+"""SigLIP tower parity: our features equal transformers.SiglipVisionModel hidden_states[-2] (fp32)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from vsalmonn_jax.models import import_hf
+from vsalmonn_jax.models.siglip import SiglipConfig, SiglipVision, num_params
+
+
+def _tiny(frame_chunk=0, select_layer=-2):
+    hf_cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, image_size=56, patch_size=14,
+                                layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+    torch_model = SiglipVisionModel(hf_cfg).eval()
+    cfg = SiglipConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                       image_size=56, patch_size=14, select_layer=select_layer,
+                       frame_chunk=frame_chunk)
+    source = import_hf.Source(torch_model.state_dict())
+    return torch_model, cfg, {"params": import_hf.siglip_params(source, cfg)}
+
+
+@pytest.mark.parametrize("frame_chunk", [0, 2])
+def test_siglip_matches_transformers_hidden_states_minus_2(frame_chunk):
+    torch_model, cfg, variables = _tiny(frame_chunk)
+    pixels = np.random.default_rng(0).normal(size=(5, 56, 56, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = torch_model(torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
+    expected = out.hidden_states[-2].numpy()  # [5, 16, 32]
+    ours = np.asarray(SiglipVision(cfg).apply(variables, jnp.asarray(pixels)))
+    assert ours.shape == (5, 16, 32)
+    np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_siglip_drops_last_layer_and_counts_params():
+    _, cfg, variables = _tiny()
+    assert cfg.used_layers == 2
+    leaves = jax.tree.leaves(variables)
+    assert sum(x.size for x in leaves) == num_params(cfg)
+    assert variables["params"]["layers"]["q_proj"]["kernel"].shape == (2, 32, 32)
+
+
+def test_siglip_rejects_wrong_image_size():
+    _, cfg, variables = _tiny()
+    with pytest.raises(ValueError, match="image_size"):
+        SiglipVision(cfg).apply(variables, jnp.zeros((1, 28, 28, 3)))

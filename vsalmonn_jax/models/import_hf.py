@@ -1,0 +1,149 @@
+"""Name maps from PyTorch checkpoints (transformers SigLIP / Whisper / LLaVA-OneVision / BLIP-2 Q-Former,
+and the official video-SALMONN 2 release) to this package's parameter trees.
+
+A checkpoint is read as a flat {name: array} (a `Source`: safetensors files are streamed tensor by
+tensor, torch state dicts work too); each map lists (our path, their name, transform) with `{i}` for
+the layer index, and stacked layers are assembled one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def linear(w: np.ndarray) -> np.ndarray:
+    """torch Linear weight [out, in] -> kernel [in, out]."""
+    return np.ascontiguousarray(w.T)
+
+
+def same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def conv2d(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d [out, in, kh, kw] -> [kh, kw, in, out]."""
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def conv1d(w: np.ndarray) -> np.ndarray:
+    """torch Conv1d [out, in, k] -> [k, in, out]."""
+    return np.ascontiguousarray(w.transpose(2, 1, 0))
+
+
+def squeeze0(w: np.ndarray) -> np.ndarray:
+    """[1, ...] -> [...] (e.g. the Q-Former query [1, nq, H] -> [nq, H])."""
+    return w.reshape(w.shape[1:])
+
+
+class Source:
+    """Lazy flat view of a checkpoint: a dict of arrays, or a directory / file of safetensors."""
+
+    def __init__(self, tensors: Mapping[str, object] | str | pathlib.Path, prefix: str = ""):
+        self.prefix = prefix
+        if isinstance(tensors, (str, pathlib.Path)):
+            from safetensors import safe_open
+
+            path = pathlib.Path(tensors)
+            files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {path}")
+            self._handles = {}
+            for file in files:
+                handle = safe_open(str(file), framework="numpy")
+                for key in handle.keys():
+                    self._handles[key] = handle
+            self._dict = None
+        else:
+            self._dict = dict(tensors)
+            self._handles = None
+
+    def keys(self) -> set[str]:
+        names = self._dict.keys() if self._dict is not None else self._handles.keys()
+        return {k[len(self.prefix):] for k in names if k.startswith(self.prefix)}
+
+    def __contains__(self, name: str) -> bool:
+        full = self.prefix + name
+        return full in (self._dict if self._dict is not None else self._handles)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        full = self.prefix + name
+        if self._dict is not None:
+            if full not in self._dict:
+                raise KeyError(f"checkpoint has no tensor {full!r}")
+            value = self._dict[full]
+            if hasattr(value, "detach"):  # torch tensor
+                value = value.detach().float().cpu().numpy()
+            return np.asarray(value)
+        if full not in self._handles:
+            raise KeyError(f"checkpoint has no tensor {full!r}")
+        return self._handles[full].get_tensor(full)
+
+    def find_prefix(self, suffix: str) -> str:
+        """The prefix under which `suffix` occurs (e.g. 'vision_tower.vision_model.'); error if none."""
+        hits = sorted(k[: -len(suffix)] for k in self.keys() if k.endswith(suffix))
+        if not hits:
+            raise KeyError(f"checkpoint has no tensor ending in {suffix!r}")
+        return min(hits, key=len)
+
+    def sub(self, prefix: str) -> Source:
+        view = Source.__new__(Source)
+        view._dict, view._handles, view.prefix = self._dict, self._handles, self.prefix + prefix
+        return view
+
+
+Entry = tuple[str, str, Transform]
+
+
+def load_tree(source: Source, entries: Iterable[Entry], num_layers: int = 0,
+              layer_entries: Iterable[Entry] = (), layer_offset: int = 0,
+              dtype=np.float32) -> dict:
+    """Assemble a nested param tree: `entries` once, `layer_entries` stacked over `num_layers`
+    (their name uses {i} = layer_offset + index; our path sits under "layers/")."""
+    flat = {}
+    for ours, theirs, fn in entries:
+        flat[tuple(ours.split("/"))] = fn(source[theirs]).astype(dtype)
+    for ours, theirs, fn in layer_entries:
+        first = fn(source[theirs.format(i=layer_offset)])
+        stacked = np.empty((num_layers, *first.shape), dtype)
+        stacked[0] = first
+        for i in range(1, num_layers):
+            stacked[i] = fn(source[theirs.format(i=layer_offset + i)])
+        flat[("layers", *ours.split("/"))] = stacked
+    return traverse_util.unflatten_dict(flat)
+
+
+def read_config(path: str | pathlib.Path) -> dict:
+    return json.loads((pathlib.Path(path) / "config.json").read_text())
+
+
+# ---------------------------------------------------------------- SigLIP (transformers names) ----
+
+SIGLIP_ENTRIES: list[Entry] = [
+    ("embeddings/patch_embedding", "embeddings.patch_embedding.weight", conv2d),
+    ("embeddings/patch_bias", "embeddings.patch_embedding.bias", same),
+    ("embeddings/position_embedding", "embeddings.position_embedding.weight", same),
+]
+SIGLIP_LAYER_ENTRIES: list[Entry] = [
+    (f"{ours}/{p}", f"encoder.layers.{{i}}.{theirs}.{q}", linear if p == "kernel" else same)
+    for ours, theirs in [("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
+                         ("v_proj", "self_attn.v_proj"), ("out_proj", "self_attn.out_proj"),
+                         ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")]
+    for p, q in [("kernel", "weight"), ("bias", "bias")]
+] + [
+    (f"{norm}/{p}", f"encoder.layers.{{i}}.{norm}.{q}", same)
+    for norm in ("layer_norm1", "layer_norm2") for p, q in [("scale", "weight"), ("bias", "bias")]
+]
+
+
+def siglip_params(source: Source, cfg) -> dict:
+    """SiglipVision params; the tower's prefix (`vision_model.`, `vision_tower.vision_model.`, ...)
+    is found from its patch embedding. Layers past `cfg.used_layers` are never read."""
+    source = source.sub(source.find_prefix("embeddings.patch_embedding.weight"))
+    return load_tree(source, SIGLIP_ENTRIES, cfg.used_layers, SIGLIP_LAYER_ENTRIES)
