@@ -1,0 +1,145 @@
+"""Caption and ground-truth record files (JSONL) for evaluation: reading, validation, event texts.
+
+Formats (one JSON object per line; blank lines are skipped, anything else that is not an object is
+an error naming the file and line):
+
+captions file   {"id": str, "caption": str, "stopped": bool = true, "model": str = "",
+                 "stage": str = ""}
+    `stopped` says the caption ended with an end-of-turn token; a caption without one gets the
+    runaway-repeat collapse before it is judged. (model, stage, id) must be unique: one file may hold
+    the captions of several models / stages, which the report compares side by side.
+ground-truth    {"id": str, "events": [event, ...]}
+    An event is either a string (embedding / llm judges) or a dict. Dicts with "time", "modality",
+    "subject", "action" are synthetic events (exact judge; their text is the grammar's sentence);
+    any dict may carry "text", the sentence the embedding / llm judges read.
+QA questions    {"id": str, "question": str, "options": [str, ...], "answer": "B",
+                 "category": str = ""}  (see eval/qa.py)
+QA predictions  {"id": str, "response": str, "model": str = "", "stage": str = ""}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Iterator, Mapping
+
+from vsalmonn_jax.data.event_grammar import render_event
+
+_SYNTHETIC_KEYS = ("time", "modality", "subject", "action")
+
+
+class RecordError(ValueError):
+    """A malformed record; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionRecord:
+    id: str
+    caption: str
+    stopped: bool = True
+    model: str = ""
+    stage: str = ""
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return (self.model, self.stage)
+
+
+def iter_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; a bad line raises RecordError."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _require(obj: Mapping, key: str, kind: type | tuple, where: str):
+    if key not in obj:
+        raise RecordError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is str and isinstance(value, bool)):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise RecordError(f"{where}: field {key!r} must be {name}, got {type(value).__name__}")
+    return value
+
+
+def load_captions(path: str | pathlib.Path) -> list[CaptionRecord]:
+    """Read a captions file; duplicate (model, stage, id) keys are an error."""
+    records, seen = [], {}
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        video_id = str(_require(obj, "id", (str, int), where))
+        caption = _require(obj, "caption", str, where)
+        stopped = obj.get("stopped", True)
+        if not isinstance(stopped, bool):
+            raise RecordError(f"{where}: field 'stopped' must be a boolean, got {stopped!r}")
+        record = CaptionRecord(video_id, caption, stopped, str(obj.get("model", "") or ""),
+                               str(obj.get("stage", "") or ""))
+        key = (record.model, record.stage, record.id)
+        if key in seen:
+            raise RecordError(f"{where}: duplicate caption for id {video_id!r} "
+                              f"(model {record.model!r}, stage {record.stage!r}; first at line {seen[key]})")
+        seen[key] = lineno
+        records.append(record)
+    return records
+
+
+def validate_event(event, where: str) -> None:
+    if isinstance(event, str):
+        if not event.strip():
+            raise RecordError(f"{where}: empty event string")
+        return
+    if not isinstance(event, Mapping):
+        raise RecordError(f"{where}: an event must be a string or an object, got {type(event).__name__}")
+    if "text" in event and isinstance(event["text"], str) and event["text"].strip():
+        return
+    missing = [k for k in _SYNTHETIC_KEYS if k not in event]
+    if missing:
+        raise RecordError(f"{where}: event {dict(event)!r} has no 'text' and lacks {missing}")
+
+
+def load_gt(path: str | pathlib.Path) -> dict[str, list]:
+    """Read a ground-truth file -> {id: events}; duplicate ids and malformed events are errors."""
+    gt, first = {}, {}
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        video_id = str(_require(obj, "id", (str, int), where))
+        events = _require(obj, "events", list, where)
+        for index, event in enumerate(events):
+            validate_event(event, f"{where}: events[{index}]")
+        if video_id in gt:
+            raise RecordError(f"{where}: duplicate ground truth for id {video_id!r} (first at line {first[video_id]})")
+        gt[video_id], first[video_id] = events, lineno
+    return gt
+
+
+def event_text(event) -> str:
+    """The sentence a text judge reads for an event: the string itself, its "text", or the grammar's."""
+    if isinstance(event, str):
+        return event.strip()
+    if isinstance(event.get("text"), str) and event["text"].strip():
+        return event["text"].strip()
+    return render_event(event)
+
+
+def is_synthetic_event(event) -> bool:
+    return isinstance(event, Mapping) and all(k in event for k in _SYNTHETIC_KEYS)
+
+
+def write_jsonl(path: str | pathlib.Path, rows) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
