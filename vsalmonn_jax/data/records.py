@@ -1,0 +1,183 @@
+"""JSONL record schemas (SFT, preference pairs, caption evaluation, multiple-choice QA), validated
+with errors naming file:line, and media paths resolved strictly inside a data root.
+
+Every record may carry "video" and/or "audio" (paths relative to the data root); the loader adds
+"index" (0-based line number, the batch's example_id), "line" (1-based) and "source".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+KINDS = ("sft", "preference", "caption", "mcq")
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "system": "system"}
+MODALITIES = ("visual", "audio")
+
+
+class RecordError(ValueError):
+    """A record that violates its schema; the message starts with file:line."""
+
+
+def infer_kind(record: Mapping) -> str:
+    if "conversations" in record:
+        return "sft"
+    if any(k in record for k in ("chosen", "rejected", "gt")):
+        return "preference"
+    if "events" in record:
+        return "caption"
+    if "question" in record:
+        return "mcq"
+    raise ValueError("cannot tell the record kind (expected conversations | chosen/rejected/gt | "
+                     "events | question)")
+
+
+def resolve_media(path: str, root: str) -> str:
+    """A media path (relative to `root`, or absolute inside it) -> real path; escaping is refused."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"media path must be a non-empty string, got {path!r}")
+    real_root = os.path.realpath(root)
+    full = os.path.realpath(path if os.path.isabs(path) else os.path.join(real_root, path))
+    if os.path.commonpath([full, real_root]) != real_root:
+        raise ValueError(f"media path {path!r} escapes the data root {real_root}")
+    return full
+
+
+def _text(record: Mapping, key: str, optional: bool = False) -> str | None:
+    value = record.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _conversations(turns) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("field 'conversations' must be a non-empty list of turns")
+    out = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise ValueError(f"conversations[{k}] must be an object, got {turn!r}")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in _LLAVA_ROLES or not isinstance(content, str):
+            raise ValueError(f"conversations[{k}] needs role (user|assistant|system, or LLaVA "
+                             f"human|gpt) and string content, got {dict(turn)!r}")
+        out.append({"role": _LLAVA_ROLES[role], "content": content})
+    if not any(t["role"] == "assistant" for t in out):
+        raise ValueError("conversations has no assistant turn (nothing to train on)")
+    return out
+
+
+def _events(events) -> list[dict]:
+    if not isinstance(events, list):
+        raise ValueError("field 'events' must be a list of events")
+    out = []
+    for k, event in enumerate(events):
+        if not isinstance(event, Mapping):
+            raise ValueError(f"events[{k}] must be an object, got {event!r}")
+        time = event.get("time")
+        if isinstance(time, bool) or not isinstance(time, int | float) or time < 0:
+            raise ValueError(f"events[{k}].time must be a number >= 0, got {time!r}")
+        if event.get("modality") not in MODALITIES:
+            raise ValueError(f"events[{k}].modality must be one of {MODALITIES}, got "
+                             f"{event.get('modality')!r}")
+        for key in ("subject", "action"):
+            if not isinstance(event.get(key), str) or not event[key]:
+                raise ValueError(f"events[{k}].{key} must be a non-empty string")
+        out.append(dict(event))
+    return out
+
+
+def validate(record, kind: str | None, root: str, require_media: bool | None = None) -> dict:
+    """One decoded JSON value -> normalised record dict (raises ValueError with the reason)."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    kind = kind or infer_kind(record)
+    if kind not in KINDS:
+        raise ValueError(f"unknown record kind {kind!r} (kinds: {KINDS})")
+    out = {"kind": kind}
+    if "id" in record:
+        out["id"] = str(record["id"])
+    for key in ("video", "audio"):
+        if record.get(key) is not None:
+            out[key] = resolve_media(record[key], root)
+    needs_media = kind != "sft" if require_media is None else require_media
+    if needs_media and "video" not in out and "audio" not in out:
+        raise ValueError(f"a {kind} record needs a 'video' or 'audio' path")
+    if kind == "sft":
+        out["conversations"] = _conversations(record.get("conversations"))
+    elif kind == "preference":
+        out["prompt"] = _text(record, "prompt")
+        for key in ("chosen", "rejected", "gt"):
+            out[key] = _text(record, key, optional=True)
+        if (out["chosen"] is None) != (out["rejected"] is None):
+            raise ValueError("'chosen' and 'rejected' come together (or both absent for CE-only)")
+        if out["chosen"] is None and out["gt"] is None:
+            raise ValueError("a preference record needs chosen + rejected, or gt (CE-only)")
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if record.get(key) is not None:
+                out[key] = float(record[key])
+    elif kind == "caption":
+        out["events"] = _events(record.get("events"))
+        for key in ("prompt", "caption"):
+            if record.get(key) is not None:
+                out[key] = _text(record, key)
+    else:
+        out["question"] = _text(record, "question")
+        options = record.get("options")
+        if not isinstance(options, list) or len(options) < 2 or \
+                not all(isinstance(o, str) and o for o in options):
+            raise ValueError(f"'options' must be a list of >= 2 non-empty strings, got {options!r}")
+        answer = record.get("answer")
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+            raise ValueError(f"'answer' must be an option index in [0, {len(options)}), got {answer!r}")
+        out["options"], out["answer"] = list(options), answer
+    for key, value in record.items():   # keep extra fields (clip, seconds, ...) untouched
+        out.setdefault(key, value)
+    return out
+
+
+def parse_jsonl(path: str, kind: str | None = None, root: str | None = None,
+                require_media: bool | None = None) -> tuple[list[dict], list[str]]:
+    """(valid records, schema errors as "file:line: reason"). Invalid JSON raises RecordError.
+
+    `root` defaults to the file's directory.
+    """
+    root = os.path.dirname(os.path.abspath(path)) if not root else root
+    records, errors = [], []
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as err:
+        raise RecordError(f"{path}: cannot read ({err.strerror})") from err
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecordError(f"{path}:{number}: malformed JSON ({err.msg} at column "
+                                  f"{err.colno})") from err
+            try:
+                record = validate(value, kind, root, require_media)
+            except ValueError as err:
+                errors.append(f"{path}:{number}: {err}")
+                continue
+            record.setdefault("id", f"{os.path.basename(path)}:{number}")
+            record.update(index=number - 1, line=number, source=str(path))
+            records.append(record)
+    return records, errors
+
+
+def load_records(path: str, kind: str | None = None, root: str | None = None,
+                 require_media: bool | None = None) -> list[dict]:
+    """All records of a JSONL file; the first invalid one raises RecordError naming file:line."""
+    records, errors = parse_jsonl(path, kind, root, require_media)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RecordError(errors[0] + more)
+    return records
