@@ -1,0 +1,145 @@
+"""The llm judge against a local scripted OpenAI-compatible server: retries, fallback, median of
+passes, concurrency limit, on-disk cache, failure reporting and a key that never leaks."""
+
+import json
+import logging
+import pathlib
+import types
+
+import pytest
+from fake_openai import FakeOpenAI, case_of, is_count_prompt
+
+from vsalmonn_jax.eval import llm_judge
+from vsalmonn_jax.eval.judge import get_judge
+from vsalmonn_jax.eval.metrics import aggregate
+
+SECRET = "sk-test-DO-NOT-LEAK-8c1f"
+EVENTS = ["A man opens a door.", "A dog barks twice.", "Rain falls on the roof.", "A bell rings."]
+GOOD = json.dumps({"missed": [3], "incorrect": [2], "hallucinated": ["a cat meows"]})
+
+
+def scripted(body, nth, auth):
+    case = case_of(body)
+    if case == "good":
+        return 200, GOOD
+    if case == "malformed":  # two broken replies, then a good one
+        return (200, "Sure! {missed: [3]") if nth < 2 else (200, f"```json\n{GOOD}\n```")
+    if case == "fallback":  # the full prompt never parses; the count-only prompt does
+        if is_count_prompt(body):
+            return 200, json.dumps({"missed": 1, "incorrect": 1, "hallucinated": 2})
+        return 200, json.dumps({"missed": [9], "incorrect": [], "hallucinated": []})  # 9 > 4 events
+    if case == "down":
+        return 500, "internal error"
+    if case == "auth":  # echoes the credentials, as some proxies do: must be redacted
+        return 401, f"invalid key {auth}"
+    if case == "passes":  # missed grows with the seed: 2024 -> 1, 2025 -> 2, 2026 -> 3 (median 2)
+        k = body["seed"] - 2023
+        return 200, json.dumps({"missed": list(range(1, k + 1)), "incorrect": [],
+                                "hallucinated": ["x"] * (3 - k)})
+    return 500, f"unscripted case {case!r}"
+
+
+@pytest.fixture
+def judge_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("VSALMONN_JUDGE_API_KEY", SECRET)
+    delays = []
+    monkeypatch.setattr(llm_judge, "time", types.SimpleNamespace(sleep=delays.append))
+    return tmp_path / "cache", delays
+
+
+def make_judge(server, cache_dir, **overrides):
+    options = dict(base_url=server.base_url, model="judge-test", passes=1, max_retries=2,
+                   fallback_retries=1, backoff_s=0.5, backoff_max_s=10.0, concurrency=3,
+                   cache_dir=str(cache_dir), timeout_s=10.0)
+    options.update(overrides)
+    return get_judge("llm", {"llm_base_url": "ignored"}, **options)
+
+
+def test_retries_fallback_failures_cache_and_key(judge_env, caplog):
+    cache_dir, delays = judge_env
+    cases = ["good", "malformed", "fallback", "down", "auth"]
+    pairs = [(f"CASE {c}. A man opens a door.", EVENTS) for c in cases]
+    with caplog.at_level(logging.WARNING), FakeOpenAI(scripted) as server:
+        judge = make_judge(server, cache_dir)
+        scores = {s.id: s for s in judge.score_many(pairs, ids=cases)}
+        first_requests = dict(server.per_case)
+
+        good = scores["good"]
+        assert (good.missed, good.incorrect, good.hallucinated) == (1, 1, 1)
+        assert good.event_labels == ["correct", "incorrect", "missed", "correct"]
+        assert good.missed_events == ["Rain falls on the roof."]
+        assert good.hallucinated_sentences == ["a cat meows"]
+        # retries: two malformed replies, then the good one (fenced JSON is accepted)
+        assert first_requests["malformed"] == 3
+        assert (scores["malformed"].missed, scores["malformed"].incorrect) == (1, 1)
+        assert len(scores["malformed"].details["errors"]) == 2
+        # fallback: 1 + 2 full attempts rejected (event 9 of 4), then the count-only prompt
+        fb = scores["fallback"]
+        assert first_requests["fallback"] == 4
+        assert (fb.missed, fb.incorrect, fb.hallucinated, fb.failed) == (1, 1, 2, False)
+        assert fb.details["fallback_passes"] == 1 and fb.event_labels is None
+        # HTTP 500 everywhere: every retry of both prompts, then reported as failed
+        down = scores["down"]
+        assert first_requests["down"] == (1 + 2) + (1 + 1)
+        assert down.failed and "InternalServerError" in down.error
+        # 401 is not retried; the echoed key is redacted
+        assert first_requests["auth"] == 1 and scores["auth"].failed
+        assert "***" in scores["auth"].error and SECRET not in scores["auth"].error
+
+        summary = aggregate(scores.values())
+        assert summary["failed"] == 2 and summary["failed_ids"] == ["down", "auth"]
+        assert summary["scored"] == 3 and summary["events"] == 12
+        assert summary["counts"] == {"missed": 3.0, "incorrect": 3.0, "hallucinated": 4.0}
+        # exponential backoff: retries 1, 2 of each prompt wait 0.5, 1.0 s
+        assert sorted(delays) == sorted([0.5, 1.0] + [0.5, 1.0] + [0.5, 1.0, 0.5])
+        assert judge.stats["fallback_passes"] == 1 and judge.stats["failed_passes"] == 2
+
+        # the key is sent, and only in the Authorization header
+        assert set(server.auth_headers) == {f"Bearer {SECRET}"}
+        assert all(b["temperature"] == 0.0 and b["top_p"] == 0.1 and b["seed"] == 2024
+                   and b["response_format"] == {"type": "json_object"} for b in server.requests)
+
+        # rerun with a fresh judge: parsed replies come from the cache, only failures are re-asked
+        rerun = {s.id: s for s in make_judge(server, cache_dir).score_many(pairs, ids=cases)}
+        for case in ("good", "malformed", "fallback"):
+            assert server.per_case[case] == first_requests[case], case
+            assert rerun[case].to_dict()["missed"] == scores[case].missed
+            assert rerun[case].details["cached_passes"] == 1
+        assert server.per_case["down"] == 2 * first_requests["down"]
+        assert rerun["down"].failed
+
+    assert SECRET not in caplog.text and "InternalServerError" in caplog.text
+    cached = list(pathlib.Path(cache_dir).rglob("*.json"))
+    assert len(cached) == 3  # good, malformed (its good reply), fallback count reply
+    assert not any(SECRET in p.read_text() for p in cached)
+    assert not any(SECRET in json.dumps(s.to_dict()) for s in scores.values())
+
+
+def test_median_of_passes_seeds_and_concurrency(judge_env):
+    cache_dir, _ = judge_env
+    with FakeOpenAI(scripted, delay_s=0.05) as server:
+        judge = make_judge(server, cache_dir, passes=3, concurrency=2)
+        pairs = [(f"CASE passes. video {i}.", EVENTS) for i in range(4)]
+        scores = judge.score_many(pairs)
+        assert server.max_in_flight <= 2
+        assert sorted({b["seed"] for b in server.requests}) == [2024, 2025, 2026]
+    for score in scores:
+        # per-pass (missed, incorrect, hallucinated) = (1,0,2), (2,0,1), (3,0,0): medians 2, 0, 1
+        assert score.details["pass_counts"] == [[1, 0, 2], [2, 0, 1], [3, 0, 0]]
+        assert (score.missed, score.incorrect, score.hallucinated) == (2, 0, 1)
+        assert score.event_labels == ["missed", "missed", "correct", "correct"]  # the median pass
+
+
+def test_parsers_reject_bad_replies():
+    with pytest.raises(ValueError, match="both missed and incorrect"):
+        llm_judge.parse_full('{"missed": [1], "incorrect": [1], "hallucinated": []}', 3)
+    with pytest.raises(ValueError, match="outside 1..3"):
+        llm_judge.parse_full('{"missed": [0], "incorrect": [], "hallucinated": []}', 3)
+    with pytest.raises(ValueError, match="no JSON object"):
+        llm_judge.parse_full("I think two events are missed.", 3)
+    with pytest.raises(ValueError, match="> 3 events"):
+        llm_judge.parse_counts('{"missed": 3, "incorrect": 1, "hallucinated": 0}', 3)
+    assert llm_judge.parse_counts('{"missed": 2, "incorrect": 0, "hallucinated": [1, 2]}', 3) == {
+        "missed": 2, "incorrect": 0, "hallucinated": 2}
+    messages = llm_judge.build_messages("A dog barks.", EVENTS)
+    assert "2. A dog barks twice." in messages[1]["content"] and "JSON" in messages[0]["content"]

@@ -1,0 +1,391 @@
+"""The `llm` judge: any OpenAI-compatible chat endpoint grades a caption against its event list.
+
+Per video and pass p: a JSON-output prompt (temperature 0, top_p 0.1, seed = seed + p) asks for the
+missed / incorrect event numbers and the hallucinated statements; an unparsable reply or an API error
+is retried with exponential backoff (max_retries), then a count-only fallback prompt is tried. The
+video's counts are the per-category median over the passes that succeeded; a video whose passes all
+failed is returned with failed=True and its errors (reported, never dropped). Parsed replies are
+cached on disk (keyed by endpoint, model, messages, sampling settings and seed) so a rerun costs
+nothing. The API key is read from the environment (api_key_env, first set variable wins) and is
+never logged, cached or written into a report.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from vsalmonn_jax.eval.judge import Judge, check_pairs, options_from_config
+from vsalmonn_jax.eval.metrics import VideoScore
+from vsalmonn_jax.eval.records import event_text
+
+log = logging.getLogger(__name__)
+PROMPT_VERSION = "vsalmonn-llm-judge-v1"
+
+SYSTEM_FULL = (
+    "You grade a video caption against the complete list of atomic events that happen in the video. "
+    "The list is the ground truth: nothing else happens in the video.\n"
+    "For every numbered event decide one of:\n"
+    "- correct: the caption states it and gets its details right;\n"
+    "- incorrect: the caption refers to it but gets a detail wrong (who or what, colour, number, "
+    "action, sound, words spoken, time or order);\n"
+    "- missed: the caption does not mention it.\n"
+    "Then list every statement of the caption that describes something which is not among the events "
+    "(hallucinated); a wrong detail of a listed event counts as incorrect, not hallucinated.\n"
+    "Reply with one JSON object and nothing else:\n"
+    '{"missed": [event numbers], "incorrect": [event numbers], '
+    '"hallucinated": ["short quote from the caption", ...]}')
+SYSTEM_COUNT = (
+    "You grade a video caption against the complete list of atomic events that happen in the video. "
+    "Count the events the caption does not mention (missed), the events it mentions with a wrong "
+    "detail (incorrect), and the statements of the caption that describe things not among the events "
+    "(hallucinated). Reply with one JSON object and nothing else: "
+    '{"missed": <int>, "incorrect": <int>, "hallucinated": <int>}')
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmOptions:
+    base_url: str = ""                 # "" = the client's default (OPENAI_BASE_URL or api.openai.com)
+    model: str = "gpt-3.5-turbo-0125"
+    api_key_env: str = "VSALMONN_JUDGE_API_KEY,OPENAI_API_KEY"  # environment variables, in order
+    passes: int = 7
+    seed: int = 2024
+    temperature: float = 0.0
+    top_p: float = 0.1
+    max_tokens: int = 1024
+    json_mode: bool = True             # response_format={"type": "json_object"}
+    max_retries: int = 8               # retries of the full prompt after its first attempt
+    fallback_retries: int = 2          # retries of the count-only prompt
+    backoff_s: float = 1.0             # sleep before retry r: backoff_s * 2**(r-1), capped
+    backoff_max_s: float = 30.0
+    timeout_s: float = 120.0
+    concurrency: int = 4               # requests in flight
+    cache_dir: str = ""                # "" = no cache
+
+    def __post_init__(self):
+        if self.passes < 1:
+            raise ValueError(f"llm judge passes must be >= 1, got {self.passes}")
+        if self.concurrency < 1:
+            raise ValueError(f"llm judge concurrency must be >= 1, got {self.concurrency}")
+
+
+def format_events(events: Sequence) -> str:
+    return "\n".join(f"{i}. {event_text(e)}" for i, e in enumerate(events, start=1))
+
+
+def build_messages(caption: str, events: Sequence, count_only: bool = False) -> list[dict]:
+    user = (f"Events ({len(events)}):\n{format_events(events) or '(none)'}\n\n"
+            f"Caption:\n\"\"\"\n{caption.strip()}\n\"\"\"")
+    return [{"role": "system", "content": SYSTEM_COUNT if count_only else SYSTEM_FULL},
+            {"role": "user", "content": user}]
+
+
+def extract_json(content: str) -> dict:
+    """The JSON object in a reply (code fences and text around it tolerated)."""
+    if content is None:
+        raise ValueError("empty reply")
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", content.strip())
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        raise ValueError(f"no JSON object in reply {content[:80]!r}")
+    try:
+        obj = json.loads(text[start:end + 1])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"malformed JSON in reply ({err.msg}): {content[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"reply is not a JSON object: {content[:80]!r}")
+    return obj
+
+
+def _index_list(obj: dict, key: str, num_events: int) -> list[int]:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise ValueError(f"reply field {key!r} must be a list of event numbers, got {value!r}")
+    out = []
+    for item in value:
+        try:
+            number = int(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"reply field {key!r} holds {item!r}, not an event number") from None
+        if not 1 <= number <= num_events:
+            raise ValueError(f"reply field {key!r} holds event {number}, outside 1..{num_events}")
+        out.append(number - 1)
+    return sorted(set(out))
+
+
+def parse_full(content: str, num_events: int) -> dict:
+    obj = extract_json(content)
+    missed, incorrect = _index_list(obj, "missed", num_events), _index_list(obj, "incorrect", num_events)
+    both = set(missed) & set(incorrect)
+    if both:
+        raise ValueError(f"events {sorted(i + 1 for i in both)} are both missed and incorrect")
+    hallucinated = obj.get("hallucinated")
+    if not isinstance(hallucinated, list):
+        raise ValueError(f"reply field 'hallucinated' must be a list, got {hallucinated!r}")
+    return {"missed": missed, "incorrect": incorrect, "hallucinated": [str(h) for h in hallucinated]}
+
+
+def parse_counts(content: str, num_events: int) -> dict:
+    obj = extract_json(content)
+    counts = {}
+    for key in ("missed", "incorrect", "hallucinated"):
+        value = obj.get(key)
+        if isinstance(value, list):
+            value = len(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or value != int(value):
+            raise ValueError(f"count reply field {key!r} must be a non-negative integer, got {value!r}")
+        counts[key] = int(value)
+    if counts["missed"] + counts["incorrect"] > num_events:
+        raise ValueError(f"count reply has missed + incorrect = {counts['missed'] + counts['incorrect']} "
+                         f"> {num_events} events")
+    return counts
+
+
+class ResponseCache:
+    """One JSON file per request key; holds the reply text only (no key, no endpoint)."""
+
+    def __init__(self, directory: str):
+        self.dir = pathlib.Path(directory) if directory else None
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> pathlib.Path:
+        return self.dir / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> str | None:
+        if not self.dir or not self._path(key).is_file():
+            return None
+        try:
+            return json.loads(self._path(key).read_text(encoding="utf-8"))["content"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, key: str, content: str, meta: dict) -> None:
+        if not self.dir:
+            return
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
+                                         encoding="utf-8") as handle:
+            json.dump({**meta, "content": content}, handle)
+        os.replace(handle.name, path)
+
+
+@dataclasses.dataclass
+class PassResult:
+    ok: bool = False
+    kind: str = ""           # full | count
+    counts: tuple = (0, 0, 0)
+    lists: dict | None = None
+    errors: list = dataclasses.field(default_factory=list)
+    requests: int = 0
+    cached: bool = False
+    fatal: bool = False      # a non-retryable API error (e.g. 401): no fallback either
+
+
+def _retryable(err: Exception) -> bool:
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in (408, 409, 429) or err.status_code >= 500
+    return True  # connection errors, timeouts, unparsable replies
+
+
+class LlmJudge(Judge):
+    name = "llm"
+
+    def __init__(self, options: LlmOptions | None = None, client=None):
+        self.options = options or LlmOptions()
+        self.cache = ResponseCache(self.options.cache_dir)
+        self._client = client
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "fallback_passes": 0,
+                      "failed_passes": 0}
+
+    @classmethod
+    def from_config(cls, config=None, client=None, **overrides) -> LlmJudge:
+        return cls(options_from_config(LlmOptions, config, "llm", **overrides), client=client)
+
+    # ---- secrets ----
+    def _api_key(self) -> str:
+        for name in self.options.api_key_env.split(","):
+            value = os.environ.get(name.strip(), "")
+            if value:
+                return value
+        return ""
+
+    def _redact(self, text: str) -> str:
+        key = self._api_key()
+        return text.replace(key, "***") if key else text
+
+    def _get_client(self):
+        with self._lock:
+            if self._client is None:
+                import openai
+
+                key = self._api_key()
+                if not key:
+                    log.warning("llm judge: none of %s is set; sending no API key",
+                                self.options.api_key_env)
+                self._client = openai.OpenAI(api_key=key or "none", base_url=self.options.base_url or None,
+                                             max_retries=0, timeout=self.options.timeout_s)
+            return self._client
+
+    # ---- one request ----
+    def _cache_key(self, messages: list[dict], seed: int) -> str:
+        o = self.options
+        blob = json.dumps({"v": PROMPT_VERSION, "base_url": o.base_url, "model": o.model,
+                           "messages": messages, "temperature": o.temperature, "top_p": o.top_p,
+                           "max_tokens": o.max_tokens, "json_mode": o.json_mode, "seed": seed},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _request(self, messages: list[dict], seed: int) -> str:
+        o = self.options
+        kwargs = dict(model=o.model, messages=messages, temperature=o.temperature, top_p=o.top_p,
+                      seed=seed, max_tokens=o.max_tokens)
+        if o.json_mode:
+            kwargs["response_format"] = {"type": "json_object"}
+        with self._lock:
+            self.stats["requests"] += 1
+        response = self._get_client().chat.completions.create(**kwargs)
+        return response.choices[0].message.content or ""
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
+    def _from_cache(self, result: PassResult, messages, seed, parser) -> dict | None:
+        cached = self.cache.get(self._cache_key(messages, seed))
+        if cached is None:
+            return None
+        try:
+            parsed = parser(cached)
+        except ValueError:
+            return None
+        self._count("cache_hits")
+        result.cached = True
+        return parsed
+
+    def _ask(self, result: PassResult, messages, seed, parser, retries, label) -> dict | None:
+        for attempt in range(retries + 1):
+            if attempt:
+                self._count("retries")
+                time.sleep(min(self.options.backoff_max_s, self.options.backoff_s * 2 ** (attempt - 1)))
+            result.requests += 1
+            try:
+                content = self._request(messages, seed)
+                parsed = parser(content)
+            except Exception as err:  # API errors and unparsable replies alike: record, maybe retry
+                message = self._redact(f"{label} attempt {attempt + 1}: {type(err).__name__}: {err}")
+                result.errors.append(message[:300])
+                log.warning("llm judge: %s", message[:300])
+                if not _retryable(err):
+                    result.fatal = True
+                    return None
+                continue
+            self.cache.put(self._cache_key(messages, seed), content,
+                           {"model": self.options.model, "seed": seed, "prompt": label,
+                            "version": PROMPT_VERSION})
+            return parsed
+        return None
+
+    def run_pass(self, caption: str, events: Sequence, pass_index: int) -> PassResult:
+        """One pass: the full prompt (with retries), else the count-only prompt; cache first.
+
+        A cached count-only reply means an earlier run already exhausted the full prompt, so a
+        rerun takes it without asking again.
+        """
+        seed, n = self.options.seed + pass_index, len(events)
+        result = PassResult()
+        full_msgs, count_msgs = build_messages(caption, events), build_messages(caption, events, True)
+        full_parser, count_parser = (lambda c: parse_full(c, n)), (lambda c: parse_counts(c, n))
+        full = self._from_cache(result, full_msgs, seed, full_parser)
+        counts = None if full is not None else self._from_cache(result, count_msgs, seed, count_parser)
+        if full is None and counts is None:
+            full = self._ask(result, full_msgs, seed, full_parser, self.options.max_retries,
+                             "full prompt")
+            if full is None and not result.fatal:
+                counts = self._ask(result, count_msgs, seed, count_parser,
+                                   self.options.fallback_retries, "count-only prompt")
+        if full is not None:
+            result.ok, result.kind, result.lists = True, "full", full
+            result.counts = (len(full["missed"]), len(full["incorrect"]), len(full["hallucinated"]))
+        elif counts is not None:
+            self._count("fallback_passes")
+            result.ok, result.kind = True, "count"
+            result.counts = (counts["missed"], counts["incorrect"], counts["hallucinated"])
+        else:
+            self._count("failed_passes")
+        return result
+
+    # ---- a video from its passes ----
+    def combine(self, video_id: str, events: Sequence, passes: list[PassResult]) -> VideoScore:
+        ok = [p for p in passes if p.ok]
+        details = {"passes": len(passes), "passes_ok": len(ok),
+                   "fallback_passes": sum(p.kind == "count" for p in ok),
+                   "cached_passes": sum(p.cached for p in ok),
+                   "requests": sum(p.requests for p in passes),
+                   "pass_counts": [list(p.counts) if p.ok else None for p in passes],
+                   "errors": [e for p in passes for e in p.errors]}
+        if not ok:
+            last = details["errors"][-1] if details["errors"] else "no reply"
+            return VideoScore(id=video_id, num_events=len(events), failed=True,
+                              error=f"all {len(passes)} passes failed; last error: {last}", details=details)
+        counts = np.median(np.array([p.counts for p in ok], float), axis=0)  # [3]
+        m, i, h = (float(c) if c != int(c) else int(c) for c in counts)
+        full = [p for p in ok if p.kind == "full"]
+        score = VideoScore(id=video_id, num_events=len(events), missed=m, incorrect=i, hallucinated=h,
+                           details=details)
+        if full:  # lists from the full pass whose counts are closest to the medians
+            rep = min(full, key=lambda p: float(np.abs(np.array(p.counts) - counts).sum()))
+            texts = [event_text(e) for e in events]
+            labels = ["correct"] * len(events)
+            for index in rep.lists["missed"]:
+                labels[index] = "missed"
+            for index in rep.lists["incorrect"]:
+                labels[index] = "incorrect"
+            score.missed_events = [texts[j] for j in rep.lists["missed"]]
+            score.incorrect_events = [{"event": texts[j], "caption": ""} for j in rep.lists["incorrect"]]
+            score.hallucinated_sentences = list(rep.lists["hallucinated"])
+            score.event_labels = labels
+        return score
+
+    def score_many(self, pairs, ids=None) -> list[VideoScore]:
+        ids = check_pairs(pairs, ids)
+        passes = self.options.passes
+        results: list[list[PassResult | None]] = [[None] * passes for _ in pairs]
+
+        def task(v: int, p: int) -> PassResult:
+            try:
+                return self.run_pass(pairs[v][0], pairs[v][1], p)
+            except Exception as err:  # a bug must not lose the sample: it becomes a failed pass
+                self._count("failed_passes")
+                return PassResult(errors=[self._redact(f"{type(err).__name__}: {err}")[:300]])
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.options.concurrency) as pool:
+            futures = {pool.submit(task, v, p): (v, p) for v in range(len(pairs)) for p in range(passes)}
+            for future in concurrent.futures.as_completed(futures):
+                v, p = futures[future]
+                results[v][p] = future.result()
+        return [self.combine(video_id, events, results[v])
+                for v, (video_id, (_, events)) in enumerate(zip(ids, pairs, strict=True))]
+
+    def describe(self) -> dict:
+        o = self.options
+        return {"judge": self.name, "model": o.model, "base_url": o.base_url or "(client default)",
+                "passes": o.passes, "seed": o.seed, "temperature": o.temperature, "top_p": o.top_p,
+                "max_retries": o.max_retries, "fallback_retries": o.fallback_retries,
+                "prompt_version": PROMPT_VERSION, "stats": dict(self.stats)}
