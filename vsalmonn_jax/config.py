@@ -5,11 +5,11 @@ The CLI and tests use `load_config`; presets are plain files with a `get_config(
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pathlib
 
 import ml_collections
-import ast
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

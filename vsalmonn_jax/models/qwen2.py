@@ -1,0 +1,264 @@
+"""The Qwen2 decoder (the LLM of video-SALMONN 2) in Flax linen, with LoRA hooks and a KV cache.
+
+RMSNorm, RoPE (theta), GQA with q/k/v biases, SwiGLU, untied lm_head; layers under `nn.scan` (one
+compiled body for any depth) with optional remat. Weight import/export lives in `qwen2_hf.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vsalmonn_jax.lora import LoraConfig
+from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm, masked_attention
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> Qwen2Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(cfg).items() if k in names})
+
+    def replace(self, **kw) -> Qwen2Config:
+        return dataclasses.replace(self, **kw)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin for rotate-half RoPE. positions [B,T] -> cos, sin [B,T,1,D] (fp32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B,T,H,D]; rotate_half as in transformers (halves, not interleaved pairs)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: Qwen2Config
+    lora: LoraConfig | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
+        cfg = self.config
+        dense = _dense_factory(cfg, self.lora, self.deterministic)
+        batch, length, _ = x.shape
+        q = dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), True, "q_proj")(x)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), True, "k_proj")(x)
+        v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), True, "v_proj")(x)
+        q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)       # [B,T,N,D]
+        k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)    # [B,T,K,D]
+        v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "activation_heads", "head_dim"))
+        k = apply_rope(k, cos, sin)
+        new_cache = None
+        if layer_cache is not None:  # write the T new keys/values at [index, index + T)
+            k_cache, v_cache = layer_cache  # [B,S,K,D]
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            new_cache = (k, v)
+        k = nn.with_logical_constraint(k, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
+        out = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)  # [B,T,N,D]
+        out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
+        out = dense(cfg.hidden_size, ("heads", "embed"), False, "o_proj")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    config: Qwen2Config
+    lora: LoraConfig | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = _dense_factory(cfg, self.lora, self.deterministic)
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), False, "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), False, "up_proj")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "activation_mlp"))
+        return dense(cfg.hidden_size, ("mlp", "embed"), False, "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. Signature fits nn.scan: (carry=hidden, *broadcast, layer_cache) -> (hidden, cache)."""
+
+    config: Qwen2Config
+    lora: LoraConfig | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, hidden, cos, sin, mask, cache_index, layer_cache):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        attn_out, new_cache = Attention(cfg, self.lora, self.deterministic, name="self_attn")(
+            norm("input_layernorm")(hidden), cos, sin, mask, cache_index, layer_cache)
+        hidden = hidden + attn_out
+        hidden = hidden + MLP(cfg, self.lora, self.deterministic, name="mlp")(
+            norm("post_attention_layernorm")(hidden))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
+        return hidden, new_cache
+
+
+def _dense_factory(cfg: Qwen2Config, lora: LoraConfig | None, deterministic: bool):
+    def make(features, axes, use_bias, name):
+        return Dense(features, axes, use_bias, cfg.dtype, cfg.param_dtype,
+                     lora_scale=lora.scale if lora else 0.0,
+                     lora_dropout=lora.dropout if lora else 0.0,
+                     deterministic=deterministic, name=name)
+    return make
+
+
+def _logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+    """[B,T,H] @ [H,V] -> [B,T,V], accumulated and returned in fp32."""
+    logits = jnp.dot(hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab"))
+
+
+def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: Any = None) -> dict:
+    """An empty KV cache: k/v [L,B,S,K,D], per-slot validity mask [B,S], shared write index."""
+    dtype = dtype or config.dtype
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Positions that skip padding: cumsum(mask) - 1, clipped at 0 (left or right padding). [B,T]"""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Qwen2(nn.Module):
+    """Qwen2ForCausalLM. Call with token ids or `inputs_embeds` (media spliced in by the AV model)."""
+
+    config: Qwen2Config
+    lora: LoraConfig | None = None
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """[B,T] int -> [B,T,H] (apply with method="embed" on existing variables)."""
+        table = nn.unbox(self.variables["params"]["embed_tokens"]["embedding"])
+        return jnp.take(table, input_ids, axis=0).astype(self.config.dtype)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """[B,T,H] final-norm hidden -> [B,T,V] fp32 logits (apply with method="lm_logits")."""
+        params = self.variables["params"]
+        kernel = (params["embed_tokens"]["embedding"].T if self.config.tie_word_embeddings
+                  else params["lm_head"]["kernel"])
+        return _logits(hidden, nn.unbox(kernel), self.config.dtype)
+
+    @nn.compact
+    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+                 cache=None, deterministic: bool = True, return_hidden: bool = False):
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="embed_tokens")
+        hidden = embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
+        batch, length = hidden.shape[:2]
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), bool)
+        attention_mask = attention_mask.astype(bool)
+        mask, cache_index, cache_mask = self._mask(attention_mask, cache, length)
+        if positions is None and cache is None:
+            positions = default_positions(attention_mask)
+        elif positions is None:
+            positions = jax.lax.dynamic_slice_in_dim(default_positions(cache_mask), cache_index, length, 1)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
+        hidden, new_kv = self._layers(hidden, cos, sin, mask, cache_index, cache, deterministic)
+        hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": cache_mask,
+                         "index": cache["index"] + length}
+        if return_hidden:
+            return hidden, new_cache
+        if cfg.tie_word_embeddings:
+            logits = _logits(hidden, embed_tokens.embedding.T, cfg.dtype)
+        else:
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), False, cfg.dtype, cfg.param_dtype,
+                           accumulate_fp32=True, name="lm_head")(hidden)
+        return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab")), new_cache
+
+    def _mask(self, attention_mask, cache, length):
+        """Boolean attention mask [B,1,T,S]: causal and only valid (non-padding) keys."""
+        if cache is None:
+            causal = jnp.tril(jnp.ones((length, length), bool))
+            return causal[None, None] & attention_mask[:, None, None, :], jnp.zeros((), jnp.int32), None
+        index = cache["index"]
+        cache_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, index, axis=1)
+        slots = jnp.arange(cache_mask.shape[1])
+        query_slots = index + jnp.arange(length)
+        causal = slots[None, :] <= query_slots[:, None]  # [T,S]
+        return causal[None, None] & cache_mask[:, None, None, :], index, cache_mask
+
+    def _layers(self, hidden, cos, sin, mask, cache_index, cache, deterministic):
+        cfg = self.config
+        block = DecoderLayer
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        kv = (cache["k"], cache["v"]) if cache is not None else None
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            return scanned(cfg, self.lora, deterministic, name="layers")(hidden, cos, sin, mask, cache_index, kv)
+        new_k, new_v = [], []
+        for i in range(cfg.num_layers):
+            layer_kv = (kv[0][i], kv[1][i]) if kv is not None else None
+            hidden, layer_new = block(cfg, self.lora, deterministic, name=f"layers_{i}")(
+                hidden, cos, sin, mask, cache_index, layer_kv)
+            if layer_new is not None:
+                new_k.append(layer_new[0])
+                new_v.append(layer_new[1])
+        return hidden, ((jnp.stack(new_k), jnp.stack(new_v)) if kv is not None else None)
+
+
+def load_hf(path, config: Qwen2Config | None = None, **kwargs):
+    """Import a `transformers` Qwen2 checkpoint directory -> (params, Qwen2Config). See qwen2_hf."""
+    from vsalmonn_jax.models import qwen2_hf
+    return qwen2_hf.load_hf(path, config, **kwargs)
+
+
+def save_hf(params, config: Qwen2Config, path, **kwargs) -> None:
+    """Export params as a `transformers` Qwen2ForCausalLM directory (safetensors + config.json)."""
+    from vsalmonn_jax.models import qwen2_hf
+    qwen2_hf.save_hf(params, config, path, **kwargs)
