@@ -1,0 +1,344 @@
+"""Multi-host runs: detect the cluster (TPU VM, SLURM, explicit env), start `jax.distributed`,
+build global arrays from per-process batches, gather for export, and orbax multi-host checkpoints.
+
+`python -m vsalmonn_jax.distributed COMMAND ARGS...` initialises the distributed runtime and then runs
+`vsalmonn-jax COMMAND ARGS...` in the same process (what launch/tpu_pod.sh and the SLURM job start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+CLUSTER_KINDS = ("auto", "single", "explicit", "slurm", "tpu")
+
+# Environment markers of a Cloud TPU VM worker (any one is enough; /dev/accel0 is the TPU chip).
+_TPU_ENV_MARKERS = ("TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE",
+                    "CLOUD_TPU_TASK_ID")
+_TPU_DEVICE_PATHS = ("/dev/accel0", "/dev/vfio/0")
+_SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """How this process joins the run. `local_device_ids=None` = every local device is used."""
+
+    kind: str                      # single | explicit | slurm | tpu
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator_address: str | None = None
+    local_device_ids: tuple[int, ...] | None = None
+
+    @property
+    def is_multiprocess(self) -> bool:
+        return self.num_processes > 1 or self.kind == "tpu"
+
+
+# ---------------------------------------------------------------- detection (pure, env in, spec out)
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand a SLURM nodelist: `gpu[01-03,7],login1` -> [gpu01, gpu02, gpu03, gpu7, login1]."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        prefix, ranges, suffix = match.group(1), match.group(2), match.group(3)
+        if not prefix and not ranges:
+            continue
+        if ranges is None:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise ValueError(f"cannot parse SLURM nodelist {nodelist!r} (range {part!r})")
+            for number in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{number:0{len(lo)}d}{suffix}")
+    if not hosts:
+        raise ValueError(f"empty SLURM nodelist {nodelist!r}")
+    return hosts
+
+
+def _tasks_per_node(env: Mapping[str, str]) -> int | None:
+    """Processes on this node: SLURM_NTASKS_PER_NODE, else the first entry of `2(x3),1`-style lists."""
+    if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = env.get(key, "")
+        match = re.match(r"(\d+)", value)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def slurm_local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
+    """GPUs this SLURM task drives, as indices into the devices the process can see.
+
+    jax's own SLURM detection uses `[SLURM_LOCALID]`, which is wrong twice over: with one process per
+    node it leaves a single GPU visible, and with `--gpus-per-task=1` (CUDA_VISIBLE_DEVICES=3) index
+    3 does not exist inside the process. The answer depends on CUDA_VISIBLE_DEVICES:
+    one visible GPU -> [0]; one task on the node -> all visible; as many visible as tasks on the
+    node -> [SLURM_LOCALID]; a multiple -> this task's contiguous slice.
+    """
+    visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return None  # no GPU restriction known: let every local device be used
+    local_id = int(env.get("SLURM_LOCALID", "0"))
+    per_node = _tasks_per_node(env) or 1
+    if len(visible) == 1:
+        return (0,)
+    if per_node == 1:
+        return tuple(range(len(visible)))
+    if len(visible) % per_node:
+        raise ValueError(
+            f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r} lists {len(visible)} GPUs for "
+            f"{per_node} tasks on this node: not divisible; use --gpus-per-task or one task per node")
+    if local_id >= per_node:
+        raise ValueError(f"SLURM_LOCALID={local_id} but only {per_node} tasks per node")
+    k = len(visible) // per_node
+    return tuple(range(local_id * k, (local_id + 1) * k))
+
+
+def slurm_coordinator(env: Mapping[str, str], port: int | None = None) -> str:
+    """First host of the job step, port from JAX_COORDINATOR_PORT or derived from the job id."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ValueError("SLURM run without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST: start it with srun")
+    if port is None:
+        port = int(env.get("JAX_COORDINATOR_PORT") or 0) or 61440 + int(env["SLURM_JOB_ID"]) % 4096
+    return f"{expand_hostlist(nodelist)[0]}:{port}"
+
+
+def _int_env(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError as err:
+        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from err
+
+
+def _device_ids(text: str, key: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise ValueError(f"{key}={text!r} must be comma-separated integers") from err
+
+
+def detect_cluster(env: Mapping[str, str] | None = None,
+                   path_exists: Callable[[str], bool] = os.path.exists) -> ClusterSpec:
+    """Decide how to join the run from the environment (VSALMONN_CLUSTER forces a kind).
+
+    Order for `auto`: explicit JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, then
+    SLURM (SLURM_JOB_ID with SLURM_NTASKS > 1), then a Cloud TPU VM, else a single process.
+    """
+    env = os.environ if env is None else env
+    kind = env.get("VSALMONN_CLUSTER", "auto").lower()
+    if kind not in CLUSTER_KINDS:
+        raise ValueError(f"VSALMONN_CLUSTER={kind!r}: expected one of {', '.join(CLUSTER_KINDS)}")
+    local_ids = (_device_ids(env["JAX_LOCAL_DEVICE_IDS"], "JAX_LOCAL_DEVICE_IDS")
+                 if env.get("JAX_LOCAL_DEVICE_IDS") else None)
+    explicit_keys = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    if kind == "auto":
+        if any(k in env for k in explicit_keys):
+            kind = "explicit"
+        elif all(k in env for k in _SLURM_REQUIRED) and int(env.get("SLURM_NTASKS", "1")) > 1:
+            kind = "slurm"
+        elif any(k in env for k in _TPU_ENV_MARKERS) or any(map(path_exists, _TPU_DEVICE_PATHS)):
+            kind = "tpu"
+        else:
+            kind = "single"
+    if kind == "single":
+        return ClusterSpec("single", local_device_ids=local_ids)
+    if kind == "explicit":
+        missing = [k for k in explicit_keys if k not in env]
+        if missing:
+            raise ValueError(f"explicit multi-process run needs {', '.join(explicit_keys)}; "
+                             f"missing {', '.join(missing)}")
+        spec = ClusterSpec("explicit", _int_env(env, "JAX_NUM_PROCESSES"),
+                           _int_env(env, "JAX_PROCESS_ID"), env["JAX_COORDINATOR_ADDRESS"], local_ids)
+    elif kind == "slurm":
+        missing = [k for k in _SLURM_REQUIRED if k not in env]
+        if missing:
+            raise ValueError(f"SLURM run is missing {', '.join(missing)} (start each task with srun)")
+        spec = ClusterSpec("slurm", _int_env(env, "SLURM_NTASKS"), _int_env(env, "SLURM_PROCID"),
+                           env.get("JAX_COORDINATOR_ADDRESS") or slurm_coordinator(env),
+                           local_ids if local_ids is not None else slurm_local_device_ids(env))
+    else:  # tpu: jax reads worker ids and the coordinator from the TPU metadata server
+        return ClusterSpec("tpu", num_processes=0, process_id=-1)
+    if not 0 <= spec.process_id < spec.num_processes:
+        raise ValueError(f"process id {spec.process_id} outside [0, {spec.num_processes}) "
+                         f"({spec.kind} cluster)")
+    if ":" not in spec.coordinator_address:
+        raise ValueError(f"coordinator address {spec.coordinator_address!r} needs host:port")
+    return spec
+
+
+def initialize(spec: ClusterSpec | None = None, timeout_s: int = 300) -> ClusterSpec:
+    """Start `jax.distributed` for `spec` (default: `detect_cluster()`); a no-op for single runs.
+
+    Must run before any other jax call that touches devices.
+    """
+    spec = detect_cluster() if spec is None else spec
+    if spec.kind == "single":
+        if spec.local_device_ids is not None:
+            visible = ",".join(map(str, spec.local_device_ids))
+            jax.config.update("jax_cuda_visible_devices", visible)
+        return spec
+    if spec.kind == "tpu":
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+        return dataclasses.replace(spec, num_processes=jax.process_count(),
+                                   process_id=jax.process_index())
+    jax.distributed.initialize(
+        coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
+        process_id=spec.process_id,
+        local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
+        initialization_timeout=timeout_s)
+    return spec
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+# ---------------------------------------------------------------- data: per-process batches
+
+def _batch_spec(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over data x fsdp (a common trap)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards:
+        raise ValueError(f"global batch {global_batch} does not divide data x fsdp = "
+                         f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {shards}; use a multiple of "
+                         f"{shards} (e.g. {shards * max(1, -(-global_batch // shards))})")
+
+
+def process_batch_rows(global_batch: int, mesh: Mesh) -> tuple[int, int]:
+    """Rows [start, stop) of the global batch that this process loads (contiguous by mesh order)."""
+    check_global_batch(global_batch, mesh)
+    index_map = _batch_spec(mesh, 1).addressable_devices_indices_map((global_batch,))
+    starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()})
+    start, stop = starts[0][0], starts[-1][1]
+    if sum(b - a for a, b in starts) != stop - start:
+        raise ValueError(f"this process's batch rows {starts} are not contiguous on mesh {mesh.shape}")
+    return start, stop
+
+
+def process_shard_options():
+    """grain ShardOptions so each process reads its own disjoint part of a data set."""
+    import grain
+    return grain.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count(),
+                              drop_remainder=True)
+
+
+def global_batch(local_batch: Any, mesh: Mesh, global_size: int | None = None) -> Any:
+    """Per-process batch tree (numpy, leading axis = this process's rows) -> global jax.Arrays
+    sharded on their batch axis over (data, fsdp)."""
+    def one(x):
+        x = np.asarray(x)
+        size = global_size or x.shape[0] * jax.process_count()
+        check_global_batch(size, mesh)
+        start, stop = process_batch_rows(size, mesh)
+        if x.shape[0] != stop - start:
+            raise ValueError(f"local batch has {x.shape[0]} rows, this process owns rows "
+                             f"[{start}, {stop}) of a global batch of {size}")
+        return jax.make_array_from_process_local_data(
+            _batch_spec(mesh, x.ndim), x, (size,) + x.shape[1:])
+    return jax.tree.map(one, local_batch)
+
+
+def to_host(tree: Any) -> Any:
+    """Global (possibly multi-host sharded) arrays -> full numpy arrays on every process."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
+
+
+def export_on_primary(write: Callable[[Any], None], tree: Any, name: str = "export") -> None:
+    """Gather `tree` to host numpy on every process, call `write(tree)` on process 0, then wait.
+
+    E.g. `export_on_primary(lambda p: save_hf(p, cfg, out), merge(params, lora, scale))`.
+    """
+    host = to_host(tree)
+    if is_primary():
+        write(host)
+    barrier(f"vsalmonn_{name}_done")
+
+
+# ---------------------------------------------------------------- orbax multi-host checkpoints
+
+def checkpoint_manager(directory: str | os.PathLike, max_to_keep: int | None = 3,
+                       save_interval_steps: int = 1):
+    """An orbax CheckpointManager usable from every process (all must call save/restore).
+
+    Each process writes its own shards; on more than one host `directory` must be a shared file
+    system or a gs:// bucket. Preemption: `manager.reached_preemption(step)` is True on every
+    process once any host got SIGTERM (jax's preemption sync), so save then exit.
+    """
+    import orbax.checkpoint as ocp
+    directory = str(directory)
+    if "://" not in directory:
+        directory = str(pathlib.Path(directory).resolve())
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           save_interval_steps=save_interval_steps, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def abstract_target(tree: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s with the shardings of the *new* topology, the restore target that
+    makes a checkpoint written on N processes load on M."""
+    def one(x, sharding):
+        x = x if hasattr(x, "dtype") else np.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(one, tree, shardings)
+
+
+def save_checkpoint(manager, step: int, state: Any, wait: bool = True) -> None:
+    """Save on every process (each writes its own shards)."""
+    import orbax.checkpoint as ocp
+    manager.save(step, args=ocp.args.StandardSave(state))
+    if wait:
+        manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, target: Any, step: int | None = None) -> Any:
+    """Restore `step` (default: latest) into `target` (a tree of ShapeDtypeStructs with sharding)."""
+    import orbax.checkpoint as ocp
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    spec = initialize()
+    print(f"[vsalmonn-jax] {spec.kind} cluster: process {jax.process_index()}/{jax.process_count()}, "
+          f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
+    from vsalmonn_jax import cli
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

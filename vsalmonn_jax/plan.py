@@ -1,0 +1,367 @@
+"""Per-device memory plan for a config on a mesh, from abstract shapes and AOT compilation only.
+
+`jax.eval_shape` gives the train state (frozen base, trainables, optimizer, DPO snapshot) and its
+shardings; `jit(step).lower(ShapeDtypeStructs).compile().memory_analysis()` gives activations. Nothing
+the size of the weights is ever allocated, so a 7B plan runs on fake CPU devices in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, MESH_AXES, make_mesh
+
+GB = 1e9
+# HBM per device (GB, vendor figures) for --device; anything else: --device-memory-gb.
+DEVICE_MEMORY_GB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0,
+                    "a100-40": 40.0, "a100-80": 80.0, "h100": 80.0, "h200": 141.0}
+# Fastest first: the suggestion is the first policy that fits.
+REMAT_ORDER = ("none", "dots", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBudget:
+    frames: int
+    visual: int
+    audio: int
+    text: int
+
+    @property
+    def total(self) -> int:
+        return self.visual + self.audio + self.text
+
+
+def video_tokens(config, seconds: float, text_tokens: int) -> TokenBudget:
+    """LLM sequence length of one video: frames x (pooled grid rows x (cols + newline)) + audio + text.
+
+    60 s at 1 fps with SigLIP 384/14 and 2x2 max-pool: 60 x 13 x 14 = 10,920 visual tokens; audio:
+    one Q-Former query per window of 25 Whisper frames (50 Hz) = 2 tokens/s -> 120.
+    """
+    vis, conn, data = config.model.vision, config.model.connector, config.data
+    frames = min(max(1, math.ceil(seconds * float(data.fps))), int(data.max_frames))
+    grid = int(vis.image_size) // int(vis.patch_size)
+    stride = int(conn.pool_stride)
+    pooled = math.ceil(grid / stride) if conn.pool_mode == "bilinear" else grid // stride
+    per_frame = pooled * (pooled + (1 if conn.newline == "grid" else 0))
+    encoder_hz = 50.0  # Whisper: 1500 encoder frames per 30 s
+    per_second = encoder_hz / int(config.model.qformer.window) * int(config.model.qformer.num_queries)
+    audio_seconds = max(seconds, float(data.min_audio_seconds))
+    if conn.interleave == "official":  # every 30-s chunk counted whole, padding included
+        chunk = float(config.model.audio.chunk_seconds)
+        audio_seconds = math.ceil(audio_seconds / chunk) * chunk
+    audio = int(round(audio_seconds * per_second))
+    return TokenBudget(frames, frames * per_frame, audio, int(text_tokens))
+
+
+# ------------------------------------------------------------------ shapes, shardings, bytes
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def shard_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds for a tree of ShapeDtypeStructs under a tree of NamedShardings."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(
+            shardings, is_leaf=lambda s: isinstance(s, NamedSharding)), strict=True):
+        shape = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def total_bytes(abstract: Any) -> int:
+    return int(sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(abstract)))
+
+
+def indivisible(abstract: Any, shardings: Any, mesh: Mesh) -> list[str]:
+    """Every array dimension that its mesh axes do not divide: 'params/.../kernel dim 1 (152064) ...'."""
+    issues = []
+    flat_a = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    flat_s = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+    for (path, leaf), sharding in zip(flat_a, flat_s, strict=True):
+        for dim, axes in enumerate(tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = int(np.prod([mesh.shape[a] for a in axes]))
+            if leaf.shape[dim] % ways:
+                issues.append(f"{_path(path)} dim {dim} ({leaf.shape[dim]}) is not divisible by "
+                              f"{'x'.join(axes)} = {ways}")
+    return issues
+
+
+def mesh_issues(config, mesh_sizes: Mapping[str, int], global_batch: int) -> list[str]:
+    """Traps that shapes alone do not show: the batch vs data x fsdp, heads vs tensor."""
+    issues = []
+    shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    if global_batch % shards:
+        issues.append(f"global batch {global_batch} is not divisible by data x fsdp = {shards} "
+                      f"(use a multiple of {shards}, e.g. {shards * max(1, -(-global_batch // shards))})")
+    llm, tensor = config.model.llm, mesh_sizes["tensor"]
+    for name in ("num_heads", "num_kv_heads"):
+        if int(llm[name]) % tensor:
+            issues.append(f"model.llm.{name} = {llm[name]} is not divisible by tensor = {tensor}: "
+                          f"attention activations are padded or replicated")
+    return issues
+
+
+# ------------------------------------------------------------------ abstract batches
+
+def _text(batch: int, length: int, data: NamedSharding, prefix: str = "") -> dict:
+    def arr(dtype):
+        return jax.ShapeDtypeStruct((batch, length), dtype, sharding=data)
+    return {f"{prefix}input_ids": arr(jnp.int32), f"{prefix}attention_mask": arr(jnp.bool_),
+            f"{prefix}loss_mask": arr(jnp.bool_)}
+
+
+def abstract_batch(task, objective: str, batch: int, length: int, data: NamedSharding,
+                   precomputed_reference: bool = False) -> dict:
+    """ShapeDtypeStructs of one step's batch: SFT text, or DPO chosen/rejected/gt (+ reference).
+
+    A task that knows its media inputs (the AV task) provides `abstract_batch(objective, batch,
+    length, sharding)` itself; the text task gets sequences of the full media + text length.
+    """
+    if hasattr(task, "abstract_batch"):
+        out = task.abstract_batch(objective, batch, length, data)
+    elif objective == "sft":
+        out = _text(batch, length, data)
+    else:
+        out = {}
+        for prefix in ("chosen_", "rejected_", "gt_"):
+            out.update(_text(batch, length, data, prefix))
+    if objective == "dpo" and precomputed_reference:
+        vec = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=NamedSharding(
+            data.mesh, jax.sharding.PartitionSpec(*data.spec[:1])))
+        out.update(ref_chosen_logps=vec, ref_rejected_logps=vec)
+    return out
+
+
+# ------------------------------------------------------------------ compile one step
+
+@dataclasses.dataclass
+class Compiled:
+    name: str
+    remat: str
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    seconds: float
+
+    @property
+    def peak(self) -> int:
+        """Live bytes at the step's high-water mark: inputs + (outputs not aliased to inputs) + temp."""
+        return self.argument + max(0, self.output - self.alias) + self.temp
+
+
+def _memory(compiled) -> tuple[int, int, int, int]:
+    m = compiled.memory_analysis()
+    if m is None:
+        raise RuntimeError("this backend gives no memory_analysis() for compiled programs")
+    return (int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+            int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+
+
+def compile_step(config, mesh: Mesh, objective: str, batch: int, length: int, *,
+                 what: str = "train", precomputed_reference: bool = False,
+                 rules=LOGICAL_AXIS_RULES) -> Compiled:
+    """Lower + compile one train step (or the DPO reference forward, `what="reference"`) on
+    abstract inputs; return its per-device memory."""
+    from vsalmonn_jax.training import state as state_lib
+    from vsalmonn_jax.training import steps as steps_lib
+    from vsalmonn_jax.training.task import build_task
+
+    start = time.perf_counter()
+    task = build_task(config)
+    tx, schedule = state_lib.make_optimizer(config.train, max(1, int(config.train.num_steps)))
+    abstract, shardings = state_lib.state_shardings(task, config, tx, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(abstract), shardings)
+    steps = steps_lib.make_steps(task, config, tx, schedule, mesh, shardings, objective=objective,
+                                 rules=rules)
+    inputs = abstract_batch(task, objective, batch, length, steps.batch_sharding,
+                            precomputed_reference)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if what == "reference":
+            opts = steps_lib.StepOptions.from_config(config)
+
+            def reference(state, batch_):
+                media = steps_lib._encode(task, state.params, batch_)
+                return steps_lib.reference_logps(task, opts, state, batch_, media)
+
+            fn = jax.jit(reference, in_shardings=(shardings, steps.batch_sharding))
+        else:
+            fn = steps.train.jitted
+        compiled = fn.lower(target, inputs).compile()
+    arg, out, alias, temp = _memory(compiled)
+    name = what if what == "reference" else objective + ("+precomputed_ref" if precomputed_reference
+                                                         else "")
+    return Compiled(name, str(config.model.llm.remat_policy), arg, out, alias, temp,
+                    time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ the plan
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict[str, int]
+    tokens: TokenBudget
+    global_batch: int
+    per_device_batch: float
+    budget_gb: float
+    state_gb: dict[str, float]          # per device: params, lora, adapter, opt_state, ref_adapter
+    state_total_gb: dict[str, float]    # whole model (unsharded) sizes
+    counts: dict[str, int]
+    steps: list[Compiled]
+    issues: list[str]
+    suggestions: list[str]
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["tokens"] = dict(dataclasses.asdict(self.tokens), total=self.tokens.total)
+        out["steps"] = [dict(dataclasses.asdict(c), peak=c.peak) for c in self.steps]
+        return out
+
+    def fits(self, name: str, remat: str | None = None) -> bool:
+        return any(c.name == name and (remat is None or c.remat == remat)
+                   and c.peak <= self.budget_gb * GB for c in self.steps)
+
+
+def _state_breakdown(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    from vsalmonn_jax.training import state as state_lib
+    from vsalmonn_jax.training.task import build_task
+
+    task = build_task(config)
+    tx, _ = state_lib.make_optimizer(config.train, max(1, int(config.train.num_steps)))
+    abstract, shardings = state_lib.state_shardings(task, config, tx, mesh, rules)
+    abstract = nn.unbox(abstract)
+    parts = {"params": (abstract.params, shardings.params),
+             "opt_state": (abstract.opt_state, shardings.opt_state),
+             "ref_adapter": (abstract.ref_adapter, shardings.ref_adapter)}
+    for name in abstract.trainable:
+        parts[name] = (abstract.trainable[name], shardings.trainable[name])
+    per_device = {k: shard_bytes(a, s) / GB for k, (a, s) in parts.items()}
+    whole = {k: total_bytes(a) / GB for k, (a, _) in parts.items()}
+    counts = {k: int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(a)))
+              for k, (a, _) in parts.items() if k != "opt_state"}
+    issues = indivisible(abstract, shardings, mesh)
+    return per_device, whole, counts, issues
+
+
+def _with_remat(config, remat: str):
+    config = config.copy_and_resolve_references()
+    config.model.llm.remat_policy = remat
+    return config
+
+
+def suggest(plan: Plan, target_global_batch: int | None = None) -> list[str]:
+    """Remat policy, micro-batch per device and grad_accum that fit the budget."""
+    out = []
+    budget = plan.budget_gb * GB
+    shards = plan.mesh["data"] * plan.mesh["fsdp"]
+    per_dev = max(1, int(plan.per_device_batch))
+    for name in dict.fromkeys(c.name for c in plan.steps if c.name != "reference"):
+        runs = sorted((c for c in plan.steps if c.name == name),
+                      key=lambda c: REMAT_ORDER.index(c.remat) if c.remat in REMAT_ORDER else 99)
+        fitting = [c for c in runs if c.peak <= budget]
+        if not fitting:
+            best = min(runs, key=lambda c: c.peak)
+            out.append(f"{name}: does not fit {plan.budget_gb:.0f} GB (best: remat={best.remat} "
+                       f"peak {best.peak / GB:.1f} GB); raise tensor (heads split the attention "
+                       f"scores), shorten the sequence, or precompute the DPO reference")
+            continue
+        chosen = fitting[0]
+        fixed = chosen.argument + max(0, chosen.output - chosen.alias)
+        per_example = chosen.temp / per_dev
+        micro = max(1, int((budget - fixed) // max(per_example, 1)))
+        line = (f"{name}: model.llm.remat_policy={chosen.remat} (peak {chosen.peak / GB:.1f} GB of "
+                f"{plan.budget_gb:.0f}); up to ~{micro} sequence(s) of {plan.tokens.total} tokens "
+                f"per device per micro-step (linear estimate)")
+        if target_global_batch:
+            per_step = shards * min(micro, per_dev) if per_dev <= micro else shards * micro
+            accum = max(1, math.ceil(target_global_batch / per_step))
+            line += (f"; global batch {target_global_batch}: {per_step} per micro-step x "
+                     f"train.grad_accum={accum}")
+        out.append(line)
+    return out
+
+
+def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60.0,
+              text_tokens: int = 512, global_batch: int | None = None,
+              remat_policies: Sequence[str] = REMAT_ORDER, objectives: Sequence[str] = ("sft", "dpo"),
+              reference: bool = True, budget_gb: float = 95.0, target_global_batch: int | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Plan:
+    """Build the mesh on the (fake) devices, size the state, compile each step, check and suggest."""
+    mesh = make_mesh(mesh_spec, devices)
+    sizes = dict(zip(MESH_AXES, (int(mesh.shape[a]) for a in MESH_AXES), strict=True))
+    shards = sizes["data"] * sizes["fsdp"]
+    global_batch = shards if global_batch is None else int(global_batch)
+    tokens = video_tokens(config, video_seconds, text_tokens)
+    config = config.copy_and_resolve_references()
+    if "logits_chunk" not in config.train:
+        config.train.logits_chunk = 1024
+    issues = mesh_issues(config, sizes, global_batch)
+    state_gb, state_total, counts, shape_issues = _state_breakdown(config, mesh)
+    issues += shape_issues
+    compiled: list[Compiled] = []
+    if not any("global batch" in i for i in issues) and not shape_issues:
+        for objective in objectives:
+            policies = remat_policies if objective == "sft" else remat_policies[-1:]
+            for remat in policies:
+                cfg = _with_remat(config, remat)
+                cfg.stage = objective
+                compiled.append(compile_step(cfg, mesh, objective, global_batch, tokens.total))
+        if "dpo" in objectives and reference:
+            cfg = _with_remat(config, remat_policies[-1])
+            cfg.stage = "dpo"
+            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens.total,
+                                         precomputed_reference=True))
+            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens.total,
+                                         what="reference"))
+    plan = Plan(sizes, tokens, global_batch, global_batch / shards, budget_gb, state_gb,
+                state_total, counts, compiled, issues, [])
+    plan.suggestions = suggest(plan, target_global_batch) if compiled else [
+        "fix the issues above first: nothing was compiled"]
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    """Human-readable report (GB = 1e9 bytes, per device unless said otherwise)."""
+    t = plan.tokens
+    lines = [
+        f"mesh data={plan.mesh['data']} fsdp={plan.mesh['fsdp']} tensor={plan.mesh['tensor']} "
+        f"({int(np.prod(list(plan.mesh.values())))} devices), budget {plan.budget_gb:.0f} GB/device",
+        f"sequence: {t.frames} frames -> {t.visual} visual + {t.audio} audio + {t.text} text = "
+        f"{t.total} tokens; global batch {plan.global_batch} "
+        f"({plan.per_device_batch:g} per data x fsdp shard)",
+        "",
+        f"{'state':<14}{'per device GB':>15}{'whole GB':>11}{'params':>16}",
+    ]
+    for name, gb in plan.state_gb.items():
+        count = plan.counts.get(name)
+        lines.append(f"{name:<14}{gb:>15.3f}{plan.state_total_gb[name]:>11.2f}"
+                     f"{(f'{count:,}' if count is not None else '-'):>16}")
+    if plan.steps:
+        lines += ["", f"{'step':<22}{'remat':<7}{'args GB':>9}{'temp GB':>9}{'peak GB':>9}"
+                      f"{'fits':>6}{'compile s':>11}"]
+        for c in plan.steps:
+            fits = "yes" if c.peak <= plan.budget_gb * GB else "NO"
+            lines.append(f"{c.name:<22}{c.remat:<7}{c.argument / GB:>9.2f}{c.temp / GB:>9.2f}"
+                         f"{c.peak / GB:>9.2f}{fits:>6}{c.seconds:>11.1f}")
+        lines.append("(temp = activations, gradients and optimizer scratch of the compiled step; "
+                     "reference = the DPO reference forward alone, i.e. what precomputing it costs)")
+    if plan.issues:
+        lines += ["", "ISSUES:"] + [f"  - {i}" for i in plan.issues]
+    lines += ["", "suggestions:"] + [f"  - {s}" for s in plan.suggestions]
+    return "\n".join(lines)
