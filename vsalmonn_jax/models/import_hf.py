@@ -147,3 +147,31 @@ def siglip_params(source: Source, cfg) -> dict:
     is found from its patch embedding. Layers past `cfg.used_layers` are never read."""
     source = source.sub(source.find_prefix("embeddings.patch_embedding.weight"))
     return load_tree(source, SIGLIP_ENTRIES, cfg.used_layers, SIGLIP_LAYER_ENTRIES)
+
+
+# ------------------------------------------------------------ Whisper encoder (transformers) ----
+
+WHISPER_ENTRIES: list[Entry] = [
+    ("stem/conv1_kernel", "conv1.weight", conv1d), ("stem/conv1_bias", "conv1.bias", same),
+    ("stem/conv2_kernel", "conv2.weight", conv1d), ("stem/conv2_bias", "conv2.bias", same),
+    ("stem/embed_positions", "embed_positions.weight", same),
+    ("layer_norm/scale", "layer_norm.weight", same), ("layer_norm/bias", "layer_norm.bias", same),
+]
+WHISPER_LAYER_ENTRIES: list[Entry] = [
+    (f"{name}/{p}", f"layers.{{i}}.{theirs}.{q}", linear if p == "kernel" else same)
+    for name, theirs in [("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
+                         ("v_proj", "self_attn.v_proj"), ("out_proj", "self_attn.out_proj"),
+                         ("fc1", "fc1"), ("fc2", "fc2")]
+    for p, q in [("kernel", "weight"), ("bias", "bias")] if not (name == "k_proj" and p == "bias")
+] + [
+    (f"{norm}/{p}", f"layers.{{i}}.{norm}.{q}", same)
+    for norm in ("self_attn_layer_norm", "final_layer_norm")
+    for p, q in [("scale", "weight"), ("bias", "bias")]
+]
+
+
+def whisper_params(source: Source, cfg) -> dict:
+    """WhisperEncoder params; the encoder's prefix (`encoder.`, `model.encoder.`, `speech_encoder.`)
+    is found from conv1."""
+    source = source.sub(source.find_prefix("conv1.weight"))
+    return load_tree(source, WHISPER_ENTRIES, cfg.num_layers, WHISPER_LAYER_ENTRIES)
