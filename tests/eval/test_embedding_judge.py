@@ -1,0 +1,87 @@
+"""The embedding judge with the packaged all-MiniLM-L6-v2: identity, empty, unrelated, incorrect rules."""
+
+import numpy as np
+import pytest
+
+from vsalmonn_jax.eval.embedding import EmbeddingJudge, EmbeddingOptions, MatchInput, assign, decide
+from vsalmonn_jax.eval.judge import get_judge
+
+EVENTS = ["A man in a red shirt opens the front door.",
+          "A dog barks twice.",
+          "Heavy rain falls on the roof.",
+          "A woman says 'good morning' to the man.",
+          "A church bell rings in the distance."]
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return get_judge("embedding")
+
+
+def test_caption_equal_to_events(judge):
+    score = judge.score(" ".join(EVENTS), EVENTS)
+    assert (score.missed, score.hallucinated, score.incorrect) == (0, 0, 0)
+    assert score.event_labels == ["correct"] * 5
+    assert all(m["cosine"] > 0.99 for m in score.details["matches"])
+
+
+def test_empty_caption_misses_everything(judge):
+    score = judge.score("", EVENTS)
+    assert (score.missed, score.hallucinated, score.incorrect) == (5, 0, 0)
+    assert score.missed_events == EVENTS
+
+
+def test_unrelated_caption_is_hallucinated_and_misses(judge):
+    caption = ("The stock market fell sharply on Tuesday. A chef slices onions in a bright kitchen. "
+               "Two astronauts float inside the space station.")
+    score = judge.score(caption, EVENTS)
+    assert (score.missed, score.hallucinated, score.incorrect) == (5, 3, 0)
+
+
+def test_paraphrase_and_contradictions(judge):
+    caption = ("A man wearing a red shirt opens the front door. A dog barks. "
+               "Heavy rain does not fall on the roof. At 9 s a bell rings.")
+    events = EVENTS[:3] + ["At 2 s a bell rings."]
+    score = judge.score(caption, events)
+    labels = dict(zip(events, score.event_labels, strict=True))
+    assert labels[EVENTS[0]] == "correct"
+    assert labels[EVENTS[1]] in ("correct", "incorrect")       # "barks" vs "barks twice"
+    assert labels[EVENTS[2]] == "incorrect"                     # negated on one side only
+    assert labels["At 2 s a bell rings."] == "missed"           # 9 s vs 2 s: never paired
+    assert score.hallucinated_sentences == ["At 9 s a bell rings."]
+    as_incorrect = judge.with_options(number_rule="incorrect").score(caption, events)
+    assert as_incorrect.event_labels[3] == "incorrect" and as_incorrect.hallucinated == 0
+
+
+def test_synthetic_events_are_read_through_their_text(judge):
+    events = [{"time": 1, "modality": "visual", "subject": "the red circle", "action": "appears"},
+              {"time": 2, "modality": "audio", "subject": "a low beep", "action": "sounds"}]
+    score = judge.score("At 1 s, the red circle appears. At 2 s, a low beep sounds.", events)
+    assert (score.missed, score.incorrect, score.hallucinated) == (0, 0, 0)
+
+
+def test_assignment_and_cover_rules_on_fixed_similarities():
+    # 2 units x 3 events; greedy would give unit 0 to event 0 and lose a pair
+    sim = np.array([[0.90, 0.85, 0.10],
+                    [0.88, 0.20, 0.10]], np.float32)
+    inp = MatchInput(["u0", "u1"], ["e0", "e1", "e2"], sim, np.zeros((2, 3), bool),
+                     np.zeros((2, 3), bool))
+    assert sorted(assign(inp, 0.5, "unmatched")) == [(0, 1), (1, 0)]
+    score = decide(inp, EmbeddingOptions(correct_threshold=0.86, cover_threshold=0.0))
+    assert score.event_labels == ["correct", "incorrect", "missed"]
+    covered = decide(MatchInput(["u0"], ["e0", "e1"], np.array([[0.95, 0.9]], np.float32),
+                                np.zeros((1, 2), bool), np.zeros((1, 2), bool)),
+                     EmbeddingOptions(cover_threshold=0.85))
+    assert covered.event_labels == ["correct", "correct"] and covered.details["covered"] == 1
+    with pytest.raises(ValueError, match="number_rule"):
+        EmbeddingOptions(number_rule="maybe")
+    with pytest.raises(ValueError, match="match_threshold <= correct_threshold"):
+        EmbeddingOptions(match_threshold=0.9, correct_threshold=0.5)
+
+
+def test_options_come_from_the_eval_config():
+    judge = EmbeddingJudge.from_config({"eval": {"embedding_match_threshold": 0.4,
+                                                 "embedding_number_rule": "ignore"}})
+    assert judge.options.match_threshold == 0.4 and judge.options.number_rule == "ignore"
+    with pytest.raises(TypeError, match="unknown options"):
+        EmbeddingJudge.from_config(None, threshold=0.3)

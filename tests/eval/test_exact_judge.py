@@ -1,0 +1,85 @@
+"""The exact judge: round trip of the synthetic generator's captions, each error kind by hand."""
+
+import pytest
+
+from vsalmonn_jax.data import synthetic_scene
+from vsalmonn_jax.data.event_grammar import render_caption, render_event
+from vsalmonn_jax.eval.exact import ExactJudge, build_vocabulary
+from vsalmonn_jax.eval.judge import get_judge
+from vsalmonn_jax.eval.metrics import aggregate
+
+
+def ev(time, modality, subject, action):
+    return {"time": time, "modality": modality, "subject": subject, "action": action}
+
+
+EVENTS = [ev(0, "visual", "the red circle", "appears"),
+          ev(1, "visual", "the red circle", "moves left"),
+          ev(1, "audio", "a low beep", "sounds"),
+          ev(3, "visual", "the blue square", "turns green")]
+
+
+def test_generator_captions_round_trip():
+    cfg = synthetic_scene.default_config()
+    scenes = [synthetic_scene.make_scene(7, i, cfg) for i in range(40)]
+    judge = get_judge("exact", vocabulary=synthetic_scene.vocabulary())
+    scores = judge.score_many([(synthetic_scene.reference_caption(s), s.events) for s in scenes],
+                              ids=[f"clip{i}" for i in range(40)])
+    assert sum(len(s.events) for s in scenes) == aggregate(scores)["events"] > 40
+    for scene, score in zip(scenes, scores, strict=True):
+        assert (score.missed, score.incorrect, score.hallucinated) == (0, 0, 0)
+        assert score.event_labels == ["correct"] * len(scene.events)
+    # the biased annotator's captions: every deviation shows up as an error, none are invented
+    biased = judge.score_many([(synthetic_scene.biased_caption(s, 7, cfg), s.events) for s in scenes])
+    for scene, score in zip(scenes, biased, strict=True):
+        written = synthetic_scene.biased_events(scene, 7, cfg)
+        kept = [e for e in scene.events if e in written]
+        assert score.missed == len(scene.events) - len(kept)
+        # false sounds (at seconds without a sound) and repeated sentences are hallucinations
+        assert (score.incorrect, score.hallucinated) == (0, len(written) - len(kept))
+    assert sum(s.missed for s in biased) > 0 and sum(s.hallucinated for s in biased) > 0
+
+
+def test_each_error_kind():
+    vocab = build_vocabulary([EVENTS])
+    caption = render_caption([
+        EVENTS[0],
+        ev(1, "visual", "the green cross", "moves left"),   # wrong subject at (1, visual): incorrect
+        ev(5, "audio", "a high beep", "sounds"),             # nothing at 5 s: hallucinated
+        EVENTS[0],                                           # duplicate: hallucinated
+    ]) + " The camera shakes."                               # outside the grammar: hallucinated
+    score = ExactJudge(vocab).score(caption, EVENTS, video_id="v")
+    assert score.id == "v" and score.num_events == 4
+    assert (score.missed, score.incorrect, score.hallucinated) == (2, 1, 3)
+    assert score.event_labels == ["correct", "incorrect", "missed", "missed"]
+    assert score.incorrect_events == [{"event": render_event(EVENTS[1]),
+                                       "caption": "At 1 s, the green cross moves left."}]
+    assert score.hallucinated_sentences == ["At 5 s, a high beep sounds.", render_event(EVENTS[0]),
+                                            "The camera shakes."]
+    assert score.missed_events == [render_event(EVENTS[2]), render_event(EVENTS[3])]
+
+
+def test_exact_match_wins_over_earlier_near_miss():
+    # the wrong sentence comes first; the right one still matches, the wrong one is hallucinated
+    caption = render_caption([ev(1, "visual", "the green cross", "moves left"), EVENTS[1]])
+    score = ExactJudge().score_many([(caption, EVENTS)])[0]
+    assert score.event_labels == ["missed", "correct", "missed", "missed"]
+    assert score.hallucinated == 1 and score.incorrect == 0
+
+
+def test_vocabulary_comes_from_the_whole_file():
+    other = [ev(2, "visual", "the red circle", "vanishes")]
+    caption = render_caption([ev(3, "visual", "the blue square", "vanishes")])  # action of another video
+    alone = ExactJudge().score_many([(caption, EVENTS)])[0]
+    together = ExactJudge().score_many([(caption, EVENTS), ("", other)])[0]
+    assert (alone.incorrect, alone.hallucinated) == (0, 1)        # unknown action: unparsed
+    assert (together.incorrect, together.hallucinated) == (1, 0)  # parsed: wrong action at (3, visual)
+
+
+def test_errors_are_named():
+    with pytest.raises(ValueError, match="video 'bad'.*not a synthetic event"):
+        ExactJudge().score_many([("At 1 s, x y.", ["a string event"])], ids=["bad"])
+    with pytest.raises(ValueError, match="two modalities|modalities"):
+        build_vocabulary([[ev(1, "visual", "a", "sounds"), ev(2, "audio", "b", "sounds")]])
+    with pytest.raises(ValueError, match="unknown judge 'fuzzy'"):
+        get_judge("fuzzy")
