@@ -1,0 +1,131 @@
+"""LoRA as a separate pytree: B = 0 is the base model, merge equals unmerged, gradients reach LoRA only."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from vsalmonn_jax.lora import (
+    LoraConfig,
+    count_by_collection,
+    init_lora,
+    is_target,
+    lora_partition_specs,
+    merge,
+)
+from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config
+
+CONFIG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+IDS = np.random.default_rng(0).integers(0, 64, size=(2, 7)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return nn.unbox(Qwen2(CONFIG).init(jax.random.PRNGKey(0), IDS))["params"]
+
+
+def _random_b(lora, seed=1):
+    flat = traverse_util.flatten_dict(lora)
+    key = jax.random.PRNGKey(seed)
+    for i, path in enumerate(sorted(flat)):
+        if path[-1] == "b":
+            flat[path] = 0.05 * jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
+    return traverse_util.unflatten_dict(flat)
+
+
+def test_fresh_lora_shapes_and_init(params):
+    lora = init_lora(jax.random.PRNGKey(1), params, LORA)
+    q = lora["layers"]["self_attn"]["q_proj"]
+    assert q["a"].shape == (2, 32, 4) and q["b"].shape == (2, 4, 32)
+    assert lora["layers"]["self_attn"]["k_proj"]["b"].shape == (2, 4, 16)
+    assert set(lora["layers"]["self_attn"]) == {"q_proj", "k_proj", "v_proj"}
+    assert not np.any(np.asarray(q["b"]))
+    bound = 1 / np.sqrt(32)
+    assert np.abs(np.asarray(q["a"])).max() <= bound and np.abs(np.asarray(q["a"])).max() > 0.8 * bound
+    assert not np.allclose(q["a"][0], q["a"][1])  # layers draw independent A
+
+
+def test_b_zero_equals_base(params):
+    lora = init_lora(jax.random.PRNGKey(1), params, LORA)
+    base, _ = Qwen2(CONFIG).apply({"params": params}, IDS)
+    adapted, _ = Qwen2(CONFIG, LORA).apply({"params": params, "lora": lora}, IDS)
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
+
+
+def test_lora_changes_output_and_merge_equals_unmerged(params):
+    lora = _random_b(init_lora(jax.random.PRNGKey(1), params, LORA))
+    base, _ = Qwen2(CONFIG).apply({"params": params}, IDS)
+    adapted, _ = Qwen2(CONFIG, LORA).apply({"params": params, "lora": lora}, IDS)
+    assert np.abs(np.asarray(adapted) - np.asarray(base)).max() > 1e-3
+    merged = jax.jit(merge, static_argnums=2)(params, lora, LORA.scale)
+    merged_out, _ = Qwen2(CONFIG).apply({"params": merged}, IDS)
+    np.testing.assert_allclose(np.asarray(merged_out), np.asarray(adapted), atol=1e-5)
+    # only the adapted kernels changed
+    np.testing.assert_array_equal(merged["layers"]["self_attn"]["o_proj"]["kernel"],
+                                  params["layers"]["self_attn"]["o_proj"]["kernel"])
+    assert not np.array_equal(merged["layers"]["self_attn"]["q_proj"]["kernel"],
+                              params["layers"]["self_attn"]["q_proj"]["kernel"])
+
+
+def test_omitting_lora_disables_it(params):
+    lora = _random_b(init_lora(jax.random.PRNGKey(1), params, LORA))
+    base, _ = Qwen2(CONFIG).apply({"params": params}, IDS)
+    disabled, _ = Qwen2(CONFIG, LORA).apply({"params": params}, IDS)
+    enabled, _ = Qwen2(CONFIG, LORA).apply({"params": params, "lora": lora}, IDS)
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(disabled))
+    assert np.abs(np.asarray(enabled) - np.asarray(base)).max() > 1e-3
+
+
+def test_gradients_flow_to_lora_only(params):
+    lora = init_lora(jax.random.PRNGKey(1), params, LORA)
+    model = Qwen2(CONFIG, LORA)
+
+    def loss(lora_tree, base):
+        logits, _ = model.apply({"params": base, "lora": lora_tree}, IDS)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+    grad_lora, grad_base = jax.grad(loss, argnums=(0, 1))(lora, params)
+    # with B = 0 the gradient reaches B (and not yet A), as in PEFT
+    for name in ("q_proj", "k_proj", "v_proj"):
+        g = grad_lora["layers"]["self_attn"][name]
+        assert np.abs(np.asarray(g["b"])).max() > 0
+        assert np.abs(np.asarray(g["a"])).max() == 0
+    # training differentiates w.r.t. `lora` only: the base is an argument we never step
+    assert jax.tree.structure(grad_lora) == jax.tree.structure(lora)
+    assert jax.tree.structure(grad_base) == jax.tree.structure(params)
+
+
+def test_dropout_is_driven_by_the_rng(params):
+    cfg = LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    lora = _random_b(init_lora(jax.random.PRNGKey(1), params, cfg))
+    model = Qwen2(CONFIG, cfg)
+    run = lambda seed, det: np.asarray(model.apply(
+        {"params": params, "lora": lora}, IDS, deterministic=det, rngs={"dropout": jax.random.PRNGKey(seed)})[0])
+    np.testing.assert_array_equal(run(0, False), run(0, False))
+    assert np.abs(run(0, False) - run(1, False)).max() > 1e-4
+    np.testing.assert_array_equal(run(0, True), run(1, True))
+
+
+def test_target_patterns(params):
+    assert is_target(("layers", "mlp", "up_proj"), ("*_proj",))
+    assert is_target(("layers", "mlp", "up_proj"), ("layers/mlp/*",))
+    assert not is_target(("layers", "self_attn", "q_proj"), ("layers/mlp/*",))
+    lora = init_lora(jax.random.PRNGKey(0), params, LoraConfig(rank=2, alpha=2.0, targets=("layers/mlp/*",)))
+    assert set(lora["layers"]) == {"mlp"} and set(lora["layers"]["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+    with pytest.raises(ValueError, match="match no kernel"):
+        init_lora(jax.random.PRNGKey(0), params, LoraConfig(targets=("nothing",)))
+
+
+def test_counts_and_partition_specs(params):
+    lora = init_lora(jax.random.PRNGKey(1), params, LORA)
+    counts = count_by_collection({"params": params, "lora": lora})
+    assert counts["lora"] == 2 * ((32 * 4 + 4 * 32) + 2 * (32 * 4 + 4 * 16))
+    assert counts["params"] == sum(x.size for x in jax.tree.leaves(params))
+    boxed = jax.eval_shape(lambda: Qwen2(CONFIG).init(jax.random.PRNGKey(0), IDS))
+    specs = lora_partition_specs(nn.get_partition_spec(boxed)["params"], lora)
+    assert tuple(specs["layers"]["self_attn"]["q_proj"]["a"]) == ("layers", "embed", None)
+    assert tuple(specs["layers"]["self_attn"]["q_proj"]["b"]) == ("layers", None, "heads")
