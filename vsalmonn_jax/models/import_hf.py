@@ -175,3 +175,44 @@ def whisper_params(source: Source, cfg) -> dict:
     is found from conv1."""
     source = source.sub(source.find_prefix("conv1.weight"))
     return load_tree(source, WHISPER_ENTRIES, cfg.num_layers, WHISPER_LAYER_ENTRIES)
+
+
+# ------------------------------------------------------------------------------ Q-Former ----
+
+def _ln(ours: str, theirs: str) -> list[Entry]:
+    return [(f"{ours}/scale", f"{theirs}.weight", same), (f"{ours}/bias", f"{theirs}.bias", same)]
+
+
+def _lin(ours: str, theirs: str) -> list[Entry]:
+    return [(f"{ours}/kernel", f"{theirs}.weight", linear), (f"{ours}/bias", f"{theirs}.bias", same)]
+
+
+def qformer_entries(num_layers: int, cross_every: int, style: str) -> list[Entry]:
+    """Q-Former names: style "hf" = transformers Blip2QFormerModel, "lavis" = the BERT Q-Former of
+    SALMONN / video-SALMONN 2 (`bert.` prefix stripped by the caller)."""
+    if style == "hf":
+        top, attn_inner = "layernorm", "attention"
+    elif style == "lavis":
+        top, attn_inner = "embeddings.LayerNorm", "self"
+    else:
+        raise ValueError(f"unknown Q-Former naming style {style!r}")
+    entries = _ln("layernorm", top)
+    for i in range(num_layers):
+        blocks = [("self_attention", "attention")]
+        if i % cross_every == 0:
+            blocks.append(("cross_attention", "crossattention"))
+        for ours, theirs in blocks:
+            base = f"encoder.layer.{i}.{theirs}"
+            for proj in ("query", "key", "value"):
+                entries += _lin(f"layers_{i}/{ours}/{proj}", f"{base}.{attn_inner}.{proj}")
+            entries += _lin(f"layers_{i}/{ours}/output", f"{base}.output.dense")
+            entries += _ln(f"layers_{i}/{ours}/output_norm", f"{base}.output.LayerNorm")
+        entries += _lin(f"layers_{i}/intermediate", f"encoder.layer.{i}.intermediate_query.dense")
+        entries += _lin(f"layers_{i}/output", f"encoder.layer.{i}.output_query.dense")
+        entries += _ln(f"layers_{i}/output_norm", f"encoder.layer.{i}.output_query.LayerNorm")
+    return entries
+
+
+def qformer_params(source: Source, cfg, style: str = "hf") -> dict:
+    """QFormer (`adapter`) tree from a Blip2QFormerModel ("hf") or a LAVIS BERT Q-Former ("lavis")."""
+    return load_tree(source, qformer_entries(cfg.num_layers, cfg.cross_attention_freq, style))
