@@ -77,20 +77,29 @@ def resize_bicubic_uint8(frames: np.ndarray, height: int, width: int) -> np.ndar
     return x
 
 
-def siglip_pixels(frames: np.ndarray, image_size: int = 384) -> np.ndarray:
-    """RGB uint8 frames [N, H, W, 3] -> float32 [N, image_size, image_size, 3] in [-1, 1].
-
-    Resize bicubic (Pillow-exact), rescale by 1/255, normalise with mean = std = 0.5.
-    """
+def siglip_resize(frames: np.ndarray, image_size: int = 384) -> np.ndarray:
+    """RGB uint8 frames [N, H, W, 3] -> uint8 [N, image_size, image_size, 3], Pillow-exact bicubic."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"siglip_pixels expects uint8 frames [N, H, W, 3], got "
                          f"{frames.dtype} {frames.shape}")
     if frames.shape[0] == 0:
-        return np.zeros((0, image_size, image_size, 3), np.float32)
-    resized = resize_bicubic_uint8(frames, image_size, image_size)
-    rescaled = (resized * (1.0 / 255.0)).astype(np.float32)
+        return np.zeros((0, image_size, image_size, 3), np.uint8)
+    return resize_bicubic_uint8(frames, image_size, image_size).astype(np.uint8)
+
+
+def siglip_normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels [..., 3] -> float32 in [-1, 1]: rescale by 1/255, mean = std = 0.5."""
+    rescaled = (np.asarray(pixels, np.float64) * (1.0 / 255.0)).astype(np.float32)
     return (rescaled - np.float32(_SIGLIP_MEAN)) / np.float32(_SIGLIP_STD)
+
+
+def siglip_pixels(frames: np.ndarray, image_size: int = 384) -> np.ndarray:
+    """RGB uint8 frames [N, H, W, 3] -> float32 [N, image_size, image_size, 3] in [-1, 1].
+
+    Equal to SiglipImageProcessor: resize bicubic (Pillow-exact), rescale 1/255, normalise 0.5/0.5.
+    """
+    return siglip_normalize(siglip_resize(frames, image_size))
 
 
 # ---------------------------------------------------------------- Whisper log-mel ----

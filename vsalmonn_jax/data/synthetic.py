@@ -25,6 +25,7 @@ from vsalmonn_jax.data import synthetic_scene as scene_lib
 from vsalmonn_jax.data.encode import write_video
 from vsalmonn_jax.data.event_grammar import render_event
 from vsalmonn_jax.data.synthetic_render import render_audio, render_frames
+from vsalmonn_jax.data.text import mcq_answer, mcq_prompt
 from vsalmonn_jax.data.tokenizer_build import build_tokenizer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -70,9 +71,9 @@ def clip_records(seed: int, split: str, i: int, cfg: ml_collections.ConfigDict) 
     for k, item in enumerate(scene_lib.qa_items(scene, seed, cfg)):
         qa.append({"id": f"{rid}_qa{k}", "clip": index, "video": video, **item})
         qa_turns.append({"id": f"{rid}_qa{k}", "video": video, "conversations": [
-            {"role": "user", "content": "{placeholder}\n" + scene_lib.mcq_prompt(
+            {"role": "user", "content": "{placeholder}\n" + mcq_prompt(
                 item["question"], item["options"])},
-            {"role": "assistant", "content": scene_lib.mcq_answer(item["options"], item["answer"])}]})
+            {"role": "assistant", "content": mcq_answer(item["options"], item["answer"])}]})
 
     def sft(text: str) -> dict:
         return {"id": rid, "video": video, "conversations": [
@@ -95,8 +96,8 @@ def tokenizer_corpus(cfg: ml_collections.ConfigDict, placeholder: str) -> list[s
     for i in range(200):   # QA wording, sampled from tokenizer-only clips (seed-independent)
         scene = scene_lib.make_scene(0, scene_lib.SPLIT_BASE["tokenizer"] + i, cfg)
         for item in scene_lib.qa_items(scene, 0, cfg):
-            corpus.append(scene_lib.mcq_prompt(item["question"], item["options"]))
-            corpus.append(scene_lib.mcq_answer(item["options"], item["answer"]))
+            corpus.append(mcq_prompt(item["question"], item["options"]))
+            corpus.append(mcq_answer(item["options"], item["answer"]))
     return corpus
 
 

@@ -199,13 +199,3 @@ def qa_items(scene: Scene, seed: int, cfg: ml_collections.ConfigDict | None = No
                            [str(n) for n in range(max(0, count - 2), count + 4)]))
     picks = rng.choice(len(candidates), size=min(cfg.qa_per_clip, len(candidates)), replace=False)
     return [candidates[int(i)] for i in sorted(picks)]
-
-
-def mcq_prompt(question: str, options: list[str]) -> str:
-    """The user text of a multiple-choice question (letters A, B, C, ...)."""
-    lines = [question] + [f"{chr(65 + i)}. {o}" for i, o in enumerate(options)]
-    return "\n".join(lines + ["Answer with the option's letter."])
-
-
-def mcq_answer(options: list[str], answer: int) -> str:
-    return f"{chr(65 + answer)}. {options[answer]}"

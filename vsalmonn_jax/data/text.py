@@ -118,3 +118,13 @@ def encode_response(tokenizer, user_text: str, response: str, **kwargs) -> tuple
     """Prompt + one assistant response (DPO chosen / rejected / gt): (ids, loss_mask on response)."""
     return encode_conversation(tokenizer, [{"role": "user", "content": user_text},
                                            {"role": "assistant", "content": response}], **kwargs)
+
+
+def mcq_prompt(question: str, options: list[str]) -> str:
+    """The user text of a multiple-choice question (letters A, B, C, ...)."""
+    lines = [question] + [f"{chr(65 + i)}. {o}" for i, o in enumerate(options)]
+    return "\n".join(lines + ["Answer with the option's letter."])
+
+
+def mcq_answer(options: list[str], answer: int) -> str:
+    return f"{chr(65 + answer)}. {options[answer]}"

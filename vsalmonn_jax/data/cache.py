@@ -1,0 +1,53 @@
+"""Decode once: decoded + featurised media per file in .npz, keyed by content hash + feature settings.
+
+Later epochs and mrDPO rounds read the cache instead of decoding; writes are atomic (tmp + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def file_digest(path: str, block: int = 1 << 20) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def media_key(paths: Mapping[str, str | None], settings: Mapping) -> str:
+    """Cache key of a record's media: the content of each file and the feature settings."""
+    parts = {name: (file_digest(p) if p else None) for name, p in sorted(paths.items())}
+    blob = json.dumps({"files": parts, "settings": dict(settings)}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def load(cache_dir: str, key: str) -> dict[str, np.ndarray] | None:
+    path = os.path.join(cache_dir, key[:2], f"{key}.npz")
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError):   # a damaged entry is recomputed, not trusted
+        return None
+
+
+def save(cache_dir: str, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+    folder = os.path.join(cache_dir, key[:2])
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, os.path.join(folder, f"{key}.npz"))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,163 @@
+"""One record -> one unpadded example: decoded media features (through the .npz cache) and token ids.
+
+`Featurizer` is picklable (settings only; the tokenizer loads lazily per process) so grain worker
+processes run it. Failures come back as `{"failed": reason, ...}` examples for the quarantine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from vsalmonn_jax.data import cache, features, text
+from vsalmonn_jax.data.media import MediaError, load_media
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+    """Everything that decides an example's arrays (part of the cache key)."""
+
+    image_size: int = 384
+    num_mel_bins: int = 128
+    fps: float = 1.0
+    max_frames: int = 110
+    sample_rate: int = 16000
+    min_audio_seconds: float = 1.0
+    missing_audio: str = "silence"
+    channel: str = "first"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> FeatureSettings:
+        data = config.data
+        return cls(image_size=int(config.model.vision.image_size),
+                   num_mel_bins=int(config.model.audio.num_mel_bins), fps=float(data.fps),
+                   max_frames=int(data.max_frames), sample_rate=int(data.sample_rate),
+                   min_audio_seconds=float(data.min_audio_seconds),
+                   missing_audio=str(data.missing_audio), channel=str(data.get("audio_channel", "first")))
+
+
+def media_features(video: str | None, audio: str | None, settings: FeatureSettings,
+                   cache_dir: str = "") -> dict[str, np.ndarray]:
+    """Decode + featurise one record's media (or read it from the cache).
+
+    Returns pixels uint8 [F, S, S, 3] (resized, normalised at batching), frame_times [F],
+    mel float32 [C, bins, 3000], audio_seconds, has_video, has_audio (0-d arrays).
+    """
+    key = None
+    if cache_dir:
+        try:
+            key = cache.media_key({"video": video, "audio": audio}, dataclasses.asdict(settings))
+        except OSError as err:
+            raise MediaError(video or audio, "missing", str(err)) from err
+        hit = cache.load(cache_dir, key)
+        if hit is not None:
+            return hit
+    media = load_media(video, audio, fps=settings.fps, max_frames=settings.max_frames,
+                       sample_rate=settings.sample_rate, min_audio_seconds=settings.min_audio_seconds,
+                       missing_audio=settings.missing_audio, channel=settings.channel)
+    out = {
+        "pixels": features.siglip_resize(media.frames, settings.image_size) if media.has_video
+        else np.zeros((0, settings.image_size, settings.image_size, 3), np.uint8),
+        "frame_times": media.frame_times.astype(np.float32),
+        "mel": features.log_mel_chunks(media.audio, settings.num_mel_bins),
+        "audio_seconds": np.float32(media.audio_seconds),
+        "has_video": np.bool_(media.has_video),
+        "has_audio": np.bool_(media.has_audio),
+    }
+    if key is not None:
+        cache.save(cache_dir, key, out)
+    return out
+
+
+def _caption_prompt(record: dict, default: str) -> str:
+    return record.get("prompt") or default
+
+
+def text_fields(record: dict, tokenizer, *, placeholder: str, max_length: int, truncation: str,
+                default_prompt: str, has_media: bool) -> dict[str, np.ndarray]:
+    """Token ids + loss masks of a record, by kind (prompt-only kinds get an all-False mask)."""
+    kw = dict(placeholder=placeholder, has_media=has_media, max_length=max_length,
+              truncation=truncation)
+    kind = record["kind"]
+    if kind == "sft":
+        ids, mask = text.encode_conversation(tokenizer, record["conversations"], **kw)
+        return {"input_ids": ids, "loss_mask": mask}
+    if kind in ("caption", "mcq"):
+        user = _caption_prompt(record, default_prompt) if kind == "caption" else \
+            text.mcq_prompt(record["question"], record["options"])
+        ids = text.encode_prompt(tokenizer, user, **kw)
+        out = {"input_ids": ids, "loss_mask": np.zeros(ids.shape, bool)}
+        if kind == "mcq":
+            out["answer"] = np.int32(record["answer"])
+        return out
+    out = {}
+    for name in ("chosen", "rejected", "gt"):
+        response = record.get(name)
+        if response is None:   # CE-only record: no pair; gt-only records have no chosen/rejected
+            ids, mask = np.zeros((0,), np.int32), np.zeros((0,), bool)
+        else:
+            ids, mask = text.encode_response(tokenizer, record["prompt"], response, **kw)
+        out[f"{name}_input_ids"], out[f"{name}_loss_mask"] = ids, mask
+    out["has_pair"] = np.bool_(record.get("chosen") is not None)
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if name in record:
+            out[name] = np.float32(record[name])
+    return out
+
+
+@dataclasses.dataclass
+class Featurizer:
+    """record dict -> example dict (or a failure dict). Picklable; runs in grain workers."""
+
+    settings: FeatureSettings
+    tokenizer_path: str
+    placeholder: str = "<media>"
+    max_length: int = 32768
+    truncation: str = "error"
+    default_prompt: str = "Please describe the video in detail."
+    cache_dir: str = ""
+    _tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, tokenizer_path: str | None = None
+                    ) -> Featurizer:
+        return cls(settings=FeatureSettings.from_config(config),
+                   tokenizer_path=str(tokenizer_path or config.data.tokenizer),
+                   placeholder=str(config.model.connector.placeholder_token),
+                   max_length=int(config.data.max_length), truncation=str(config.data.truncation),
+                   default_prompt=str(config.generate.prompt),
+                   cache_dir=str(config.data.encoder_cache))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokenizer"] = None
+        return state
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = text.load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def __call__(self, record: dict) -> dict:
+        base = {"example_id": np.int64(record.get("index", -1)), "id": record.get("id", ""),
+                "source": record.get("source", ""), "line": record.get("line", 0),
+                "video": record.get("video"), "audio": record.get("audio")}
+        try:
+            has_media = "video" in record or "audio" in record
+            fields = text_fields(record, self.tokenizer, placeholder=self.placeholder,
+                                 max_length=self.max_length, truncation=self.truncation,
+                                 default_prompt=self.default_prompt, has_media=has_media)
+            if has_media:
+                fields.update(media_features(record.get("video"), record.get("audio"),
+                                             self.settings, self.cache_dir))
+            else:
+                fields.update(has_video=np.bool_(False), has_audio=np.bool_(False),
+                              audio_seconds=np.float32(0.0))
+        except MediaError as err:
+            return {**base, "failed": err.reason, "detail": str(err)}
+        except ValueError as err:   # text that does not fit the template or the length budget
+            return {**base, "failed": "text", "detail": str(err)}
+        return {**base, **fields}

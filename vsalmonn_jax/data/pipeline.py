@@ -1,0 +1,149 @@
+"""The grain loader: records -> per-host shard -> seeded shuffle per epoch -> decode + features in
+worker processes -> quarantine of failures -> bucketed padded batches, with checkpointable state.
+
+Scripts that use workers (`data.num_workers > 0`) need their entry point under
+`if __name__ == "__main__":` (workers start by spawn); absl flags are marked parsed here.
+`BatchIterator.get_state()` is a JSON-able dict (orbax `args.JsonSave`), valid between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import grain
+import ml_collections
+
+from vsalmonn_jax.data.collate import collate
+from vsalmonn_jax.data.example import Featurizer
+from vsalmonn_jax.data.quarantine import Quarantine
+
+log = logging.getLogger(__name__)
+
+
+def host_shard() -> tuple[int, int]:
+    """(this process's index, process count) from jax, for per-host data sharding."""
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_dataset(records: Sequence[dict], featurizer: Featurizer, *, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = 1,
+                 shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+    """MapDataset of examples: this host's shard, reshuffled every epoch with `seed`."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} not in [0, {count})")
+    ds = grain.MapDataset.source(list(records))[index::count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs, reseed_each_epoch=True)
+    return ds.map(featurizer)
+
+
+class BatchIterator:
+    """Iterates padded batches; failed records go to the quarantine, never into a batch."""
+
+    def __init__(self, dataset: grain.MapDataset, featurizer: Featurizer, *, batch_size: int,
+                 pad_id: int, workers: int = 0, quarantine: Quarantine | None = None,
+                 length_buckets: Sequence[int] = (), drop_remainder: bool = False,
+                 read_threads: int = 1):
+        self.featurizer, self.batch_size, self.pad_id = featurizer, int(batch_size), int(pad_id)
+        self.length_buckets, self.drop_remainder = tuple(length_buckets), drop_remainder
+        self.quarantine = quarantine or Quarantine()
+        iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                            prefetch_buffer_size=max(2, batch_size)))
+        if workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        self._it = iter(iter_ds)
+        self.batches = 0
+        self._state = self._snapshot()
+        self._done = False
+
+    def _snapshot(self) -> dict:
+        return {"grain": self._it.get_state(), "quarantine": self.quarantine.state(),
+                "batches": self.batches}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._done:
+            raise StopIteration
+        examples = []
+        while len(examples) < self.batch_size:
+            try:
+                example = next(self._it)
+            except StopIteration:
+                break
+            if "failed" in example:
+                log.warning("quarantined %s (%s:%s): %s", example["id"], example["source"],
+                            example["line"], example["detail"])
+                self.quarantine.add(example)
+            else:
+                self.quarantine.ok()
+                examples.append(example)
+        if not examples or (self.drop_remainder and len(examples) < self.batch_size):
+            self._done = True
+            self.quarantine.check(final=True)
+            log.info(self.quarantine.summary())
+            raise StopIteration
+        settings = self.featurizer.settings
+        batch = collate(examples, pad_id=self.pad_id, image_size=settings.image_size,
+                        num_mel_bins=settings.num_mel_bins, max_frames=settings.max_frames,
+                        length_buckets=self.length_buckets)
+        self.batches += 1
+        self._state = self._snapshot()
+        return batch
+
+    def get_state(self) -> dict:
+        """State after the last batch returned (JSON-able)."""
+        return self._state
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state["grain"])
+        self.quarantine.restore(state["quarantine"])
+        self.batches = int(state["batches"])
+        self._state, self._done = state, False
+
+    def summary(self) -> str:
+        return self.quarantine.summary()
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def make_loader(records: Sequence[dict], config: ml_collections.ConfigDict, *,
+                featurizer: Featurizer | None = None, shuffle: bool = True,
+                num_epochs: int | None = 1, batch_size: int | None = None,
+                workers: int | None = None, shard: tuple[int, int] | None = None,
+                drop_remainder: bool = False, quarantine_path: str | None = None,
+                seed: int | None = None) -> BatchIterator:
+    """A BatchIterator over `records` with the settings of `config.data` (overridable here).
+
+    The quarantine file is `config.data.quarantine`, relative to `config.workdir`.
+    """
+    data = config.data
+    featurizer = featurizer or Featurizer.from_config(config)
+    if quarantine_path is None:
+        quarantine_path = data.quarantine
+        if quarantine_path and not os.path.isabs(quarantine_path):
+            quarantine_path = os.path.join(config.workdir, quarantine_path)
+    dataset = make_dataset(records, featurizer,
+                           seed=int(data.shuffle_seed if seed is None else seed), shuffle=shuffle,
+                           num_epochs=num_epochs, shard=shard or host_shard())
+    pad_id = featurizer.tokenizer.pad_token_id
+    return BatchIterator(dataset, featurizer, batch_size=batch_size or data.batch_size,
+                         pad_id=0 if pad_id is None else pad_id,
+                         workers=data.num_workers if workers is None else workers,
+                         quarantine=Quarantine(quarantine_path, data.max_failure_share),
+                         length_buckets=data.length_buckets, drop_remainder=drop_remainder)
