@@ -158,7 +158,7 @@ def parse_jsonl(path: str, kind: str | None = None, root: str | None = None,
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line.strip())
             except json.JSONDecodeError as err:
                 raise RecordError(f"{path}:{number}: malformed JSON ({err.msg} at column "
                                   f"{err.colno})") from err

@@ -1,0 +1,98 @@
+"""Decoding: frame sampling (1 fps, <= 110 frames), audio to 16 kHz mono, and every failure's behaviour."""
+
+import numpy as np
+import pytest
+
+from vsalmonn_jax.data.media import MediaError, load_audio, load_media, sample_times
+
+
+def _peak_hz(audio: np.ndarray, rate: int = 16000) -> float:
+    spectrum = np.abs(np.fft.rfft(audio[:rate]))
+    return float(np.argmax(spectrum) * rate / rate)
+
+
+def test_5fps_30s_clip_gives_30_frames_at_whole_seconds(media_dir):
+    media = load_media(str(media_dir / "fps5_30s.mp4"))
+    assert media.frames.shape == (30, 32, 32, 3) and media.frames.dtype == np.uint8
+    np.testing.assert_allclose(media.frame_times, np.arange(30), atol=1e-6)
+    # the red channel encodes the source frame index (8 * i): frame k is source frame 5k
+    red = media.frames[:, :, :, 0].astype(float).mean(axis=(1, 2))
+    expected = (8 * 5 * np.arange(30)) % 256
+    assert np.abs(red - expected).max() < 12
+
+
+def test_200s_clip_gives_110_evenly_spread_frames(media_dir):
+    media = load_media(str(media_dir / "fps1_200s.mp4"))
+    assert media.frames.shape[0] == 110
+    times = media.frame_times
+    assert times[0] == 0 and times[-1] == 199 and np.all(np.diff(times) > 0)
+    np.testing.assert_allclose(times, np.floor(np.linspace(0, 199, 110)), atol=1e-6)
+
+
+def test_sample_times_rules():
+    np.testing.assert_allclose(sample_times(4.0), [0, 1, 2, 3])
+    np.testing.assert_allclose(sample_times(4.5), [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(sample_times(0.4), [0])
+    assert len(sample_times(1000.0, max_frames=110)) == 110
+    np.testing.assert_allclose(sample_times(10.0, fps=2.0)[:3], [0, 0.5, 1.0])
+
+
+def test_48k_stereo_track_becomes_16k_mono_channel_0(media_dir):
+    media = load_media(str(media_dir / "fps5_30s.mp4"))
+    assert media.audio.dtype == np.float32 and media.audio.shape == (480000,)
+    assert media.audio_seconds == pytest.approx(30.0, abs=1e-3) and media.has_audio
+    assert _peak_hz(media.audio[16000:32000]) == pytest.approx(440, abs=2)   # left channel
+    mixed = load_audio(str(media_dir / "fps5_30s.mp4"), channel="mean")
+    spectrum = np.abs(np.fft.rfft(mixed[16000:32000]))
+    assert spectrum[1000] > 0.05 * spectrum[440]                            # right channel mixed in
+    first = np.abs(np.fft.rfft(media.audio[16000:32000]))
+    assert first[1000] < 0.01 * first[440]
+
+
+@pytest.mark.parametrize("name,rate,seconds,hz", [("stereo48k.wav", 48000, 2.0, 440),
+                                                   ("tone.flac", 44100, 1.5, 500),
+                                                   ("tone.mp3", 44100, 1.5, 500)])
+def test_separate_audio_files(media_dir, name, rate, seconds, hz):
+    audio = load_audio(str(media_dir / name))
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(audio.shape[0] - seconds * 16000) <= 0.03 * 16000           # mp3 adds a little
+    assert _peak_hz(audio) == pytest.approx(hz, abs=2)
+    media = load_media(audio=str(media_dir / name))
+    assert media.has_audio and not media.has_video and media.frames.shape[0] == 0
+
+
+def test_video_plus_separate_audio_uses_the_audio_file(media_dir):
+    media = load_media(str(media_dir / "fps1_200s.mp4"), str(media_dir / "tone.flac"))
+    assert media.has_video and media.has_audio and media.frames.shape[0] == 110
+    assert media.audio_seconds == pytest.approx(1.5, abs=0.01)
+
+
+def test_video_without_audio_track_silence_or_error(media_dir):
+    media = load_media(str(media_dir / "fps1_200s.mp4"), missing_audio="silence")
+    assert not media.has_audio and media.audio.shape == (200 * 16000,)
+    assert not media.audio.any()
+    with pytest.raises(MediaError) as err:
+        load_media(str(media_dir / "fps1_200s.mp4"), missing_audio="error")
+    assert err.value.reason == "no_audio" and "fps1_200s.mp4" in str(err.value)
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("truncated.mp4", "undecodable"),            # index (moov) lost with the tail
+    ("truncated_faststart.mp4", "truncated"),    # opens, frames stop half-way
+    ("zero.mp4", "empty"),
+    ("text.mp4", "undecodable"),
+    ("missing.mp4", "missing"),
+])
+def test_broken_files_raise_media_error_with_reason(media_dir, name, reason):
+    with pytest.raises(MediaError) as err:
+        load_media(str(media_dir / name))
+    assert err.value.reason == reason
+    assert name in str(err.value)
+
+
+def test_short_clip_audio_padded_to_one_second(media_dir):
+    media = load_media(str(media_dir / "short.mp4"))
+    assert media.frames.shape[0] == 1                    # 0.6 s -> one frame at t = 0
+    assert media.audio.shape == (16000,)
+    assert media.audio_seconds == pytest.approx(0.6, abs=0.01)
+    assert not media.audio[int(0.61 * 16000):].any()
