@@ -1,0 +1,89 @@
+"""JSONL schemas: valid kinds, errors naming file:line, media paths confined to the data root."""
+
+import json
+import os
+import re
+
+import pytest
+
+from vsalmonn_jax.data.records import RecordError, load_records, parse_jsonl, resolve_media
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+GOOD = [
+    {"video": "a.mp4", "conversations": [{"role": "user", "content": "<media>\nhi"},
+                                         {"role": "assistant", "content": "yo"}]},
+    {"video": "a.mp4", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                         {"from": "gpt", "value": "yo"}]},
+    {"video": "a.mp4", "prompt": "Describe.", "chosen": "c", "rejected": "r", "gt": "g"},
+    {"audio": "a.wav", "prompt": "Describe.", "gt": "g"},
+    {"video": "a.mp4", "events": [{"time": 1, "modality": "audio", "subject": "a low beep",
+                                   "action": "sounds", "text": "At 1 s, a low beep sounds."}]},
+    {"video": "a.mp4", "question": "Q?", "options": ["x", "y", "z"], "answer": 2},
+]
+
+
+def test_every_kind_validates(tmp_path):
+    records = load_records(_write(tmp_path / "ok.jsonl", GOOD))
+    assert [r["kind"] for r in records] == ["sft", "sft", "preference", "preference", "caption", "mcq"]
+    assert records[1]["conversations"][1] == {"role": "assistant", "content": "yo"}
+    assert records[0]["video"] == os.path.realpath(tmp_path / "a.mp4")
+    assert [r["index"] for r in records] == list(range(6)) and records[5]["line"] == 6
+    assert records[3]["chosen"] is None and records[3]["gt"] == "g"
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"video": "a.mp4", "conversations": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"video": "a.mp4", "prompt": "p", "chosen": "c"}, "come together"),
+    ({"prompt": "p", "gt": "g"}, "needs a 'video' or 'audio'"),
+    ({"video": "a.mp4", "events": [{"time": -1, "modality": "audio", "subject": "s",
+                                    "action": "a"}]}, r"events\[0\].time"),
+    ({"video": "a.mp4", "events": [{"time": 1, "modality": "smell", "subject": "s",
+                                    "action": "a"}]}, "modality"),
+    ({"video": "a.mp4", "question": "Q?", "options": ["x", "y"], "answer": 2}, "answer"),
+    ({"video": "a.mp4", "question": "Q?", "options": ["x"], "answer": 0}, "options"),
+    ({"video": "../outside.mp4", "events": []}, "escapes the data root"),
+    ({"video": "/etc/passwd", "events": []}, "escapes the data root"),
+    ([1, 2], "JSON object"),
+])
+def test_schema_errors_name_file_and_line(tmp_path, row, message):
+    path = _write(tmp_path / "bad.jsonl", [GOOD[0], row])
+    records, errors = parse_jsonl(path)
+    assert len(records) == 1 and len(errors) == 1
+    assert errors[0].startswith(f"{path}:2: ")
+    assert re.search(message, errors[0])
+    with pytest.raises(RecordError, match="bad.jsonl:2: "):
+        load_records(path)
+
+
+def test_malformed_json_stops_with_file_and_line(tmp_path):
+    path = _write(tmp_path / "broken.jsonl", [GOOD[0], "", '{"video": "a.mp4", ', GOOD[1]])
+    with pytest.raises(RecordError, match=r"broken.jsonl:3: malformed JSON"):
+        parse_jsonl(path)
+
+
+def test_symlink_escaping_root_is_refused(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret.mp4").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.mp4", root / "link.mp4")
+    with pytest.raises(ValueError, match="escapes"):
+        resolve_media("link.mp4", str(root))
+    inside = root / "sub"
+    inside.mkdir()
+    assert resolve_media("sub/../x.mp4", str(root)) == os.path.realpath(root / "x.mp4")
+    assert resolve_media(str(root / "x.mp4"), str(root)) == os.path.realpath(root / "x.mp4")
+
+
+def test_explicit_root_and_kind(tmp_path):
+    path = _write(tmp_path / "r.jsonl", [{"video": "clips/a.mp4", "events": []}])
+    records = load_records(path, kind="caption", root=str(tmp_path / "data"))
+    assert records[0]["video"] == os.path.realpath(tmp_path / "data" / "clips" / "a.mp4")
+    with pytest.raises(RecordError, match="r.jsonl:1: .*'question'"):
+        load_records(path, kind="mcq")

@@ -1,0 +1,143 @@
+"""Synthetic data set: determinism, exact ground truth vs biased SFT captions, media that shows the
+events (shapes at their cells and colours, sounds at their seconds), files on disk, tokenizer."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vsalmonn_jax.data import synthetic_scene as sc
+from vsalmonn_jax.data.event_grammar import event_key, parse_caption
+from vsalmonn_jax.data.media import load_media
+from vsalmonn_jax.data.synthetic_render import RGB, render_audio, render_frames
+
+
+def test_clip_is_a_pure_function_of_seed_and_index():
+    a, b = sc.make_scene(3, 17), sc.make_scene(3, 17)
+    assert a.events == b.events and a.sounds == b.sounds
+    np.testing.assert_array_equal(render_frames(a), render_frames(b))
+    np.testing.assert_array_equal(render_audio(a, 3), render_audio(b, 3))
+    assert sc.make_scene(3, 18).events != a.events or sc.make_scene(4, 17).events != a.events
+    assert sc.biased_caption(a, 3) == sc.biased_caption(b, 3)
+    assert sc.qa_items(a, 3) == sc.qa_items(b, 3)
+
+
+def test_reference_caption_parses_back_to_the_exact_events():
+    vocab = sc.vocabulary()
+    for i in range(200):
+        scene = sc.make_scene(0, i)
+        assert 4 <= scene.seconds <= 8 and scene.events
+        events, unparsed = parse_caption(sc.reference_caption(scene), vocab)
+        assert not unparsed
+        assert [event_key(e) for e in events] == [event_key(e) for e in scene.events]
+        assert all(e["text"] == f"At {e['time']} s, {e['subject']} {e['action']}." for e in scene.events)
+        assert all(0 <= e["time"] < scene.seconds for e in scene.events)
+
+
+def test_biased_captions_have_the_configured_habits():
+    cfg = sc.default_config()
+    true_sounds = kept_sounds = false_sounds = visual = repeats = 0
+    for i in range(400):
+        scene = sc.make_scene(0, i, cfg)
+        gt = {event_key(e) for e in scene.events}
+        written = sc.biased_events(scene, 0, cfg)
+        true_sounds += sum(e["modality"] == "audio" for e in scene.events)
+        kept_sounds += sum(e["modality"] == "audio" and event_key(e) in gt for e in set_of(written))
+        visual += sum(e["modality"] == "visual" for e in scene.events)
+        fake = [e for e in written if event_key(e) not in gt]
+        assert all(e["subject"] == "a low beep" and e["action"] == "sounds" for e in fake)
+        visual_times = {e["time"] for e in scene.events if e["modality"] == "visual"}
+        assert all(e["time"] in visual_times for e in fake)          # heard at visual events
+        false_sounds += len(fake)
+        repeats += len(written) != len(set_of(written))
+        assert [e for e in written if e["modality"] == "visual"] != [] or not visual_times
+    assert 0.2 < kept_sounds / true_sounds < 0.4                     # sound_drop 0.7
+    assert 0.2 < false_sounds / visual < 0.5                         # false low beeps
+    assert 0.2 < repeats / 400 < 0.4                                 # repeat_prob 0.3
+    cfg.bias.enabled = False
+    scene = sc.make_scene(0, 1, cfg)
+    assert sc.biased_events(scene, 0, cfg) == scene.events
+
+
+def set_of(events):
+    seen, out = set(), []
+    for e in events:
+        if event_key(e) not in seen:
+            seen.add(event_key(e))
+            out.append(e)
+    return out
+
+
+def test_qa_items_are_answerable_from_the_scene():
+    for i in range(50):
+        scene = sc.make_scene(1, i)
+        for item in sc.qa_items(scene, 1):
+            answer = item["options"][item["answer"]]
+            assert len(item["options"]) == len(set(item["options"])) >= 2
+            if item["question"].startswith("What sound"):
+                t = int(item["question"].split()[-2])
+                assert (t, answer) in scene.sounds
+            elif item["question"].startswith("How many"):
+                assert answer == str(len(scene.sounds))
+
+
+def test_frames_show_shapes_at_their_cells_and_colours():
+    scene = sc.make_scene(5, 3)
+    frames = render_frames(scene, 64, 3)
+    for track in scene.tracks:
+        for t in range(scene.seconds):
+            cx, cy = ((track.cell[t] + 0.5) * 64 / 3).astype(int)
+            pixel = tuple(int(v) for v in frames[t, cy, cx])
+            if track.visible[t]:
+                assert pixel == RGB[track.colour[t]]
+
+
+def test_sounds_are_loud_only_at_their_seconds():
+    scene = next(s for s in (sc.make_scene(2, i) for i in range(50)) if s.sounds)
+    audio = render_audio(scene, 2)
+    rms = [np.sqrt((audio[t * 16000:(t + 1) * 16000] ** 2).mean()) for t in range(scene.seconds)]
+    loud = {t for t, _ in scene.sounds}
+    for t, value in enumerate(rms):
+        assert (value > 0.05) == (t in loud)
+
+
+def test_dataset_on_disk(synth_dir):
+    meta = json.loads((synth_dir / "meta.json").read_text())
+    assert meta["splits"] == {"train": 12, "val": 2, "test": 2} and meta["seed"] == 7
+    assert meta["vocabulary"]["sounds"] == {"modality": "audio"}
+    assert meta["vocabulary"]["moves left"] == {"modality": "visual"}
+    rows = [json.loads(line) for line in (synth_dir / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    first = rows[0]
+    scene = sc.make_scene(7, first["clip"])
+    assert first["events"] == scene.events and first["caption"] == sc.reference_caption(scene)
+    media = load_media(str(synth_dir / first["video"]))
+    assert media.frames.shape == (scene.seconds, 64, 64, 3) and media.has_audio
+    np.testing.assert_allclose(media.frame_times, np.arange(scene.seconds))
+    assert media.audio_seconds == pytest.approx(scene.seconds, abs=0.01)
+    # decoded (H.264) frames keep each shape's colour at its cell
+    ref = render_frames(scene)
+    assert np.abs(media.frames.astype(int) - ref.astype(int)).mean() < 4
+    sft = [json.loads(line) for line in (synth_dir / "sft_train.jsonl").read_text().splitlines()]
+    clean = [json.loads(line) for line in (synth_dir / "sft_train_clean.jsonl").read_text().splitlines()]
+    assert len(sft) == len(clean) > 12
+    assert sft[0]["conversations"][0]["content"].startswith("<media>\n")
+    assert clean[0]["conversations"][1]["content"] == first["caption"]
+    assert sft[0]["conversations"][1]["content"] == sc.biased_caption(scene, 7)
+    qa = [json.loads(line) for line in (synth_dir / "qa_test.jsonl").read_text().splitlines()]
+    assert qa and all(0 <= q["answer"] < len(q["options"]) for q in qa)
+    val = [json.loads(line) for line in (synth_dir / "val.jsonl").read_text().splitlines()]
+    assert {r["clip"] for r in val}.isdisjoint({r["clip"] for r in rows})
+
+
+def test_tokenizer_loads_offline_and_covers_the_grammar(synth_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(synth_dir / "tokenizer"), local_files_only=True)
+    assert len(tok) <= 512
+    sentence = "At 7 s, the yellow triangle turns blue."
+    ids = tok.encode(sentence, add_special_tokens=False)
+    assert tok.decode(ids) == sentence and len(ids) <= 12
+    chat = tok.apply_chat_template([{"role": "user", "content": "<media>\nhi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat == "<|im_start|>user\n<media>\nhi<|im_end|>\n<|im_start|>assistant\n"
