@@ -216,3 +216,20 @@ def qformer_entries(num_layers: int, cross_every: int, style: str) -> list[Entry
 def qformer_params(source: Source, cfg, style: str = "hf") -> dict:
     """QFormer (`adapter`) tree from a Blip2QFormerModel ("hf") or a LAVIS BERT Q-Former ("lavis")."""
     return load_tree(source, qformer_entries(cfg.num_layers, cfg.cross_attention_freq, style))
+
+
+# ------------------------------------------- LLaVA-OneVision vision connector (projector, newline) ----
+
+def vision_connector_params(source: Source) -> dict:
+    """VisionConnector (`adapter`) tree: projector from `multi_modal_projector.linear_{1,2}`
+    (transformers) or `mm_projector.{0,2}` (LLaVA-NeXT / video-SALMONN 2), plus `image_newline`."""
+    keys = source.keys()
+    if any(k.endswith("multi_modal_projector.linear_1.weight") for k in keys):
+        base = source.find_prefix("multi_modal_projector.linear_1.weight") + "multi_modal_projector."
+        first, second = base + "linear_1", base + "linear_2"
+    else:
+        base = source.find_prefix("mm_projector.0.weight") + "mm_projector."
+        first, second = base + "0", base + "2"
+    newline = source.find_prefix("image_newline") + "image_newline"
+    return load_tree(source, _lin("projector/linear_1", first) + _lin("projector/linear_2", second)
+                     + [("image_newline", newline, same)])
