@@ -40,6 +40,9 @@ def test_collapse_sentence_repeats_across_spaces():
     loop = "The dog barks."
     assert collapse_repeats(head + " ".join([loop] * 5)) == head + loop
     assert collapse_repeats(head + " ".join([loop] * 4)) == head + " ".join([loop] * 4)
+    # eight copies of a 31-char sentence: the unit is the sentence, not two sentences (63 chars)
+    sentence = "At 1 s, the red circle appears."
+    assert collapse_repeats(" ".join([sentence] * 8)) == sentence
 
 
 def test_seq_rep_and_duplicates():

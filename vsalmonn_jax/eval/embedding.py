@@ -134,33 +134,35 @@ def assign(inp: MatchInput, match_threshold: float, number_rule: str) -> list[tu
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if eligible[r, c]]
 
 
-def decide(inp: MatchInput, options: EmbeddingOptions,
-           pairs: list[tuple[int, int]] | None = None) -> VideoScore:
-    """Labels for one video from its similarities (pass `pairs` to reuse an assignment)."""
-    if pairs is None:
-        pairs = assign(inp, options.match_threshold, options.number_rule)
+def label_events(inp: MatchInput, options: EmbeddingOptions,
+                 pairs: list[tuple[int, int]]) -> tuple[list[str], set[int], int]:
+    """(label per event, matched unit indices, events covered) for an assignment."""
     labels = ["missed"] * len(inp.events)
-    incorrect, matches = [], []
-    matched_units = set()
     for u, e in pairs:
-        sim = float(inp.similarity[u, e])
         clash = ((options.number_rule == "incorrect" and inp.number_clash[u, e])
                  or (options.negation_rule and inp.negation_clash[u, e]))
-        label = "correct" if sim >= options.correct_threshold and not clash else "incorrect"
-        labels[e] = label
-        matched_units.add(u)
-        matches.append({"unit": inp.units[u], "event": inp.events[e], "cosine": round(sim, 4),
-                        "label": label})
-        if label == "incorrect":
-            incorrect.append({"event": inp.events[e], "caption": inp.units[u]})
+        labels[e] = ("correct" if inp.similarity[u, e] >= options.correct_threshold and not clash
+                     else "incorrect")
     covered = 0
-    if 0 < options.cover_threshold <= 1 and inp.units:
+    if 0 < options.cover_threshold <= 1 and inp.units and len(pairs) < len(inp.events):
         blocked = inp.number_clash if options.number_rule != "ignore" else np.zeros_like(inp.number_clash)
         best = np.where(blocked, -1.0, inp.similarity).max(axis=0)  # [events]
         for e, label in enumerate(labels):
             if label == "missed" and best[e] >= options.cover_threshold:
                 labels[e] = "correct"
                 covered += 1
+    return labels, {u for u, _ in pairs}, covered
+
+
+def decide(inp: MatchInput, options: EmbeddingOptions,
+           pairs: list[tuple[int, int]] | None = None) -> VideoScore:
+    """Labels for one video from its similarities (pass `pairs` to reuse an assignment)."""
+    if pairs is None:
+        pairs = assign(inp, options.match_threshold, options.number_rule)
+    labels, matched_units, covered = label_events(inp, options, pairs)
+    matches = [{"unit": inp.units[u], "event": inp.events[e], "cosine": round(float(inp.similarity[u, e]), 4),
+                "label": labels[e]} for u, e in pairs]
+    incorrect = [{"event": m["event"], "caption": m["unit"]} for m in matches if m["label"] == "incorrect"]
     missed = [inp.events[e] for e, label in enumerate(labels) if label == "missed"]
     hallucinated = [u for i, u in enumerate(inp.units) if i not in matched_units]
     return VideoScore(num_events=len(inp.events), missed=len(missed), incorrect=len(incorrect),

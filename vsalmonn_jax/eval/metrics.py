@@ -18,9 +18,11 @@ from vsalmonn_jax.eval.text import normalize, split_sentences, words
 
 # Runaway-repeat rule: a substring of 1-49 chars repeated >= 5 times in a row, or of 50-99 chars
 # repeated >= 4 times, is kept once. Copies may be separated by whitespace ("X. X. X.").
+# The short rule runs first so that a unit is its shortest period ("X X X X X X X X" is X eight
+# times, not "X X" four times).
 _REPEAT_RULES = (
-    re.compile(r"(\S.{49,98}?)(?:\s*\1){3,}", re.DOTALL),
     re.compile(r"(\S.{0,48}?)(?:\s*\1){4,}", re.DOTALL),
+    re.compile(r"(\S.{49,98}?)(?:\s*\1){3,}", re.DOTALL),
 )
 LABELS = ("correct", "missed", "incorrect")
 
