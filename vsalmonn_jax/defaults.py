@@ -75,7 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
         prompt="Please describe the video in detail."))
     c.eval = ml_collections.ConfigDict(dict(
         judge="embedding", passes=7, llm_base_url="", llm_model="gpt-3.5-turbo-0125",
-        llm_concurrency=4, cache_dir=""))
+        llm_concurrency=4, cache_dir="",
+        # llm judge (eval/llm_judge.py); the API key is read from these env variables, never config
+        llm_api_key_env="VSALMONN_JUDGE_API_KEY,OPENAI_API_KEY", llm_temperature=0.0, llm_top_p=0.1,
+        llm_max_retries=8, llm_fallback_retries=2, llm_backoff_s=1.0, llm_timeout_s=120.0,
+        llm_json_mode=True,
+        # embedding judge (eval/embedding.py); fit with `vsalmonn-jax eval calibrate`
+        embedding_model="", embedding_match_threshold=0.55, embedding_correct_threshold=0.8,
+        embedding_cover_threshold=0.85, embedding_number_rule="unmatched", embedding_negation_rule=True,
+        embedding_clauses=True))
 
     # ---- parallelism: mesh (data, fsdp, tensor); -1 = all remaining devices ----
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
