@@ -85,3 +85,47 @@ def test_options_come_from_the_eval_config():
     assert judge.options.match_threshold == 0.4 and judge.options.number_rule == "ignore"
     with pytest.raises(TypeError, match="unknown options"):
         EmbeddingJudge.from_config(None, threshold=0.3)
+
+
+def test_calibrate_against_exact_labels_then_use_thresholds(tmp_path, judge, capsys):
+    import json
+
+    from vsalmonn_jax import cli
+    from vsalmonn_jax.eval.inject import ErrorRates, inject_errors, long_scene_events
+    from vsalmonn_jax.eval.records import write_jsonl
+
+    rng = np.random.default_rng(1)
+    events = [long_scene_events(9, i, 12) for i in range(10)]
+    rates = ErrorRates(drop=0.2, swap=0.3, invent=0.2, repeat=0.05, free=0.5)
+    write_jsonl(tmp_path / "gt.jsonl", [{"id": f"v{i}", "events": e} for i, e in enumerate(events)])
+    write_jsonl(tmp_path / "cap.jsonl", [{"id": f"v{i}", "caption": inject_errors(e, rng, rates)}
+                                         for i, e in enumerate(events)])
+    common = ["--captions", str(tmp_path / "cap.jsonl"), "--gt", str(tmp_path / "gt.jsonl")]
+    assert cli.main(["eval", *common, "--judge", "exact", "--out", str(tmp_path / "exact")]) == 0
+    assert cli.main(["eval", "calibrate", *common, "--labels", str(tmp_path / "exact" / "per_video.jsonl"),
+                     "--out", str(tmp_path / "cal.json")]) == 0
+    cal = json.loads((tmp_path / "cal.json").read_text())
+    assert cal["videos"] == 10 and cal["events"] == 120 and cal["grid_points"] > 100
+    assert cal["agreement"]["objective"] >= cal["current_agreement"]["objective"]
+    assert cal["agreement"]["event_agreement"] >= 0.9 and cal["agreement"]["hallucination_agreement"] >= 0.9
+    # the default threshold calls most subject swaps "correct"; the fit must separate them
+    assert cal["fitted"]["correct_threshold"] > 0.8
+    assert "agreement: events" in capsys.readouterr().out
+    assert cli.main(["eval", *common, "--judge", "embedding", "--thresholds", str(tmp_path / "cal.json"),
+                     "--out", str(tmp_path / "emb")]) == 0
+    report = json.loads((tmp_path / "emb" / "report.json").read_text())
+    assert report["judge"]["correct_threshold"] == cal["fitted"]["correct_threshold"]
+
+
+def test_count_only_labels_agreement_by_hand():
+    from vsalmonn_jax.eval.calibrate import summarize, video_agreement
+
+    # predicted: 2 correct, 1 missed, 1 incorrect; reference counts: 1 missed, 2 incorrect
+    row = video_agreement(["correct", "correct", "missed", "incorrect"], 3,
+                          {"missed": 1, "incorrect": 2, "hallucinated": 1, "event_labels": None})
+    assert row == (3, 4, 1, 3)  # histogram overlap min(2,1) + min(1,1) + min(1,2) = 3
+    both = summarize([row, video_agreement(["missed"], 0, {"missed": 1, "incorrect": 0,
+                                                           "hallucinated": 0,
+                                                           "event_labels": ["missed"]})])
+    assert both == {"event_agreement": 4 / 5, "hallucination_agreement": 1 / 3,
+                    "objective": (4 / 5 + 1 / 3) / 2}
