@@ -1,0 +1,115 @@
+"""One process of the multi-host test: tiny Qwen2 + LoRA, a few SFT then DPO steps on a fixed mesh.
+
+Started by test_multiprocess.py as 2 processes x 4 fake CPU devices (explicit JAX_* env) or as one
+process x 8 devices; both write losses, trainables, a checkpoint and a merged export to compare.
+usage: mp_worker.py OUT_DIR [--restore-from DIR] [--export-from DIR]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+
+from vsalmonn_jax import distributed  # noqa: E402
+
+SPEC = distributed.initialize()  # before any other jax use
+
+import flax.linen as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vsalmonn_jax.config import load_config  # noqa: E402
+from vsalmonn_jax.lora import merge  # noqa: E402
+from vsalmonn_jax.models.qwen2 import load_hf, save_hf  # noqa: E402
+from vsalmonn_jax.training import state as state_lib  # noqa: E402
+from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
+from vsalmonn_jax.training import synthetic  # noqa: E402
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh  # noqa: E402
+from vsalmonn_jax.training.task import build_task  # noqa: E402
+
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+GLOBAL_BATCH = 8
+SFT_STEPS = 3
+DPO_STEPS = 2
+
+
+def local_rows(batch: dict, mesh) -> dict:
+    """This process's rows of a global numpy batch (what its data loader would have produced)."""
+    start, stop = distributed.process_batch_rows(GLOBAL_BATCH, mesh)
+    return {k: v[start:stop] for k, v in batch.items() if k != "example_id"}
+
+
+def run(out: pathlib.Path, restore_from: str | None, export_from: str | None) -> None:
+    jax.config.update("jax_default_matmul_precision", "highest")
+    config = load_config("tiny", ["train.lr=0.01", "train.warmup_ratio=0.0", "train.num_steps=10"])
+    mesh = make_mesh(MESH)
+    task = build_task(config, text_only=True)
+    tx, schedule = state_lib.make_optimizer(config.train, 10)
+    state, shardings = state_lib.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(0))
+    sft = steps_lib.make_steps(task, config, tx, schedule, mesh, shardings, objective="sft")
+    dpo = steps_lib.make_steps(task, config, tx, schedule, mesh, shardings, objective="dpo")
+    vocab = int(config.model.llm.vocab_size)
+    losses = []
+    for i in range(SFT_STEPS):
+        batch = synthetic.sft_examples(GLOBAL_BATCH, vocab, length=16, seed=i)
+        state, metrics = sft.train(state, distributed.global_batch(local_rows(batch, mesh), mesh))
+        losses.append(float(metrics["loss"]))
+    for i in range(DPO_STEPS):
+        batch = synthetic.dpo_examples(GLOBAL_BATCH, vocab, length=16, seed=100 + i)
+        state, metrics = dpo.train(state, distributed.global_batch(local_rows(batch, mesh), mesh))
+        losses.append(float(metrics["loss"]))
+
+    # checkpoint: every process writes its shards
+    manager = distributed.checkpoint_manager(out / "ckpt")
+    distributed.save_checkpoint(manager, int(state.step), state)
+
+    # merged export: W + scale * A @ B, gathered, written once; holds every base weight
+    scale = task.lora_config.scale
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        merged = jax.jit(lambda p, lora: merge(p, lora, scale),
+                         out_shardings=shardings.params)(state.params, state.trainable["lora"])
+    llm_config = task.llm_config
+    distributed.export_on_primary(lambda p: save_hf(p, llm_config, out / "export"), merged)
+
+    results = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count())}
+    flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
+        {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged}))[0]
+    for path, leaf in flat:
+        results[jax.tree_util.keystr(path)] = leaf
+
+    if restore_from:  # a checkpoint written by another topology, restored here
+        other = distributed.checkpoint_manager(restore_from)
+        target = distributed.abstract_target(state, shardings)
+        restored = distributed.restore_checkpoint(other, target)
+        flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
+            {"trainable": restored.trainable, "opt_state": restored.opt_state,
+             "params": restored.params, "step": restored.step}))[0]
+        for path, leaf in flat:
+            results["restored" + jax.tree_util.keystr(path)] = leaf
+    if export_from:
+        params, _ = load_hf(export_from)
+        flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, params))[0]
+        for path, leaf in flat:
+            results["loaded" + jax.tree_util.keystr(path)] = leaf
+    if distributed.is_primary():
+        np.savez(out / "results.npz", **results)
+    distributed.barrier("mp_worker_done")
+
+
+def main(argv: list[str]) -> int:
+    out = pathlib.Path(argv[0])
+    restore_from = argv[argv.index("--restore-from") + 1] if "--restore-from" in argv else None
+    export_from = argv[argv.index("--export-from") + 1] if "--export-from" in argv else None
+    out.mkdir(parents=True, exist_ok=True)
+    run(out, restore_from, export_from)
+    print(f"worker {jax.process_index()}/{jax.process_count()} ({SPEC.kind}) done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
