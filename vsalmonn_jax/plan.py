@@ -69,12 +69,23 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _ways(sharding: NamedSharding, ndim: int) -> list[int]:
+    """How many pieces each array dimension is cut into by the sharding's mesh axes."""
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    out = []
+    for axes in spec:
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        out.append(int(np.prod([sharding.mesh.shape[a] for a in axes])))
+    return out
+
+
 def shard_bytes(abstract: Any, shardings: Any) -> int:
-    """Bytes one device holds for a tree of ShapeDtypeStructs under a tree of NamedShardings."""
+    """Bytes one device holds for a tree of ShapeDtypeStructs under a tree of NamedShardings
+    (an indivisible dimension counts as padded up, which is what it would cost)."""
     total = 0
     for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(
             shardings, is_leaf=lambda s: isinstance(s, NamedSharding)), strict=True):
-        shape = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+        shape = [-(-d // w) for d, w in zip(leaf.shape, _ways(sharding, len(leaf.shape)), strict=True)]
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
     return total
 
@@ -84,20 +95,18 @@ def total_bytes(abstract: Any) -> int:
                    for x in jax.tree.leaves(abstract)))
 
 
-def indivisible(abstract: Any, shardings: Any, mesh: Mesh) -> list[str]:
+def indivisible(abstract: Any, shardings: Any) -> list[str]:
     """Every array dimension that its mesh axes do not divide: 'params/.../kernel dim 1 (152064) ...'."""
     issues = []
     flat_a = jax.tree_util.tree_flatten_with_path(abstract)[0]
     flat_s = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
     for (path, leaf), sharding in zip(flat_a, flat_s, strict=True):
-        for dim, axes in enumerate(tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))):
-            if axes is None:
-                continue
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
-            ways = int(np.prod([mesh.shape[a] for a in axes]))
-            if leaf.shape[dim] % ways:
+        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+        for dim, (axes, ways) in enumerate(zip(spec, _ways(sharding, len(leaf.shape)), strict=True)):
+            if ways > 1 and leaf.shape[dim] % ways:
+                names = "x".join((axes,) if isinstance(axes, str) else axes)
                 issues.append(f"{_path(path)} dim {dim} ({leaf.shape[dim]}) is not divisible by "
-                              f"{'x'.join(axes)} = {ways}")
+                              f"{names} = {ways}")
     return issues
 
 
@@ -255,7 +264,7 @@ def _state_breakdown(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     whole = {k: total_bytes(a) / GB for k, (a, _) in parts.items()}
     counts = {k: int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(a)))
               for k, (a, _) in parts.items() if k != "opt_state"}
-    issues = indivisible(abstract, shardings, mesh)
+    issues = indivisible(abstract, shardings)
     return per_device, whole, counts, issues
 
 
@@ -300,7 +309,8 @@ def suggest(plan: Plan, target_global_batch: int | None = None) -> list[str]:
 def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60.0,
               text_tokens: int = 512, global_batch: int | None = None,
               remat_policies: Sequence[str] = REMAT_ORDER, objectives: Sequence[str] = ("sft", "dpo"),
-              reference: bool = True, budget_gb: float = 95.0, target_global_batch: int | None = None,
+              reference: bool = True, precomputed_reference: bool = False,
+              budget_gb: float = 95.0, target_global_batch: int | None = None,
               devices: Sequence[jax.Device] | None = None) -> Plan:
     """Build the mesh on the (fake) devices, size the state, compile each step, check and suggest."""
     mesh = make_mesh(mesh_spec, devices)
@@ -322,11 +332,12 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
                 cfg = _with_remat(config, remat)
                 cfg.stage = objective
                 compiled.append(compile_step(cfg, mesh, objective, global_batch, tokens.total))
-        if "dpo" in objectives and reference:
-            cfg = _with_remat(config, remat_policies[-1])
-            cfg.stage = "dpo"
+        cfg = _with_remat(config, remat_policies[-1])
+        cfg.stage = "dpo"
+        if "dpo" in objectives and precomputed_reference:
             compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens.total,
                                          precomputed_reference=True))
+        if "dpo" in objectives and reference:
             compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens.total,
                                          what="reference"))
     plan = Plan(sizes, tokens, global_batch, global_batch / shards, budget_gb, state_gb,

@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                    "DPO uses the last")
     p.add_argument("--objectives", default="sft,dpo")
     p.add_argument("--no-reference", action="store_true",
-                   help="skip the DPO reference-path compiles")
+                   help="skip the compile of the DPO reference forward alone")
+    p.add_argument("--precomputed-ref", action="store_true",
+                   help="also compile the DPO step with reference log-probs given in the batch")
     p.add_argument("--device", default="v5p", help="memory budget preset: " + ", ".join(
         ["v4", "v5e", "v5p", "v6e", "a100-40", "a100-80", "h100", "h200"]))
     p.add_argument("--device-memory-gb", type=float, default=0.0, help="overrides --device")
@@ -126,7 +128,8 @@ def main(argv: list[str]) -> int:
     plan = plan_lib.make_plan(
         config, mesh, video_seconds=args.video_seconds, text_tokens=args.text_tokens,
         global_batch=args.global_batch or None, remat_policies=remat, objectives=objectives,
-        reference=not args.no_reference, budget_gb=budget,
+        reference=not args.no_reference, precomputed_reference=args.precomputed_ref,
+        budget_gb=budget,
         target_global_batch=args.target_global_batch or None)
     print(plan_lib.format_plan(plan), flush=True)
     if args.json:

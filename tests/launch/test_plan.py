@@ -1,0 +1,110 @@
+"""`vsalmonn-jax plan`: token budget, divisibility traps, a tiny plan in-process, and the 7B plan on
+a 64-device fake mesh (subprocess) that compiles without allocating weights and fits a v5p."""
+
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from vsalmonn_jax import plan as plan_lib
+from vsalmonn_jax.commands.plan import parse_mesh
+from vsalmonn_jax.config import load_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent.parent
+
+
+def test_video_tokens_match_the_paper():
+    config = load_config("7b")
+    t = plan_lib.video_tokens(config, 60, 512)
+    assert (t.frames, t.visual, t.audio, t.text, t.total) == (60, 10920, 120, 512, 11552)
+    long = plan_lib.video_tokens(config, 300, 0)  # capped at 110 frames: ~20k visual tokens
+    assert (long.frames, long.visual) == (110, 20020)
+    config.model.connector.interleave = "official"  # whole 30-s chunks, padding included
+    assert plan_lib.video_tokens(config, 45, 0).audio == 120
+    config.model.connector.pool_mode = "bilinear"  # ceil(27/2) = 14 -> 14 x 15
+    assert plan_lib.video_tokens(config, 1, 0).visual == 210
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,fsdp=16,tensor=2") == {"data": 2, "fsdp": 16, "tensor": 2}
+    assert parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
+    with pytest.raises(ValueError, match="expected data=N, fsdp=N or tensor=N"):
+        parse_mesh("model=4")
+    with pytest.raises(ValueError, match="'x' is not an integer"):
+        parse_mesh("data=x")
+
+
+def test_mesh_issues_flag_batch_and_heads():
+    config = load_config("7b")
+    issues = plan_lib.mesh_issues(config, {"data": 2, "fsdp": 16, "tensor": 8}, global_batch=24)
+    assert issues[0] == ("global batch 24 is not divisible by data x fsdp = 32 (use a multiple of "
+                         "32, e.g. 32)")
+    assert any("num_heads = 28 is not divisible by tensor = 8" in i for i in issues)
+    assert any("num_kv_heads = 4 is not divisible by tensor = 8" in i for i in issues)
+    assert plan_lib.mesh_issues(config, {"data": 1, "fsdp": 16, "tensor": 4}, 16) == []
+
+
+def test_indivisible_weights_stop_the_plan_before_compiling():
+    config = load_config("tiny", ["model.llm.vocab_size=511"])
+    plan = plan_lib.make_plan(config, {"data": 2, "fsdp": 2, "tensor": 2}, video_seconds=2,
+                              text_tokens=16, remat_policies=("full",), objectives=("sft",),
+                              budget_gb=16)
+    assert "params/embed_tokens/embedding dim 0 (511) is not divisible by tensor = 2" in plan.issues
+    assert any(i.startswith("params/lm_head/kernel dim 1 (511)") for i in plan.issues)
+    assert plan.steps == [] and "nothing was compiled" in plan.suggestions[0]
+    assert "ISSUES:" in plan_lib.format_plan(plan)
+
+
+def test_tiny_plan_in_process():
+    config = load_config("tiny")
+    plan = plan_lib.make_plan(config, {"data": 2, "fsdp": 2, "tensor": 2}, video_seconds=2,
+                              text_tokens=32, remat_policies=("full",), objectives=("sft",),
+                              reference=False, budget_gb=16)
+    assert plan.issues == []
+    assert plan.tokens.total == 2 * 6 + 4 + 32  # tiny: 56/14 = 4 -> 2 x 3 per frame, 2 audio/s
+    assert plan.counts["lora"] == 2 * (64 * 8 + 8 * 64 + 2 * (64 * 8 + 8 * 32))
+    # fp32 tiny base: per-device bytes are the shard sizes, below the whole and above whole / 8
+    whole, per_dev = plan.state_total_gb["params"], plan.state_gb["params"]
+    assert whole / 8 <= per_dev < whole
+    (step,) = plan.steps
+    assert step.name == "sft" and step.remat == "full" and step.temp > 0
+    assert step.argument >= per_dev * plan_lib.GB  # the state is an argument of the step
+    assert plan.fits("sft") and "remat_policy=full" in plan.suggestions[0]
+    js = plan.to_json()
+    assert js["tokens"]["total"] == plan.tokens.total and js["steps"][0]["peak"] == step.peak
+
+
+@pytest.mark.slow
+def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
+    """7B + LoRA SFT and DPO (with the reference path) for a 60-s video on data=1,fsdp=16,tensor=4."""
+    out = tmp_path / "plan.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VSALMONN_PLAN_DEVICES")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run(
+        [sys.executable, "-m", "vsalmonn_jax.cli", "plan", "--config", "configs/7b.py",
+         "--mesh", "data=1,fsdp=16,tensor=4", "--remat", "full", "--device", "v5p",
+         "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    assert plan["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4}
+    assert plan["tokens"]["total"] == 11552 and plan["global_batch"] == 16
+    assert 7.5e9 < plan["counts"]["params"] < 7.7e9                 # Qwen2-7B
+    assert plan["counts"]["lora"] == 28 * (2 * 3584 * 128 + 2 * (3584 * 128 + 128 * 512))
+    assert abs(plan["state_total_gb"]["params"] - 2 * plan["counts"]["params"] / 1e9) < 1e-6
+    assert plan["state_gb"]["params"] < plan["state_total_gb"]["params"] / 60  # sharded 64 ways
+    assert plan["state_gb"]["opt_state"] == pytest.approx(2 * 4 * plan["counts"]["lora"] / 64 / 1e9,
+                                                          rel=0.05)
+    names = [s["name"] for s in plan["steps"]]
+    assert names == ["sft", "dpo", "reference"]
+    for step in plan["steps"]:
+        assert 0 < step["peak"] <= 95e9, step
+    by = {s["name"]: s for s in plan["steps"]}
+    assert by["dpo"]["temp"] > by["sft"]["temp"]  # 3 policy sequences + the reference forward
+    assert "fits" in proc.stdout and "NO" not in proc.stdout
+    assert peak_rss_gb < 4.0, f"the plan allocated {peak_rss_gb:.1f} GB: weights materialised?"
+    assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
