@@ -83,6 +83,11 @@ def test_options_come_from_the_eval_config():
     judge = EmbeddingJudge.from_config({"eval": {"embedding_match_threshold": 0.4,
                                                  "embedding_number_rule": "ignore"}})
     assert judge.options.match_threshold == 0.4 and judge.options.number_rule == "ignore"
+    from vsalmonn_jax.config import load_config
+
+    config = load_config("tiny", ["--config.eval.embedding_cover_threshold=0.0"])
+    assert EmbeddingJudge.from_config(config).options.cover_threshold == 0.0
+    assert EmbeddingJudge.from_config(config.eval).options.cover_threshold == 0.0
     with pytest.raises(TypeError, match="unknown options"):
         EmbeddingJudge.from_config(None, threshold=0.3)
 

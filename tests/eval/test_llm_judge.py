@@ -143,3 +143,31 @@ def test_parsers_reject_bad_replies():
         "missed": 2, "incorrect": 0, "hallucinated": 2}
     messages = llm_judge.build_messages("A dog barks.", EVENTS)
     assert "2. A dog barks twice." in messages[1]["content"] and "JSON" in messages[0]["content"]
+
+
+def test_cli_with_llm_judge_reports_failures_and_reuses_its_cache(judge_env, tmp_path, capsys):
+    from vsalmonn_jax import cli
+    from vsalmonn_jax.eval.records import write_jsonl
+
+    write_jsonl(tmp_path / "gt.jsonl", [{"id": c, "events": EVENTS} for c in ("good", "down")])
+    write_jsonl(tmp_path / "cap.jsonl", [{"id": c, "caption": f"CASE {c}. A door opens."}
+                                         for c in ("good", "down")])
+    with FakeOpenAI(scripted) as server:
+        argv = ["eval", "--captions", str(tmp_path / "cap.jsonl"), "--gt", str(tmp_path / "gt.jsonl"),
+                "--judge", "llm", "--out", str(tmp_path / "out"),
+                f"--config.eval.llm_base_url={server.base_url}", "--config.eval.passes=1",
+                "--config.eval.llm_max_retries=1", "--config.eval.llm_fallback_retries=0",
+                "--config.eval.llm_backoff_s=0"]
+        assert cli.main(argv) == 0
+        assert server.per_case == {"good": 1, "down": 3}
+        assert "1 FAILED (listed in the report)" in capsys.readouterr().out
+        assert cli.main(argv) == 0
+        assert server.per_case == {"good": 1, "down": 6}  # the good reply came from the cache
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    agg = report["groups"][0]["aggregate"]
+    assert agg["failed_ids"] == ["down"] and agg["micro"]["miss"] == 0.25
+    assert report["judge"]["stats"]["cache_hits"] == 1 and report["judge"]["passes"] == 1
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "could not score" in md and "`down`" in md
+    assert not any(SECRET in p.read_text(errors="ignore")
+                   for p in (tmp_path / "out").rglob("*") if p.is_file())

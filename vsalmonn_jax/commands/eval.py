@@ -87,6 +87,8 @@ def run_eval(args, config) -> int:
     from vsalmonn_jax.eval.run import evaluate
 
     judge_name = args.judge or config.eval.judge
+    if judge_name == "llm" and not config.eval.cache_dir:  # a rerun into the same --out costs nothing
+        config.eval.cache_dir = str(pathlib.Path(args.out) / "llm_cache")
     gt = load_gt(args.gt)
     records = _read_captions(args.captions)
     judge = _make_judge(judge_name, config, gt, args.thresholds)
@@ -100,8 +102,9 @@ def run_eval(args, config) -> int:
         agg, micro = group["aggregate"], group["aggregate"]["micro"] or {}
         rates = " ".join(f"{k}={100 * micro[k]:.1f}%" for k in ("miss", "incorrect", "hallucination", "total")
                          if k in micro)
-        print(f"{group['label']}: {agg['scored']}/{agg['videos']} videos scored, {agg['events']} events, "
-              f"{rates}" + (f"; {agg['failed']} FAILED (listed in the report)" if agg["failed"] else ""))
+        print(f"{group['label']}: {agg['scored']}/{agg['videos']} videos scored, {agg['events']} events"
+              + (f", {rates}" if rates else "")
+              + (f"; {agg['failed']} FAILED (listed in the report)" if agg["failed"] else ""))
     print(f"report: {paths['report.md']}")
     return 0
 

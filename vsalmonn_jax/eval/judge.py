@@ -56,7 +56,7 @@ def eval_section(config) -> Mapping:
     """Accept a full config (with `.eval`), an eval section, a dict or None."""
     if config is None:
         return {}
-    if "eval" in config and isinstance(config["eval"], Mapping):
+    if "eval" in config and hasattr(config["eval"], "keys"):  # dict or ml_collections.ConfigDict
         return config["eval"]
     return config
 
