@@ -67,11 +67,52 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                     implementation: str | None = None) -> jax.Array:
-    """Multi-head attention with GQA. q [B,T,N,D], k/v [B,S,K,D] (N % K == 0), mask [B,1|N,T,S] bool.
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention core. q [B,K,G,T,D] (already scaled), k/v [B,K,S,D], mask broadcastable
+    to [B,K,G,T,S] -> [B,K,G,T,D]. Softmax statistics in fp32; normalised after the PV product, which
+    touches [T,D] instead of [T,S] (measured ~2x faster on CPU than normalising the probabilities)."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    total = jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(q.dtype)
 
-    `implementation`: "xla" (any device) or "cudnn" (GPU fused attention). Softmax runs in fp32.
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
+                     block: int = 256, max_blocks: int = 16) -> jax.Array:
+    """Causal self-attention over one sequence (no cache), query block by query block.
+
+    q [B,T,N,D], k/v [B,T,K,D] (GQA: N % K == 0), key_mask [B,T] bool -> [B,T,N,D]. Query block i
+    only attends to keys [0, end of block i), so about half of the score matrix is never computed.
+    At most `max_blocks` blocks are unrolled (the block grows for long sequences).
     """
-    impl = None if implementation in (None, "xla") else implementation
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    block = max(block, -(-length // max_blocks))
+    qg = (q * dim**-0.5).reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,D]
+    outs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        causal = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # [t, s]
+        mask = causal[None, None, None] & key_mask[:, None, None, None, :end]
+        outs.append(_attend(qg[:, :, :, start:end], kt[:, :, :end], vt[:, :, :end], mask))
+    out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention under an arbitrary mask (KV-cache prefill/decode). q [B,T,N,D], k/v [B,S,K,D],
+    mask [B,1,T,S] bool -> [B,T,N,D]."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    qg = (q * dim**-0.5).reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
+    out = _attend(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, :, None])
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    implementation: str | None) -> jax.Array:
+    """`jax.nn.dot_product_attention` ("cudnn" on GPU, or XLA's own): same shapes as masked_attention."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from vsalmonn_jax.lora import LoraConfig
-from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm, masked_attention
+from vsalmonn_jax.models.decoder_layers import (
+    Dense,
+    RMSNorm,
+    causal_attention,
+    fused_attention,
+    masked_attention,
+)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
@@ -41,7 +47,8 @@ class Qwen2Config:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"   # xla (our blockwise causal / masked attention) | jax | cudnn
+    attention_block: int = 256    # query block of the causal attention (xla)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Qwen2Config:
@@ -74,6 +81,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
+        """mask: [B,1,T,S] bool with a cache; [B,T] key-padding mask without (causal is implied)."""
         cfg = self.config
         dense = _dense_factory(cfg, self.lora, self.deterministic)
         batch, length, _ = x.shape
@@ -93,10 +101,22 @@ class Attention(nn.Module):
             new_cache = (k, v)
         k = nn.with_logical_constraint(k, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
-        out = masked_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)  # [B,T,N,D]
+        out = self._attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, layer_cache is None)  # [B,T,N,D]
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("heads", "embed"), False, "o_proj")(out)
         return out, new_cache
+
+
+    def _attend(self, q, k, v, mask, causal_self_attention: bool):
+        impl = self.config.attention_impl
+        if impl in ("cudnn", "jax"):
+            if causal_self_attention:
+                length = q.shape[1]
+                mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & mask[:, None, None, :]
+            return fused_attention(q, k, v, mask, None if impl == "jax" else impl)
+        if causal_self_attention:
+            return causal_attention(q, k, v, mask, self.config.attention_block)
+        return masked_attention(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -218,10 +238,9 @@ class Qwen2(nn.Module):
         return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab")), new_cache
 
     def _mask(self, attention_mask, cache, length):
-        """Boolean attention mask [B,1,T,S]: causal and only valid (non-padding) keys."""
-        if cache is None:
-            causal = jnp.tril(jnp.ones((length, length), bool))
-            return causal[None, None] & attention_mask[:, None, None, :], jnp.zeros((), jnp.int32), None
+        """With a cache: [B,1,T,S] bool (causal over cache slots, valid keys only); else [B,T]."""
+        if cache is None:  # causal is applied inside the attention; pass the key-padding mask [B,T]
+            return attention_mask, jnp.zeros((), jnp.int32), None
         index = cache["index"]
         cache_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, index, axis=1)
         slots = jnp.arange(cache_mask.shape[1])
