@@ -100,3 +100,5 @@ def test_text_splitting():
                                  "the dog barks", "a bell rings!", "End"]
     assert split_units("At 3 s, the red circle moves left.") == ["At 3 s, the red circle moves left."]
     assert numbers("At 12 s and 2.5 s") == {12.0, 2.5}
+    assert split_sentences('She says "hello." He waves (slowly.) Done') == [
+        'She says "hello."', "He waves (slowly.)", "Done"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 _ABBREVIATIONS = ("mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "etc.", "e.g.", "i.e.", "approx.", "no.")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+|\n+")
 _CLAUSE_JOIN = re.compile(r"\s*;\s*|,\s+(?:and then|then|while|and|but|whereas)\s+", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -20,7 +20,7 @@ def split_sentences(text: str) -> list[str]:
     pieces, current = [], ""
     last = 0
     for match in _SENTENCE_END.finditer(text):
-        chunk = text[last:match.start()]
+        chunk = text[last:match.start()] + (match.group(1) or "")  # keep closing quotes
         last = match.end()
         current = f"{current} {chunk}".strip() if current else chunk.strip()
         tail = current.lower().rsplit(" ", 1)[-1]
