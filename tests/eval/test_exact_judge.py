@@ -68,12 +68,18 @@ def test_exact_match_wins_over_earlier_near_miss():
 
 
 def test_vocabulary_comes_from_the_whole_file():
-    other = [ev(2, "visual", "the red circle", "vanishes")]
-    caption = render_caption([ev(3, "visual", "the blue square", "vanishes")])  # action of another video
+    # "wobbles" is not in the generator's vocabulary: only another video's ground truth teaches it
+    other = [ev(2, "visual", "the red circle", "wobbles")]
+    caption = render_caption([ev(3, "visual", "the blue square", "wobbles")])
     alone = ExactJudge().score_many([(caption, EVENTS)])[0]
     together = ExactJudge().score_many([(caption, EVENTS), ("", other)])[0]
     assert (alone.incorrect, alone.hallucinated) == (0, 1)        # unknown action: unparsed
     assert (together.incorrect, together.hallucinated) == (1, 0)  # parsed: wrong action at (3, visual)
+    passed_in = ExactJudge({"wobbles": {"modality": "visual"}}).score(caption, EVENTS)
+    assert passed_in.incorrect == 1
+    # the generator's own actions are known without any ground truth using them
+    known = render_caption([ev(3, "visual", "the blue square", "vanishes")])
+    assert ExactJudge().score(known, EVENTS).incorrect == 1
 
 
 def test_errors_are_named():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from vsalmonn_jax.data import synthetic_scene
 from vsalmonn_jax.data.event_grammar import event_key, parse_caption, render_event
 from vsalmonn_jax.eval.judge import Judge, check_pairs
 from vsalmonn_jax.eval.metrics import VideoScore
@@ -72,6 +73,9 @@ def score_events(caption: str, events: Sequence[Mapping], vocabulary: Mapping) -
 
 
 class ExactJudge(Judge):
+    """Vocabulary = the generator's (data/synthetic_scene.py), then actions seen in the ground truth
+    being scored, then `vocabulary` (later ones win)."""
+
     name = "exact"
 
     def __init__(self, vocabulary: Mapping | None = None):
@@ -84,7 +88,7 @@ class ExactJudge(Judge):
     def score_many(self, pairs, ids=None) -> list[VideoScore]:
         ids = check_pairs(pairs, ids)
         synthetic = [[e for e in events if is_synthetic_event(e)] for _, events in pairs]
-        vocabulary = {**build_vocabulary(synthetic), **self.vocabulary}
+        vocabulary = {**synthetic_scene.vocabulary(), **build_vocabulary(synthetic), **self.vocabulary}
         scores = []
         for video_id, (caption, events) in zip(ids, pairs, strict=True):
             try:

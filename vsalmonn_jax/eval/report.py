@@ -32,7 +32,8 @@ def markdown(result: dict) -> str:
     judge = result["judge"]
     lines = [f"# Caption evaluation ({judge['judge']} judge)", "",
              "Micro rates over all events (the paper's way), in %; macro = per-video mean of Total.",
-             "Hall (paper) = Incorrect + Hallucination.", "",
+             "Hall (paper) = Incorrect + Hallucination. Judges differ by several points on the same "
+             "captions: compare numbers from one judge only, never with published GPT-judged ones.", "",
              "| group | videos | scored | failed | events | Miss | Incorrect | Hallucination | Total "
              "| Hall (paper) | macro Total | seq-rep-4 | dup. sentences | no end token |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
