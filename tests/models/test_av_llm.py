@@ -1,0 +1,151 @@
+"""The whole AV model on the tiny config: splice / interleave lengths, text rows unchanged, audio-only,
+video-only and image inputs, encode-once consistency, and which collections get gradients."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vsalmonn_jax.config import load_config
+from vsalmonn_jax.lora import LoraConfig
+from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, dummy_batch, init_variables, validate_batch
+
+PH = 7  # placeholder token id
+
+
+@pytest.fixture(scope="module")
+def setup():
+    # 3-s "chunks" of 150 encoder frames keep 2 audio tokens per second at a tenth of the cost
+    config = load_config("tiny", ["model.audio.max_source_positions=150",
+                                  "model.audio.chunk_seconds=3"])
+    cfg = AVConfig.from_config(config, placeholder_id=PH)
+    lora = LoraConfig.from_config(config.model.lora)
+    variables = nn.unbox(init_variables(jax.random.PRNGKey(0), cfg, lora))
+    # non-zero LoRA B so the LoRA path matters
+    variables["lora"] = jax.tree.map(lambda x: x + 0.01, variables["lora"])
+    return cfg, lora, variables
+
+
+def _batch(cfg, rng):
+    """Row 0: 3 frame slots (2 real) + 2 chunk slots (1 real, 3.2 s of audio); row 1: audio-only
+    (4.1 s); row 2: text-only. Prompt: [1, 2, PH, 3, 4] + response [10, 11, 12] + padding."""
+    b = dummy_batch(cfg, batch=3, frames=3, chunks=2, text_len=10)
+    b["pixel_values"] = rng.normal(size=b["pixel_values"].shape).astype(np.float32)
+    b["mel"] = rng.normal(size=b["mel"].shape).astype(np.float32)
+    b["frame_mask"][0] = [True, True, False]
+    b["has_video"][:] = [True, False, False]
+    b["has_audio"][:] = [True, True, False]
+    b["mel_mask"][:] = [[True, True], [True, True], [False, False]]
+    b["audio_seconds"][:] = [3.2, 4.1, 0.0]
+    ids = np.array([[1, 2, PH, 3, 4, 10, 11, 12, 0, 0]] * 2 + [[1, 2, 3, 4, 10, 11, 12, 0, 0, 0]])
+    b["input_ids"] = ids.astype(np.int32)
+    b["attention_mask"] = np.array([[1] * 8 + [0] * 2] * 2 + [[1] * 7 + [0] * 3], bool)
+    b["loss_mask"] = np.isin(ids, [10, 11, 12])
+    b["example_id"] = np.arange(3)
+    return b
+
+
+def test_lengths_order_and_masks(setup, rng):
+    cfg, lora, variables = setup
+    assert cfg.frame_tokens == 6  # 56 px / 14 = 4x4 grid -> max pool 2x2 -> 2 rows x (2 + newline)
+    assert cfg.audio_tokens_per_second == 2.0 and cfg.audio_tokens_per_chunk == 6
+    batch = _batch(cfg, rng)
+    validate_batch(batch, PH)
+    model = AVLLM(cfg, lora)
+    logits, spliced = jax.jit(model.apply)(variables, batch)
+    m = cfg.media_length(3, 2)
+    assert m == 3 * 6 + 12
+    assert logits.shape == (3, 10 + m - 1, cfg.llm.vocab_size)
+    # valid lengths: 7 text tokens + media (2 frames * 6 + ceil(3.2 * 2) = 7 audio, both chunks:
+    # row 0 has 2 real chunks) / ceil(4.1 * 2) = 9 audio / none
+    assert np.asarray(spliced["attention_mask"]).sum(1).tolist() == [7 + 12 + 7, 7 + 9, 7]
+    targets = np.asarray(spliced["targets"])
+    loss = np.asarray(spliced["loss_mask"])
+    assert [targets[r][loss[r]].tolist() for r in range(3)] == [[10, 11, 12]] * 3
+    assert targets[0, :2].tolist() == [1, 2] and targets[0, 2 + 19: 2 + 21].tolist() == [3, 4]
+    assert np.asarray(spliced["positions"])[0, :26].tolist() == list(range(26))
+
+
+def test_text_rows_and_media_embeds_are_spliced_exactly(setup, rng):
+    cfg, lora, variables = setup
+    batch = _batch(cfg, rng)
+    model = AVLLM(cfg, lora)
+    run = lambda method, *args: jax.jit(functools.partial(model.apply, method=method))(
+        variables, *args)
+    media = run("encode_frozen", batch)
+    embeds, mask = run("connect", media)
+    spliced = run("splice", embeds, mask, jnp.asarray(batch["input_ids"]),
+                  jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["loss_mask"]))
+    n0 = int(mask[0].sum())
+    np.testing.assert_array_equal(np.asarray(spliced["inputs_embeds"])[0, 2: 2 + n0],
+                                  np.asarray(embeds)[0, :n0])
+    # the text-only row gives the same logits as Qwen2 on its ids
+    logits = run("decode", spliced)
+    text_only = run(lambda mdl, ids, attention_mask: mdl.llm(ids, attention_mask=attention_mask)[0],
+                    jnp.asarray(batch["input_ids"][2:]), jnp.asarray(batch["attention_mask"][2:]))
+    np.testing.assert_allclose(np.asarray(logits)[2, :7], np.asarray(text_only)[0, :7], atol=1e-5)
+    assert int(mask[1].sum()) == 9  # audio-only row
+
+
+def test_image_is_one_frame_video_and_video_only(setup, rng):
+    cfg, lora, variables = setup
+    batch = dummy_batch(cfg, batch=1, frames=1, chunks=1, text_len=6)
+    del batch["mel"], batch["mel_mask"], batch["audio_seconds"]
+    batch["has_audio"][:] = False
+    batch["pixel_values"] = rng.normal(size=batch["pixel_values"].shape).astype(np.float32)
+    _, spliced = jax.jit(AVLLM(cfg, lora).apply)(variables, batch)
+    assert spliced["attention_mask"].shape == (1, 6 + 6 - 1)
+    assert int(spliced["attention_mask"].sum()) == 6 - 1 + 6
+
+
+def test_official_interleave_uses_padding_tokens(setup, rng):
+    cfg, lora, variables = setup
+    import dataclasses
+
+    official = dataclasses.replace(cfg, interleave="official")
+    batch = _batch(cfg, rng)
+    _, spliced = jax.jit(AVLLM(official, lora).apply)(variables, batch)
+    # row 0: 2 frames, the 12 tokens of its 2 chunks (padding included), front = min(160, 12) = 12
+    # (12 % 2 == 0, 6 per frame); row 1 audio-only: all 12 tokens
+    assert np.asarray(spliced["attention_mask"]).sum(1).tolist() == [7 + 12 + 12, 7 + 12, 7]
+
+
+def test_validate_batch_names_the_example(setup, rng):
+    cfg, _, _ = setup
+    batch = _batch(cfg, rng)
+    batch["input_ids"][1, 2] = 3
+    batch["example_id"] = np.array([40, 41, 42])
+    with pytest.raises(ValueError, match="example_id 41: input_ids has 0 media placeholder"):
+        validate_batch(batch, PH)
+
+
+@pytest.mark.slow
+def test_only_adapter_and_lora_train(setup, rng):
+    cfg, lora, variables = setup
+    batch = _batch(cfg, rng)
+    model = AVLLM(cfg, lora)
+
+    def loss(params, adapter, lora_tree):
+        logits, spliced = model.apply({"params": params, "adapter": adapter, "lora": lora_tree}, batch)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        tgt = spliced["targets"][:, 1:]
+        picked = jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+        return -jnp.sum(picked * spliced["loss_mask"][:, 1:])
+
+    g_params, g_adapter, g_lora = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
+        variables["params"], variables["adapter"], variables["lora"])
+    norm = lambda t: float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(t)))
+    # the frozen encoders sit behind stop_gradient: exactly zero even when differentiated
+    assert norm(g_params["vision"]) == 0.0 and norm(g_params["audio"]) == 0.0
+    for name in ("vision_connector", "audio_connector"):
+        assert norm(g_adapter[name]) > 0, name
+    assert norm(g_adapter["vision_connector"]["image_newline"]) > 0
+    assert norm(g_adapter["audio_connector"]["qformer"]) > 0
+    assert norm(g_lora) > 0
+    # the collections the trainer differentiates are exactly these two
+    assert set(variables) == {"params", "adapter", "lora"}
+    assert set(variables["adapter"]) == {"vision_connector", "audio_connector"}
+    assert set(variables["params"]) == {"vision", "audio", "llm"}

@@ -1,0 +1,277 @@
+"""The whole audio-visual LLM: frozen SigLIP + Whisper, trainable connectors, LoRA-adapted Qwen2.
+
+Four stages (design decision 13): `encode_frozen(batch)` -> media features (no gradient, cacheable),
+`connect(media)` -> media_embeds [B, M, H] + media_mask, `splice(...)` -> the LLM inputs with the
+media in place of the placeholder token, then the Qwen2 forward on `inputs_embeds`.
+
+Variables: "params" = {vision, audio, llm} (frozen), "adapter" = {vision_connector, audio_connector}
+(trainable; connector modules create their variables in the adapter collection directly), "lora" =
+{llm: init_lora(params["llm"])}. Omit "lora" to disable LoRA (DPO reference).
+An image is a 1-frame video (the official code has no separate image path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsalmonn_jax.lora import LoraConfig, init_lora
+from vsalmonn_jax.models import connectors
+from vsalmonn_jax.models.connectors import VisionConnector
+from vsalmonn_jax.models.qformer import AudioConnector, QFormerConfig
+from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config, default_positions
+from vsalmonn_jax.models.siglip import SiglipConfig, SiglipVision
+from vsalmonn_jax.models.whisper import AudioEncoder, WhisperConfig
+
+MEDIA_KEYS = ("frame_mask", "frame_times", "mel_mask", "audio_seconds", "has_video", "has_audio")
+INTERLEAVE_MODES = ("timestamp", "official")
+
+
+@dataclasses.dataclass(frozen=True)
+class AVConfig:
+    llm: Qwen2Config
+    vision: SiglipConfig
+    audio: WhisperConfig
+    qformer: QFormerConfig
+    placeholder_id: int
+    pool_mode: str = "max"
+    pool_stride: int = 2
+    newline: str = "grid"
+    interleave: str = "timestamp"
+
+    @classmethod
+    def from_config(cls, config, placeholder_id: int) -> AVConfig:
+        """From the full ml_collections config: model.{llm, vision, audio, qformer, connector}."""
+        m = config.model
+        llm = Qwen2Config.from_config(m.llm)
+        compute = dict(dtype=llm.dtype, param_dtype=llm.param_dtype)
+        vision = SiglipConfig.from_config(m.vision, **compute)
+        audio = WhisperConfig.from_config(m.audio, **compute)
+        qformer = QFormerConfig.from_config(m.qformer, encoder_width=audio.d_model,
+                                            llm_hidden=llm.hidden_size, dtype=llm.dtype,
+                                            param_dtype="float32")
+        c = m.connector
+        if c.interleave not in INTERLEAVE_MODES:
+            raise ValueError(f"connector.interleave must be one of {INTERLEAVE_MODES}, got {c.interleave!r}")
+        return cls(llm=llm, vision=vision, audio=audio, qformer=qformer,
+                   placeholder_id=int(placeholder_id), pool_mode=c.pool_mode,
+                   pool_stride=int(c.pool_stride), newline=c.newline, interleave=c.interleave)
+
+    @property
+    def frame_tokens(self) -> int:
+        """Visual tokens per frame (182 at the paper's shapes)."""
+        return connectors.tokens_per_frame(self.vision.grid, self.pool_mode, self.pool_stride,
+                                           self.newline)
+
+    @property
+    def audio_tokens_per_chunk(self) -> int:
+        return self.qformer.tokens_per_chunk(self.audio.max_source_positions)
+
+    @property
+    def audio_tokens_per_second(self) -> float:
+        """2.0 at the paper's shapes: 1 query per 25 Whisper frames at 50 frames/s."""
+        return self.audio_tokens_per_chunk / self.audio.chunk_seconds
+
+    def media_length(self, frames: int, chunks: int) -> int:
+        """Static media length M for F frame slots and C chunk slots (the valid part is masked)."""
+        audio = chunks * self.audio_tokens_per_chunk
+        extra = frames if self.interleave == "official" else 0
+        return frames * self.frame_tokens + audio + extra
+
+
+class AVLLM(nn.Module):
+    """video-SALMONN 2. Methods are used with `apply(..., method=...)`; `__call__` runs all four."""
+
+    config: AVConfig
+    lora: LoraConfig | None = None
+
+    def setup(self):
+        cfg = self.config
+        self.vision = SiglipVision(cfg.vision)
+        self.audio = AudioEncoder(cfg.audio)
+        self.vision_connector = VisionConnector(
+            cfg.llm.hidden_size, cfg.vision.grid, cfg.pool_mode, cfg.pool_stride, cfg.newline,
+            dtype=cfg.llm.dtype, param_dtype="float32")
+        self.audio_connector = AudioConnector(cfg.qformer)
+        self.llm = Qwen2(cfg.llm, lora=self.lora)
+
+    # (1) frozen encoders ------------------------------------------------------------------------
+    def encode_frozen(self, batch: dict) -> dict:
+        """Batch -> media pytree (batch-major): "vision" [B, F, P, Hv] (SigLIP layer -2) and/or
+        "audio" [B, C, 1500, D] (Whisper + ln_speech), plus the masks / times connect() needs.
+        Wrapped in stop_gradient: the encoders are frozen."""
+        media = {k: jnp.asarray(batch[k]) for k in MEDIA_KEYS if k in batch}
+        if "pixel_values" in batch:
+            pixels = jnp.asarray(batch["pixel_values"])
+            if pixels.ndim != 5:
+                raise ValueError(f"pixel_values must be [B, F, S, S, 3], got {pixels.shape}")
+            b, f = pixels.shape[:2]
+            features = self.vision(pixels.reshape(b * f, *pixels.shape[2:]))
+            media["vision"] = features.reshape(b, f, *features.shape[1:])
+        if "mel" in batch:
+            mel = jnp.asarray(batch["mel"])
+            if mel.ndim != 4:
+                raise ValueError(f"mel must be [B, C, num_mel_bins, 3000], got {mel.shape}")
+            b, c = mel.shape[:2]
+            features = self.audio(mel.reshape(b * c, *mel.shape[2:]))
+            media["audio"] = features.reshape(b, c, *features.shape[1:])
+        return jax.lax.stop_gradient(media)
+
+    # (2) trainable connectors + interleaving --------------------------------------------------------
+    def connect(self, media: dict) -> tuple[jax.Array, jax.Array]:
+        """Media pytree -> media_embeds [B, M, H], media_mask bool [B, M] (valid prefix)."""
+        cfg = self.config
+        h = cfg.llm.hidden_size
+        ref = media.get("vision", media.get("audio"))
+        if ref is None:
+            raise ValueError("connect(): the media pytree has neither 'vision' nor 'audio' features")
+        b = ref.shape[0]
+        if "vision" in media:
+            visual = self.vision_connector(media["vision"])  # [B, F, V, H]
+            frame_mask = media.get("frame_mask", jnp.ones(visual.shape[:2], bool))
+            n_frames = jnp.sum(frame_mask & media.get("has_video", jnp.ones((b,), bool))[:, None], 1)
+        else:
+            visual = jnp.zeros((b, 0, cfg.frame_tokens, h), cfg.llm.dtype)
+            n_frames = jnp.zeros((b,), jnp.int32)
+        f = visual.shape[1]
+        if "audio" in media:
+            audio = self.audio_connector(media["audio"]).astype(visual.dtype)  # [B, C*Tc, H]
+            chunks = media["audio"].shape[1]
+            mel_mask = media.get("mel_mask", jnp.ones((b, chunks), bool))
+            has_audio = media.get("has_audio", jnp.ones((b,), bool))
+            n_all = jnp.sum(mel_mask & has_audio[:, None], 1) * cfg.audio_tokens_per_chunk
+            seconds = media.get("audio_seconds", n_all / cfg.audio_tokens_per_second)
+        else:
+            audio = jnp.zeros((b, 0, h), visual.dtype)
+            n_all = jnp.zeros((b,), jnp.int32)
+            seconds = jnp.zeros((b,), jnp.float32)
+        a = audio.shape[1]
+        if cfg.interleave == "official":
+            plan = jax.vmap(lambda nf, na, t: connectors.plan_official(f, cfg.frame_tokens, a, nf, na, t))
+            index, length = plan(n_frames, n_all, seconds.astype(jnp.float32))
+        else:
+            n_audio = jnp.minimum(connectors.audio_token_count(
+                seconds, cfg.audio_tokens_per_second, a), n_all)
+            times = media.get("frame_times", jnp.broadcast_to(jnp.arange(f, dtype=jnp.float32), (b, f)))
+            plan = jax.vmap(lambda nf, t, na: connectors.plan_timestamp(
+                f, cfg.frame_tokens, a, nf, t, na, cfg.audio_tokens_per_second))
+            index, length = plan(n_frames, times.astype(jnp.float32), n_audio)
+        embeds, mask = jax.vmap(connectors.gather_media)(visual, audio, index, length)
+        embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
+        return embeds, mask
+
+    # (3) splice --------------------------------------------------------------------------------
+    def splice(self, media_embeds: jax.Array, media_mask: jax.Array, input_ids: jax.Array,
+               attention_mask: jax.Array, loss_mask: jax.Array) -> dict:
+        """Put the valid media embeddings where the placeholder token is. Returns, at the spliced
+        length L = T + M - 1: inputs_embeds [B,L,H], attention_mask, loss_mask (False on media),
+        targets (token ids; 0 on media / padding) [B,L], positions [B,L] (cumsum(mask) - 1).
+        Examples without a placeholder get no media (text-only rows of a mixed batch)."""
+        cfg = self.config
+        b, t = input_ids.shape
+        m = media_embeds.shape[1]
+        length = t + max(m - 1, 0)
+        is_ph = input_ids == cfg.placeholder_id
+        has_ph = jnp.any(is_ph, axis=1)
+        p = jnp.argmax(is_ph, axis=1)  # [B]
+        n_media = jnp.where(has_ph, jnp.sum(media_mask, axis=1), 0)  # [B]
+        o = jnp.arange(length)[None, :]  # [1, L]
+        in_media = has_ph[:, None] & (o >= p[:, None]) & (o < (p + n_media)[:, None])
+        after = has_ph[:, None] & (o >= (p + n_media)[:, None])
+        text_idx = jnp.where(after, o - n_media[:, None] + 1, o)  # skip the placeholder itself
+        text_ok = (text_idx < t) & ~in_media
+        text_idx = jnp.clip(text_idx, 0, t - 1)
+        take = lambda x: jnp.take_along_axis(x, text_idx, axis=1)
+        ids = jnp.where(text_ok, take(input_ids), 0)
+        safe_ids = jnp.clip(jnp.where(ids == cfg.placeholder_id, 0, ids), 0, cfg.llm.vocab_size - 1)
+        text_embeds = self.llm.embed(safe_ids)  # [B, L, H]
+        media_idx = jnp.clip(o - p[:, None], 0, max(m - 1, 0))
+        if m:
+            spliced_media = jnp.take_along_axis(media_embeds, media_idx[..., None], axis=1)
+        else:
+            spliced_media = jnp.zeros_like(text_embeds)
+        embeds = jnp.where(in_media[..., None], spliced_media.astype(text_embeds.dtype), text_embeds)
+        attn = in_media | (text_ok & take(attention_mask.astype(bool)))
+        loss = text_ok & take(loss_mask.astype(bool)) & attn
+        return {"inputs_embeds": embeds, "attention_mask": attn, "loss_mask": loss,
+                "targets": ids, "positions": default_positions(attn)}
+
+    # (4) LLM -----------------------------------------------------------------------------------
+    def decode(self, spliced: dict, deterministic: bool = True, return_hidden: bool = False):
+        """Qwen2 forward on spliced inputs -> logits [B,L,V] fp32 (or final hidden [B,L,H])."""
+        out, _ = self.llm(inputs_embeds=spliced["inputs_embeds"],
+                          attention_mask=spliced["attention_mask"], positions=spliced["positions"],
+                          deterministic=deterministic, return_hidden=return_hidden)
+        return out
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        return self.llm.lm_logits(hidden)
+
+    def text_embed(self, ids: jax.Array) -> jax.Array:
+        return self.llm.embed(ids)
+
+    def __call__(self, batch: dict, deterministic: bool = True, return_hidden: bool = False,
+                 prefix: str = ""):
+        """All four stages on a model-ready batch -> (logits or hidden [B,L,...], spliced dict)."""
+        if self.is_initializing():  # create the LLM's params before splice() reads its embeddings
+            self.llm(jnp.zeros((1, 1), jnp.int32))
+        media = self.encode_frozen(batch)
+        if "vision" in media or "audio" in media:
+            embeds, mask = self.connect(media)
+        else:
+            b = batch[prefix + "input_ids"].shape[0]
+            embeds = jnp.zeros((b, 0, self.config.llm.hidden_size), self.config.llm.dtype)
+            mask = jnp.zeros((b, 0), bool)
+        spliced = self.splice(embeds, mask, jnp.asarray(batch[prefix + "input_ids"]),
+                              jnp.asarray(batch[prefix + "attention_mask"]),
+                              jnp.asarray(batch[prefix + "loss_mask"]))
+        return self.decode(spliced, deterministic, return_hidden), spliced
+
+
+def dummy_batch(cfg: AVConfig, batch: int = 1, frames: int = 1, chunks: int = 1,
+                text_len: int = 8) -> dict:
+    """A minimal model-ready batch with both modalities (for init / eval_shape)."""
+    s, v = cfg.vision.image_size, cfg.audio
+    ids = np.zeros((batch, text_len), np.int32)
+    ids[:, 1] = cfg.placeholder_id
+    return {"input_ids": ids, "attention_mask": np.ones((batch, text_len), bool),
+            "loss_mask": np.ones((batch, text_len), bool),
+            "pixel_values": np.zeros((batch, frames, s, s, 3), np.float32),
+            "frame_mask": np.ones((batch, frames), bool),
+            "frame_times": np.broadcast_to(np.arange(frames, dtype=np.float32), (batch, frames)).copy(),
+            "mel": np.zeros((batch, chunks, v.num_mel_bins, v.mel_frames), np.float32),
+            "mel_mask": np.ones((batch, chunks), bool),
+            "audio_seconds": np.full((batch,), float(v.chunk_seconds * chunks), np.float32),
+            "has_video": np.ones((batch,), bool), "has_audio": np.ones((batch,), bool)}
+
+
+def init_variables(rng: jax.Array, cfg: AVConfig, lora: LoraConfig | None = None) -> dict:
+    """{"params", "adapter"} (+ "lora" = {"llm": ...} when `lora` is given); boxed leaves."""
+    k_init, k_lora = jax.random.split(rng)
+    variables = dict(jax.jit(AVLLM(cfg, lora).init)(k_init, dummy_batch(cfg)))
+    if lora is not None:
+        variables["lora"] = {"llm": init_lora(k_lora, nn.unbox(variables["params"]["llm"]), lora)}
+    return variables
+
+
+def validate_batch(batch: dict, placeholder_id: int, prefix: str = "") -> None:
+    """Host-side check: every example with media has exactly one placeholder, none without media.
+    Raises ValueError naming the example_id."""
+    ids = np.asarray(batch[prefix + "input_ids"])
+    counts = (ids == placeholder_id).sum(axis=1)
+    has_media = np.zeros(ids.shape[0], bool)
+    for key in ("has_video", "has_audio"):
+        if key in batch:
+            has_media |= np.asarray(batch[key]).astype(bool)
+    example_ids = np.asarray(batch.get("example_id", np.arange(ids.shape[0])))
+    for row, (count, media) in enumerate(zip(counts, has_media, strict=True)):
+        if media and count != 1:
+            raise ValueError(f"example_id {int(example_ids[row])}: {prefix}input_ids has {count} "
+                             f"media placeholder tokens (id {placeholder_id}); exactly 1 expected")
+        if not media and count:
+            raise ValueError(f"example_id {int(example_ids[row])}: {prefix}input_ids has a media "
+                             f"placeholder but the example has no video or audio")
