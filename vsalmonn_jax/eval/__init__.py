@@ -6,6 +6,8 @@ For callers such as mrDPO's pair ranking:
     score = judge.score(caption, events)                        # VideoScore: .missed .incorrect
     scores = judge.score_many([(caption, events), ...])         #   .hallucinated .total .failed
     aggregate(scores)["micro"]["total"]
+A sampled caption that hit the length limit without an end token is judged as
+collapse_repeats(caption), as `vsalmonn-jax eval` does for records with "stopped": false.
 """
 
 from vsalmonn_jax.eval.judge import Judge, get_judge

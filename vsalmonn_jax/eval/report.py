@@ -31,7 +31,7 @@ def summary(result: dict) -> dict:
 def markdown(result: dict) -> str:
     judge = result["judge"]
     lines = [f"# Caption evaluation ({judge['judge']} judge)", "",
-             "Micro rates over all events (the paper's way), in %; macro = per-video mean of Total.",
+             "Micro rates over all events (the paper's way); macro = per-video mean of Total; all in %.",
              "Hall (paper) = Incorrect + Hallucination. Judges differ by several points on the same "
              "captions: compare numbers from one judge only, never with published GPT-judged ones.", "",
              "| group | videos | scored | failed | events | Miss | Incorrect | Hallucination | Total "
@@ -44,7 +44,7 @@ def markdown(result: dict) -> str:
             f"| {g['label']} | {agg['videos']} | {agg['scored']} | {agg['failed']} | {agg['events']} | "
             + " | ".join(_pct(micro.get(k)) for k, _ in RATE_KEYS)
             + f" | {_pct(micro.get('incorrect_plus_hallucination'))} | {_pct(macro.get('total'))} | "
-            + f"{rep['seq_rep_4']:.3f} | {_pct(rep['duplicate_sentence_rate'])} | "
+            + f"{_pct(rep['seq_rep_4'])} | {_pct(rep['duplicate_sentence_rate'])} | "
             + f"{_pct(rep['no_end_token_rate'])} |")
     notes = []
     for g in result["groups"]:
