@@ -70,8 +70,10 @@ def load_sentence_model(path: str = ""):
     """Load a SentenceTransformer once per process, offline, on CPU."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
     from sentence_transformers import SentenceTransformer
 
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in reports / logs
     path = path or default_model_path()
     if not os.path.isdir(path):
         raise FileNotFoundError(f"embedding model directory {path!r} does not exist")
