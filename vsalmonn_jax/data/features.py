@@ -1,4 +1,4 @@
-"""Model input features in numpy: SigLIP pixels (exact PIL bicubic resize) and Whisper log-mel chunks.
+"""Model input features in numpy/jax: SigLIP pixels (Pillow-exact bicubic) and Whisper log-mel chunks.
 
 Equal to `transformers` `SiglipImageProcessor` (PIL backend) and `WhisperFeatureExtractor` without
 calling them: tests/data/test_features.py checks both to atol 1e-4.
@@ -27,16 +27,19 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _resample_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Dense [in_size, out_size] fixed-point weights, bit-equal to Pillow's `precompute_coeffs`.
+def resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's `precompute_coeffs` for 8-bit images: (first input index int32 [out_size],
+    fixed-point weights int32 [out_size, K]).
 
-    Column j holds the integer taps of output pixel j (Pillow normalises the taps to sum 1 in
-    float64 and rounds them to 22-bit fixed point, half away from zero).
+    Pillow normalises each output's taps to sum 1 in float64 and rounds them to 22-bit fixed
+    point, half away from zero; unused trailing taps are 0.
     """
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
-    weights = np.zeros((in_size, out_size), np.float64)
+    ksize = int(np.ceil(support)) * 2 + 1
+    starts = np.zeros(out_size, np.int32)
+    weights = np.zeros((out_size, ksize), np.int32)
     for out in range(out_size):
         center = (out + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
@@ -47,34 +50,77 @@ def _resample_matrix(in_size: int, out_size: int) -> np.ndarray:
             taps = taps / total
         fixed = np.where(taps < 0, -0.5 + taps * (1 << _PRECISION_BITS),
                          0.5 + taps * (1 << _PRECISION_BITS))
-        weights[lo:hi, out] = np.trunc(fixed)
+        starts[out], weights[out, : hi - lo] = lo, np.trunc(fixed)
+    starts.setflags(write=False)
     weights.setflags(write=False)
-    return weights
+    return starts, weights
 
 
-def _clip8(acc: np.ndarray) -> np.ndarray:
-    """Pillow's `clip8`: add the rounding half, shift out the fraction, clamp to [0, 255]."""
-    return np.clip(np.floor((acc + (1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS)), 0, 255)
+def _cpu_jax():
+    """jax on its CPU device. In a data worker process (no jax imported yet) only the CPU
+    backend is started, so workers never claim accelerator memory."""
+    import multiprocessing
+    import os
+    import sys
+
+    if "jax" not in sys.modules and multiprocessing.parent_process() is not None:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    return jax, jax.devices("cpu")[0]
+
+
+def _resample_axis(jnp, x, axis: int, in_size: int, out_size: int):
+    """One Pillow pass along `axis` of int32 x: sum_k x[start + k] * w_k, then `clip8`."""
+    starts, weights = resample_taps(in_size, out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    acc = jnp.int32(1 << (_PRECISION_BITS - 1))
+    for k in range(weights.shape[1]):
+        index = np.minimum(starts + k, in_size - 1)        # weight 0 wherever this clamps
+        acc = acc + jnp.take(x, index, axis=axis) * weights[:, k].reshape(shape)
+    return jnp.clip(acc >> _PRECISION_BITS, 0, 255)
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_fn(in_h: int, in_w: int, height: int, width: int):
+    jax, _ = _cpu_jax()
+    jnp = jax.numpy
+
+    def resize(frames):                                    # uint8 [n, in_h, in_w, C]
+        x = frames.astype(jnp.int32)
+        if in_w != width:
+            x = _resample_axis(jnp, x, 2, in_w, width)     # horizontal first, as Pillow
+        if in_h != height:
+            x = _resample_axis(jnp, x, 1, in_h, height)
+        return x.astype(jnp.uint8)
+
+    return jax.jit(resize)
+
+
+_FRAME_CHUNK = 8   # frames per jitted call: one compiled shape per source resolution
 
 
 def resize_bicubic_uint8(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [N, H, W, C] -> uint8-valued float64 [N, height, width, C], equal to PIL `BICUBIC`.
+    """uint8 [N, H, W, C] -> uint8 [N, height, width, C], bit-equal to Pillow `BICUBIC`.
 
-    Horizontal pass first, then vertical, each rounded to 8 bits as Pillow does. The products
-    are integers below 2**53, so the float64 matmuls are exact.
+    Pillow's fixed-point algorithm in int32 (horizontal pass, round to 8 bits, vertical pass),
+    jitted with jax on the CPU in chunks of 8 frames.
     """
+    frames = np.asarray(frames, np.uint8)
     n, in_h, in_w, channels = frames.shape
-    x = frames.astype(np.float64)
-    if in_w != width:
-        # [N, H, C, W] @ [W, width] -> [N, H, C, width]
-        x = _clip8(np.moveaxis(x, 3, 2) @ _resample_matrix(in_w, width))
-        x = np.moveaxis(x, 2, 3)                                   # [N, H, width, C]
-    if in_h != height:
-        # [height, H] @ [H, N*width*C] -> [height, N*width*C]
-        flat = np.moveaxis(x, 1, 0).reshape(in_h, -1)
-        y = _clip8(_resample_matrix(in_h, height).T @ flat)
-        x = np.moveaxis(y.reshape(height, n, width, channels), 0, 1)
-    return x
+    if n == 0:
+        return np.zeros((0, height, width, channels), np.uint8)
+    jax, cpu = _cpu_jax()
+    fn = _resize_fn(in_h, in_w, height, width)
+    out = np.empty((n, height, width, channels), np.uint8)
+    for i in range(0, n, _FRAME_CHUNK):
+        chunk = frames[i:i + _FRAME_CHUNK]
+        count = chunk.shape[0]
+        if count < _FRAME_CHUNK:
+            chunk = np.concatenate([chunk, np.zeros((_FRAME_CHUNK - count, *chunk.shape[1:]), np.uint8)])
+        out[i:i + count] = np.asarray(fn(jax.device_put(chunk, cpu)))[:count]
+    return out
 
 
 def siglip_resize(frames: np.ndarray, image_size: int = 384) -> np.ndarray:
@@ -83,15 +129,21 @@ def siglip_resize(frames: np.ndarray, image_size: int = 384) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"siglip_pixels expects uint8 frames [N, H, W, 3], got "
                          f"{frames.dtype} {frames.shape}")
-    if frames.shape[0] == 0:
-        return np.zeros((0, image_size, image_size, 3), np.uint8)
-    return resize_bicubic_uint8(frames, image_size, image_size).astype(np.uint8)
+    return resize_bicubic_uint8(frames, image_size, image_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _siglip_table() -> np.ndarray:
+    """float32 [256]: the processor's rescale (float64, cast) then normalise, per 8-bit value."""
+    rescaled = (np.arange(256, dtype=np.float64) * (1.0 / 255.0)).astype(np.float32)
+    table = (rescaled - np.float32(_SIGLIP_MEAN)) / np.float32(_SIGLIP_STD)
+    table.setflags(write=False)
+    return table
 
 
 def siglip_normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels [..., 3] -> float32 in [-1, 1]: rescale by 1/255, mean = std = 0.5."""
-    rescaled = (np.asarray(pixels, np.float64) * (1.0 / 255.0)).astype(np.float32)
-    return (rescaled - np.float32(_SIGLIP_MEAN)) / np.float32(_SIGLIP_STD)
+    return _siglip_table()[np.asarray(pixels, np.uint8)]
 
 
 def siglip_pixels(frames: np.ndarray, image_size: int = 384) -> np.ndarray:
@@ -164,15 +216,22 @@ def log_mel(audio: np.ndarray, num_mel_bins: int = 128) -> np.ndarray:
     if audio.shape[0] > CHUNK_SAMPLES:
         raise ValueError(f"log_mel takes at most {CHUNK_SAMPLES} samples (30 s), got "
                          f"{audio.shape[0]}; split with log_mel_chunks")
-    padded = np.zeros(CHUNK_SAMPLES, np.float64)
-    padded[: audio.shape[0]] = audio
     half = N_FFT // 2
-    padded = np.pad(padded, (half, half), mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH]
-    frames = frames[:CHUNK_FRAMES]                                     # [3000, 400]
-    spectrum = np.fft.rfft(frames * _hann(N_FFT), axis=-1)             # [3000, 201]
+    # STFT frame k covers samples [160k - 200, 160k + 200) of the zero-padded chunk: frames past
+    # the audio are exactly zero (power 0), so only the first `active` frames are computed.
+    active = min(CHUNK_FRAMES, -(-(audio.shape[0] + half) // HOP_LENGTH))
+    chunk = np.zeros(CHUNK_SAMPLES if active == CHUNK_FRAMES else active * HOP_LENGTH + half,
+                     np.float64)
+    chunk[: audio.shape[0]] = audio
+    if active == CHUNK_FRAMES:   # the end reflection only reaches the last frame
+        padded = np.pad(chunk, (half, half), mode="reflect")
+    else:
+        padded = np.concatenate([chunk[half:0:-1], chunk])             # reflect (start)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:active]
+    spectrum = np.fft.rfft(frames * _hann(N_FFT), axis=-1)             # [active, 201]
     power = spectrum.real ** 2 + spectrum.imag ** 2
-    mel = power @ mel_filters(num_mel_bins)                            # [3000, bins]
+    mel = np.zeros((CHUNK_FRAMES, num_mel_bins), np.float64)
+    mel[:active] = power @ mel_filters(num_mel_bins)                   # [3000, bins]
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).T.astype(np.float32)               # [bins, 3000]
