@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from common import bench_line, best_time, matmul_peak_flops  # noqa: E402
 
+from vsalmonn_jax.models.decoder_layers import causal_attention  # noqa: E402
 from vsalmonn_jax.models.qwen2 import Qwen2  # noqa: E402
 from vsalmonn_jax.models.qwen2_hf import config_from_hf, read_params  # noqa: E402
 from vsalmonn_jax.safetensors_io import SafetensorsReader  # noqa: E402
@@ -83,7 +84,8 @@ def main() -> None:
     head_dim = args.hidden // args.heads
     q = jnp.ones((args.batch, args.seq, args.heads, head_dim), jnp.float32)
     kv = jnp.ones((args.batch, args.seq, args.kv_heads, head_dim), jnp.float32)
-    attn = jax.jit(lambda q, k: jax.nn.dot_product_attention(q, k, k, is_causal=True))
+    key_mask = jnp.ones((args.batch, args.seq), bool)
+    attn = jax.jit(lambda q, k: causal_attention(q, k, k, key_mask, config.attention_block))
     t_attn = best_time(lambda: attn(q, kv), args.repeats) * args.layers
 
     tokens = args.batch * args.seq
