@@ -73,11 +73,16 @@ def load_sentence_model(path: str = ""):
     import transformers
     from sentence_transformers import SentenceTransformer
 
-    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in reports / logs
     path = path or default_model_path()
     if not os.path.isdir(path):
         raise FileNotFoundError(f"embedding model directory {path!r} does not exist")
-    return SentenceTransformer(path, device="cpu")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in logs
+    try:
+        return SentenceTransformer(path, device="cpu")
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 class TextEncoder:
