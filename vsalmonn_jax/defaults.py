@@ -5,6 +5,8 @@ Size presets in `configs/` (`tiny.py`, `7b.py`, ...) start from `base_config()` 
 
 import ml_collections
 
+from vsalmonn_jax.data.synthetic_scene import default_config as synthetic_defaults
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -49,10 +51,12 @@ def base_config() -> ml_collections.ConfigDict:
         root="", train="", val="", test="", tokenizer="",
         fps=1.0, max_frames=110, sample_rate=16000, min_audio_seconds=1.0,
         missing_audio="silence",  # silence (+ flag) | error
+        audio_channel="first",    # first (official: channel 0) | mean (downmix)
         max_length=32768, truncation="error",  # error | truncate_response
         batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,
         length_buckets=(), quarantine="quarantine.jsonl", encoder_cache="",
     ))
+    c.data.synthetic = synthetic_defaults()  # the synthetic data set's generator and SFT biases
 
     # ---- optimisation (official recipe) ----
     c.train = ml_collections.ConfigDict(dict(
