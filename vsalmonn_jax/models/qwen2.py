@@ -74,10 +74,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-class Attention(nn.Module):
+class _Part(nn.Module):
+    """Fields every part of a decoder layer shares: shapes, LoRA settings, dropout on/off."""
+
     config: Qwen2Config
     lora: LoraConfig | None = None
     deterministic: bool = True
+
+
+class Attention(_Part):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
@@ -119,10 +124,7 @@ class Attention(nn.Module):
         return masked_attention(q, k, v, mask)
 
 
-class MLP(nn.Module):
-    config: Qwen2Config
-    lora: LoraConfig | None = None
-    deterministic: bool = True
+class MLP(_Part):
 
     @nn.compact
     def __call__(self, x):
@@ -134,12 +136,8 @@ class MLP(nn.Module):
         return dense(cfg.hidden_size, ("mlp", "embed"), False, "down_proj")(h)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Part):
     """Pre-norm block. Signature fits nn.scan: (carry=hidden, *broadcast, layer_cache) -> (hidden, cache)."""
-
-    config: Qwen2Config
-    lora: LoraConfig | None = None
-    deterministic: bool = True
 
     @nn.compact
     def __call__(self, hidden, cos, sin, mask, cache_index, layer_cache):
