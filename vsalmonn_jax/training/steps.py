@@ -42,7 +42,7 @@ class StepOptions:
     @classmethod
     def from_config(cls, config) -> StepOptions:
         return cls(grad_accum=int(config.train.grad_accum),
-                   logits_chunk=int(config.train.get("logits_chunk", 0)),
+                   logits_chunk=int(config.train.logits_chunk),
                    lora_dropout=float(config.model.lora.dropout) > 0,
                    beta=float(config.dpo.beta), loss_type=str(config.dpo.loss_type),
                    label_smoothing=float(config.dpo.label_smoothing),
@@ -142,7 +142,7 @@ def dpo_loss(task, opts: StepOptions, params, trainable, batch, media, ref, *, d
 
 def _apply_update(state: TrainState, tx, schedule, opts, loss, grads, metrics):
     """Optimizer update, skipped (state kept) when loss or grad norm is not finite."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
     new_trainable = optax.apply_updates(state.trainable, updates)
@@ -251,4 +251,10 @@ def make_steps(task, config, tx, schedule, mesh: Mesh, shardings, objective: str
 
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Host numpy batch (this process's rows) -> global arrays sharded on the batch axis."""
+    mesh = sharding.mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    for k, v in batch.items():
+        if v.ndim == 0 or v.shape[0] % shards:
+            raise ValueError(f"batch field {k!r} has shape {v.shape}: its leading (batch) axis must "
+                             f"be a multiple of data x fsdp = {shards} local shards")
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

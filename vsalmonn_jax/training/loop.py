@@ -1,0 +1,242 @@
+"""One training loop for every stage: jitted steps, metrics (JSONL + TensorBoard + tqdm), eval,
+orbax checkpoints with the data-iterator state, exact resume, SIGTERM save-and-exit, NaN policy.
+
+`run_stage(config, train_iter, workdir, ...)` is a plain function so mrDPO / rebirth drive it round
+by round; `vsalmonn-jax train` is a thin CLI over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from vsalmonn_jax.training import state as st
+from vsalmonn_jax.training.checkpoint import Checkpointer
+from vsalmonn_jax.training.sharding import make_mesh
+from vsalmonn_jax.training.steps import Steps, make_steps, put_batch
+
+HOST_ONLY = ("example_id",)  # batch fields kept on the host (error messages), never sent to devices
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a NaN/inf loss or gradient and train.on_nan == "stop"."""
+
+
+class MetricsWriter:
+    """Scalars to `metrics.jsonl` (appended across resumes) and TensorBoard, from process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            workdir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float], split: str = "train") -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+        if self.tb is not None:
+            for name, value in scalars.items():
+                self.tb.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[threading.Event]:
+    """An Event set by SIGTERM while inside (main thread only; elsewhere it is never set)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
+    """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity)."""
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        metrics = jax.device_get(steps.eval(state, device_batch(batch, steps)))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+    if not count:
+        return {}
+    out = {k: v / count for k, v in sums.items()}
+    if "ce_sum" in sums and sums.get("target_tokens"):
+        out["loss"] = sums["ce_sum"] / sums["target_tokens"]
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    out.pop("ce_sum", None)
+    return out
+
+
+def device_batch(batch: dict, steps: Steps) -> dict:
+    return put_batch({k: v for k, v in batch.items() if k not in HOST_ONLY}, steps.batch_sharding)
+
+
+def prepare_state(task, config, tx, mesh, *, state=None, params=None):
+    """(state, shardings) for a stage: fresh, or continuing a previous stage's `state` with a fresh
+    optimizer, step 0 and (for a snapshot-reference DPO stage) the current adapter as reference."""
+    if state is None:
+        return st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)),
+                                     params=params)
+    _, shardings = st.state_shardings(task, config, tx, mesh)
+    trainable = state.trainable
+    fresh = st.TrainState(
+        step=np.zeros((), np.int32), params=state.params, trainable=trainable,
+        opt_state=tx.init(trainable), rng=state.rng,
+        ref_adapter=jax.tree.map(np.asarray, trainable.get("adapter", {}))
+        if st.uses_snapshot(config) else {})
+    return jax.device_put(fresh, shardings), shardings
+
+
+_STEPS_CACHE: dict = {}
+LOOP_ONLY = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nan")
+
+
+def _compiled_steps(task, config, num_steps: int, mesh):
+    """(tx, schedule, steps), reused across calls with the same task object, config and mesh, so
+    resumed runs and mrDPO rounds do not re-trace and re-compile the step."""
+    step_config = config.copy_and_resolve_references()
+    for name in LOOP_ONLY:  # fields read by the loop, not by the compiled step
+        step_config.train[name] = None
+    key = (id(task), step_config.to_json(), num_steps, tuple(mesh.shape.items()),
+           tuple(d.id for d in mesh.devices.flat))
+    if key not in _STEPS_CACHE or _STEPS_CACHE[key][0] is not task:
+        tx, schedule = st.make_optimizer(config.train, st.num_updates(config.train, num_steps))
+        _, shardings = st.state_shardings(task, config, tx, mesh)
+        steps = make_steps(task, config, tx, schedule, mesh, shardings)
+        while len(_STEPS_CACHE) >= 8:
+            _STEPS_CACHE.pop(next(iter(_STEPS_CACHE)))
+        _STEPS_CACHE[key] = (task, tx, schedule, steps)
+    return _STEPS_CACHE[key][1:]
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *, task=None,
+              state=None, params=None, mesh=None,
+              eval_fn: Callable[[Any, Steps], dict[str, float]] | None = None,
+              num_steps: int | None = None, include_params: bool = False,
+              on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
+              tensorboard: bool = True, async_checkpoints: bool = True):
+    """Train `config.stage` for `num_steps` (default train.num_steps) loop steps from `train_iter`.
+
+    Resumes from `workdir/checkpoints` when a checkpoint exists (trainables, optimizer, step, rng,
+    reference snapshot and, if the iterator has get_state/set_state, the data position). SIGTERM
+    saves and returns with summary["preempted"] = True. Returns (state, summary).
+    """
+    from vsalmonn_jax.training.task import build_task
+
+    workdir = pathlib.Path(workdir)
+    tcfg = config.train
+    num_steps = int(tcfg.num_steps if num_steps is None else num_steps)
+    mesh = mesh or make_mesh(dict(config.mesh))
+    task = task or build_task(config)
+    tx, schedule, steps = _compiled_steps(task, config, num_steps, mesh)
+    state, _ = prepare_state(task, config, tx, mesh, state=state, params=params)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=int(tcfg.keep_checkpoints),
+                        async_save=async_checkpoints, include_params=include_params)
+    skipped = 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        skipped = int(meta.get("skipped", 0))
+        if meta.get("data") is not None and hasattr(train_iter, "set_state"):
+            train_iter.set_state(meta["data"])
+    writer = MetricsWriter(workdir, tensorboard)
+    summary: dict[str, Any] = {"preempted": False, "skipped_steps": skipped,
+                               "resumed_from": int(state.step) or None}
+
+    def save(force: bool = False) -> None:
+        meta = {"stage": config.stage, "skipped": skipped,
+                "data": train_iter.get_state() if hasattr(train_iter, "get_state") else None}
+        ckpt.save(state, meta, force=force)
+
+    step = int(jax.device_get(state.step))
+    bar = _progress(num_steps, step, progress)
+    window_tokens, window_start = 0.0, time.perf_counter()
+    last: dict[str, float] = {}
+    try:
+        with sigterm_flag() as stop:
+            while step < num_steps:
+                batch = next(train_iter)
+                state, metrics = steps.train(state, device_batch(batch, steps))
+                step += 1
+                last = _scalars(metrics)
+                if last.pop("finite") < 1.0:
+                    ids = np.asarray(batch.get("example_id", [])).tolist()
+                    if tcfg.on_nan != "skip":
+                        ckpt.wait()
+                        good = ckpt.latest_step()
+                        raise NonFiniteLossError(
+                            f"non-finite loss/gradient at step {step} (loss={last['loss']}, "
+                            f"grad_norm={last['grad_norm']}), batch example_ids={ids}; the update "
+                            f"was not applied. Last good checkpoint: "
+                            f"{ckpt.path_of(good) if good is not None else 'none'} (step {good}). "
+                            f"Set train.on_nan=skip to skip such batches.")
+                    skipped += 1
+                    writer.write(step, {"skipped_nonfinite": float(skipped),
+                                        "example_id_first": float(ids[0]) if ids else -1.0})
+                window_tokens += last.get("tokens", 0.0)
+                if on_step is not None:
+                    on_step(step, last)
+                if step % int(tcfg.log_every) == 0 or step == num_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    last["tokens_per_s"] = window_tokens / elapsed
+                    last["skipped_steps"] = float(skipped)
+                    writer.write(step, last)
+                    bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "lr") if k in last})
+                    window_tokens, window_start = 0.0, time.perf_counter()
+                bar.update(1)
+                if eval_fn is not None and step % int(tcfg.eval_every) == 0:
+                    writer.write(step, eval_fn(state, steps), split="eval")
+                if stop.is_set():
+                    save(force=True)
+                    ckpt.wait()
+                    summary["preempted"] = True
+                    break
+                if step % int(tcfg.checkpoint_every) == 0:
+                    save()
+        if not summary["preempted"]:
+            if ckpt.latest_step() != step:
+                save(force=True)
+            if eval_fn is not None and step % int(tcfg.eval_every) != 0:
+                writer.write(step, eval_fn(state, steps), split="eval")
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    summary.update(step=step, skipped_steps=skipped, last=last, steps=steps,
+                   checkpoint=ckpt.path_of(ckpt.latest_step()))
+    return state, summary
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled or jax.process_index() != 0,
+                desc="train", dynamic_ncols=True)
