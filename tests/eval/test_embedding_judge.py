@@ -128,9 +128,12 @@ def test_count_only_labels_agreement_by_hand():
     # predicted: 2 correct, 1 missed, 1 incorrect; reference counts: 1 missed, 2 incorrect
     row = video_agreement(["correct", "correct", "missed", "incorrect"], 3,
                           {"missed": 1, "incorrect": 2, "hallucinated": 1, "event_labels": None})
-    assert row == (3, 4, 1, 3)  # histogram overlap min(2,1) + min(1,1) + min(1,2) = 3
+    assert row[:4] == (3, 4, 1, 3)  # histogram overlap min(2,1) + min(1,1) + min(1,2) = 3
+    assert row[4:] == ((1, 1, 3), (1, 2, 1))
     both = summarize([row, video_agreement(["missed"], 0, {"missed": 1, "incorrect": 0,
                                                            "hallucinated": 0,
                                                            "event_labels": ["missed"]})])
-    assert both == {"event_agreement": 4 / 5, "hallucination_agreement": 1 / 3,
-                    "objective": (4 / 5 + 1 / 3) / 2}
+    assert both["event_agreement"] == 4 / 5 and both["hallucination_agreement"] == 1 / 3
+    assert both["objective"] == (4 / 5 + 1 / 3) / 2
+    assert both["micro_rates"]["judge_miss"] == 2 / 5 and both["micro_rates"]["labels_incorrect"] == 2 / 5
+    assert both["micro_rates"]["judge_hallucination"] == 3 / 5

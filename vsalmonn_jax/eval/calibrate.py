@@ -59,8 +59,9 @@ def load_labels(path) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
     return labels, failed
 
 
-def video_agreement(pred_labels: list[str], pred_hall: int, label: Mapping) -> tuple[float, int, float, float]:
-    """(events agreed, events, hallucination min, hallucination max) for one video."""
+def video_agreement(pred_labels: list[str], pred_hall: int, label: Mapping) -> tuple:
+    """(events agreed, events, hallucination min, hallucination max, predicted (M, I, H),
+    labelled (M, I, H)) for one video."""
     n = len(pred_labels)
     truth = label.get("event_labels")
     if truth is not None and len(truth) == n:
@@ -70,14 +71,20 @@ def video_agreement(pred_labels: list[str], pred_hall: int, label: Mapping) -> t
         ref["correct"] = max(n - ref["missed"] - ref["incorrect"], 0)
         agreed = sum(min(pred_labels.count(k), ref[k]) for k in LABELS)
     h = label["hallucinated"]
-    return agreed, n, min(pred_hall, h), max(pred_hall, h)
+    predicted = (pred_labels.count("missed"), pred_labels.count("incorrect"), pred_hall)
+    labelled = (label["missed"], label["incorrect"], h)
+    return agreed, n, min(pred_hall, h), max(pred_hall, h), predicted, labelled
 
 
-def summarize(rows: Sequence[tuple[float, int, float, float]]) -> dict:
+def summarize(rows: Sequence[tuple]) -> dict:
     agreed, n, hmin, hmax = (float(sum(r[i] for r in rows)) for i in range(4))
     event = agreed / n if n else 1.0
     hall = hmin / hmax if hmax else 1.0
-    return {"event_agreement": event, "hallucination_agreement": hall, "objective": (event + hall) / 2}
+    names = ("miss", "incorrect", "hallucination")
+    rates = {f"{who}_{name}": float(sum(r[col][k] for r in rows)) / max(n, 1)
+             for who, col in (("judge", 4), ("labels", 5)) for k, name in enumerate(names)}
+    return {"event_agreement": event, "hallucination_agreement": hall, "objective": (event + hall) / 2,
+            "micro_rates": rates}
 
 
 def calibrate(judge: EmbeddingJudge, pairs: Sequence[tuple[str, Sequence]], labels: Sequence[Mapping],
