@@ -1,5 +1,5 @@
 """Multi-host runs: detect the cluster (TPU VM, SLURM, explicit env), start `jax.distributed`,
-build global arrays from per-process batches, gather for export, and orbax multi-host checkpoints.
+build global arrays from per-process batches, gather for export, shared checkpoint dirs, agreed stops.
 
 `python -m vsalmonn_jax.distributed COMMAND ARGS...` initialises the distributed runtime and then runs
 `vsalmonn-jax COMMAND ARGS...` in the same process (what launch/tpu_pod.sh and the SLURM job start).
@@ -284,49 +284,45 @@ def export_on_primary(write: Callable[[Any], None], tree: Any, name: str = "expo
     barrier(f"vsalmonn_{name}_done")
 
 
-# ---------------------------------------------------------------- orbax multi-host checkpoints
+# ---------------------------------------------------------------- multi-host checkpoints
 
-def checkpoint_manager(directory: str | os.PathLike, max_to_keep: int | None = 3,
-                       save_interval_steps: int = 1):
-    """An orbax CheckpointManager usable from every process (all must call save/restore).
+# Saving and restoring is training/checkpoint.py's Checkpointer (orbax; every process writes its own
+# shards, restores take ShapeDtypeStruct targets so any topology resumes any checkpoint). What more
+# than one host adds is here: the directory must be shared, and stopping must be agreed.
 
-    Each process writes its own shards; on more than one host `directory` must be a shared file
-    system or a gs:// bucket. Preemption: `manager.reached_preemption(step)` is True on every
-    process once any host got SIGTERM (jax's preemption sync), so save then exit.
+def ensure_shared_directory(directory: str | os.PathLike) -> None:
+    """Fail early (not at the first save) when processes do not see the same checkpoint directory.
+
+    Each process writes a marker, all wait, each checks every marker: a local disk per host fails
+    with a message naming the missing process. gs:// and other URLs are taken as shared.
     """
-    import orbax.checkpoint as ocp
     directory = str(directory)
-    if "://" not in directory:
-        directory = str(pathlib.Path(directory).resolve())
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           save_interval_steps=save_interval_steps, create=True)
-    return ocp.CheckpointManager(directory, options=options)
+    if "://" in directory or jax.process_count() == 1:
+        return
+    path = pathlib.Path(directory).resolve() / ".vsalmonn_hosts"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"process_{jax.process_index()}").write_text(os.uname().nodename)
+    barrier("vsalmonn_shared_dir_written")
+    missing = [i for i in range(jax.process_count()) if not (path / f"process_{i}").exists()]
+    barrier("vsalmonn_shared_dir_checked")
+    if missing:
+        raise RuntimeError(
+            f"checkpoint directory {directory} is not shared between hosts: process "
+            f"{jax.process_index()} on {os.uname().nodename} cannot see the marker of process(es) "
+            f"{missing}; use a shared file system or a gs:// bucket")
 
 
-def abstract_target(tree: Any, shardings: Any) -> Any:
-    """`jax.ShapeDtypeStruct`s with the shardings of the *new* topology, the restore target that
-    makes a checkpoint written on N processes load on M."""
-    def one(x, sharding):
-        x = x if hasattr(x, "dtype") else np.asarray(x)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree.map(one, tree, shardings)
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (e.g. SIGTERM seen by one host).
 
-
-def save_checkpoint(manager, step: int, state: Any, wait: bool = True) -> None:
-    """Save on every process (each writes its own shards)."""
-    import orbax.checkpoint as ocp
-    manager.save(step, args=ocp.args.StandardSave(state))
-    if wait:
-        manager.wait_until_finished()
-
-
-def restore_checkpoint(manager, target: Any, step: int | None = None) -> Any:
-    """Restore `step` (default: latest) into `target` (a tree of ShapeDtypeStructs with sharding)."""
-    import orbax.checkpoint as ocp
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    A preemption save is a collective: if only the signalled host saved, the others would hang.
+    Call it at the same step on every process; one tiny all-gather.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray([bool(flag)], np.int32))
+    return bool(np.any(flags))
 
 
 # ---------------------------------------------------------------- entry point

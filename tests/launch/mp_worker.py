@@ -29,6 +29,7 @@ from vsalmonn_jax.models.qwen2 import load_hf, save_hf  # noqa: E402
 from vsalmonn_jax.training import state as state_lib  # noqa: E402
 from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
+from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh  # noqa: E402
 from vsalmonn_jax.training.task import build_task  # noqa: E402
 
@@ -64,9 +65,13 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None) ->
         state, metrics = dpo.train(state, distributed.global_batch(local_rows(batch, mesh), mesh))
         losses.append(float(metrics["loss"]))
 
-    # checkpoint: every process writes its shards
-    manager = distributed.checkpoint_manager(out / "ckpt")
-    distributed.save_checkpoint(manager, int(state.step), state)
+    # checkpoint: the engine's Checkpointer, every process writes its own shards
+    distributed.ensure_shared_directory(out / "ckpt")
+    ckpt = Checkpointer(out / "ckpt", keep=2)
+    ckpt.save(state, {"stage": "dpo"}, force=True)
+    ckpt.close()
+    # stopping is agreed: only the last process "got SIGTERM", every process learns it
+    stop = distributed.any_process(jax.process_index() == jax.process_count() - 1)
 
     # merged export: W + scale * A @ B, gathered, written once; holds every base weight
     scale = task.lora_config.scale
@@ -76,19 +81,20 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None) ->
     llm_config = task.llm_config
     distributed.export_on_primary(lambda p: save_hf(p, llm_config, out / "export"), merged)
 
-    results = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count())}
+    results = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count()),
+               "stop": np.asarray(stop)}
     flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
-        {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged}))[0]
+        {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged,
+         "params": state.params}))[0]
     for path, leaf in flat:
         results[jax.tree_util.keystr(path)] = leaf
 
     if restore_from:  # a checkpoint written by another topology, restored here
-        other = distributed.checkpoint_manager(restore_from)
-        target = distributed.abstract_target(state, shardings)
-        restored = distributed.restore_checkpoint(other, target)
+        restored, meta = Checkpointer(restore_from).restore(state)
+        assert meta == {"stage": "dpo"}, meta
         flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
             {"trainable": restored.trainable, "opt_state": restored.opt_state,
-             "params": restored.params, "step": restored.step}))[0]
+             "step": restored.step}))[0]
         for path, leaf in flat:
             results["restored" + jax.tree_util.keystr(path)] = leaf
     if export_from:

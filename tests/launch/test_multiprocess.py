@@ -72,10 +72,11 @@ def runs(tmp_path_factory):
 def test_process_counts_and_files(runs):
     root, two, single = runs
     assert int(two["process_count"]) == 2 and int(single["process_count"]) == 1
+    assert bool(two["stop"]) and bool(single["stop"])  # one process's stop reached every process
     # each process wrote its own shard folder into the shared checkpoint directory
     step_dirs = [p for p in (root / "two" / "ckpt").iterdir() if p.name.isdigit()]
     assert [p.name for p in step_dirs] == ["5"]
-    shards = sorted(p.name for p in (step_dirs[0] / "default").glob("ocdbt.process_*"))
+    shards = sorted(p.name for p in (step_dirs[0] / "state").glob("ocdbt.process_*"))
     assert shards == ["ocdbt.process_0", "ocdbt.process_1"]
     assert (root / "two" / "export" / "model.safetensors").is_file()
     assert (root / "two" / "export" / "config.json").is_file()
@@ -118,7 +119,7 @@ def test_two_process_merged_export_holds_base_and_loads(runs):
     assert "['embed_tokens']['embedding']" in loaded and "['lm_head']['kernel']" in loaded
     for key, value in merged.items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
-        base = single.get("restored['params']" + key)
+        base = single.get("['params']" + key)
         assert base is not None, key
         if any(f"{t}']['kernel']" in key for t in ("q_proj", "k_proj", "v_proj")):
             assert np.abs(value - base).max() > 1e-4, f"{key}: LoRA not merged"
