@@ -35,7 +35,7 @@ class FeatureSettings:
                    num_mel_bins=int(config.model.audio.num_mel_bins), fps=float(data.fps),
                    max_frames=int(data.max_frames), sample_rate=int(data.sample_rate),
                    min_audio_seconds=float(data.min_audio_seconds),
-                   missing_audio=str(data.missing_audio), channel=str(data.get("audio_channel", "first")))
+                   missing_audio=str(data.missing_audio), channel=str(data.audio_channel))
 
 
 def media_features(video: str | None, audio: str | None, settings: FeatureSettings,

@@ -57,14 +57,7 @@ def resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cpu_jax():
-    """jax on its CPU device. In a data worker process (no jax imported yet) only the CPU
-    backend is started, so workers never claim accelerator memory."""
-    import multiprocessing
-    import os
-    import sys
-
-    if "jax" not in sys.modules and multiprocessing.parent_process() is not None:
-        os.environ["JAX_PLATFORMS"] = "cpu"
+    """jax and its CPU device (grain workers restrict jax to the CPU platform at start-up)."""
     import jax
 
     return jax, jax.devices("cpu")[0]

@@ -8,6 +8,7 @@ Scripts that use workers (`data.num_workers > 0`) need their entry point under
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -26,8 +27,16 @@ _WORKER_LIMITS = []
 
 
 def _init_worker(index: int, count: int) -> None:
-    """Each worker is one unit of parallelism: single-threaded BLAS (threads fighting over the
-    same cores made the log-mel matmul 3-5x slower)."""
+    """Start-up of a grain worker process: jax there may only start its CPU platform (the resize
+    kernel; a worker must never claim accelerator memory), and BLAS runs single-threaded since
+    each worker is one unit of parallelism (threads fighting over the cores made the log-mel
+    matmul 3-5x slower)."""
+    import jax
+
+    try:
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:   # a backend already started in this process: leave it
+        pass
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -131,9 +140,14 @@ class BatchIterator:
         return self.quarantine.summary()
 
     def close(self) -> None:
+        """Stop the worker processes (dropping the iterators now avoids noisy teardown later)."""
+        if self._it is None:
+            return
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+        self._it, self._done = None, True
+        gc.collect()
 
 
 def make_loader(records: Sequence[dict], config: ml_collections.ConfigDict, *,
