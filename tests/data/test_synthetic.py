@@ -141,3 +141,39 @@ def test_tokenizer_loads_offline_and_covers_the_grammar(synth_dir):
     chat = tok.apply_chat_template([{"role": "user", "content": "<media>\nhi"}], tokenize=False,
                                    add_generation_prompt=True)
     assert chat == "<|im_start|>user\n<media>\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_fresh_clips_extend_without_touching_the_splits(synth_dir, tmp_path):
+    from vsalmonn_jax.data.synthetic import synthetic_config, write_split
+
+    cfg = synthetic_config()
+    paths = write_split(str(tmp_path), "fresh", 5, 2, seed=7, cfg=cfg, suffix="_r1")
+    rows = [json.loads(line) for line in open(paths["caption"])]
+    assert [r["id"] for r in rows] == ["fresh_000005", "fresh_000006"]
+    assert rows[0]["clip"] == sc.SPLIT_BASE["fresh"] + 5
+    assert rows[0]["events"] == sc.make_scene(7, sc.SPLIT_BASE["fresh"] + 5, cfg).events
+    assert (tmp_path / rows[1]["video"]).stat().st_size > 0
+    assert paths["sft"].endswith("sft_fresh_r1.jsonl")
+
+
+def test_sounds_are_separable_in_a_16_bin_log_mel():
+    """Nearest-centroid on the half second of log-mel after each sound start: every class of
+    sound (pitch, chirp direction, noise) is told apart, so the audio events are learnable."""
+    from vsalmonn_jax.data.features import log_mel
+
+    windows, labels = [], []
+    for i in range(60):
+        scene = sc.make_scene(11, i)
+        if not scene.sounds:
+            continue
+        mel = log_mel(render_audio(scene, 11), 16)                    # [16, 3000], 100 frames/s
+        for t, name in scene.sounds:
+            start = int(round((t + 0.05) * 100))
+            windows.append(mel[:, start:start + 50].reshape(-1))
+            labels.append(sc.SOUNDS.index(name))
+    windows, labels = np.stack(windows), np.asarray(labels)
+    half = len(labels) // 2
+    centroids = np.stack([windows[:half][labels[:half] == k].mean(0) for k in range(len(sc.SOUNDS))])
+    distance = ((windows[half:, None, :] - centroids[None]) ** 2).sum(-1)
+    accuracy = (distance.argmin(1) == labels[half:]).mean()
+    assert len(labels) > 60 and accuracy >= 0.95

@@ -9,6 +9,7 @@ Layout of `out_dir`:
   sft_<split>_clean.jsonl         SFT conversations with the exact captions + QA
   qa_<split>.jsonl                multiple-choice QA records
   tokenizer/                      PreTrainedTokenizerFast (ChatML specials + media placeholder)
+More clips of any split (e.g. "fresh" ones for each DPO round) come from `write_split`.
 """
 
 from __future__ import annotations
@@ -140,6 +141,29 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def write_split(out_dir: str, split: str, start: int, count: int, *, seed: int,
+                cfg: ml_collections.ConfigDict, placeholder: str = "<media>", workers: int = 1,
+                suffix: str = "") -> dict[str, str]:
+    """Render clips [start, start + count) of `split` and write its JSONL files.
+
+    Files: <split><suffix>.jsonl (caption records), qa_, sft_ and sft_..._clean variants.
+    Clips are unlimited per split (e.g. "fresh" clips for each DPO round); returns {kind: path}.
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    render_split(str(out), seed, split, start, count, cfg, workers)
+    rows = [clip_records(seed, split, i, cfg) for i in range(start, start + count)]
+    fill = lambda r: json.loads(json.dumps(r).replace("{placeholder}", placeholder))
+    name = f"{split}{suffix}"
+    paths = {"caption": out / f"{name}.jsonl", "qa": out / f"qa_{name}.jsonl",
+             "sft": out / f"sft_{name}.jsonl", "sft_clean": out / f"sft_{name}_clean.jsonl"}
+    _write_jsonl(paths["caption"], [r["caption"] for r in rows])
+    _write_jsonl(paths["qa"], [q for r in rows for q in r["qa"]])
+    _write_jsonl(paths["sft"], [fill(s) for r in rows for s in r["sft"]])
+    _write_jsonl(paths["sft_clean"], [fill(s) for r in rows for s in r["sft_clean"]])
+    return {kind: str(path) for kind, path in paths.items()}
+
+
 def build_dataset(out_dir: str, n_train: int | None = None, n_val: int | None = None,
                   n_test: int | None = None, seed: int | None = None,
                   cfg: ml_collections.ConfigDict | None = None, placeholder: str = "<media>",
@@ -151,15 +175,9 @@ def build_dataset(out_dir: str, n_train: int | None = None, n_val: int | None = 
               "val": cfg.n_val if n_val is None else n_val,
               "test": cfg.n_test if n_test is None else n_test}
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for split, count in counts.items():
-        render_split(str(out), seed, split, 0, count, cfg, workers)
-        rows = [clip_records(seed, split, i, cfg) for i in range(count)]
-        fill = lambda r: json.loads(json.dumps(r).replace("{placeholder}", placeholder))
-        _write_jsonl(out / f"{split}.jsonl", [r["caption"] for r in rows])
-        _write_jsonl(out / f"qa_{split}.jsonl", [q for r in rows for q in r["qa"]])
-        _write_jsonl(out / f"sft_{split}.jsonl", [fill(s) for r in rows for s in r["sft"]])
-        _write_jsonl(out / f"sft_{split}_clean.jsonl", [fill(s) for r in rows for s in r["sft_clean"]])
+        write_split(str(out), split, 0, count, seed=seed, cfg=cfg, placeholder=placeholder,
+                    workers=workers)
     build_tokenizer(tokenizer_corpus(cfg, placeholder), str(out / "tokenizer"), vocab_size,
                     placeholder)
     info = meta(seed, cfg, counts, placeholder)
