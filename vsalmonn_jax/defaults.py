@@ -73,8 +73,19 @@ def base_config() -> ml_collections.ConfigDict:
         precompute_reference=False))
     c.mrdpo = ml_collections.ConfigDict(dict(
         rounds=3, steps_per_round=1000, samples_per_video=2, pair_rule="total",
-        drop_ties=True, judge="exact"))
-    c.rebirth = ml_collections.ConfigDict(dict(non_caption_ratio=0.3))
+        drop_ties=True, judge="exact",
+        # training/pairs.py: total | miss_weighted (miss_weight x M + I + H); best_worst | all pairs
+        miss_weight=2.0, pair_mode="best_worst", min_margin=0.0,
+        # sampling the k captions per video (official: top-p 0.9, T 1.0); 0 = generate.max_new_tokens
+        top_p=0.9, temperature=1.0, top_k=0, max_new_tokens=0,
+        videos_per_round=0,       # 0 = all training videos every round; N = a fresh slice of N
+        batch_size=0,             # DPO batch (pairs); 0 = data.batch_size
+        gt_guidance=True,         # pair records carry the GT caption for the dpo.gt_ce_weight CE
+        ce_only_records=False,    # videos without a pair still give a GT-only (CE) record
+        control=False))           # control arm: the same rounds with the DPO term off (GT CE only)
+    c.rebirth = ml_collections.ConfigDict(dict(
+        non_caption_ratio=0.3,    # share of non-caption (e.g. QA) records in the rebirth SFT mix
+        num_steps=0))             # 0 = train.num_steps
     c.generate = ml_collections.ConfigDict(dict(
         max_new_tokens=1024, temperature=1.0, top_p=0.9, top_k=0, greedy=True,
         prompt="Please describe the video in detail."))

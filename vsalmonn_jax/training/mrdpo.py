@@ -1,0 +1,448 @@
+"""Multi-round DPO (the paper's mrDPO): sample -> judge -> pair -> DPO round -> merge LoRA -> evaluate.
+
+Each round: k captions per training video from the current policy (top-p sampling), scored against
+the ground-truth events by the configured judge, paired by the configured rule (training/pairs.py),
+optionally with precomputed reference log-probs; `steps_per_round` DPO steps (+ GT-caption CE) via
+`run_stage`; then the LoRA is merged into the base (jitted, donated), a fresh LoRA is drawn (B = 0),
+so the next round's reference (LoRA off + round-start adapter snapshot) is the policy just trained,
+and the optimizer and schedule restart. The held-out split is evaluated after every round.
+
+Resumable: the round-start state (merged base, trainables, rng) and the cursor + per-round metrics
+are an orbax checkpoint per round (`workdir/rounds`), the round's pairs a JSONL file, and the round's
+steps are run_stage checkpoints (`workdir/round_<r>/checkpoints`): a run killed anywhere resumes
+where it stopped and ends with the same trainables and metrics as an uninterrupted run.
+
+Layout of `workdir`:
+  rounds/<r>/                 round r's start state + cursor/history (orbax; r = rounds: final)
+  round_<r>/pairs.jsonl       preference (+ CE-only) records of round r
+  round_<r>/samples.jsonl     every sampled caption with its judged counts
+  round_<r>/checkpoints/      run_stage checkpoints of the round's DPO steps; metrics.jsonl
+  round_<r>/first_step.json   metrics of the round's first step (DPO loss log 2: policy == reference)
+  mrdpo.json                  the cursor and history, human-readable copy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vsalmonn_jax.generate.sampling import SamplingConfig
+from vsalmonn_jax.lora import LoraConfig, init_lora, merge
+from vsalmonn_jax.training import pairs as pairs_lib
+from vsalmonn_jax.training import state as st
+from vsalmonn_jax.training.pairs import PairRule, Sample
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
+
+ROUND_FIELDS = ("params", "trainable", "rng")   # what a round-start checkpoint holds
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MrdpoOptions:
+    """The `mrdpo` config section, read once (see defaults.py for every field)."""
+
+    rounds: int = 3
+    steps_per_round: int = 1000
+    samples_per_video: int = 2
+    videos_per_round: int = 0          # 0 = every training item each round; else a fresh slice
+    sampling: SamplingConfig = SamplingConfig(greedy=False, temperature=1.0, top_p=0.9)
+    max_new_tokens: int = 1024
+    judge: str = "exact"
+    batch_size: int = 1
+    precompute_reference: bool = False
+    control: bool = False              # control arm: DPO term off (CE on the GT captions only)
+    gt_guidance: bool = True           # pair records carry the GT caption for the CE term
+    ce_only_records: bool = False      # videos without a pair still give a GT-only record
+    eval_max_new_tokens: int = 1024
+
+    @classmethod
+    def from_config(cls, config) -> MrdpoOptions:
+        m = config.mrdpo
+        max_new = int(m.get("max_new_tokens", 0)) or int(config.generate.max_new_tokens)
+        return cls(
+            rounds=int(m.rounds), steps_per_round=int(m.steps_per_round),
+            samples_per_video=int(m.samples_per_video),
+            videos_per_round=int(m.get("videos_per_round", 0)),
+            sampling=SamplingConfig(greedy=False, temperature=float(m.get("temperature", 1.0)),
+                                    top_k=int(m.get("top_k", 0)), top_p=float(m.get("top_p", 0.9))),
+            max_new_tokens=max_new, judge=str(m.judge),
+            batch_size=int(m.get("batch_size", 0)) or int(config.data.batch_size),
+            precompute_reference=bool(config.dpo.precompute_reference),
+            control=bool(m.get("control", False)), gt_guidance=bool(m.get("gt_guidance", True)),
+            ce_only_records=bool(m.get("ce_only_records", False)),
+            eval_max_new_tokens=int(config.generate.max_new_tokens))
+
+
+# ------------------------------------------------------------------------------ merge boundary
+
+def lora_targets(params: Mapping, lora: Mapping) -> dict:
+    """The base kernels a LoRA tree adapts, at the same paths (e.g. {"llm": {...}} for the AV model)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    out = {}
+    for path in traverse_util.flatten_dict(dict(lora)):
+        if path[-1] == "a":
+            kernel = path[:-1] + ("kernel",)
+            if kernel not in flat:
+                raise KeyError(f"LoRA module {'/'.join(path[:-1])} has no kernel in params")
+            out[kernel] = flat[kernel]
+    return traverse_util.unflatten_dict(out)
+
+
+def merge_and_reinit(params, lora, rng: jax.Array, lora_config: LoraConfig):
+    """(params with W + scale * A @ B, a fresh LoRA tree of the same paths (A random, B = 0))."""
+    merged = merge(params, lora, lora_config.scale)
+    fresh = init_lora(rng, lora_targets(merged, lora), lora_config)
+    return merged, fresh
+
+
+_MERGE_CACHE: dict = {}
+
+
+def merge_round(state: st.TrainState, lora_config: LoraConfig, rng: jax.Array, shardings=None,
+                mesh=None, rules=LOGICAL_AXIS_RULES) -> st.TrainState:
+    """Round boundary: base <- merged base, LoRA <- fresh, in one jitted call that donates the old
+    base and LoRA (no second copy of the base lives at once). The optimizer state and reference
+    snapshot are left to the next stage's `prepare_state` (fresh optimizer, adapter snapshot)."""
+    if "lora" not in state.trainable:
+        raise ValueError("merge_round: the state has no 'lora' trainable (train.trainable lacks 'lora')")
+
+    def fn(params, trainable, key):
+        merged, fresh = merge_and_reinit(params, trainable["lora"], key, lora_config)
+        return merged, dict(trainable, lora=fresh)
+
+    out_shardings = None if shardings is None else (shardings.params, shardings.trainable)
+    cache_key = (lora_config, id(shardings), id(mesh))
+    if cache_key not in _MERGE_CACHE:
+        _MERGE_CACHE.clear()
+        _MERGE_CACHE[cache_key] = jax.jit(fn, donate_argnums=(0, 1), out_shardings=out_shardings)
+    run = _MERGE_CACHE[cache_key]
+    if mesh is None:
+        params, trainable = run(state.params, state.trainable, rng)
+    else:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            params, trainable = run(state.params, state.trainable, rng)
+    return state.replace(params=params, trainable=trainable)
+
+
+# ------------------------------------------------------------------------------ one round's data
+
+def round_items(items: Sequence[Mapping], round_index: int, per_round: int) -> list[Mapping]:
+    """The videos sampled in round r: all of them, or the r-th slice of `per_round` (cycling)."""
+    items = list(items)
+    if per_round <= 0 or per_round >= len(items):
+        return items
+    start = (round_index * per_round) % len(items)
+    return [items[(start + i) % len(items)] for i in range(per_round)]
+
+
+def sample_captions(env, state, items: Sequence[Mapping], opts: MrdpoOptions,
+                    rng: jax.Array) -> list[list[Sample]]:
+    """k sampled captions per item [video][k] from the current policy (top-p, temperature)."""
+    k = opts.samples_per_video
+    if k < 2 and not opts.control:
+        raise ValueError(f"mrdpo.samples_per_video must be >= 2 to form pairs, got {k}")
+    repeated = [item for _ in range(k) for item in items]   # sample j of item i at row j * n + i
+    flat = env.generate(state, repeated, sampling=opts.sampling, rng=rng,
+                        max_new_tokens=opts.max_new_tokens)
+    n = len(items)
+    return [[flat[j * n + i] for j in range(k)] for i in range(n)]
+
+
+def make_round_records(env, state, items: Sequence[Mapping], judge, rule: PairRule,
+                       opts: MrdpoOptions, rng: jax.Array, default_prompt: str
+                       ) -> tuple[list[dict], list[dict], dict]:
+    """(training records, sample log rows, stats) of one round.
+
+    DPO: preference records (chosen, rejected, gt). Control arm: SFT records on the GT captions of
+    the same videos (the CE term alone), so both arms see the same videos and steps.
+    """
+    samples = sample_captions(env, state, items, opts, rng)
+    scores = pairs_lib.score_samples(judge, items, samples)
+    records = pairs_lib.build_pairs(items, samples, scores, rule, default_prompt=default_prompt,
+                                    gt=opts.gt_guidance, ce_only_records=opts.ce_only_records)
+    stats = pairs_lib.pair_stats(items, samples, scores, records)
+    if opts.control:
+        records = control_records(items, default_prompt)
+        stats["control_records"] = len(records)
+    log = [{"video_id": str(item.get("id", "")), "sample": j, **sample.to_dict(),
+            "score": pairs_lib._counts(score), "error": rule.error(score)}
+           for item, row, row_scores in zip(items, samples, scores, strict=True)
+           for j, (sample, score) in enumerate(zip(row, row_scores, strict=True))]
+    return records, log, stats
+
+
+def control_records(items: Sequence[Mapping], default_prompt: str) -> list[dict]:
+    """SFT records "prompt -> ground-truth caption" (the control arm's CE-only training data)."""
+    out = []
+    for item in items:
+        truth = pairs_lib.gt_caption(item)
+        if truth is None:
+            continue
+        record = {k: item[k] for k in pairs_lib.MEDIA_FIELDS if item.get(k) is not None}
+        record.update(id=f"{item.get('id', '')}:gt", conversations=[
+            {"role": "user", "content": item.get("prompt") or default_prompt},
+            {"role": "assistant", "content": truth}])
+        out.append(record)
+    return out
+
+
+def precompute_reference(env, config, state: st.TrainState, records: list[dict], mesh,
+                         batch_size: int) -> list[dict]:
+    """Records with ref_chosen_logps / ref_rejected_logps from the round-start policy (LoRA off,
+    the current adapter: at a round start this IS the reference). One pass, no gradient."""
+    from vsalmonn_jax.training.loop import HOST_ONLY
+    from vsalmonn_jax.training.steps import StepOptions, put_batch, reference_logps
+
+    pair_index = [i for i, r in enumerate(records) if "chosen" in r]
+    if not pair_index:
+        return records
+    task, opts = env.task, StepOptions.from_config(config)
+    ref_state = st.snapshot_reference(state)
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+    @jax.jit
+    def ref_fn(s, batch):
+        media = jax.lax.stop_gradient(task.encode({"params": s.params}, batch))
+        return reference_logps(task, opts, s, batch, media)
+
+    subset = [records[i] for i in pair_index]
+    chosen = np.zeros(len(subset)), np.zeros(len(subset))
+    for batch in env.batches(subset, batch_size=batch_size, seed=0, shuffle=False, repeat=False):
+        ids = np.asarray(batch["example_id"])
+        device = put_batch({k: v for k, v in batch.items() if k not in HOST_ONLY}, sharding)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            c, r = jax.device_get(ref_fn(ref_state, device))
+        chosen[0][ids], chosen[1][ids] = c, r
+    out = [dict(r) for r in records]
+    for j, i in enumerate(pair_index):
+        out[i]["ref_chosen_logps"] = float(chosen[0][j])
+        out[i]["ref_rejected_logps"] = float(chosen[1][j])
+    return out
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+def evaluate_captions(env, state, items: Sequence[Mapping], judge, *, max_new_tokens: int,
+                      rng: jax.Array | None = None) -> dict:
+    """Greedy captions of `items`, judged: micro Miss / Incorrect / Hallucination / Total, repetition.
+
+    Returns {"miss", "incorrect", "hallucination", "total", "seq_rep_4", "no_end_token_rate",
+    "videos", "failed", "captions": [...]} (floats, plus the captions for the report).
+    """
+    from vsalmonn_jax.eval import aggregate, repetition_stats
+
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    samples = env.generate(state, list(items), sampling=SamplingConfig(greedy=True), rng=rng,
+                           max_new_tokens=max_new_tokens)
+    scores = pairs_lib.score_samples(judge, items, [[s] for s in samples])
+    agg = aggregate([row[0] for row in scores])
+    micro = agg["micro"] or {k: 0.0 for k in ("miss", "incorrect", "hallucination", "total")}
+    rep = repetition_stats([s.text for s in samples], [s.stopped for s in samples])
+    return {"miss": micro["miss"], "incorrect": micro["incorrect"],
+            "hallucination": micro["hallucination"], "total": micro["total"],
+            "seq_rep_4": rep["seq_rep_4"], "duplicate_sentence_rate": rep["duplicate_sentence_rate"],
+            "no_end_token_rate": rep["no_end_token_rate"], "videos": agg["videos"],
+            "failed": agg["failed"],
+            "captions": [{"id": str(item.get("id", "")), "caption": s.text, "stopped": s.stopped}
+                         for item, s in zip(items, samples, strict=True)]}
+
+
+# ------------------------------------------------------------------------------ persistence
+
+def _write_jsonl(path: pathlib.Path, rows: Sequence[Mapping]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+class RoundCheckpoints:
+    """orbax manager of round-start states: step r = the state entering round r + the cursor JSON."""
+
+    def __init__(self, directory: pathlib.Path):
+        # the latest round start, plus round 0 (the pre-DPO model rebirth tuning starts from)
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, keep_period=1 << 30, create=True,
+                                               enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=options,
+                                             item_names=("state", "meta"))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, round_index: int, state: st.TrainState, meta: dict) -> None:
+        tree = {name: getattr(state, name) for name in ROUND_FIELDS}
+        self.manager.save(round_index, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, round_index: int, target: st.TrainState) -> tuple[st.TrainState, dict]:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            {name: getattr(target, name) for name in ROUND_FIELDS})
+        restored = self.manager.restore(round_index, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return target.replace(**restored["state"]), dict(restored["meta"] or {})
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ------------------------------------------------------------------------------ the round loop
+
+def load_round_state(workdir: str | os.PathLike, round_index: int, target: st.TrainState
+                     ) -> tuple[st.TrainState, dict]:
+    """The state entering round r (0 = the pre-DPO model, `rounds` = the final model) and the
+    cursor/history saved with it; `target` gives structure and shardings (its arrays are unused)."""
+    ckpts = RoundCheckpoints(pathlib.Path(workdir) / "rounds")
+    try:
+        if round_index not in ckpts.manager.all_steps():
+            raise FileNotFoundError(f"{workdir}/rounds has no round {round_index} (has "
+                                    f"{sorted(ckpts.manager.all_steps())})")
+        return ckpts.restore(round_index, target)
+    finally:
+        ckpts.close()
+
+
+def round_config(config, opts: MrdpoOptions):
+    """The run_stage config of one round: stage mrdpo (sft for the control arm), its step count."""
+    cfg = config.copy_and_resolve_references()
+    cfg.stage = "sft" if opts.control else "mrdpo"
+    cfg.train.num_steps = opts.steps_per_round
+    return cfg
+
+
+def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
+              train_items: Sequence[Mapping], eval_items: Sequence[Mapping] = (),
+              eval_fn: Callable[[st.TrainState], dict] | None = None, mesh=None, judge=None,
+              on_step: Callable[[int, int, dict], None] | None = None, progress: bool = False,
+              tensorboard: bool = False) -> tuple[st.TrainState, dict]:
+    """Run (or resume) `mrdpo.rounds` rounds from `state` (the SFT result: params + trainables).
+
+    env: a PolicyEnv (training/policy_env.py) whose `task` the steps run on.
+    train_items: caption records (id, events, caption = GT caption, prompt, video/audio) to sample
+        pairs on; `mrdpo.videos_per_round` > 0 takes a fresh slice each round.
+    eval_fn(state) -> dict of floats after every round; default: `evaluate_captions` on eval_items
+        (greedy) when given. `on_step(round, step, metrics)` is called after every DPO step.
+    On resume `state` only supplies the structure / shardings (and the SFT state when no round
+    checkpoint exists yet). The passed state's buffers are donated to the steps: get the pre-DPO
+    model back with `load_round_state(workdir, 0, target)`. Returns (final state, summary) with summary["history"] = per-round
+    {round, pairs stats, first_step, last_step, eval}, summary["preempted"] on SIGTERM.
+    """
+    from vsalmonn_jax.eval import get_judge
+    from vsalmonn_jax.training.loop import run_stage
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    opts = MrdpoOptions.from_config(config)
+    rule = PairRule.from_config(config)
+    mesh = mesh or make_mesh(dict(config.mesh))
+    judge = judge or get_judge(opts.judge, config)
+    lora_config = LoraConfig.from_config(config.model.lora)
+    default_prompt = str(config.generate.prompt)
+    if eval_fn is None and eval_items:
+        def eval_fn(s):
+            return evaluate_captions(env, s, eval_items, judge, max_new_tokens=opts.eval_max_new_tokens)
+    cfg = round_config(config, opts)
+    tx, _ = st.make_optimizer(cfg.train, st.num_updates(cfg.train))
+    _, shardings = st.state_shardings(env.task, cfg, tx, mesh)
+    base_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x6D72)   # "mr"
+
+    ckpts = RoundCheckpoints(workdir / "rounds")
+    history: list[dict] = []
+    try:
+        latest = ckpts.latest()
+        if latest is None:
+            start = 0
+            ckpts.save(0, state, {"round": 0, "history": []})
+        else:
+            state, meta = ckpts.restore(latest, state)
+            start, history = int(meta["round"]), list(meta["history"])
+        summary: dict[str, Any] = {"preempted": False, "resumed_round": start if latest is not None else None}
+        for r in range(start, opts.rounds):
+            rdir = workdir / f"round_{r}"
+            rdir.mkdir(parents=True, exist_ok=True)
+            records, stats = _round_records(env, config, state, train_items, judge, rule, opts,
+                                            jax.random.fold_in(base_key, 2 * r), default_prompt,
+                                            rdir, mesh)
+            first_path = rdir / "first_step.json"
+
+            def step_hook(step, metrics, r=r, first_path=first_path):
+                if step == 1 and jax.process_index() == 0:
+                    _write_json(first_path, metrics)
+                if on_step is not None:
+                    on_step(r, step, metrics)
+
+            iterator = env.batches(records, batch_size=opts.batch_size,
+                                   seed=int(config.data.shuffle_seed) + r)
+            state, result = run_stage(cfg, iterator, rdir, task=env.task, state=state, mesh=mesh,
+                                      num_steps=opts.steps_per_round, on_step=step_hook,
+                                      progress=progress, tensorboard=tensorboard)
+            if result["preempted"]:
+                summary.update(preempted=True, round=r, step=result["step"])
+                return state, dict(summary, history=history)
+            state = merge_round(state, lora_config, jax.random.fold_in(base_key, 2 * r + 1),
+                                shardings, mesh)
+            entry = {"round": r, "pairs": stats, "last_step": result["last"],
+                     "first_step": json.loads(first_path.read_text()) if first_path.exists() else {},
+                     "eval": _floats(eval_fn(state)) if eval_fn is not None else {}}
+            history.append(entry)
+            ckpts.save(r + 1, state, {"round": r + 1, "history": history})
+            if jax.process_index() == 0:
+                _write_json(workdir / "mrdpo.json", {"round": r + 1, "history": history})
+    finally:
+        ckpts.close()
+    summary.update(round=opts.rounds, history=history)
+    return state, summary
+
+
+def _floats(metrics: Mapping) -> dict:
+    """JSON-able eval metrics (numbers as floats; lists such as captions kept as they are)."""
+    return {k: (float(v) if isinstance(v, int | float | np.floating | np.integer) else v)
+            for k, v in metrics.items()}
+
+
+def _round_records(env, config, state, train_items, judge, rule, opts, rng, default_prompt,
+                   rdir: pathlib.Path, mesh) -> tuple[list[dict], dict]:
+    """The round's records: read back when already built (resume), else sampled, judged, paired
+    (and reference log-probs precomputed) and written before any step of the round runs."""
+    path, stats_path = rdir / "pairs.jsonl", rdir / "pair_stats.json"
+    if path.exists() and stats_path.exists():
+        return _read_jsonl(path), json.loads(stats_path.read_text())
+    items = round_items(train_items, int(rdir.name.split("_")[-1]), opts.videos_per_round)
+    records, log, stats = make_round_records(env, state, items, judge, rule, opts, rng,
+                                             default_prompt)
+    if not records:
+        raise RuntimeError(f"{rdir.name}: no preference pairs from {len(items)} videos x "
+                           f"{opts.samples_per_video} samples (every pair tied); stats: {stats}")
+    if opts.precompute_reference and not opts.control:
+        records = precompute_reference(env, config, state, records, mesh, opts.batch_size)
+    if jax.process_index() == 0:
+        _write_jsonl(rdir / "samples.jsonl", log)
+        _write_jsonl(path, records)
+        _write_json(stats_path, stats)
+    return records, stats

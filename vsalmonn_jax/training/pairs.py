@@ -1,0 +1,192 @@
+"""mrDPO preference pairs: rank a video's k sampled captions by their judged errors, pick pairs.
+
+Pure Python (no jax): samples + VideoScores in, JSON-able preference records out (the data pipeline's
+"preference" kind: prompt, chosen, rejected, gt, plus the media path), with per-round statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+
+PAIR_RULES = ("total", "miss_weighted")
+PAIR_MODES = ("best_worst", "all")
+MEDIA_FIELDS = ("video", "audio")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One generated caption: text (special tokens removed), whether it ended with a stop token,
+    number of generated tokens and its summed log-probability under the sampling policy."""
+
+    text: str
+    stopped: bool = True
+    num_tokens: int = 0
+    logprob: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRule:
+    """How samples are ranked and paired (config section `mrdpo`).
+
+    rule: "total"         error = missed + incorrect + hallucinated (the default; the paper's ranking)
+          "miss_weighted" error = miss_weight * missed + incorrect + hallucinated (counters the
+                          "say less" drift whole-caption preferences learn)
+    mode: "best_worst"    one pair per video: the lowest-error vs the highest-error sample
+          "all"           every ordered pair of samples with different errors
+    drop_ties: a pair whose errors tie is dropped; with False, ties are broken by fewer
+               hallucinations, then fewer incorrect events (still dropped when those tie too).
+    min_margin: the rejected sample's error must exceed the chosen one's by more than this.
+    """
+
+    rule: str = "total"
+    miss_weight: float = 2.0
+    mode: str = "best_worst"
+    drop_ties: bool = True
+    min_margin: float = 0.0
+
+    def __post_init__(self):
+        if self.rule not in PAIR_RULES:
+            raise ValueError(f"mrdpo.pair_rule must be one of {PAIR_RULES}, got {self.rule!r}")
+        if self.mode not in PAIR_MODES:
+            raise ValueError(f"mrdpo.pair_mode must be one of {PAIR_MODES}, got {self.mode!r}")
+
+    @classmethod
+    def from_config(cls, config) -> PairRule:
+        """From the full config (its `mrdpo` section) or the section itself."""
+        section = config["mrdpo"] if "mrdpo" in config else config
+        return cls(rule=str(section["pair_rule"]), miss_weight=float(section.get("miss_weight", 2.0)),
+                   mode=str(section.get("pair_mode", "best_worst")),
+                   drop_ties=bool(section.get("drop_ties", True)),
+                   min_margin=float(section.get("min_margin", 0.0)))
+
+    def error(self, score) -> float:
+        """The ranking key of one VideoScore (lower is better)."""
+        weight = self.miss_weight if self.rule == "miss_weighted" else 1.0
+        return weight * float(score.missed) + float(score.incorrect) + float(score.hallucinated)
+
+    def key(self, score) -> tuple[float, ...]:
+        """Full ranking key: the error, then (unless drop_ties) the tie breakers."""
+        if self.drop_ties:
+            return (self.error(score),)
+        return (self.error(score), float(score.hallucinated), float(score.incorrect))
+
+    def prefers(self, better, worse) -> bool:
+        """Whether `better` (a VideoScore) beats `worse` by the rule (strictly, beyond min_margin)."""
+        kb, kw = self.key(better), self.key(worse)
+        if kw[0] - kb[0] > self.min_margin:
+            return True
+        if self.drop_ties or kb[0] != kw[0] or self.min_margin > 0:
+            return False
+        return kb[1:] < kw[1:]
+
+
+def judged_text(sample: Sample) -> str:
+    """What the judge reads: a caption without an end token has its runaway repeats collapsed."""
+    from vsalmonn_jax.eval import collapse_repeats
+
+    return sample.text if sample.stopped else collapse_repeats(sample.text)
+
+
+def score_samples(judge, items: Sequence[Mapping], samples: Sequence[Sequence[Sample]]) -> list[list]:
+    """VideoScores [video][sample] for k samples per video against each item's "events"."""
+    if len(items) != len(samples):
+        raise ValueError(f"score_samples: {len(items)} videos but {len(samples)} sample lists")
+    pairs, ids = [], []
+    for item, row in zip(items, samples, strict=True):
+        if "events" not in item:
+            raise ValueError(f"video {item.get('id', '?')!r} has no ground-truth 'events' to score against")
+        for j, sample in enumerate(row):
+            pairs.append((judged_text(sample), item["events"]))
+            ids.append(f"{item.get('id', '')}#{j}")
+    flat = judge.score_many(pairs, ids=ids) if pairs else []
+    out, pos = [], 0
+    for row in samples:
+        out.append(flat[pos:pos + len(row)])
+        pos += len(row)
+    return out
+
+
+def _choose(rule: PairRule, scores: Sequence) -> list[tuple[int, int]]:
+    """(chosen index, rejected index) pairs among one video's samples."""
+    usable = [j for j, s in enumerate(scores) if not s.failed]
+    if len(usable) < 2:
+        return []
+    if rule.mode == "best_worst":
+        order = sorted(usable, key=lambda j: (rule.key(scores[j]), j))
+        best, worst = order[0], order[-1]
+        return [(best, worst)] if rule.prefers(scores[best], scores[worst]) else []
+    return [(a, b) for a, b in itertools.permutations(usable, 2) if rule.prefers(scores[a], scores[b])]
+
+
+def gt_caption(item: Mapping) -> str | None:
+    """The ground-truth caption of a video (its "caption" field, else None)."""
+    text = item.get("caption")
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def build_pairs(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
+                scores: Sequence[Sequence], rule: PairRule, *, default_prompt: str,
+                gt: bool = True, ce_only_records: bool = False) -> list[dict]:
+    """Preference records for one round.
+
+    Each pair record carries the video's media path(s), prompt, chosen / rejected caption texts,
+    the ground-truth caption as `gt` (the CE guidance; `gt=False` leaves it out), and the scores of
+    both sides for the logs. With `ce_only_records`, a video without a usable pair still gives a
+    CE-only record (gt only), as some records of the official data are.
+    """
+    records = []
+    for item, row, row_scores in zip(items, samples, scores, strict=True):
+        base = {k: item[k] for k in MEDIA_FIELDS if item.get(k) is not None}
+        base["prompt"] = item.get("prompt") or default_prompt
+        truth = gt_caption(item) if gt else None
+        chosen = _choose(rule, row_scores)
+        for c, r in chosen:
+            record = dict(base, id=f"{item.get('id', '')}:{c}>{r}", video_id=str(item.get("id", "")),
+                          chosen=judged_text(row[c]), rejected=judged_text(row[r]),
+                          chosen_error=rule.error(row_scores[c]),
+                          rejected_error=rule.error(row_scores[r]),
+                          chosen_score=_counts(row_scores[c]), rejected_score=_counts(row_scores[r]))
+            if truth is not None:
+                record["gt"] = truth
+            records.append(record)
+        if not chosen and ce_only_records and truth is not None:
+            records.append(dict(base, id=f"{item.get('id', '')}:gt", video_id=str(item.get("id", "")),
+                                gt=truth))
+    return records
+
+
+def _counts(score) -> dict:
+    return {"missed": float(score.missed), "incorrect": float(score.incorrect),
+            "hallucinated": float(score.hallucinated), "events": int(score.num_events)}
+
+
+def pair_stats(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
+               scores: Sequence[Sequence], records: Sequence[Mapping]) -> dict:
+    """Round statistics: videos, samples, pairs (per video), ties, the samples' mean error rates."""
+    from vsalmonn_jax.eval import aggregate
+
+    flat = [s for row in scores for s in row]
+    micro = aggregate(flat)["micro"] or {}
+    pairs = [r for r in records if "chosen" in r]
+    stopped = [s.stopped for row in samples for s in row]
+    return {
+        "videos": len(items),
+        "samples": len(flat),
+        "failed_scores": sum(1 for s in flat if s.failed),
+        "pairs": len(pairs),
+        "ce_only": len(records) - len(pairs),
+        "pairs_per_video": len(pairs) / max(len(items), 1),
+        "videos_with_pair": len({r["video_id"] for r in pairs}),
+        "sample_no_end_token_rate": (sum(not s for s in stopped) / len(stopped)) if stopped else 0.0,
+        "sample_miss": micro.get("miss", 0.0),
+        "sample_incorrect": micro.get("incorrect", 0.0),
+        "sample_hallucination": micro.get("hallucination", 0.0),
+        "sample_total": micro.get("total", 0.0),
+        "mean_error_margin": (sum(r["rejected_error"] - r["chosen_error"] for r in pairs)
+                              / len(pairs)) if pairs else 0.0,
+    }

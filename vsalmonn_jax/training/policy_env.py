@@ -1,0 +1,190 @@
+"""What mrDPO and rebirth need from a model besides the train step: caption videos, batch records.
+
+`PolicyEnv` is the protocol (the AV model implements it over media files; `TextPolicyEnv` here is the
+text-only Qwen2 version used by the fast tests). Items are caption records (id, prompt, events,
+caption, video/audio); records are the data pipeline's kinds (preference, sft).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from vsalmonn_jax.generate.sampling import SamplingConfig
+from vsalmonn_jax.training.pairs import Sample
+from vsalmonn_jax.training.task import present
+
+MEDIA_BATCH_KEYS = ("pixel_values", "frame_mask", "frame_times", "mel", "mel_mask", "audio_seconds",
+                    "has_video", "has_audio")
+
+
+class PolicyEnv(Protocol):
+    """task: the TaskModel the train steps run on (TextTask, the AV task, ...).
+
+    generate(state, items, *, sampling, rng, max_new_tokens) -> one Sample per item, in order.
+        Row g of `items` draws from fold_in(rng, g), so a caption does not depend on how the items
+        are batched (sampling k per video = the items repeated k times).
+    batches(records, *, batch_size, seed, shuffle, repeat) -> an iterator of host numpy batches (the
+        batch contract: text fields per prefix, "example_id" = the record's position in `records`),
+        with get_state() / set_state() so run_stage can checkpoint the position.
+    """
+
+    task: Any
+
+    def generate(self, state, items: Sequence[Mapping], *, sampling: SamplingConfig,
+                 rng: jax.Array, max_new_tokens: int) -> list[Sample]: ...
+
+    def batches(self, records: Sequence[Mapping], *, batch_size: int, seed: int,
+                shuffle: bool = True, repeat: bool = True) -> Iterator[dict]: ...
+
+
+def policy_variables(state) -> dict:
+    """{"params", "lora", "adapter"} of a TrainState, empty collections dropped (generation)."""
+    return present({"params": state.params, **state.trainable})
+
+
+def row_keys(rng: jax.Array, start: int, count: int) -> jax.Array:
+    """Per-row sampling keys fold_in(rng, g) for global rows g in [start, start + count)."""
+    return jax.vmap(lambda g: jax.random.fold_in(rng, g))(np.arange(start, start + count))
+
+
+class ListIterator:
+    """Endless (or one-pass) batches over a list of featurised examples; checkpointable position.
+
+    Shuffled per epoch with a fixed seed; the last partial batch of a pass is padded by repeating
+    its last example (one-pass mode), so every batch has `batch_size` rows.
+    """
+
+    def __init__(self, examples: list[dict], collate_fn, batch_size: int, seed: int,
+                 shuffle: bool, repeat: bool):
+        if not examples:
+            raise ValueError("no records to batch (the round produced no pairs?)")
+        self.examples, self.collate_fn = examples, collate_fn
+        self.batch_size, self.seed, self.shuffle, self.repeat = int(batch_size), seed, shuffle, repeat
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> np.ndarray:
+        n = len(self.examples)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([int(self.seed), self.epoch]).permutation(n)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        n = len(self.examples)
+        if self.position >= n or (self.repeat and self.position + self.batch_size > n
+                                  and n >= self.batch_size):
+            if not self.repeat:
+                raise StopIteration
+            self.epoch, self.position = self.epoch + 1, 0
+        order = self._order()
+        index = list(order[self.position:self.position + self.batch_size])
+        self.position += self.batch_size
+        while len(index) < self.batch_size:   # pad (one-pass tail, or fewer records than a batch)
+            index.append(index[-1] if not self.repeat else order[len(index) % n])
+        return self.collate_fn([self.examples[int(i)] for i in index])
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class TextPolicyEnv:
+    """PolicyEnv of the text-only TextTask: prompts are ChatML user turns, no media.
+
+    tokenizer: a transformers tokenizer with the ChatML specials (data/tokenizer_build.py).
+    """
+
+    def __init__(self, task, tokenizer, *, default_prompt: str = "Please describe the video in detail.",
+                 sample_batch: int = 8, max_length: int = 32768, length_buckets: Sequence[int] = ()):
+        from vsalmonn_jax.data.text import ENDOFTEXT, IM_END, token_id
+
+        self.task, self.tokenizer = task, tokenizer
+        self.default_prompt, self.sample_batch = default_prompt, int(sample_batch)
+        self.max_length, self.length_buckets = int(max_length), tuple(length_buckets)
+        self.stop_ids = (token_id(tokenizer, IM_END),)
+        self.pad_id = token_id(tokenizer, ENDOFTEXT)
+
+    # ---- generation
+    def _prompt_ids(self, item: Mapping) -> np.ndarray:
+        from vsalmonn_jax.data.text import encode_prompt
+
+        return encode_prompt(self.tokenizer, item.get("prompt") or self.default_prompt,
+                             has_media=False)
+
+    def generate(self, state, items, *, sampling, rng, max_new_tokens):
+        from vsalmonn_jax.data.collate import bucket_length
+        from vsalmonn_jax.generate.decode import generate
+
+        variables = policy_variables(state)
+        out: list[Sample] = []
+        for start in range(0, len(items), self.sample_batch):
+            chunk = items[start:start + self.sample_batch]
+            prompts = [self._prompt_ids(item) for item in chunk]
+            rows = self.sample_batch   # fixed batch: one compile for every chunk
+            length = bucket_length(max(len(p) for p in prompts), self.length_buckets)
+            ids = np.full((rows, length), self.pad_id, np.int32)
+            mask = np.zeros((rows, length), bool)
+            for b in range(rows):
+                p = prompts[min(b, len(prompts) - 1)]
+                ids[b, :len(p)], mask[b, :len(p)] = p, True
+            result = generate(self.task.model, variables, input_ids=ids, attention_mask=mask,
+                              keys=row_keys(rng, start, rows), max_new_tokens=int(max_new_tokens),
+                              sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
+            out.extend(self._samples(result, len(chunk)))
+        return out
+
+    def _samples(self, result, count: int) -> list[Sample]:
+        tokens = result.token_lists()
+        stopped = np.asarray(result.stopped)
+        lengths = np.asarray(result.lengths)
+        logprobs = np.asarray(result.logprobs).sum(axis=1)
+        return [Sample(text=self.tokenizer.decode(tokens[b], skip_special_tokens=True).strip(),
+                       stopped=bool(stopped[b]), num_tokens=int(lengths[b]),
+                       logprob=float(logprobs[b])) for b in range(count)]
+
+    # ---- training batches
+    def featurize(self, record: Mapping) -> dict:
+        from vsalmonn_jax.data.example import text_fields
+        from vsalmonn_jax.data.records import infer_kind
+
+        record = dict(record)
+        kind = record.get("kind") or infer_kind(record)
+        fields = text_fields(dict(record, kind=kind), self.tokenizer, placeholder="<media>",
+                             max_length=self.max_length, truncation="error",
+                             default_prompt=self.default_prompt, has_media=False)
+        fields.pop("has_pair", None)
+        return fields
+
+    def _collate(self, examples: list[dict], length_buckets: Sequence[int]) -> dict:
+        from vsalmonn_jax.data.collate import collate
+
+        batch = collate(examples, pad_id=self.pad_id, image_size=1, num_mel_bins=1, max_frames=1,
+                        length_buckets=length_buckets)
+        return {k: v for k, v in batch.items() if k not in MEDIA_BATCH_KEYS}
+
+    def batches(self, records, *, batch_size, seed, shuffle=True, repeat=True):
+        """All batches padded to one length (the bucket of the longest record): one compile."""
+        from vsalmonn_jax.data.collate import TEXT_PREFIXES, bucket_length
+
+        examples = []
+        for i, record in enumerate(records):
+            example = self.featurize(record)
+            example.update(example_id=np.int64(i), audio_seconds=np.float32(0.0),
+                           has_video=np.bool_(False), has_audio=np.bool_(False))
+            examples.append(example)
+        longest = max((len(ex[p + "input_ids"]) for ex in examples for p in TEXT_PREFIXES
+                       if p + "input_ids" in ex), default=1)
+        length = bucket_length(longest, self.length_buckets)
+
+        def collate_fixed(batch_examples):
+            return self._collate(batch_examples, (length,))
+
+        return ListIterator(examples, collate_fixed, batch_size, seed, shuffle, repeat)

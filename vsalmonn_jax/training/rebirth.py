@@ -1,0 +1,138 @@
+"""Rebirth tuning: caption the training videos with the final mrDPO model, then SFT the PRE-DPO model
+on those captions mixed with its original non-caption data (config ratio); evaluate before / after.
+
+Resumable like mrDPO: the captions and the mixed records are written once (`workdir/captions.jsonl`,
+`workdir/records.jsonl`), the SFT steps are run_stage checkpoints, evaluations are JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from vsalmonn_jax.generate.sampling import SamplingConfig
+from vsalmonn_jax.training import state as st
+from vsalmonn_jax.training.pairs import MEDIA_FIELDS, Sample, judged_text
+
+
+def caption_records(items: Sequence[Mapping], captions: Sequence[Sample], default_prompt: str
+                    ) -> tuple[list[dict], list[str]]:
+    """SFT records "prompt -> the mrDPO model's caption" per video; (records, ids skipped because
+    the caption came out empty). A caption without an end token is kept with its repeats collapsed."""
+    if len(items) != len(captions):
+        raise ValueError(f"caption_records: {len(items)} videos but {len(captions)} captions")
+    records, skipped = [], []
+    for item, sample in zip(items, captions, strict=True):
+        text = judged_text(sample).strip()
+        if not text:
+            skipped.append(str(item.get("id", "")))
+            continue
+        record = {k: item[k] for k in MEDIA_FIELDS if item.get(k) is not None}
+        record.update(id=f"{item.get('id', '')}:rebirth", conversations=[
+            {"role": "user", "content": item.get("prompt") or default_prompt},
+            {"role": "assistant", "content": text}])
+        records.append(record)
+    return records, skipped
+
+
+def mix_records(caption_recs: Sequence[Mapping], non_caption: Sequence[Mapping], ratio: float,
+                seed: int) -> list[dict]:
+    """Captions + non-caption records so that non-caption records are `ratio` of the mix.
+
+    n_non = round(ratio / (1 - ratio) * n_captions), drawn from `non_caption` without replacement
+    when it is large enough (with replacement otherwise), seeded; the mix is shuffled.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"rebirth.non_caption_ratio must be in [0, 1), got {ratio}")
+    rng = np.random.default_rng([int(seed), 0x5EB])
+    count = int(round(ratio / (1.0 - ratio) * len(caption_recs))) if ratio > 0 else 0
+    if count and not non_caption:
+        raise ValueError(f"rebirth.non_caption_ratio={ratio} needs non-caption records (e.g. the SFT "
+                         "stage's QA conversations), but none were given")
+    if count:
+        pick = rng.choice(len(non_caption), size=count, replace=count > len(non_caption))
+        extra = [dict(non_caption[int(i)]) for i in pick]
+    else:
+        extra = []
+    mixed = [dict(r) for r in caption_recs] + extra
+    order = rng.permutation(len(mixed))
+    return [mixed[int(i)] for i in order]
+
+
+def rebirth_config(config):
+    """The run_stage config: stage rebirth (SFT objective), rebirth.num_steps (0 = train.num_steps)."""
+    cfg = config.copy_and_resolve_references()
+    cfg.stage = "rebirth"
+    steps = int(config.rebirth.get("num_steps", 0))
+    if steps:
+        cfg.train.num_steps = steps
+    return cfg
+
+
+def _load_or(path: pathlib.Path, build: Callable[[], Any]):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = build()
+    if jax.process_index() == 0:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(value, default=float))
+        os.replace(tmp, path)
+    return value
+
+
+def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.TrainState,
+                final_state: st.TrainState, train_items: Sequence[Mapping],
+                non_caption_records: Sequence[Mapping] = (),
+                eval_fn: Callable[[st.TrainState], dict] | None = None, mesh=None,
+                progress: bool = False, tensorboard: bool = False) -> tuple[st.TrainState, dict]:
+    """Caption `train_items` greedily with `final_state` (the mrDPO model), mix with
+    `non_caption_records` (SFT conversations, e.g. QA) at `rebirth.non_caption_ratio`, and SFT
+    `pre_dpo_state` on the mix for rebirth.num_steps (0 = train.num_steps).
+
+    eval_fn(state) -> dict runs on the pre-DPO model ("before") and the reborn one ("after").
+    `pre_dpo_state` is consumed (its buffers are donated to the steps). Returns (state, summary)
+    with summary = {"before", "after", "records", "captions", "skipped_empty", "preempted"}.
+    """
+    from vsalmonn_jax.training.loop import run_stage
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    default_prompt = str(config.generate.prompt)
+    items = list(train_items)
+
+    def caption():
+        samples = env.generate(final_state, items, sampling=SamplingConfig(greedy=True),
+                               rng=jax.random.PRNGKey(0),
+                               max_new_tokens=int(config.generate.max_new_tokens))
+        return [s.to_dict() for s in samples]
+
+    captions = [Sample(**c) for c in _load_or(workdir / "captions.json", caption)]
+
+    def records():
+        recs, skipped = caption_records(items, captions, default_prompt)
+        mixed = mix_records(recs, list(non_caption_records),
+                            float(config.rebirth.non_caption_ratio), int(config.seed))
+        return {"records": mixed, "captions": len(recs), "skipped_empty": skipped}
+
+    built = _load_or(workdir / "records.json", records)
+    before = _load_or(workdir / "eval_before.json",
+                      lambda: eval_fn(pre_dpo_state) if eval_fn is not None else {})
+    cfg = rebirth_config(config)
+    iterator = env.batches(built["records"], batch_size=int(config.data.batch_size),
+                           seed=int(config.data.shuffle_seed))
+    state, result = run_stage(cfg, iterator, workdir, task=env.task, state=pre_dpo_state,
+                              mesh=mesh, progress=progress, tensorboard=tensorboard)
+    summary = {"preempted": result["preempted"], "records": len(built["records"]),
+               "captions": built["captions"], "skipped_empty": built["skipped_empty"],
+               "before": before, "last_step": result["last"]}
+    if result["preempted"]:
+        return state, summary
+    summary["after"] = _load_or(workdir / "eval_after.json",
+                                lambda: eval_fn(state) if eval_fn is not None else {})
+    return state, summary
