@@ -83,10 +83,10 @@ def test_qa_items_are_answerable_from_the_scene():
 
 def test_frames_show_shapes_at_their_cells_and_colours():
     scene = sc.make_scene(5, 3)
-    frames = render_frames(scene, 64, 3)
+    frames = render_frames(scene, 64, 4)
     for track in scene.tracks:
         for t in range(scene.seconds):
-            cx, cy = ((track.cell[t] + 0.5) * 64 / 3).astype(int)
+            cx, cy = ((track.cell[t] + 0.5) * 64 / 4).astype(int)
             pixel = tuple(int(v) for v in frames[t, cy, cx])
             if track.visible[t]:
                 assert pixel == RGB[track.colour[t]]

@@ -29,7 +29,7 @@ def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_frames(scene: Scene, frame_size: int = 64, grid: int = 3) -> np.ndarray:
+def render_frames(scene: Scene, frame_size: int = 64, grid: int = 4) -> np.ndarray:
     """uint8 [seconds, frame_size, frame_size, 3]: frame t shows the state at second t."""
     frames = np.empty((scene.seconds, frame_size, frame_size, 3), np.uint8)
     frames[:] = BACKGROUND

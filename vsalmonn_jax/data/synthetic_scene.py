@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     """Generator settings; `config.data.synthetic` (when present) overrides these fields."""
     return ml_collections.ConfigDict(dict(
         seed=2024, min_seconds=4, max_seconds=8, fps=1, frame_size=64, sample_rate=16000,
-        grid=3, max_objects=2, visual_event_prob=0.6, audio_event_prob=0.4,
+        # grid 4: 4x4 cells of 16 px, i.e. one 14-px patch each once resized to 56 px (tiny)
+        grid=4, max_objects=2, visual_event_prob=0.6, audio_event_prob=0.4,
         n_train=1000, n_val=100, n_test=200, qa_per_clip=2,
         prompt="Please describe the video in detail.",
         # the SFT annotator's systematic habits (ground-truth events stay exact)
