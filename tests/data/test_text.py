@@ -93,3 +93,16 @@ def test_bad_turns_are_rejected(tok):
 def test_mcq_prompt_and_answer():
     assert text.mcq_prompt("Q?", ["x", "y"]) == "Q?\nA. x\nB. y\nAnswer with the option's letter."
     assert text.mcq_answer(["x", "y"], 1) == "B. y"
+
+
+def test_placeholder_is_added_to_a_tokenizer_without_it(tmp_path):
+    from vsalmonn_jax.data.tokenizer_build import build_tokenizer
+
+    build_tokenizer(["At 3 s, a low beep sounds."], str(tmp_path / "tok"), placeholder="<image>")
+    with pytest.raises(ValueError, match="no token '<media>'"):
+        text.token_id(text.load_tokenizer(str(tmp_path / "tok")), "<media>")
+    tok = text.load_tokenizer(str(tmp_path / "tok"), "<media>")
+    media = text.token_id(tok, "<media>")
+    assert media == len(tok) - 1
+    ids, _ = text.encode_response(tok, "<media>\nhi", "ok")
+    assert list(ids).count(media) == 1

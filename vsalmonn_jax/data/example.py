@@ -138,7 +138,7 @@ class Featurizer:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = text.load_tokenizer(self.tokenizer_path)
+            self._tokenizer = text.load_tokenizer(self.tokenizer_path, self.placeholder)
         return self._tokenizer
 
     def __call__(self, record: dict) -> dict:

@@ -21,11 +21,20 @@ IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
 
 
-def load_tokenizer(path: str):
-    """A transformers tokenizer from a local directory (never downloads)."""
+def load_tokenizer(path: str, placeholder: str | None = None):
+    """A transformers tokenizer from a local directory (never downloads).
+
+    With `placeholder`, a tokenizer that lacks it (e.g. the released Qwen2 one) gets it added as
+    a special token; its id only has to index the embedding table, the model replaces it.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if placeholder:
+        ids = tokenizer.convert_tokens_to_ids([placeholder])
+        if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+            tokenizer.add_tokens([placeholder], special_tokens=True)
+    return tokenizer
 
 
 def token_id(tokenizer, token: str) -> int:
