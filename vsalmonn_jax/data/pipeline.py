@@ -115,8 +115,8 @@ class BatchIterator:
                 examples.append(example)
         if not examples or (self.drop_remainder and len(examples) < self.batch_size):
             self._done = True
+            (log.warning if self.quarantine.failed else log.info)(self.quarantine.summary())
             self.quarantine.check(final=True)
-            log.info(self.quarantine.summary())
             raise StopIteration
         settings = self.featurizer.settings
         batch = collate(examples, pad_id=self.pad_id, image_size=settings.image_size,
@@ -158,7 +158,8 @@ def make_loader(records: Sequence[dict], config: ml_collections.ConfigDict, *,
                 seed: int | None = None) -> BatchIterator:
     """A BatchIterator over `records` with the settings of `config.data` (overridable here).
 
-    The quarantine file is `config.data.quarantine`, relative to `config.workdir`.
+    The quarantine file is `config.data.quarantine`, relative to `config.workdir`; with several
+    hosts each writes its own `<name>.host<i>.jsonl`. The summary is logged when the data ends.
     """
     data = config.data
     featurizer = featurizer or Featurizer.from_config(config)
@@ -166,9 +167,13 @@ def make_loader(records: Sequence[dict], config: ml_collections.ConfigDict, *,
         quarantine_path = data.quarantine
         if quarantine_path and not os.path.isabs(quarantine_path):
             quarantine_path = os.path.join(config.workdir, quarantine_path)
+    shard = shard or host_shard()
+    if quarantine_path and shard[1] > 1:   # one file per host: no concurrent appends
+        stem, ext = os.path.splitext(quarantine_path)
+        quarantine_path = f"{stem}.host{shard[0]}{ext}"
     dataset = make_dataset(records, featurizer,
                            seed=int(data.shuffle_seed if seed is None else seed), shuffle=shuffle,
-                           num_epochs=num_epochs, shard=shard or host_shard())
+                           num_epochs=num_epochs, shard=shard)
     pad_id = featurizer.tokenizer.pad_token_id
     return BatchIterator(dataset, featurizer, batch_size=batch_size or data.batch_size,
                          pad_id=0 if pad_id is None else pad_id,
