@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, logical_to_sharding
 
@@ -98,17 +98,30 @@ def _init_fn(task, config, tx):
     return init
 
 
+def _once(spec: PartitionSpec) -> PartitionSpec:
+    """A logical name used twice in one spec (e.g. a conv kernel's two `conv_in` axes) is kept on
+    its first axis only; flax refuses repeated names."""
+    seen, out = set(), []
+    for name in spec:
+        out.append(None if isinstance(name, str) and name in seen else name)
+        if isinstance(name, str):
+            seen.add(name)
+    return PartitionSpec(*out)
+
+
 def state_shardings(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """(abstract boxed state, NamedSharding tree) without allocating anything."""
     abstract = jax.eval_shape(_init_fn(task, config, tx), jax.random.PRNGKey(0))
-    return abstract, logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    specs = jax.tree.map(_once, nn.get_partition_spec(abstract),
+                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return abstract, logical_to_sharding(specs, mesh, rules)
 
 
 def abstract_state(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """ShapeDtypeStructs carrying shardings: the restore target for orbax."""
     abstract, shardings = state_shardings(task, config, tx, mesh, rules)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(abstract), shardings)
+                        values(abstract), shardings)
 
 
 def create_train_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None,
@@ -119,14 +132,21 @@ def create_train_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None
     """
     init = _init_fn(task, config, tx)
     _, shardings = state_shardings(task, config, tx, mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if params is None:
-            state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
-        else:
-            params = jax.device_put(params, shardings.params)
-            state = jax.jit(lambda r, p: nn.unbox(init(r)).replace(params=p),
-                            out_shardings=shardings, donate_argnums=(1,))(rng, params)
+    # No mesh / rules context here: out_shardings place every leaf, and in-init sharding
+    # constraints (boxed params being used) are not needed.
+    if params is None:
+        state = jax.jit(lambda r: values(init(r)), out_shardings=shardings)(rng)
+    else:
+        params = jax.device_put(params, shardings.params)
+        state = jax.jit(lambda r, p: values(init(r)).replace(params=p),
+                        out_shardings=shardings, donate_argnums=(1,))(rng, params)
     return state, shardings
+
+
+def values(tree):
+    """Strip nn.Partitioned boxes without applying sharding constraints."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def snapshot_reference(state: TrainState) -> TrainState:

@@ -2,7 +2,7 @@
 
 A task model turns a model-ready batch into final hidden states + shifted targets; the steps never
 know whether media were spliced in. The AV model (models/av_llm.py) plugs in by implementing the same
-four methods (training/av_task.py); `build_task(config)` picks it when it exists.
+four methods (training/av_task.py); `build_task(config)` picks one.
 """
 
 from __future__ import annotations
@@ -90,17 +90,22 @@ class TextTask:
         return self.model.apply(present(variables), hidden, method="lm_logits")
 
 
-def build_task(config, text_only: bool = False) -> TaskModel:
-    """The task model for `config`: the AV model when available and not `text_only`, else TextTask."""
+def build_task(config, text_only: bool | None = None, placeholder_id: int | None = None
+               ) -> TaskModel:
+    """The task model for `config`: the AV model (training/av_task.py) or text-only Qwen2.
+
+    text_only=None decides from the inputs: AV when a placeholder id is given or the config names
+    a tokenizer (`data.tokenizer`, i.e. real media records), else text-only (synthetic token data,
+    shape-only planning).
+    """
     from vsalmonn_jax.lora import LoraConfig
     from vsalmonn_jax.models.qwen2 import Qwen2Config
 
+    if text_only is None:
+        text_only = placeholder_id is None and not config.data.tokenizer
     if not text_only:
-        try:
-            from vsalmonn_jax.training import av_task  # adapts models/av_llm.py once it exists
-        except ImportError:
-            pass
-        else:
-            return av_task.build(config)
+        from vsalmonn_jax.training import av_task
+
+        return av_task.build(config, placeholder_id)
     lora = LoraConfig.from_config(config.model.lora) if "lora" in config.train.trainable else None
     return TextTask(Qwen2Config.from_config(config.model.llm), lora)
