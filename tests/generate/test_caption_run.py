@@ -1,0 +1,121 @@
+"""Caption job plumbing with a fake backend: inputs, JSONL output, bad-item skipping, resume."""
+
+import json
+
+import pytest
+
+from vsalmonn_jax.generate.caption_io import (
+    InputError,
+    discover_items,
+    jsonl_items,
+    read_done,
+)
+from vsalmonn_jax.generate.caption_run import UnreadableInput, run_captions
+
+
+class FakeBackend:
+    def __init__(self, batch_size=3, bad=(), crash_after=None):
+        self.batch_size, self.bad, self.crash_after = batch_size, set(bad), crash_after
+        self.batches, self.prepared = [], []
+
+    def prepare(self, item):
+        self.prepared.append(item["id"])
+        if any(item["id"].endswith(b) for b in self.bad):
+            raise UnreadableInput("undecodable: invalid data found when processing input")
+        return item["id"].upper()
+
+    def caption(self, rows):
+        if self.crash_after is not None and len(self.batches) == self.crash_after:
+            raise KeyboardInterrupt
+        self.batches.append([(item["id"], sample) for item, sample, _ in rows])
+        return [{"caption": f"{prep} #{sample}", "stopped": True, "num_tokens": 3, "logprob": -1.0}
+                for _, sample, prep in rows]
+
+
+def _files(tmp_path, names):
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    return [str(tmp_path / n) for n in names]
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_discover_files_folders_and_jsonl(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "sub").mkdir()
+    _files(media, ["b.mp4", "a.mkv", "notes.txt", "c.wav"])
+    _files(media / "sub", ["d.webm"])
+    records = tmp_path / "set.jsonl"
+    records.write_text("\n".join([
+        json.dumps({"id": "r1", "video": "media/b.mp4", "prompt": "What happens?"}),
+        json.dumps({"id": "r2"}),
+        "",
+        json.dumps({"video": "../outside.mp4"}),
+        json.dumps({"audio": "media/c.wav", "events": []}),
+    ]) + "\n")
+    items, errors = discover_items([str(media), str(records), str(tmp_path / "missing.mp4")])
+    ids = [i["id"] for i in items]
+    assert ids[:4] == [str(media / n) for n in ("a.mkv", "b.mp4", "c.wav")] + [str(media / "sub/d.webm")]
+    assert ids[4:] == ["r1", "set.jsonl:5"]
+    assert items[2]["audio"].endswith("c.wav") and "video" not in items[2]
+    assert items[4] == {"id": "r1", "video": str(media / "b.mp4"), "prompt": "What happens?",
+                        "line": 1, "source": str(records)}
+    assert errors == [f"{records}:2: the record has neither 'video' nor 'audio'",
+                      f"{records}:4: media path '../outside.mp4' escapes the data root {tmp_path}",
+                      f"{tmp_path / 'missing.mp4'}: no such file or folder"]
+    with pytest.raises(InputError, match="cannot read"):
+        jsonl_items(str(tmp_path / "nope.jsonl"))
+
+
+def test_run_writes_one_line_per_sample_and_skips_bad(tmp_path):
+    paths = _files(tmp_path, ["v0.mp4", "v1.mp4", "broken.mp4", "v3.mp4"])
+    items, _ = discover_items(paths)
+    out, errs = str(tmp_path / "out.jsonl"), str(tmp_path / "out.errors.jsonl")
+    warnings = []
+    backend = FakeBackend(batch_size=4, bad=["broken.mp4"])
+    summary = run_captions(items, backend, output=out, errors_output=errs, num_samples=2,
+                           progress=False, warn=warnings.append)
+    lines = _lines(out)
+    assert [(r["id"].rsplit("/", 1)[1], r["sample"]) for r in lines] == [
+        ("v0.mp4", 0), ("v0.mp4", 1), ("v1.mp4", 0), ("v1.mp4", 1), ("v3.mp4", 0), ("v3.mp4", 1)]
+    assert lines[0]["caption"] == f"{paths[0].upper()} #0" and lines[0]["video"] == paths[0]
+    assert [len(b) for b in backend.batches] == [4, 2]
+    assert backend.prepared.count(paths[0]) == 1              # prepared once for both samples
+    assert summary.written == 6 and summary.total == 8 and summary.already_done == 0
+    assert [f["id"] for f in summary.failed] == [paths[2]]
+    assert warnings == [f"caption: skipped {paths[2]}: undecodable: invalid data found when "
+                        "processing input"]
+    assert _lines(errs) == [{"id": paths[2], "video": paths[2], "audio": None,
+                             "error": "undecodable: invalid data found when processing input"}]
+
+
+def test_resume_after_interruption_redoes_only_missing(tmp_path):
+    paths = _files(tmp_path, [f"v{i}.mp4" for i in range(5)])
+    items, _ = discover_items(paths)
+    out, errs = str(tmp_path / "out.jsonl"), str(tmp_path / "err.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        run_captions(items, FakeBackend(batch_size=2, crash_after=1), output=out,
+                     errors_output=errs, progress=False)
+    assert len(_lines(out)) == 2
+    with open(out, "a") as handle:                 # a crash in the middle of a line
+        handle.write('{"id": "' + paths[2] + '", "sam')
+    assert read_done(out) == {(paths[0], 0), (paths[1], 0)}
+    assert open(out).read().endswith("\n")         # the fragment was cut off
+    backend = FakeBackend(batch_size=2)
+    summary = run_captions(items, backend, output=out, errors_output=errs, progress=False)
+    assert summary.already_done == 2 and summary.written == 3
+    assert backend.prepared == paths[2:]
+    assert [r["id"] for r in _lines(out)] == paths
+    again = FakeBackend(batch_size=2)
+    assert run_captions(items, again, output=out, errors_output=errs, progress=False).written == 0
+    assert again.prepared == [] and len(_lines(out)) == 5
+
+
+def test_resume_refuses_foreign_file(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"text": "not ours"}\n')
+    with pytest.raises(InputError, match="out.jsonl:1: not a caption line"):
+        read_done(str(out))

@@ -1,0 +1,155 @@
+"""Caption job I/O: what to caption (files, folders, JSONL records) and a resumable JSONL of results.
+
+An item is `{"id", "video", "audio", "prompt"}` (+ the record's other fields). Output lines are keyed by
+(id, sample): a restarted run reads them back and only does what is missing; a line cut short by a
+crash is dropped (the file is truncated to its last complete line) and redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+from vsalmonn_jax.data.records import resolve_media
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".aac")
+
+
+class InputError(ValueError):
+    """An input that names nothing to caption (missing path, bad JSONL line); names the place."""
+
+
+def _file_item(path: str) -> dict:
+    full = os.path.abspath(path)
+    if full.lower().endswith(AUDIO_EXTENSIONS):
+        return {"id": full, "audio": full}
+    return {"id": full, "video": full}
+
+
+def _folder_items(folder: str) -> list[dict]:
+    found = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            if name.lower().endswith(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS):
+                found.append(os.path.join(dirpath, name))
+    return [_file_item(p) for p in sorted(found)]
+
+
+def jsonl_items(path: str, root: str | None = None) -> tuple[list[dict], list[str]]:
+    """Records of a JSONL file -> (items, errors as "file:line: reason").
+
+    Media paths resolve against `root` (default: the file's folder), as in data/records.py; the id is
+    the record's "id" or "<file name>:<line>".
+    """
+    root = root or os.path.dirname(os.path.abspath(path))
+    items, errors = [], []
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from err
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+                item = {k: v for k, v in record.items() if k not in ("video", "audio")}
+                for key in ("video", "audio"):
+                    if record.get(key) is not None:
+                        item[key] = resolve_media(record[key], root)
+                if "video" not in item and "audio" not in item:
+                    raise ValueError("the record has neither 'video' nor 'audio'")
+            except (ValueError, json.JSONDecodeError) as err:
+                errors.append(f"{where}: {err}")
+                continue
+            item["id"] = str(record.get("id", f"{os.path.basename(path)}:{number}"))
+            item["line"], item["source"] = number, str(path)
+            items.append(item)
+    return items, errors
+
+
+def discover_items(inputs: Iterable[str], root: str | None = None) -> tuple[list[dict], list[str]]:
+    """Files, folders (recursive, media extensions) and .jsonl files -> (items, input errors).
+
+    Duplicate ids keep their first occurrence. A missing path is an input error, not an exception.
+    """
+    items, errors, seen = [], [], set()
+    for path in inputs:
+        if os.path.isdir(path):
+            found = _folder_items(path)
+            if not found:
+                errors.append(f"{path}: folder holds no video or audio files")
+        elif path.lower().endswith(".jsonl"):
+            found, bad = jsonl_items(path, root)
+            errors.extend(bad)
+        elif os.path.exists(path):
+            found = [_file_item(path)]
+        else:
+            errors.append(f"{path}: no such file or folder")
+            continue
+        for item in found:
+            if item["id"] not in seen:
+                seen.add(item["id"])
+                items.append(item)
+    return items, errors
+
+
+def read_done(path: str) -> set[tuple[str, int]]:
+    """(id, sample) pairs already in an output JSONL; truncates a trailing partial line in place."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as handle:
+        data = handle.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):              # interrupted mid-line: drop the fragment
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+    done = set()
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            done.add((str(row["id"]), int(row.get("sample", 0))))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{path}:{number}: not a caption line ({err}); refusing to resume "
+                             "into a file this command did not write") from err
+    return done
+
+
+class JsonlWriter:
+    """Append-only JSONL; each `write_many` is flushed and fsynced so a kill loses at most a line."""
+
+    def __init__(self, path: str):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write_many(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def pending(items: list[dict], num_samples: int, done: set[tuple[str, int]]) -> Iterator[tuple[dict, int]]:
+    """(item, sample index) pairs still to caption, item-major."""
+    for item in items:
+        for sample in range(num_samples):
+            if (item["id"], sample) not in done:
+                yield item, sample
