@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
         # embedding judge (eval/embedding.py); fit with `vsalmonn-jax eval calibrate`
         embedding_model="", embedding_match_threshold=0.55, embedding_correct_threshold=0.8,
         embedding_cover_threshold=0.85, embedding_number_rule="unmatched", embedding_negation_rule=True,
-        embedding_clauses=True))
+        embedding_clauses=True, embedding_threads=1))
 
     # ---- parallelism: mesh (data, fsdp, tensor); -1 = all remaining devices ----
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
