@@ -233,3 +233,155 @@ def vision_connector_params(source: Source) -> dict:
     newline = source.find_prefix("image_newline") + "image_newline"
     return load_tree(source, _lin("projector/linear_1", first) + _lin("projector/linear_2", second)
                      + [("image_newline", newline, same)])
+
+
+# ------------------------------------------------------------------------ Qwen2 (the LLM) ----
+
+def qwen2_params(source: Source, llm_cfg) -> dict:
+    """Qwen2 params through the lead's name map (models/qwen2_hf.py), with the LLM's prefix found
+    from `embed_tokens.weight` (`model.`, `model.language_model.`, `language_model.model.`, ...)."""
+    from vsalmonn_jax.models import qwen2_hf
+
+    prefix = source.find_prefix("embed_tokens.weight")
+    heads = sorted((k for k in source.keys() if k.endswith("lm_head.weight")), key=len)
+    entries, layer_entries = [], []
+    for entry in qwen2_hf.name_map(llm_cfg, prefix, heads[0] if heads else "lm_head.weight"):
+        fn = linear if entry.transpose else same
+        if entry.per_layer:
+            layer_entries.append(("/".join(entry.path[1:]), entry.hf_name, fn))
+        else:
+            entries.append(("/".join(entry.path), entry.hf_name, fn))
+    tree = load_tree(source, entries, llm_cfg.num_layers, layer_entries)
+    if not llm_cfg.scan_layers:
+        stacked = tree.pop("layers")
+        for i in range(llm_cfg.num_layers):
+            tree[f"layers_{i}"] = traverse_util.unflatten_dict(
+                {k: v[i] for k, v in traverse_util.flatten_dict(stacked).items()})
+    return tree
+
+
+# --------------------------------------------------------------- whole-model checkpoints ----
+
+def _cast(tree: dict, dtype) -> dict:
+    import jax.numpy as jnp
+
+    return {k: (_cast(v, dtype) if isinstance(v, dict) else jnp.asarray(v, dtype))
+            for k, v in tree.items()}
+
+
+def load_llava_onevision(source: Source | str | pathlib.Path, cfg) -> dict:
+    """LLaVA-OneVision (transformers or LLaVA-NeXT naming) -> {"params": {vision, llm},
+    "adapter": {vision_connector}}; `cfg` is an AVConfig. Whisper comes from `load_whisper`."""
+    source = source if isinstance(source, Source) else Source(source)
+    return {"params": {"vision": _cast(siglip_params(source, cfg.vision), cfg.vision.param_dtype),
+                       "llm": _cast(qwen2_params(source, cfg.llm), cfg.llm.param_dtype)},
+            "adapter": {"vision_connector": _cast(vision_connector_params(source), "float32")}}
+
+
+def load_whisper(source: Source | str | pathlib.Path, cfg) -> dict:
+    """A Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration) -> {"params": {"audio":
+    {"whisper": ..., "ln_speech": identity}}} (ln_speech is trained with the connector in the
+    official recipe; a fresh LayerNorm is the identity at init)."""
+    import numpy as np_
+
+    source = source if isinstance(source, Source) else Source(source)
+    d = cfg.audio.d_model
+    audio = {"whisper": whisper_params(source, cfg.audio),
+             "ln_speech": {"scale": np_.ones(d, np_.float32), "bias": np_.zeros(d, np_.float32)}}
+    return {"params": {"audio": _cast(audio, cfg.audio.param_dtype)}}
+
+
+OFFICIAL_PREFIXES = ("module.", "base_model.model.")
+
+
+def official_view(state: Mapping[str, object]) -> tuple[Source, dict[str, object]]:
+    """Normalise an official video-SALMONN 2 state dict (all_parameters.bin / checkpoint-N.bin):
+    strip DeepSpeed `module.` and PEFT `base_model.model.` prefixes and `.base_layer`; split the
+    PEFT LoRA tensors (`<module>.lora_A.default.weight`) into a second dict keyed by module name."""
+    base, lora = {}, {}
+    for name, value in state.items():
+        for prefix in OFFICIAL_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        name = name.replace(".base_layer.", ".")
+        if ".lora_A." in name or ".lora_B." in name:
+            module, _, rest = name.partition(".lora_")
+            lora[f"{module}.{rest[0]}"] = value  # "<module>.A" / "<module>.B"
+        else:
+            base[name] = value
+    return Source(base), lora
+
+
+def official_lora(lora: Mapping[str, object], llm_cfg) -> dict:
+    """PEFT lora_A [r, in] / lora_B [out, r] per layer -> our {"llm": {"layers": {"self_attn":
+    {"q_proj": {"a": [L, in, r], "b": [L, r, out]}}}}} (scan layout)."""
+    source = Source(lora)
+    prefix = next((k[: -len("layers.0.self_attn.q_proj.A")] for k in source.keys()
+                   if k.endswith("layers.0.self_attn.q_proj.A")), None)
+    if prefix is None:
+        return {}
+    entries = []
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        if f"{prefix}layers.0.self_attn.{proj}.A" in source:
+            entries += [(f"self_attn/{proj}/a", f"{prefix}layers.{{i}}.self_attn.{proj}.A", linear),
+                        (f"self_attn/{proj}/b", f"{prefix}layers.{{i}}.self_attn.{proj}.B", linear)]
+    return {"llm": load_tree(source, [], llm_cfg.num_layers, entries)}
+
+
+def load_official(state: Mapping[str, object] | str | pathlib.Path, cfg) -> dict:
+    """The official video-SALMONN 2 release (a torch state dict, or the path of one) -> the variables
+    it contains: {"params": {vision?, llm?, audio?}, "adapter": {vision_connector?, audio_connector?},
+    "lora": {llm}?}. Parts absent from the file (e.g. the base LLM when the file holds only the
+    trainable weights) are left out, so the result can be merged over `load_llava_onevision`.
+
+    Names (derived from llava/model/language_model/video_salmonn_2.py): model.vision_tower.
+    vision_tower.vision_model.*, model.mm_projector.{0,2}, model.image_newline, model.embed_tokens /
+    layers / norm, lm_head, speech_encoder.* (Whisper encoder), ln_speech, speech_Qformer.bert.*
+    (LAVIS BERT names), speech_query_tokens [1, Q, 768], speech_llama_proj, final_linear.{0,2}.
+    """
+    if isinstance(state, (str, pathlib.Path)):
+        import torch
+
+        state = torch.load(str(state), map_location="cpu", weights_only=True)
+    source, lora = official_view(state)
+    keys = source.keys()
+    has = lambda suffix: any(k.endswith(suffix) for k in keys)
+    params, adapter = {}, {}
+    if has("embeddings.patch_embedding.weight"):
+        params["vision"] = _cast(siglip_params(source, cfg.vision), cfg.vision.param_dtype)
+    if has("embed_tokens.weight"):
+        params["llm"] = _cast(qwen2_params(source, cfg.llm), cfg.llm.param_dtype)
+    if has("conv1.weight"):
+        audio = {"whisper": whisper_params(source, cfg.audio)}
+        audio["ln_speech"] = load_tree(source.sub(source.find_prefix("ln_speech.weight")),
+                                       _ln("ln_speech", "ln_speech"))["ln_speech"]
+        params["audio"] = _cast(audio, cfg.audio.param_dtype)
+    if has("mm_projector.0.weight"):
+        adapter["vision_connector"] = _cast(vision_connector_params(source), "float32")
+    if has("speech_Qformer.bert.embeddings.LayerNorm.weight"):
+        q = cfg.qformer
+        base = source.find_prefix("speech_Qformer.bert.embeddings.LayerNorm.weight")
+        connector = {"qformer": qformer_params(source.sub(base + "speech_Qformer.bert."), q, "lavis")}
+        connector.update(load_tree(source.sub(base), [
+            ("query", "speech_query_tokens", squeeze0),
+            *_lin("audio_proj", "speech_llama_proj"),
+            *(_lin("final_linear_0", "final_linear.0") + _lin("final_linear_1", "final_linear.2")
+              if q.use_final_linear else [])]))
+        adapter["audio_connector"] = _cast(connector, "float32")
+    out = {"params": params, "adapter": adapter}
+    lora_tree = official_lora(lora, cfg.llm)
+    if lora_tree:
+        out["lora"] = _cast(lora_tree, "float32")
+    return out
+
+
+def merge_variables(*parts: Mapping) -> dict:
+    """Deep-merge variable dicts (later parts win), e.g. LLaVA-OV + Whisper + the official file."""
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+                out[key] = merge_variables(out[key], value)
+            else:
+                out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out

@@ -1,0 +1,170 @@
+"""Checkpoint import: LLaVA-OneVision (SigLIP + projector + image_newline + Qwen2) and Whisper from
+local `transformers` directories, and the official video-SALMONN 2 state dict (DeepSpeed + PEFT
+names, LAVIS Q-Former) rebuilt here from the names in its published source."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    WhisperConfig,
+    WhisperModel,
+)
+
+from vsalmonn_jax.config import load_config
+from vsalmonn_jax.models import import_hf
+from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, dummy_batch, init_variables
+
+PH = 7
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    config = load_config("tiny", ["model.audio.max_source_positions=150",
+                                  "model.audio.chunk_seconds=3"])
+    return AVConfig.from_config(config, placeholder_id=PH)
+
+
+@pytest.fixture(scope="module")
+def torch_parts(cfg):
+    torch.manual_seed(0)
+    v, llm, a, q = cfg.vision, cfg.llm, cfg.audio, cfg.qformer
+    llava = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size,
+                           intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+                           num_attention_heads=v.num_heads, image_size=v.image_size,
+                           patch_size=v.patch_size, hidden_act="gelu_pytorch_tanh",
+                           layer_norm_eps=v.layer_norm_eps),
+        text_config=dict(model_type="qwen2", vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
+                         intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
+                         num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+                         rope_theta=llm.rope_theta, rms_norm_eps=llm.rms_norm_eps),
+        vision_feature_layer=-2, vision_feature_select_strategy="full")).eval()
+    whisper = WhisperModel(WhisperConfig(
+        num_mel_bins=a.num_mel_bins, d_model=a.d_model, encoder_layers=a.num_layers,
+        encoder_attention_heads=a.num_heads, encoder_ffn_dim=a.ffn_dim, decoder_layers=1,
+        decoder_attention_heads=a.num_heads, max_source_positions=a.max_source_positions,
+        vocab_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1)).eval()
+    qformer = Blip2QFormerModel(Blip2QFormerConfig(
+        hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+        intermediate_size=q.intermediate_size, encoder_hidden_size=a.d_model,
+        cross_attention_frequency=1, vocab_size=8)).eval()
+    return llava, whisper, qformer
+
+
+def _flat_equal(ours, expected):
+    flat_o = dict(jax.tree_util.tree_flatten_with_path(ours)[0])
+    flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    assert flat_o.keys() == flat_e.keys()
+    for k in flat_o:
+        np.testing.assert_array_equal(np.asarray(flat_o[k]), np.asarray(flat_e[k]), err_msg=str(k))
+
+
+def test_llava_onevision_and_whisper_directories(cfg, torch_parts, tmp_path):
+    llava, whisper, _ = torch_parts
+    llava.save_pretrained(tmp_path / "llava")
+    whisper.save_pretrained(tmp_path / "whisper")
+    loaded = import_hf.merge_variables(import_hf.load_llava_onevision(tmp_path / "llava", cfg),
+                                       import_hf.load_whisper(tmp_path / "whisper", cfg))
+    init = nn.unbox(jax.eval_shape(lambda: init_variables(jax.random.PRNGKey(0), cfg)))
+    shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
+    assert shapes(loaded["params"]) == shapes(init["params"])
+    assert shapes(loaded["adapter"]["vision_connector"]) == shapes(init["adapter"]["vision_connector"])
+    # the LLM answers exactly like transformers' language model
+    ids = np.array([[3, 9, 27, 81, 4]], np.int32)
+    with torch.no_grad():
+        expected = llava(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+    logits = AVLLM(cfg).apply({"params": loaded["params"]}, jnp.asarray(ids),
+                              method=lambda m, x: m.llm(x)[0])
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(loaded["adapter"]["vision_connector"]["image_newline"]),
+                                  llava.model.image_newline.detach().numpy())
+
+
+def _official_state_dict(cfg, llava, whisper, qformer):
+    """The names the official code produces: DeepSpeed `module.` + PEFT `base_model.model.`, LoRA on
+    q/k/v as `base_layer` + `lora_A/B.default`, LLaVA-NeXT vision / projector names, LAVIS Q-Former."""
+    sd = {}
+    for k, t in llava.state_dict().items():
+        if k.startswith("model.vision_tower."):
+            k = "model.vision_tower.vision_tower.vision_model." + k[len("model.vision_tower."):]
+        elif k.startswith("model.multi_modal_projector."):
+            k = k.replace("multi_modal_projector.linear_1", "mm_projector.0").replace(
+                "multi_modal_projector.linear_2", "mm_projector.2")
+        elif k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+            if any(f"self_attn.{p}." in k for p in ("q_proj", "k_proj", "v_proj")):
+                k = k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        sd["module.base_model.model." + k] = t
+    g = torch.Generator().manual_seed(1)
+    rank = 4
+    for i in range(cfg.llm.num_layers):
+        for p, out in (("q_proj", cfg.llm.num_heads * cfg.llm.head_dim),
+                       ("k_proj", cfg.llm.num_kv_heads * cfg.llm.head_dim),
+                       ("v_proj", cfg.llm.num_kv_heads * cfg.llm.head_dim)):
+            base = f"module.base_model.model.model.layers.{i}.self_attn.{p}"
+            sd[f"{base}.lora_A.default.weight"] = torch.randn(rank, cfg.llm.hidden_size, generator=g)
+            sd[f"{base}.lora_B.default.weight"] = torch.randn(out, rank, generator=g)
+    for k, t in whisper.encoder.state_dict().items():
+        sd["module.base_model.model.speech_encoder." + k] = t
+    d = cfg.audio.d_model
+    sd["module.base_model.model.ln_speech.weight"] = torch.rand(d, generator=g) + 0.5
+    sd["module.base_model.model.ln_speech.bias"] = torch.randn(d, generator=g)
+    for k, t in qformer.state_dict().items():  # transformers BLIP-2 -> LAVIS BERT names
+        k = k.replace("layernorm.", "embeddings.LayerNorm.").replace(".attention.attention.",
+                                                                    ".attention.self.")
+        k = k.replace(".crossattention.attention.", ".crossattention.self.")
+        sd["module.base_model.model.speech_Qformer.bert." + k] = t
+    h, qh = cfg.llm.hidden_size, cfg.qformer.hidden_size
+    sd["module.base_model.model.speech_query_tokens"] = torch.randn(1, 1, qh, generator=g)
+    for name, shape in (("speech_llama_proj", (h, qh)), ("final_linear.0", (h, h)),
+                        ("final_linear.2", (h, h))):
+        sd[f"module.base_model.model.{name}.weight"] = torch.randn(*shape, generator=g)
+        sd[f"module.base_model.model.{name}.bias"] = torch.randn(shape[0], generator=g)
+    return sd
+
+
+@pytest.mark.slow
+def test_official_release_state_dict(cfg, torch_parts, tmp_path):
+    llava, whisper, qformer = torch_parts
+    sd = _official_state_dict(cfg, llava, whisper, qformer)
+    torch.save(sd, tmp_path / "all_parameters.bin")
+    loaded = import_hf.load_official(tmp_path / "all_parameters.bin", cfg)
+    init = nn.unbox(jax.eval_shape(lambda: init_variables(jax.random.PRNGKey(0), cfg, _lora(cfg))))
+    shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
+    for collection in ("params", "adapter", "lora"):
+        assert shapes(loaded[collection]) == shapes(init[collection]), collection
+    # LAVIS-named Q-Former == the same weights through the transformers BLIP-2 names
+    _flat_equal(loaded["adapter"]["audio_connector"]["qformer"],
+                import_hf.qformer_params(import_hf.Source(qformer.state_dict()), cfg.qformer, "hf"))
+    a = loaded["lora"]["llm"]["layers"]["self_attn"]["k_proj"]["a"]
+    np.testing.assert_array_equal(np.asarray(a[1]), sd[
+        "module.base_model.model.model.layers.1.self_attn.k_proj.lora_A.default.weight"].numpy().T)
+    np.testing.assert_array_equal(
+        np.asarray(loaded["adapter"]["audio_connector"]["final_linear_1"]["kernel"]),
+        sd["module.base_model.model.final_linear.2.weight"].numpy().T)
+    # and the whole model runs on exactly these variables
+    batch = dummy_batch(cfg, batch=1, frames=2, chunks=1, text_len=6)
+    logits, _ = jax.jit(AVLLM(cfg, _lora(cfg)).apply)(loaded, batch)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def _lora(cfg):
+    from vsalmonn_jax.lora import LoraConfig
+
+    return LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+
+
+def test_missing_tensor_is_named(cfg):
+    with pytest.raises(KeyError, match="embeddings.patch_embedding.weight"):
+        import_hf.siglip_params(import_hf.Source({"foo": np.zeros(1)}), cfg.vision)
+    assert dataclasses.is_dataclass(cfg)
