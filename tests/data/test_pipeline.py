@@ -228,3 +228,21 @@ def test_worker_processes_give_the_same_batches_and_resume(synth_dir, tmp_path):
     assert len(rest) == 2
     for a, b in zip(rest, inline[2:], strict=True):
         _assert_same(a, b)
+
+
+def test_bucket_sizes():
+    from vsalmonn_jax.data.collate import bucket_length, frame_bucket
+
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 129)] == [16, 16, 32, 128, 256]
+    assert bucket_length(100, (64, 96, 160)) == 160 and bucket_length(200, (64, 160)) == 256
+    assert [frame_bucket(n, 110) for n in (0, 1, 3, 8, 9, 100, 110)] == [1, 1, 4, 8, 16, 110, 110]
+
+
+def test_text_too_long_is_quarantined_not_dropped(synth_dir, tmp_path):
+    config = _config(synth_dir, tmp_path, "data.max_length=100", "data.max_failure_share=0.9")
+    records = load_records(str(synth_dir / "sft_train.jsonl"))[:4]
+    batches = list(make_loader(records, config, shard=(0, 1), shuffle=False))
+    lines = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    kept = sum(b["example_id"].shape[0] for b in batches)
+    assert kept == 2 and len(lines) == 2
+    assert all(x["reason"] == "text" and "> max_length 100" in x["detail"] for x in lines)
