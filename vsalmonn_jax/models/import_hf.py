@@ -280,8 +280,9 @@ def load_llava_onevision(source: Source | str | pathlib.Path, cfg) -> dict:
 
 def load_whisper(source: Source | str | pathlib.Path, cfg) -> dict:
     """A Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration) -> {"params": {"audio":
-    {"whisper": ..., "ln_speech": identity}}} (ln_speech is trained with the connector in the
-    official recipe; a fresh LayerNorm is the identity at init)."""
+    {"whisper": ..., "ln_speech": identity}}}. ln_speech is not part of Whisper: the official code
+    creates it fresh (identity) and freezes it with Whisper (freeze_whisper); trained values, if any,
+    come with the official file (`load_official`)."""
     import numpy as np_
 
     source = source if isinstance(source, Source) else Source(source)
