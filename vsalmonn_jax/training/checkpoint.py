@@ -68,6 +68,21 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return target.replace(**restored["state"]), dict(restored["meta"] or {})
 
+    def restore_trainable(self, target: TrainState, step: int | None = None) -> TrainState:
+        """Only the trainables (and the base, if saved) into `target`: start a new stage from a
+        previous stage's checkpoint whatever its optimizer looked like (fresh opt_state / step)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        fields = ("trainable",) + (("params",) if self.include_params else ())
+        item = {name: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            getattr(target, name)) for name in fields}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+        return target.replace(**restored["state"])
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -158,3 +158,21 @@ def snapshot_reference(state: TrainState) -> TrainState:
 def trainable_count(state: TrainState) -> dict[str, int]:
     """Scalars per trainable collection (for the start-of-run log)."""
     return {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in state.trainable.items()}
+
+
+def merge_and_reinit(state: TrainState, lora_config, rng: jax.Array, shardings=None) -> TrainState:
+    """Fold the LoRA into the frozen base (W += scale A B, fp32, cast back) and start a fresh LoRA
+    (B = 0): the policy is unchanged and becomes the next DPO reference. Jitted; the old base is
+    donated so two copies never live at once. The optimizer state is left to the caller."""
+    from vsalmonn_jax.lora import init_lora, merge
+
+    def fn(params, lora, key):
+        new_params = merge(params, lora, lora_config.scale)
+        fresh = {name: init_lora(jax.random.fold_in(key, i), params[name], lora_config)
+                 for i, name in enumerate(sorted(lora))}
+        return new_params, fresh
+
+    out = None if shardings is None else (shardings.params, shardings.trainable["lora"])
+    params, lora = jax.jit(fn, donate_argnums=(0,), out_shardings=out)(
+        state.params, state.trainable["lora"], rng)
+    return state.replace(params=params, trainable=dict(state.trainable, lora=lora))

@@ -1,0 +1,137 @@
+"""`vsalmonn-jax train`: run one stage (align | sft | dpo | rebirth) of a config with the engine.
+
+Data: `--config.data.train=PATH.jsonl` goes through the data pipeline (AV model, media decoded in
+workers); `--config.data.train=synthetic[:N]` trains the text-only model on N synthetic token
+sequences (SFT) or pairs (DPO), no tokenizer needed (tests, smoke runs). Resumes from
+`<workdir>/checkpoints` when present; `--init-from DIR` starts from another stage's trainables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+SYNTHETIC_LENGTH = 32
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vsalmonn-jax train", description=__doc__.splitlines()[0],
+        epilog="config: --config configs/X.py --config.stage=sft --config.train.lr=1e-4 ...")
+    p.add_argument("--workdir", default="", help="output folder (default: config.workdir)")
+    p.add_argument("--init-from", default="",
+                   help="a previous stage's workdir: start from its latest trainables")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _local_batch(config) -> int:
+    """Rows per host per step: data.batch_size per (data x fsdp) shard of this host's devices."""
+    import jax
+
+    from vsalmonn_jax.training.sharding import mesh_shape
+
+    data, fsdp, _ = mesh_shape(dict(config.mesh))
+    return int(config.data.batch_size) * data * fsdp // jax.process_count()
+
+
+def synthetic_iterator(config, spec: str, batch: int):
+    """`synthetic` or `synthetic:N` -> a resumable iterator of text-only batches for the stage."""
+    from vsalmonn_jax.training import synthetic
+    from vsalmonn_jax.training.steps import objective_of
+
+    _, _, count = spec.partition(":")
+    num = int(count) if count else max(64, batch)
+    vocab = int(config.model.llm.vocab_size)
+    seed = int(config.data.shuffle_seed)
+    if objective_of(config.stage) == "dpo":
+        data = synthetic.dpo_examples(num, vocab, SYNTHETIC_LENGTH, seed)
+    else:
+        data = synthetic.sft_examples(num, vocab, SYNTHETIC_LENGTH, seed)
+    return synthetic.ArrayIterator(data, batch, seed=seed)
+
+
+def pipeline_iterator(config, path: str, batch: int, shuffle: bool = True, epochs: int | None = None):
+    """JSONL records -> the data pipeline's resumable BatchIterator (endless unless `epochs`)."""
+    from vsalmonn_jax.data.pipeline import make_loader
+    from vsalmonn_jax.data.records import load_records
+
+    records = load_records(path, root=config.data.root or None)
+    return make_loader(records, config, shuffle=shuffle, num_epochs=epochs, batch_size=batch,
+                       drop_remainder=True)
+
+
+def main(argv: list[str]) -> int:
+    from vsalmonn_jax.config import load_config, split_config_args
+
+    config_path, overrides, rest = split_config_args(argv)
+    args = _parser().parse_args(rest)
+    if not config_path:
+        print("vsalmonn-jax train: --config configs/X.py is required", file=sys.stderr)
+        return 2
+    config = load_config(config_path, overrides)
+    if config.stage not in ("align", "sft", "dpo", "rebirth", "mrdpo"):
+        print(f"vsalmonn-jax train: unknown stage {config.stage!r}", file=sys.stderr)
+        return 2
+    if config.stage == "mrdpo":
+        print("vsalmonn-jax train: mrdpo rounds are driven by the mrdpo stage runner, not by a "
+              "single train run", file=sys.stderr)
+        return 2
+    spec = str(config.data.train)
+    if not spec:
+        print("vsalmonn-jax train: set --config.data.train=PATH.jsonl (records) or =synthetic[:N]",
+              file=sys.stderr)
+        return 2
+    workdir = pathlib.Path(args.workdir or config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    from vsalmonn_jax.training import loop
+    from vsalmonn_jax.training.task import build_task
+
+    batch = _local_batch(config)
+    text_only = spec.startswith("synthetic")
+    task = build_task(config, text_only=text_only)
+    if text_only:
+        train_iter = synthetic_iterator(config, spec, batch)
+        eval_batches = None
+    else:
+        train_iter = pipeline_iterator(config, spec, batch)
+        eval_batches = ((lambda: pipeline_iterator(config, config.data.val, batch, shuffle=False,
+                                                   epochs=1)) if config.data.val else None)
+    eval_fn = None
+    if eval_batches is not None:
+        eval_fn = lambda state, steps: loop.evaluate(steps, state, eval_batches())
+    state = None
+    if args.init_from:
+        state = _init_from(config, task, pathlib.Path(args.init_from))
+    state, summary = loop.run_stage(config, train_iter, workdir, task=task, state=state,
+                                    eval_fn=eval_fn, progress=not args.no_progress)
+    report = {k: summary[k] for k in ("step", "skipped_steps", "preempted", "checkpoint", "last")}
+    print(json.dumps(report, default=float))
+    return 0
+
+
+def _init_from(config, task, previous: pathlib.Path):
+    """A fresh state for this stage whose trainables come from `previous`'s latest checkpoint."""
+    import jax
+
+    from vsalmonn_jax.training import state as st
+    from vsalmonn_jax.training.checkpoint import Checkpointer
+    from vsalmonn_jax.training.sharding import make_mesh
+    from vsalmonn_jax.training.steps import objective_of
+
+    mesh = make_mesh(dict(config.mesh))
+    tx, _ = st.make_optimizer(config.train, st.num_updates(config.train))
+    fresh, _ = st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)))
+    ckpt = Checkpointer(previous / "checkpoints")
+    try:
+        state = ckpt.restore_trainable(fresh)
+    finally:
+        ckpt.close()
+    if objective_of(config.stage) == "dpo" and "lora" in state.trainable and task.lora_config:
+        # the reference of a DPO stage is the previous stage's model: fold its LoRA into the base
+        state = st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1))
+    return state
