@@ -144,3 +144,23 @@ def test_config_defaults_match_the_judge_options():
             key = f"{prefix}_{field.name}" if f"{prefix}_{field.name}" in section else field.name
             if key in section:
                 assert section[key] == field.default, (key, section[key], field.default)
+
+
+def test_sample_indices_are_separate_groups(files, tmp_path):
+    gt, _, clips = files
+    rows = [{"id": f"v{i}", "caption": synthetic_scene.reference_caption(s), "sample": 0,
+             "video": f"media/v{i}.mp4", "num_tokens": 12} for i, s in enumerate(clips)]
+    rows += [{"id": "v0", "caption": "", "sample": 1, "stopped": False}]  # the `caption` command's lines
+    write_jsonl(tmp_path / "samples.jsonl", rows)
+    out = tmp_path / "s"
+    assert cli.main(["eval", "--captions", str(tmp_path / "samples.jsonl"), "--gt", str(gt),
+                     "--judge", "exact", "--out", str(out)]) == 0
+    groups = {g["label"]: g for g in json.loads((out / "report.json").read_text())["groups"]}
+    assert groups["captions"]["aggregate"]["micro"]["total"] == 0.0
+    assert groups["captions sample 1"]["aggregate"]["micro"]["miss"] == 1.0
+    assert groups["captions sample 1"]["uncaptioned_ids"] == ["v1", "v2", "v3", "v4", "v5"]
+    per_video = [json.loads(line) for line in (out / "per_video.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["sample"]) for r in per_video)[:2] == [("v0", 0), ("v0", 1)]
+    write_jsonl(tmp_path / "bad.jsonl", [{"id": "v0", "caption": "x", "sample": -1}])
+    with pytest.raises(ValueError, match="bad.jsonl:1: field 'sample' must be a non-negative"):
+        load_captions(tmp_path / "bad.jsonl")

@@ -37,11 +37,11 @@ def _read_captions(paths):
     records = []
     for path in paths:
         records += load_captions(path)
-    keys = [(r.model, r.stage, r.id) for r in records]
+    keys = [r.key for r in records]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"caption for id {dup[2]!r} (model {dup[0]!r}, stage {dup[1]!r}) appears in "
-                         "more than one --captions file")
+        raise ValueError(f"caption for id {dup[2]!r} (model {dup[0]!r}, stage {dup[1]!r}, sample {dup[3]}) "
+                         "appears in more than one --captions file")
     return records
 
 
@@ -119,8 +119,8 @@ def run_calibrate(args, config) -> int:
     records = _read_captions(args.captions)
     check_ids(records, gt)
     labels, failed = load_labels(args.labels)
-    used = [(r, labels[(r.model, r.stage, r.id)]) for r in records if (r.model, r.stage, r.id) in labels]
-    unlabelled = [r.id for r in records if (r.model, r.stage, r.id) not in labels]
+    used = [(r, labels[r.key]) for r in records if r.key in labels]
+    unlabelled = [r.id for r in records if r.key not in labels]
     judge = get_judge("embedding", config)
     result = calibrate(judge, [(judged_text(r), gt[r.id]) for r, _ in used], [lab for _, lab in used])
     result.update(unlabelled_ids=unlabelled, failed_label_ids=failed, labels=str(args.labels))

@@ -1,6 +1,6 @@
 """Fit the embedding judge's thresholds to labelled judgments (e.g. the llm or exact judge's output).
 
-Labels file (JSONL, the `per_video.jsonl` a report writes is one): {"id", "model"?, "stage"?,
+Labels file (JSONL, the `per_video.jsonl` a report writes is one): {"id", "model"?, "stage"?, "sample"?,
 "missed": int | list, "incorrect": int | list, "hallucinated": int | list, "event_labels"?: [correct |
 missed | incorrect per event], "failed"?: bool}. Agreement per video: event labels equal (or, with
 counts only, the overlap of the correct / missed / incorrect histograms) and hallucination counts
@@ -36,14 +36,15 @@ def _count(value, where: str, key: str) -> int:
     raise RecordError(f"{where}: field {key!r} must be a count or a list, got {value!r}")
 
 
-def load_labels(path) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
-    """{(model, stage, id): {"missed", "incorrect", "hallucinated", "event_labels"}}, failed ids."""
+def load_labels(path) -> tuple[dict[tuple[str, str, str, int], dict], list[str]]:
+    """{(model, stage, id, sample): {"missed", "incorrect", "hallucinated", "event_labels"}}, failed ids."""
     labels, failed = {}, []
     for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
         if "id" not in obj:
             raise RecordError(f"{where}: missing field 'id'")
-        key = (str(obj.get("model", "") or ""), str(obj.get("stage", "") or ""), str(obj["id"]))
+        key = (str(obj.get("model", "") or ""), str(obj.get("stage", "") or ""), str(obj["id"]),
+               int(obj.get("sample", 0) or 0))
         if obj.get("failed"):
             failed.append(key[2])
             continue

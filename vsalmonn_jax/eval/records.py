@@ -4,10 +4,11 @@ Formats (one JSON object per line; blank lines are skipped, anything else that i
 an error naming the file and line):
 
 captions file   {"id": str, "caption": str, "stopped": bool = true, "model": str = "",
-                 "stage": str = ""}
+                 "stage": str = "", "sample": int = 0}
     `stopped` says the caption ended with an end-of-turn token; a caption without one gets the
-    runaway-repeat collapse before it is judged. (model, stage, id) must be unique: one file may hold
-    the captions of several models / stages, which the report compares side by side.
+    runaway-repeat collapse before it is judged. (model, stage, id, sample) must be unique: one file
+    may hold the captions of several models / stages / sample indices (the `caption` command's
+    output lines), which the report compares side by side as groups.
 ground-truth    {"id": str, "events": [event, ...]}
     An event is either a string (embedding / llm judges) or a dict. Dicts with "time", "modality",
     "subject", "action" are synthetic events (exact judge; their text is the grammar's sentence);
@@ -40,10 +41,15 @@ class CaptionRecord:
     stopped: bool = True
     model: str = ""
     stage: str = ""
+    sample: int = 0
 
     @property
-    def group(self) -> tuple[str, str]:
-        return (self.model, self.stage)
+    def group(self) -> tuple[str, str, int]:
+        return (self.model, self.stage, self.sample)
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.model, self.stage, self.id, self.sample)
 
 
 def iter_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
@@ -84,13 +90,15 @@ def load_captions(path: str | pathlib.Path) -> list[CaptionRecord]:
         stopped = obj.get("stopped", True)
         if not isinstance(stopped, bool):
             raise RecordError(f"{where}: field 'stopped' must be a boolean, got {stopped!r}")
+        sample = obj.get("sample", 0)
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            raise RecordError(f"{where}: field 'sample' must be a non-negative integer, got {sample!r}")
         record = CaptionRecord(video_id, caption, stopped, str(obj.get("model", "") or ""),
-                               str(obj.get("stage", "") or ""))
-        key = (record.model, record.stage, record.id)
-        if key in seen:
-            raise RecordError(f"{where}: duplicate caption for id {video_id!r} "
-                              f"(model {record.model!r}, stage {record.stage!r}; first at line {seen[key]})")
-        seen[key] = lineno
+                               str(obj.get("stage", "") or ""), sample)
+        if record.key in seen:
+            raise RecordError(f"{where}: duplicate caption for id {video_id!r} (model {record.model!r}, "
+                              f"stage {record.stage!r}, sample {sample}; first at line {seen[record.key]})")
+        seen[record.key] = lineno
         records.append(record)
     return records
 

@@ -1,6 +1,6 @@
 """Evaluation report directory: report.json, per_video.jsonl, report.md and matplotlib plots (Agg).
 
-error_rates.png: micro Miss / Incorrect / Hallucination / Total per (model, stage) group;
+error_rates.png: micro Miss / Incorrect / Hallucination / Total per (model, stage, sample) group;
 repetition.png: seq-rep-4, duplicate-sentence rate and no-end-token share per group.
 """
 
@@ -110,7 +110,7 @@ def write_report(out_dir: str | pathlib.Path, result: dict) -> dict[str, pathlib
                                            "error_rates.png", "repetition.png")}
     paths["report.json"].write_text(json.dumps(summary(result), indent=1, default=str) + "\n")
     write_jsonl(paths["per_video.jsonl"],
-                ({"model": g["model"], "stage": g["stage"], **s.to_dict()}
+                ({"model": g["model"], "stage": g["stage"], "sample": g["sample"], **s.to_dict()}
                  for g in result["groups"] for s in g["scores"]))
     paths["report.md"].write_text(markdown(result))
     labels = [g["label"] for g in result["groups"]]
