@@ -87,3 +87,15 @@ def test_explicit_root_and_kind(tmp_path):
     assert records[0]["video"] == os.path.realpath(tmp_path / "data" / "clips" / "a.mp4")
     with pytest.raises(RecordError, match="r.jsonl:1: .*'question'"):
         load_records(path, kind="mcq")
+
+
+def test_load_split_from_config(tmp_path):
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.data.records import load_split
+
+    path = _write(tmp_path / "train.jsonl", GOOD[:2])
+    config = load_config("tiny", [f"data.train={path}", f"data.root={tmp_path / 'media'}"])
+    records = load_split(config, "train")
+    assert len(records) == 2 and records[0]["video"] == os.path.realpath(tmp_path / "media" / "a.mp4")
+    with pytest.raises(ValueError, match="config.data.val is empty"):
+        load_split(config, "val")

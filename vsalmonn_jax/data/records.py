@@ -181,3 +181,12 @@ def load_records(path: str, kind: str | None = None, root: str | None = None,
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise RecordError(errors[0] + more)
     return records
+
+
+def load_split(config, split: str, kind: str | None = None) -> list[dict]:
+    """Records of `config.data.<split>` (a JSONL path), media under `config.data.root` (default:
+    the file's folder)."""
+    path = config.data.get(split) if hasattr(config.data, "get") else None
+    if not path:
+        raise ValueError(f"config.data.{split} is empty: give the JSONL file of the {split} split")
+    return load_records(str(path), kind=kind, root=config.data.root or None)
