@@ -115,6 +115,9 @@ class BatchIterator:
                 examples.append(example)
         if not examples or (self.drop_remainder and len(examples) < self.batch_size):
             self._done = True
+            if examples:
+                log.info("drop_remainder: the last %d examples do not fill a batch of %d",
+                         len(examples), self.batch_size)
             (log.warning if self.quarantine.failed else log.info)(self.quarantine.summary())
             self.quarantine.check(final=True)
             raise StopIteration
