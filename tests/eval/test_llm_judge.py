@@ -30,6 +30,8 @@ def scripted(body, nth, auth):
         return 200, json.dumps({"missed": [9], "incorrect": [], "hallucinated": []})  # 9 > 4 events
     if case == "down":
         return 500, "internal error"
+    if case == "flaky":  # the pass with seed 2025 always fails
+        return (500, "internal error") if body["seed"] == 2025 else (200, GOOD)
     if case == "auth":  # echoes the credentials, as some proxies do: must be redacted
         return 401, f"invalid key {auth}"
     if case == "passes":  # missed grows with the seed: 2024 -> 1, 2025 -> 2, 2026 -> 3 (median 2)
@@ -128,6 +130,18 @@ def test_median_of_passes_seeds_and_concurrency(judge_env):
         assert score.details["pass_counts"] == [[1, 0, 2], [2, 0, 1], [3, 0, 0]]
         assert (score.missed, score.incorrect, score.hallucinated) == (2, 0, 1)
         assert score.event_labels == ["missed", "missed", "correct", "correct"]  # the median pass
+
+
+def test_a_failed_pass_is_reported_not_hidden(judge_env):
+    cache_dir, _ = judge_env
+    with FakeOpenAI(scripted) as server:
+        judge = make_judge(server, cache_dir, passes=3, max_retries=1, fallback_retries=0)
+        (score,) = judge.score_many([("CASE flaky. A door opens.", EVENTS)], ids=["flaky"])
+        assert server.per_case["flaky"] == 2 + (1 + 1 + 1)  # two good passes, 3 failed requests
+    assert not score.failed and (score.missed, score.incorrect, score.hallucinated) == (1, 1, 1)
+    assert score.details["passes_ok"] == 2 and score.details["pass_counts"][1] is None
+    assert len(score.details["errors"]) == 3
+    assert aggregate([score])["partial_ids"] == ["flaky"]
 
 
 def test_parsers_reject_bad_replies():

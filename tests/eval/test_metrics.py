@@ -76,6 +76,9 @@ def test_micro_and_macro_differ_by_hand():
     assert micro["total"] == pytest.approx(4 / 12)
     assert macro["total"] == pytest.approx((2 / 10 + 2 / 2) / 2)
     assert micro["incorrect_plus_hallucination"] == pytest.approx(1 / 12)
+    assert result["partial_ids"] == []
+    partial = VideoScore(id="p", num_events=1, details={"passes": 7, "passes_ok": 5})
+    assert aggregate([partial])["partial_ids"] == ["p"]
 
 
 def test_aggregate_edge_cases():

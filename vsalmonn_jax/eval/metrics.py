@@ -80,7 +80,8 @@ def repetition_stats(captions: Sequence[str], stopped: Sequence[bool] | None = N
 
 @dataclasses.dataclass
 class VideoScore:
-    """One video's judgement. Counts may be fractional (median of an even number of LLM passes)."""
+    """One video's judgement. Counts may be fractional (median of an even number of LLM passes);
+    the lists are empty when an LLM judge's counts came only from its count-only fallback."""
 
     id: str = ""
     num_events: int = 0
@@ -141,4 +142,6 @@ def aggregate(scores: Iterable[VideoScore]) -> dict:
         "micro": micro,
         "macro": macro,
         "videos_without_events": sum(1 for s in ok if not s.num_events),
+        # scored from fewer passes than asked (some passes of a multi-pass judge failed)
+        "partial_ids": [s.id for s in ok if s.details.get("passes_ok", 0) < s.details.get("passes", 0)],
     }

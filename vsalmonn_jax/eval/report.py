@@ -53,6 +53,10 @@ def markdown(result: dict) -> str:
             notes.append(f"- {g['label']}: {agg['failed']} video(s) the judge could not score "
                          f"(not counted in the rates): "
                          + "; ".join(f"`{i}`: {e}" for i, e in list(agg["failed_errors"].items())[:20]))
+        if agg.get("partial_ids"):
+            notes.append(f"- {g['label']}: {len(agg['partial_ids'])} video(s) scored from fewer judge "
+                         "passes than asked (the others failed): "
+                         + ", ".join(f"`{i}`" for i in agg["partial_ids"][:20]))
         if g["uncaptioned_ids"]:
             notes.append(f"- {g['label']}: {len(g['uncaptioned_ids'])} ground-truth video(s) without "
                          f"a caption: " + ", ".join(f"`{i}`" for i in g["uncaptioned_ids"][:20]))
