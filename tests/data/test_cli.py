@@ -17,7 +17,7 @@ def test_synth_writes_a_dataset(tmp_path, capsys):
     assert "splits" in capsys.readouterr().out
     assert main(["data", "check", str(out / "sft_train.jsonl")]) == 0
     summary = capsys.readouterr().out
-    assert "0 invalid, 0 media failures" in summary and "decoded" in summary
+    assert "0 invalid, 0 media/text failures" in summary and "decoded" in summary
 
 
 def test_check_reports_bad_records_and_stops_on_malformed_json(synth_dir, media_dir, tmp_path, capsys):
@@ -31,10 +31,20 @@ def test_check_reports_bad_records_and_stops_on_malformed_json(synth_dir, media_
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert main(["data", "check", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "3 records, 2 valid (caption 2), 1 invalid, 1 media failures" in out
+    assert "3 records, 2 valid (caption 2), 1 invalid, 1 media/text failures" in out
     assert f"bad: {path}:2: media path '../escape.mp4' escapes the data root" in out
     assert f"bad: {path}:3: empty:" in out
     with open(path, "a") as f:
         f.write('{"video": "ok.mp4", "events": [\n')
     assert main(["data", "check", str(path)]) == 2
     assert f"{path}:4: malformed JSON" in capsys.readouterr().err
+
+
+def test_check_encodes_text_with_a_tokenizer(synth_dir, capsys):
+    path = str(synth_dir / "sft_val.jsonl")
+    assert main(["data", "check", path, "--no-decode",
+                 f"--config.data.tokenizer={synth_dir / 'tokenizer'}"]) == 0
+    assert main(["data", "check", path, "--no-decode", "--config.data.max_length=60",
+                 f"--config.data.tokenizer={synth_dir / 'tokenizer'}"]) == 1
+    out = capsys.readouterr().out
+    assert f"bad: {path}:1: text: conversation is" in out and "> max_length 60" in out

@@ -2,6 +2,7 @@
 
   data synth --out DIR --n N [--n-val K] [--n-test K] [--seed S] [--workers W] [--config C ...]
   data check FILE.jsonl [--root DIR] [--kind sft|preference|caption|mcq] [--config C ...]
+`check` also encodes each record's text when --config.data.tokenizer is given.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import collections
 import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
-from vsalmonn_jax.data.example import FeatureSettings
+from vsalmonn_jax.data.example import FeatureSettings, Featurizer, text_fields
 from vsalmonn_jax.data.media import MediaError, load_media
 from vsalmonn_jax.data.records import KINDS, RecordError, parse_jsonl
 from vsalmonn_jax.data.synthetic import build_dataset, synthetic_config
@@ -41,7 +42,16 @@ def check(args, config) -> int:
     settings = FeatureSettings.from_config(config)
     kinds = collections.Counter(r["kind"] for r in records)
     failures, frames, seconds = [], [], []
+    featurizer = Featurizer.from_config(config) if config.data.tokenizer else None
     for record in records:
+        if featurizer is not None:   # the text must fit the template and data.max_length
+            try:
+                text_fields(record, featurizer.tokenizer, placeholder=featurizer.placeholder,
+                            max_length=featurizer.max_length, truncation=featurizer.truncation,
+                            default_prompt=featurizer.default_prompt,
+                            has_media="video" in record or "audio" in record)
+            except ValueError as err:
+                failures.append(f"{record['source']}:{record['line']}: text: {err}")
         if args.no_decode or ("video" not in record and "audio" not in record):
             continue
         try:
@@ -56,7 +66,7 @@ def check(args, config) -> int:
         seconds.append(media.audio_seconds)
     print(f"{args.file}: {len(records) + len(errors)} records, {len(records)} valid "
           f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}), {len(errors)} invalid, "
-          f"{len(failures)} media failures")
+          f"{len(failures)} media/text failures")
     if frames:
         print(f"decoded {len(frames)}: frames {min(frames)}-{max(frames)}, audio "
               f"{min(seconds):.1f}-{max(seconds):.1f} s")
