@@ -149,3 +149,28 @@ def test_only_adapter_and_lora_train(setup, rng):
     assert set(variables) == {"params", "adapter", "lora"}
     assert set(variables["adapter"]) == {"vision_connector", "audio_connector"}
     assert set(variables["params"]) == {"vision", "audio", "llm"}
+
+
+@pytest.mark.slow
+def test_bf16_sharded_forward_on_8_devices(rng):
+    """bf16 base / fp32 adapter (decision 5) under a (data 2, fsdp 4) mesh with the logical rules."""
+    from vsalmonn_jax.training.sharding import logical_rules, make_mesh, sharding_of
+
+    config = load_config("tiny", ["model.audio.max_source_positions=150",
+                                  "model.audio.chunk_seconds=3", "model.llm.dtype=bfloat16",
+                                  "model.llm.param_dtype=bfloat16"])
+    cfg = AVConfig.from_config(config, placeholder_id=PH)
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    abstract = jax.eval_shape(lambda: init_variables(jax.random.PRNGKey(0), cfg))
+    shardings = sharding_of(abstract, mesh)
+    variables = jax.jit(lambda: nn.unbox(init_variables(jax.random.PRNGKey(0), cfg)),
+                        out_shardings=nn.unbox(shardings))()
+    assert variables["params"]["llm"]["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    assert variables["params"]["vision"]["layers"]["fc1"]["kernel"].dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["adapter"]))
+    batch = _batch(cfg, rng)
+    batch = {k: np.concatenate([v, v[:1]]) for k, v in batch.items()}  # rows 0, 1, 2, 0: batch 4
+    with jax.set_mesh(mesh), logical_rules():
+        logits, spliced = jax.jit(AVLLM(cfg).apply)(variables, batch)
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))
+    assert np.asarray(spliced["attention_mask"]).sum(1).tolist() == [7 + 12 + 7, 7 + 9, 7, 26]

@@ -102,7 +102,7 @@ class SiglipEmbeddings(nn.Module):
         g, ps = cfg.grid, cfg.patch_size
         kernel = declare(self, "params", "patch_embedding", nn.initializers.lecun_normal(),
                          (ps, ps, c, cfg.hidden_size), cfg.param_dtype,
-                         ("conv_in", "conv_in", "conv_in", "vision_embed"))
+                         (None, None, "conv_in", "vision_embed"))
         bias = declare(self, "params", "patch_bias", nn.initializers.zeros, (cfg.hidden_size,),
                        cfg.param_dtype, ("vision_embed",))
         positions = declare(self, "params", "position_embedding", nn.initializers.normal(0.02),

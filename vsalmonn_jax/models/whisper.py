@@ -97,7 +97,7 @@ class WhisperStem(nn.Module):
         for name, stride, c_in in (("conv1", 1, cfg.num_mel_bins), ("conv2", 2, cfg.d_model)):
             kernel = declare(self, "params", f"{name}_kernel", nn.initializers.lecun_normal(),
                              (3, c_in, cfg.d_model), cfg.param_dtype,
-                             ("conv_in", "conv_in", "audio_embed"))
+                             (None, "conv_in", "audio_embed"))
             bias = declare(self, "params", f"{name}_bias", nn.initializers.zeros, (cfg.d_model,),
                            cfg.param_dtype, ("audio_embed",))
             x = jax.lax.conv_general_dilated(
