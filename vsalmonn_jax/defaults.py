@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         on_nan="stop",  # stop | skip
         trainable=("lora", "adapter"),
         logits_chunk=1024,  # lm_head + log-softmax over this many positions at a time (0 = all)
+        feature_cache="",   # folder: cache the frozen SigLIP/Whisper outputs per example ("" = off)
     ))
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gt_ce_weight=0.1,
