@@ -120,6 +120,10 @@ def test_validate_batch_names_the_example(setup, rng):
     batch["example_id"] = np.array([40, 41, 42])
     with pytest.raises(ValueError, match="example_id 41: input_ids has 0 media placeholder"):
         validate_batch(batch, PH)
+    batch = _batch(cfg, rng)
+    batch["frame_mask"][0] = [True, False, True]
+    with pytest.raises(ValueError, match="example_id 0: frame_mask .* is not a prefix"):
+        validate_batch(batch, PH)
 
 
 @pytest.mark.slow

@@ -39,6 +39,9 @@ def shapes():
 
 def test_7b_counts_match_transformers_modules(shapes):
     cfg, abstract = shapes
+    assert cfg.frame_tokens == 182 and cfg.audio_tokens_per_chunk == 60
+    assert cfg.audio_tokens_per_second == 2.0 and cfg.vision.used_layers == 26
+    assert cfg.media_length(110, 4) == 110 * 182 + 240  # timestamp mode: 20,260 media slots
     params, adapter = abstract["params"], abstract["adapter"]
     with torch.device("meta"):
         qwen = Qwen2ForCausalLM(Qwen2Config(

@@ -123,7 +123,12 @@ class AVLLM(nn.Module):
 
     # (2) trainable connectors + interleaving --------------------------------------------------------
     def connect(self, media: dict) -> tuple[jax.Array, jax.Array]:
-        """Media pytree -> media_embeds [B, M, H], media_mask bool [B, M] (valid prefix)."""
+        """Media pytree -> media_embeds [B, M, H], media_mask bool [B, M] (valid prefix).
+
+        frame_mask / mel_mask must mark prefixes (see validate_batch). Interleave "timestamp": per
+        real frame its visual tokens then the real audio tokens starting in its time span (frame_times);
+        "official": the QUIRK of connectors.plan_official, with audio_seconds standing in for the
+        official `real_time` (the video duration, to which the official loader cuts the audio)."""
         cfg = self.config
         h = cfg.llm.hidden_size
         ref = media.get("vision", media.get("audio"))
@@ -259,15 +264,25 @@ def init_variables(rng: jax.Array, cfg: AVConfig, lora: LoraConfig | None = None
 
 
 def validate_batch(batch: dict, placeholder_id: int, prefix: str = "") -> None:
-    """Host-side check: every example with media has exactly one placeholder, none without media.
+    """Host-side check: every example with media has exactly one placeholder, none without media,
+    and frame_mask / mel_mask mark a prefix (real frames / chunks first, padding after).
     Raises ValueError naming the example_id."""
     ids = np.asarray(batch[prefix + "input_ids"])
+    example_ids = np.asarray(batch.get("example_id", np.arange(ids.shape[0])))
+    for key in ("frame_mask", "mel_mask"):
+        if key in batch:
+            mask = np.asarray(batch[key]).astype(bool)
+            prefix_ok = np.all(mask[:, 1:] <= mask[:, :-1], axis=1) if mask.shape[1] > 1 else \
+                np.ones(mask.shape[0], bool)
+            if not prefix_ok.all():
+                row = int(np.argmin(prefix_ok))
+                raise ValueError(f"example_id {int(example_ids[row])}: {key} {mask[row].tolist()} "
+                                 "is not a prefix (padding must come after the real entries)")
     counts = (ids == placeholder_id).sum(axis=1)
     has_media = np.zeros(ids.shape[0], bool)
     for key in ("has_video", "has_audio"):
         if key in batch:
             has_media |= np.asarray(batch[key]).astype(bool)
-    example_ids = np.asarray(batch.get("example_id", np.arange(ids.shape[0])))
     for row, (count, media) in enumerate(zip(counts, has_media, strict=True)):
         if media and count != 1:
             raise ValueError(f"example_id {int(example_ids[row])}: {prefix}input_ids has {count} "
