@@ -134,26 +134,49 @@ def _text(batch: int, length: int, data: NamedSharding, prefix: str = "") -> dic
             f"{prefix}loss_mask": arr(jnp.bool_)}
 
 
-def abstract_batch(task, objective: str, batch: int, length: int, data: NamedSharding,
+def _av_media(task, batch: int, tokens: TokenBudget, data: NamedSharding) -> dict:
+    """Abstract media inputs of the AV task (pixel_values, mel and their masks) for one video."""
+    from vsalmonn_jax.models.av_llm import dummy_batch
+
+    chunks = max(1, math.ceil(tokens.audio / task.av_config.audio_tokens_per_chunk))
+    example = dummy_batch(task.av_config, 1, tokens.frames, chunks, tokens.text + 1)
+    return {k: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype, sharding=NamedSharding(
+        data.mesh, jax.sharding.PartitionSpec(*data.spec[:1], *([None] * (v.ndim - 1)))))
+            for k, v in example.items() if k not in ("input_ids", "attention_mask", "loss_mask")}
+
+
+def abstract_batch(task, objective: str, batch: int, tokens: TokenBudget, data: NamedSharding,
                    precomputed_reference: bool = False) -> dict:
     """ShapeDtypeStructs of one step's batch: SFT text, or DPO chosen/rejected/gt (+ reference).
 
-    A task that knows its media inputs (the AV task) provides `abstract_batch(objective, batch,
-    length, sharding)` itself; the text task gets sequences of the full media + text length.
+    The AV task gets the video's frames and mel chunks plus `text + 1` tokens (the placeholder is
+    replaced by the media, so the LLM sees `tokens.total`); the text-only task gets sequences of
+    the full media + text length.
     """
-    if hasattr(task, "abstract_batch"):
-        out = task.abstract_batch(objective, batch, length, data)
-    elif objective == "sft":
-        out = _text(batch, length, data)
-    else:
-        out = {}
-        for prefix in ("chosen_", "rejected_", "gt_"):
-            out.update(_text(batch, length, data, prefix))
+    media = hasattr(task, "av_config")
+    length = tokens.text + 1 if media else tokens.total
+    prefixes = ("",) if objective == "sft" else ("chosen_", "rejected_", "gt_")
+    out = _av_media(task, batch, tokens, data) if media else {}
+    for prefix in prefixes:
+        out.update(_text(batch, length, data, prefix))
     if objective == "dpo" and precomputed_reference:
         vec = jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=NamedSharding(
             data.mesh, jax.sharding.PartitionSpec(*data.spec[:1])))
         out.update(ref_chosen_logps=vec, ref_rejected_logps=vec)
     return out
+
+
+def make_task(config, model: str = "av"):
+    """The task the plan compiles: "av" (SigLIP + Whisper + Q-Former + LLM) or "llm" (text only,
+    sequences as long as the video's tokens). No tokenizer is needed: the last id is the placeholder."""
+    from vsalmonn_jax.training.task import build_task
+
+    if model == "llm":
+        return build_task(config, text_only=True)
+    if model != "av":
+        raise ValueError(f"plan model must be av or llm, got {model!r}")
+    return build_task(config, text_only=False,
+                      placeholder_id=int(config.model.llm.vocab_size) - 1)
 
 
 # ------------------------------------------------------------------ compile one step
@@ -182,24 +205,22 @@ def _memory(compiled) -> tuple[int, int, int, int]:
             int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
 
 
-def compile_step(config, mesh: Mesh, objective: str, batch: int, length: int, *,
-                 what: str = "train", precomputed_reference: bool = False,
+def compile_step(config, mesh: Mesh, objective: str, batch: int, tokens: TokenBudget, *,
+                 what: str = "train", precomputed_reference: bool = False, model: str = "av",
                  rules=LOGICAL_AXIS_RULES) -> Compiled:
     """Lower + compile one train step (or the DPO reference forward, `what="reference"`) on
     abstract inputs; return its per-device memory."""
     from vsalmonn_jax.training import state as state_lib
     from vsalmonn_jax.training import steps as steps_lib
-    from vsalmonn_jax.training.task import build_task
-
     start = time.perf_counter()
-    task = build_task(config)
+    task = make_task(config, model)
     tx, schedule = state_lib.make_optimizer(config.train, max(1, int(config.train.num_steps)))
     abstract, shardings = state_lib.state_shardings(task, config, tx, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(abstract), shardings)
     steps = steps_lib.make_steps(task, config, tx, schedule, mesh, shardings, objective=objective,
                                  rules=rules)
-    inputs = abstract_batch(task, objective, batch, length, steps.batch_sharding,
+    inputs = abstract_batch(task, objective, batch, tokens, steps.batch_sharding,
                             precomputed_reference)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if what == "reference":
@@ -235,6 +256,8 @@ class Plan:
     steps: list[Compiled]
     issues: list[str]
     suggestions: list[str]
+    model: str = "av"                   # av (encoders + connectors + LLM) | llm (text only)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -247,11 +270,10 @@ class Plan:
                    and c.peak <= self.budget_gb * GB for c in self.steps)
 
 
-def _state_breakdown(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+def _state_breakdown(config, mesh: Mesh, model: str, rules=LOGICAL_AXIS_RULES):
     from vsalmonn_jax.training import state as state_lib
-    from vsalmonn_jax.training.task import build_task
 
-    task = build_task(config)
+    task = make_task(config, model)
     tx, _ = state_lib.make_optimizer(config.train, max(1, int(config.train.num_steps)))
     abstract, shardings = state_lib.state_shardings(task, config, tx, mesh, rules)
     abstract = nn.unbox(abstract)
@@ -311,8 +333,13 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
               remat_policies: Sequence[str] = REMAT_ORDER, objectives: Sequence[str] = ("sft", "dpo"),
               reference: bool = True, precomputed_reference: bool = False,
               budget_gb: float = 95.0, target_global_batch: int | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Plan:
-    """Build the mesh on the (fake) devices, size the state, compile each step, check and suggest."""
+              model: str = "auto", devices: Sequence[jax.Device] | None = None) -> Plan:
+    """Build the mesh on the (fake) devices, size the state, compile each step, check and suggest.
+
+    model: "av" (SigLIP + Whisper + Q-Former + LLM on frames and mel), "llm" (text-only sequences of
+    the video's token count) or "auto" (av, falling back to llm with a note if the AV model fails to
+    build).
+    """
     mesh = make_mesh(mesh_spec, devices)
     sizes = dict(zip(MESH_AXES, (int(mesh.shape[a]) for a in MESH_AXES), strict=True))
     shards = sizes["data"] * sizes["fsdp"]
@@ -322,7 +349,21 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
     if "logits_chunk" not in config.train:
         config.train.logits_chunk = 1024
     issues = mesh_issues(config, sizes, global_batch)
-    state_gb, state_total, counts, shape_issues = _state_breakdown(config, mesh)
+    notes: list[str] = []
+    if "dpo" in objectives:  # the state then holds the round-start adapter snapshot too
+        config.stage = "dpo"
+    if model == "auto":
+        try:
+            breakdown = _state_breakdown(config, mesh, "av")
+            model = "av"
+        except Exception as err:  # noqa: BLE001 - reported in the plan, not swallowed
+            notes.append(f"the AV model did not build ({type(err).__name__}: {err}); planned the "
+                         f"LLM alone on {tokens.total}-token sequences")
+            model = "llm"
+            breakdown = _state_breakdown(config, mesh, model)
+    else:
+        breakdown = _state_breakdown(config, mesh, model)
+    state_gb, state_total, counts, shape_issues = breakdown
     issues += shape_issues
     compiled: list[Compiled] = []
     if not any("global batch" in i for i in issues) and not shape_issues:
@@ -331,17 +372,18 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
             for remat in policies:
                 cfg = _with_remat(config, remat)
                 cfg.stage = objective
-                compiled.append(compile_step(cfg, mesh, objective, global_batch, tokens.total))
+                compiled.append(compile_step(cfg, mesh, objective, global_batch, tokens,
+                                             model=model))
         cfg = _with_remat(config, remat_policies[-1])
         cfg.stage = "dpo"
         if "dpo" in objectives and precomputed_reference:
-            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens.total,
-                                         precomputed_reference=True))
+            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens,
+                                         precomputed_reference=True, model=model))
         if "dpo" in objectives and reference:
-            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens.total,
-                                         what="reference"))
+            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens,
+                                         what="reference", model=model))
     plan = Plan(sizes, tokens, global_batch, global_batch / shards, budget_gb, state_gb,
-                state_total, counts, compiled, issues, [])
+                state_total, counts, compiled, issues, [], model, notes)
     plan.suggestions = suggest(plan, target_global_batch) if compiled else [
         "fix the issues above first: nothing was compiled"]
     return plan
@@ -356,6 +398,9 @@ def format_plan(plan: Plan) -> str:
         f"sequence: {t.frames} frames -> {t.visual} visual + {t.audio} audio + {t.text} text = "
         f"{t.total} tokens; global batch {plan.global_batch} "
         f"({plan.per_device_batch:g} per data x fsdp shard)",
+        "model: " + ("SigLIP + Whisper (frozen) + connectors + LoRA Qwen2 on frames and mel"
+                     if plan.model == "av" else "LoRA Qwen2 alone (text-only sequences)"),
+        *(f"NOTE: {n}" for n in plan.notes),
         "",
         f"{'state':<14}{'per device GB':>15}{'whole GB':>11}{'params':>16}",
     ]

@@ -9,10 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vsalmonn_jax import plan as plan_lib
 from vsalmonn_jax.commands.plan import parse_mesh
 from vsalmonn_jax.config import load_config
+from vsalmonn_jax.training.sharding import make_mesh
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 
@@ -53,18 +56,38 @@ def test_indivisible_weights_stop_the_plan_before_compiling():
     plan = plan_lib.make_plan(config, {"data": 2, "fsdp": 2, "tensor": 2}, video_seconds=2,
                               text_tokens=16, remat_policies=("full",), objectives=("sft",),
                               budget_gb=16)
-    assert "params/embed_tokens/embedding dim 0 (511) is not divisible by tensor = 2" in plan.issues
-    assert any(i.startswith("params/lm_head/kernel dim 1 (511)") for i in plan.issues)
+    assert "params/llm/embed_tokens/embedding dim 0 (511) is not divisible by tensor = 2" in plan.issues
+    assert any(i.startswith("params/llm/lm_head/kernel dim 1 (511)") for i in plan.issues)
+    assert plan.model == "av"
     assert plan.steps == [] and "nothing was compiled" in plan.suggestions[0]
     assert "ISSUES:" in plan_lib.format_plan(plan)
+
+
+def test_av_abstract_batch_holds_frames_and_mel():
+    config = load_config("tiny")
+    task = plan_lib.make_task(config, "av")
+    data = NamedSharding(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), P(("data", "fsdp")))
+    tokens = plan_lib.video_tokens(config, 45, 32)
+    batch = plan_lib.abstract_batch(task, "dpo", 4, tokens, data)
+    assert batch["pixel_values"].shape == (4, 45, 56, 56, 3)
+    assert batch["mel"].shape == (4, 2, 16, 3000)  # two 30-s chunks
+    assert batch["frame_mask"].shape == (4, 45) and batch["has_audio"].shape == (4,)
+    for prefix in ("chosen_", "rejected_", "gt_"):  # the media are shared, the texts are not
+        assert batch[prefix + "input_ids"].shape == (4, 33)  # text + the placeholder
+    assert batch["mel"].sharding.spec == P(("data", "fsdp"), None, None, None)
+    text_only = plan_lib.abstract_batch(plan_lib.make_task(config, "llm"), "sft", 4, tokens, data)
+    assert set(text_only) == {"input_ids", "attention_mask", "loss_mask"}
+    assert text_only["input_ids"].shape == (4, tokens.total)
+    with pytest.raises(ValueError, match="plan model must be av or llm"):
+        plan_lib.make_task(config, "vision")
 
 
 def test_tiny_plan_in_process():
     config = load_config("tiny")
     plan = plan_lib.make_plan(config, {"data": 2, "fsdp": 2, "tensor": 2}, video_seconds=2,
                               text_tokens=32, remat_policies=("full",), objectives=("sft",),
-                              reference=False, budget_gb=16)
-    assert plan.issues == []
+                              reference=False, budget_gb=16, model="llm")
+    assert plan.issues == [] and plan.model == "llm" and plan.notes == []
     assert plan.tokens.total == 2 * 6 + 4 + 32  # tiny: 56/14 = 4 -> 2 x 3 per frame, 2 audio/s
     assert plan.counts["lora"] == 2 * (64 * 8 + 8 * 64 + 2 * (64 * 8 + 8 * 32))
     # fp32 tiny base: per-device bytes are the shard sizes, below the whole and above whole / 8
@@ -93,12 +116,16 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4}
     assert plan["tokens"]["total"] == 11552 and plan["global_batch"] == 16
-    assert 7.5e9 < plan["counts"]["params"] < 7.7e9                 # Qwen2-7B
+    assert plan["model"] == "av" and plan["notes"] == []  # SigLIP + Whisper + connectors + LLM
+    # Qwen2-7B 7.62B + SigLIP-so400m (26 used layers) ~0.4B + Whisper-large-v3 encoder ~0.64B
+    assert 8.5e9 < plan["counts"]["params"] < 8.8e9
     assert plan["counts"]["lora"] == 28 * (2 * 3584 * 128 + 2 * (3584 * 128 + 128 * 512))
+    assert 5e7 < plan["counts"]["adapter"] < 1e8  # projector, Q-Former, final_linear, newline
+    assert plan["counts"]["ref_adapter"] == plan["counts"]["adapter"]  # DPO snapshot
     assert abs(plan["state_total_gb"]["params"] - 2 * plan["counts"]["params"] / 1e9) < 1e-6
-    assert plan["state_gb"]["params"] < plan["state_total_gb"]["params"] / 60  # sharded 64 ways
-    assert plan["state_gb"]["opt_state"] == pytest.approx(2 * 4 * plan["counts"]["lora"] / 64 / 1e9,
-                                                          rel=0.05)
+    assert plan["state_gb"]["params"] < plan["state_total_gb"]["params"] / 8
+    trainable = plan["counts"]["lora"] + plan["counts"]["adapter"]
+    assert plan["state_total_gb"]["opt_state"] == pytest.approx(8 * trainable / 1e9, rel=0.01)
     names = [s["name"] for s in plan["steps"]]
     assert names == ["sft", "dpo", "reference"]
     for step in plan["steps"]:

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="v5p", help="memory budget preset: " + ", ".join(
         ["v4", "v5e", "v5p", "v6e", "a100-40", "a100-80", "h100", "h200"]))
     p.add_argument("--device-memory-gb", type=float, default=0.0, help="overrides --device")
+    p.add_argument("--model", default="auto", choices=("auto", "av", "llm"),
+                   help="av: encoders + connectors + LLM; llm: the LLM alone; auto: av, else llm")
     p.add_argument("--json", default="", help="also write the plan as JSON here")
     return p
 
@@ -129,7 +131,7 @@ def main(argv: list[str]) -> int:
         config, mesh, video_seconds=args.video_seconds, text_tokens=args.text_tokens,
         global_batch=args.global_batch or None, remat_policies=remat, objectives=objectives,
         reference=not args.no_reference, precomputed_reference=args.precomputed_ref,
-        budget_gb=budget,
+        budget_gb=budget, model=args.model,
         target_global_batch=args.target_global_batch or None)
     print(plan_lib.format_plan(plan), flush=True)
     if args.json:
