@@ -145,11 +145,14 @@ class Featurizer:
         base = {"example_id": np.int64(record.get("index", -1)), "id": record.get("id", ""),
                 "source": record.get("source", ""), "line": record.get("line", 0),
                 "video": record.get("video"), "audio": record.get("audio")}
+        has_media = "video" in record or "audio" in record
         try:
-            has_media = "video" in record or "audio" in record
             fields = text_fields(record, self.tokenizer, placeholder=self.placeholder,
                                  max_length=self.max_length, truncation=self.truncation,
                                  default_prompt=self.default_prompt, has_media=has_media)
+        except ValueError as err:   # text that does not fit the template or the length budget
+            return {**base, "failed": "text", "detail": str(err)}
+        try:
             if has_media:
                 fields.update(media_features(record.get("video"), record.get("audio"),
                                              self.settings, self.cache_dir))
@@ -158,6 +161,4 @@ class Featurizer:
                               audio_seconds=np.float32(0.0))
         except MediaError as err:
             return {**base, "failed": err.reason, "detail": str(err)}
-        except ValueError as err:   # text that does not fit the template or the length budget
-            return {**base, "failed": "text", "detail": str(err)}
         return {**base, **fields}
