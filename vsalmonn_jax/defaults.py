@@ -98,8 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
         llm_max_retries=8, llm_fallback_retries=2, llm_backoff_s=1.0, llm_timeout_s=120.0,
         llm_json_mode=True,
         # embedding judge (eval/embedding.py); fit with `vsalmonn-jax eval calibrate`
-        embedding_model="", embedding_match_threshold=0.55, embedding_correct_threshold=0.8,
-        embedding_cover_threshold=0.85, embedding_number_rule="unmatched", embedding_negation_rule=True,
+        embedding_model="", embedding_match_threshold=0.5, embedding_correct_threshold=0.65,
+        embedding_cover_threshold=0.65, embedding_number_rule="unmatched", embedding_negation_rule=True,
         embedding_clauses=True, embedding_threads=1))
 
     # ---- parallelism: mesh (data, fsdp, tensor); -1 = all remaining devices ----

@@ -72,7 +72,13 @@ def test_assignment_and_cover_rules_on_fixed_similarities():
     covered = decide(MatchInput(["u0"], ["e0", "e1"], np.array([[0.95, 0.9]], np.float32),
                                 np.zeros((1, 2), bool), np.zeros((1, 2), bool)),
                      EmbeddingOptions(cover_threshold=0.85))
-    assert covered.event_labels == ["correct", "correct"] and covered.details["covered"] == 1
+    assert covered.event_labels == ["correct", "correct"] and covered.details["covered_events"] == 1
+    # units: a second clause restating the event is supported; a verbatim repeat stays hallucinated
+    inp = MatchInput(["u0", "u1", "u0 again"], ["e0"], np.array([[0.9], [0.7], [0.9]], np.float32),
+                     np.zeros((3, 1), bool), np.zeros((3, 1), bool), np.array([False, False, True]))
+    units = decide(inp, EmbeddingOptions(cover_threshold=0.65))
+    assert units.hallucinated_sentences == ["u0 again"] and units.details["supporting_units"] == 1
+    assert decide(inp, EmbeddingOptions(cover_threshold=0.0)).hallucinated == 2
     with pytest.raises(ValueError, match="number_rule"):
         EmbeddingOptions(number_rule="maybe")
     with pytest.raises(ValueError, match="match_threshold <= correct_threshold"):
@@ -137,3 +143,23 @@ def test_count_only_labels_agreement_by_hand():
     assert both["objective"] == (4 / 5 + 1 / 3) / 2
     assert both["micro_rates"]["judge_miss"] == 2 / 5 and both["micro_rates"]["labels_incorrect"] == 2 / 5
     assert both["micro_rates"]["judge_hallucination"] == 3 / 5
+
+
+def test_real_style_paragraph_caption(judge):
+    events = ["A woman in a blue dress walks into a kitchen.", "She opens the refrigerator.",
+              "She takes out a carton of milk.", "Upbeat piano music plays in the background.",
+              "A man enters the kitchen and says 'Good morning'.",
+              "The woman smiles and pours milk into a glass.", "A dog barks outside.",
+              "The man sits at the table and reads a newspaper."]
+    caption = ("The video opens in a bright kitchen where a woman wearing a blue dress walks in and opens "
+               "the fridge, taking out a carton of milk. Cheerful piano music can be heard throughout. "
+               "A man walks in and greets her with 'Good morning', and she smiles while pouring milk "
+               "into a glass. He then sits down at the table and reads the newspaper. "
+               "A cat jumps onto the counter.")
+    score = judge.score(caption, events)
+    labels = dict(zip(events, score.event_labels, strict=True))
+    assert labels["A dog barks outside."] == "missed"
+    for paraphrased in events[2:6] + events[7:]:
+        assert labels[paraphrased] == "correct", paraphrased
+    assert score.hallucinated_sentences == ["A cat jumps onto the counter."]
+    assert score.missed <= 2 and score.incorrect <= 1  # the two-event opening sentence is the hard part

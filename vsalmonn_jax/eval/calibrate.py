@@ -103,8 +103,9 @@ def calibrate(judge: EmbeddingJudge, pairs: Sequence[tuple[str, Sequence]], labe
         for k, (inp, label) in enumerate(zip(inputs, labels, strict=True)):
             pairs_k = (assignments[k] if assignments is not None
                        else assign(inp, options.match_threshold, options.number_rule))
-            event_labels, matched, _ = label_events(inp, options, pairs_k)
-            rows.append(video_agreement(event_labels, len(inp.units) - len(matched), label))
+            decision = label_events(inp, options, pairs_k)
+            hallucinated = len(inp.units) - len(decision.matched_units) - len(decision.supported_units)
+            rows.append(video_agreement(decision.labels, hallucinated, label))
         return summarize(rows)
 
     current = evaluate(judge.options)

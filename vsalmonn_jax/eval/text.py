@@ -1,7 +1,9 @@
 """Caption text helpers shared by the metrics and the judges: sentence / clause splitting, numbers.
 
 Sentences end at . ! ? or a line break (not after common abbreviations or inside decimals);
-clauses split a sentence further at ';' and at ', and' / ', then' / ', while' joins.
+clauses split a sentence further at ';', at ', and' / ', then' / ', while' joins, before a
+participle after a comma (", taking ...") and at "and then" (a bare "and" is kept: events are often
+compound too, "sits down and reads"); pieces under `min_words` words stay joined to the piece before.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ import re
 
 _ABBREVIATIONS = ("mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "etc.", "e.g.", "i.e.", "approx.", "no.")
 _SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+|\n+")
-_CLAUSE_JOIN = re.compile(r"\s*;\s*|,\s+(?:and then|then|while|and|but|whereas)\s+", re.IGNORECASE)
+_DETERMINERS = ("a|an|the|his|her|their|its|my|our|your|this|that|these|those|some|two|three|four|"
+                "several|many|other|another")
+_CLAUSE_JOIN = re.compile(
+    r"(\s*;\s*|,\s+(?:and then|then|while|and|but|whereas)\s+|,\s+(?=[a-z]+ing\b)"
+    rf"|\s+and\s+then\s+(?!(?:{_DETERMINERS})\b))", re.IGNORECASE)
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -36,16 +42,21 @@ def split_sentences(text: str) -> list[str]:
     return pieces
 
 
-def split_clauses(sentence: str, min_words: int = 3) -> list[str]:
-    """Split a sentence at clause joins when every resulting piece has at least `min_words` words."""
-    parts = [p.strip(" ,") for p in _CLAUSE_JOIN.split(sentence)]
-    parts = [p for p in parts if p]
-    if len(parts) <= 1 or any(len(words(p)) < min_words for p in parts):
-        return [sentence.strip()]
-    return parts
+def split_clauses(sentence: str, min_words: int = 2) -> list[str]:
+    """Split a sentence at clause joins; a piece shorter than `min_words` words is put back."""
+    pieces = _CLAUSE_JOIN.split(sentence.strip())  # [text, join, text, join, ...]
+    clauses: list[str] = []
+    for k in range(0, len(pieces), 2):
+        text = pieces[k]
+        if clauses and (len(words(text)) < min_words or len(words(clauses[-1])) < min_words):
+            clauses[-1] += pieces[k - 1] + text
+        else:
+            clauses.append(text)
+    out = [c.strip(" ,") for c in clauses]
+    return [c for c in out if c] or [sentence.strip()]
 
 
-def split_units(text: str, clauses: bool = True, min_clause_words: int = 3) -> list[str]:
+def split_units(text: str, clauses: bool = True, min_clause_words: int = 2) -> list[str]:
     """The caption's statements the embedding judge matches against events."""
     units = []
     for sentence in split_sentences(text):
