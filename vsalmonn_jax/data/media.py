@@ -13,6 +13,8 @@ import av
 import numpy as np
 import soxr
 
+# what damaged streams raise from inside the decoder / converters (never a bug of ours)
+_DECODE_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus")
 
 
@@ -88,11 +90,13 @@ def _decode_frames(path: str, container, fps: float, max_frames: int) -> tuple[n
                 else len(times) / max(rate, 1e-6)
             if t + tolerance < targets[next_target]:
                 continue
-            frames.append(frame.to_ndarray(format="rgb24"))
+            if frames and (frame.width, frame.height) != (frames[0].shape[1], frames[0].shape[0]):
+                frame = frame.reformat(width=frames[0].shape[1], height=frames[0].shape[0])
+            frames.append(frame.to_ndarray(format="rgb24"))   # a mid-stream size change is rescaled
             times.append(t)
             while next_target < len(targets) and targets[next_target] <= t + tolerance:
                 next_target += 1
-    except av.FFmpegError as err:
+    except _DECODE_ERRORS as err:
         raise MediaError(path, "corrupt", f"video decode failed after {len(frames)} frames: {err}") from err
     if not frames:
         raise MediaError(path, "no_frames", "no video frame could be decoded")
@@ -111,7 +115,7 @@ def _decode_audio(path: str, container, sample_rate: int, channel: str) -> np.nd
                 chunks.append(out.to_ndarray())                     # [channels, samples]
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray())
-    except av.FFmpegError as err:
+    except _DECODE_ERRORS as err:
         raise MediaError(path, "corrupt", f"audio decode failed: {err}") from err
     if not chunks:
         return np.zeros((0,), np.float32)
