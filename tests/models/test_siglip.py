@@ -1,5 +1,7 @@
 """SigLIP tower parity: our features equal transformers.SiglipVisionModel hidden_states[-2] (fp32)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +49,19 @@ def test_siglip_rejects_wrong_image_size():
     _, cfg, variables = _tiny()
     with pytest.raises(ValueError, match="image_size"):
         SiglipVision(cfg).apply(variables, jnp.zeros((1, 28, 28, 3)))
+
+
+def test_frame_chunks_bound_the_live_activations():
+    """110 frames in chunks of 8 need a fraction of the temporary memory of all frames at once."""
+    cfg = SiglipConfig(hidden_size=32, intermediate_size=256, num_layers=3, num_heads=8,
+                       image_size=56, patch_size=14)  # activations >> pixels, as at 384 px
+    pixels = jax.ShapeDtypeStruct((110, 56, 56, 3), jnp.float32)
+
+    def temp_bytes(chunk):
+        model = SiglipVision(dataclasses.replace(cfg, frame_chunk=chunk))
+        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), pixels)
+        compiled = jax.jit(model.apply).lower(variables, pixels).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp_bytes(0), temp_bytes(8)
+    assert chunked * 4 < whole, (chunked, whole)

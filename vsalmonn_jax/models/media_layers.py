@@ -116,24 +116,24 @@ def scan_chunks(module: nn.Module, fn: Callable[[nn.Module, jax.Array], jax.Arra
     """Apply fn(module, x[i:i+chunk]) over the leading axis of x in chunks of `chunk` items under
     nn.scan (parameters broadcast), so only one chunk's activations are live at a time.
 
-    x [N, ...] -> fn's output stacked back to [N, ...]; N is padded up to a multiple of `chunk`
-    (with zeros) and the padding cut off again.
+    x [N, ...] -> fn's outputs concatenated [N, ...]. Chunks are sliced out of x inside the loop (no
+    padded copy of the input); a last partial chunk runs once more outside the loop.
     """
     n = x.shape[0]
     if chunk <= 0 or n <= chunk:
         return fn(module, x)
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    xs = xs.reshape(num_chunks, chunk, *x.shape[1:])  # [chunks, chunk, ...]
+    full = n // chunk
 
-    def body(mdl, carry, xc):
-        return carry, fn(mdl, xc)
+    def body(mdl, carry, i):
+        return carry, fn(mdl, jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=0))
 
     scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
                    in_axes=0, out_axes=0)
-    _, ys = scan(module, None, xs)  # [chunks, chunk, ...]
-    return ys.reshape(num_chunks * chunk, *ys.shape[2:])[:n]
+    _, ys = scan(module, None, jnp.arange(full))  # [full, chunk, ...]
+    out = ys.reshape(full * chunk, *ys.shape[2:])
+    if n % chunk:
+        out = jnp.concatenate([out, fn(module, x[full * chunk:])], axis=0)
+    return out
 
 
 def config_from_section(cls, section, **overrides):
