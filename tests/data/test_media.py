@@ -96,3 +96,23 @@ def test_short_clip_audio_padded_to_one_second(media_dir):
     assert media.audio.shape == (16000,)
     assert media.audio_seconds == pytest.approx(0.6, abs=0.01)
     assert not media.audio[int(0.61 * 16000):].any()
+
+
+def test_randomly_damaged_files_fail_only_with_media_error(synth_dir, tmp_path):
+    """20 copies of a clip with 20 random bytes overwritten each: every one either decodes or
+    raises MediaError (the loader can quarantine it); no other exception escapes."""
+    data = (synth_dir / "media/train/train_000003.mp4").read_bytes()
+    outcomes = []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        damaged = bytearray(data)
+        for pos in rng.integers(0, len(damaged), 20):
+            damaged[pos] = int(rng.integers(0, 256))
+        path = tmp_path / f"damaged{seed}.mp4"
+        path.write_bytes(bytes(damaged))
+        try:
+            load_media(str(path))
+            outcomes.append("ok")
+        except MediaError as err:
+            outcomes.append(err.reason)
+    assert len(outcomes) == 20 and set(outcomes) - {"ok"}

@@ -14,7 +14,7 @@ import numpy as np
 import soxr
 
 # what damaged streams raise from inside the decoder / converters (never a bug of ours)
-_DECODE_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError)
+_DECODE_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError, AttributeError)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus")
 
 
@@ -107,25 +107,26 @@ def _decode_frames(path: str, container, fps: float, max_frames: int) -> tuple[n
 
 def _decode_audio(path: str, container, sample_rate: int, channel: str) -> np.ndarray:
     stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
-    chunks = []
+    chunks, rate = [], 0
     try:
+        resampler = av.AudioResampler(format="fltp")        # keeps the track's layout and rate
         for frame in container.decode(stream):
             for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())                     # [channels, samples]
+                chunks.append(out.to_ndarray())              # [channels, samples]
+                rate = out.sample_rate
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray())
+        if not chunks:
+            return np.zeros((0,), np.float32)
+        wave = np.concatenate(chunks, axis=1)                 # [channels, samples]
     except _DECODE_ERRORS as err:
         raise MediaError(path, "corrupt", f"audio decode failed: {err}") from err
-    if not chunks:
-        return np.zeros((0,), np.float32)
-    wave = np.concatenate(chunks, axis=1)                          # [channels, samples]
     mono = wave[0] if channel == "first" else wave.mean(axis=0)
     duration = _stream_seconds(stream, container)
-    if duration > 0:                                               # AAC pads its last frame
-        mono = mono[: int(round(duration * stream.rate))]
-    if stream.rate != sample_rate:
-        mono = soxr.resample(mono.astype(np.float32), stream.rate, sample_rate, quality="HQ")
+    if duration > 0:                                          # AAC pads its last frame
+        mono = mono[: int(round(duration * rate))]
+    if rate != sample_rate:
+        mono = soxr.resample(mono.astype(np.float32), rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
