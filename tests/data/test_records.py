@@ -99,3 +99,13 @@ def test_load_split_from_config(tmp_path):
     assert len(records) == 2 and records[0]["video"] == os.path.realpath(tmp_path / "media" / "a.mp4")
     with pytest.raises(ValueError, match="config.data.val is empty"):
         load_split(config, "val")
+
+
+def test_rows_in_memory(tmp_path):
+    from vsalmonn_jax.data.records import from_rows
+
+    records = from_rows(GOOD[2:4], "preference", str(tmp_path), source="round1")
+    assert [r["index"] for r in records] == [0, 1] and records[1]["id"] == "round1:2"
+    with pytest.raises(RecordError, match="round1:2: .*needs chosen"):
+        from_rows([GOOD[2], {"video": "a.mp4", "prompt": "p"}], "preference", str(tmp_path),
+                  source="round1")

@@ -6,7 +6,7 @@ Typical use (see each module's docstring for details):
     loader = pipeline.make_loader(records, config)                   # config.data.tokenizer = f"{out_dir}/tokenizer"
     for batch in loader: ...                                         # the shared batch contract (collate.py)
     state = loader.get_state(); loader.set_state(state)              # JSON-able, orbax JsonSave
-In-memory records (e.g. DPO pairs) go through `records.validate(row, "preference", root)` first.
+In-memory rows (e.g. DPO pairs) become records with `records.from_rows(rows, "preference", root)`.
 Files: media (decode), features (SigLIP / log-mel), text (ChatML), records (schemas), example
 (record -> example), collate (padding), pipeline (grain), quarantine, cache (npz), encode (write
 media), synthetic* (the synthetic data set), tokenizer_build, event_grammar (caption sentences).

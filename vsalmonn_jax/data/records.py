@@ -183,6 +183,21 @@ def load_records(path: str, kind: str | None = None, root: str | None = None,
     return records
 
 
+def from_rows(rows, kind: str | None, root: str, source: str = "<memory>") -> list[dict]:
+    """In-memory rows (e.g. freshly sampled DPO pairs) -> validated records with index = position;
+    the first invalid row raises RecordError naming source:position."""
+    records = []
+    for position, row in enumerate(rows):
+        try:
+            record = validate(row, kind, root)
+        except ValueError as err:
+            raise RecordError(f"{source}:{position + 1}: {err}") from err
+        record.setdefault("id", f"{source}:{position + 1}")
+        record.update(index=position, line=position + 1, source=source)
+        records.append(record)
+    return records
+
+
 def load_split(config, split: str, kind: str | None = None) -> list[dict]:
     """Records of `config.data.<split>` (a JSONL path), media under `config.data.root` (default:
     the file's folder)."""
