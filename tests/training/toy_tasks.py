@@ -47,6 +47,13 @@ class MediaTask(TextTask):
     """TextTask + media: encode() = frozen tanh(media @ W_enc); adapter maps it to a prefix token."""
 
     encode_calls = 0
+    raw_media_keys = ("media",)
+
+    def encoder_params(self, params):
+        return params["media_encoder"]
+
+    def with_features(self, batch, features):
+        return features
 
     def init(self, rng, collections=("lora", "adapter")):
         out = super().init(rng, tuple(c for c in collections if c != "adapter"))

@@ -57,6 +57,19 @@ class AVTask:
             out["lora"] = {"llm": box_like(lora, specs)}
         return out
 
+    raw_media_keys = ("pixel_values", "mel")
+
+    @property
+    def encoder_fingerprint(self):
+        return (self.av_config.vision, self.av_config.audio)
+
+    def encoder_params(self, params):
+        return {k: params[k] for k in ("vision", "audio") if k in params}
+
+    def with_features(self, batch, features):
+        """Media pytree from cached encoder outputs + the batch's masks / times."""
+        return {**{k: batch[k] for k in av_llm.MEDIA_KEYS if k in batch}, **features}
+
     def encode(self, variables, batch):
         if "pixel_values" not in batch and "mel" not in batch:
             return None

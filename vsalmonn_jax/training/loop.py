@@ -22,7 +22,8 @@ import numpy as np
 
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
-from vsalmonn_jax.training.sharding import make_mesh
+from vsalmonn_jax.training.feature_cache import FeatureCache
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 from vsalmonn_jax.training.steps import Steps, make_steps, put_batch
 
 HOST_ONLY = ("example_id",)  # batch fields kept on the host (error messages), never sent to devices
@@ -113,7 +114,8 @@ def prepare_state(task, config, tx, mesh, *, state=None, params=None):
 
 
 _STEPS_CACHE: dict = {}
-LOOP_ONLY = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nan")
+LOOP_ONLY = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nan",
+             "feature_cache")
 
 
 def _compiled_steps(task, config, num_steps: int, mesh):
@@ -167,6 +169,8 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
         skipped = int(meta.get("skipped", 0))
         if meta.get("data") is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(meta["data"])
+    current = {"state": state}
+    cache = _feature_cache(tcfg.feature_cache, task, steps, current) if tcfg.feature_cache else None
     writer = MetricsWriter(workdir, tensorboard)
     summary: dict[str, Any] = {"preempted": False, "skipped_steps": skipped,
                                "resumed_from": int(state.step) or None}
@@ -184,7 +188,10 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
         with sigterm_flag() as stop:
             while step < num_steps:
                 batch = next(train_iter)
+                if cache is not None:
+                    batch = cache.attach(batch)
                 state, metrics = steps.train(state, device_batch(batch, steps))
+                current["state"] = state
                 step += 1
                 last = _scalars(metrics)
                 if last.pop("finite") < 1.0:
@@ -230,9 +237,27 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
         bar.close()
         ckpt.close()
         writer.close()
+    if cache is not None:
+        summary["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
     summary.update(step=step, skipped_steps=skipped, last=last, steps=steps,
                    checkpoint=ckpt.path_of(ckpt.latest_step()))
     return state, summary
+
+
+def _feature_cache(directory, task, steps: Steps, current: dict) -> FeatureCache:
+    """The on-disk encoder-output cache; misses run the frozen encoders in their own jit."""
+    import flax.linen as nn
+
+    encode = jax.jit(lambda params, batch: task.encode({"params": params}, batch))
+
+    def encode_fn(batch: dict) -> dict:
+        with jax.set_mesh(steps.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            media = encode(current["state"].params, device_batch(batch, steps))
+        return {k: np.asarray(jax.device_get(v)) for k, v in media.items() if k not in batch}
+
+    params = current["state"].params
+    encoder_params = task.encoder_params(params) if hasattr(task, "encoder_params") else params
+    return FeatureCache(directory, task, encoder_params, encode_fn)
 
 
 def _progress(total: int, initial: int, enabled: bool):

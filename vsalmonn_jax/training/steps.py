@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vsalmonn_jax.training import losses
+from vsalmonn_jax.training.feature_cache import cached_features
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES
 from vsalmonn_jax.training.state import TrainState
 from vsalmonn_jax.training.task import TEXT_FIELDS, present
@@ -79,6 +80,10 @@ def _rngs(state: TrainState, opts: StepOptions):
 
 
 def _encode(task, params, batch):
+    """Frozen-encoder outputs: from the batch (feature cache hit) or computed once here."""
+    cached = cached_features(batch)
+    if cached:
+        return task.with_features(batch, cached)
     return jax.lax.stop_gradient(task.encode({"params": params}, batch))
 
 

@@ -29,6 +29,8 @@ class TaskModel(Protocol):
         mask bool [B,T]): text = {"input_ids","attention_mask","loss_mask"} [B,T]; targets/mask are
         already shifted (position t predicts targets[t]) and cover the spliced sequence.
     logits(variables, hidden) -> [B,T,V] fp32 (applied chunk by chunk by the losses).
+    Optional, for train.feature_cache: raw_media_keys (batch fields the encoders read),
+    encoder_params(params), encoder_fingerprint, with_features(batch, features) -> media.
     Variables passed in: "params" always; "lora" absent = LoRA disabled (the DPO reference).
     """
 
