@@ -60,7 +60,10 @@ def _cpu_jax():
     """jax and its CPU device (grain workers restrict jax to the CPU platform at start-up)."""
     import jax
 
-    return jax, jax.devices("cpu")[0]
+    try:
+        return jax, jax.devices("cpu")[0]
+    except RuntimeError:   # JAX_PLATFORMS without cpu: the default device does it
+        return jax, jax.devices()[0]
 
 
 def _resample_axis(jnp, x, axis: int, in_size: int, out_size: int):
