@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +45,7 @@ from vsalmonn_jax.training.pairs import PairRule, Sample
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 
 ROUND_FIELDS = ("params", "trainable", "rng")   # what a round-start checkpoint holds
-LN2 = math.log(2.0)
+TIMING_FIELDS = ("tokens_per_s",)   # wall-clock numbers are left out of the (reproducible) history
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +406,8 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                 return state, dict(summary, history=history)
             state = merge_round(state, lora_config, jax.random.fold_in(base_key, 2 * r + 1),
                                 shardings, mesh)
-            entry = {"round": r, "pairs": stats, "last_step": result["last"],
+            last = {k: v for k, v in result["last"].items() if k not in TIMING_FIELDS}
+            entry = {"round": r, "pairs": stats, "last_step": last,
                      "first_step": json.loads(first_path.read_text()) if first_path.exists() else {},
                      "eval": _floats(eval_fn(state)) if eval_fn is not None else {}}
             history.append(entry)

@@ -1,0 +1,105 @@
+"""mrDPO pair building: the ranking rules (total, miss-weighted), ties, best-vs-worst of k, all pairs,
+GT / CE-only records, collapsed unterminated samples, with the exact judge on grammar captions."""
+
+import pytest
+
+from vsalmonn_jax.data.event_grammar import render_caption
+from vsalmonn_jax.eval import get_judge
+from vsalmonn_jax.eval.metrics import VideoScore
+from vsalmonn_jax.training.pairs import (
+    PairRule,
+    Sample,
+    build_pairs,
+    judged_text,
+    pair_stats,
+    score_samples,
+)
+
+EVENTS = [
+    {"time": 0, "modality": "visual", "subject": "the red circle", "action": "appears"},
+    {"time": 1, "modality": "audio", "subject": "a high beep", "action": "sounds"},
+    {"time": 2, "modality": "visual", "subject": "the red circle", "action": "moves left"},
+]
+ITEM = {"id": "clip0", "video": "media/train/train_000000.mp4", "prompt": "Describe it.",
+        "events": EVENTS, "caption": render_caption(EVENTS)}
+
+
+def _score(m=0, i=0, h=0, n=3):
+    return VideoScore(num_events=n, missed=m, incorrect=i, hallucinated=h)
+
+
+def _pairs(scores, rule=None, **kw):
+    rule = rule or PairRule()
+    samples = [[Sample(f"caption {j}.") for j in range(len(scores))]]
+    return build_pairs([ITEM], samples, [scores], rule, default_prompt="default", **kw)
+
+
+def test_exact_judge_ranks_grammar_captions_and_builds_a_full_record():
+    complete = render_caption(EVENTS)
+    lossy = render_caption(EVENTS[:1] + [dict(EVENTS[2], subject="the blue circle")]) + \
+        " At 3 s, a low beep sounds."
+    samples = [[Sample(lossy), Sample(complete)]]
+    scores = score_samples(get_judge("exact"), [ITEM], samples)
+    assert [(s.missed, s.incorrect, s.hallucinated) for s in scores[0]] == [(1, 1, 1), (0, 0, 0)]
+    (record,) = build_pairs([ITEM], samples, scores, PairRule(), default_prompt="default")
+    assert record["chosen"] == complete and record["rejected"] == lossy
+    assert record["gt"] == ITEM["caption"] and record["prompt"] == "Describe it."
+    assert record["video"] == ITEM["video"] and record["video_id"] == "clip0"
+    assert (record["chosen_error"], record["rejected_error"]) == (0.0, 3.0)
+    stats = pair_stats([ITEM], samples, scores, [record])
+    assert stats["pairs"] == 1 and stats["samples"] == 2
+    assert stats["sample_total"] == pytest.approx(3 / 6)
+    assert stats["mean_error_margin"] == 3.0
+
+
+def test_ties_are_dropped_by_default_and_broken_on_request():
+    tied = [_score(m=1, h=1), _score(m=2)]
+    assert _pairs(tied) == []
+    (record,) = _pairs(tied, PairRule(drop_ties=False))   # fewer hallucinations wins the tie
+    assert record["id"] == "clip0:1>0"
+    assert _pairs([_score(m=1), _score(m=1)], PairRule(drop_ties=False)) == []
+
+
+def test_miss_weighted_rule_prefers_complete_captions():
+    terse, wordy = _score(m=2), _score(h=3)   # total 2 vs 3; miss-weighted 4 vs 3
+    assert _pairs([terse, wordy])[0]["id"] == "clip0:0>1"
+    assert _pairs([terse, wordy], PairRule(rule="miss_weighted", miss_weight=2.0))[0]["id"] == \
+        "clip0:1>0"
+
+
+def test_best_worst_of_k_and_all_pairs():
+    scores = [_score(m=2), _score(), _score(h=3), _score(m=2)]
+    (best_worst,) = _pairs(scores)
+    assert best_worst["id"] == "clip0:1>2"
+    everything = _pairs(scores, PairRule(mode="all"))
+    assert sorted(r["id"] for r in everything) == ["clip0:0>2", "clip0:1>0", "clip0:1>2",
+                                                  "clip0:1>3", "clip0:3>2"]
+    assert all(r["chosen_error"] < r["rejected_error"] for r in everything)
+    assert _pairs(scores, PairRule(min_margin=3.0)) == []   # 0 vs 3 is not > 3
+
+
+def test_failed_scores_never_pair_and_ce_only_records():
+    failed = VideoScore(num_events=3, failed=True, error="judge down")
+    assert _pairs([_score(), failed]) == []
+    (record,) = _pairs([_score(), failed], ce_only_records=True)
+    assert record == {"video": ITEM["video"], "prompt": "Describe it.", "id": "clip0:gt",
+                      "video_id": "clip0", "gt": ITEM["caption"]}
+    (no_gt,) = _pairs([_score(), _score(h=1)], gt=False)
+    assert "gt" not in no_gt
+
+
+def test_unterminated_samples_are_judged_and_trained_collapsed():
+    looping = Sample("At 0 s, the red circle appears. " * 8, stopped=False)
+    assert judged_text(looping).count("appears") == 1
+    assert judged_text(Sample("x x x x x x", stopped=True)) == "x x x x x x"
+    scores = score_samples(get_judge("exact"), [ITEM], [[looping, Sample(ITEM["caption"])]])
+    assert scores[0][0].hallucinated == 0 and scores[0][0].missed == 2
+
+
+def test_bad_rule_and_missing_events_are_named():
+    with pytest.raises(ValueError, match="pair_rule"):
+        PairRule(rule="shortest")
+    with pytest.raises(ValueError, match="pair_mode"):
+        PairRule(mode="random")
+    with pytest.raises(ValueError, match="'clip9'.*events"):
+        score_samples(get_judge("exact"), [{"id": "clip9"}], [[Sample("a")]])
