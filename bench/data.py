@@ -1,8 +1,9 @@
 """Data throughput: clips/s through decode + features (SigLIP 384 pixels, 128-bin Whisper log-mel).
 
-Ours: the grain loader with 2 worker processes (numpy features, batches collated). Baseline, the
-straightforward path of the official release: one process, the same PyAV decode, then the
-transformers SiglipImageProcessor and WhisperFeatureExtractor per clip. Same clips, one run.
+Ours: the grain loader with 2 worker processes (numpy/jax features, batches collated). Baseline,
+the straightforward path of the official release: one process, the same PyAV decode, then the
+transformers SiglipImageProcessor (PIL backend) and WhisperFeatureExtractor per clip. Same clips,
+one run. Also printed: ours in-process (no workers).
 Ends with `BENCH data_vs_hf <ours / HF clips per second>`.
 """
 
@@ -21,10 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def hf_clips_per_second(records, settings) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformers import SiglipImageProcessor, WhisperFeatureExtractor
+        from transformers import SiglipImageProcessorPil, WhisperFeatureExtractor
 
-        image_processor = SiglipImageProcessor(size={"height": settings.image_size,
-                                                     "width": settings.image_size})
+        image_processor = SiglipImageProcessorPil(size={"height": settings.image_size,
+                                                        "width": settings.image_size})
     extractor = WhisperFeatureExtractor(feature_size=settings.num_mel_bins)
     from vsalmonn_jax.data.features import CHUNK_SAMPLES
     from vsalmonn_jax.data.media import load_media

@@ -12,11 +12,13 @@ from vsalmonn_jax.data.media import load_audio, load_media
 
 @pytest.fixture(scope="module")
 def siglip_hf():
+    """The PIL-backend SigLIP processor (what the official release ran; the torchvision backend,
+    when installed, resizes differently)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformers import SiglipImageProcessor
+        from transformers import SiglipImageProcessorPil
 
-        return SiglipImageProcessor
+        return SiglipImageProcessorPil
 
 
 def _hf_pixels(cls, frames, size):
