@@ -239,13 +239,6 @@ def process_batch_rows(global_batch: int, mesh: Mesh) -> tuple[int, int]:
     return start, stop
 
 
-def process_shard_options():
-    """grain ShardOptions so each process reads its own disjoint part of a data set."""
-    import grain
-    return grain.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count(),
-                              drop_remainder=True)
-
-
 def global_batch(local_batch: Any, mesh: Mesh, global_size: int | None = None) -> Any:
     """Per-process batch tree (numpy, leading axis = this process's rows) -> global jax.Arrays
     sharded on their batch axis over (data, fsdp)."""
