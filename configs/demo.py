@@ -1,0 +1,51 @@
+"""The `vsalmonn-jax demo` preset: tiny AV shapes sized for 2 CPU cores, data sizes and stage settings.
+
+`--quick` applies `demo.quick` on top (the end-to-end test); every field is overridable on the CLI.
+"""
+
+import ml_collections
+
+from vsalmonn_jax.defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "runs"
+    c.model.llm.update(dict(
+        vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=24, rope_theta=10000.0, max_position_embeddings=1024,
+        dtype="float32", param_dtype="float32", remat_policy="none", attention_block=128))
+    c.model.lora.update(dict(rank=16, alpha=32.0, dropout=0.0))
+    c.model.vision.update(dict(  # 48 / 16 = 3x3 patches: one per cell of the scene's 3x3 grid
+        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=48,
+        patch_size=16, frame_chunk=0))
+    c.model.audio.update(dict(num_mel_bins=32, d_model=32, num_layers=2, num_heads=4, ffn_dim=64,
+                              max_source_positions=400, chunk_seconds=8, chunk_batch=0))
+    c.model.qformer.update(dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128))
+    c.model.connector.update(dict(pool_stride=1))   # 3x3 tokens + 3 image_newline per frame
+    c.data.update(dict(max_frames=8))
+    c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+    c.train.update(dict(lr=1e-3, warmup_ratio=0.05, grad_clip=1.0, logits_chunk=0))
+    c.dpo.update(dict(beta=0.1, gt_ce_weight=0.1, reference="snapshot"))
+    c.mrdpo.update(dict(rounds=3, samples_per_video=4, pair_rule="miss_weighted", drop_ties=True, miss_weight=2.0,
+                        judge="exact"))
+    c.rebirth.update(dict(non_caption_ratio=0.3))
+    c.generate.update(dict(max_new_tokens=136, temperature=1.0, top_p=0.9))
+    c.demo = ml_collections.ConfigDict(dict(
+        seed=2024, render_workers=2, batch_size=16, eval_batch=100,
+        n_train=1500, n_test=500, n_fresh=400, n_rebirth=600,
+        max_caption_tokens=136, max_prompt_tokens=64, max_text_tokens=168,
+        pretrain_steps=600, pretrain_lr=2e-3,      # the tiny "pretrained" visual LLM (full parameters)
+        align_steps=200, align_lr=2e-3,            # audio connector on audio-only captions
+        sft_steps=600, sft_lr=1e-3,                # LoRA + connectors on the biased AV captions + QA
+        dpo_steps=100, dpo_lr=2e-4,                # per mrDPO round
+        rebirth_steps=400, rebirth_lr=1e-3,
+        gt_caption="biased",                       # CE guidance target: biased (the SFT data) | exact
+        control=True,                              # the control arm: same rounds, DPO term off
+        bootstrap=1000,
+        quick=ml_collections.ConfigDict(dict(
+            n_train=96, n_test=48, n_fresh=32, n_rebirth=32, batch_size=16, eval_batch=48,
+            pretrain_steps=30, align_steps=10, sft_steps=30, dpo_steps=6, rebirth_steps=10,
+            bootstrap=200)),
+    ))
+    return c

@@ -1,0 +1,106 @@
+"""The demo main job: quick end-to-end run (every stage's row in the report, resume skips finished
+stages), plus fast unit checks of its report statistics, batching and config handling."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+STAGES = ("pretrain", "align", "sft", "mrdpo_1", "mrdpo_2", "mrdpo_3", "control_1", "control_2",
+          "control_3", "rebirth")
+
+
+def _record(counts):
+    return {"per_video": [{"id": str(i), "n": n, "missed": m, "incorrect": c, "hallucinated": h}
+                          for i, (n, m, c, h) in enumerate(counts)]}
+
+
+def test_paired_bootstrap_zero_for_identical_and_detects_a_shift():
+    from vsalmonn_jax.demo.report import paired_bootstrap, verdict
+
+    rng = np.random.default_rng(0)
+    n = rng.integers(3, 10, size=300)
+    base = [(int(k), int(rng.integers(0, k)), 0, int(rng.integers(0, 3))) for k in n]
+    same = paired_bootstrap(_record(base), _record(base), 200)
+    assert all(v == (0.0, 0.0, 0.0) for v in same.values())
+    fewer_miss = [(k, max(m - 1, 0), i, h) for k, m, i, h in base]
+    d = paired_bootstrap(_record(base), _record(fewer_miss), 200)
+    expected = (sum(max(m - 1, 0) for _, m, _, _ in base) - sum(m for _, m, _, _ in base)) / n.sum()
+    assert d["miss"][0] == pytest.approx(expected)
+    assert d["miss"][2] < 0 and d["hallucination"] == (0.0, 0.0, 0.0)
+    text = verdict({"b - a": d})[0]
+    assert "Miss down" in text and "within noise: Incorrect, Hallucination" in text
+
+
+def test_paired_bootstrap_needs_the_same_videos():
+    from vsalmonn_jax.demo.report import paired_bootstrap
+
+    with pytest.raises(ValueError, match="same videos"):
+        paired_bootstrap(_record([(3, 1, 0, 0)]), _record([(3, 1, 0, 0), (2, 0, 0, 0)]), 10)
+
+
+def test_media_batch_keeps_only_the_stage_modality():
+    from vsalmonn_jax.demo.batches import media_batch
+
+    media = {"vision": np.zeros((5, 8, 9, 4), np.float16), "audio": np.ones((5, 1, 40, 4), np.float16),
+             "frame_mask": np.ones((5, 8), bool), "frame_times": np.zeros((5, 8), np.float32),
+             "audio_seconds": np.full((5,), 4.0, np.float32)}
+    rows = np.array([4, 0])
+    audio = media_batch(media, rows, "audio")
+    assert set(audio) == {"audio", "audio_seconds", "has_video", "has_audio"}
+    assert not audio["has_video"].any() and audio["has_audio"].all()
+    video = media_batch(media, rows, "video")
+    assert "audio" not in video and video["vision"].shape == (2, 8, 9, 4)
+    assert set(media_batch(media, rows, "av")) >= {"vision", "audio", "frame_mask"}
+
+
+def test_text_batch_pads_to_the_fixed_length():
+    from vsalmonn_jax.demo.batches import text_batch
+
+    rows = [(np.array([5, 6, 7], np.int32), np.array([0, 1, 1], bool)),
+            (np.array([8], np.int32), np.array([1], bool))]
+    b = text_batch(rows, 6, pad_id=0, prefix="chosen_")
+    assert b["chosen_input_ids"].tolist() == [[5, 6, 7, 0, 0, 0], [8, 0, 0, 0, 0, 0]]
+    assert b["chosen_attention_mask"].sum(1).tolist() == [3, 1]
+    assert b["chosen_loss_mask"].tolist()[0] == [False, True, True, False, False, False]
+
+
+def test_quick_overrides_and_cli_overrides_apply_in_order():
+    from vsalmonn_jax.commands.demo import demo_config
+
+    full = demo_config(False, None, [])
+    quick = demo_config(True, None, ["--config.demo.sft_steps=7"])
+    assert full.demo.n_test >= 500 and full.mrdpo.rounds >= 3
+    assert quick.demo.n_test == full.demo.quick.n_test and quick.demo.sft_steps == 7
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end_and_resume(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as users run it
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vsalmonn_jax.cli", "demo", "--quick", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"Report written to {out / 'report.md'}" in done.stdout
+    report = (out / "report.md").read_text()
+    for stage in STAGES:
+        row = re.search(rf"^\| {stage} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
+        assert row, f"no table row for stage {stage}"
+        miss, incorrect, hall, total = (float(x) for x in row.groups())
+        assert total == pytest.approx(miss + incorrect + hall, abs=0.15)
+        assert f"[{stage}] test: Miss" in done.stdout
+    assert "What is within noise" in report and "mrdpo_3 vs control_3" in report
+    for png in ("error_rates.png", "qa_accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(cmd[:-2] + ["--resume", str(out)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert all(f"[{s}] finished earlier: skipped" in again.stdout for s in STAGES)
+    assert "[pretrain] start" not in again.stdout

@@ -1,0 +1,102 @@
+"""Captioning and QA with the demo model: splice cached media into the prompt, then the project's
+KV-cache generator (generate/decode.py); scoring with the exact judge and QA accuracy.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from vsalmonn_jax.data.text import mcq_prompt
+from vsalmonn_jax.demo.batches import media_batch, text_batch
+from vsalmonn_jax.eval import aggregate, collapse_repeats, get_judge, repetition_stats
+from vsalmonn_jax.eval.qa import qa_accuracy
+from vsalmonn_jax.generate.decode import generate
+from vsalmonn_jax.generate.sampling import SamplingConfig
+from vsalmonn_jax.models.qwen2 import Qwen2
+
+_SPLICE: dict = {}   # one jitted splice per task object (stages reuse the compilation)
+
+
+class Captioner:
+    """Generation for one model snapshot {"params", "adapter", "lora"} (lora may be None)."""
+
+    def __init__(self, task, tokens, variables: dict, modality: str = "av"):
+        self.task, self.tokens, self.modality = task, tokens, modality
+        self.variables = {k: v for k, v in variables.items() if v}
+        lora = self.variables.get("lora")
+        self.llm = Qwen2(task.cfg.llm, lora=task.model.lora if lora else None)
+        self.llm_vars = {"params": self.variables["params"]["llm"],
+                         **({"lora": lora["llm"]} if lora else {})}
+        if id(task) not in _SPLICE:
+            _SPLICE[id(task)] = jax.jit(task.spliced)
+        self._splice = _SPLICE[id(task)]
+
+    def run(self, media: dict, rows: np.ndarray, prompts: list[np.ndarray], *, batch: int,
+            max_new_tokens: int, sampling: SamplingConfig, rng: jax.Array) -> list[tuple[str, bool]]:
+        """(text, stopped) per row; batches are padded to `batch` rows (one compilation)."""
+        out = []
+        for start in range(0, len(rows), batch):
+            part = np.arange(start, min(start + batch, len(rows)))
+            take = np.resize(part, batch)   # wrap-pad the last batch
+            text = text_batch([(prompts[i], np.zeros(len(prompts[i]), bool)) for i in take],
+                              self.tokens.max_prompt, self.tokens.pad_id)
+            spliced = self._splice(self.variables, text, media_batch(media, rows[take], self.modality))
+            result = generate(self.llm, self.llm_vars, inputs_embeds=spliced["inputs_embeds"],
+                              attention_mask=spliced["attention_mask"],
+                              rng=jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens,
+                              sampling=sampling, stop_ids=self.tokens.stop_ids,
+                              pad_id=self.tokens.pad_id)
+            stopped = np.asarray(result.stopped)
+            for k, ids in enumerate(result.token_lists()[: len(part)]):
+                out.append((self.tokens.decode(ids), bool(stopped[k])))
+        return out
+
+    def captions(self, split: dict, *, batch: int, max_new_tokens: int, sampling=None, rng=None,
+                 rows: np.ndarray | None = None, repeats: int = 1) -> list[tuple[str, bool]]:
+        """Captions of a split's clips (`repeats` samples each, clip-major)."""
+        rows = np.arange(len(split["items"])) if rows is None else np.asarray(rows)
+        rows = np.repeat(rows, repeats)
+        prompt = self.tokens.prompt_row()
+        return self.run(split["media"], rows, [prompt] * len(rows), batch=batch,
+                        max_new_tokens=max_new_tokens, sampling=sampling or SamplingConfig(),
+                        rng=jax.random.PRNGKey(0) if rng is None else rng)
+
+    def answers(self, split: dict, *, batch: int) -> tuple[list[dict], dict[str, str]]:
+        """(questions, predictions) for every QA item of the split (greedy, short answers)."""
+        questions, rows, prompts = [], [], []
+        for r, item in enumerate(split["items"]):
+            for k, qa in enumerate(item["qa"]):
+                questions.append({"id": f"{item['id']}_qa{k}", **qa})
+                rows.append(r)
+                prompts.append(self.tokens.prompt_row(mcq_prompt(qa["question"], qa["options"])))
+        texts = self.run(split["media"], np.asarray(rows), prompts, batch=batch, max_new_tokens=12,
+                         sampling=SamplingConfig(), rng=jax.random.PRNGKey(0))
+        return questions, {q["id"]: t for q, (t, _) in zip(questions, texts, strict=True)}
+
+
+def judged(text: str, stopped: bool) -> str:
+    return text if stopped else collapse_repeats(text)
+
+
+def score_captions(items: list[dict], captions: list[tuple[str, bool]]) -> dict:
+    """Exact-judge scores + aggregate + repetition for one split's captions."""
+    judge = get_judge("exact")
+    scores = judge.score_many([(judged(t, s), it["events"]) for it, (t, s) in
+                               zip(items, captions, strict=True)], ids=[it["id"] for it in items])
+    return {"aggregate": aggregate(scores),
+            "repetition": repetition_stats([t for t, _ in captions], [s for _, s in captions]),
+            "per_video": [{"id": s.id, "n": s.num_events, "missed": s.missed,
+                           "incorrect": s.incorrect, "hallucinated": s.hallucinated} for s in scores]}
+
+
+def evaluate_model(captioner: Captioner, split: dict, *, batch: int, max_new_tokens: int) -> dict:
+    captions = captioner.captions(split, batch=batch, max_new_tokens=max_new_tokens)
+    result = score_captions(split["items"], captions)
+    questions, predictions = captioner.answers(split, batch=batch)
+    qa = qa_accuracy(questions, predictions)
+    result["qa"] = {"n": qa["n"], "correct": qa["correct"], "accuracy": qa["accuracy"],
+                    "unanswered": len(qa["unanswered_ids"])}
+    result["captions"] = [{"id": it["id"], "caption": t, "stopped": s}
+                          for it, (t, s) in zip(split["items"], captions, strict=True)]
+    return result

@@ -1,0 +1,138 @@
+"""Demo data set-up: render the synthetic clips (train / fresh / test), decode them once, run the
+frozen encoders once and keep their outputs per split (the encoder-output cache of decision 13).
+
+Later stages never touch the .mp4 files again: they read `encoded/<split>.npz` (fp16 features).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vsalmonn_jax.data import synthetic
+from vsalmonn_jax.data import synthetic_scene as scene_lib
+from vsalmonn_jax.data.example import FeatureSettings, media_features
+from vsalmonn_jax.data.features import siglip_normalize
+
+SPLITS = ("train", "fresh", "test")
+
+
+def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
+    """Clips per split; mrDPO round r samples pairs on fresh clips [r * n_fresh, (r + 1) * n_fresh)."""
+    return {"train": int(demo.n_train), "fresh": int(demo.n_fresh) * int(rounds),
+            "test": int(demo.n_test)}
+
+
+def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict) -> list[dict]:
+    """Per clip: id, ground-truth events, exact and biased (SFT annotator) captions, QA items."""
+    items = []
+    for i in range(count):
+        scene = scene_lib.make_scene(seed, synthetic.clip_index(split, i), cfg)
+        items.append({"id": f"{split}_{i:06d}", "video": synthetic.clip_path(split, i),
+                      "events": scene.events, "exact": scene_lib.reference_caption(scene),
+                      "biased": scene_lib.biased_caption(scene, seed, cfg),
+                      "qa": scene_lib.qa_items(scene, seed, cfg)})
+    return items
+
+
+def _featurize(args) -> dict[str, np.ndarray]:
+    path, settings, cache_dir = args
+    return media_features(path, None, settings, cache_dir)
+
+
+def decode_split(data_dir: pathlib.Path, items: list[dict], settings: FeatureSettings,
+                 max_frames: int, mel_frames: int, workers: int) -> dict[str, np.ndarray]:
+    """Decode every clip (through the .npz media cache) into fixed-shape arrays:
+    pixels uint8 [N, F, S, S, 3], frame_mask / frame_times [N, F], mel [N, 1, bins, mel_frames],
+    audio_seconds [N]."""
+    jobs = [(str(data_dir / it["video"]), settings, str(data_dir / "media_cache")) for it in items]
+    if workers > 1 and len(jobs) > 8:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            decoded = list(pool.map(_featurize, jobs, chunksize=8))
+    else:
+        decoded = [_featurize(job) for job in jobs]
+    n, s = len(items), settings.image_size
+    out = {"pixels": np.zeros((n, max_frames, s, s, 3), np.uint8),
+           "frame_mask": np.zeros((n, max_frames), bool),
+           "frame_times": np.zeros((n, max_frames), np.float32),
+           "mel": np.zeros((n, 1, settings.num_mel_bins, mel_frames), np.float32),
+           "audio_seconds": np.zeros((n,), np.float32)}
+    for k, (item, media) in enumerate(zip(items, decoded, strict=True)):
+        frames = media["pixels"].shape[0]
+        if frames > max_frames or media["mel"].shape[0] != 1:
+            raise ValueError(f"{item['video']}: {frames} frames / {media['mel'].shape[0]} audio "
+                             f"chunks; the demo model takes <= {max_frames} frames and 1 chunk")
+        out["pixels"][k, :frames] = media["pixels"]
+        out["frame_mask"][k, :frames] = True
+        out["frame_times"][k, :frames] = media["frame_times"]
+        out["mel"][k] = media["mel"][:, :, :mel_frames]
+        out["audio_seconds"][k] = min(float(media["audio_seconds"]), mel_frames / 100.0)
+    return out
+
+
+def encode_split(model, params: dict, decoded: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Frozen SigLIP + Whisper once per clip -> vision fp16 [N, F, P, Hv], audio fp16 [N, 1, T, D]
+    plus the masks connect() reads."""
+    @jax.jit
+    def run(pixels, mel):
+        media = model.apply({"params": params}, {"pixel_values": pixels, "mel": mel},
+                            method="encode_frozen")
+        return media["vision"].astype(jnp.float16), media["audio"].astype(jnp.float16)
+
+    n = decoded["pixels"].shape[0]
+    vision, audio = [], []
+    for start in range(0, n, batch):
+        rows = np.arange(start, start + batch) % n   # fixed batch shape: wrap the last batch
+        pixels = siglip_normalize(decoded["pixels"][rows])
+        v, a = jax.device_get(run(pixels, decoded["mel"][rows]))
+        keep = min(batch, n - start)
+        vision.append(v[:keep])
+        audio.append(a[:keep])
+    return {"vision": np.concatenate(vision), "audio": np.concatenate(audio),
+            "frame_mask": decoded["frame_mask"], "frame_times": decoded["frame_times"],
+            "audio_seconds": decoded["audio_seconds"]}
+
+
+def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, model, params: dict,
+                 log=print) -> dict[str, dict]:
+    """Render + decode + encode every split once (existing outputs are reused). Returns
+    {split: {"items": [...], "media": {...}}} and writes the tokenizer to data_dir/tokenizer."""
+    demo = config.demo
+    cfg = synthetic.synthetic_config(config)
+    seed = int(demo.seed)
+    sizes = split_sizes(demo, int(config.mrdpo.rounds))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "meta.json").exists():
+        log(f"[data] rendering {sizes['train']} train + {sizes['test']} test clips (.mp4 + AAC)")
+        synthetic.build_dataset(str(data_dir), n_train=sizes["train"], n_val=0, n_test=sizes["test"],
+                                seed=seed, cfg=cfg, placeholder=config.model.connector.placeholder_token,
+                                vocab_size=int(config.model.llm.vocab_size),
+                                workers=int(demo.render_workers))
+    log(f"[data] rendering {sizes['fresh']} fresh clips for the mrDPO rounds")
+    synthetic.render_split(str(data_dir), seed, "fresh", 0, sizes["fresh"], cfg,
+                           int(demo.render_workers))
+    settings = FeatureSettings.from_config(config)
+    mel_frames = 2 * int(config.model.audio.max_source_positions)
+    out = {}
+    for split in SPLITS:
+        items = clip_items(seed, split, sizes[split], cfg)
+        path = data_dir / "encoded" / f"{split}.npz"
+        if path.exists():
+            with np.load(path) as f:
+                media = {k: f[k] for k in f.files}
+        else:
+            log(f"[data] decoding + encoding {len(items)} {split} clips (once; cached)")
+            decoded = decode_split(data_dir, items, settings, int(config.data.max_frames), mel_frames,
+                                   int(demo.render_workers))
+            media = encode_split(model, params, decoded, int(demo.eval_batch))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **media)
+        out[split] = {"items": items, "media": media}
+    return out

@@ -1,0 +1,96 @@
+"""The demo's AV model around cached encoder outputs: a training task model (training/task.py
+protocol) whose media come from the batch, prompt splicing for generation, and weight files.
+
+Variable layout: params = {"llm": frozen base}, adapter = {"vision_connector", "audio_connector"},
+lora = {"llm": ...}. For the full-parameter "pretraining" of the tiny base the LLM weights ride in
+the trainable adapter tree as adapter["llm"] (the task moves them back into params).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from vsalmonn_jax.lora import LoraConfig
+from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, init_variables
+from vsalmonn_jax.training.losses import shift_targets
+
+MEDIA_FIELDS = ("vision", "audio", "frame_mask", "frame_times", "audio_seconds", "has_video",
+                "has_audio")
+
+
+def build(config, placeholder_id: int, rng: jax.Array) -> tuple[AVConfig, LoraConfig, dict]:
+    """(AV config, LoRA config, unboxed {"params", "adapter"}) at random init (seeded)."""
+    cfg = AVConfig.from_config(config, placeholder_id)
+    lcfg = LoraConfig.from_config(config.model.lora)
+    variables = nn.unbox(init_variables(rng, cfg, None))
+    return cfg, lcfg, jax.device_get(variables)
+
+
+def media_of(batch: dict) -> dict:
+    """The cached media fields of a batch (fp16 features cast to fp32). A batch without "vision" or
+    "audio" (audio-only alignment, visual-only pretraining) makes connect() skip that modality."""
+    media = {k: batch[k] for k in MEDIA_FIELDS if k in batch}
+    for name in ("vision", "audio"):
+        if name in media:
+            media[name] = media[name].astype(jnp.float32)
+    return media
+
+
+def _layout(variables: dict) -> dict:
+    params = dict(variables["params"])
+    adapter = dict(variables.get("adapter", {}))
+    if "llm" in adapter:  # full-parameter pretraining of the base
+        params["llm"] = adapter.pop("llm")
+    out = {"params": params}
+    if adapter:
+        out["adapter"] = adapter
+    if variables.get("lora"):
+        out["lora"] = variables["lora"]
+    return out
+
+
+class CachedAVTask:
+    """TaskModel over cached encoder outputs: encode() reads them from the batch (no encoders run)."""
+
+    def __init__(self, cfg: AVConfig, lora: LoraConfig | None):
+        self.cfg = cfg
+        self.model = AVLLM(cfg, lora)
+
+    def init(self, rng, collections=("lora", "adapter")):
+        raise NotImplementedError("the demo builds its train states from its own stage outputs")
+
+    def encode(self, variables, batch):
+        return media_of(batch)
+
+    def spliced(self, variables, text, media):
+        v = _layout(variables)
+        embeds, mask = self.model.apply(v, media, method="connect")
+        return self.model.apply(v, embeds, mask, text["input_ids"], text["attention_mask"],
+                                text["loss_mask"], method="splice")
+
+    def forward(self, variables, text, media, *, deterministic, rngs):
+        spliced = self.spliced(variables, text, media)
+        hidden = self.model.apply(_layout(variables), spliced, deterministic, True, method="decode",
+                                  rngs=rngs)
+        targets, mask = shift_targets(spliced["targets"], spliced["loss_mask"])
+        return hidden, targets, mask
+
+    def logits(self, variables, hidden):
+        return self.model.apply(_layout(variables), hidden, method="lm_logits")
+
+
+def save_tree(path: pathlib.Path, tree) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, jax.device_get(tree))))
+    tmp.replace(path)
+
+
+def load_tree(path: pathlib.Path):
+    return serialization.msgpack_restore(path.read_bytes())

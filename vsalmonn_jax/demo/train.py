@@ -1,0 +1,73 @@
+"""Training one demo stage on the project's jitted steps (training/steps.py): a fresh optimizer and
+schedule per stage / mrDPO round, replicated state on the demo's mesh, progress lines to the log.
+
+Jitted steps are cached per (objective, lr, steps, trainable structure), so mrDPO rounds and the
+control arm reuse one compilation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsalmonn_jax.training.sharding import make_mesh, replicated
+from vsalmonn_jax.training.state import TrainState, make_optimizer
+from vsalmonn_jax.training.steps import make_steps, put_batch
+
+_CACHE: dict = {}
+
+
+def _steps(task, config, objective: str, lr: float, num_steps: int, state_like, mesh):
+    structure = jax.tree.structure(state_like)
+    key = (id(task), objective, float(lr), int(num_steps), str(structure),
+           tuple(jax.tree.map(lambda x: (x.shape, str(x.dtype)), jax.tree.leaves(state_like))))
+    if key not in _CACHE:
+        cfg = config.copy_and_resolve_references()
+        cfg.train.lr = float(lr)
+        cfg.stage = "mrdpo" if objective == "dpo" else "sft"
+        tx, schedule = make_optimizer(cfg.train, int(num_steps))
+        _CACHE[key] = (tx, schedule, cfg)
+    tx, schedule, cfg = _CACHE[key]
+    return tx, schedule, cfg
+
+
+def train_stage(task, config, *, objective: str, params: dict, trainable: dict, batches,
+                num_steps: int, lr: float, seed: int, ref_adapter: dict | None = None,
+                log=print, name: str = "train", log_every: int = 50) -> tuple[dict, list[dict]]:
+    """Run `num_steps` optimizer steps of `objective` (sft | dpo) from `trainable`; returns
+    (trained trainable tree as numpy, metric history). `ref_adapter`: the DPO reference's adapter
+    (round-start snapshot); LoRA is absent from the reference by construction."""
+    mesh = make_mesh(dict(config.mesh))
+    trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    probe = {"params": params, "trainable": trainable}
+    tx, schedule, cfg = _steps(task, config, objective, lr, num_steps, probe, mesh)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, trainable=trainable,
+                       opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed),
+                       ref_adapter=ref_adapter if ref_adapter is not None else {})
+    shardings = jax.tree.map(lambda _: replicated(mesh), state)
+    step_key = ("steps", id(tx), str(jax.tree.structure(state)))
+    if step_key not in _CACHE:
+        _CACHE[step_key] = make_steps(task, cfg, tx, schedule, mesh, shardings, objective=objective)
+    steps = _CACHE[step_key]
+    state = jax.device_put(state, shardings)
+    history, start, window = [], time.perf_counter(), time.perf_counter()
+    for step in range(1, num_steps + 1):
+        batch = put_batch(next(batches), steps.batch_sharding)
+        state, metrics = steps.train(state, batch)
+        if step % log_every == 0 or step == num_steps or step == 1:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            scalars["step"] = step
+            history.append(scalars)
+            shown = " ".join(f"{k}={scalars[k]:.4g}" for k in ("loss", "dpo_loss", "gt_ce",
+                                                             "rewards/accuracy", "grad_norm")
+                             if k in scalars)
+            now = time.perf_counter()
+            log(f"[{name}] step {step}/{num_steps} {shown} ({now - window:.1f}s)")
+            window = now
+            if not np.isfinite(scalars["loss"]):
+                raise FloatingPointError(f"[{name}] non-finite loss at step {step}: {scalars}")
+    log(f"[{name}] {num_steps} steps in {time.perf_counter() - start:.1f}s")
+    return jax.device_get(state.trainable), history
