@@ -91,9 +91,9 @@ def main() -> None:
               f"{args.frame_size}x{args.frame_size}, 1 fps); features: SigLIP "
               f"{settings.image_size}px, {settings.num_mel_bins}-bin log-mel; cpus {os.cpu_count()}")
         hf = hf_clips_per_second(records, settings)
-        print(f"hf (SiglipImageProcessor + WhisperFeatureExtractor, 1 process): {hf:.2f} clips/s")
+        print(f"hf (SiglipImageProcessorPil + WhisperFeatureExtractor, 1 process): {hf:.2f} clips/s")
         inline = ours_clips_per_second(records, config, workers=0)
-        print(f"ours (numpy features, in-process): {inline:.2f} clips/s")
+        print(f"ours (numpy/jax features, in-process): {inline:.2f} clips/s")
         ours = ours_clips_per_second(records, config, workers=args.workers)
         print(f"ours (grain, {args.workers} workers): {ours:.2f} clips/s")
         print(f"BENCH data_inline_vs_hf {inline / hf:.3f}")
