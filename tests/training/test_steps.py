@@ -93,6 +93,9 @@ def test_precomputed_reference_logps_give_the_same_step():
     pre = dict(data, ref_chosen_logps=np.full(8, 0, np.float32), ref_rejected_logps=np.zeros(8, np.float32))
     pre["ref_chosen_logps"] = np.asarray(_seq_logps(steps, state, data, "chosen_"))
     pre["ref_rejected_logps"] = np.asarray(_seq_logps(steps, state, data, "rejected_"))
+    reference = steps.reference(state, batch)  # the jitted precompute path agrees
+    np.testing.assert_allclose(np.asarray(reference["ref_chosen_logps"]), pre["ref_chosen_logps"],
+                               atol=1e-4)
     m_pre = steps.eval(state, device_batch(pre, steps))
     assert float(m_pre["loss"]) == pytest.approx(float(m_eval["loss"]), abs=1e-6)
     assert float(m_pre["dpo_loss"]) == pytest.approx(LOG2, abs=1e-6)

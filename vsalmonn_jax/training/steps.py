@@ -206,6 +206,15 @@ def _dpo_eval(task, opts):
     return step
 
 
+def _dpo_reference(task, opts):
+    def step(state: TrainState, batch):
+        media = _encode(task, state.params, batch)
+        ref_chosen, ref_rejected = reference_logps(task, opts, state, batch, media)
+        return {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+
+    return step
+
+
 OBJECTIVES = {"align": "sft", "sft": "sft", "rebirth": "sft", "dpo": "dpo", "mrdpo": "dpo"}
 
 
@@ -224,6 +233,7 @@ class Steps:
     objective: str
     mesh: Mesh
     batch_sharding: NamedSharding
+    reference: Callable | None = None  # DPO: (state, batch) -> {"ref_chosen_logps", ...} [B]
 
 
 def make_steps(task, config, tx, schedule, mesh: Mesh, shardings, objective: str | None = None,
@@ -250,8 +260,12 @@ def make_steps(task, config, tx, schedule, mesh: Mesh, shardings, objective: str
         call.jitted = fn
         return call
 
+    reference = None
+    if objective == "dpo":  # for precomputing reference log-probs once per round
+        reference = in_context(jax.jit(_dpo_reference(task, opts), in_shardings=(shardings, data),
+                                       out_shardings=data))
     return Steps(train=in_context(train_jit), eval=in_context(eval_jit), objective=objective,
-                 mesh=mesh, batch_sharding=data)
+                 mesh=mesh, batch_sharding=data, reference=reference)
 
 
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:
