@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from toy_tasks import MEDIA_DIM, MediaTask, device_batch, host, mesh_of, tiny_config
 
-from vsalmonn_jax.lora import LoraConfig
+from vsalmonn_jax.lora import LoraConfig, merge
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training import steps as sp
 from vsalmonn_jax.training.loop import prepare_state
-from vsalmonn_jax.training.mrdpo import lora_targets, merge_and_reinit, merge_round
+from vsalmonn_jax.training.mrdpo import merge_round
 from vsalmonn_jax.training.synthetic import dpo_examples
 from vsalmonn_jax.training.task import build_task, present
 
@@ -78,32 +78,32 @@ def test_merge_boundary_keeps_logits_and_next_round_starts_at_log2(media_setup):
     assert float(metrics["grad_norm"]) > 0   # the DPO gradient is not zero at h = 0
 
 
-def test_merge_without_reinit_boundary_would_not_start_at_log2(media_setup):
-    """Control for the test above: keeping the trained LoRA with the merged base double-counts it."""
+def test_merge_without_reinit_boundary_would_not_keep_the_policy(media_setup):
+    """Control for the test above: keeping the trained LoRA on the merged base double-counts it."""
     _, task, _, _, _, _, _, data, copies = media_setup
     params, lora, adapter = copies["params"], copies["lora"], copies["adapter"]
-    merged, fresh = merge_and_reinit(params, lora, jax.random.PRNGKey(0), task.lora_config)
+    merged = merge(params, lora, task.lora_config.scale)
     double = present({"params": merged, "lora": lora, "adapter": adapter})
     single = present({"params": params, "lora": lora, "adapter": adapter})
     batch = {k[len("chosen_"):]: v for k, v in data.items() if k.startswith("chosen_")}
     batch["media"] = data["media"]
     assert np.abs(_logits(task, double, batch) - _logits(task, single, batch)).max() > 1e-3
-    assert jax.tree.structure(fresh) == jax.tree.structure(lora)
 
 
-def test_lora_targets_follow_nested_trees():
-    """AV layout: the LoRA tree sits under "llm" next to encoders with q_proj of their own."""
+def test_merge_round_on_the_av_layout():
+    """AV layout: the LoRA sits under "llm" next to encoders that have q_proj kernels of their own."""
     kernel = np.ones((2, 3), np.float32)
-    params = {"llm": {"q_proj": {"kernel": kernel, "bias": np.zeros(3)}},
+    params = {"llm": {"q_proj": {"kernel": kernel, "bias": np.zeros(3, np.float32)}},
               "vision": {"q_proj": {"kernel": kernel}}}
-    lora = {"llm": {"q_proj": {"a": np.zeros((2, 1)), "b": np.zeros((1, 3))}}}
-    assert lora_targets(params, lora) == {"llm": {"q_proj": {"kernel": kernel}}}
+    lora = {"llm": {"q_proj": {"a": np.ones((2, 1), np.float32), "b": np.ones((1, 3), np.float32)}}}
+    state = st.TrainState(step=np.int32(3), params=params, trainable={"lora": lora, "adapter": {}},
+                          opt_state={}, rng=jax.random.PRNGKey(0), ref_adapter={})
     cfg = LoraConfig(rank=1, alpha=2.0, targets=("q_proj",))
-    merged, fresh = merge_and_reinit(params, {"llm": {"q_proj": {"a": np.ones((2, 1)),
-                                                                 "b": np.ones((1, 3))}}},
-                                     jax.random.PRNGKey(0), cfg)
-    np.testing.assert_allclose(merged["llm"]["q_proj"]["kernel"], kernel + 2.0)
-    np.testing.assert_array_equal(merged["vision"]["q_proj"]["kernel"], kernel)  # not adapted
+    out = merge_round(state, cfg, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(out.params["llm"]["q_proj"]["kernel"], kernel + 2.0)
+    np.testing.assert_array_equal(out.params["vision"]["q_proj"]["kernel"], kernel)  # not adapted
+    fresh = out.trainable["lora"]
     assert set(fresh) == {"llm"} and fresh["llm"]["q_proj"]["a"].shape == (2, 1)
-    with pytest.raises(KeyError, match="llm/k_proj"):
-        lora_targets(params, {"llm": {"k_proj": {"a": np.zeros((2, 1)), "b": np.zeros((1, 3))}}})
+    assert not np.asarray(fresh["llm"]["q_proj"]["b"]).any()
+    with pytest.raises(ValueError, match="no 'lora' trainable"):
+        merge_round(state.replace(trainable={"adapter": {}}), cfg, jax.random.PRNGKey(1))

@@ -34,11 +34,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vsalmonn_jax.generate.sampling import SamplingConfig
-from vsalmonn_jax.lora import LoraConfig, init_lora, merge
+from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import PairRule, Sample
@@ -86,53 +85,18 @@ class MrdpoOptions:
 
 # ------------------------------------------------------------------------------ merge boundary
 
-def lora_targets(params: Mapping, lora: Mapping) -> dict:
-    """The base kernels a LoRA tree adapts, at the same paths (e.g. {"llm": {...}} for the AV model)."""
-    flat = traverse_util.flatten_dict(dict(params))
-    out = {}
-    for path in traverse_util.flatten_dict(dict(lora)):
-        if path[-1] == "a":
-            kernel = path[:-1] + ("kernel",)
-            if kernel not in flat:
-                raise KeyError(f"LoRA module {'/'.join(path[:-1])} has no kernel in params")
-            out[kernel] = flat[kernel]
-    return traverse_util.unflatten_dict(out)
-
-
-def merge_and_reinit(params, lora, rng: jax.Array, lora_config: LoraConfig):
-    """(params with W + scale * A @ B, a fresh LoRA tree of the same paths (A random, B = 0))."""
-    merged = merge(params, lora, lora_config.scale)
-    fresh = init_lora(rng, lora_targets(merged, lora), lora_config)
-    return merged, fresh
-
-
-_MERGE_CACHE: dict = {}
-
-
 def merge_round(state: st.TrainState, lora_config: LoraConfig, rng: jax.Array, shardings=None,
                 mesh=None, rules=LOGICAL_AXIS_RULES) -> st.TrainState:
-    """Round boundary: base <- merged base, LoRA <- fresh, in one jitted call that donates the old
-    base and LoRA (no second copy of the base lives at once). The optimizer state and reference
-    snapshot are left to the next stage's `prepare_state` (fresh optimizer, adapter snapshot)."""
+    """Round boundary: base <- W + scale A B, LoRA <- fresh (B = 0), jitted with the old base donated
+    (training/state.py merge_and_reinit). The policy is unchanged; the optimizer state and the
+    reference snapshot are left to the next stage's `prepare_state` (fresh optimizer, adapter
+    snapshot), so the next round's reference is the policy just trained."""
     if "lora" not in state.trainable:
         raise ValueError("merge_round: the state has no 'lora' trainable (train.trainable lacks 'lora')")
-
-    def fn(params, trainable, key):
-        merged, fresh = merge_and_reinit(params, trainable["lora"], key, lora_config)
-        return merged, dict(trainable, lora=fresh)
-
-    out_shardings = None if shardings is None else (shardings.params, shardings.trainable)
-    cache_key = (lora_config, id(shardings), id(mesh))
-    if cache_key not in _MERGE_CACHE:
-        _MERGE_CACHE.clear()
-        _MERGE_CACHE[cache_key] = jax.jit(fn, donate_argnums=(0, 1), out_shardings=out_shardings)
-    run = _MERGE_CACHE[cache_key]
     if mesh is None:
-        params, trainable = run(state.params, state.trainable, rng)
-    else:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            params, trainable = run(state.params, state.trainable, rng)
-    return state.replace(params=params, trainable=trainable)
+        return st.merge_and_reinit(state, lora_config, rng, shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return st.merge_and_reinit(state, lora_config, rng, shardings)
 
 
 # ------------------------------------------------------------------------------ one round's data

@@ -52,7 +52,7 @@ def mix_records(caption_recs: Sequence[Mapping], non_caption: Sequence[Mapping],
         raise ValueError(f"rebirth.non_caption_ratio must be in [0, 1), got {ratio}")
     rng = np.random.default_rng([int(seed), 0x5EB])
     count = int(round(ratio / (1.0 - ratio) * len(caption_recs))) if ratio > 0 else 0
-    if count and not non_caption:
+    if ratio > 0 and not non_caption:
         raise ValueError(f"rebirth.non_caption_ratio={ratio} needs non-caption records (e.g. the SFT "
                          "stage's QA conversations), but none were given")
     if count:
