@@ -246,3 +246,18 @@ def test_text_too_long_is_quarantined_not_dropped(synth_dir, tmp_path):
     kept = sum(b["example_id"].shape[0] for b in batches)
     assert kept == 2 and len(lines) == 2
     assert all(x["reason"] == "text" and "> max_length 100" in x["detail"] for x in lines)
+
+
+def test_quarantine_share_is_checked_mid_run_after_min_seen(tmp_path):
+    from vsalmonn_jax.data.quarantine import Quarantine
+
+    q = Quarantine(str(tmp_path / "q.jsonl"), max_failure_share=0.25, min_seen=8)
+    bad = {"failed": "corrupt", "id": "x", "example_id": np.int64(3), "detail": "d"}
+    for _ in range(5):
+        q.ok()
+    for _ in range(2):
+        q.add(bad)                       # 2 of 7 = 28.6 % but fewer than 8 seen: keep going
+    with pytest.raises(TooManyFailures, match=r"3 of 8 records failed \(37.5% > "):
+        q.add(bad)
+    assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "q.jsonl").read_text().splitlines()[0])["example_id"] == 3
