@@ -4,6 +4,7 @@ a 64-device fake mesh (subprocess) that compiles without allocating weights and 
 import json
 import os
 import pathlib
+import re
 import resource
 import subprocess
 import sys
@@ -122,7 +123,9 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     assert plan["counts"]["lora"] == 28 * (2 * 3584 * 128 + 2 * (3584 * 128 + 128 * 512))
     assert 5e7 < plan["counts"]["adapter"] < 1e8  # projector, Q-Former, final_linear, newline
     assert plan["counts"]["ref_adapter"] == plan["counts"]["adapter"]  # DPO snapshot
-    assert abs(plan["state_total_gb"]["params"] - 2 * plan["counts"]["params"] / 1e9) < 1e-6
+    # bf16 frozen weights (a few small fp32 tables such as Whisper's positions aside)
+    assert plan["state_total_gb"]["params"] == pytest.approx(2 * plan["counts"]["params"] / 1e9,
+                                                             rel=1e-3)
     assert plan["state_gb"]["params"] < plan["state_total_gb"]["params"] / 8
     trainable = plan["counts"]["lora"] + plan["counts"]["adapter"]
     assert plan["state_total_gb"]["opt_state"] == pytest.approx(8 * trainable / 1e9, rel=0.01)
@@ -132,6 +135,6 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
         assert 0 < step["peak"] <= 95e9, step
     by = {s["name"]: s for s in plan["steps"]}
     assert by["dpo"]["temp"] > by["sft"]["temp"]  # 3 policy sequences + the reference forward
-    assert "fits" in proc.stdout and "NO" not in proc.stdout
+    assert "fits" in proc.stdout and not re.search(r"\sNO\s", proc.stdout)
     assert peak_rss_gb < 4.0, f"the plan allocated {peak_rss_gb:.1f} GB: weights materialised?"
     assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
