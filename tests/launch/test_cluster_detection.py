@@ -1,5 +1,9 @@
 """Cluster detection from the environment (explicit, SLURM, TPU VM) and per-process batch rows."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -113,3 +117,13 @@ def test_process_batch_rows_and_global_batch():
     with pytest.raises(ValueError, match=r"local batch has 8 rows, this process owns rows \[0, 12\)"):
         distributed.global_batch({"ids": x}, mesh, global_size=12)
     assert jax.process_count() == 1 and distributed.is_primary()
+
+
+def test_entry_point_initialises_then_dispatches():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
+    env.update(VSALMONN_CLUSTER="single", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "vsalmonn_jax.distributed", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "[vsalmonn-jax] single cluster: process 0/1" in proc.stdout
+    assert "usage: vsalmonn-jax COMMAND" in proc.stdout
