@@ -47,8 +47,11 @@ jax.tree_util.register_dataclass(
 
 
 def _cache_specs(cache: dict, mesh: Mesh) -> dict:
-    """Shardings for the KV cache under the training mesh: batch over (data, fsdp), kv heads over tensor."""
+    """Shardings for the KV cache under the training mesh: batch over (data, fsdp) when it divides
+    (else replicated), kv heads over tensor when they divide."""
     batch_axes = ("data", "fsdp")
+    if cache["k"].shape[1] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        batch_axes = None
     kv_heads = cache["k"].shape[3]
     heads_axis = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
     kv = NamedSharding(mesh, PartitionSpec(None, batch_axes, None, heads_axis, None))
@@ -142,7 +145,8 @@ def generate(model, variables, *, input_ids=None, inputs_embeds=None, attention_
     True). Decode steps feed token ids. Randomness: `keys` [B] per-sequence keys, or `rng` split
     into B keys with `sequence_keys` (ignored when greedy). `stop_ids` (e.g. <|im_end|>, eos) end a
     sequence independently of the others. With `mesh`, the KV cache is sharded like training
-    activations (batch over data+fsdp, kv heads over tensor); B must divide by data*fsdp.
+    activations (batch over data+fsdp, kv heads over tensor); a batch that does not divide by
+    data*fsdp stays replicated (correct, but pad it with `pad_rows` to use every device).
     Compiles once per (B, T, max_new_tokens, sampling); callers bucket prompt lengths.
     """
     if (input_ids is None) == (inputs_embeds is None):
@@ -163,11 +167,6 @@ def generate(model, variables, *, input_ids=None, inputs_embeds=None, attention_
         raise ValueError(f"generate: prompt rows {empty} have no real token in attention_mask")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if mesh is not None:
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if batch % shards:
-            raise ValueError(f"generate: batch {batch} must divide by data*fsdp = {shards} of the "
-                             "mesh (pad the batch, see pad_rows)")
     sampling = SamplingConfig() if sampling is None else sampling
     if keys is None:
         rng = jax.random.key(0) if rng is None else rng
