@@ -57,13 +57,14 @@ def test_chunk_positions_match_official_formula():
 def test_audio_connector_shapes_collection_and_count():
     features = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 100, 24)), jnp.float32)
     model = AudioConnector(CFG)
-    variables = model.init(jax.random.PRNGKey(0), features)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), features)
     assert set(variables) == {"adapter"}
     assert sum(x.size for x in jax.tree.leaves(variables)) == num_params(CFG)
-    out = model.apply(variables, features)
+    apply = jax.jit(model.apply)
+    out = apply(variables, features)
     assert out.shape == (2, 3 * 4, 40)  # 100 frames -> 4 windows of 25 per chunk
     # the chunk position is the only thing that differs between identical chunks
     same = jnp.broadcast_to(features[:, :1], features.shape)
-    out_same = np.asarray(model.apply(variables, same)).reshape(2, 3, 4, 40)
+    out_same = np.asarray(apply(variables, same)).reshape(2, 3, 4, 40)
     np.testing.assert_allclose(out_same[:, 2] - out_same[:, 0],
                                np.broadcast_to(chunk_positions(3, 40)[2], (2, 4, 40)), atol=1e-5)
