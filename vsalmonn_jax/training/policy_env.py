@@ -25,8 +25,9 @@ class PolicyEnv(Protocol):
     """task: the TaskModel the train steps run on (TextTask, the AV task, ...).
 
     generate(state, items, *, sampling, rng, max_new_tokens) -> one Sample per item, in order.
-        Row g of `items` draws from fold_in(rng, g), so a caption does not depend on how the items
-        are batched (sampling k per video = the items repeated k times).
+        Row g of `items` draws from a key that is a function of (rng, g) only (text: fold_in(rng,
+        g)), so a caption does not depend on how the items are batched (sampling k per video = the
+        items repeated k times).
     batches(records, *, batch_size, seed, shuffle, repeat) -> an iterator of host numpy batches (the
         batch contract: text fields per prefix, "example_id" = the record's position in `records`),
         with get_state() / set_state() so run_stage can checkpoint the position.
@@ -186,5 +187,76 @@ class TextPolicyEnv:
 
         def collate_fixed(batch_examples):
             return self._collate(batch_examples, (length,))
+
+        return ListIterator(examples, collate_fixed, batch_size, seed, shuffle, repeat)
+
+
+class AVPolicyEnv:
+    """PolicyEnv of the audio-visual task (training/av_task.py) over media files.
+
+    Generation goes through generate/captioner.py's AVCaptioner (frozen encoders -> connectors ->
+    splice -> KV-cache decode); training batches through data/example.py's Featurizer and
+    data/collate.py (the data pipeline's batch contract). Each item's media are decoded once and
+    kept (`prepared`), so later rounds and evaluations skip decoding. An unreadable item raises,
+    naming it (mrDPO items are the run's own clips: a broken one is a bug, not data noise).
+    """
+
+    def __init__(self, config, task, tokenizer, *, mesh=None, sample_batch: int = 8):
+        from vsalmonn_jax.data.example import Featurizer
+
+        self.config, self.task, self.tokenizer, self.mesh = config, task, tokenizer, mesh
+        self.sample_batch = int(sample_batch)
+        self.featurizer = Featurizer.from_config(config)
+        self.featurizer._tokenizer = tokenizer
+        self.prepared: dict[str, dict] = {}
+
+    def _captioner(self, state, sampling, seed: int, max_new_tokens: int):
+        from vsalmonn_jax.generate.captioner import AVCaptioner
+
+        return AVCaptioner(self.config, self.task, jax.device_get(policy_variables(state)),
+                           self.tokenizer, sampling=sampling, max_new_tokens=int(max_new_tokens),
+                           batch_size=self.sample_batch, seed=seed, mesh=self.mesh)
+
+    def generate(self, state, items, *, sampling, rng, max_new_tokens):
+        """Row g of `items` samples with key row_key(seed(rng), item id, g)."""
+        seed = int(jax.random.randint(rng, (), 0, np.iinfo(np.int32).max))
+        captioner = self._captioner(state, sampling, seed, max_new_tokens)
+        rows = []
+        for g, item in enumerate(items):
+            key = str(item["id"])
+            if key not in self.prepared:
+                self.prepared[key] = captioner.prepare(dict(item))
+            rows.append((item, g, self.prepared[key]))
+        out: list[Sample] = []
+        for start in range(0, len(rows), captioner.batch_size):
+            for result in captioner.caption(rows[start:start + captioner.batch_size]):
+                out.append(Sample(text=result["caption"], stopped=result["stopped"],
+                                  num_tokens=result["num_tokens"], logprob=result["logprob"]))
+        return out
+
+    def batches(self, records, *, batch_size, seed, shuffle=True, repeat=True):
+        """All batches padded to one text length (the bucket of the longest record)."""
+        from vsalmonn_jax.data.collate import TEXT_PREFIXES, bucket_length, collate
+        from vsalmonn_jax.data.records import infer_kind
+
+        examples = []
+        for i, record in enumerate(records):
+            example = self.featurizer({**record, "kind": record.get("kind") or infer_kind(record),
+                                       "index": i})
+            if "failed" in example:
+                raise ValueError(f"record {i} ({record.get('id', '?')}): {example['failed']}: "
+                                 f"{example.get('detail', '')}")
+            example.pop("has_pair", None)
+            examples.append(example)
+        longest = max(len(ex[p + "input_ids"]) for ex in examples for p in TEXT_PREFIXES
+                      if p + "input_ids" in ex)
+        length = bucket_length(longest, tuple(self.config.data.length_buckets))
+        c = self.config
+
+        def collate_fixed(batch_examples):
+            return collate(batch_examples, pad_id=self.featurizer.tokenizer.pad_token_id or 0,
+                           image_size=int(c.model.vision.image_size),
+                           num_mel_bins=int(c.model.audio.num_mel_bins),
+                           max_frames=int(c.data.max_frames), length_buckets=(length,))
 
         return ListIterator(examples, collate_fixed, batch_size, seed, shuffle, repeat)
