@@ -296,8 +296,27 @@ def _with_remat(config, remat: str):
     return config
 
 
-def suggest(plan: Plan, target_global_batch: int | None = None) -> list[str]:
-    """Remat policy, micro-batch per device and grad_accum that fit the budget."""
+def _misfit_hints(plan: Plan, config, name: str, best: Compiled, budget: float) -> list[str]:
+    """Concrete ways out when no compiled variant fits (estimates, labelled as such)."""
+    hints = []
+    tensor, kv_heads = plan.mesh["tensor"], int(config.model.llm.num_kv_heads)
+    if kv_heads % (2 * tensor) == 0:
+        hints.append(f"mesh tensor={2 * tensor} (splits heads, MLP and vocabulary once more)")
+    else:
+        hints.append(f"tensor={tensor} is already the most the {kv_heads} KV heads allow")
+    if name.startswith("dpo") and float(config.dpo.gt_ce_weight) > 0:
+        hints.append(f"dpo.gt_ce_weight=0 drops the ground-truth sequence from the policy forward "
+                     f"(~{best.peak * 2 / 3 / GB:.0f} GB, estimate)")
+    fixed = best.argument + max(0, best.output - best.alias)
+    share = max(0.0, (budget - fixed) / max(best.temp, 1))
+    frames = int(plan.tokens.frames * share)
+    if 0 < frames < plan.tokens.frames:
+        hints.append(f"data.max_frames <= ~{frames} (temp scaled linearly with length, estimate)")
+    return hints
+
+
+def suggest(plan: Plan, config, target_global_batch: int | None = None) -> list[str]:
+    """Remat policy, examples per device per micro-step and grad_accum that fit the budget."""
     out = []
     budget = plan.budget_gb * GB
     shards = plan.mesh["data"] * plan.mesh["fsdp"]
@@ -308,21 +327,20 @@ def suggest(plan: Plan, target_global_batch: int | None = None) -> list[str]:
         fitting = [c for c in runs if c.peak <= budget]
         if not fitting:
             best = min(runs, key=lambda c: c.peak)
-            out.append(f"{name}: does not fit {plan.budget_gb:.0f} GB (best: remat={best.remat} "
-                       f"peak {best.peak / GB:.1f} GB); raise tensor (heads split the attention "
-                       f"scores), shorten the sequence, or precompute the DPO reference")
+            out.append(f"{name}: does not fit {plan.budget_gb:.0f} GB (best: remat={best.remat}, "
+                       f"peak {best.peak / GB:.1f} GB); try: "
+                       + "; ".join(_misfit_hints(plan, config, name, best, budget)))
             continue
         chosen = fitting[0]
         fixed = chosen.argument + max(0, chosen.output - chosen.alias)
-        per_example = chosen.temp / per_dev
-        micro = max(1, int((budget - fixed) // max(per_example, 1)))
+        micro = max(1, int((budget - fixed) // max(chosen.temp / per_dev, 1)))
         line = (f"{name}: model.llm.remat_policy={chosen.remat} (peak {chosen.peak / GB:.1f} GB of "
-                f"{plan.budget_gb:.0f}); up to ~{micro} sequence(s) of {plan.tokens.total} tokens "
-                f"per device per micro-step (linear estimate)")
+                f"{plan.budget_gb:.0f}); up to ~{micro} example(s) of {plan.tokens.total} tokens "
+                f"per data x fsdp shard per micro-step (linear estimate)")
         if target_global_batch:
-            per_step = shards * min(micro, per_dev) if per_dev <= micro else shards * micro
+            per_step = shards * micro
             accum = max(1, math.ceil(target_global_batch / per_step))
-            line += (f"; global batch {target_global_batch}: {per_step} per micro-step x "
+            line += (f"; for {target_global_batch} per update: {per_step} per micro-step x "
                      f"train.grad_accum={accum}")
         out.append(line)
     return out
@@ -384,7 +402,7 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
                                          what="reference", model=model))
     plan = Plan(sizes, tokens, global_batch, global_batch / shards, budget_gb, state_gb,
                 state_total, counts, compiled, issues, [], model, notes)
-    plan.suggestions = suggest(plan, target_global_batch) if compiled else [
+    plan.suggestions = suggest(plan, config, target_global_batch) if compiled else [
         "fix the issues above first: nothing was compiled"]
     return plan
 
