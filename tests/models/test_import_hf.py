@@ -168,3 +168,19 @@ def test_missing_tensor_is_named(cfg):
     with pytest.raises(KeyError, match="embeddings.patch_embedding.weight"):
         import_hf.siglip_params(import_hf.Source({"foo": np.zeros(1)}), cfg.vision)
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_bf16_safetensors_directory_streams(cfg, tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    v = cfg.vision
+    model = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
+        patch_size=v.patch_size)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "siglip")
+    params = import_hf.siglip_params(import_hf.Source(tmp_path / "siglip"), v)
+    fc1 = params["layers"]["fc1"]["kernel"]
+    assert fc1.dtype == "bfloat16" and fc1.shape == (v.used_layers, v.hidden_size, v.intermediate_size)
+    np.testing.assert_array_equal(fc1[1].astype(np.float32),
+                                  model.encoder.layers[1].mlp.fc1.weight.detach().float().numpy().T)

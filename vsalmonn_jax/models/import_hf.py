@@ -43,47 +43,33 @@ def squeeze0(w: np.ndarray) -> np.ndarray:
 
 
 class Source:
-    """Lazy flat view of a checkpoint: a dict of arrays, or a directory / file of safetensors."""
+    """Lazy flat view of a checkpoint: a dict of arrays / torch tensors, or a safetensors file or
+    directory (memory-mapped through safetensors_io.SafetensorsReader, bf16 included)."""
 
     def __init__(self, tensors: Mapping[str, object] | str | pathlib.Path, prefix: str = ""):
         self.prefix = prefix
         if isinstance(tensors, (str, pathlib.Path)):
-            from safetensors import safe_open
+            from vsalmonn_jax.safetensors_io import SafetensorsReader
 
-            path = pathlib.Path(tensors)
-            files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors files in {path}")
-            self._handles = {}
-            for file in files:
-                handle = safe_open(str(file), framework="numpy")
-                for key in handle.keys():
-                    self._handles[key] = handle
-            self._dict = None
+            self._store = SafetensorsReader(tensors)
         else:
-            self._dict = dict(tensors)
-            self._handles = None
+            self._store = dict(tensors)
 
     def keys(self) -> set[str]:
-        names = self._dict.keys() if self._dict is not None else self._handles.keys()
-        return {k[len(self.prefix):] for k in names if k.startswith(self.prefix)}
+        return {k[len(self.prefix):] for k in self._store.keys() if k.startswith(self.prefix)}
 
     def __contains__(self, name: str) -> bool:
-        full = self.prefix + name
-        return full in (self._dict if self._dict is not None else self._handles)
+        return self.prefix + name in self._store
 
     def __getitem__(self, name: str) -> np.ndarray:
         full = self.prefix + name
-        if self._dict is not None:
-            if full not in self._dict:
-                raise KeyError(f"checkpoint has no tensor {full!r}")
-            value = self._dict[full]
-            if hasattr(value, "detach"):  # torch tensor
-                value = value.detach().float().cpu().numpy()
-            return np.asarray(value)
-        if full not in self._handles:
+        if full not in self._store:
             raise KeyError(f"checkpoint has no tensor {full!r}")
-        return self._handles[full].get_tensor(full)
+        value = self._store[full]
+        if hasattr(value, "detach"):  # torch tensor (bf16 has no numpy twin: go through fp32)
+            value = value.detach().cpu()
+            value = value.float().numpy() if value.dtype.is_floating_point else value.numpy()
+        return np.asarray(value)
 
     def find_prefix(self, suffix: str) -> str:
         """The prefix under which `suffix` occurs (e.g. 'vision_tower.vision_model.'); error if none."""
@@ -94,7 +80,7 @@ class Source:
 
     def sub(self, prefix: str) -> Source:
         view = Source.__new__(Source)
-        view._dict, view._handles, view.prefix = self._dict, self._handles, self.prefix + prefix
+        view._store, view.prefix = self._store, self.prefix + prefix
         return view
 
 
@@ -103,15 +89,17 @@ Entry = tuple[str, str, Transform]
 
 def load_tree(source: Source, entries: Iterable[Entry], num_layers: int = 0,
               layer_entries: Iterable[Entry] = (), layer_offset: int = 0,
-              dtype=np.float32) -> dict:
+              dtype=None) -> dict:
     """Assemble a nested param tree: `entries` once, `layer_entries` stacked over `num_layers`
-    (their name uses {i} = layer_offset + index; our path sits under "layers/")."""
+    (their name uses {i} = layer_offset + index; our path sits under "layers/"). Arrays keep the
+    checkpoint's dtype unless `dtype` is given; one layer tensor is read at a time."""
     flat = {}
     for ours, theirs, fn in entries:
-        flat[tuple(ours.split("/"))] = fn(source[theirs]).astype(dtype)
+        value = fn(source[theirs])
+        flat[tuple(ours.split("/"))] = np.asarray(value, dtype or value.dtype)
     for ours, theirs, fn in layer_entries:
         first = fn(source[theirs.format(i=layer_offset)])
-        stacked = np.empty((num_layers, *first.shape), dtype)
+        stacked = np.empty((num_layers, *first.shape), dtype or first.dtype)
         stacked[0] = first
         for i in range(1, num_layers):
             stacked[i] = fn(source[theirs.format(i=layer_offset + i)])
@@ -272,9 +260,18 @@ def _cast(tree: dict, dtype) -> dict:
 def load_llava_onevision(source: Source | str | pathlib.Path, cfg) -> dict:
     """LLaVA-OneVision (transformers or LLaVA-NeXT naming) -> {"params": {vision, llm},
     "adapter": {vision_connector}}; `cfg` is an AVConfig. Whisper comes from `load_whisper`."""
-    source = source if isinstance(source, Source) else Source(source)
+    path = None if isinstance(source, Source) else pathlib.Path(source)
+    source = source if path is None else Source(path)
+    if path is not None and path.is_dir():  # stream the LLM tensor by tensor (qwen2_hf.load_hf)
+        from vsalmonn_jax.models import qwen2_hf
+
+        heads = sorted((k for k in source.keys() if k.endswith("lm_head.weight")), key=len)
+        llm, _ = qwen2_hf.load_hf(path, cfg.llm, model_prefix=source.find_prefix("embed_tokens.weight"),
+                                  lm_head_name=heads[0] if heads else "lm_head.weight")
+    else:
+        llm = _cast(qwen2_params(source, cfg.llm), cfg.llm.param_dtype)
     return {"params": {"vision": _cast(siglip_params(source, cfg.vision), cfg.vision.param_dtype),
-                       "llm": _cast(qwen2_params(source, cfg.llm), cfg.llm.param_dtype)},
+                       "llm": llm},
             "adapter": {"vision_connector": _cast(vision_connector_params(source), "float32")}}
 
 
