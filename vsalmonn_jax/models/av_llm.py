@@ -48,7 +48,8 @@ class AVConfig:
         """From the full ml_collections config: model.{llm, vision, audio, qformer, connector}."""
         m = config.model
         llm = Qwen2Config.from_config(m.llm)
-        compute = dict(dtype=llm.dtype, param_dtype=llm.param_dtype)
+        compute = dict(dtype=llm.dtype, param_dtype=llm.param_dtype,  # encoders: fused on GPU
+                       attention_impl="cudnn" if llm.attention_impl == "cudnn" else "xla")
         vision = SiglipConfig.from_config(m.vision, **compute)
         audio = WhisperConfig.from_config(m.audio, **compute)
         qformer = QFormerConfig.from_config(m.qformer, encoder_width=audio.d_model,

@@ -88,11 +88,19 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
     return jax.nn.gelu(x, approximate=approximate)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+              impl: str = "xla") -> jax.Array:
     """Bidirectional multi-head attention, softmax in fp32.
 
     q [B, T, N, D], k/v [B, S, N, D], mask bool [B, S] (True = attend) or None -> [B, T, N, D].
+    impl "xla": plain einsum + softmax (any device); "cudnn": jax.nn.dot_product_attention's fused
+    GPU kernel (bf16/fp16 inputs).
     """
+    if impl == "cudnn":
+        full = None if mask is None else mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=full, implementation="cudnn")
+    if impl != "xla":
+        raise ValueError(f"attention impl must be 'xla' or 'cudnn', got {impl!r}")
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale  # [B, N, T, S]
     if mask is not None:

@@ -38,6 +38,7 @@ class SiglipConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: str = "xla"   # xla | cudnn (set from model.llm.attention_impl)
 
     @classmethod
     def from_config(cls, section, **overrides) -> SiglipConfig:
@@ -79,7 +80,7 @@ class SiglipLayer(nn.Module):
         q = dense(h, ("vision_embed", "heads"), "q_proj")(y).reshape(n, p, heads, head_dim)
         k = dense(h, ("vision_embed", "heads"), "k_proj")(y).reshape(n, p, heads, head_dim)
         v = dense(h, ("vision_embed", "heads"), "v_proj")(y).reshape(n, p, heads, head_dim)
-        o = attention(q, k, v).reshape(n, p, h)
+        o = attention(q, k, v, impl=cfg.attention_impl).reshape(n, p, h)
         x = x + dense(h, ("heads", "vision_embed"), "out_proj")(o)
         y = norm("layer_norm2")(x)
         y = gelu(dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), "fc1")(y), True)

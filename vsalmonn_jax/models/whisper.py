@@ -39,6 +39,7 @@ class WhisperConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: str = "xla"   # xla | cudnn (set from model.llm.attention_impl)
 
     @classmethod
     def from_config(cls, section, **overrides) -> WhisperConfig:
@@ -75,7 +76,8 @@ class WhisperLayer(nn.Module):
         q = dense(d, ("audio_embed", "heads"), "q_proj")(y).reshape(n, t, heads, head_dim)
         k = dense(d, ("audio_embed", "heads"), "k_proj", bias=False)(y).reshape(n, t, heads, head_dim)
         v = dense(d, ("audio_embed", "heads"), "v_proj")(y).reshape(n, t, heads, head_dim)
-        x = x + dense(d, ("heads", "audio_embed"), "out_proj")(attention(q, k, v).reshape(n, t, d))
+        o = attention(q, k, v, impl=cfg.attention_impl).reshape(n, t, d)
+        x = x + dense(d, ("heads", "audio_embed"), "out_proj")(o)
         y = norm("final_layer_norm")(x)
         y = gelu(dense(cfg.ffn_dim, ("audio_embed", "audio_mlp"), "fc1")(y), False)
         x = x + dense(d, ("audio_mlp", "audio_embed"), "fc2")(y)
