@@ -17,7 +17,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from vsalmonn_jax.training.sharding import batch_sharding
 
 CLUSTER_KINDS = ("auto", "single", "explicit", "slurm", "tpu")
 
@@ -215,10 +217,6 @@ def barrier(name: str) -> None:
 
 # ---------------------------------------------------------------- data: per-process batches
 
-def _batch_spec(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
-
-
 def check_global_batch(global_batch: int, mesh: Mesh) -> None:
     """The global batch must split evenly over data x fsdp (a common trap)."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -231,7 +229,7 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> None:
 def process_batch_rows(global_batch: int, mesh: Mesh) -> tuple[int, int]:
     """Rows [start, stop) of the global batch that this process loads (contiguous by mesh order)."""
     check_global_batch(global_batch, mesh)
-    index_map = _batch_spec(mesh, 1).addressable_devices_indices_map((global_batch,))
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
     starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()})
     start, stop = starts[0][0], starts[-1][1]
     if sum(b - a for a, b in starts) != stop - start:
@@ -251,7 +249,7 @@ def global_batch(local_batch: Any, mesh: Mesh, global_size: int | None = None) -
             raise ValueError(f"local batch has {x.shape[0]} rows, this process owns rows "
                              f"[{start}, {stop}) of a global batch of {size}")
         return jax.make_array_from_process_local_data(
-            _batch_spec(mesh, x.ndim), x, (size,) + x.shape[1:])
+            batch_sharding(mesh, x.ndim), x, (size,) + x.shape[1:])
     return jax.tree.map(one, local_batch)
 
 
