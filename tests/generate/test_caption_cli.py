@@ -57,6 +57,7 @@ def caption_setup(tmp_path_factory):
     return root, overrides, str(root / "run"), paths, str(corrupt), state
 
 
+@pytest.mark.slow
 def test_restore_for_inference_reads_the_checkpoint(caption_setup):
     from vsalmonn_jax.config import load_config
     from vsalmonn_jax.generate.model_load import restore_for_inference

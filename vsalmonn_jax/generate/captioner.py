@@ -8,6 +8,7 @@ sample) row draws from its own key, so captions do not depend on batching or on 
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -47,6 +48,12 @@ def _spliced_inputs(module, batch: dict) -> tuple[jax.Array, jax.Array]:
     return spliced["inputs_embeds"], spliced["attention_mask"]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def spliced_inputs(module, variables: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Jitted `_spliced_inputs` (cached across captioner instances: modules compare by value)."""
+    return module.apply(variables, batch, method=_spliced_inputs)
+
+
 class AVCaptioner:
     """`CaptionBackend` over the AV model. `variables` = {"params", "adapter", ["lora"]} (unboxed)."""
 
@@ -64,7 +71,6 @@ class AVCaptioner:
         self.encode_vars = {k: variables[k] for k in ("params", "adapter") if variables.get(k)}
         self.llm = Qwen2(task.av_config.llm, lora=task.lora_config if lora else None)
         self.llm_vars = {"params": variables["params"]["llm"], **({"lora": lora["llm"]} if lora else {})}
-        self._splice = jax.jit(lambda v, b: task.model.apply(v, b, method=_spliced_inputs))
 
     def prepare(self, item: dict) -> dict:
         record = {k: v for k, v in item.items() if k not in ("kind",)}
@@ -93,7 +99,7 @@ class AVCaptioner:
                         num_mel_bins=int(c.model.audio.num_mel_bins),
                         max_frames=int(c.data.max_frames), length_buckets=tuple(c.data.length_buckets))
         batch = {k: v for k, v in batch.items() if k not in HOST_ONLY}
-        embeds, mask = self._splice(self.encode_vars, batch)     # [size, L, H], [size, L]
+        embeds, mask = spliced_inputs(self.task.model, self.encode_vars, batch)     # [size, L, H], [size, L]
         index = [order[item["id"]] for item, _, _ in rows]
         index += [index[-1]] * (size - len(index))
         index = jnp.asarray(index)
