@@ -54,13 +54,14 @@ def synthetic_iterator(config, spec: str, batch: int):
 
 
 def pipeline_iterator(config, path: str, batch: int, shuffle: bool = True, epochs: int | None = None):
-    """JSONL records -> the data pipeline's resumable BatchIterator (endless unless `epochs`)."""
+    """JSONL records -> the data pipeline's resumable BatchIterator (endless unless `epochs`; a
+    finite pass keeps its short last batch, which evaluation pads)."""
     from vsalmonn_jax.data.pipeline import make_loader
     from vsalmonn_jax.data.records import load_records
 
     records = load_records(path, root=config.data.root or None)
     return make_loader(records, config, shuffle=shuffle, num_epochs=epochs, batch_size=batch,
-                       drop_remainder=True)
+                       drop_remainder=epochs is None)
 
 
 def main(argv: list[str]) -> int:

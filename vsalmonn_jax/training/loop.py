@@ -78,7 +78,9 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
     """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity)."""
     sums: dict[str, float] = {}
     count = 0
+    shards = steps.mesh.shape["data"] * steps.mesh.shape["fsdp"] // jax.process_count()
     for batch in batches:
+        batch = pad_rows(batch, shards)
         metrics = jax.device_get(steps.eval(state, device_batch(batch, steps)))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -93,8 +95,28 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
     return out
 
 
+def pad_rows(batch: dict, multiple: int) -> dict:
+    """Pad a short (last) batch to a multiple of the batch shards with copies of row 0 whose loss
+    masks are all False: they add no target token (SFT eval is exact; DPO eval means count them)."""
+    size = len(next(iter(batch.values())))
+    extra = -size % multiple
+    if not extra:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        fill = np.repeat(v[:1], extra, axis=0)
+        if k.endswith("loss_mask"):
+            fill = np.zeros_like(fill)
+        out[k] = np.concatenate([v, fill])
+    return out
+
+
 def device_batch(batch: dict, steps: Steps) -> dict:
-    return put_batch({k: v for k, v in batch.items() if k not in HOST_ONLY}, steps.batch_sharding)
+    """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here)."""
+    keep = {k: v for k, v in batch.items()
+            if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
+    return put_batch(keep, steps.batch_sharding)
 
 
 def prepare_state(task, config, tx, mesh, *, state=None, params=None):
