@@ -80,13 +80,16 @@ def base_config() -> ml_collections.ConfigDict:
         # sampling the k captions per video (official: top-p 0.9, T 1.0); 0 = generate.max_new_tokens
         top_p=0.9, temperature=1.0, top_k=0, max_new_tokens=0,
         videos_per_round=0,       # 0 = all training videos every round; N = a fresh slice of N
-        batch_size=0,             # DPO batch (pairs); 0 = data.batch_size
+        batch_size=0,             # pairs per step over the mesh; 0 = data.batch_size per data x fsdp
         gt_guidance=True,         # pair records carry the GT caption for the dpo.gt_ce_weight CE
         ce_only_records=False,    # videos without a pair still give a GT-only (CE) record
+        sample_batch=8,           # captions generated per batch (AV env; padded to the mesh)
         control=False))           # control arm: the same rounds with the DPO term off (GT CE only)
     c.rebirth = ml_collections.ConfigDict(dict(
         non_caption_ratio=0.3,    # share of non-caption (e.g. QA) records in the rebirth SFT mix
-        num_steps=0))             # 0 = train.num_steps
+        num_steps=0,              # 0 = train.num_steps
+        mrdpo_workdir="",         # the mrDPO run: rounds/0 = pre-DPO model, rounds/<R> = final
+        non_caption_data=""))     # SFT JSONL of the non-caption (QA) conversations to mix in
     c.generate = ml_collections.ConfigDict(dict(
         max_new_tokens=1024, temperature=1.0, top_p=0.9, top_k=0, greedy=True,
         prompt="Please describe the video in detail."))

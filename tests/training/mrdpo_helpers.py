@@ -7,6 +7,7 @@ pairs); the exact judge is exercised on hand-written captions in test_mrdpo_pair
 import functools
 
 import jax
+import numpy as np
 
 from vsalmonn_jax.config import load_config
 from vsalmonn_jax.data.synthetic import tokenizer_corpus
@@ -68,6 +69,14 @@ def setup(cfg, tok, devices: int = 2, seed: int = 0):
     return env, mesh, state
 
 
-def fresh_state(env, cfg, mesh, seed: int = 0):
+def fresh_state(env, cfg, mesh, seed: int = 0, trained_lora: bool = False):
+    """A state as SFT leaves it; `trained_lora`: LoRA B != 0 (an SFT LoRA to be merged first)."""
     tx, _ = st.make_optimizer(cfg.train, 1)
-    return st.create_train_state(env.task, cfg, tx, mesh, jax.random.PRNGKey(seed))[0]
+    state = st.create_train_state(env.task, cfg, tx, mesh, jax.random.PRNGKey(seed))[0]
+    if trained_lora:
+        rng = np.random.default_rng(seed)
+        lora = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(
+            np.float32), jax.device_get(state.trainable["lora"]))
+        lora = jax.device_put(lora, jax.tree.map(lambda x: x.sharding, state.trainable["lora"]))
+        state = state.replace(trainable=dict(state.trainable, lora=lora))
+    return state

@@ -15,6 +15,12 @@ from vsalmonn_jax.training.mrdpo import load_round_state, run_mrdpo
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mrdpo_resume")]
 
 
+def _policy_logits(env, state):
+    ids = np.random.default_rng(0).integers(3, 400, size=(2, 10)).astype(np.int32)
+    variables = {"params": state.params, "lora": state.trainable["lora"]}
+    return np.asarray(env.task.model.apply(variables, ids)[0])
+
+
 class Killed(RuntimeError):
     pass
 
@@ -31,7 +37,7 @@ def tok(tmp_path_factory):
 def _run(tmp, tok, env_mesh=None, kill_at=None):
     cfg = config()
     env, mesh, _ = env_mesh
-    state = fresh_state(env, cfg, mesh)
+    state = fresh_state(env, cfg, mesh, trained_lora=True)   # an SFT LoRA: merged before round 0
 
     def on_step(r, step, metrics):
         if kill_at == (r, step):
@@ -88,12 +94,41 @@ def test_killed_mid_round_resumes_to_the_same_result(tmp_path, tok, env_mesh, un
 def test_round_zero_state_is_the_pre_dpo_model(uninterrupted, tok, env_mesh):
     tmp, _, _ = uninterrupted
     env, mesh, _ = env_mesh
-    target = fresh_state(env, config(), mesh)
-    want = _host(target.params)
-    restored, meta = load_round_state(tmp, 0, target)
+    sft = fresh_state(env, config(), mesh, trained_lora=True)
+    sft_logits = _policy_logits(env, sft)
+    want = _host(fresh_state(env, config(), mesh).params)
+    restored, meta = load_round_state(tmp, 0, fresh_state(env, config(), mesh))
     assert meta == {"round": 0, "history": []}
-    jax.tree.map(np.testing.assert_array_equal, _host(restored.params), want)
+    # round 0 = the SFT policy with its LoRA folded into the base (B = 0): same logits
+    np.testing.assert_allclose(_policy_logits(env, restored), sft_logits, atol=1e-5, rtol=0)
+    assert not any(np.asarray(leaf).any() for path, leaf in jax.tree_util.tree_flatten_with_path(
+        _host(restored.trainable["lora"]))[0] if path[-1].key == "b")
     final, meta = load_round_state(tmp, 2, fresh_state(env, config(), mesh))
     assert meta["round"] == 2
     diff = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), final.params, want)
-    assert max(jax.tree.leaves(diff)) > 0   # two merges changed the base
+    assert max(jax.tree.leaves(diff)) > 0   # the merges changed the base
+
+
+def test_sigterm_mid_round_saves_and_resumes(tmp_path, tok, env_mesh, uninterrupted):
+    import os
+    import signal
+
+    _, want, want_summary = uninterrupted
+    cfg = config()
+    env, mesh, _ = env_mesh
+
+    def on_step(r, step, metrics):
+        if (r, step) == (0, 1):
+            os.kill(os.getpid(), signal.SIGTERM)   # the loop saves at the end of this step
+
+    state, summary = run_mrdpo(cfg, env, tmp_path, state=fresh_state(env, cfg, mesh,
+                                                                      trained_lora=True),
+                               train_items=items(6), eval_items=items(4, 100), mesh=mesh,
+                               judge=LengthJudge(), on_step=on_step)
+    assert summary["preempted"] and summary["round"] == 0 and summary["step"] == 1
+    assert (tmp_path / "round_0" / "checkpoints" / "1").is_dir()
+    state, summary = _run(tmp_path, tok, env_mesh)
+    assert summary["resumed_round"] == 0 and not summary["preempted"]
+    got = _host({"params": state.params, "trainable": state.trainable})
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert summary["history"] == want_summary["history"]

@@ -58,7 +58,7 @@ class MrdpoOptions:
     sampling: SamplingConfig = SamplingConfig(greedy=False, temperature=1.0, top_p=0.9)
     max_new_tokens: int = 1024
     judge: str = "exact"
-    batch_size: int = 1
+    batch_size: int = 0                # pairs per step over the whole mesh; 0 = global_batch()
     precompute_reference: bool = False
     control: bool = False              # control arm: DPO term off (CE on the GT captions only)
     gt_guidance: bool = True           # pair records carry the GT caption for the CE term
@@ -76,7 +76,7 @@ class MrdpoOptions:
             sampling=SamplingConfig(greedy=False, temperature=float(m.get("temperature", 1.0)),
                                     top_k=int(m.get("top_k", 0)), top_p=float(m.get("top_p", 0.9))),
             max_new_tokens=max_new, judge=str(m.judge),
-            batch_size=int(m.get("batch_size", 0)) or int(config.data.batch_size),
+            batch_size=int(m.get("batch_size", 0)),
             precompute_reference=bool(config.dpo.precompute_reference),
             control=bool(m.get("control", False)), gt_guidance=bool(m.get("gt_guidance", True)),
             ce_only_records=bool(m.get("ce_only_records", False)),
@@ -108,6 +108,16 @@ def round_items(items: Sequence[Mapping], round_index: int, per_round: int) -> l
         return items
     start = (round_index * per_round) % len(items)
     return [items[(start + i) % len(items)] for i in range(per_round)]
+
+
+def global_batch(config, mesh, batch_size: int = 0) -> int:
+    """Rows per step over the mesh: `batch_size` when given, else data.batch_size per (data x fsdp)
+    shard (the train CLI's convention). One host builds whole batches (single-process runs)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = int(batch_size) or int(config.data.batch_size) * shards
+    if rows % shards:
+        raise ValueError(f"batch of {rows} rows does not divide over data x fsdp = {shards} shards")
+    return rows
 
 
 def sample_captions(env, state, items: Sequence[Mapping], opts: MrdpoOptions,
@@ -279,7 +289,8 @@ class RoundCheckpoints:
 
 def load_round_state(workdir: str | os.PathLike, round_index: int, target: st.TrainState
                      ) -> tuple[st.TrainState, dict]:
-    """The state entering round r (0 = the pre-DPO model, `rounds` = the final model) and the
+    """The state entering round r (0 = the pre-DPO (SFT) model, its LoRA merged; `rounds` = the
+    final model) and the
     cursor/history saved with it; `target` gives structure and shardings (its arrays are unused)."""
     ckpts = RoundCheckpoints(pathlib.Path(workdir) / "rounds")
     try:
@@ -311,8 +322,10 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
         pairs on; `mrdpo.videos_per_round` > 0 takes a fresh slice each round.
     eval_fn(state) -> dict of floats after every round; default: `evaluate_captions` on eval_items
         (greedy) when given. `on_step(round, step, metrics)` is called after every DPO step.
-    On resume `state` only supplies the structure / shardings (and the SFT state when no round
-    checkpoint exists yet). The passed state's buffers are donated to the steps: get the pre-DPO
+    The SFT LoRA is merged into the base before round 0 (so every round, the first included, has
+    reference == the policy it starts from). On resume `state` only supplies the structure /
+    shardings (ShapeDtypeStructs with shardings do: `st.abstract_state`), and the SFT state when
+    no round checkpoint exists yet. The passed state's buffers are donated to the steps: get the pre-DPO
     model back with `load_round_state(workdir, 0, target)`. Returns (final state, summary) with summary["history"] = per-round
     {round, pairs stats, first_step, last_step, eval}, summary["preempted"] on SIGTERM.
     """
@@ -340,7 +353,11 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
     try:
         latest = ckpts.latest()
         if latest is None:
+            # fold the SFT LoRA into the base first: round 0's reference is then the SFT model
+            # (LoRA off = the merged base), not the base beneath it, and round 0 starts at log 2
             start = 0
+            state = merge_round(state, lora_config, jax.random.fold_in(base_key, 0x5F7), shardings,
+                                mesh)
             ckpts.save(0, state, {"round": 0, "history": []})
         else:
             state, meta = ckpts.restore(latest, state)
@@ -360,7 +377,7 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                 if on_step is not None:
                     on_step(r, step, metrics)
 
-            iterator = env.batches(records, batch_size=opts.batch_size,
+            iterator = env.batches(records, batch_size=global_batch(config, mesh, opts.batch_size),
                                    seed=int(config.data.shuffle_seed) + r)
             state, result = run_stage(cfg, iterator, rdir, task=env.task, state=state, mesh=mesh,
                                       num_steps=opts.steps_per_round, on_step=step_hook,
@@ -404,9 +421,52 @@ def _round_records(env, config, state, train_items, judge, rule, opts, rng, defa
         raise RuntimeError(f"{rdir.name}: no preference pairs from {len(items)} videos x "
                            f"{opts.samples_per_video} samples (every pair tied); stats: {stats}")
     if opts.precompute_reference and not opts.control:
-        records = precompute_reference(env, config, state, records, mesh, opts.batch_size)
+        records = precompute_reference(env, config, state, records, mesh,
+                                       global_batch(config, mesh, opts.batch_size))
     if jax.process_index() == 0:
         _write_jsonl(rdir / "samples.jsonl", log)
         _write_jsonl(path, records)
         _write_json(stats_path, stats)
     return records, stats
+
+
+def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
+                    progress: bool = True, judge=None) -> dict:
+    """The mrDPO stage of a real run (AV model, media records), for `vsalmonn-jax train
+    --config.stage=mrdpo`: pairs are sampled on the caption records of `data.train` (id, video /
+    audio, events, caption), `data.val` (caption records) is evaluated after every round with
+    `mrdpo.judge` (or `judge`), and the first run starts from `init_from`'s (the SFT workdir's) trainables; a
+    workdir holding rounds/ resumes. Returns the summary (history per round)."""
+    from vsalmonn_jax.data.records import load_records
+    from vsalmonn_jax.data.text import load_tokenizer
+    from vsalmonn_jax.training.checkpoint import Checkpointer
+    from vsalmonn_jax.training.policy_env import AVPolicyEnv
+    from vsalmonn_jax.training.task import build_task
+
+    if not config.data.tokenizer or not config.data.train:
+        raise ValueError("mrdpo needs --config.data.tokenizer=DIR and --config.data.train=CAPTIONS"
+                         ".jsonl (caption records with events and the ground-truth caption)")
+    workdir = pathlib.Path(workdir)
+    opts = MrdpoOptions.from_config(config)
+    cfg = round_config(config, opts)
+    task = build_task(config)
+    mesh = make_mesh(dict(config.mesh))
+    env = AVPolicyEnv(config, task, load_tokenizer(config.data.tokenizer), mesh=mesh,
+                      sample_batch=int(config.mrdpo.sample_batch))
+    root = config.data.root or None
+    train = load_records(str(config.data.train), kind="caption", root=root)
+    val = load_records(str(config.data.val), kind="caption", root=root) if config.data.val else []
+    tx, _ = st.make_optimizer(cfg.train, 1)
+    if (workdir / "rounds").is_dir():
+        state = st.abstract_state(task, cfg, tx, mesh)      # resume: structure + shardings only
+    else:
+        state, _ = st.create_train_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
+        if init_from:
+            ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints")
+            try:
+                state = ckpt.restore_trainable(state)
+            finally:
+                ckpt.close()
+    _, summary = run_mrdpo(config, env, workdir, state=state, train_items=train, eval_items=val,
+                           mesh=mesh, judge=judge, progress=progress, tensorboard=True)
+    return summary

@@ -124,7 +124,11 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
     before = _load_or(workdir / "eval_before.json",
                       lambda: eval_fn(pre_dpo_state) if eval_fn is not None else {})
     cfg = rebirth_config(config)
-    iterator = env.batches(built["records"], batch_size=int(config.data.batch_size),
+    from vsalmonn_jax.training.mrdpo import global_batch
+    from vsalmonn_jax.training.sharding import make_mesh
+
+    mesh = mesh or make_mesh(dict(config.mesh))
+    iterator = env.batches(built["records"], batch_size=global_batch(config, mesh),
                            seed=int(config.data.shuffle_seed))
     state, result = run_stage(cfg, iterator, workdir, task=env.task, state=pre_dpo_state,
                               mesh=mesh, progress=progress, tensorboard=tensorboard)
@@ -136,3 +140,53 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
     summary["after"] = _load_or(workdir / "eval_after.json",
                                 lambda: eval_fn(state) if eval_fn is not None else {})
     return state, summary
+
+
+def run_from_config(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """The rebirth stage of a real run (AV model), for `vsalmonn-jax train --config.stage=rebirth`
+    with `rebirth.mrdpo_workdir` set: its round 0 (pre-DPO model) is tuned on captions of the
+    `data.train` caption records by its last round (the final model), mixed with the SFT records of
+    `rebirth.non_caption_data`; `data.val` caption records are judged before and after."""
+    from vsalmonn_jax.data.records import load_records
+    from vsalmonn_jax.data.text import load_tokenizer
+    from vsalmonn_jax.eval import get_judge
+    from vsalmonn_jax.training.mrdpo import RoundCheckpoints, evaluate_captions, load_round_state
+    from vsalmonn_jax.training.policy_env import AVPolicyEnv
+    from vsalmonn_jax.training.sharding import make_mesh
+    from vsalmonn_jax.training.task import build_task
+
+    source = pathlib.Path(str(config.rebirth.mrdpo_workdir))
+    if not str(config.rebirth.mrdpo_workdir) or not (source / "rounds").is_dir():
+        raise ValueError(f"rebirth needs --config.rebirth.mrdpo_workdir=DIR of a finished mrDPO run "
+                         f"(with rounds/), got {str(config.rebirth.mrdpo_workdir)!r}")
+    if not config.data.tokenizer or not config.data.train:
+        raise ValueError("rebirth needs --config.data.tokenizer=DIR and --config.data.train="
+                         "CAPTIONS.jsonl (the training videos to caption)")
+    task = build_task(config)
+    mesh = make_mesh(dict(config.mesh))
+    cfg = rebirth_config(config)
+    tx, _ = st.make_optimizer(cfg.train, 1)
+    ckpts = RoundCheckpoints(source / "rounds")
+    try:
+        last = ckpts.latest()
+    finally:
+        ckpts.close()
+    pre, _ = load_round_state(source, 0, st.abstract_state(task, cfg, tx, mesh))
+    final, _ = load_round_state(source, last, st.abstract_state(task, cfg, tx, mesh))
+    env = AVPolicyEnv(config, task, load_tokenizer(config.data.tokenizer), mesh=mesh,
+                      sample_batch=int(config.mrdpo.sample_batch))
+    root = config.data.root or None
+    train = load_records(str(config.data.train), kind="caption", root=root)
+    extra = (load_records(str(config.rebirth.non_caption_data), kind="sft", root=root)
+             if config.rebirth.non_caption_data else [])
+    val = load_records(str(config.data.val), kind="caption", root=root) if config.data.val else []
+    judge = get_judge(str(config.mrdpo.judge), config)
+    eval_fn = None
+    if val:
+        def eval_fn(state):
+            return evaluate_captions(env, state, val, judge,
+                                     max_new_tokens=int(config.generate.max_new_tokens))
+    _, summary = run_rebirth(config, env, workdir, pre_dpo_state=pre, final_state=final,
+                             train_items=train, non_caption_records=extra, eval_fn=eval_fn,
+                             mesh=mesh, progress=progress, tensorboard=True)
+    return summary
