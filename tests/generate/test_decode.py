@@ -232,5 +232,7 @@ def test_bad_inputs_raise_clear_errors(tiny_pair):
         generate(model, variables, max_new_tokens=2)
     with pytest.raises(ValueError, match="rows \\[1\\] have no real token"):
         generate(model, variables, input_ids=ids, attention_mask=mask.at[1].set(False), max_new_tokens=2)
+    with pytest.raises(ValueError, match="longest prompt \\(7 tokens\\) \\+ max_new_tokens \\(5000\\)"):
+        generate(model, variables, input_ids=ids, attention_mask=mask, max_new_tokens=5000)
     with pytest.raises(ValueError, match="attention_mask shape"):
         generate(model, variables, input_ids=ids, attention_mask=mask[:, :2], max_new_tokens=2)

@@ -30,6 +30,12 @@ def test_top_p_mask_is_the_exact_nucleus():
         assert sorted(np.flatnonzero(mask).tolist()) == sorted(kept), p
 
 
+def test_top_p_keeps_ties_with_the_last_nucleus_token():
+    probs = [[0.2, 0.3, 0.2, 0.3]]
+    assert np.asarray(top_p_mask(_logits_of(probs), 0.5)).tolist() == [[False, True, False, True]]
+    assert np.asarray(top_p_mask(_logits_of(probs), 0.7)).all()
+
+
 def test_top_p_always_keeps_the_argmax():
     mask = np.asarray(top_p_mask(_logits_of([[0.97, 0.01, 0.01, 0.01]]), 0.01))
     assert mask.tolist() == [[True, False, False, False]]

@@ -167,6 +167,11 @@ def generate(model, variables, *, input_ids=None, inputs_embeds=None, attention_
         raise ValueError(f"generate: prompt rows {empty} have no real token in attention_mask")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = int(np.asarray(attention_mask).sum(axis=1).max())
+    limit = model.config.max_position_embeddings
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) exceeds max_position_embeddings = {limit}")
     sampling = SamplingConfig() if sampling is None else sampling
     if keys is None:
         rng = jax.random.key(0) if rng is None else rng

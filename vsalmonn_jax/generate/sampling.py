@@ -55,18 +55,17 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
 
     A token is kept when the probability mass of the tokens ranked strictly above it is < p, so the
     most likely token is always kept and the set stops at the first token whose inclusion reaches p.
+    Tokens exactly tied in probability with the last kept one are kept too (no arbitrary order).
+    One sort per row; no scatter back to vocabulary order is needed.
     """
     if p >= 1.0:
         return jnp.ones(logits.shape, bool)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)     # [B, V]
-    order = jnp.argsort(-probs, axis=-1, stable=True)               # [B, V] descending
-    sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+    sorted_probs = -jnp.sort(-probs, axis=-1)                       # [B, V] descending
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # exclusive cumulative mass
-    keep_sorted = mass_before < p
-    keep_sorted = keep_sorted.at[..., 0].set(True)
-    # scatter back to vocabulary order
-    inverse = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+    keep = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)  # [B, 1]
+    cutoff = jnp.take_along_axis(sorted_probs, keep - 1, axis=-1)   # smallest kept probability
+    return probs >= cutoff
 
 
 def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
