@@ -162,16 +162,19 @@ def generate(model, variables, *, input_ids=None, inputs_embeds=None, attention_
     if tuple(attention_mask.shape) != (batch, prompt_len):
         raise ValueError(f"generate: attention_mask shape {attention_mask.shape} does not match "
                          f"the prompt's [B, T] = {(batch, prompt_len)}")
-    if not bool(np.all(np.asarray(attention_mask).any(axis=1))):
-        empty = np.flatnonzero(~np.asarray(attention_mask).any(axis=1)).tolist()
-        raise ValueError(f"generate: prompt rows {empty} have no real token in attention_mask")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    longest = int(np.asarray(attention_mask).sum(axis=1).max())
-    limit = model.config.max_position_embeddings
-    if longest + max_new_tokens > limit:
-        raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens "
-                         f"({max_new_tokens}) exceeds max_position_embeddings = {limit}")
+    # host-side checks (skipped for a global array spread over several processes)
+    if getattr(attention_mask, "is_fully_addressable", True):
+        real = np.asarray(attention_mask).astype(bool).sum(axis=1)          # [B]
+        if not real.all():
+            raise ValueError(f"generate: prompt rows {np.flatnonzero(real == 0).tolist()} have no "
+                             "real token in attention_mask")
+        limit = model.config.max_position_embeddings
+        if int(real.max()) + max_new_tokens > limit:
+            raise ValueError(f"generate: the longest prompt ({int(real.max())} tokens) + "
+                             f"max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings "
+                             f"= {limit}")
     sampling = SamplingConfig() if sampling is None else sampling
     if keys is None:
         rng = jax.random.key(0) if rng is None else rng
