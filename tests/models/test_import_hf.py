@@ -79,6 +79,13 @@ def test_llava_onevision_and_whisper_directories(cfg, torch_parts, tmp_path):
     shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
     assert shapes(loaded["params"]) == shapes(init["params"])
     assert shapes(loaded["adapter"]["vision_connector"]) == shapes(init["adapter"]["vision_connector"])
+    # the whole starting point: fresh connectors (seeded) + fresh LoRA, checked against the model
+    full = import_hf.load_pretrained(cfg, jax.random.PRNGKey(3), llava=tmp_path / "llava",
+                                     whisper=tmp_path / "whisper", lora=_lora(cfg))
+    assert set(full) == {"params", "adapter", "lora"}
+    assert shapes(full["adapter"]["audio_connector"]) == shapes(init["adapter"]["audio_connector"])
+    with pytest.raises(KeyError, match="whisper"):
+        import_hf.load_pretrained(cfg, jax.random.PRNGKey(3), llava=tmp_path / "llava")
     # the LLM answers exactly like transformers' language model
     ids = np.array([[3, 9, 27, 81, 4]], np.int32)
     with torch.no_grad():

@@ -77,6 +77,12 @@ class AVConfig:
         """2.0 at the paper's shapes: 1 query per 25 Whisper frames at 50 frames/s."""
         return self.audio_tokens_per_chunk / self.audio.chunk_seconds
 
+    def vision_connector(self) -> VisionConnector:
+        """The trainable vision connector module (projector, pooling, image_newline)."""
+        return VisionConnector(self.llm.hidden_size, self.vision.grid, self.pool_mode,
+                               self.pool_stride, self.newline, dtype=self.llm.dtype,
+                               param_dtype="float32")
+
     def media_length(self, frames: int, chunks: int) -> int:
         """Static media length M for F frame slots and C chunk slots (the valid part is masked)."""
         audio = chunks * self.audio_tokens_per_chunk
@@ -94,9 +100,7 @@ class AVLLM(nn.Module):
         cfg = self.config
         self.vision = SiglipVision(cfg.vision)
         self.audio = AudioEncoder(cfg.audio)
-        self.vision_connector = VisionConnector(
-            cfg.llm.hidden_size, cfg.vision.grid, cfg.pool_mode, cfg.pool_stride, cfg.newline,
-            dtype=cfg.llm.dtype, param_dtype="float32")
+        self.vision_connector = cfg.vision_connector()
         self.audio_connector = AudioConnector(cfg.qformer)
         self.llm = Qwen2(cfg.llm, lora=self.lora)
 
@@ -262,6 +266,15 @@ def init_variables(rng: jax.Array, cfg: AVConfig, lora: LoraConfig | None = None
     if lora is not None:
         variables["lora"] = {"llm": init_lora(k_lora, nn.unbox(variables["params"]["llm"]), lora)}
     return variables
+
+
+def init_adapter(rng: jax.Array, cfg: AVConfig) -> dict:
+    """A fresh `adapter` collection alone (connectors only: no encoder or LLM is built)."""
+    k_vision, k_audio = jax.random.split(rng)
+    vision = jnp.zeros((1, 1, cfg.vision.num_patches, cfg.vision.hidden_size), cfg.llm.dtype)
+    audio = jnp.zeros((1, 1, cfg.qformer.window, cfg.audio.d_model), cfg.llm.dtype)
+    return {"vision_connector": cfg.vision_connector().init(k_vision, vision)["adapter"],
+            "audio_connector": AudioConnector(cfg.qformer).init(k_audio, audio)["adapter"]}
 
 
 def validate_batch(batch: dict, placeholder_id: int, prefix: str = "") -> None:

@@ -383,3 +383,40 @@ def merge_variables(*parts: Mapping) -> dict:
             else:
                 out[key] = dict(value) if isinstance(value, Mapping) else value
     return out
+
+
+def load_pretrained(cfg, rng, *, llava=None, whisper=None, official=None, lora=None) -> dict:
+    """The starting variables of the real recipe: SigLIP + projector + image_newline + Qwen2 from a
+    LLaVA-OneVision directory, the Whisper encoder from a Whisper directory, then (optionally) the
+    official release's file on top; connectors missing from the files start fresh (seeded), and a
+    fresh LoRA (B = 0) is made when `lora` is given and the files have none. Every leaf is checked
+    against the model's shapes; anything missing is named. Leaves are plain (unboxed) arrays."""
+    import flax.linen as nn
+    import jax
+
+    from vsalmonn_jax.lora import init_lora
+    from vsalmonn_jax.models.av_llm import init_adapter, init_variables
+
+    k_adapter, k_lora = jax.random.split(rng)
+    parts = [{"adapter": init_adapter(k_adapter, cfg)}]
+    if llava is not None:
+        parts.append(load_llava_onevision(llava, cfg))
+    if whisper is not None:
+        parts.append(load_whisper(whisper, cfg))
+    if official is not None:
+        parts.append(load_official(official, cfg))
+    variables = nn.unbox(merge_variables(*parts))
+    if lora is not None and "lora" not in variables:
+        variables["lora"] = {"llm": init_lora(k_lora, variables["params"]["llm"], lora)}
+    expected = nn.unbox(jax.eval_shape(lambda: init_variables(jax.random.PRNGKey(0), cfg, lora)))
+    flat_expected = traverse_util.flatten_dict(expected, sep="/")
+    flat_got = traverse_util.flatten_dict(variables, sep="/")
+    missing = sorted(set(flat_expected) - set(flat_got))
+    if missing:
+        raise KeyError(f"pretrained variables lack {len(missing)} tensors, e.g. {missing[:5]} "
+                       "(pass llava= / whisper= / official=)")
+    wrong = [f"{k}: {tuple(flat_got[k].shape)} != {tuple(v.shape)}" for k, v in flat_expected.items()
+             if tuple(flat_got[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError("checkpoint shapes do not match the config: " + "; ".join(wrong[:5]))
+    return variables
