@@ -24,12 +24,13 @@ MEDIA_FIELDS = ("vision", "audio", "frame_mask", "frame_times", "audio_seconds",
                 "has_audio")
 
 
-def build(config, placeholder_id: int, rng: jax.Array) -> tuple[AVConfig, LoraConfig, dict]:
-    """(AV config, LoRA config, unboxed {"params", "adapter"}) at random init (seeded)."""
-    cfg = AVConfig.from_config(config, placeholder_id)
-    lcfg = LoraConfig.from_config(config.model.lora)
-    variables = nn.unbox(init_variables(rng, cfg, None))
-    return cfg, lcfg, jax.device_get(variables)
+def configs(config, placeholder_id: int) -> tuple[AVConfig, LoraConfig]:
+    return AVConfig.from_config(config, placeholder_id), LoraConfig.from_config(config.model.lora)
+
+
+def random_init(cfg: AVConfig, rng: jax.Array) -> dict:
+    """Unboxed host {"params", "adapter"} at random init (seeded): encoders, LLM, connectors."""
+    return jax.device_get(nn.unbox(init_variables(rng, cfg, None)))
 
 
 def media_of(batch: dict) -> dict:

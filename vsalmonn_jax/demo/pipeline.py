@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 
@@ -231,7 +232,8 @@ def run_stage(ctx: Context, name: str, build, modality: str = "av") -> tuple[dic
                             max_new_tokens=int(demo.max_caption_tokens))
     captions = result.pop("captions")
     record = {"stage": name, "modality": modality, "stats": stats, "train_s": train_s,
-              "eval_s": time.perf_counter() - start - train_s, **result}
+              "eval_s": time.perf_counter() - start - train_s, "load_avg": os.getloadavg()[1],
+              "cpus": os.cpu_count(), **result}
     (folder / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     (folder / "eval.json").write_text(json.dumps(record, default=float))
     (folder / "done").write_text("")
@@ -259,11 +261,11 @@ def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[C
     tokens = Tokens(tokenizer, config.model.connector.placeholder_token, config.generate.prompt,
                     int(demo.max_prompt_tokens), int(demo.max_caption_tokens),
                     int(demo.max_text_tokens))
-    av_cfg, lcfg, variables = model_lib.build(config, tokens.placeholder_id,
-                                              jax.random.PRNGKey(int(demo.seed)))
+    av_cfg, lcfg = model_lib.configs(config, tokens.placeholder_id)
     if init_path.exists():
         variables = model_lib.load_tree(init_path)
     else:
+        variables = model_lib.random_init(av_cfg, jax.random.PRNGKey(int(demo.seed)))
         model_lib.save_tree(init_path, variables)
     task = model_lib.CachedAVTask(av_cfg, lcfg)
     base_task = model_lib.CachedAVTask(av_cfg, None)

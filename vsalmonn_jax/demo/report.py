@@ -5,6 +5,7 @@ and PNG plots. Noise = paired bootstrap over the held-out videos (95 % intervals
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -49,15 +50,16 @@ def _delta(d: tuple[float, float, float]) -> str:
 
 def stage_table(records: dict) -> list[str]:
     lines = ["| stage | Miss | Incorrect | Hallucination | Total | Hall (paper) | seq-rep-4 | "
-             "dup. sentences | no end token | QA accuracy | pairs | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "dup. sentences | no end token | QA accuracy | pairs | train s | eval s | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in records.items():
         micro, rep = r["aggregate"]["micro"], r["repetition"]
         pairs = r.get("stats", {}).get("pairs", "")
         lines.append(f"| {name} | " + " | ".join(_pct(micro[k]) for k, _ in RATES)
                      + f" | {_pct(micro['incorrect_plus_hallucination'])} | {_pct(rep['seq_rep_4'])}"
                      f" | {_pct(rep['duplicate_sentence_rate'])} | {_pct(rep['no_end_token_rate'])}"
-                     f" | {_pct(r['qa']['accuracy'])} | {pairs} | {r.get('train_s', 0):.0f} |")
+                     f" | {_pct(r['qa']['accuracy'])} | {pairs} | {r.get('train_s', 0):.0f}"
+                     f" | {r.get('eval_s', 0):.0f} | {r.get('load_avg', 0):.1f} |")
     return lines
 
 
@@ -155,7 +157,9 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float) ->
         f"Held-out test split: {n_test} synthetic videos, {events} ground-truth events; exact judge "
         "(parses the synthetic caption grammar), micro rates in % of ground-truth events. QA: "
         "multiple-choice questions on the same test clips. Wall time of this invocation: "
-        f"{wall_s / 60:.1f} min (stages finished earlier were loaded, not re-run).", "",
+        f"{wall_s / 60:.1f} min (stages finished earlier were loaded, not re-run). Timings are wall "
+        f"seconds on {os.cpu_count()} CPU(s); 'load' = the 5-min load average when the stage ended "
+        "(the machine may be shared: a load above the CPU count inflates every timing).", "",
         "Stages: pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only "
         "captions; evaluated with video input only) -> align (audio connector, audio-only captions) -> "
         "sft (LoRA + connectors on captions from a biased annotator: most sounds dropped, a false "

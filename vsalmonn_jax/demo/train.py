@@ -41,7 +41,7 @@ def train_stage(task, config, *, objective: str, params: dict, trainable: dict, 
     (trained trainable tree as numpy, metric history). `ref_adapter`: the DPO reference's adapter
     (round-start snapshot); LoRA is absent from the reference by construction."""
     mesh = make_mesh(dict(config.mesh))
-    trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable)  # a copy: donated below
     probe = {"params": params, "trainable": trainable}
     tx, schedule, cfg = _steps(task, config, objective, lr, num_steps, probe, mesh)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, trainable=trainable,
