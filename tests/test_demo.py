@@ -104,3 +104,16 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert all(f"[{s}] finished earlier: skipped" in again.stdout for s in STAGES)
     assert "[pretrain] start" not in again.stdout
+
+
+def test_text_only_rows_turn_their_media_flags_off():
+    from vsalmonn_jax.demo.batches import build_batch
+
+    media = {"train": {"vision": np.zeros((3, 8, 9, 4), np.float16),
+                       "frame_mask": np.ones((3, 8), bool), "frame_times": np.zeros((3, 8), np.float32)}}
+    row = (np.array([1, 2, 3], np.int32), np.array([0, 1, 1], bool))
+    examples = [{"split": "train", "row": 2, "text": row},
+                {"split": "train", "row": 0, "text": row, "media": False}]
+    batch = build_batch(examples, media, 5, 0, "video")
+    assert batch["has_video"].tolist() == [True, False]
+    assert not batch["has_audio"].any() and batch["vision"].shape == (2, 8, 9, 4)

@@ -32,10 +32,12 @@ class Tokens:
             raise ValueError(f"prompt is {len(ids)} tokens > demo.max_prompt_tokens {self.max_prompt}")
         return ids
 
-    def response_row(self, response: str, user: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, loss_mask); a response over the budget is cut (its end token is then lost)."""
+    def response_row(self, response: str, user: str | None = None, has_media: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, loss_mask); a response over the budget is cut (its end token is then lost).
+        has_media=False: a text-only row (no placeholder)."""
         ids, mask = text_lib.encode_response(self.tokenizer, user or self.prompt, response,
-                                             placeholder=self.placeholder)
+                                             placeholder=self.placeholder, has_media=has_media)
         return ids[: self.length], mask[: self.length]
 
     def decode(self, ids) -> str:
@@ -74,7 +76,8 @@ def media_batch(media: dict[str, np.ndarray], rows: np.ndarray, modality: str) -
 class ExampleIterator:
     """Endless seeded shuffled batches over examples {"split", "row", <prefix>: (ids, mask), ...}.
 
-    `media` maps split -> cached arrays; every example of one iterator shares `modality`.
+    `media` maps split -> cached arrays; every example of one iterator shares `modality`; an
+    example with "media": False is a text-only row (its media flags are off, no placeholder).
     """
 
     def __init__(self, examples: list[dict], media: dict[str, dict], *, batch_size: int, length: int,
@@ -109,6 +112,9 @@ def build_batch(examples: list[dict], media: dict[str, dict], length: int, pad_i
     else:
         joined = media_batch(media[splits.pop()], np.asarray([e["row"] for e in examples]), modality)
     batch = dict(joined)
+    text_only = np.asarray([not e.get("media", True) for e in examples])
+    for flag in ("has_video", "has_audio"):
+        batch[flag] = batch[flag] & ~text_only
     for prefix in prefixes:
         key = prefix.rstrip("_") or "text"
         batch.update(text_batch([e[key] for e in examples], length, pad_id, prefix))

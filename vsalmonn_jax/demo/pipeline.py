@@ -2,8 +2,8 @@
 eval.json, done): a rerun skips finished stages. After every stage the test split is captioned
 and scored (exact judge) and its QA answered.
 
-pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only captions)
--> align (audio connector on audio-only captions) -> sft (LoRA + connectors on the biased AV
+pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only captions of the
+video, plus text-only rows: exact captions and QA wording) -> align (audio connector on audio-only captions) -> sft (LoRA + connectors on the biased AV
 captions + QA) -> mrdpo_1..R (sample k per fresh clip, best-vs-worst pairs, DPO + GT-CE, merge
 LoRA, fresh LoRA) | control_1..R (same rounds, DPO term off) -> rebirth (SFT the pre-DPO model on
 the mrDPO model's captions of the training clips + QA).
@@ -55,14 +55,25 @@ def caption_examples(ctx: Context, split: str, texts: list[str], rows=None) -> l
             for r, t in zip(rows, texts, strict=True) if t]
 
 
-def qa_examples(ctx: Context, split: str) -> list[dict]:
+def qa_examples(ctx: Context, split: str, media: bool = True) -> list[dict]:
     out = []
     for r, item in enumerate(ctx.data[split]["items"]):
         for qa in item["qa"]:
             user = mcq_prompt(qa["question"], qa["options"])
-            out.append({"split": split, "row": r,
-                        "text": ctx.tokens.response_row(mcq_answer(qa["options"], qa["answer"]), user)})
+            answer = mcq_answer(qa["options"], qa["answer"])
+            out.append({"split": split, "row": r, "media": media,
+                        "text": ctx.tokens.response_row(answer, user, has_media=media)})
     return out
+
+
+def text_examples(ctx: Context, split: str) -> list[dict]:
+    """Text-only rows (no media): the exact captions and the QA wording, so the tiny base LLM knows
+    the whole caption grammar (sound sentences included) and the answer format."""
+    tokens = ctx.tokens
+    out = [{"split": split, "row": r, "media": False,
+            "text": tokens.response_row(item["exact"], has_media=False)}
+           for r, item in enumerate(ctx.data[split]["items"])]
+    return out + qa_examples(ctx, split, media=False)
 
 
 def _iterator(ctx, examples, modality, seed, prefixes=("",)):
@@ -82,7 +93,8 @@ def pretrain(ctx: Context, base: dict) -> dict:
     demo = ctx.config.demo
     items = ctx.data["train"]["items"]
     texts = [render_caption(ev) for ev in _modality_events(items, "visual")]
-    it = _iterator(ctx, caption_examples(ctx, "train", texts), "video", int(demo.seed) + 1)
+    examples = caption_examples(ctx, "train", texts) + text_examples(ctx, "train")
+    it = _iterator(ctx, examples, "video", int(demo.seed) + 1)
     trainable = {"adapter": {"llm": base["params"]["llm"],
                              "vision_connector": base["adapter"]["vision_connector"]}}
     out, _ = train_stage(ctx.base_task, ctx.config, objective="sft", params={}, trainable=trainable,
