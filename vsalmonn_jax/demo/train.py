@@ -20,18 +20,21 @@ from vsalmonn_jax.training.steps import make_steps, put_batch
 _CACHE: dict = {}
 
 
-def _steps(task, config, objective: str, lr: float, num_steps: int, state_like, mesh):
-    structure = jax.tree.structure(state_like)
-    key = (id(task), objective, float(lr), int(num_steps), str(structure),
-           tuple(jax.tree.map(lambda x: (x.shape, str(x.dtype)), jax.tree.leaves(state_like))))
+def _compiled(task, config, objective: str, lr: float, num_steps: int, state: TrainState, mesh):
+    """(tx, steps, state shardings) for this objective / schedule / state layout, built once."""
+    layout = [(np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(state)]
+    key = (id(task), objective, float(lr), int(num_steps), str(jax.tree.structure(state)),
+           str(layout))
     if key not in _CACHE:
         cfg = config.copy_and_resolve_references()
         cfg.train.lr = float(lr)
         cfg.stage = "mrdpo" if objective == "dpo" else "sft"
         tx, schedule = make_optimizer(cfg.train, int(num_steps))
-        _CACHE[key] = (tx, schedule, cfg)
-    tx, schedule, cfg = _CACHE[key]
-    return tx, schedule, cfg
+        shardings = jax.tree.map(lambda _: replicated(mesh), state.replace(opt_state=tx.init(
+            state.trainable)))
+        _CACHE[key] = (tx, make_steps(task, cfg, tx, schedule, mesh, shardings, objective=objective),
+                       shardings)
+    return _CACHE[key]
 
 
 def train_stage(task, config, *, objective: str, params: dict, trainable: dict, batches,
@@ -42,17 +45,11 @@ def train_stage(task, config, *, objective: str, params: dict, trainable: dict, 
     (round-start snapshot); LoRA is absent from the reference by construction."""
     mesh = make_mesh(dict(config.mesh))
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable)  # a copy: donated below
-    probe = {"params": params, "trainable": trainable}
-    tx, schedule, cfg = _steps(task, config, objective, lr, num_steps, probe, mesh)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, trainable=trainable,
-                       opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed),
+                       opt_state=None, rng=jax.random.PRNGKey(seed),
                        ref_adapter=ref_adapter if ref_adapter is not None else {})
-    shardings = jax.tree.map(lambda _: replicated(mesh), state)
-    step_key = ("steps", id(tx), str(jax.tree.structure(state)))
-    if step_key not in _CACHE:
-        _CACHE[step_key] = make_steps(task, cfg, tx, schedule, mesh, shardings, objective=objective)
-    steps = _CACHE[step_key]
-    state = jax.device_put(state, shardings)
+    tx, steps, shardings = _compiled(task, config, objective, lr, num_steps, state, mesh)
+    state = jax.device_put(state.replace(opt_state=tx.init(trainable)), shardings)
     history, start, window = [], time.perf_counter(), time.perf_counter()
     for step in range(1, num_steps + 1):
         batch = put_batch(next(batches), steps.batch_sharding)
