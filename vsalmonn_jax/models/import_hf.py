@@ -8,7 +8,6 @@ the layer index, and stacked layers are assembled one tensor at a time.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Callable, Iterable, Mapping
 
@@ -105,10 +104,6 @@ def load_tree(source: Source, entries: Iterable[Entry], num_layers: int = 0,
             stacked[i] = fn(source[theirs.format(i=layer_offset + i)])
         flat[("layers", *ours.split("/"))] = stacked
     return traverse_util.unflatten_dict(flat)
-
-
-def read_config(path: str | pathlib.Path) -> dict:
-    return json.loads((pathlib.Path(path) / "config.json").read_text())
 
 
 # ---------------------------------------------------------------- SigLIP (transformers names) ----

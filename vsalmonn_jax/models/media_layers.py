@@ -20,11 +20,6 @@ Initializer = Callable[..., jax.Array]
 ADAPTER = "adapter"  # the trainable-connector collection (design decision 1)
 
 
-def to_dtype(name_or_dtype) -> jnp.dtype:
-    """'bfloat16' / jnp.bfloat16 -> jnp.dtype."""
-    return jnp.dtype(name_or_dtype)
-
-
 def declare(module: nn.Module, collection: str, name: str, init: Initializer, shape: Sequence[int],
             dtype: Dtype, axes: Sequence[str | None]) -> jax.Array:
     """A parameter of `module` in `collection`, annotated with logical `axes` (unboxed value)."""

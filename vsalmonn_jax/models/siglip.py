@@ -138,10 +138,3 @@ def num_params(cfg: SiglipConfig) -> int:
     h, m, ps, c = cfg.hidden_size, cfg.intermediate_size, cfg.patch_size, cfg.num_channels
     layer = 4 * (h * h + h) + 2 * h * m + m + h + 4 * h
     return ps * ps * c * h + h + cfg.num_patches * h + cfg.used_layers * layer
-
-
-def ensure_frames(pixel_values: jax.Array) -> jax.Array:
-    """[B, F, S, S, 3] -> [B*F, S, S, 3] with a clear error for anything else."""
-    if pixel_values.ndim != 5:
-        raise ValueError(f"pixel_values must be [batch, frames, S, S, 3], got {pixel_values.shape}")
-    return pixel_values.reshape(-1, *pixel_values.shape[2:])
