@@ -132,3 +132,18 @@ def test_sigterm_mid_round_saves_and_resumes(tmp_path, tok, env_mesh, uninterrup
     got = _host({"params": state.params, "trainable": state.trainable})
     jax.tree.map(np.testing.assert_array_equal, got, want)
     assert summary["history"] == want_summary["history"]
+
+
+def test_control_arm_trains_on_gt_captions_only(tmp_path, tok, env_mesh):
+    cfg = config("mrdpo.control=True", "mrdpo.rounds=1")
+    env, mesh, _ = env_mesh
+    _, summary = run_mrdpo(cfg, env, tmp_path, state=fresh_state(env, cfg, mesh, trained_lora=True),
+                           train_items=items(6), mesh=mesh, judge=LengthJudge())
+    (round0,) = summary["history"]
+    assert "dpo_loss" not in round0["first_step"] and round0["first_step"]["ce"] > 0
+    assert round0["pairs"]["control_records"] == 6 and round0["pairs"]["samples"] == 12
+    records = [json.loads(line) for line in open(tmp_path / "round_0" / "pairs.jsonl")]
+    truth = {v["id"]: v["caption"] for v in items(6)}
+    assert [r["conversations"][1]["content"] for r in records] == [
+        truth[r["id"].split(":")[0]] for r in records]
+    assert round0["eval"] == {}

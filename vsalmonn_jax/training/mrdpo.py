@@ -150,7 +150,7 @@ def make_round_records(env, state, items: Sequence[Mapping], judge, rule: PairRu
         records = control_records(items, default_prompt)
         stats["control_records"] = len(records)
     log = [{"video_id": str(item.get("id", "")), "sample": j, **sample.to_dict(),
-            "score": pairs_lib._counts(score), "error": rule.error(score)}
+            "score": pairs_lib.score_counts(score), "error": rule.error(score)}
            for item, row, row_scores in zip(items, samples, scores, strict=True)
            for j, (sample, score) in enumerate(zip(row, row_scores, strict=True))]
     return records, log, stats
@@ -366,9 +366,9 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
         for r in range(start, opts.rounds):
             rdir = workdir / f"round_{r}"
             rdir.mkdir(parents=True, exist_ok=True)
-            records, stats = _round_records(env, config, state, train_items, judge, rule, opts,
-                                            jax.random.fold_in(base_key, 2 * r), default_prompt,
-                                            rdir, mesh)
+            records, stats = _round_records(env, config, state, round_items(
+                train_items, r, opts.videos_per_round), judge, rule, opts,
+                jax.random.fold_in(base_key, 2 * r), default_prompt, rdir, mesh)
             first_path = rdir / "first_step.json"
 
             def step_hook(step, metrics, r=r, first_path=first_path):
@@ -407,14 +407,13 @@ def _floats(metrics: Mapping) -> dict:
             for k, v in metrics.items()}
 
 
-def _round_records(env, config, state, train_items, judge, rule, opts, rng, default_prompt,
+def _round_records(env, config, state, items, judge, rule, opts, rng, default_prompt,
                    rdir: pathlib.Path, mesh) -> tuple[list[dict], dict]:
     """The round's records: read back when already built (resume), else sampled, judged, paired
     (and reference log-probs precomputed) and written before any step of the round runs."""
     path, stats_path = rdir / "pairs.jsonl", rdir / "pair_stats.json"
     if path.exists() and stats_path.exists():
         return _read_jsonl(path), json.loads(stats_path.read_text())
-    items = round_items(train_items, int(rdir.name.split("_")[-1]), opts.videos_per_round)
     records, log, stats = make_round_records(env, state, items, judge, rule, opts, rng,
                                              default_prompt)
     if not records:

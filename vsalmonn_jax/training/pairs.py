@@ -150,7 +150,7 @@ def build_pairs(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
                           chosen=judged_text(row[c]), rejected=judged_text(row[r]),
                           chosen_error=rule.error(row_scores[c]),
                           rejected_error=rule.error(row_scores[r]),
-                          chosen_score=_counts(row_scores[c]), rejected_score=_counts(row_scores[r]))
+                          chosen_score=score_counts(row_scores[c]), rejected_score=score_counts(row_scores[r]))
             if truth is not None:
                 record["gt"] = truth
             records.append(record)
@@ -160,7 +160,8 @@ def build_pairs(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
     return records
 
 
-def _counts(score) -> dict:
+def score_counts(score) -> dict:
+    """The judged counts of one VideoScore as a JSON-able dict (pair records, sample logs)."""
     return {"missed": float(score.missed), "incorrect": float(score.incorrect),
             "hallucinated": float(score.hallucinated), "events": int(score.num_events)}
 

@@ -175,6 +175,8 @@ class TextPolicyEnv:
         """All batches padded to one length (the bucket of the longest record): one compile."""
         from vsalmonn_jax.data.collate import TEXT_PREFIXES, bucket_length
 
+        if not records:
+            raise ValueError("no records to batch")
         examples = []
         for i, record in enumerate(records):
             example = self.featurize(record)
@@ -239,6 +241,8 @@ class AVPolicyEnv:
         from vsalmonn_jax.data.collate import TEXT_PREFIXES, bucket_length, collate
         from vsalmonn_jax.data.records import infer_kind
 
+        if not records:
+            raise ValueError("no records to batch")
         examples = []
         for i, record in enumerate(records):
             example = self.featurizer({**record, "kind": record.get("kind") or infer_kind(record),

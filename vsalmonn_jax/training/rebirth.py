@@ -121,6 +121,9 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
         return {"records": mixed, "captions": len(recs), "skipped_empty": skipped}
 
     built = _load_or(workdir / "records.json", records)
+    if not built["captions"]:
+        raise RuntimeError(f"rebirth: the final model's captions of all {len(items)} training videos "
+                           f"came out empty (ids {built['skipped_empty'][:5]}...): nothing to tune on")
     before = _load_or(workdir / "eval_before.json",
                       lambda: eval_fn(pre_dpo_state) if eval_fn is not None else {})
     cfg = rebirth_config(config)
