@@ -123,8 +123,8 @@ def _generate_impl(variables, input_ids, inputs_embeds, attention_mask, keys, *,
 
     state = (jnp.int32(1), cache, token, done, tokens, logprobs, lengths)
     _, _, _, done, tokens, logprobs, lengths = jax.lax.while_loop(cond, body, state)
-    stopped = jnp.isin(jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0], stop)
-    return GenerateOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=stopped)
+    # `done` is only ever set by a stop token, so it is exactly "stopped"
+    return GenerateOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=done)
 
 
 _STATIC = ("model", "max_new_tokens", "sampling", "stop_ids", "pad_id",
