@@ -119,3 +119,35 @@ def test_resume_refuses_foreign_file(tmp_path):
     out.write_text('{"text": "not ours"}\n')
     with pytest.raises(InputError, match="out.jsonl:1: not a caption line"):
         read_done(str(out))
+
+
+def test_caption_cli_usage_errors(tmp_path, capsys):
+    from vsalmonn_jax.commands.caption import main
+
+    video = _files(tmp_path, ["v.mp4"])[0]
+    assert main([video, "--checkpoint", str(tmp_path)]) == 2
+    assert "--config configs/X.py is required" in capsys.readouterr().err
+    base = [video, "--checkpoint", str(tmp_path), "--config", "tiny", "--tokenizer", str(tmp_path)]
+    assert main(base + ["--num-samples", "3"]) == 2
+    assert "--num-samples > 1 needs sampling" in capsys.readouterr().err
+    assert main(base + ["--greedy", "--top-p", "0.9"]) == 2
+    assert "--greedy cannot be combined" in capsys.readouterr().err
+    assert main([video, "--checkpoint", str(tmp_path), "--config", "tiny"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_sampling_flags_imply_sampling():
+    import argparse
+
+    from vsalmonn_jax.commands.caption import sampling_from_args
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.generate.sampling import SamplingConfig
+
+    gen = load_config("tiny").generate               # greedy by default, top_p 0.9
+    args = lambda **kw: argparse.Namespace(**{"greedy": False, "top_p": None, "top_k": None,
+                                              "temperature": None, **kw})
+    assert sampling_from_args(args(), gen).greedy
+    assert sampling_from_args(args(top_p=0.8), gen) == SamplingConfig(
+        greedy=False, temperature=1.0, top_k=0, top_p=0.8)
+    assert sampling_from_args(args(temperature=0.7), gen) == SamplingConfig(
+        greedy=False, temperature=0.7, top_k=0, top_p=0.9)
