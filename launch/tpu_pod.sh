@@ -11,6 +11,7 @@
 #   --spot              create a spot (preemptible) slice
 #   --reuse | --create  require an existing slice / always create (default: reuse if it exists)
 #   --package SPEC      pip spec to install instead of a wheel built from this checkout
+#   --extras LIST       extras of the built wheel (default audio,torch: decoding + tokenizer I/O)
 #   --run-id ID         name of the log file on the workers (default: UTC timestamp)
 #   --log-worker W      worker whose log is streamed (default 0; "all" streams every worker)
 #   --no-install --no-logs  skip those steps
@@ -21,7 +22,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="" ZONE="" ACCEL="" PROJECT="" VERSION="" SPOT=0 MODE=auto PACKAGE="" DRY=0
-RUN_ID="$(date -u +%Y%m%d-%H%M%S)" LOG_WORKER=0 INSTALL=1 LOGS=1
+RUN_ID="$(date -u +%Y%m%d-%H%M%S)" LOG_WORKER=0 INSTALL=1 LOGS=1 EXTRAS=audio,torch
 REMOTE_DIR=vsalmonn  # on every worker, relative to the ssh user's home
 
 # shellcheck source=launch/common.sh
@@ -40,12 +41,13 @@ while [[ $# -gt 0 ]]; do
     --reuse) MODE=reuse; shift ;;
     --create) MODE=create; shift ;;
     --package) PACKAGE="$2"; shift 2 ;;
+    --extras) EXTRAS="$2"; shift 2 ;;
     --run-id) RUN_ID="$2"; shift 2 ;;
     --log-worker) LOG_WORKER="$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --no-logs) LOGS=0; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     --) shift; break ;;
     *) die "unknown option $1 (the run's own arguments go after --)" ;;
   esac
@@ -107,7 +109,7 @@ if [[ "$INSTALL" == 1 ]]; then
     WHEEL="vsalmonn_jax-$VERSION_PKG-py3-none-any.whl"
     run python3 -m pip wheel --no-deps --quiet -w "$REPO/dist" "$REPO"
     run "${GCLOUD[@]}" scp "$REPO/dist/$WHEEL" "$NAME:vsalmonn/" "${LOC[@]}" --worker=all
-    PACKAGE="$REMOTE_DIR/${WHEEL}[audio,torch]"
+    PACKAGE="$REMOTE_DIR/${WHEEL}${EXTRAS:+[$EXTRAS]}"
   fi
   JAX_VERSION="$(sed -n 's/^ *"jax==\([0-9.]*\)".*/\1/p' "$REPO/pyproject.toml" | head -n 1)"
   on_workers all "python3 -m pip install --quiet -c $REMOTE_DIR/constraints.txt '$PACKAGE' 'jax[tpu]==$JAX_VERSION'"

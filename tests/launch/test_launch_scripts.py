@@ -79,6 +79,10 @@ def test_tpu_pod_reuse_with_package_and_errors():
     assert not any(c[0] == "python3" for c in cmds)  # no local wheel build with --package
     assert "'vsalmonn_jax==0.1.0'" in cmds[3][-1]
     assert not any("tail" in c[-1] for c in cmds)
+    out = run(["launch/tpu_pod.sh", "--name", "vs2", "--zone", "z", "--reuse", "--extras", "audio",
+               "--no-logs", "--dry-run", "--", "demo"]).stdout
+    install = shlex.split(commands(out)[-2][-1].removeprefix("--command="))
+    assert install[-2] == "vsalmonn/vsalmonn_jax-0.1.0-py3-none-any.whl[audio]"
     bad = run(["launch/tpu_pod.sh", "--zone", "z", "--dry-run", "--", "demo"], check=False)
     assert bad.returncode == 2 and "--name is required" in bad.stderr
     bad = run(["launch/tpu_pod.sh", "--name", "n", "--zone", "z", "--dry-run"], check=False)
