@@ -138,3 +138,17 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     assert "fits" in proc.stdout and not re.search(r"\sNO\s", proc.stdout)
     assert peak_rss_gb < 4.0, f"the plan allocated {peak_rss_gb:.1f} GB: weights materialised?"
     assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def test_cli_usage_errors(capsys):
+    from vsalmonn_jax.commands import plan as plan_cmd
+
+    assert plan_cmd.main([]) == 2
+    assert "--config is required" in capsys.readouterr().err
+    assert plan_cmd.main(["--config", "configs/7b.py", "--mesh", "fsdp=-1"]) == 2
+    assert "has a -1 axis: give --devices N" in capsys.readouterr().err
+    assert plan_cmd.main(["--config", "configs/7b.py", "--mesh", "data=3,fsdp=5", "--devices",
+                          "16"]) == 2
+    assert "has 15 devices, --devices says 16" in capsys.readouterr().err
+    assert plan_cmd.main(["--config", "configs/7b.py", "--mesh", "gpu=8"]) == 2
+    assert "expected data=N, fsdp=N or tensor=N" in capsys.readouterr().err
