@@ -63,7 +63,8 @@ class AVCaptioner:
         self.sampling, self.max_new_tokens, self.seed, self.mesh = sampling, max_new_tokens, seed, mesh
         shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-int(batch_size) // shards) * shards   # rows divide over the mesh
-        self.featurizer = Featurizer.from_config(config)   # loads config.data.tokenizer itself
+        self.featurizer = Featurizer.from_config(config)
+        self.featurizer._tokenizer = tokenizer             # the given tokenizer is authoritative
         self.pad_id = token_id(tokenizer, ENDOFTEXT)
         self.stop_ids = tuple(sorted({token_id(tokenizer, IM_END), self.pad_id}))
         lora = variables.get("lora") or None
