@@ -54,6 +54,16 @@ def test_greedy_is_token_identical_to_transformers(tiny_pair):
                           eos_token_id=None, pad_token_id=0, min_new_tokens=new)[:, t:].numpy()
     out = generate(model, variables, input_ids=ids, attention_mask=mask, max_new_tokens=new)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    # with an end token: transformers pads finished rows with pad_token_id, so do we
+    eos = int(ref[0, 2])
+    with torch.no_grad():
+        ref_eos = hf.generate(left, attention_mask=left_mask, max_new_tokens=new, do_sample=False,
+                              eos_token_id=eos, pad_token_id=95)[:, t:].numpy()
+    ref_eos = np.pad(ref_eos, ((0, 0), (0, new - ref_eos.shape[1])), constant_values=95)
+    out = generate(model, variables, input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                   stop_ids=(eos,), pad_id=95)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref_eos)
+    assert bool(out.stopped[0]) and int(out.lengths[0]) <= 3
 
 
 def test_cached_decode_logits_equal_full_forward(tiny_pair):
