@@ -117,3 +117,33 @@ def test_text_only_rows_turn_their_media_flags_off():
     batch = build_batch(examples, media, 5, 0, "video")
     assert batch["has_video"].tolist() == [True, False]
     assert not batch["has_audio"].any() and batch["vision"].shape == (2, 8, 9, 4)
+
+
+def _eval_record(rng, n_videos=40):
+    counts = [(int(k), int(rng.integers(0, k)), 0, int(rng.integers(0, 2)))
+              for k in rng.integers(3, 8, size=n_videos)]
+    n, m, i, h = (float(sum(c[j] for c in counts)) for j in range(4))
+    micro = {"miss": m / n, "incorrect": i / n, "hallucination": h / n,
+             "incorrect_plus_hallucination": (i + h) / n, "total": (m + i + h) / n}
+    return {"aggregate": {"micro": micro, "videos": n_videos, "events": int(n)},
+            "repetition": {"seq_rep_4": 0.1, "duplicate_sentence_rate": 0.0, "no_end_token_rate": 0.0},
+            "qa": {"accuracy": 0.5}, **_record(counts)}
+
+
+def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path):
+    import json
+
+    from vsalmonn_jax.commands.demo import main
+
+    rng = np.random.default_rng(1)
+    for name in ("pretrain", "align", "sft", "mrdpo_1"):
+        folder = tmp_path / "stages" / name
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text(json.dumps(_eval_record(rng)))
+        (folder / "done").write_text("")
+    assert main(["--report-only"]) == 2   # needs --resume
+    assert main(["--resume", str(tmp_path), "--report-only"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Partial report: stage(s) not finished: mrdpo_2, mrdpo_3, control_1" in report
+    assert re.search(r"^\| mrdpo_1 vs sft \|", report, re.M)
+    assert (tmp_path / "error_rates.png").exists()

@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="", help="continue a run directory; finished stages are skipped")
     p.add_argument("--out", default="", help="run directory (default <workdir>/demo-<time>[-quick])")
     p.add_argument("--data", default="", help="data directory (default <run dir>/data; reusable)")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --resume: write the report from the stages finished so far")
     return p
 
 
@@ -61,8 +63,22 @@ def main(argv: list[str]) -> int:
         log_file.write(line + "\n")
         log_file.flush()
 
-    from vsalmonn_jax.demo.pipeline import run_demo
+    from vsalmonn_jax.demo.pipeline import finished_records, run_demo
     from vsalmonn_jax.demo.report import write_report
+
+    if args.report_only:
+        if not args.resume:
+            print("vsalmonn-jax demo: --report-only needs --resume RUN_DIR", file=sys.stderr)
+            return 2
+        records, missing = finished_records(config, run_dir)
+        if "sft" not in records:
+            print(f"vsalmonn-jax demo: {run_dir}: the sft stage has not finished; no report",
+                  file=sys.stderr)
+            return 2
+        report = write_report(run_dir, records, config, wall_s=0.0, missing=missing)
+        print(f"Report (partial: {len(missing)} stage(s) unfinished) written to {report}"
+              if missing else f"Report written to {report}")
+        return 0
 
     log(f"vsalmonn-jax demo{' --quick' if args.quick else ''}: run directory {run_dir}")
     records = run_demo(config, run_dir, data_dir, log)

@@ -308,3 +308,24 @@ def run_demo(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log=print) -
         finals[arm] = policy
     _, records["rebirth"] = run_stage(ctx, "rebirth", lambda: rebirth(ctx, pre_dpo, finals["mrdpo"]))
     return records
+
+
+def stage_names(config) -> list[str]:
+    """Every stage of a run, in order."""
+    rounds = int(config.mrdpo.rounds)
+    names = ["pretrain", "align", "sft"] + [f"mrdpo_{r}" for r in range(1, rounds + 1)]
+    if config.demo.control:
+        names += [f"control_{r}" for r in range(1, rounds + 1)]
+    return names + ["rebirth"]
+
+
+def finished_records(config, run_dir: pathlib.Path) -> tuple[dict, list[str]]:
+    """({stage: eval record} of the finished stages, names of the unfinished ones)."""
+    records, missing = {}, []
+    for name in stage_names(config):
+        folder = run_dir / "stages" / name
+        if (folder / "done").exists():
+            records[name] = json.loads((folder / "eval.json").read_text())
+        else:
+            missing.append(name)
+    return records, missing

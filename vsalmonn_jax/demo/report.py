@@ -168,7 +168,8 @@ def _plot_qa(path: pathlib.Path, records: dict) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float) -> pathlib.Path:
+def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
+                 missing: list[str] | tuple[str, ...] = ()) -> pathlib.Path:
     demo = config.demo
     comp_lines, comp = comparisons(records, int(demo.bootstrap)) if "sft" in records else ([], {})
     _plot(run_dir / "error_rates.png", records)
@@ -191,7 +192,9 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float) ->
         "each round) and control_1..R (the same rounds, clips and steps with the DPO term off: CE on "
         "the same ground-truth captions only) -> rebirth (the pre-DPO model SFT'd on the final mrDPO "
         "model's captions of training clips + QA).", "",
-        "## Results per stage", "", *stage_table(records), "",
+        "## Results per stage", "",
+        *([f"**Partial report: stage(s) not finished: {', '.join(missing)}.**", ""] if missing else []),
+        *stage_table(records), "",
         "![error rates](error_rates.png)", "", "![QA accuracy](qa_accuracy.png)", "",
         "## What is within noise", "",
         f"Paired bootstrap over the {n_test} test videos ({int(demo.bootstrap)} resamples): difference "
