@@ -80,6 +80,7 @@ def _resume_run(workdir, on_step=None):
                      on_step=on_step, **QUIET)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
     full, summary = _resume_run(tmp_path / "full")
     assert summary["step"] == 6 and not summary["preempted"]

@@ -44,6 +44,7 @@ def test_sft_steps_touch_only_trainables():
     assert float(metrics["tokens"]) == float(_sft_batch()["attention_mask"].sum())
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
     for stage, make in (("sft", _sft_batch), ("dpo", _dpo_batch)):
         config = tiny_config(f"stage={stage}")

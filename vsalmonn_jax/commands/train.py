@@ -121,12 +121,14 @@ def _init_from(config, task, previous: pathlib.Path):
 
     from vsalmonn_jax.training import state as st
     from vsalmonn_jax.training.checkpoint import Checkpointer
+    from vsalmonn_jax.training.loop import compiled_steps
     from vsalmonn_jax.training.sharding import make_mesh
     from vsalmonn_jax.training.steps import objective_of
 
     mesh = make_mesh(dict(config.mesh))
-    tx, _ = st.make_optimizer(config.train, st.num_updates(config.train))
-    fresh, _ = st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)))
+    # the same cached initializer (and step) run_stage uses next: compiled once
+    _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps), mesh)
+    fresh = init(jax.random.PRNGKey(int(config.seed)))
     ckpt = Checkpointer(previous / "checkpoints")
     try:
         state = ckpt.restore_trainable(fresh)

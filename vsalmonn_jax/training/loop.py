@@ -119,13 +119,14 @@ def device_batch(batch: dict, steps: Steps) -> dict:
     return put_batch(keep, steps.batch_sharding)
 
 
-def prepare_state(task, config, tx, mesh, *, state=None, params=None):
+def prepare_state(task, config, tx, mesh, *, state=None, params=None, shardings=None):
     """(state, shardings) for a stage: fresh, or continuing a previous stage's `state` with a fresh
     optimizer, step 0 and (for a snapshot-reference DPO stage) the current adapter as reference."""
     if state is None:
         return st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)),
                                      params=params)
-    _, shardings = st.state_shardings(task, config, tx, mesh)
+    if shardings is None:
+        _, shardings = st.state_shardings(task, config, tx, mesh)
     trainable = state.trainable
     fresh = st.TrainState(
         step=np.zeros((), np.int32), params=state.params, trainable=trainable,
@@ -140,8 +141,8 @@ LOOP_ONLY = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", 
              "feature_cache")
 
 
-def _compiled_steps(task, config, num_steps: int, mesh):
-    """(tx, schedule, steps), reused across calls with the same task object, config and mesh, so
+def compiled_steps(task, config, num_steps: int, mesh):
+    """(tx, schedule, steps, shardings, initializer), reused across calls with the same task object, config and mesh, so
     resumed runs and mrDPO rounds do not re-trace and re-compile the step."""
     step_config = config.copy_and_resolve_references()
     for name in LOOP_ONLY:  # fields read by the loop, not by the compiled step
@@ -152,9 +153,10 @@ def _compiled_steps(task, config, num_steps: int, mesh):
         tx, schedule = st.make_optimizer(config.train, st.num_updates(config.train, num_steps))
         _, shardings = st.state_shardings(task, config, tx, mesh)
         steps = make_steps(task, config, tx, schedule, mesh, shardings)
+        init = st.make_initializer(task, config, tx, shardings)
         while len(_STEPS_CACHE) >= 8:
             _STEPS_CACHE.pop(next(iter(_STEPS_CACHE)))
-        _STEPS_CACHE[key] = (task, tx, schedule, steps)
+        _STEPS_CACHE[key] = (task, tx, schedule, steps, shardings, init)
     return _STEPS_CACHE[key][1:]
 
 
@@ -181,8 +183,11 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
     num_steps = int(tcfg.num_steps if num_steps is None else num_steps)
     mesh = mesh or make_mesh(dict(config.mesh))
     task = task or build_task(config)
-    tx, schedule, steps = _compiled_steps(task, config, num_steps, mesh)
-    state, _ = prepare_state(task, config, tx, mesh, state=state, params=params)
+    tx, schedule, steps, shardings, init = compiled_steps(task, config, num_steps, mesh)
+    if state is None:
+        state = init(jax.random.PRNGKey(int(config.seed)), params)
+    else:
+        state, _ = prepare_state(task, config, tx, mesh, state=state, shardings=shardings)
     ckpt = Checkpointer(workdir / "checkpoints", keep=int(tcfg.keep_checkpoints),
                         async_save=async_checkpoints, include_params=include_params)
     skipped = 0

@@ -124,23 +124,32 @@ def abstract_state(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
                         values(abstract), shardings)
 
 
+def make_initializer(task, config, tx, shardings):
+    """jitted (rng, params=None) -> state placed with `shardings` (params initialised in place,
+    or given pretrained params placed with the base shardings and donated). Reusable: one
+    compile serves every stage / round / resume with the same task and config."""
+    init = _init_fn(task, config, tx)
+    # No mesh / rules context: out_shardings place every leaf; in-init constraints are not needed.
+    fresh = jax.jit(lambda r: values(init(r)), out_shardings=shardings)
+    around = jax.jit(lambda r, p: values(init(r)).replace(params=p), out_shardings=shardings,
+                     donate_argnums=(1,))
+
+    def initialize(rng, params=None):
+        if params is None:
+            return fresh(rng)
+        return around(rng, jax.device_put(params, shardings.params))
+
+    return initialize
+
+
 def create_train_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None,
                        rules=LOGICAL_AXIS_RULES) -> tuple[TrainState, Any]:
     """Sharded state from scratch (params initialised in place) or around given pretrained `params`.
 
     Returns (state, shardings). Given `params` are placed with the base shardings and donated.
     """
-    init = _init_fn(task, config, tx)
     _, shardings = state_shardings(task, config, tx, mesh, rules)
-    # No mesh / rules context here: out_shardings place every leaf, and in-init sharding
-    # constraints (boxed params being used) are not needed.
-    if params is None:
-        state = jax.jit(lambda r: values(init(r)), out_shardings=shardings)(rng)
-    else:
-        params = jax.device_put(params, shardings.params)
-        state = jax.jit(lambda r, p: values(init(r)).replace(params=p),
-                        out_shardings=shardings, donate_argnums=(1,))(rng, params)
-    return state, shardings
+    return make_initializer(task, config, tx, shardings)(rng, params), shardings
 
 
 def values(tree):
