@@ -83,3 +83,16 @@ def test_precomputed_reference_matches_the_in_step_reference(text_env):
     for key in ("loss", "dpo_loss", "rewards/margins", "logps/chosen"):
         assert float(metrics[0][key]) == pytest.approx(float(metrics[1][key]), abs=1e-5)
     assert float(metrics[0]["dpo_loss"]) == pytest.approx(np.log(2.0), abs=1e-6)
+
+
+def test_local_rows_slice_each_batch_and_pass_state_through():
+    from vsalmonn_jax.training.policy_env import LocalRows
+
+    examples = [{"x": np.int64(i)} for i in range(8)]
+    collate = lambda rows: {"x": np.asarray([r["x"] for r in rows])}  # noqa: E731
+    base = ListIterator(examples, collate, 4, seed=0, shuffle=False, repeat=True)
+    view = LocalRows(base, 2, 4)
+    assert next(view)["x"].tolist() == [2, 3]
+    assert view.get_state() == {"epoch": 0, "position": 4}
+    view.set_state({"epoch": 0, "position": 0})
+    assert next(view)["x"].tolist() == [2, 3]

@@ -41,6 +41,7 @@ from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import PairRule, Sample
+from vsalmonn_jax.training.policy_env import local_rows
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 
 ROUND_FIELDS = ("params", "trainable", "rng")   # what a round-start checkpoint holds
@@ -178,6 +179,9 @@ def precompute_reference(env, config, state: st.TrainState, records: list[dict],
     from vsalmonn_jax.training.loop import HOST_ONLY
     from vsalmonn_jax.training.steps import StepOptions, put_batch, reference_logps
 
+    if jax.process_count() > 1:
+        raise NotImplementedError("precomputed reference log-probs are single-process; set "
+                                  "dpo.precompute_reference=False (the in-step reference is used)")
     pair_index = [i for i, r in enumerate(records) if "chosen" in r]
     if not pair_index:
         return records
@@ -377,8 +381,9 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                 if on_step is not None:
                     on_step(r, step, metrics)
 
-            iterator = env.batches(records, batch_size=global_batch(config, mesh, opts.batch_size),
-                                   seed=int(config.data.shuffle_seed) + r)
+            rows = global_batch(config, mesh, opts.batch_size)
+            iterator = local_rows(env.batches(records, batch_size=rows,
+                                              seed=int(config.data.shuffle_seed) + r), mesh, rows)
             state, result = run_stage(cfg, iterator, rdir, task=env.task, state=state, mesh=mesh,
                                       num_steps=opts.steps_per_round, on_step=step_hook,
                                       progress=progress, tensorboard=tensorboard)

@@ -97,6 +97,35 @@ class ListIterator:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+class LocalRows:
+    """This process's rows [start, stop) of every global batch of `iterator` (multi-host runs: each
+    process builds the same global batch and keeps its own slice); state calls pass through."""
+
+    def __init__(self, iterator, start: int, stop: int):
+        self.iterator, self.start, self.stop = iterator, int(start), int(stop)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {k: v[self.start:self.stop] for k, v in next(self.iterator).items()}
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+
+def local_rows(iterator, mesh, batch_size: int):
+    """`iterator` itself on one process, else a LocalRows view of this process's rows."""
+    if jax.process_count() == 1:
+        return iterator
+    from vsalmonn_jax.distributed import process_batch_rows
+
+    return LocalRows(iterator, *process_batch_rows(batch_size, mesh))
+
+
 class TextPolicyEnv:
     """PolicyEnv of the text-only TextTask: prompts are ChatML user turns, no media.
 

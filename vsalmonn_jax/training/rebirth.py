@@ -19,6 +19,7 @@ import numpy as np
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import MEDIA_FIELDS, Sample, judged_text
+from vsalmonn_jax.training.policy_env import local_rows
 
 
 def caption_records(items: Sequence[Mapping], captions: Sequence[Sample], default_prompt: str
@@ -131,8 +132,9 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
     from vsalmonn_jax.training.sharding import make_mesh
 
     mesh = mesh or make_mesh(dict(config.mesh))
-    iterator = env.batches(built["records"], batch_size=global_batch(config, mesh),
-                           seed=int(config.data.shuffle_seed))
+    rows = global_batch(config, mesh)
+    iterator = local_rows(env.batches(built["records"], batch_size=rows,
+                                      seed=int(config.data.shuffle_seed)), mesh, rows)
     state, result = run_stage(cfg, iterator, workdir, task=env.task, state=pre_dpo_state,
                               mesh=mesh, progress=progress, tensorboard=tensorboard)
     summary = {"preempted": result["preempted"], "records": len(built["records"]),
