@@ -29,6 +29,12 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
         "mrdpo.rounds=1", "mrdpo.steps_per_round=2", "mrdpo.max_new_tokens=6",
         "mrdpo.sample_batch=4", "generate.max_new_tokens=6"]
     config = load_config("tiny", overrides + ["stage=mrdpo"])
+    import vsalmonn_jax.data.example as example_lib
+
+    decoded = []
+    media_features = example_lib.media_features
+    monkeypatch.setattr(example_lib, "media_features",
+                        lambda video, *a, **k: decoded.append(video) or media_features(video, *a, **k))
     summary = mrdpo.run_from_config(config, tmp_path / "mrdpo", progress=False,
                                     judge=LengthJudge())
     (round0,) = summary["history"]
@@ -38,6 +44,7 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     assert round0["last_step"]["grad_norm"] > 0
     pairs = [json.loads(line) for line in open(tmp_path / "mrdpo" / "round_0" / "pairs.jsonl")]
     assert all(p["video"].endswith(".mp4") and "gt" in p for p in pairs)
+    assert len(decoded) == len(set(decoded)) == 6   # each clip decoded once: pairs reuse it
 
     config = load_config("tiny", overrides + [
         "stage=rebirth", f"rebirth.mrdpo_workdir={tmp_path / 'mrdpo'}", "rebirth.num_steps=2",

@@ -165,7 +165,7 @@ def control_records(items: Sequence[Mapping], default_prompt: str) -> list[dict]
         if truth is None:
             continue
         record = {k: item[k] for k in pairs_lib.MEDIA_FIELDS if item.get(k) is not None}
-        record.update(id=f"{item.get('id', '')}:gt", conversations=[
+        record.update(id=f"{item.get('id', '')}:gt", video_id=str(item.get("id", "")), conversations=[
             {"role": "user", "content": item.get("prompt") or default_prompt},
             {"role": "assistant", "content": truth}])
         out.append(record)

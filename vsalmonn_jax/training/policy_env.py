@@ -17,6 +17,7 @@ from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training.pairs import Sample
 from vsalmonn_jax.training.task import present
 
+MEDIA_EXAMPLE_KEYS = ("pixels", "frame_times", "mel", "audio_seconds", "has_video", "has_audio")
 MEDIA_BATCH_KEYS = ("pixel_values", "frame_mask", "frame_times", "mel", "mel_mask", "audio_seconds",
                     "has_video", "has_audio")
 
@@ -265,8 +266,26 @@ class AVPolicyEnv:
                                   num_tokens=result["num_tokens"], logprob=result["logprob"]))
         return out
 
+    def _reuse_media(self, record: dict) -> dict | None:
+        """A record about an already-decoded clip (its `video_id` was captioned / sampled here):
+        the clip's media features with the record's own text; None = featurise from the file."""
+        from vsalmonn_jax.data.example import text_fields
+
+        prepared = self.prepared.get(str(record.get("video_id", "")))
+        if prepared is None or prepared.get("video") != record.get("video") \
+                or prepared.get("audio") != record.get("audio"):
+            return None
+        f = self.featurizer
+        fields = text_fields(record, f.tokenizer, placeholder=f.placeholder,
+                             max_length=f.max_length, truncation=f.truncation,
+                             default_prompt=f.default_prompt, has_media=True)
+        media = {k: prepared[k] for k in MEDIA_EXAMPLE_KEYS if k in prepared}
+        return {"example_id": np.int64(record["index"]), "id": record.get("id", ""), **media,
+                **fields}
+
     def batches(self, records, *, batch_size, seed, shuffle=True, repeat=True):
-        """All batches padded to one text length (the bucket of the longest record)."""
+        """All batches padded to one text length (the bucket of the longest record). Records of
+        clips this env already decoded (`video_id`) reuse those media features."""
         from vsalmonn_jax.data.collate import TEXT_PREFIXES, bucket_length, collate
         from vsalmonn_jax.data.records import infer_kind
 
@@ -274,8 +293,8 @@ class AVPolicyEnv:
             raise ValueError("no records to batch")
         examples = []
         for i, record in enumerate(records):
-            example = self.featurizer({**record, "kind": record.get("kind") or infer_kind(record),
-                                       "index": i})
+            record = {**record, "kind": record.get("kind") or infer_kind(record), "index": i}
+            example = self._reuse_media(record) or self.featurizer(record)
             if "failed" in example:
                 raise ValueError(f"record {i} ({record.get('id', '?')}): {example['failed']}: "
                                  f"{example.get('detail', '')}")

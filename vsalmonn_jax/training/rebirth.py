@@ -35,7 +35,8 @@ def caption_records(items: Sequence[Mapping], captions: Sequence[Sample], defaul
             skipped.append(str(item.get("id", "")))
             continue
         record = {k: item[k] for k in MEDIA_FIELDS if item.get(k) is not None}
-        record.update(id=f"{item.get('id', '')}:rebirth", conversations=[
+        record.update(id=f"{item.get('id', '')}:rebirth", video_id=str(item.get("id", "")),
+                      conversations=[
             {"role": "user", "content": item.get("prompt") or default_prompt},
             {"role": "assistant", "content": text}])
         records.append(record)
