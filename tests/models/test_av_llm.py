@@ -178,3 +178,29 @@ def test_bf16_sharded_forward_on_8_devices(rng):
         logits, spliced = jax.jit(AVLLM(cfg).apply)(variables, batch)
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))
     assert np.asarray(spliced["attention_mask"]).sum(1).tolist() == [7 + 12 + 7, 7 + 9, 7, 26]
+
+
+def test_media_activations_stay_batch_sharded(setup):
+    """On a data mesh every device encodes and projects only its own videos (no replicated
+    [B, F, patches, H] projector output or [B*C, mel, 3000] Whisper input)."""
+    from vsalmonn_jax.training.sharding import logical_rules, make_mesh
+
+    cfg, lora, variables = setup
+    mesh = make_mesh({"data": 8})
+    batch = dummy_batch(cfg, batch=8, frames=2, chunks=1, text_len=6)
+    model = AVLLM(cfg)
+    media_keys = ("pixel_values", "mel", "frame_mask", "mel_mask", "has_video", "has_audio", "audio_seconds", "frame_times")
+    media_batch = {k: v for k, v in batch.items() if k in media_keys}
+
+    def encode_and_project(v, b):
+        media = model.apply(v, b, method="encode_frozen")
+        visual = model.apply(v, media["vision"], method=lambda m, x: m.vision_connector(x))
+        return media["vision"], media["audio"], visual
+
+    with jax.set_mesh(mesh), logical_rules():
+        compiled = jax.jit(encode_and_project).lower(
+            {"params": variables["params"], "adapter": variables["adapter"]}, media_batch).compile()
+    hlo = compiled.as_text()
+    for sharding in compiled.output_shardings:
+        assert sharding.shard_shape((8, 1, 1, 1))[0] == 1, sharding  # each device holds 1 of 8 rows
+    assert "f32[8,2,16,64]" not in hlo  # no full-batch projector output on any device

@@ -90,6 +90,12 @@ class AVConfig:
         return frames * self.frame_tokens + audio + extra
 
 
+def _batch_sharded(x: jax.Array) -> jax.Array:
+    """Keep media activations split over the batch axes (data, fsdp) on their leading dimension, so
+    no device encodes or projects every video of the step."""
+    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 class AVLLM(nn.Module):
     """video-SALMONN 2. Methods are used with `apply(..., method=...)`; `__call__` runs all four."""
 
@@ -115,15 +121,16 @@ class AVLLM(nn.Module):
             if pixels.ndim != 5:
                 raise ValueError(f"pixel_values must be [B, F, S, S, 3], got {pixels.shape}")
             b, f = pixels.shape[:2]
-            features = self.vision(pixels.reshape(b * f, *pixels.shape[2:]))
-            media["vision"] = features.reshape(b, f, *features.shape[1:])
+            frames = _batch_sharded(pixels.reshape(b * f, *pixels.shape[2:]))  # [B*F, S, S, 3]
+            features = self.vision(frames)
+            media["vision"] = _batch_sharded(features.reshape(b, f, *features.shape[1:]))
         if "mel" in batch:
             mel = jnp.asarray(batch["mel"])
             if mel.ndim != 4:
                 raise ValueError(f"mel must be [B, C, num_mel_bins, 3000], got {mel.shape}")
             b, c = mel.shape[:2]
-            features = self.audio(mel.reshape(b * c, *mel.shape[2:]))
-            media["audio"] = features.reshape(b, c, *features.shape[1:])
+            features = self.audio(_batch_sharded(mel.reshape(b * c, *mel.shape[2:])))  # [B*C, M, 3000]
+            media["audio"] = _batch_sharded(features.reshape(b, c, *features.shape[1:]))
         return jax.lax.stop_gradient(media)
 
     # (2) trainable connectors + interleaving --------------------------------------------------------
@@ -141,7 +148,7 @@ class AVLLM(nn.Module):
             raise ValueError("connect(): the media pytree has neither 'vision' nor 'audio' features")
         b = ref.shape[0]
         if "vision" in media:
-            visual = self.vision_connector(media["vision"])  # [B, F, V, H]
+            visual = _batch_sharded(self.vision_connector(media["vision"]))  # [B, F, V, H]
             frame_mask = media.get("frame_mask", jnp.ones(visual.shape[:2], bool))
             n_frames = jnp.sum(frame_mask & media.get("has_video", jnp.ones((b,), bool))[:, None], 1)
         else:
@@ -149,7 +156,7 @@ class AVLLM(nn.Module):
             n_frames = jnp.zeros((b,), jnp.int32)
         f = visual.shape[1]
         if "audio" in media:
-            audio = self.audio_connector(media["audio"]).astype(visual.dtype)  # [B, C*Tc, H]
+            audio = _batch_sharded(self.audio_connector(media["audio"]).astype(visual.dtype))  # [B, C*Tc, H]
             chunks = media["audio"].shape[1]
             mel_mask = media.get("mel_mask", jnp.ones((b, chunks), bool))
             has_audio = media.get("has_audio", jnp.ones((b,), bool))

@@ -99,6 +99,8 @@ class VisionConnector(nn.Module):
             raise ValueError(f"vision features {vision_features.shape}: expected {self.grid}^2 patches")
         x = VisionProjector(self.features, self.collection, self.dtype, self.param_dtype,
                             name="projector")(vision_features)
+        # [B, F, g*g, H]: the largest connector activation; keep it split over the batch axes
+        x = nn.with_logical_constraint(x, ("batch", None, None, "activation_embed"))
         x = pool_grid(x.reshape(b * f, self.grid, self.grid, self.features), self.pool_mode,
                       self.pool_stride)  # [B*F, r, r, H]
         if self.newline == "grid":
