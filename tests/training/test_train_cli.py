@@ -38,6 +38,8 @@ def test_train_cli_usage_errors(capsys):
     assert "--config configs/X.py is required" in capsys.readouterr().err
     assert main(["train", "--config", "tiny", "--config.stage=sft"]) == 2
     assert "--config.data.train=PATH.jsonl" in capsys.readouterr().err
+    assert main(["train", "--config", "tiny", "--config.stage=mrdpo", "--config.data.train=synthetic:4"]) == 2
+    assert "stage mrdpo samples captions of real caption records" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,4 +1,7 @@
-"""`vsalmonn-jax train`: run one stage (align | sft | dpo | rebirth) of a config with the engine.
+"""`vsalmonn-jax train`: run one stage (align | sft | dpo | mrdpo | rebirth) of a config.
+
+align / sft / dpo (and rebirth without `rebirth.mrdpo_workdir`) run the engine's loop; mrdpo runs the
+round driver (training/mrdpo.py) and rebirth with `rebirth.mrdpo_workdir` the rebirth driver.
 
 Data: `--config.data.train=PATH.jsonl` goes through the data pipeline (AV model, media decoded in
 workers); `--config.data.train=synthetic[:N]` trains the text-only model on N synthetic token
@@ -76,18 +79,29 @@ def main(argv: list[str]) -> int:
     if config.stage not in ("align", "sft", "dpo", "rebirth", "mrdpo"):
         print(f"vsalmonn-jax train: unknown stage {config.stage!r}", file=sys.stderr)
         return 2
-    if config.stage == "mrdpo":
-        print("vsalmonn-jax train: mrdpo rounds are driven by the mrdpo stage runner, not by a "
-              "single train run", file=sys.stderr)
-        return 2
     spec = str(config.data.train)
     if not spec:
         print("vsalmonn-jax train: set --config.data.train=PATH.jsonl (records) or =synthetic[:N]",
               file=sys.stderr)
         return 2
+    round_driven = config.stage == "mrdpo" or (config.stage == "rebirth" and config.rebirth.mrdpo_workdir)
+    if round_driven and spec.startswith("synthetic"):
+        print(f"vsalmonn-jax train: stage {config.stage} samples captions of real caption records: "
+              "set --config.data.train=PATH.jsonl (id, video/audio, events)", file=sys.stderr)
+        return 2
     workdir = pathlib.Path(args.workdir or config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if round_driven:
+        from vsalmonn_jax.training import mrdpo, rebirth
+
+        if config.stage == "mrdpo":
+            summary = mrdpo.run_from_config(config, workdir, init_from=args.init_from,
+                                            progress=not args.no_progress)
+        else:
+            summary = rebirth.run_from_config(config, workdir, progress=not args.no_progress)
+        print(json.dumps(summary, default=float))
+        return 0
 
     from vsalmonn_jax.training import loop
     from vsalmonn_jax.training.task import build_task
