@@ -29,6 +29,18 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best_time(lambda: f(a), repeats)
 
 
+def add_llm_shape_args(p, seq: int) -> None:
+    """The small Qwen2 shape the LLM benchmarks share (4 layers, hidden 512, GQA 8/2)."""
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--inter", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=seq)
+    p.add_argument("--repeats", type=int, default=3)
+
+
 def bench_line(name: str, value: float) -> str:
     line = f"BENCH {name} {value:.4g}"
     print(line, flush=True)

@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import bench_line, best_time, matmul_peak_flops  # noqa: E402
+from common import add_llm_shape_args, bench_line, best_time, matmul_peak_flops  # noqa: E402
 
 from vsalmonn_jax.models.decoder_layers import causal_attention  # noqa: E402
 from vsalmonn_jax.models.qwen2 import Qwen2  # noqa: E402
@@ -36,15 +36,8 @@ def forward_flops(layers, hidden, inter, heads, kv_heads, head_dim, vocab, batch
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--inter", type=int, default=1376)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=2048)
+    add_llm_shape_args(p, seq=2048)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.manual_seed(0)
     hf_config = transformers.Qwen2Config(

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import bench_line, best_time, matmul_peak_flops  # noqa: E402
+from common import add_llm_shape_args, bench_line, best_time, matmul_peak_flops  # noqa: E402
 from llm_forward import forward_flops  # noqa: E402
 
 from vsalmonn_jax.config import load_config  # noqa: E402
@@ -171,16 +171,9 @@ def our_steps(args, sft, dpo):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--inter", type=int, default=1376)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=512)
+    add_llm_shape_args(p, seq=512)
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.manual_seed(0)
     sft, dpo = make_batches(args.pairs, args.seq, args.vocab)
