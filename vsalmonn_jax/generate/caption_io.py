@@ -11,10 +11,10 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
+from vsalmonn_jax.data.media import AUDIO_EXTENSIONS
 from vsalmonn_jax.data.records import resolve_media
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".aac")
 
 
 class InputError(ValueError):
