@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vsalmonn_jax.distributed import any_process
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
 from vsalmonn_jax.training.feature_cache import FeatureCache
@@ -248,7 +249,7 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
                 bar.update(1)
                 if eval_fn is not None and step % int(tcfg.eval_every) == 0:
                     writer.write(step, eval_fn(state, steps), split="eval")
-                if stop.is_set():
+                if any_process(stop.is_set()):  # a preemption save is collective: all hosts agree
                     save(force=True)
                     ckpt.wait()
                     summary["preempted"] = True
