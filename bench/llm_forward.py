@@ -38,6 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     add_llm_shape_args(p, seq=2048)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--block", type=int, default=256, help="query block of our causal attention")
     args = p.parse_args()
     torch.manual_seed(0)
     hf_config = transformers.Qwen2Config(
@@ -58,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         config = config_from_hf(hf.config.to_dict(), dtype="float32", param_dtype="float32",
-                                scan_layers=True, remat_policy="none")
+                                scan_layers=True, remat_policy="none", attention_block=args.block)
         model = Qwen2(config)
         abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
         import flax.linen as nn
