@@ -146,3 +146,41 @@ def config_from_section(cls, section, **overrides):
               if k in names}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
+
+
+class PreLNEncoderLayer(nn.Module):
+    """The pre-LN transformer block of SigLIP and Whisper: x + attn(LN(x)); x + fc2(gelu(fc1(LN(x)))).
+
+    nn.scan signature (carry, _) -> (carry, None); x [N, T, D]. The two towers differ only in the
+    fields: norm names, whether k_proj has a bias, the GELU form and the logical axis names.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    eps: float
+    norm_names: tuple[str, str]
+    embed_axis: str
+    mlp_axis: str
+    key_bias: bool = True
+    gelu_tanh: bool = False
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        dense = lambda f, axes, name, bias=True: Dense(
+            f, axes, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        norm = lambda name: LayerNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        n, t, d = x.shape
+        heads, head_dim = self.num_heads, d // self.num_heads
+        y = norm(self.norm_names[0])(x)
+        q = dense(d, (self.embed_axis, "heads"), "q_proj")(y).reshape(n, t, heads, head_dim)
+        k = dense(d, (self.embed_axis, "heads"), "k_proj", self.key_bias)(y).reshape(n, t, heads, head_dim)
+        v = dense(d, (self.embed_axis, "heads"), "v_proj")(y).reshape(n, t, heads, head_dim)
+        o = attention(q, k, v, impl=self.attention_impl).reshape(n, t, d)
+        x = x + dense(d, ("heads", self.embed_axis), "out_proj")(o)
+        y = norm(self.norm_names[1])(x)
+        y = gelu(dense(self.mlp_dim, (self.embed_axis, self.mlp_axis), "fc1")(y), self.gelu_tanh)
+        x = x + dense(d, (self.mlp_axis, self.embed_axis), "fc2")(y)
+        return x, None

@@ -12,12 +12,9 @@ import flax.linen as nn
 import jax
 
 from vsalmonn_jax.models.media_layers import (
-    Dense,
-    LayerNorm,
-    attention,
+    PreLNEncoderLayer,
     config_from_section,
     declare,
-    gelu,
     scan_chunks,
     scan_layers,
 )
@@ -62,32 +59,6 @@ class SiglipConfig:
         return index
 
 
-class SiglipLayer(nn.Module):
-    """Pre-LN block: x + attn(LN(x)); x + MLP(LN(x)). nn.scan signature (carry, _) -> (carry, None)."""
-
-    config: SiglipConfig
-
-    @nn.compact
-    def __call__(self, x, _=None):  # x [N, P, H]
-        cfg = self.config
-        dense = lambda f, axes, name: Dense(f, axes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                            name=name)
-        norm = lambda name: LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype,
-                                      param_dtype=cfg.param_dtype, name=name)
-        n, p, h = x.shape
-        heads, head_dim = cfg.num_heads, h // cfg.num_heads
-        y = norm("layer_norm1")(x)
-        q = dense(h, ("vision_embed", "heads"), "q_proj")(y).reshape(n, p, heads, head_dim)
-        k = dense(h, ("vision_embed", "heads"), "k_proj")(y).reshape(n, p, heads, head_dim)
-        v = dense(h, ("vision_embed", "heads"), "v_proj")(y).reshape(n, p, heads, head_dim)
-        o = attention(q, k, v, impl=cfg.attention_impl).reshape(n, p, h)
-        x = x + dense(h, ("heads", "vision_embed"), "out_proj")(o)
-        y = norm("layer_norm2")(x)
-        y = gelu(dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), "fc1")(y), True)
-        x = x + dense(h, ("vision_mlp", "vision_embed"), "fc2")(y)
-        return x, None
-
-
 class SiglipEmbeddings(nn.Module):
     """Conv patch embedding (kernel = stride = patch) + learned positions -> [N, P, H]."""
 
@@ -123,7 +94,12 @@ class SiglipVision(nn.Module):
     def setup(self):
         cfg = self.config
         self.embeddings = SiglipEmbeddings(cfg)
-        self.layers = scan_layers(SiglipLayer, cfg.used_layers, cfg.remat, "layers", config=cfg)
+        self.layers = scan_layers(
+            PreLNEncoderLayer, cfg.used_layers, cfg.remat, "layers", num_heads=cfg.num_heads,
+            mlp_dim=cfg.intermediate_size, eps=cfg.layer_norm_eps,
+            norm_names=("layer_norm1", "layer_norm2"), embed_axis="vision_embed",
+            mlp_axis="vision_mlp", key_bias=True, gelu_tanh=True, attention_impl=cfg.attention_impl,
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def encode(self, pixel_values: jax.Array) -> jax.Array:
         x, _ = self.layers(self.embeddings(pixel_values), None)

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsalmonn_jax.models.media_layers import (
-    Dense,
     LayerNorm,
-    attention,
+    PreLNEncoderLayer,
     config_from_section,
     declare,
     gelu,
@@ -58,32 +57,6 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
-class WhisperLayer(nn.Module):
-    """Pre-LN block: x + attn(LN(x)); x + fc2(gelu(fc1(LN(x)))). Scan signature (carry, _)."""
-
-    config: WhisperConfig
-
-    @nn.compact
-    def __call__(self, x, _=None):  # x [N, T, D]
-        cfg = self.config
-        dense = lambda f, axes, name, bias=True: Dense(
-            f, axes, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
-        norm = lambda name: LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype,
-                                      param_dtype=cfg.param_dtype, name=name)
-        n, t, d = x.shape
-        heads, head_dim = cfg.num_heads, d // cfg.num_heads
-        y = norm("self_attn_layer_norm")(x)
-        q = dense(d, ("audio_embed", "heads"), "q_proj")(y).reshape(n, t, heads, head_dim)
-        k = dense(d, ("audio_embed", "heads"), "k_proj", bias=False)(y).reshape(n, t, heads, head_dim)
-        v = dense(d, ("audio_embed", "heads"), "v_proj")(y).reshape(n, t, heads, head_dim)
-        o = attention(q, k, v, impl=cfg.attention_impl).reshape(n, t, d)
-        x = x + dense(d, ("heads", "audio_embed"), "out_proj")(o)
-        y = norm("final_layer_norm")(x)
-        y = gelu(dense(cfg.ffn_dim, ("audio_embed", "audio_mlp"), "fc1")(y), False)
-        x = x + dense(d, ("audio_mlp", "audio_embed"), "fc2")(y)
-        return x, None
-
-
 class WhisperStem(nn.Module):
     """conv1 (k3, pad 1) - GELU - conv2 (k3, stride 2, pad 1) - GELU + positions: [N, M, 3000] -> [N, 1500, D]."""
 
@@ -121,7 +94,12 @@ class WhisperEncoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.stem = WhisperStem(cfg)
-        self.layers = scan_layers(WhisperLayer, cfg.num_layers, cfg.remat, "layers", config=cfg)
+        self.layers = scan_layers(
+            PreLNEncoderLayer, cfg.num_layers, cfg.remat, "layers", num_heads=cfg.num_heads,
+            mlp_dim=cfg.ffn_dim, eps=cfg.layer_norm_eps,
+            norm_names=("self_attn_layer_norm", "final_layer_norm"), embed_axis="audio_embed",
+            mlp_axis="audio_mlp", key_bias=False, gelu_tanh=False, attention_impl=cfg.attention_impl,
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.layer_norm = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def encode(self, mel: jax.Array) -> jax.Array:
