@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mrdpo = ml_collections.ConfigDict(dict(
         rounds=3, steps_per_round=1000, samples_per_video=2, pair_rule="total",
         drop_ties=True, judge="exact",
-        # training/pairs.py: total | miss_weighted (miss_weight x M + I + H); best_worst | all pairs
+        # training/pairs.py: total | miss_weighted (miss_weight x M + I + H) | dominance (no worse
+        # on M, I and H each); best_worst | all pairs
         miss_weight=2.0, pair_mode="best_worst", min_margin=0.0,
         # sampling the k captions per video (official: top-p 0.9, T 1.0); 0 = generate.max_new_tokens
         top_p=0.9, temperature=1.0, top_k=0, max_new_tokens=0,

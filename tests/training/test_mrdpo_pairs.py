@@ -67,6 +67,19 @@ def test_miss_weighted_rule_prefers_complete_captions():
         "clip0:1>0"
 
 
+def test_dominance_rule_never_prefers_a_caption_that_misses_more():
+    rule = PairRule(rule="dominance")
+    terse, wordy = _score(m=2), _score(h=3)   # neither dominates: no pair (total would take terse)
+    assert _pairs([terse, wordy], rule) == []
+    # best-vs-worst under dominance: the accepted pair with the largest margin, not argmin/argmax
+    scores = [_score(m=1), _score(h=4), _score(m=1, h=2), _score(m=2, h=2)]
+    (record,) = _pairs(scores, rule)
+    assert record["id"] == "clip0:0>3"            # 0 dominates 2 (margin 2) and 3 (margin 3)
+    assert sorted(r["id"] for r in _pairs(scores, PairRule(rule="dominance", mode="all"))) == \
+        ["clip0:0>2", "clip0:0>3", "clip0:2>3"]
+    assert _pairs([_score(m=1), _score(m=1, i=1)], PairRule(rule="dominance", min_margin=1.0)) == []
+
+
 def test_best_worst_of_k_and_all_pairs():
     scores = [_score(m=2), _score(), _score(h=3), _score(m=2)]
     (best_worst,) = _pairs(scores)

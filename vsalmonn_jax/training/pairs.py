@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 
-PAIR_RULES = ("total", "miss_weighted")
+PAIR_RULES = ("total", "miss_weighted", "dominance")
 PAIR_MODES = ("best_worst", "all")
 MEDIA_FIELDS = ("video", "audio")
 
@@ -36,7 +36,11 @@ class PairRule:
     rule: "total"         error = missed + incorrect + hallucinated (the default; the paper's ranking)
           "miss_weighted" error = miss_weight * missed + incorrect + hallucinated (counters the
                           "say less" drift whole-caption preferences learn)
-    mode: "best_worst"    one pair per video: the lowest-error vs the highest-error sample
+          "dominance"     the chosen sample must be no worse on each of missed, incorrect and
+                          hallucinated and better in total: no pair ever prefers a caption that
+                          misses more (or invents more) than the one it beats
+    mode: "best_worst"    one pair per video: the lowest-error vs the highest-error sample (for
+                          "dominance": the accepted pair with the largest total-error margin)
           "all"           every ordered pair of samples with different errors
     drop_ties: a pair whose errors tie is dropped; with False, ties are broken by fewer
                hallucinations, then fewer incorrect events (still dropped when those tie too).
@@ -77,6 +81,10 @@ class PairRule:
 
     def prefers(self, better, worse) -> bool:
         """Whether `better` (a VideoScore) beats `worse` by the rule (strictly, beyond min_margin)."""
+        if self.rule == "dominance":
+            counts = ("missed", "incorrect", "hallucinated")
+            return (all(float(getattr(better, c)) <= float(getattr(worse, c)) for c in counts)
+                    and self.error(worse) - self.error(better) > self.min_margin)
         kb, kw = self.key(better), self.key(worse)
         if kw[0] - kb[0] > self.min_margin:
             return True
@@ -116,6 +124,10 @@ def _choose(rule: PairRule, scores: Sequence) -> list[tuple[int, int]]:
     usable = [j for j, s in enumerate(scores) if not s.failed]
     if len(usable) < 2:
         return []
+    if rule.mode == "best_worst" and rule.rule == "dominance":
+        accepted = [(a, b) for a, b in itertools.permutations(usable, 2) if rule.prefers(scores[a], scores[b])]
+        margin = lambda ab: rule.error(scores[ab[1]]) - rule.error(scores[ab[0]])
+        return [max(accepted, key=margin)] if accepted else []
     if rule.mode == "best_worst":
         order = sorted(usable, key=lambda j: (rule.key(scores[j]), j))
         best, worst = order[0], order[-1]
