@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
         log_file.write(line + "\n")
         log_file.flush()
 
-    from vsalmonn_jax.demo.pipeline import finished_records, run_demo
+    from vsalmonn_jax.demo.pipeline import Preempted, finished_records, run_demo
     from vsalmonn_jax.demo.report import write_report
 
     if args.report_only:
@@ -81,7 +81,12 @@ def main(argv: list[str]) -> int:
         return 0
 
     log(f"vsalmonn-jax demo{' --quick' if args.quick else ''}: run directory {run_dir}")
-    records = run_demo(config, run_dir, data_dir, log)
+    try:
+        records = run_demo(config, run_dir, data_dir, log)
+    except Preempted as stop:
+        log(f"{stop}; continue with: vsalmonn-jax demo --resume {run_dir}")
+        log_file.close()
+        return 143
     report = write_report(run_dir, records, config, wall_s=time.perf_counter() - start)
     log(f"report: {report}")
     log_file.close()

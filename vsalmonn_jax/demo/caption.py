@@ -33,8 +33,11 @@ class Captioner:
         self._splice = _SPLICE[id(task)]
 
     def run(self, media: dict, rows: np.ndarray, prompts: list[np.ndarray], *, batch: int,
-            max_new_tokens: int, sampling: SamplingConfig, rng: jax.Array) -> list[tuple[str, bool]]:
-        """(text, stopped) per row; batches are padded to `batch` rows (one compilation)."""
+            max_new_tokens: int, sampling: SamplingConfig, rng: jax.Array | None = None,
+            keys: jax.Array | None = None) -> list[tuple[str, bool]]:
+        """(text, stopped) per row; batches are padded to `batch` rows (one compilation).
+        Randomness: `keys` [N] one key per row (the output does not depend on batching), else
+        `rng` folded with each batch's start."""
         out = []
         for start in range(0, len(rows), batch):
             part = np.arange(start, min(start + batch, len(rows)))
@@ -42,11 +45,12 @@ class Captioner:
             text = text_batch([(prompts[i], np.zeros(len(prompts[i]), bool)) for i in take],
                               self.tokens.max_prompt, self.tokens.pad_id)
             spliced = self._splice(self.variables, text, media_batch(media, rows[take], self.modality))
+            randomness = ({"keys": keys[take]} if keys is not None
+                          else {"rng": jax.random.fold_in(rng, start)})
             result = generate(self.llm, self.llm_vars, inputs_embeds=spliced["inputs_embeds"],
-                              attention_mask=spliced["attention_mask"],
-                              rng=jax.random.fold_in(rng, start), max_new_tokens=max_new_tokens,
-                              sampling=sampling, stop_ids=self.tokens.stop_ids,
-                              pad_id=self.tokens.pad_id)
+                              attention_mask=spliced["attention_mask"], **randomness,
+                              max_new_tokens=max_new_tokens, sampling=sampling,
+                              stop_ids=self.tokens.stop_ids, pad_id=self.tokens.pad_id)
             stopped = np.asarray(result.stopped)
             for k, ids in enumerate(result.token_lists()[: len(part)]):
                 out.append((self.tokens.decode(ids), bool(stopped[k])))

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from vsalmonn_jax.lora import LoraConfig
-from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, init_variables
+from vsalmonn_jax.lora import LoraConfig, init_lora, lora_partition_specs
+from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, init_adapter, init_variables
+from vsalmonn_jax.models.qwen2 import Qwen2
 from vsalmonn_jax.training.losses import shift_targets
+from vsalmonn_jax.training.task import box_like
 
 MEDIA_FIELDS = ("vision", "audio", "frame_mask", "frame_times", "audio_seconds", "has_video",
                 "has_audio")
@@ -64,7 +66,18 @@ class CachedAVTask:
         self.model = AVLLM(cfg, lora)
 
     def init(self, rng, collections=("lora", "adapter")):
-        raise NotImplementedError("the demo builds its train states from its own stage outputs")
+        """Boxed {"params": {"llm"}, "adapter", "lora": {"llm"}} at random init: the train state's
+        structure and shardings (the demo's weights come from its own stages, never from here)."""
+        k_llm, k_adapter, k_lora = jax.random.split(rng, 3)
+        llm = Qwen2(self.cfg.llm).init(k_llm, jnp.zeros((1, 1), jnp.int32))["params"]
+        out = {"params": {"llm": llm}}
+        if "adapter" in collections:
+            out["adapter"] = init_adapter(k_adapter, self.cfg)
+        if "lora" in collections and self.model.lora is not None:
+            lora = init_lora(k_lora, nn.unbox(llm), self.model.lora)
+            out["lora"] = {"llm": box_like(lora, lora_partition_specs(nn.get_partition_spec(llm),
+                                                                      lora))}
+        return out
 
     def encode(self, variables, batch):
         return media_of(batch)

@@ -1,12 +1,11 @@
-"""The demo's stages in order, each checkpointed under run_dir/stages/<name>/ (model.msgpack,
-eval.json, done): a rerun skips finished stages. After every stage the test split is captioned
-and scored (exact judge) and its QA answered.
+"""The demo's stages in order, each under run_dir/stages/<name>/ (eval.json, done; model.msgpack):
+a rerun skips finished stages. After every stage the test split is captioned, scored, QA answered.
 
-pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only captions of the
-video, plus text-only rows: exact captions and QA wording) -> align (audio connector on audio-only captions) -> sft (LoRA + connectors on the biased AV
-captions + QA) -> mrdpo_1..R (sample k per fresh clip, best-vs-worst pairs, DPO + GT-CE, merge
-LoRA, fresh LoRA) | control_1..R (same rounds, DPO term off) -> rebirth (SFT the pre-DPO model on
-the mrDPO model's captions of the training clips + QA).
+pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only captions, plus
+text-only rows: exact captions and QA wording) -> align (audio connector on audio-only captions)
+-> sft (LoRA + connectors on the biased AV captions + QA) -> mrdpo_1..R | control_1..R (the rounds
+of training/mrdpo.py's run_mrdpo on fresh clips, resumable mid-round; control: DPO term off) ->
+rebirth (SFT the pre-DPO model on the final mrDPO model's captions of training clips + QA).
 """
 
 from __future__ import annotations
@@ -26,11 +25,10 @@ from vsalmonn_jax.demo import model as model_lib
 from vsalmonn_jax.demo.batches import ExampleIterator, Tokens
 from vsalmonn_jax.demo.caption import Captioner, evaluate_model, judged
 from vsalmonn_jax.demo.data import prepare_data
+from vsalmonn_jax.demo.env import DemoPolicyEnv, policy_model, policy_state
 from vsalmonn_jax.demo.train import train_stage
-from vsalmonn_jax.eval import get_judge
-from vsalmonn_jax.generate.sampling import SamplingConfig
-from vsalmonn_jax.lora import init_lora, merge
-from vsalmonn_jax.training.pairs import PairRule, Sample, build_pairs, pair_stats, score_samples
+from vsalmonn_jax.lora import init_lora
+from vsalmonn_jax.training.sharding import make_mesh
 
 
 @dataclasses.dataclass
@@ -83,11 +81,6 @@ def _iterator(ctx, examples, modality, seed, prefixes=("",)):
                            pad_id=ctx.tokens.pad_id, modality=modality, seed=seed, prefixes=prefixes)
 
 
-def _fresh_lora(ctx, params, salt: int):
-    return {"llm": init_lora(jax.random.PRNGKey(int(ctx.config.demo.seed) + salt), params["llm"],
-                             ctx.task.model.lora)}
-
-
 # ---------------------------------------------------------------------------------- stages ----
 def pretrain(ctx: Context, base: dict) -> dict:
     demo = ctx.config.demo
@@ -121,45 +114,13 @@ def sft(ctx: Context, prev: dict) -> dict:
     items = ctx.data["train"]["items"]
     examples = caption_examples(ctx, "train", [it["biased"] for it in items]) + qa_examples(ctx, "train")
     it = _iterator(ctx, examples, "av", int(demo.seed) + 3)
-    trainable = {"lora": _fresh_lora(ctx, prev["params"], 3), "adapter": prev["adapter"]}
+    lora = {"llm": init_lora(jax.random.PRNGKey(int(demo.seed) + 3), prev["params"]["llm"],
+                             ctx.task.model.lora)}
+    trainable = {"lora": lora, "adapter": prev["adapter"]}
     out, _ = train_stage(ctx.task, ctx.config, objective="sft", params=prev["params"],
                          trainable=trainable, batches=it, num_steps=int(demo.sft_steps),
                          lr=float(demo.sft_lr), seed=int(demo.seed) + 3, log=ctx.log, name="sft")
     return {"params": prev["params"], "adapter": out["adapter"], "lora": out["lora"]}
-
-
-def merged_base(ctx: Context, model: dict) -> dict:
-    """The round boundary: LoRA merged into the base weights (a model without LoRA is unchanged)."""
-    if not model.get("lora"):
-        return model["params"]
-    return {"llm": jax.device_get(merge(model["params"]["llm"], model["lora"]["llm"],
-                                        ctx.task.model.lora.scale))}
-
-
-def sample_pairs(ctx: Context, policy: dict, rows: np.ndarray, round_index: int) -> tuple[list, dict]:
-    """k samples per fresh clip from the policy, judged and paired with training/pairs.py's rule
-    (mrdpo.pair_rule / pair_mode / drop_ties) -> (DPO examples, pair statistics)."""
-    cfg, demo = ctx.config, ctx.config.demo
-    k = int(cfg.mrdpo.samples_per_video)
-    split = ctx.data["fresh"]
-    sampling = SamplingConfig(greedy=False, temperature=float(cfg.generate.temperature),
-                              top_p=float(cfg.generate.top_p))
-    captioner = Captioner(ctx.task, ctx.tokens, policy)
-    flat = captioner.captions(split, batch=int(demo.eval_batch), rows=rows, repeats=k,
-                              max_new_tokens=int(demo.max_caption_tokens), sampling=sampling,
-                              rng=jax.random.PRNGKey(int(demo.seed) * 100 + round_index))
-    samples = [[Sample(text=t, stopped=s) for t, s in flat[c * k:(c + 1) * k]] for c in range(len(rows))]
-    items = [dict(split["items"][r], row=int(r), caption=_gt_caption(ctx, split["items"][r]))
-             for r in rows]
-    scores = score_samples(get_judge(cfg.mrdpo.judge, cfg), items, samples)
-    records = build_pairs(items, samples, scores, PairRule.from_config(cfg),
-                          default_prompt=cfg.generate.prompt)
-    row_of = {it["id"]: it["row"] for it in items}
-    examples = [{"split": "fresh", "row": row_of[r["video_id"]],
-                 "chosen": ctx.tokens.response_row(r["chosen"]),
-                 "rejected": ctx.tokens.response_row(r["rejected"]),
-                 "gt": ctx.tokens.response_row(r["gt"])} for r in records if "chosen" in r]
-    return examples, pair_stats(items, samples, scores, records)
 
 
 def _gt_caption(ctx: Context, item: dict) -> str:
@@ -168,41 +129,103 @@ def _gt_caption(ctx: Context, item: dict) -> str:
     return item["exact"] if ctx.config.demo.gt_caption == "exact" else item["biased"]
 
 
-def mrdpo_round(ctx: Context, prev: dict, round_index: int, dpo: bool) -> tuple[dict, dict]:
-    """One round: merge + fresh LoRA (reference = round-start policy), pairs, N steps."""
-    cfg, demo = ctx.config, ctx.config.demo
-    params = merged_base(ctx, prev)
-    policy = {"params": params, "adapter": prev["adapter"],
-              "lora": _fresh_lora(ctx, params, 100 + round_index)}
-    n = int(demo.n_fresh)
-    rows = np.arange((round_index - 1) * n, round_index * n)
-    name = f"{'mrdpo' if dpo else 'control'}_{round_index}"
-    seed = int(demo.seed) + 10 * round_index + (0 if dpo else 5)
-    if dpo:
-        examples, stats = sample_pairs(ctx, policy, rows, round_index)
-        ctx.log(f"[{name}] {stats['pairs']} pairs from {stats['videos']} clips x "
-                f"{cfg.mrdpo.samples_per_video} samples (sample Total "
-                f"{100 * stats['sample_total']:.1f}%)")
-        it = _iterator(ctx, examples, "av", seed, prefixes=("chosen_", "rejected_", "gt_"))
-        objective, ref = "dpo", policy["adapter"]
-    else:   # control arm: the same clips' ground-truth captions with CE only (DPO term off)
-        items = ctx.data["fresh"]["items"]
-        texts = [_gt_caption(ctx, items[r]) for r in rows]
-        examples = caption_examples(ctx, "fresh", texts, rows)
-        stats = {"videos": int(len(rows)), "pairs": 0}
-        it = _iterator(ctx, examples, "av", seed)
-        objective, ref = "sft", None
-    out, history = train_stage(ctx.task, cfg, objective=objective, params=params,
-                               trainable={"lora": policy["lora"], "adapter": policy["adapter"]},
-                               batches=it, num_steps=int(demo.dpo_steps), lr=float(demo.dpo_lr),
-                               seed=seed, ref_adapter=ref, log=ctx.log, name=name,
-                               log_every=max(1, int(demo.dpo_steps) // 4))
-    stats["history"] = history
-    return {"params": params, "adapter": out["adapter"], "lora": out["lora"]}, stats
+def arm_config(config, control: bool):
+    """The demo's settings on training/mrdpo.py's config: demo.dpo_steps steps at demo.dpo_lr per
+    round on pairs of demo.batch_size, round r sampling fresh clips [r n_fresh, (r+1) n_fresh);
+    one checkpoint at each round's end (plus the SIGTERM save)."""
+    cfg = config.copy_and_resolve_references()
+    demo = cfg.demo
+    cfg.seed = int(demo.seed)
+    cfg.data.shuffle_seed = int(demo.seed)
+    cfg.mrdpo.update(dict(steps_per_round=int(demo.dpo_steps), videos_per_round=int(demo.n_fresh),
+                          batch_size=int(demo.batch_size), sample_batch=int(demo.eval_batch),
+                          max_new_tokens=int(demo.max_caption_tokens), control=bool(control)))
+    cfg.train.update(dict(lr=float(demo.dpo_lr), checkpoint_every=int(demo.dpo_steps),
+                          log_every=max(1, int(demo.dpo_steps) // 4)))
+    return cfg
 
 
-def rebirth(ctx: Context, pre_dpo: dict, final: dict) -> tuple[dict, dict]:
+class Preempted(RuntimeError):
+    """SIGTERM during an mrDPO round: its state is saved; `demo --resume RUN_DIR` continues it."""
+
+
+def mrdpo_arm(ctx: Context, pre_dpo: dict, arm: str, on_step=None) -> dict:
+    """Rounds 1..R of one arm through training/mrdpo.py's run_mrdpo (arm "control": the DPO term
+    off), resumable mid-round from run_dir/rounds/<arm>. Each round is a stage (stages/<arm>_<r>/
+    eval.json, captions.jsonl, done) scored like every stage. Returns {stage: eval record}."""
+    from vsalmonn_jax.training.mrdpo import run_mrdpo
+
+    cfg = arm_config(ctx.config, arm == "control")
+    names = [f"{arm}_{r}" for r in range(1, int(cfg.mrdpo.rounds) + 1)]
+    records = {n: _record(ctx, n) for n in names if (ctx.run_dir / "stages" / n / "done").exists()}
+    for name in records:
+        ctx.log(f"[{name}] finished earlier: skipped (delete {ctx.run_dir / 'stages' / name} and "
+                f"{arm_workdir(ctx, arm)} to redo)")
+    if len(records) == len(names):
+        return records
+    env = DemoPolicyEnv(ctx.task, ctx.tokens, ctx.data, sample_batch=int(cfg.mrdpo.sample_batch))
+    mesh = make_mesh(dict(cfg.mesh))
+    items = [dict(it, caption=_gt_caption(ctx, it)) for it in ctx.data["fresh"]["items"]]
+    clock = {"start": time.perf_counter()}
+
+    def eval_fn(state) -> dict:
+        clock["eval"] = time.perf_counter()
+        result = evaluate_stage(ctx, policy_model(state))
+        clock["result"] = result
+        micro = result["aggregate"]["micro"]
+        return {**{k: micro[k] for k in ("miss", "incorrect", "hallucination", "total")},
+                "qa_accuracy": result["qa"]["accuracy"]}
+
+    def on_round(r: int, state, entry: dict) -> None:
+        now, name = time.perf_counter(), names[r]
+        stats = dict(entry["pairs"], history=[entry["first_step"], entry["last_step"]])
+        if arm == "control":   # trained on the GT captions only: the pairs were not used
+            stats.update(pairs=0, sampled_pairs=stats["pairs"])
+        timing = {"train_s": clock["eval"] - clock["start"], "eval_s": now - clock["eval"]}
+        clock["start"] = now
+        write_record(ctx, name, dict(clock.pop("result")), stats, timing)
+
+    def step_log(r: int, step: int, metrics: dict) -> None:
+        n = int(cfg.mrdpo.steps_per_round)
+        if step % int(cfg.train.log_every) == 0 or step in (1, n):
+            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "dpo_loss", "gt_ce",
+                                                             "rewards/accuracy", "grad_norm")
+                             if k in metrics)
+            ctx.log(f"[{names[r]}] step {step}/{n} {shown}")
+        if on_step is not None:
+            on_step(r, step, metrics)
+
+    ctx.log(f"[{arm}] rounds {len(records) + 1}..{len(names)} (run_mrdpo in {arm_workdir(ctx, arm)})")
+    start = policy_state(env.task, cfg, pre_dpo, mesh, int(cfg.seed))
+    _, summary = run_mrdpo(cfg, env, arm_workdir(ctx, arm), state=start, train_items=items,
+                           eval_fn=eval_fn, mesh=mesh, on_step=step_log, on_round=on_round)
+    if summary["preempted"]:
+        raise Preempted(f"[{names[summary['round']]}] preempted (SIGTERM) at step "
+                        f"{summary['step']}: its state is saved")
+    return {n: _record(ctx, n) for n in names}
+
+
+def arm_workdir(ctx: Context, arm: str) -> pathlib.Path:
+    return ctx.run_dir / "rounds" / arm
+
+
+def arm_model(ctx: Context, pre_dpo: dict, arm: str, round_index: int) -> dict:
+    """The model entering round `round_index` of an arm (0: the pre-DPO model, its LoRA merged
+    and a fresh LoRA drawn; R: the arm's final model), from the arm's round checkpoints."""
+    from vsalmonn_jax.training.mrdpo import load_round_state
+
+    cfg = arm_config(ctx.config, arm == "control")
+    target = policy_state(ctx.task, cfg, pre_dpo, make_mesh(dict(cfg.mesh)), int(cfg.seed))
+    state, _ = load_round_state(arm_workdir(ctx, arm), round_index, target)
+    return policy_model(state)
+
+
+def rebirth(ctx: Context, pre_dpo: dict) -> tuple[dict, dict]:
+    """SFT from the pre-DPO model (its LoRA merged, a fresh LoRA) on the final mrDPO model's
+    captions of training clips + QA."""
     cfg, demo = ctx.config, ctx.config.demo
+    start = arm_model(ctx, pre_dpo, "mrdpo", 0)
+    final = arm_model(ctx, pre_dpo, "mrdpo", int(cfg.mrdpo.rounds))
     rows = np.arange(min(int(demo.n_rebirth), len(ctx.data["train"]["items"])))
     captioner = Captioner(ctx.task, ctx.tokens, final)
     captions = captioner.captions(ctx.data["train"], batch=int(demo.eval_batch), rows=rows,
@@ -213,14 +236,13 @@ def rebirth(ctx: Context, pre_dpo: dict, final: dict) -> tuple[dict, dict]:
     n_qa = min(len(qa), int(round(len(examples) * ratio / max(1e-9, 1 - ratio))))
     pick = np.random.default_rng(int(demo.seed) + 7).permutation(len(qa))[:n_qa]
     examples += [qa[i] for i in pick]
-    params = merged_base(ctx, pre_dpo)
     it = _iterator(ctx, examples, "av", int(demo.seed) + 7)
-    out, _ = train_stage(ctx.task, cfg, objective="sft", params=params,
-                         trainable={"lora": _fresh_lora(ctx, params, 7), "adapter": pre_dpo["adapter"]},
+    out, _ = train_stage(ctx.task, cfg, objective="sft", params=start["params"],
+                         trainable={"lora": start["lora"], "adapter": start["adapter"]},
                          batches=it, num_steps=int(demo.rebirth_steps), lr=float(demo.rebirth_lr),
                          seed=int(demo.seed) + 7, log=ctx.log, name="rebirth")
     stats = {"captions": len(captions), "qa_examples": n_qa}
-    return {"params": params, "adapter": out["adapter"], "lora": out["lora"]}, stats
+    return {"params": start["params"], "adapter": out["adapter"], "lora": out["lora"]}, stats
 
 
 # ----------------------------------------------------------------------------- orchestration ----
@@ -229,8 +251,7 @@ def run_stage(ctx: Context, name: str, build, modality: str = "av") -> tuple[dic
     folder = ctx.run_dir / "stages" / name
     if (folder / "done").exists():
         ctx.log(f"[{name}] finished earlier: skipped (delete {folder} to redo)")
-        record = json.loads((folder / "eval.json").read_text())
-        return model_lib.load_tree(folder / "model.msgpack"), record
+        return model_lib.load_tree(folder / "model.msgpack"), _record(ctx, name)
     ctx.log(f"[{name}] start")
     start = time.perf_counter()
     built = build()
@@ -238,23 +259,42 @@ def run_stage(ctx: Context, name: str, build, modality: str = "av") -> tuple[dic
     model = {k: (jax.device_get(v) if v else None) for k, v in model.items()}
     model_lib.save_tree(folder / "model.msgpack", model)
     train_s = time.perf_counter() - start
+    result = evaluate_stage(ctx, model, modality)
+    timing = {"train_s": train_s, "eval_s": time.perf_counter() - start - train_s}
+    return model, write_record(ctx, name, result, stats, timing, modality)
+
+
+def evaluate_stage(ctx: Context, model: dict, modality: str = "av") -> dict:
+    """The test split captioned (greedy) and scored, its QA answered (demo/caption.py)."""
     demo = ctx.config.demo
     captioner = Captioner(ctx.task if model.get("lora") else ctx.base_task, ctx.tokens, model, modality)
-    result = evaluate_model(captioner, ctx.data["test"], batch=int(demo.eval_batch),
-                            max_new_tokens=int(demo.max_caption_tokens))
+    return evaluate_model(captioner, ctx.data["test"], batch=int(demo.eval_batch),
+                          max_new_tokens=int(demo.max_caption_tokens))
+
+
+def write_record(ctx: Context, name: str, result: dict, stats: dict, timing: dict,
+                 modality: str = "av") -> dict:
+    """stages/<name>/{captions.jsonl, eval.json, done} from an evaluate_stage result; logs the
+    scores. Returns the eval record."""
+    folder = ctx.run_dir / "stages" / name
+    folder.mkdir(parents=True, exist_ok=True)
     captions = result.pop("captions")
-    record = {"stage": name, "modality": modality, "stats": stats, "train_s": train_s,
-              "eval_s": time.perf_counter() - start - train_s, "load_avg": os.getloadavg()[1],
-              "cpus": os.cpu_count(), **result}
+    record = {"stage": name, "modality": modality, "stats": stats, **timing,
+              "load_avg": os.getloadavg()[1], "cpus": os.cpu_count(), **result}
     (folder / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     (folder / "eval.json").write_text(json.dumps(record, default=float))
     (folder / "done").write_text("")
     micro = record["aggregate"]["micro"]
+    pairs = f"{stats['pairs']} pairs, " if "pairs" in stats else ""
     ctx.log(f"[{name}] test: Miss {100 * micro['miss']:.1f} Incorrect {100 * micro['incorrect']:.1f} "
             f"Hall {100 * micro['hallucination']:.1f} Total {100 * micro['total']:.1f} "
-            f"QA {100 * record['qa']['accuracy']:.1f} ({record['train_s']:.0f}s train, "
+            f"QA {100 * record['qa']['accuracy']:.1f} ({pairs}{record['train_s']:.0f}s train, "
             f"{record['eval_s']:.0f}s eval)")
-    return model, record
+    return record
+
+
+def _record(ctx: Context, name: str) -> dict:
+    return json.loads((ctx.run_dir / "stages" / name / "eval.json").read_text())
 
 
 def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[Context, dict]:
@@ -297,16 +337,10 @@ def run_demo(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log=print) -
     model, records["pretrain"] = run_stage(ctx, "pretrain", lambda: pretrain(ctx, base), "video")
     model, records["align"] = run_stage(ctx, "align", lambda: align(ctx, model))
     pre_dpo, records["sft"] = run_stage(ctx, "sft", lambda: sft(ctx, model))
-    rounds = int(config.mrdpo.rounds)
-    arms = [("mrdpo", True)] + ([("control", False)] if config.demo.control else [])
-    finals = {}
-    for arm, dpo in arms:
-        policy = pre_dpo
-        for r in range(1, rounds + 1):
-            policy, records[f"{arm}_{r}"] = run_stage(
-                ctx, f"{arm}_{r}", lambda p=policy, r=r, d=dpo: mrdpo_round(ctx, p, r, d))
-        finals[arm] = policy
-    _, records["rebirth"] = run_stage(ctx, "rebirth", lambda: rebirth(ctx, pre_dpo, finals["mrdpo"]))
+    arms = ["mrdpo"] + (["control"] if config.demo.control else [])
+    for arm in arms:
+        records.update(mrdpo_arm(ctx, pre_dpo, arm))
+    _, records["rebirth"] = run_stage(ctx, "rebirth", lambda: rebirth(ctx, pre_dpo))
     return records
 
 

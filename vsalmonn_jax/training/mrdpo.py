@@ -317,15 +317,18 @@ def round_config(config, opts: MrdpoOptions):
 def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
               train_items: Sequence[Mapping], eval_items: Sequence[Mapping] = (),
               eval_fn: Callable[[st.TrainState], dict] | None = None, mesh=None, judge=None,
-              on_step: Callable[[int, int, dict], None] | None = None, progress: bool = False,
-              tensorboard: bool = False) -> tuple[st.TrainState, dict]:
+              on_step: Callable[[int, int, dict], None] | None = None,
+              on_round: Callable[[int, st.TrainState, dict], None] | None = None,
+              progress: bool = False, tensorboard: bool = False) -> tuple[st.TrainState, dict]:
     """Run (or resume) `mrdpo.rounds` rounds from `state` (the SFT result: params + trainables).
 
     env: a PolicyEnv (training/policy_env.py) whose `task` the steps run on.
     train_items: caption records (id, events, caption = GT caption, prompt, video/audio) to sample
         pairs on; `mrdpo.videos_per_round` > 0 takes a fresh slice each round.
     eval_fn(state) -> dict of floats after every round; default: `evaluate_captions` on eval_items
-        (greedy) when given. `on_step(round, step, metrics)` is called after every DPO step.
+        (greedy) when given. `on_step(round, step, metrics)` is called after every DPO step;
+        `on_round(round, state, entry)` after each round's merge and eval, before its checkpoint
+        (a run killed in between calls it again on resume, with the same entry).
     The SFT LoRA is merged into the base before round 0 (so every round, the first included, has
     reference == the policy it starts from). On resume `state` only supplies the structure /
     shardings (ShapeDtypeStructs with shardings do: `st.abstract_state`), and the SFT state when
@@ -397,6 +400,8 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                      "first_step": json.loads(first_path.read_text()) if first_path.exists() else {},
                      "eval": _floats(eval_fn(state)) if eval_fn is not None else {}}
             history.append(entry)
+            if on_round is not None:
+                on_round(r, state, entry)
             ckpts.save(r + 1, state, {"round": r + 1, "history": history})
             if jax.process_index() == 0:
                 _write_json(workdir / "mrdpo.json", {"round": r + 1, "history": history})
