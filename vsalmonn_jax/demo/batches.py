@@ -74,19 +74,19 @@ def media_batch(media: dict[str, np.ndarray], rows: np.ndarray, modality: str) -
 
 
 class ExampleIterator:
-    """Endless seeded shuffled batches over examples {"split", "row", <prefix>: (ids, mask), ...}.
+    """Endless seeded shuffled batches over SFT examples {"split", "row", "text": (ids, mask)}.
 
     `media` maps split -> cached arrays; every example of one iterator shares `modality`; an
     example with "media": False is a text-only row (its media flags are off, no placeholder).
     """
 
     def __init__(self, examples: list[dict], media: dict[str, dict], *, batch_size: int, length: int,
-                 pad_id: int, modality: str, seed: int, prefixes: tuple[str, ...] = ("",)):
+                 pad_id: int, modality: str, seed: int):
         if not examples:
             raise ValueError("no training examples")
         self.examples, self.media = examples, media
         self.batch_size, self.length, self.pad_id = batch_size, length, pad_id
-        self.modality, self.prefixes = modality, prefixes
+        self.modality = modality
         self.rng = np.random.default_rng(seed)
         self.order, self.pos = self.rng.permutation(len(examples)), 0
 
@@ -100,7 +100,7 @@ class ExampleIterator:
                 self.order, self.pos = self.rng.permutation(len(self.examples)), 0
             picked.append(self.examples[self.order[self.pos]])
             self.pos += 1
-        return build_batch(picked, self.media, self.length, self.pad_id, self.modality, self.prefixes)
+        return build_batch(picked, self.media, self.length, self.pad_id, self.modality)
 
 
 def build_batch(examples: list[dict], media: dict[str, dict], length: int, pad_id: int,

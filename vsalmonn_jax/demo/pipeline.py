@@ -74,11 +74,11 @@ def text_examples(ctx: Context, split: str) -> list[dict]:
     return out + qa_examples(ctx, split, media=False)
 
 
-def _iterator(ctx, examples, modality, seed, prefixes=("",)):
+def _iterator(ctx, examples, modality, seed):
     demo = ctx.config.demo
     return ExampleIterator(examples, {k: v["media"] for k, v in ctx.data.items()},
                            batch_size=int(demo.batch_size), length=ctx.tokens.length,
-                           pad_id=ctx.tokens.pad_id, modality=modality, seed=seed, prefixes=prefixes)
+                           pad_id=ctx.tokens.pad_id, modality=modality, seed=seed)
 
 
 # ---------------------------------------------------------------------------------- stages ----
@@ -90,7 +90,7 @@ def pretrain(ctx: Context, base: dict) -> dict:
     it = _iterator(ctx, examples, "video", int(demo.seed) + 1)
     trainable = {"adapter": {"llm": base["params"]["llm"],
                              "vision_connector": base["adapter"]["vision_connector"]}}
-    out, _ = train_stage(ctx.base_task, ctx.config, objective="sft", params={}, trainable=trainable,
+    out, _ = train_stage(ctx.base_task, ctx.config, params={}, trainable=trainable,
                          batches=it, num_steps=int(demo.pretrain_steps), lr=float(demo.pretrain_lr),
                          seed=int(demo.seed) + 1, log=ctx.log, name="pretrain")
     adapter = dict(base["adapter"], vision_connector=out["adapter"]["vision_connector"])
@@ -103,7 +103,7 @@ def align(ctx: Context, prev: dict) -> dict:
     texts = [render_caption(ev) for ev in _modality_events(items, "audio")]
     it = _iterator(ctx, caption_examples(ctx, "train", texts), "audio", int(demo.seed) + 2)
     trainable = {"adapter": {"audio_connector": prev["adapter"]["audio_connector"]}}
-    out, _ = train_stage(ctx.base_task, ctx.config, objective="sft", params=prev["params"],
+    out, _ = train_stage(ctx.base_task, ctx.config, params=prev["params"],
                          trainable=trainable, batches=it, num_steps=int(demo.align_steps),
                          lr=float(demo.align_lr), seed=int(demo.seed) + 2, log=ctx.log, name="align")
     return dict(prev, adapter=dict(prev["adapter"], **out["adapter"]))
@@ -117,7 +117,7 @@ def sft(ctx: Context, prev: dict) -> dict:
     lora = {"llm": init_lora(jax.random.PRNGKey(int(demo.seed) + 3), prev["params"]["llm"],
                              ctx.task.model.lora)}
     trainable = {"lora": lora, "adapter": prev["adapter"]}
-    out, _ = train_stage(ctx.task, ctx.config, objective="sft", params=prev["params"],
+    out, _ = train_stage(ctx.task, ctx.config, params=prev["params"],
                          trainable=trainable, batches=it, num_steps=int(demo.sft_steps),
                          lr=float(demo.sft_lr), seed=int(demo.seed) + 3, log=ctx.log, name="sft")
     return {"params": prev["params"], "adapter": out["adapter"], "lora": out["lora"]}
@@ -237,7 +237,7 @@ def rebirth(ctx: Context, pre_dpo: dict) -> tuple[dict, dict]:
     pick = np.random.default_rng(int(demo.seed) + 7).permutation(len(qa))[:n_qa]
     examples += [qa[i] for i in pick]
     it = _iterator(ctx, examples, "av", int(demo.seed) + 7)
-    out, _ = train_stage(ctx.task, cfg, objective="sft", params=start["params"],
+    out, _ = train_stage(ctx.task, cfg, params=start["params"],
                          trainable={"lora": start["lora"], "adapter": start["adapter"]},
                          batches=it, num_steps=int(demo.rebirth_steps), lr=float(demo.rebirth_lr),
                          seed=int(demo.seed) + 7, log=ctx.log, name="rebirth")

@@ -1,8 +1,8 @@
-"""Training one demo stage on the project's jitted steps (training/steps.py): a fresh optimizer and
-schedule per stage / mrDPO round, replicated state on the demo's mesh, progress lines to the log.
+"""Training one demo SFT-type stage (pretrain, align, sft, rebirth) on the project's jitted steps
+(training/steps.py): a fresh optimizer and schedule, replicated state, progress lines to the log.
 
-Jitted steps are cached per (objective, lr, steps, trainable structure), so mrDPO rounds and the
-control arm reuse one compilation.
+Jitted steps are cached per (lr, steps, trainable structure). The mrDPO rounds run through
+training/mrdpo.py instead (demo/pipeline.py mrdpo_arm).
 """
 
 from __future__ import annotations
@@ -20,35 +20,34 @@ from vsalmonn_jax.training.steps import make_steps, put_batch
 _CACHE: dict = {}
 
 
-def _compiled(task, config, objective: str, lr: float, num_steps: int, state: TrainState, mesh):
-    """(tx, steps, state shardings) for this objective / schedule / state layout, built once."""
+def _compiled(task, config, lr: float, num_steps: int, state: TrainState, mesh):
+    """(tx, steps, state shardings) for this schedule / state layout, built once."""
     layout = [(np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(state)]
-    key = (id(task), objective, float(lr), int(num_steps), str(jax.tree.structure(state)),
+    key = (id(task), float(lr), int(num_steps), str(jax.tree.structure(state)),
            str(layout))
     if key not in _CACHE:
         cfg = config.copy_and_resolve_references()
         cfg.train.lr = float(lr)
-        cfg.stage = "mrdpo" if objective == "dpo" else "sft"
+        cfg.stage = "sft"
         tx, schedule = make_optimizer(cfg.train, int(num_steps))
         shardings = jax.tree.map(lambda _: replicated(mesh), state.replace(opt_state=tx.init(
             state.trainable)))
-        _CACHE[key] = (tx, make_steps(task, cfg, tx, schedule, mesh, shardings, objective=objective),
+        _CACHE[key] = (tx, make_steps(task, cfg, tx, schedule, mesh, shardings),
                        shardings)
     return _CACHE[key]
 
 
-def train_stage(task, config, *, objective: str, params: dict, trainable: dict, batches,
-                num_steps: int, lr: float, seed: int, ref_adapter: dict | None = None,
-                log=print, name: str = "train", log_every: int = 50) -> tuple[dict, list[dict]]:
-    """Run `num_steps` optimizer steps of `objective` (sft | dpo) from `trainable`; returns
-    (trained trainable tree as numpy, metric history). `ref_adapter`: the DPO reference's adapter
-    (round-start snapshot); LoRA is absent from the reference by construction."""
+def train_stage(task, config, *, params: dict, trainable: dict, batches, num_steps: int, lr: float,
+                seed: int, log=print, name: str = "train", log_every: int = 50
+                ) -> tuple[dict, list[dict]]:
+    """Run `num_steps` SFT optimizer steps from `trainable`; returns (trained trainable tree as
+    numpy, metric history)."""
     mesh = make_mesh(dict(config.mesh))
     trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable)  # a copy: donated below
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, trainable=trainable,
                        opt_state=None, rng=jax.random.PRNGKey(seed),
-                       ref_adapter=ref_adapter if ref_adapter is not None else {})
-    tx, steps, shardings = _compiled(task, config, objective, lr, num_steps, state, mesh)
+                       ref_adapter={})
+    tx, steps, shardings = _compiled(task, config, lr, num_steps, state, mesh)
     state = jax.device_put(state.replace(opt_state=tx.init(trainable)), shardings)
     history, start, window = [], time.perf_counter(), time.perf_counter()
     for step in range(1, num_steps + 1):
