@@ -1,7 +1,8 @@
 """Demo data set-up: render the synthetic clips (train / fresh / test), decode them once, run the
 frozen encoders once and keep their outputs per split (the encoder-output cache of decision 13).
 
-Later stages never touch the .mp4 files again: they read `encoded/<split>.npz` (fp16 features).
+Later stages never touch the .mp4 files again: they read `encoded/<split>.npz` (fp16 features),
+standardised per dimension with the training split's statistics (demo/calibrate.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vsalmonn_jax.data import synthetic
 from vsalmonn_jax.data import synthetic_scene as scene_lib
 from vsalmonn_jax.data.example import FeatureSettings, media_features
 from vsalmonn_jax.data.features import siglip_normalize
+from vsalmonn_jax.demo.calibrate import feature_stats, standardize
 
 SPLITS = ("train", "fresh", "test")
 
@@ -102,7 +104,8 @@ def encode_split(model, params: dict, decoded: dict[str, np.ndarray], batch: int
 
 def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, model, params: dict,
                  log=print) -> dict[str, dict]:
-    """Render + decode + encode every split once (existing outputs are reused). Returns
+    """Render + decode + encode every split once (existing outputs are reused), standardise the
+    features with the train split's per-dimension statistics (demo.standardize_features). Returns
     {split: {"items": [...], "media": {...}}} and writes the tokenizer to data_dir/tokenizer."""
     demo = config.demo
     cfg = synthetic.synthetic_config(config)
@@ -135,4 +138,8 @@ def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, mode
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, **media)
         out[split] = {"items": items, "media": media}
+    if demo.get("standardize_features", True):   # the random towers' stand-in calibration
+        stats = feature_stats(out["train"]["media"])
+        for split in out.values():
+            split["media"] = standardize(split["media"], stats)
     return out
