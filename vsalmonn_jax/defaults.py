@@ -37,10 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
         max_source_positions=1500, chunk_seconds=30, chunk_batch=4))
     c.model.qformer = ml_collections.ConfigDict(dict(  # window-level Q-Former (BLIP-2 style)
         hidden_size=768, num_layers=2, num_heads=12, intermediate_size=3072,
-        layer_norm_eps=1e-12, window=25, num_queries=1))
+        layer_norm_eps=1e-12, window=25, num_queries=1,
+        initializer_range=0.02))   # kernels at init; tiny widths need ~1/sqrt(width) (configs/demo.py)
     c.model.connector = ml_collections.ConfigDict(dict(
         pool_mode="max",          # max | average | bilinear
         pool_stride=2,
+        initializer_range=0.02,   # vision projector kernels at init (HF default)
         newline="grid",           # one learned image_newline per row of pooled tokens
         interleave="timestamp",   # timestamp (clean) | official (nearest-interpolation QUIRK)
         placeholder_token="<media>",

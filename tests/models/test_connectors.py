@@ -78,3 +78,14 @@ def test_182_tokens_per_frame_with_row_newlines():
 def test_pool_mode_validation():
     with pytest.raises(ValueError, match="pool_mode"):
         pooled_side(27, "median")
+
+
+def test_projector_init_std_is_configurable():
+    import flax.linen as nn
+
+    features = jnp.zeros((1, 1, 9, 64), jnp.float32)
+    for std in (0.02, 0.125):
+        connector = VisionConnector(256, grid=3, pool_stride=1, init_std=std)
+        params = nn.unbox(connector.init(jax.random.PRNGKey(0), features))["adapter"]["projector"]
+        for layer in ("linear_1", "linear_2"):
+            assert abs(np.asarray(params[layer]["kernel"]).std() / std - 1) < 0.05, (layer, std)

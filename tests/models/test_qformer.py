@@ -68,3 +68,22 @@ def test_audio_connector_shapes_collection_and_count():
     out_same = np.asarray(apply(variables, same)).reshape(2, 3, 4, 40)
     np.testing.assert_allclose(out_same[:, 2] - out_same[:, 0],
                                np.broadcast_to(chunk_positions(3, 40)[2], (2, 4, 40)), atol=1e-5)
+
+
+def test_initializer_range_sets_every_kernel_and_the_queries():
+    """Tiny widths need ~1/sqrt(width): 0.02 (the HF default, kept) is that only at 768..3584."""
+    import dataclasses
+
+    import flax.linen as nn
+    from flax import traverse_util
+
+    features = jnp.zeros((1, 1, 100, 24), jnp.float32)
+    for std in (0.02, 0.125):
+        cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=256, llm_hidden=64,
+                                  num_queries=64, initializer_range=std)
+        variables = nn.unbox(AudioConnector(cfg).init(jax.random.PRNGKey(0), features))
+        flat = traverse_util.flatten_dict(variables)
+        leaves = {k: np.asarray(v) for k, v in flat.items() if k[-1] in ("kernel", "query")}
+        assert len(leaves) == 2 * (4 + 4 + 2) + 3 + 1   # per layer: 2 attentions, ffn; head; query
+        for path, value in leaves.items():
+            assert abs(value.std() / std - 1) < 0.15, (path, value.std(), std)

@@ -42,6 +42,7 @@ class AVConfig:
     pool_stride: int = 2
     newline: str = "grid"
     interleave: str = "timestamp"
+    connector_init_std: float = 0.02   # vision projector kernels at init (connector.initializer_range)
 
     @classmethod
     def from_config(cls, config, placeholder_id: int) -> AVConfig:
@@ -60,7 +61,8 @@ class AVConfig:
             raise ValueError(f"connector.interleave must be one of {INTERLEAVE_MODES}, got {c.interleave!r}")
         return cls(llm=llm, vision=vision, audio=audio, qformer=qformer,
                    placeholder_id=int(placeholder_id), pool_mode=c.pool_mode,
-                   pool_stride=int(c.pool_stride), newline=c.newline, interleave=c.interleave)
+                   pool_stride=int(c.pool_stride), newline=c.newline, interleave=c.interleave,
+                   connector_init_std=float(c.get("initializer_range", 0.02)))
 
     @property
     def frame_tokens(self) -> int:
@@ -81,7 +83,7 @@ class AVConfig:
         """The trainable vision connector module (projector, pooling, image_newline)."""
         return VisionConnector(self.llm.hidden_size, self.vision.grid, self.pool_mode,
                                self.pool_stride, self.newline, dtype=self.llm.dtype,
-                               param_dtype="float32")
+                               param_dtype="float32", init_std=self.connector_init_std)
 
     def media_length(self, frames: int, chunks: int) -> int:
         """Static media length M for F frame slots and C chunk slots (the valid part is masked)."""

@@ -20,17 +20,20 @@ POOL_MODES = ("max", "average", "bilinear")
 
 
 class VisionProjector(nn.Module):
-    """Linear(vision -> llm) - GELU - Linear(llm -> llm)  (LLaVA-OneVision mlp2x_gelu)."""
+    """Linear(vision -> llm) - GELU - Linear(llm -> llm)  (LLaVA-OneVision mlp2x_gelu).
+    Kernels start N(0, init_std) (0.02: the HF initializer_range)."""
 
     features: int
     collection: str = ADAPTER
     dtype: str = "float32"
     param_dtype: str = "float32"
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x):  # [..., vision_hidden] -> [..., features]
         dense = lambda axes, name: Dense(self.features, axes, collection=self.collection,
-                                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                                         dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                                         kernel_init=nn.initializers.normal(self.init_std))
         return dense(("mlp", "embed"), "linear_2")(gelu(dense(("vision_embed", "mlp"), "linear_1")(x),
                                                         False))
 
@@ -91,6 +94,7 @@ class VisionConnector(nn.Module):
     collection: str = ADAPTER
     dtype: str = "float32"
     param_dtype: str = "float32"
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, vision_features: jax.Array) -> jax.Array:
@@ -98,7 +102,7 @@ class VisionConnector(nn.Module):
         if p != self.grid * self.grid:
             raise ValueError(f"vision features {vision_features.shape}: expected {self.grid}^2 patches")
         x = VisionProjector(self.features, self.collection, self.dtype, self.param_dtype,
-                            name="projector")(vision_features)
+                            self.init_std, name="projector")(vision_features)
         # [B, F, g*g, H]: the largest connector activation; keep it split over the batch axes
         x = nn.with_logical_constraint(x, ("batch", None, None, "activation_embed"))
         x = pool_grid(x.reshape(b * f, self.grid, self.grid, self.features), self.pool_mode,

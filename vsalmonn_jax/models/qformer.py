@@ -39,6 +39,7 @@ class QFormerConfig:
     encoder_width: int = 1280     # Whisper d_model (set from the audio section)
     llm_hidden: int = 3584        # output width (set from the llm section)
     use_final_linear: bool = True
+    initializer_range: float = 0.02   # N(0, .) for every kernel and the queries (BERT / BLIP-2)
     dtype: str = "float32"
     param_dtype: str = "float32"  # trainable: fp32
 
@@ -54,6 +55,10 @@ class QFormerConfig:
         return self.windows_per_chunk(encoder_frames) * self.num_queries
 
 
+def _init(cfg: QFormerConfig):
+    return nn.initializers.normal(cfg.initializer_range)
+
+
 class QFormerAttention(nn.Module):
     """BERT attention block: LayerNorm(x + dense(MHA(x, context)))."""
 
@@ -65,7 +70,8 @@ class QFormerAttention(nn.Module):
         cfg = self.config
         h = cfg.hidden_size
         dense = lambda axes, name: Dense(h, axes, collection=self.collection, dtype=cfg.dtype,
-                                         param_dtype=cfg.param_dtype, name=name)
+                                         param_dtype=cfg.param_dtype, name=name,
+                                         kernel_init=_init(cfg))
         n, nq, _ = x.shape
         heads, head_dim = cfg.num_heads, h // cfg.num_heads
         ctx_axis = "qformer_embed" if context is x else "audio_embed"
@@ -89,9 +95,11 @@ class QFormerLayer(nn.Module):
         if self.cross_attention:
             x = QFormerAttention(cfg, self.collection, name="cross_attention")(x, encoder_states)
         y = Dense(cfg.intermediate_size, ("qformer_embed", "qformer_mlp"), collection=self.collection,
-                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="intermediate")(x)
+                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="intermediate",
+                  kernel_init=_init(cfg))(x)
         y = Dense(cfg.hidden_size, ("qformer_mlp", "qformer_embed"), collection=self.collection,
-                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="output")(gelu(y, False))
+                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="output",
+                  kernel_init=_init(cfg))(gelu(y, False))
         return LayerNorm(cfg.layer_norm_eps, "qformer_embed", self.collection, cfg.dtype,
                          cfg.param_dtype, name="output_norm")(y + x)
 
@@ -141,17 +149,18 @@ class AudioConnector(nn.Module):
         if windows == 0:
             raise ValueError(f"audio features {features.shape}: fewer frames than one window ({cfg.window})")
         x = features[:, :, : windows * cfg.window].reshape(b * c * windows, cfg.window, e)  # [N, 25, E]
-        query = declare(self, self.collection, "query", nn.initializers.normal(0.02),
+        query = declare(self, self.collection, "query", _init(cfg),
                         (cfg.num_queries, cfg.hidden_size), cfg.param_dtype, (None, "qformer_embed"))
         query = jnp.broadcast_to(query.astype(cfg.dtype), (x.shape[0], *query.shape))  # [N, Q, H]
         y = QFormer(cfg, self.collection, name="qformer")(query, x)  # [N, Q, H]
         y = Dense(cfg.llm_hidden, ("qformer_embed", "embed"), collection=self.collection,
-                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="audio_proj")(y)
+                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="audio_proj", kernel_init=_init(cfg))(y)
         if cfg.use_final_linear:
             y = Dense(cfg.llm_hidden, ("embed", "mlp"), collection=self.collection, dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, name="final_linear_0")(y)
+                      param_dtype=cfg.param_dtype, name="final_linear_0", kernel_init=_init(cfg))(y)
             y = Dense(cfg.llm_hidden, ("mlp", "embed"), collection=self.collection, dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, name="final_linear_1")(gelu(y, False))
+                      param_dtype=cfg.param_dtype, name="final_linear_1",
+                      kernel_init=_init(cfg))(gelu(y, False))
         y = y.reshape(b, c, windows * cfg.num_queries, cfg.llm_hidden)
         y = y + jnp.asarray(chunk_positions(c, cfg.llm_hidden), y.dtype)[None, :, None, :]
         return y.reshape(b, c * windows * cfg.num_queries, cfg.llm_hidden)
