@@ -1,5 +1,5 @@
-"""The demo report: report.md (per-stage table, mrDPO vs control arm, noise statement), report.json
-and PNG plots. Noise = paired bootstrap over the held-out videos (95 % intervals of differences).
+"""The demo report: report.md (per-stage table, what each stage perceives, mrDPO vs control arm, noise
+statement), report.json and PNG plots. Noise = paired bootstrap over the held-out videos (95 % intervals).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import os
 import pathlib
 
 import numpy as np
+
+from vsalmonn_jax.demo.perception import perception_section
 
 RATES = (("miss", "Miss"), ("incorrect", "Incorrect"), ("hallucination", "Hallucination"),
          ("total", "Total"))
@@ -169,8 +171,10 @@ def _plot_qa(path: pathlib.Path, records: dict) -> None:
 
 
 def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
-                 missing: list[str] | tuple[str, ...] = ()) -> pathlib.Path:
+                 missing: list[str] | tuple[str, ...] = (), items: list[dict] | None = None) -> pathlib.Path:
+    """items: the test clips (id, events); default: rebuilt from `config` (demo/perception.py)."""
     demo = config.demo
+    perceives, perception = perception_section(run_dir, records, config, items)
     comp_lines, comp = comparisons(records, int(demo.bootstrap)) if "sft" in records else ([], {})
     _plot(run_dir / "error_rates.png", records)
     _plot_qa(run_dir / "qa_accuracy.png", records)
@@ -196,6 +200,7 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
         *([f"**Partial report: stage(s) not finished: {', '.join(missing)}.**", ""] if missing else []),
         *stage_table(records), "",
         "![error rates](error_rates.png)", "", "![QA accuracy](qa_accuracy.png)", "",
+        *([*perceives, ""] if perceives else []),
         "## What is within noise", "",
         f"Paired bootstrap over the {n_test} test videos ({int(demo.bootstrap)} resamples): difference "
         "in micro rate (points), 95 % interval in brackets; ** = the interval excludes 0. This "
@@ -217,5 +222,5 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
     path.write_text("\n".join(lines))
     (run_dir / "report.json").write_text(json.dumps(
         {"stages": {n: {k: v for k, v in r.items() if k != "per_video"} for n, r in records.items()},
-         "comparisons": comp, "wall_s": wall_s}, indent=1, default=float))
+         "comparisons": comp, "perception": perception, "wall_s": wall_s}, indent=1, default=float))
     return path

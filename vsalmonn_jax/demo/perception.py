@@ -1,0 +1,101 @@
+"""What a demo stage perceives: per event kind, the % of the test clips' ground-truth events its captions
+state correctly (exact judge), and how many distinct captions it wrote (a model ignoring the media repeats a few).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+
+from vsalmonn_jax.demo.caption import judged
+from vsalmonn_jax.eval import get_judge
+
+KINDS = ("appears", "vanishes", "moves", "turns", "sounds")
+
+
+def event_kind(event: Mapping) -> str:
+    """sounds (every audio event), else the visual action's first word: appears / vanishes / moves / turns."""
+    return "sounds" if event["modality"] == "audio" else str(event["action"]).split()[0]
+
+
+def perception(items: Sequence[Mapping], captions: Sequence[Mapping]) -> dict:
+    """items: test clips {"id", "events"}; captions: one {"id", "caption", "stopped"} per clip, judged
+    as the stage was (an unstopped caption's runaway repeats collapsed). Returns {"correct": {kind: %
+    of its events labelled correct, None without events}, "events": {kind: count}, "correct_events":
+    total correct, "distinct_captions": distinct caption strings, "clips": len(captions)}."""
+    by_id = {item["id"]: item for item in items}
+    unknown = [c["id"] for c in captions if c["id"] not in by_id]
+    if unknown:
+        raise ValueError(f"{len(unknown)} caption(s) of clips not in the items, e.g. {unknown[0]!r}")
+    pairs = [(judged(c["caption"], bool(c.get("stopped", True))), by_id[c["id"]]["events"]) for c in captions]
+    scores = get_judge("exact").score_many(pairs, ids=[c["id"] for c in captions])
+    events, right = dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0)
+    for (_, gt), score in zip(pairs, scores, strict=True):
+        for event, label in zip(gt, score.event_labels, strict=True):
+            kind = event_kind(event)
+            events[kind] = events.get(kind, 0) + 1
+            right[kind] = right.get(kind, 0) + (label == "correct")
+    return {"correct": {k: 100.0 * right[k] / n if n else None for k, n in events.items()},
+            "events": events, "correct_events": sum(right.values()),
+            "distinct_captions": len({c["caption"] for c in captions}), "clips": len(captions)}
+
+
+def ground_truth_items(config, count: int) -> list[dict]:
+    """The first `count` test clips of the run's data set (ids, events), rebuilt from its config."""
+    from vsalmonn_jax.data import synthetic
+    from vsalmonn_jax.demo.data import clip_items
+
+    return clip_items(int(config.demo.seed), "test", count, synthetic.synthetic_config(config))
+
+
+def _captions(run_dir: pathlib.Path, name: str) -> list[dict] | None:
+    path = run_dir / "stages" / name / "captions.jsonl"
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _judged_correct(record: dict) -> float | None:
+    """Correct events by the stage's own scores (eval.json per_video), for the consistency check."""
+    per_video = record.get("per_video")
+    return None if per_video is None else sum(v["n"] - v["missed"] - v["incorrect"] for v in per_video)
+
+
+def perception_section(run_dir: pathlib.Path, records: Mapping, config, items=None) -> tuple[list[str], dict]:
+    """The report's "What the model perceives" lines and {stage: perception(...)}. A stage without
+    captions.jsonl has no row; one whose ground truth (rebuilt from `config` unless `items` are given)
+    disagrees with its eval.json scores gets a note instead of a row."""
+    captions = {n: c for n in records if (c := _captions(run_dir, n)) is not None}
+    if not captions:
+        return [], {}
+    if items is None:
+        items = ground_truth_items(config, max(int(config.demo.n_test), *(len(c) for c in captions.values())))
+    results, notes = {}, []
+    for name, caps in captions.items():
+        try:
+            result = perception(items, caps)
+        except ValueError as err:
+            notes.append(f"- {name}: no row ({err}).")
+            continue
+        expected = _judged_correct(records[name])
+        if expected is not None and abs(expected - result["correct_events"]) > 1e-6:
+            notes.append(f"- {name}: no row: its captions get {result['correct_events']} events right "
+                         f"against the ground truth rebuilt here, {expected:g} in its eval.json (is "
+                         "this config's demo.seed / data.synthetic the run's?).")
+            continue
+        results[name] = result
+    lines = ["## What the model perceives", ""]
+    if results:
+        first = next(iter(results.values()))
+        lines += ["| stage | " + " | ".join(f"{k} % (n={first['events'][k]})" for k in KINDS)
+                  + " | distinct captions |", "|---|" + "---:|" * (len(KINDS) + 1)]
+        for name, r in results.items():
+            cells = ["-" if r["correct"][k] is None else f"{r['correct'][k]:.1f}" for k in KINDS]
+            lines.append(f"| {name} | " + " | ".join(cells)
+                         + f" | {r['distinct_captions']} of {r['clips']} |")
+        lines += ["", "% of each kind's ground-truth test events that the captions state exactly "
+                  "(exact judge; sounds = every audio event): a kind near 0 % is not perceived, and "
+                  "a handful of distinct captions means the model ignores the media and writes the "
+                  "same few captions for every clip."]
+    return lines + ([""] if results and notes else []) + notes, results
