@@ -22,13 +22,20 @@ def get_config():
         patch_size=16, frame_chunk=0))
     c.model.audio.update(dict(num_mel_bins=32, d_model=32, num_layers=2, num_heads=4, ffn_dim=64,
                               max_source_positions=400, chunk_seconds=8, chunk_batch=0))
-    c.model.qformer.update(dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128))
-    c.model.connector.update(dict(pool_stride=1))   # 3x3 tokens + 3 image_newline per frame
+    # connector kernels start at ~1/sqrt(width), as 0.02 does at the real widths (768..3584): at
+    # width 64-96, 0.02 shrinks each of the audio path's 5 stacked layers' signal ~6x
+    c.model.qformer.update(dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                initializer_range=0.125))
+    c.model.connector.update(dict(pool_stride=1,    # 3x3 tokens + 3 image_newline per frame
+                                  initializer_range=0.125))
     c.data.update(dict(max_frames=8))
+    c.data.synthetic.update(dict(grid=3, frame_size=48))   # one scene cell = one 16-px patch
     c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     c.train.update(dict(lr=1e-3, warmup_ratio=0.05, grad_clip=1.0, logits_chunk=0))
     c.dpo.update(dict(beta=0.1, gt_ce_weight=0.1, reference="snapshot"))
-    c.mrdpo.update(dict(rounds=3, samples_per_video=4, pair_rule="miss_weighted", drop_ties=True, miss_weight=2.0,
+    # k = 4, best-vs-worst under the dominance rule: the chosen caption is no worse on missed,
+    # incorrect and hallucinated events each (training/pairs.py), so no pair prefers saying less
+    c.mrdpo.update(dict(rounds=3, samples_per_video=4, pair_rule="dominance", drop_ties=True,
                         judge="exact"))
     c.rebirth.update(dict(non_caption_ratio=0.3))
     c.generate.update(dict(max_new_tokens=136, temperature=1.0, top_p=0.9))
@@ -36,11 +43,12 @@ def get_config():
         seed=2024, render_workers=2, batch_size=16, eval_batch=100,
         n_train=1500, n_test=500, n_fresh=300, n_rebirth=400,
         max_caption_tokens=136, max_prompt_tokens=64, max_text_tokens=168,
-        pretrain_steps=400, pretrain_lr=2e-3,      # the tiny "pretrained" visual LLM (full parameters)
-        align_steps=150, align_lr=2e-3,            # audio connector on audio-only captions
-        sft_steps=400, sft_lr=1e-3,                # LoRA + connectors on the biased AV captions + QA
+        pretrain_steps=1000, pretrain_lr=2e-3,     # the tiny "pretrained" visual LLM (full parameters)
+        align_steps=300, align_lr=2e-3,            # audio connector on audio-only captions
+        sft_steps=600, sft_lr=1e-3,                # LoRA + connectors on the biased AV captions + QA
         dpo_steps=60, dpo_lr=2e-4,                 # per mrDPO round
         rebirth_steps=200, rebirth_lr=1e-3,
+        standardize_features=True,                 # demo/calibrate.py: the random towers' stand-in
         gt_caption="biased",                       # CE guidance target: biased (the SFT data) | exact
         control=True,                              # the control arm: same rounds, DPO term off
         bootstrap=1000,
