@@ -2,6 +2,8 @@
 
 `--quick` applies `demo.quick` on top (the end-to-end test); every field is overridable on the CLI.
 Step counts are sized for ~20 min on 2 idle CPU cores, scaled from timings measured under load.
+dpo_lr 2e-4 over-optimised the tiny LoRA: round-1 DPO loss fell to 0.38 and the GT-caption CE rose
+0.29 -> 0.78 within 60 steps, and by round 3 the captions had degenerated to fragments ("At 1").
 """
 
 import ml_collections
@@ -46,7 +48,7 @@ def get_config():
         pretrain_steps=1000, pretrain_lr=2e-3,     # the tiny "pretrained" visual LLM (full parameters)
         align_steps=300, align_lr=2e-3,            # audio connector on audio-only captions
         sft_steps=600, sft_lr=1e-3,                # LoRA + connectors on the biased AV captions + QA
-        dpo_steps=60, dpo_lr=2e-4,                 # per mrDPO round
+        dpo_steps=60, dpo_lr=5e-5,                 # per mrDPO round (release: 2e-5; see above)
         rebirth_steps=200, rebirth_lr=1e-3,
         standardize_features=True,                 # demo/calibrate.py: the random towers' stand-in
         gt_caption="biased",                       # CE guidance target: biased (the SFT data) | exact
