@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 KINDS = ("sft", "preference", "caption", "mcq")
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -149,28 +149,34 @@ def parse_jsonl(path: str, kind: str | None = None, root: str | None = None,
     """
     root = os.path.dirname(os.path.abspath(path)) if not root else root
     records, errors = [], []
+    for number, line in jsonl_lines(path, RecordError):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{path}:{number}: malformed JSON ({err.msg} at column "
+                              f"{err.colno})") from err
+        try:
+            record = validate(value, kind, root, require_media)
+        except ValueError as err:
+            errors.append(f"{path}:{number}: {err}")
+            continue
+        record.setdefault("id", f"{os.path.basename(path)}:{number}")
+        record.update(index=number - 1, line=number, source=str(path))
+        records.append(record)
+    return records, errors
+
+
+def jsonl_lines(path: str, error_cls: type[Exception] = RecordError) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped text) of each non-blank line of a JSONL file; a file that
+    cannot be opened raises `error_cls` naming it."""
     try:
         handle = open(path, encoding="utf-8")
     except OSError as err:
-        raise RecordError(f"{path}: cannot read ({err.strerror})") from err
+        raise error_cls(f"{path}: cannot read ({err.strerror})") from err
     with handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.strip())
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{path}:{number}: malformed JSON ({err.msg} at column "
-                                  f"{err.colno})") from err
-            try:
-                record = validate(value, kind, root, require_media)
-            except ValueError as err:
-                errors.append(f"{path}:{number}: {err}")
-                continue
-            record.setdefault("id", f"{os.path.basename(path)}:{number}")
-            record.update(index=number - 1, line=number, source=str(path))
-            records.append(record)
-    return records, errors
+            if line.strip():
+                yield number, line.strip()
 
 
 def load_records(path: str, kind: str | None = None, root: str | None = None,

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from vsalmonn_jax.data.media import AUDIO_EXTENSIONS
-from vsalmonn_jax.data.records import resolve_media
+from vsalmonn_jax.data.records import jsonl_lines, resolve_media
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv")
 
@@ -45,31 +45,23 @@ def jsonl_items(path: str, root: str | None = None) -> tuple[list[dict], list[st
     """
     root = root or os.path.dirname(os.path.abspath(path))
     items, errors = [], []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror})") from err
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
-                item = {k: v for k, v in record.items() if k not in ("video", "audio")}
-                for key in ("video", "audio"):
-                    if record.get(key) is not None:
-                        item[key] = resolve_media(record[key], root)
-                if "video" not in item and "audio" not in item:
-                    raise ValueError("the record has neither 'video' nor 'audio'")
-            except (ValueError, json.JSONDecodeError) as err:
-                errors.append(f"{where}: {err}")
-                continue
-            item["id"] = str(record.get("id", f"{os.path.basename(path)}:{number}"))
-            item["line"], item["source"] = number, str(path)
-            items.append(item)
+    for number, line in jsonl_lines(path, InputError):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+            item = {k: v for k, v in record.items() if k not in ("video", "audio")}
+            for key in ("video", "audio"):
+                if record.get(key) is not None:
+                    item[key] = resolve_media(record[key], root)
+            if "video" not in item and "audio" not in item:
+                raise ValueError("the record has neither 'video' nor 'audio'")
+        except (ValueError, json.JSONDecodeError) as err:
+            errors.append(f"{path}:{number}: {err}")
+            continue
+        item["id"] = str(record.get("id", f"{os.path.basename(path)}:{number}"))
+        item["line"], item["source"] = number, str(path)
+        items.append(item)
     return items, errors
 
 
