@@ -188,8 +188,11 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
         f"{wall_s / 60:.1f} min (stages finished earlier were loaded, not re-run). Timings are wall "
         f"seconds on {os.cpu_count()} CPU(s); 'load' = the 5-min load average when the stage ended "
         "(the machine may be shared: a load above the CPU count inflates every timing).", "",
+        "Encoders: frozen random SigLIP / Whisper towers run once per clip, their outputs "
+        "standardised per dimension with the train split's statistics (demo/calibrate.py). "
         "Stages: pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only "
-        "captions, plus text-only exact captions; evaluated with video input only) -> align (audio connector, audio-only captions) -> "
+        "captions, plus text-only exact captions; evaluated with video input only) -> align (audio "
+        "connector, audio-only captions) -> "
         "sft (LoRA + connectors on captions from a biased annotator: most sounds dropped, a false "
         "'low beep' at visual events, repeated sentences; + QA) -> mrdpo_1..R (k samples per fresh "
         "clip, best-vs-worst pair by the exact judge, DPO + GT-caption CE, LoRA merged and re-initialised "
