@@ -16,7 +16,9 @@ import pytest
 TIMINGS = ("train_s", "eval_s", "load_avg")
 TINY = ["--config.demo.n_train=8", "--config.demo.n_test=8", "--config.demo.n_fresh=8",
         "--config.demo.eval_batch=8", "--config.demo.batch_size=8", "--config.demo.dpo_steps=3",
-        "--config.demo.render_workers=1", "--config.mrdpo.rounds=2"]
+        "--config.demo.render_workers=1", "--config.mrdpo.rounds=2",
+        # 8 barely trained clips: with 4 samples each, round 2's samples all tied (no pair)
+        "--config.mrdpo.samples_per_video=8"]
 
 
 def _config():
