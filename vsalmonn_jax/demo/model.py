@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from vsalmonn_jax.lora import LoraConfig, init_lora, lora_partition_specs
+from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, init_adapter, init_variables
 from vsalmonn_jax.models.qwen2 import Qwen2
 from vsalmonn_jax.training.losses import shift_targets
-from vsalmonn_jax.training.task import box_like
+from vsalmonn_jax.training.task import boxed_lora
 
 MEDIA_FIELDS = ("vision", "audio", "frame_mask", "frame_times", "audio_seconds", "has_video",
                 "has_audio")
@@ -74,9 +74,7 @@ class CachedAVTask:
         if "adapter" in collections:
             out["adapter"] = init_adapter(k_adapter, self.cfg)
         if "lora" in collections and self.model.lora is not None:
-            lora = init_lora(k_lora, nn.unbox(llm), self.model.lora)
-            out["lora"] = {"llm": box_like(lora, lora_partition_specs(nn.get_partition_spec(llm),
-                                                                      lora))}
+            out["lora"] = {"llm": boxed_lora(k_lora, llm, self.model.lora)}
         return out
 
     def encode(self, variables, batch):

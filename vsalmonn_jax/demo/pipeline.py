@@ -26,7 +26,7 @@ from vsalmonn_jax.demo.batches import ExampleIterator, Tokens
 from vsalmonn_jax.demo.caption import Captioner, evaluate_model, judged
 from vsalmonn_jax.demo.data import prepare_data
 from vsalmonn_jax.demo.env import DemoPolicyEnv, policy_model, policy_state
-from vsalmonn_jax.demo.train import train_stage
+from vsalmonn_jax.demo.train import shown_metrics, train_stage
 from vsalmonn_jax.lora import init_lora
 from vsalmonn_jax.training.sharding import make_mesh
 
@@ -187,10 +187,7 @@ def mrdpo_arm(ctx: Context, pre_dpo: dict, arm: str, on_step=None) -> dict:
     def step_log(r: int, step: int, metrics: dict) -> None:
         n = int(cfg.mrdpo.steps_per_round)
         if step % int(cfg.train.log_every) == 0 or step in (1, n):
-            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "dpo_loss", "gt_ce",
-                                                             "rewards/accuracy", "grad_norm")
-                             if k in metrics)
-            ctx.log(f"[{names[r]}] step {step}/{n} {shown}")
+            ctx.log(f"[{names[r]}] step {step}/{n} {shown_metrics(metrics)}")
         if on_step is not None:
             on_step(r, step, metrics)
 

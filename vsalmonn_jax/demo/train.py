@@ -20,6 +20,13 @@ from vsalmonn_jax.training.steps import make_steps, put_batch
 _CACHE: dict = {}
 
 
+def shown_metrics(metrics: dict) -> str:
+    """The progress line's metrics: "loss=.. dpo_loss=.. gt_ce=.. rewards/accuracy=.. grad_norm=.."
+    (those present)."""
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "dpo_loss", "gt_ce", "rewards/accuracy",
+                                                      "grad_norm") if k in metrics)
+
+
 def _compiled(task, config, lr: float, num_steps: int, state: TrainState, mesh):
     """(tx, steps, state shardings) for this schedule / state layout, built once."""
     layout = [(np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(state)]
@@ -57,9 +64,7 @@ def train_stage(task, config, *, params: dict, trainable: dict, batches, num_ste
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
             scalars["step"] = step
             history.append(scalars)
-            shown = " ".join(f"{k}={scalars[k]:.4g}" for k in ("loss", "dpo_loss", "gt_ce",
-                                                             "rewards/accuracy", "grad_norm")
-                             if k in scalars)
+            shown = shown_metrics(scalars)
             now = time.perf_counter()
             log(f"[{name}] step {step}/{num_steps} {shown} ({now - window:.1f}s)")
             window = now

@@ -7,14 +7,13 @@ targets and loss mask at the spliced length. Rows without media (text-only) work
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vsalmonn_jax.lora import LoraConfig, lora_partition_specs
+from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models import av_llm
 from vsalmonn_jax.training.losses import shift_targets
-from vsalmonn_jax.training.task import box_like, present
+from vsalmonn_jax.training.task import boxed_lora, present
 
 FEATURES = ("vision", "audio")
 
@@ -49,12 +48,8 @@ class AVTask:
         if "adapter" in collections:
             out["adapter"] = variables.get("adapter", {})
         if "lora" in collections and self.lora_config is not None:
-            from vsalmonn_jax.lora import init_lora
-
-            llm_params = variables["params"]["llm"]
-            lora = init_lora(jax.random.fold_in(rng, 1), nn.unbox(llm_params), self.lora_config)
-            specs = lora_partition_specs(nn.get_partition_spec(llm_params), lora)
-            out["lora"] = {"llm": box_like(lora, specs)}
+            out["lora"] = {"llm": boxed_lora(jax.random.fold_in(rng, 1), variables["params"]["llm"],
+                                             self.lora_config)}
         return out
 
     raw_media_keys = ("pixel_values", "mel")

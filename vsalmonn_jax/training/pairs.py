@@ -124,15 +124,15 @@ def _choose(rule: PairRule, scores: Sequence) -> list[tuple[int, int]]:
     usable = [j for j, s in enumerate(scores) if not s.failed]
     if len(usable) < 2:
         return []
-    if rule.mode == "best_worst" and rule.rule == "dominance":
-        accepted = [(a, b) for a, b in itertools.permutations(usable, 2) if rule.prefers(scores[a], scores[b])]
-        margin = lambda ab: rule.error(scores[ab[1]]) - rule.error(scores[ab[0]])
-        return [max(accepted, key=margin)] if accepted else []
-    if rule.mode == "best_worst":
+    if rule.mode == "best_worst" and rule.rule != "dominance":   # a ranking: its two ends
         order = sorted(usable, key=lambda j: (rule.key(scores[j]), j))
         best, worst = order[0], order[-1]
         return [(best, worst)] if rule.prefers(scores[best], scores[worst]) else []
-    return [(a, b) for a, b in itertools.permutations(usable, 2) if rule.prefers(scores[a], scores[b])]
+    accepted = [(a, b) for a, b in itertools.permutations(usable, 2) if rule.prefers(scores[a], scores[b])]
+    if rule.mode == "all" or not accepted:
+        return accepted
+    margin = lambda ab: rule.error(scores[ab[1]]) - rule.error(scores[ab[0]])
+    return [max(accepted, key=margin)]   # dominance is no ranking: the widest accepted pair
 
 
 def gt_caption(item: Mapping) -> str | None:

@@ -50,6 +50,15 @@ def box_like(tree, specs):
                         is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
 
+def boxed_lora(rng: jax.Array, params, lora_config) -> dict:
+    """A fresh LoRA tree for (boxed) base `params`, boxed with the logical names of the kernels it
+    adapts (so state_shardings places it like its base)."""
+    from vsalmonn_jax.lora import init_lora, lora_partition_specs
+
+    lora = init_lora(rng, nn.unbox(params), lora_config)
+    return box_like(lora, lora_partition_specs(nn.get_partition_spec(params), lora))
+
+
 def present(variables: dict) -> dict:
     """Drop empty collections (a model never sees an empty "adapter" or "lora")."""
     return {k: v for k, v in variables.items() if v is not None and (k == "params" or len(v))}
@@ -66,14 +75,11 @@ class TextTask:
         self.model = Qwen2(llm_config, lora=lora_config)
 
     def init(self, rng, collections=("lora",)):
-        from vsalmonn_jax.lora import init_lora, lora_partition_specs
-
         k_params, k_lora = jax.random.split(rng)
         params = self.model.init(k_params, jnp.zeros((1, 8), jnp.int32))["params"]
         out = {"params": params}
         if "lora" in collections and self.lora_config is not None:
-            lora = init_lora(k_lora, params, self.lora_config)
-            out["lora"] = box_like(lora, lora_partition_specs(nn.get_partition_spec(params), lora))
+            out["lora"] = boxed_lora(k_lora, params, self.lora_config)
         if "adapter" in collections:
             out["adapter"] = {}
         return out
