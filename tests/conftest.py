@@ -11,14 +11,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from vsalmonn_jax import compile_cache  # noqa: E402
+
+compile_cache.enable()   # the users' cache folder: compiled steps are shared across tests and runs
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+# pytest-timeout's limit (pyproject `timeout`) is for a quiet machine: stretch it by the slowdown
+# measured at collection (tests/machine.py), as the subprocess timeouts are.
+def pytest_collection_modifyitems(config, items):
+    from machine import session_slowdown
+
+    base = float(config.getini("timeout") or 0)
+    if not base:
+        return
+    factor = session_slowdown()
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(int(base * factor)))
 
 
 @pytest.fixture

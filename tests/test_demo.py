@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from machine import scaled
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STAGES = ("pretrain", "align", "sft", "mrdpo_1", "mrdpo_2", "mrdpo_3", "control_1", "control_2",
@@ -86,7 +87,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as users run it
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vsalmonn_jax.cli", "demo", "--quick", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(1500))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"Report written to {out / 'report.md'}" in done.stdout
     report = (out / "report.md").read_text()
@@ -100,7 +101,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     for png in ("error_rates.png", "qa_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     again = subprocess.run(cmd[:-2] + ["--resume", str(out)], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
+                           text=True, timeout=scaled(600))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert all(f"[{s}] finished earlier: skipped" in again.stdout for s in STAGES)
     assert "[pretrain] start" not in again.stdout

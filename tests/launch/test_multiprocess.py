@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from machine import scaled
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -35,7 +36,7 @@ def _env(devices: int, **extra) -> dict:
 def _check(procs, logs):
     for i, (proc, log) in enumerate(zip(procs, logs, strict=True)):
         try:
-            proc.wait(timeout=TIMEOUT_S)
+            proc.wait(timeout=scaled(TIMEOUT_S))
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()

@@ -12,6 +12,7 @@ import sys
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from machine import scaled
 
 from vsalmonn_jax import plan as plan_lib
 from vsalmonn_jax.commands.plan import parse_mesh
@@ -111,7 +112,7 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "vsalmonn_jax.cli", "plan", "--config", "configs/7b.py",
          "--mesh", "data=1,fsdp=16,tensor=4", "--remat", "full", "--device", "v5p",
-         "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+         "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(900))
     peak_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     plan = json.loads(out.read_text())
