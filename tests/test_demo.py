@@ -86,7 +86,8 @@ def test_quick_overrides_and_cli_overrides_apply_in_order():
 def test_quick_demo_end_to_end_and_resume(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as users run it
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vsalmonn_jax.cli", "demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "vsalmonn_jax.cli", "demo", "--quick", "--out", str(out),
+           f"--config.workdir={tmp_path}"]   # the shared data folder goes under tmp_path too
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(1500))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"Report written to {out / 'report.md'}" in done.stdout
@@ -100,7 +101,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert "What is within noise" in report and "mrdpo_3 vs control_3" in report
     for png in ("error_rates.png", "qa_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    again = subprocess.run(cmd[:-2] + ["--resume", str(out)], cwd=REPO, env=env, capture_output=True,
+    assert (out / "data").resolve().parent == tmp_path / "demo-data"
+    again = subprocess.run(cmd[:4] + ["--quick", "--resume", str(out), cmd[-1]], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=scaled(600))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert all(f"[{s}] finished earlier: skipped" in again.stdout for s in STAGES)
@@ -148,3 +150,19 @@ def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path):
     assert "Partial report: stage(s) not finished: mrdpo_2, mrdpo_3, control_1" in report
     assert re.search(r"^\| mrdpo_1 vs sft \|", report, re.M)
     assert (tmp_path / "error_rates.png").exists()
+
+
+def test_runs_with_the_same_data_settings_share_one_data_folder(tmp_path):
+    from vsalmonn_jax.commands.demo import demo_config, resolve_data_dir
+
+    config = demo_config(True, None, [f"--config.workdir={tmp_path}"])
+    first = resolve_data_dir(config, tmp_path / "a", "")
+    second = resolve_data_dir(config, tmp_path / "b", "")
+    assert first.resolve() == second.resolve() and first.resolve().parent == tmp_path / "demo-data"
+    other = demo_config(True, None, [f"--config.workdir={tmp_path}", "--config.demo.n_test=3"])
+    assert resolve_data_dir(other, tmp_path / "c", "").resolve() != first.resolve()
+    steps = demo_config(True, None, [f"--config.workdir={tmp_path}", "--config.demo.sft_steps=3"])
+    assert resolve_data_dir(steps, tmp_path / "d", "").resolve() == first.resolve()  # training only
+    assert resolve_data_dir(config, tmp_path / "e", str(tmp_path / "mine")) == tmp_path / "mine"
+    first.resolve().rmdir()   # the shared folder deleted: a resumed run makes it anew
+    assert resolve_data_dir(config, tmp_path / "a", "").is_dir()

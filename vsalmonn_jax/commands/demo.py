@@ -15,7 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (~3 min), used by the tests")
     p.add_argument("--resume", default="", help="continue a run directory; finished stages are skipped")
     p.add_argument("--out", default="", help="run directory (default <workdir>/demo-<time>[-quick])")
-    p.add_argument("--data", default="", help="data directory (default <run dir>/data; reusable)")
+    p.add_argument("--data", default="", help="data directory (default: <workdir>/demo-data/<key>, "
+                   "shared by every run with the same data and model settings, linked as <run dir>/data)")
     p.add_argument("--report-only", action="store_true",
                    help="with --resume: write the report from the stages finished so far")
     return p
@@ -31,6 +32,25 @@ def demo_config(quick: bool, config_path: str | None, overrides: list[str]):
     for override in overrides:
         apply_override(config, override)
     return config
+
+
+def resolve_data_dir(config, run_dir: pathlib.Path, data_arg: str) -> pathlib.Path:
+    """--data DIR, else the run's own data/ when it has one (resume, or runs made before sharing),
+    else the shared folder for this data key, linked as <run dir>/data."""
+    if data_arg:
+        return pathlib.Path(data_arg)
+    own = run_dir / "data"
+    if own.is_symlink() and not own.exists():   # its shared folder was deleted: make it anew
+        own.resolve().mkdir(parents=True, exist_ok=True)
+    if own.exists():
+        return own
+    from vsalmonn_jax.demo.data import shared_data_dir
+
+    shared = shared_data_dir(config).absolute()
+    shared.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    own.symlink_to(shared, target_is_directory=True)
+    return own
 
 
 def main(argv: list[str]) -> int:
@@ -52,7 +72,7 @@ def main(argv: list[str]) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = pathlib.Path(args.out or f"{config.workdir}/demo-{stamp}{'-quick' if args.quick else ''}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = pathlib.Path(args.data) if args.data else run_dir / "data"
+    data_dir = resolve_data_dir(config, run_dir, args.data)
     (run_dir / "config.json").write_text(config.to_json_best_effort(indent=1))
     log_file = open(run_dir / "demo.log", "a")
     start = time.perf_counter()

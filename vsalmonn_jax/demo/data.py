@@ -8,6 +8,10 @@ standardised per dimension with the training split's statistics (demo/calibrate.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import json
 import multiprocessing
 import pathlib
 
@@ -29,6 +33,33 @@ def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
     """Clips per split; mrDPO round r samples pairs on fresh clips [r * n_fresh, (r + 1) * n_fresh)."""
     return {"train": int(demo.n_train), "fresh": int(demo.n_fresh) * int(rounds),
             "test": int(demo.n_test)}
+
+
+def data_key(config: ml_collections.ConfigDict) -> str:
+    """A hash of everything the rendered clips, the tokenizer and the encoded features depend on
+    (data and model settings, the demo seed, split sizes): runs with the same key share one folder."""
+    parts = {"data": config.data.to_dict(), "model": config.model.to_dict(),
+             "seed": int(config.demo.seed), "eval_batch": int(config.demo.eval_batch),
+             "sizes": split_sizes(config.demo, int(config.mrdpo.rounds))}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def shared_data_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """<workdir>/demo-data/<data_key>: the default data folder, reused by every run with that key."""
+    return pathlib.Path(config.workdir) / "demo-data" / data_key(config)
+
+
+@contextlib.contextmanager
+def data_lock(data_dir: pathlib.Path):
+    """Hold an exclusive lock on the data folder while it is written (two demos sharing it wait for
+    each other instead of rendering the same clips at once)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict) -> list[dict]:

@@ -24,7 +24,7 @@ from vsalmonn_jax.data.text import load_tokenizer, mcq_answer, mcq_prompt
 from vsalmonn_jax.demo import model as model_lib
 from vsalmonn_jax.demo.batches import ExampleIterator, Tokens
 from vsalmonn_jax.demo.caption import Captioner, evaluate_model, judged
-from vsalmonn_jax.demo.data import prepare_data
+from vsalmonn_jax.demo.data import data_lock, prepare_data
 from vsalmonn_jax.demo.env import DemoPolicyEnv, policy_model, policy_state
 from vsalmonn_jax.demo.train import shown_metrics, train_stage
 from vsalmonn_jax.lora import init_lora
@@ -300,11 +300,13 @@ def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[C
     # the tokenizer is needed for the placeholder id; the data set writes it first
     from vsalmonn_jax.data import synthetic
 
-    if not (data_dir / "tokenizer").exists():
-        synthetic.build_tokenizer(synthetic.tokenizer_corpus(synthetic.synthetic_config(config),
-                                                             config.model.connector.placeholder_token),
-                                  str(data_dir / "tokenizer"), int(config.model.llm.vocab_size),
-                                  config.model.connector.placeholder_token)
+    with data_lock(data_dir):
+        if not (data_dir / "tokenizer").exists():
+            synthetic.build_tokenizer(
+                synthetic.tokenizer_corpus(synthetic.synthetic_config(config),
+                                           config.model.connector.placeholder_token),
+                str(data_dir / "tokenizer"), int(config.model.llm.vocab_size),
+                config.model.connector.placeholder_token)
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
     tokens = Tokens(tokenizer, config.model.connector.placeholder_token, config.generate.prompt,
                     int(demo.max_prompt_tokens), int(demo.max_caption_tokens),
@@ -317,7 +319,8 @@ def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[C
         model_lib.save_tree(init_path, variables)
     task = model_lib.CachedAVTask(av_cfg, lcfg)
     base_task = model_lib.CachedAVTask(av_cfg, None)
-    data = prepare_data(data_dir, config, task.model, variables["params"], log)
+    with data_lock(data_dir):
+        data = prepare_data(data_dir, config, task.model, variables["params"], log)
     timings = {"setup_s": time.perf_counter() - t0}
     log(f"[data] ready in {timings['setup_s']:.0f}s: " +
         ", ".join(f"{k} {len(v['items'])} clips" for k, v in data.items()))
