@@ -45,3 +45,15 @@ def bench_line(name: str, value: float) -> str:
     line = f"BENCH {name} {value:.4g}"
     print(line, flush=True)
     return line
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Seconds of the median of `repeats` calls (after `warmup` untimed calls); blocks on jax."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
