@@ -6,8 +6,6 @@ The shared-prefix branch mask is not expressible here (dispatch refuses it befor
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -18,9 +16,9 @@ LANE = 128  # splash block sizes are multiples of the TPU lane width
 PAD_SEGMENT = -1  # segment id of padding tokens (user segment ids are >= 0)
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(length: int, heads: int, causal: bool, block: int, interpret: bool):
-    """One splash kernel per (padded length, heads, mask, block): mask info is built in numpy once."""
+    """A splash kernel for (padded length, heads, mask, block). Built per trace, not cached: its mask
+    info arrays belong to the trace that made them (a cached kernel leaks tracers into nn.scan)."""
     one = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
