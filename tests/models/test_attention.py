@@ -15,6 +15,7 @@ from vsalmonn_jax.models.attention import (
     resolve_impl,
 )
 from vsalmonn_jax.models.decoder_layers import causal_attention, masked_attention
+from vsalmonn_jax.training import sharding
 
 LENGTH, BLOCK = 37, 16  # T not a multiple of the block; 3 query blocks
 
@@ -136,16 +137,21 @@ def test_masked_attention_equals_reference_with_arbitrary_mask():
     np.testing.assert_allclose(np.asarray(masked_attention(q, k, v, mask)), np.asarray(ref), atol=2e-6)
 
 
-def test_splash_interpret_equals_xla_with_padding_and_segments():
-    """Pallas interpret mode (~3 s a call on CPU): one case, T=150 padded to 2 splash blocks of 128."""
+def test_splash_interpret_sharded_equals_xla_with_padding_and_segments():
+    """Pallas interpret mode (~3 s a call on CPU): one case, T=150 padded to 2 splash blocks of 128,
+    under a data=2 x tensor=2 mesh (the kernel runs per device in a shard_map over batch and heads).
+    Unsharded splash is covered by the Qwen2 parity test."""
     q, k, v, cotangent = _qkv(length=150, heads=4, kv_heads=2)
     key_mask = np.ones((2, 150), bool)
     key_mask[1, 100:] = False
     segments = (np.arange(150) >= 60).astype(np.int32)[None].repeat(2, 0)
     spec = MaskSpec(causal=True, key_mask=jnp.asarray(key_mask), segment_ids=jnp.asarray(segments))
     cotangent = cotangent * key_mask[:, :, None, None]  # splash's padded rows differ (never used)
-    splash = _value_and_grads(lambda q, k, v: attention(q, k, v, spec, "splash", 128, interpret=True),
-                              q, k, v, cotangent)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
+    with jax.set_mesh(mesh), sharding.logical_rules():
+        splash = jax.jit(lambda *a: _value_and_grads(
+            lambda q, k, v: attention(q, k, v, spec, "splash", 128, interpret=True), *a))(q, k, v, cotangent)
+    assert len(splash[0].sharding.device_set) == 4
     xla = _value_and_grads(lambda q, k, v: attention(q, k, v, spec, "xla", 64), q, k, v, cotangent)
     out_s, out_x = (np.asarray(x[0]) * key_mask[:, :, None, None] for x in (splash, xla))
     np.testing.assert_allclose(out_s, out_x, atol=1e-5)

@@ -1,14 +1,17 @@
 """TPU splash attention (Pallas) behind the MaskSpec interface; runs on CPU with interpret=True (tests).
 
 Causal / full masks are static splash masks; padding and packed segments become splash segment ids.
+Under a mesh, a shard_map splits batch and heads as the logical axis rules do (T stays whole).
 The shared-prefix branch mask is not expressible here (dispatch refuses it before tracing).
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
 from vsalmonn_jax.models.attention.mask import MaskSpec
 
@@ -49,10 +52,21 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, b
             ids = jnp.where(spec.key_mask.astype(bool), ids, PAD_SEGMENT)
         segments = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)  # [B,Tp]
     heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B,H,Tp,D]
-    kernel = _kernel(padded, heads, spec.causal, block, interpret)
     qs, ks, vs = heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v)
-    if segments is None:
-        out = jax.vmap(kernel)(qs, ks, vs)
-    else:
-        out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=splash.SegmentIds(s, s)))(qs, ks, vs, segments)
+
+    def local(qs, ks, vs, segments):  # one device's [b, h, Tp, D] (a Pallas call is not auto-sharded)
+        kernel = _kernel(padded, qs.shape[1], spec.causal, block, interpret)
+        if segments is None:
+            return jax.vmap(kernel)(qs, ks, vs)
+        return jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=splash.SegmentIds(s, s)))(qs, ks, vs, segments)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(qs, ks, vs, segments)
+    else:  # batch and heads split as the logical rules split the activations; T whole per device
+        batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "activation_heads"))
+        heads_spec = P(batch_axes, head_axes, None, None)
+        out = jax.shard_map(local, mesh=mesh, check_vma=False,
+                            in_specs=(heads_spec, heads_spec, heads_spec, None if segments is None else P(batch_axes, None)),
+                            out_specs=heads_spec)(qs, ks, vs, segments)
     return out.transpose(0, 2, 1, 3)[:, :length]  # [B,T,N,D]
