@@ -1,4 +1,4 @@
-"""Shared bench helpers: timing (best-of-n after warm-up), this CPU's measured fp32 matmul peak."""
+"""Shared bench helpers: timing (best-of-n or median after warm-up), this CPU's measured fp32 matmul peak."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Seconds of the fastest of `repeats` calls (after `warmup` untimed calls); blocks on jax."""
+def _timings(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+    """Seconds of each of `repeats` calls (after `warmup` untimed calls); blocks on jax."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -19,7 +19,17 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Seconds of the fastest of `repeats` calls (after `warmup` untimed calls); blocks on jax."""
+    return min(_timings(fn, repeats, warmup))
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Seconds of the median of `repeats` calls (after `warmup` untimed calls); blocks on jax."""
+    return float(np.median(_timings(fn, repeats, warmup)))
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -45,3 +55,4 @@ def bench_line(name: str, value: float) -> str:
     line = f"BENCH {name} {value:.4g}"
     print(line, flush=True)
     return line
+

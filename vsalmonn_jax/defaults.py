@@ -24,8 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="bfloat16",   # frozen base weights
         scan_layers=True,         # nn.scan over decoder layers (compile time independent of depth)
         remat_policy="full",      # none | full | dots (per-layer nn.remat)
-        attention_impl="xla",     # xla (blockwise causal, any device) | jax | cudnn (GPU fused)
-        attention_block=256,      # query block of the xla causal attention
+        attention_impl="auto",    # auto (splash on TPU, cudnn on GPU, xla on CPU) | xla (blockwise
+                                  # flash kernel, any device, every mask) | splash (TPU Pallas: causal,
+                                  # padding, segments) | cudnn (GPU fused: causal, right padding)
+        attention_block=512,      # query/key block of the xla and splash kernels (memory O(T * block))
     ))
     c.model.lora = ml_collections.ConfigDict(dict(
         rank=128, alpha=256.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))

@@ -50,11 +50,13 @@ def test_weights_equal_after_import(hf_dir):
     assert count_params(params) == sum(v.size for v in state.values())
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_logits_match_transformers_padded_batch(hf_dir, scan_layers):
+# every CPU-runnable attention backend: xla (auto on CPU) and splash in Pallas interpret mode
+@pytest.mark.parametrize("scan_layers,impl", [(True, "auto"), (False, "xla"), (True, "splash")])
+def test_logits_match_transformers_padded_batch(hf_dir, scan_layers, impl):
     model, path = hf_dir
     params, config = load_hf(path, param_dtype="float32", scan_layers=scan_layers)
-    config = config.replace(dtype="float32")
+    config = config.replace(dtype="float32", attention_impl=impl, attention_interpret=impl == "splash",
+                            attention_block=128 if impl == "splash" else 8)  # several xla blocks at T=11
     ids, mask = _padded_batch()
     ours, _ = Qwen2(config).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     ref = hf_logits(model, ids, mask.astype(np.int64))

@@ -21,6 +21,7 @@ import numpy as np
 
 from vsalmonn_jax.lora import LoraConfig, init_lora
 from vsalmonn_jax.models import connectors
+from vsalmonn_jax.models.attention import resolve_impl
 from vsalmonn_jax.models.connectors import VisionConnector
 from vsalmonn_jax.models.qformer import AudioConnector, QFormerConfig
 from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config, default_positions
@@ -50,7 +51,7 @@ class AVConfig:
         m = config.model
         llm = Qwen2Config.from_config(m.llm)
         compute = dict(dtype=llm.dtype, param_dtype=llm.param_dtype,  # encoders: fused on GPU
-                       attention_impl="cudnn" if llm.attention_impl == "cudnn" else "xla")
+                       attention_impl="cudnn" if resolve_impl(llm.attention_impl) == "cudnn" else "xla")
         vision = SiglipConfig.from_config(m.vision, **compute)
         audio = WhisperConfig.from_config(m.audio, **compute)
         qformer = QFormerConfig.from_config(m.qformer, encoder_width=audio.d_model,

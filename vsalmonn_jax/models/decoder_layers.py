@@ -1,4 +1,4 @@
-"""Building blocks of the LLM decoder: a LoRA-aware Dense with logical axes, RMSNorm, causal attention.
+"""Building blocks of the LLM decoder: a LoRA-aware Dense with logical axes, RMSNorm, attention entry points.
 
 `Dense` looks for `lora/{a,b}` in its own scope, so adapting a projection is a matter of the LoRA
 tree containing its path (see vsalmonn_jax/lora.py); no LoRA tree, no LoRA.
@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vsalmonn_jax.models.attention import causal_padding, xla_attention
 
 Dtype = Any
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -80,26 +82,11 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
-                     block: int = 256, max_blocks: int = 16) -> jax.Array:
-    """Causal self-attention over one sequence (no cache), query block by query block.
-
-    q [B,T,N,D], k/v [B,T,K,D] (GQA: N % K == 0), key_mask [B,T] bool -> [B,T,N,D]. Query block i
-    only attends to keys [0, end of block i), so about half of the score matrix is never computed.
-    At most `max_blocks` blocks are unrolled (the block grows for long sequences).
-    """
-    batch, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    block = max(block, -(-length // max_blocks))
-    qg = (q * dim**-0.5).reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,D]
-    outs = []
-    for start in range(0, length, block):
-        end = min(start + block, length)
-        causal = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # [t, s]
-        mask = causal[None, None, None] & key_mask[:, None, None, None, :end]
-        outs.append(_attend(qg[:, :, :, start:end], kt[:, :, :end], vt[:, :, :end], mask))
-    out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,D]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+                     block: int = 512) -> jax.Array:
+    """Causal self-attention over one sequence (no cache): the blockwise `xla` kernel of
+    models/attention (O(T) memory forward and backward). q [B,T,N,D], k/v [B,T,K,D] (GQA: N % K == 0),
+    key_mask [B,T] bool -> [B,T,N,D]."""
+    return xla_attention(q, k, v, causal_padding(key_mask), block)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -15,13 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from vsalmonn_jax.lora import LoraConfig
-from vsalmonn_jax.models.decoder_layers import (
-    Dense,
-    RMSNorm,
-    causal_attention,
-    fused_attention,
-    masked_attention,
-)
+from vsalmonn_jax.models.attention import MaskSpec, attention, resolve_impl
+from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm, fused_attention, masked_attention
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
@@ -47,8 +42,9 @@ class Qwen2Config:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "xla"   # xla (our blockwise causal / masked attention) | jax | cudnn
-    attention_block: int = 256    # query block of the causal attention (xla)
+    attention_impl: str = "auto"  # auto | xla | splash | cudnn (models/attention)
+    attention_block: int = 512    # query/key block of the xla and splash kernels
+    attention_interpret: bool = False  # splash in Pallas interpret mode (CPU tests only)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Qwen2Config:
@@ -86,7 +82,7 @@ class Attention(_Part):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
-        """mask: [B,1,T,S] bool with a cache; [B,T] key-padding mask without (causal is implied)."""
+        """mask: [B,1,T,S] bool with a cache; a MaskSpec (models/attention) without."""
         cfg = self.config
         dense = _dense_factory(cfg, self.lora, self.deterministic)
         batch, length, _ = x.shape
@@ -113,14 +109,11 @@ class Attention(_Part):
 
 
     def _attend(self, q, k, v, mask, causal_self_attention: bool):
-        impl = self.config.attention_impl
-        if impl in ("cudnn", "jax"):
-            if causal_self_attention:
-                length = q.shape[1]
-                mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & mask[:, None, None, :]
-            return fused_attention(q, k, v, mask, None if impl == "jax" else impl)
-        if causal_self_attention:
-            return causal_attention(q, k, v, mask, self.config.attention_block)
+        cfg = self.config
+        if causal_self_attention:  # mask: MaskSpec
+            return attention(q, k, v, mask, cfg.attention_impl, cfg.attention_block, cfg.attention_interpret)
+        if resolve_impl(cfg.attention_impl) == "cudnn":
+            return fused_attention(q, k, v, mask, "cudnn")
         return masked_attention(q, k, v, mask)
 
 
@@ -200,10 +193,17 @@ class Qwen2(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-                 cache=None, deterministic: bool = True, return_hidden: bool = False):
+                 cache=None, deterministic: bool = True, return_hidden: bool = False,
+                 segment_ids=None, branch_ids=None):
+        """segment_ids / branch_ids [B,T] (no cache): packed sequences / continuations sharing a
+        prefix (models/attention/mask.py); the caller then passes `positions` too."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        packed = segment_ids is not None or branch_ids is not None
+        if packed and (cache is not None or positions is None):
+            raise ValueError("segment_ids / branch_ids need explicit `positions` (each packed sequence "
+                             "or continuation numbers its own tokens) and no KV cache")
         embed_tokens = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -213,7 +213,7 @@ class Qwen2(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
         attention_mask = attention_mask.astype(bool)
-        mask, cache_index, cache_mask = self._mask(attention_mask, cache, length)
+        mask, cache_index, cache_mask = self._mask(attention_mask, cache, length, segment_ids, branch_ids)
         if positions is None and cache is None:
             positions = default_positions(attention_mask)
         elif positions is None:
@@ -235,10 +235,11 @@ class Qwen2(nn.Module):
                            accumulate_fp32=True, name="lm_head")(hidden)
         return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab")), new_cache
 
-    def _mask(self, attention_mask, cache, length):
-        """With a cache: [B,1,T,S] bool (causal over cache slots, valid keys only); else [B,T]."""
-        if cache is None:  # causal is applied inside the attention; pass the key-padding mask [B,T]
-            return attention_mask, jnp.zeros((), jnp.int32), None
+    def _mask(self, attention_mask, cache, length, segment_ids=None, branch_ids=None):
+        """With a cache: [B,1,T,S] bool (causal over cache slots, valid keys only); else a MaskSpec."""
+        if cache is None:  # per-token description; the attention kernel never sees a [T,T] mask
+            spec = MaskSpec(causal=True, key_mask=attention_mask, segment_ids=segment_ids, branch_ids=branch_ids)
+            return spec, jnp.zeros((), jnp.int32), None
         index = cache["index"]
         cache_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, index, axis=1)
         slots = jnp.arange(cache_mask.shape[1])

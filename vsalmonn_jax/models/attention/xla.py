@@ -1,0 +1,183 @@
+"""Flash-style blockwise attention in plain XLA (any device; the default on CPU).
+
+custom_vjp: the forward saves only its output and the log-sum-exp; the backward recomputes each block.
+Both walk (query block, key block) pairs in lax loops with a block size fixed by config, skip pairs the
+mask hides entirely (the causal upper triangle, other segments / branches, padding), so memory is
+O(T * block) in the forward and the backward. GQA: the G query heads of a kv head share its K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from vsalmonn_jax.models.attention.mask import MaskSpec
+
+# Per-token mask inputs after padding T to a multiple of the block: (key_valid [B,Tp] bool,
+# segment_ids [B,Tp] int | None, branch_ids [B,Tp] int | None).
+Tokens = tuple
+
+
+def _slice(x: jax.Array, index, block: int, axis: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
+
+
+def _add_slice(x: jax.Array, update: jax.Array, index, block: int, axis: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(x, _slice(x, index, block, axis) + update, index * block, axis)
+
+
+def _block_mask(tokens: Tokens, causal: bool, i, j, block: int) -> jax.Array:
+    """Visibility of key block j from query block i: [B,1,1,bq,bk] bool."""
+    key_valid, segment_ids, branch_ids = tokens
+    allowed = _slice(key_valid, j, block, 1)[:, None, :]  # [B,1,bk]
+    if causal:
+        rows = i * block + jnp.arange(block)
+        cols = j * block + jnp.arange(block)
+        allowed = allowed & (cols[None, :] <= rows[:, None])[None]
+    if segment_ids is not None:
+        allowed = allowed & (_slice(segment_ids, i, block, 1)[:, :, None]
+                             == _slice(segment_ids, j, block, 1)[:, None, :])
+    if branch_ids is not None:
+        key_branch = _slice(branch_ids, j, block, 1)[:, None, :]
+        allowed = allowed & ((key_branch == 0) | (key_branch == _slice(branch_ids, i, block, 1)[:, :, None]))
+    return allowed[:, None, None]  # [B,1,1,bq,bk]
+
+
+def _scores(q_block, k_block, scale):
+    # [B,K,G,bq,D] x [B,K,bk,D] -> [B,K,G,bq,bk] fp32
+    return jnp.einsum("bkgqd,bkcd->bkgqc", q_block, k_block, preferred_element_type=jnp.float32) * scale
+
+
+def _forward(q, k, v, tokens, causal, block, scale):
+    """q [B,K,G,Tp,D], k/v [B,K,Tp,D] -> out [B,K,G,Tp,D] (q dtype), lse [B,K,G,Tp] fp32."""
+    num_blocks = q.shape[3] // block
+    row_shape = q.shape[:3] + (block,)  # [B,K,G,bq]
+
+    def query_block(i, carry):
+        out, lse = carry
+        q_i = _slice(q, i, block, 3)
+
+        def key_block(j, state):
+            mask = _block_mask(tokens, causal, i, j, block)
+
+            def visit(state):
+                top, total, acc = state
+                s = jnp.where(mask, _scores(q_i, _slice(k, j, block, 2), scale), -jnp.inf)
+                new_top = jnp.maximum(top, jnp.max(s, axis=-1))
+                safe_top = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+                p = jnp.exp(s - safe_top[..., None])  # masked -> exp(-inf) = 0
+                decay = jnp.exp(top - safe_top)
+                total = decay * total + jnp.sum(p, axis=-1)
+                pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v.dtype), _slice(v, j, block, 2),
+                                preferred_element_type=jnp.float32)
+                return new_top, total, decay[..., None] * acc + pv
+
+            return jax.lax.cond(jnp.any(mask), visit, lambda s: s, state)
+
+        init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
+                jnp.zeros(row_shape + (q.shape[-1],), jnp.float32))
+        top, total, acc = jax.lax.fori_loop(0, i + 1 if causal else num_blocks, key_block, init)
+        empty = total == 0  # no visible key: zero output, lse 0 (the backward masks p anyway)
+        o_i = acc / jnp.where(empty, 1.0, total)[..., None]
+        lse_i = jnp.where(empty, 0.0, top + jnp.log(jnp.where(empty, 1.0, total)))
+        out = jax.lax.dynamic_update_slice_in_dim(out, o_i.astype(q.dtype), i * block, axis=3)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_i, i * block, axis=3)
+        return out, lse
+
+    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(q.shape[:4], jnp.float32))
+    return jax.lax.fori_loop(0, num_blocks, query_block, init)
+
+
+def _backward(q, k, v, tokens, out, lse, d_out, causal, block, scale):
+    """Recompute each visible block's probabilities from lse; dq, dk, dv in fp32 accumulators."""
+    num_blocks = q.shape[3] // block
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B,K,G,Tp]
+    kv_block_shape = k.shape[:2] + (block, k.shape[-1])  # [B,K,bk,D]
+
+    def key_block(j, carry):
+        dq, dk, dv = carry
+        k_j, v_j = _slice(k, j, block, 2), _slice(v, j, block, 2)
+
+        def query_block(i, state):
+            mask = _block_mask(tokens, causal, i, j, block)
+
+            def visit(state):
+                dq, dk_j, dv_j = state
+                q_i, do_i = _slice(q, i, block, 3), _slice(d_out, i, block, 3)
+                p = jnp.where(mask, jnp.exp(_scores(q_i, k_j, scale) - _slice(lse, i, block, 3)[..., None]), 0.0)
+                dv_j = dv_j + jnp.einsum("bkgqc,bkgqd->bkcd", p.astype(do_i.dtype), do_i,
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_i, v_j, preferred_element_type=jnp.float32)
+                ds = p * (dp - _slice(delta, i, block, 3)[..., None]) * scale  # d scores (pre-scale)
+                dq_i = jnp.einsum("bkgqc,bkcd->bkgqd", ds.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
+                dk_j = dk_j + jnp.einsum("bkgqc,bkgqd->bkcd", ds.astype(q_i.dtype), q_i,
+                                         preferred_element_type=jnp.float32)
+                return _add_slice(dq, dq_i, i, block, 3), dk_j, dv_j
+
+            return jax.lax.cond(jnp.any(mask), visit, lambda s: s, state)
+
+        zeros = jnp.zeros(kv_block_shape, jnp.float32)
+        dq, dk_j, dv_j = jax.lax.fori_loop(j if causal else 0, num_blocks, query_block, (dq, zeros, zeros))
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * block, axis=2)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * block, axis=2)
+        return dq, dk, dv
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = jax.lax.fori_loop(0, num_blocks, key_block, init)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, tokens, causal, block, scale):
+    return _forward(q, k, v, tokens, causal, block, scale)[0]
+
+
+def _flash_fwd(q, k, v, tokens, causal, block, scale):
+    out, lse = _forward(q, k, v, tokens, causal, block, scale)
+    return out, (q, k, v, tokens, out, lse)
+
+
+def _flash_bwd(causal, block, scale, residuals, d_out):
+    q, k, v, tokens, out, lse = residuals
+    dq, dk, dv = _backward(q, k, v, tokens, out, lse, d_out, causal, block, scale)
+    return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, tokens)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_axis(x: jax.Array, pad: int, axis: int, value=0) -> jax.Array:
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, block: int = 512,
+                  scale: float | None = None) -> jax.Array:
+    """q [B,T,N,D], k/v [B,T,K,D] (self-attention, N % K == 0) -> [B,T,N,D].
+
+    T is padded internally to a multiple of the block (padded keys are masked, padded rows dropped);
+    sequences shorter than `block` use one block of their own length (rounded up to 8).
+    """
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    if k.shape[1] != length:
+        raise ValueError(f"xla attention is self-attention: q has {length} tokens, k/v {k.shape[1]}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    scale = dim**-0.5 if scale is None else scale
+    block = min(block, -(-length // 8) * 8)
+    pad = -length % block
+    key_valid = jnp.ones((batch, length), bool) if spec.key_mask is None else spec.key_mask.astype(bool)
+    tokens = (_pad_axis(key_valid, pad, 1, False),
+              None if spec.segment_ids is None else _pad_axis(spec.segment_ids, pad, 1),
+              None if spec.branch_ids is None else _pad_axis(spec.branch_ids, pad, 1))
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,D]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,D]
+    out = _flash(_pad_axis(qg, pad, 3), _pad_axis(kt, pad, 2), _pad_axis(vt, pad, 2), tokens,
+                 spec.causal, block, scale)[:, :, :, :length]  # [B,K,G,T,D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
