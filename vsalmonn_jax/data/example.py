@@ -76,10 +76,11 @@ def _caption_prompt(record: dict, default: str) -> str:
 
 
 def text_fields(record: dict, tokenizer, *, placeholder: str, max_length: int, truncation: str,
-                default_prompt: str, has_media: bool) -> dict[str, np.ndarray]:
+                default_prompt: str, has_media: bool, prompt_format: str = "clean"
+                ) -> dict[str, np.ndarray]:
     """Token ids + loss masks of a record, by kind (prompt-only kinds get an all-False mask)."""
     kw = dict(placeholder=placeholder, has_media=has_media, max_length=max_length,
-              truncation=truncation)
+              truncation=truncation, prompt_format=prompt_format)
     kind = record["kind"]
     if kind == "sft":
         ids, mask = text.encode_conversation(tokenizer, record["conversations"], **kw)
@@ -118,6 +119,7 @@ class Featurizer:
     truncation: str = "error"
     default_prompt: str = "Please describe the video in detail."
     cache_dir: str = ""
+    prompt_format: str = "clean"
     _tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -128,7 +130,8 @@ class Featurizer:
                    placeholder=str(config.model.connector.placeholder_token),
                    max_length=int(config.data.max_length), truncation=str(config.data.truncation),
                    default_prompt=str(config.generate.prompt),
-                   cache_dir=str(config.data.encoder_cache))
+                   cache_dir=str(config.data.encoder_cache),
+                   prompt_format=str(config.data.get("prompt_format", "clean")))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -141,15 +144,20 @@ class Featurizer:
             self._tokenizer = text.load_tokenizer(self.tokenizer_path, self.placeholder)
         return self._tokenizer
 
+    def text(self, record: dict, has_media: bool) -> dict[str, np.ndarray]:
+        """`text_fields` of a record with this featurizer's tokenizer and text settings."""
+        return text_fields(record, self.tokenizer, placeholder=self.placeholder,
+                           max_length=self.max_length, truncation=self.truncation,
+                           default_prompt=self.default_prompt, has_media=has_media,
+                           prompt_format=self.prompt_format)
+
     def __call__(self, record: dict) -> dict:
         base = {"example_id": np.int64(record.get("index", -1)), "id": record.get("id", ""),
                 "source": record.get("source", ""), "line": record.get("line", 0),
                 "video": record.get("video"), "audio": record.get("audio")}
         has_media = "video" in record or "audio" in record
         try:
-            fields = text_fields(record, self.tokenizer, placeholder=self.placeholder,
-                                 max_length=self.max_length, truncation=self.truncation,
-                                 default_prompt=self.default_prompt, has_media=has_media)
+            fields = self.text(record, has_media)
         except ValueError as err:   # text that does not fit the template or the length budget
             return {**base, "failed": "text", "detail": str(err)}
         try:

@@ -269,16 +269,11 @@ class AVPolicyEnv:
     def _reuse_media(self, record: dict) -> dict | None:
         """A record about an already-decoded clip (its `video_id` was captioned / sampled here):
         the clip's media features with the record's own text; None = featurise from the file."""
-        from vsalmonn_jax.data.example import text_fields
-
         prepared = self.prepared.get(str(record.get("video_id", "")))
         if prepared is None or prepared.get("video") != record.get("video") \
                 or prepared.get("audio") != record.get("audio"):
             return None
-        f = self.featurizer
-        fields = text_fields(record, f.tokenizer, placeholder=f.placeholder,
-                             max_length=f.max_length, truncation=f.truncation,
-                             default_prompt=f.default_prompt, has_media=True)
+        fields = self.featurizer.text(record, has_media=True)
         media = {k: prepared[k] for k in MEDIA_EXAMPLE_KEYS if k in prepared}
         return {"example_id": np.int64(record["index"]), "id": record.get("id", ""), **media,
                 **fields}
