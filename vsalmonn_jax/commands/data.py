@@ -13,7 +13,7 @@ import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
 from vsalmonn_jax.data.example import FeatureSettings, Featurizer
-from vsalmonn_jax.data.media import MediaError, load_media
+from vsalmonn_jax.data.media import MediaError
 from vsalmonn_jax.data.records import KINDS, RecordError, parse_jsonl
 from vsalmonn_jax.data.synthetic import build_dataset, synthetic_config
 
@@ -52,10 +52,7 @@ def check(args, config) -> int:
         if args.no_decode or ("video" not in record and "audio" not in record):
             continue
         try:
-            media = load_media(record.get("video"), record.get("audio"), fps=settings.fps,
-                               max_frames=settings.max_frames, sample_rate=settings.sample_rate,
-                               min_audio_seconds=settings.min_audio_seconds,
-                               missing_audio=settings.missing_audio, channel=settings.channel)
+            media = settings.load(record.get("video"), record.get("audio"))
         except MediaError as err:
             failures.append(f"{record['source']}:{record['line']}: {err.reason}: {err}")
             continue

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from vsalmonn_jax.data import cache, features, text
-from vsalmonn_jax.data.media import MediaError, load_media
+from vsalmonn_jax.data.media import Media, MediaError, load_media
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,8 @@ class FeatureSettings:
     min_audio_seconds: float = 1.0
     missing_audio: str = "silence"
     channel: str = "first"
+    frame_sampling: str = "grid"
+    audio_cut: str = "none"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> FeatureSettings:
@@ -35,7 +37,16 @@ class FeatureSettings:
                    num_mel_bins=int(config.model.audio.num_mel_bins), fps=float(data.fps),
                    max_frames=int(data.max_frames), sample_rate=int(data.sample_rate),
                    min_audio_seconds=float(data.min_audio_seconds),
-                   missing_audio=str(data.missing_audio), channel=str(data.audio_channel))
+                   missing_audio=str(data.missing_audio), channel=str(data.audio_channel),
+                   frame_sampling=str(data.get("frame_sampling", "grid")),
+                   audio_cut=str(data.get("audio_cut", "none")))
+
+    def load(self, video: str | None, audio: str | None) -> Media:
+        """Decode a record's media with these settings (data/media.py load_media)."""
+        return load_media(video, audio, fps=self.fps, max_frames=self.max_frames,
+                          sample_rate=self.sample_rate, min_audio_seconds=self.min_audio_seconds,
+                          missing_audio=self.missing_audio, channel=self.channel,
+                          frame_sampling=self.frame_sampling, audio_cut=self.audio_cut)
 
 
 def media_features(video: str | None, audio: str | None, settings: FeatureSettings,
@@ -43,7 +54,7 @@ def media_features(video: str | None, audio: str | None, settings: FeatureSettin
     """Decode + featurise one record's media (or read it from the cache).
 
     Returns pixels uint8 [F, S, S, 3] (resized, normalised at batching), frame_times [F],
-    mel float32 [C, bins, 3000], audio_seconds, has_video, has_audio (0-d arrays).
+    mel float32 [C, bins, 3000], audio_seconds, video_seconds, has_video, has_audio (0-d arrays).
     """
     key = None
     if cache_dir:
@@ -54,15 +65,14 @@ def media_features(video: str | None, audio: str | None, settings: FeatureSettin
         hit = cache.load(cache_dir, key)
         if hit is not None:
             return hit
-    media = load_media(video, audio, fps=settings.fps, max_frames=settings.max_frames,
-                       sample_rate=settings.sample_rate, min_audio_seconds=settings.min_audio_seconds,
-                       missing_audio=settings.missing_audio, channel=settings.channel)
+    media = settings.load(video, audio)
     out = {
         "pixels": features.siglip_resize(media.frames, settings.image_size) if media.has_video
         else np.zeros((0, settings.image_size, settings.image_size, 3), np.uint8),
         "frame_times": media.frame_times.astype(np.float32),
         "mel": features.log_mel_chunks(media.audio, settings.num_mel_bins),
         "audio_seconds": np.float32(media.audio_seconds),
+        "video_seconds": np.float64(media.video_seconds),   # float64: time tokens round it
         "has_video": np.bool_(media.has_video),
         "has_audio": np.bool_(media.has_audio),
     }
