@@ -136,8 +136,9 @@ class AVLLM(nn.Module):
         return jax.lax.stop_gradient(media)
 
     # (2) trainable connectors + interleaving --------------------------------------------------------
-    def connect(self, media: dict) -> tuple[jax.Array, jax.Array]:
+    def connect(self, media: dict, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """Media pytree -> media_embeds [B, M, H], media_mask bool [B, M] (valid prefix).
+        deterministic=False: the Q-Former's dropout is on (rng "dropout").
 
         frame_mask / mel_mask must mark prefixes (see validate_batch). Interleave "timestamp": per
         real frame its visual tokens then the real audio tokens starting in its time span (frame_times);
@@ -158,7 +159,8 @@ class AVLLM(nn.Module):
             n_frames = jnp.zeros((b,), jnp.int32)
         f = visual.shape[1]
         if "audio" in media:
-            audio = _batch_sharded(self.audio_connector(media["audio"]).astype(visual.dtype))  # [B, C*Tc, H]
+            audio = self.audio_connector(media["audio"], deterministic)  # [B, C*Tc, H]
+            audio = _batch_sharded(audio.astype(visual.dtype))
             chunks = media["audio"].shape[1]
             mel_mask = media.get("mel_mask", jnp.ones((b, chunks), bool))
             has_audio = media.get("has_audio", jnp.ones((b,), bool))
@@ -240,7 +242,7 @@ class AVLLM(nn.Module):
             self.llm(jnp.zeros((1, 1), jnp.int32))
         media = self.encode_frozen(batch)
         if "vision" in media or "audio" in media:
-            embeds, mask = self.connect(media)
+            embeds, mask = self.connect(media, deterministic)
         else:
             b = batch[prefix + "input_ids"].shape[0]
             embeds = jnp.zeros((b, 0, self.config.llm.hidden_size), self.config.llm.dtype)
