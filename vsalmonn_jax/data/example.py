@@ -13,6 +13,7 @@ import numpy as np
 
 from vsalmonn_jax.data import cache, features, text
 from vsalmonn_jax.data.media import Media, MediaError, load_media
+from vsalmonn_jax.data.time_tokens import time_token_fields, wants_time_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,11 @@ class Featurizer:
     default_prompt: str = "Please describe the video in detail."
     cache_dir: str = ""
     prompt_format: str = "clean"
+    time_tokens: str = "none"
     _tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        wants_time_tokens(self.time_tokens, False, False)   # a bad data.time_tokens fails here
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, tokenizer_path: str | None = None
@@ -141,7 +146,8 @@ class Featurizer:
                    max_length=int(config.data.max_length), truncation=str(config.data.truncation),
                    default_prompt=str(config.generate.prompt),
                    cache_dir=str(config.data.encoder_cache),
-                   prompt_format=str(config.data.get("prompt_format", "clean")))
+                   prompt_format=str(config.data.get("prompt_format", "clean")),
+                   time_tokens=str(config.data.get("time_tokens", "none")))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -174,6 +180,10 @@ class Featurizer:
             if has_media:
                 fields.update(media_features(record.get("video"), record.get("audio"),
                                              self.settings, self.cache_dir))
+                if wants_time_tokens(self.time_tokens, bool(fields["has_video"]),
+                                     bool(fields["has_audio"])):
+                    fields.update(time_token_fields(self.tokenizer, float(fields["video_seconds"]),
+                                                    fields["pixels"].shape[0]))
             else:
                 fields.update(has_video=np.bool_(False), has_audio=np.bool_(False),
                               audio_seconds=np.float32(0.0))

@@ -27,7 +27,8 @@ from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config, default_positions
 from vsalmonn_jax.models.siglip import SiglipConfig, SiglipVision
 from vsalmonn_jax.models.whisper import AudioEncoder, WhisperConfig
 
-MEDIA_KEYS = ("frame_mask", "frame_times", "mel_mask", "audio_seconds", "has_video", "has_audio")
+MEDIA_KEYS = ("frame_mask", "frame_times", "mel_mask", "audio_seconds", "has_video", "has_audio",
+              "time_ids", "time_mask")
 INTERLEAVE_MODES = ("timestamp", "official")
 
 
@@ -85,11 +86,12 @@ class AVConfig:
                                self.pool_stride, self.newline, dtype=self.llm.dtype,
                                param_dtype="float32", init_std=self.connector_init_std)
 
-    def media_length(self, frames: int, chunks: int) -> int:
-        """Static media length M for F frame slots and C chunk slots (the valid part is masked)."""
+    def media_length(self, frames: int, chunks: int, time_slots: int = 0) -> int:
+        """Static media length M for F frame slots, C chunk slots and K time-token slots per frame
+        (the valid part is masked)."""
         audio = chunks * self.audio_tokens_per_chunk
         extra = frames if self.interleave == "official" else 0
-        return frames * self.frame_tokens + audio + extra
+        return frames * (self.frame_tokens + time_slots) + audio + extra
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -182,8 +184,31 @@ class AVLLM(nn.Module):
                 f, cfg.frame_tokens, a, nf, t, na, cfg.audio_tokens_per_second))
             index, length = plan(n_frames, times.astype(jnp.float32), n_audio)
         embeds, mask = jax.vmap(connectors.gather_media)(visual, audio, index, length)
+        if "time_ids" in media and f:
+            embeds, mask = self._time_tokens(media, embeds, mask, n_frames)
         embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
         return embeds, mask
+
+    def _time_tokens(self, media: dict, embeds: jax.Array, mask: jax.Array, n_frames: jax.Array):
+        """Insert the per-frame time tokens (time_ids / time_mask [B, F, K], data/time_tokens.py)
+        after each frame's visual tokens of examples without audio. Each frame gets the example's
+        longest time string's count of slots: its token embeddings, then zero vectors (the
+        release's pad_sequence). [B, M, H] -> [B, M + F * K, H]."""
+        cfg = self.config
+        b, m, h = embeds.shape
+        ids = jnp.asarray(media["time_ids"])
+        _, f, k = ids.shape
+        has_audio = media.get("has_audio", jnp.zeros((b,), bool))
+        real_frame = jnp.arange(f)[None, :] < n_frames[:, None]                    # [B, F]
+        keep = media["time_mask"] & ~has_audio[:, None, None] & real_frame[..., None]
+        time = self.llm.embed(ids.reshape(b, f * k)).reshape(b, f, k, h)
+        time = (time * keep[..., None].astype(time.dtype)).astype(embeds.dtype)   # [B, F, K, H]
+        n_time = jnp.max(jnp.sum(keep, axis=2), axis=1)                          # [B]
+        plan = jax.vmap(lambda nf, nt, n: connectors.plan_time_tokens(
+            m, cfg.frame_tokens, f, k, nf, nt, n))
+        index, length = plan(n_frames, n_time, jnp.sum(mask, axis=1))
+        # gather_media's table [first (M, H), second (F*K, H), zeros] is what the plan indexes
+        return jax.vmap(connectors.gather_media)(embeds, time.reshape(b, f * k, h), index, length)
 
     # (3) splice --------------------------------------------------------------------------------
     def splice(self, media_embeds: jax.Array, media_mask: jax.Array, input_ids: jax.Array,

@@ -17,9 +17,10 @@ from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training.pairs import Sample
 from vsalmonn_jax.training.task import present
 
-MEDIA_EXAMPLE_KEYS = ("pixels", "frame_times", "mel", "audio_seconds", "has_video", "has_audio")
+MEDIA_EXAMPLE_KEYS = ("pixels", "frame_times", "mel", "audio_seconds", "has_video", "has_audio",
+                      "time_ids", "time_mask")
 MEDIA_BATCH_KEYS = ("pixel_values", "frame_mask", "frame_times", "mel", "mel_mask", "audio_seconds",
-                    "has_video", "has_audio")
+                    "has_video", "has_audio", "time_ids", "time_mask")
 
 
 class PolicyEnv(Protocol):
