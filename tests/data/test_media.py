@@ -118,21 +118,6 @@ def test_randomly_damaged_files_fail_only_with_media_error(synth_dir, tmp_path):
     assert len(outcomes) == 20 and set(outcomes) - {"ok"}
 
 
-@pytest.fixture(scope="module")
-def format_clips(tmp_path_factory):
-    """12 frames at 2 fps (red = 20 * index) and a 30-s video whose AAC track runs 31 s."""
-    from vsalmonn_jax.data.encode import write_video
-
-    root = tmp_path_factory.mktemp("format_media")
-    frames = np.zeros((12, 16, 16, 3), np.uint8)
-    frames[..., 0] = (20 * np.arange(12, dtype=np.uint8))[:, None, None]
-    write_video(root / "fps2_12frames.mp4", frames, fps=2)
-    t = np.arange(31 * 16000) / 16000
-    write_video(root / "v30_a31.mp4", np.zeros((30, 16, 16, 3), np.uint8), fps=1,
-                audio=(0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sample_rate=16000)
-    return root
-
-
 def _frame_index(frames: np.ndarray) -> np.ndarray:
     return np.round(frames[..., 0].astype(float).mean(axis=(1, 2)) / 20).astype(int)
 
