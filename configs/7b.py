@@ -20,6 +20,12 @@ def get_config():
         num_mel_bins=128, d_model=1280, num_layers=32, num_heads=20, ffn_dim=5120,
         max_source_positions=1500))
     c.model.qformer.update(dict(hidden_size=768, num_layers=2, num_heads=12,
-                                intermediate_size=3072, window=25, num_queries=1))
+                                intermediate_size=3072, window=25, num_queries=1, dropout=0.1))
+    # the input format the released weights were trained on (docs/recipe.md "Input format");
+    # the clean forms: interleave=timestamp, prompt_format=clean, time_tokens=none,
+    # audio_cut=none, frame_sampling=grid, qformer.dropout=0
+    c.model.connector.interleave = "official"
+    c.data.update(dict(prompt_format="official", time_tokens="official", audio_cut="video",
+                       frame_sampling="file"))
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     return c

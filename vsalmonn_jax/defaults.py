@@ -40,13 +40,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.qformer = ml_collections.ConfigDict(dict(  # window-level Q-Former (BLIP-2 style)
         hidden_size=768, num_layers=2, num_heads=12, intermediate_size=3072,
         layer_norm_eps=1e-12, window=25, num_queries=1,
-        initializer_range=0.02))   # kernels at init; tiny widths need ~1/sqrt(width) (configs/demo.py)
+        initializer_range=0.02,    # kernels at init; tiny widths need ~1/sqrt(width) (configs/demo.py)
+        dropout=0.0))              # BERT-style dropout (query embeddings, attention probabilities,
+                                   # attention and FFN outputs) when training; 0 at inference.
+                                   # release: 0.1 (configs/7b.py); 0 = off (clean, parity tests)
     c.model.connector = ml_collections.ConfigDict(dict(
         pool_mode="max",          # max | average | bilinear
         pool_stride=2,
         initializer_range=0.02,   # vision projector kernels at init (HF default)
         newline="grid",           # one learned image_newline per row of pooled tokens
-        interleave="timestamp",   # timestamp (clean) | official (nearest-interpolation QUIRK)
+        interleave="timestamp",   # timestamp (clean) | official (the release: nearest-interpolation
+                                  # QUIRK; configs/7b.py)
         placeholder_token="<media>",
     ))
 
@@ -57,6 +61,16 @@ def base_config() -> ml_collections.ConfigDict:
         missing_audio="silence",  # silence (+ flag) | error
         audio_channel="first",    # first (official: channel 0) | mean (downmix)
         max_length=32768, truncation="error",  # error | truncate_response
+        # the release's input format (configs/7b.py sets it; docs/recipe.md "Input format"):
+        prompt_format="clean",    # clean: `<media>\nprompt` (one newline) | official: the release's
+                                  # `user\n<media>\n` + tokens of "\n" + prompt (two newline tokens)
+        time_tokens="none",       # none | official: per-frame time tokens (str(round(T / F * i, 1))
+                                  # after frame i's visual tokens) for video WITHOUT audio only
+        audio_cut="none",         # none: the whole track | video: cut to the video's duration, as
+                                  # the release's data loader does (no extra 30-s chunk for a track
+                                  # slightly longer than the video)
+        frame_sampling="grid",    # above max_frames: grid = evenly over the 1/fps grid | file =
+                                  # the release: linspace over ALL frame indices of the file
         batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,
         length_buckets=(), quarantine="quarantine.jsonl", encoder_cache="",
     ))

@@ -1,7 +1,8 @@
 """Real media files for the data tests, written once per session with PyAV (no downloads).
 
 Clips: 5-fps 30-s video with a 48-kHz stereo track, 200-s 1-fps video without audio, a 0.6-s clip,
-a larger-frame clip (downsampling path), broken files, and a tiny synthetic data set.
+a larger-frame clip (downsampling path), broken files, a tiny synthetic data set, and the clips of
+the release's input-format checks (frame sampling above max_frames, audio longer than the video).
 """
 
 import pathlib
@@ -57,4 +58,17 @@ def synth_dir(tmp_path_factory) -> pathlib.Path:
 
     root = tmp_path_factory.mktemp("synth")
     build_dataset(str(root), n_train=12, n_val=2, n_test=2, seed=7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def format_clips(tmp_path_factory):
+    """12 frames at 2 fps (red = 20 * index) and a 30-s video whose AAC track runs 31 s."""
+    root = tmp_path_factory.mktemp("format_media")
+    frames = np.zeros((12, 16, 16, 3), np.uint8)
+    frames[..., 0] = (20 * np.arange(12, dtype=np.uint8))[:, None, None]
+    write_video(root / "fps2_12frames.mp4", frames, fps=2)
+    t = np.arange(31 * 16000) / 16000
+    write_video(root / "v30_a31.mp4", np.zeros((30, 16, 16, 3), np.uint8), fps=1,
+                audio=(0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sample_rate=16000)
     return root

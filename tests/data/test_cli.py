@@ -48,3 +48,14 @@ def test_check_encodes_text_with_a_tokenizer(synth_dir, capsys):
                  f"--config.data.tokenizer={synth_dir / 'tokenizer'}"]) == 1
     out = capsys.readouterr().out
     assert f"bad: {path}:1: text: conversation is" in out and "> max_length 60" in out
+
+
+def test_check_with_the_7b_preset_cuts_audio_to_the_video(format_clips, tmp_path, capsys):
+    """configs/7b.py decodes as the release does: a 31-s track on a 30-s video is read as 30 s."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"video": "v30_a31.mp4", "events": []}) + "\n")
+    check = ["data", "check", str(path), "--root", str(format_clips), "--config", "7b"]
+    assert main(check) == 0
+    assert "frames 30-30, audio 30.0-30.0 s" in capsys.readouterr().out
+    assert main(check + ["--config.data.audio_cut=none"]) == 0
+    assert "frames 30-30, audio 31.0-31.0 s" in capsys.readouterr().out

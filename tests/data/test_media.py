@@ -116,3 +116,40 @@ def test_randomly_damaged_files_fail_only_with_media_error(synth_dir, tmp_path):
         except MediaError as err:
             outcomes.append(err.reason)
     assert len(outcomes) == 20 and set(outcomes) - {"ok"}
+
+
+def _frame_index(frames: np.ndarray) -> np.ndarray:
+    return np.round(frames[..., 0].astype(float).mean(axis=(1, 2)) / 20).astype(int)
+
+
+def test_file_sampling_spaces_frames_over_all_frame_indices(format_clips):
+    """Above max_frames (6 grid frames > 4), the release takes linspace(0, 11, 4) -> frames
+    0, 3, 7, 11 of the file; the grid form takes grid frames 0, 1, 3, 5 (file frames 0, 2, 6, 10)."""
+    from vsalmonn_jax.data.media import file_frame_indices
+
+    path = str(format_clips / "fps2_12frames.mp4")
+    np.testing.assert_array_equal(file_frame_indices(12, 4), np.linspace(0, 11, 4).astype(int))
+    media = load_media(path, max_frames=4, frame_sampling="file")
+    np.testing.assert_array_equal(_frame_index(media.frames), [0, 3, 7, 11])
+    np.testing.assert_allclose(media.frame_times, np.array([0, 3, 7, 11]) / 2, atol=1e-6)
+    grid = load_media(path, max_frames=4)
+    np.testing.assert_array_equal(_frame_index(grid.frames), [0, 2, 6, 10])
+    below = load_media(path, max_frames=6, frame_sampling="file")     # not above: the 1-fps grid
+    np.testing.assert_array_equal(_frame_index(below.frames), [0, 2, 4, 6, 8, 10])
+    with pytest.raises(ValueError, match="frame_sampling must be one of"):
+        load_media(path, max_frames=4, frame_sampling="linspace")
+
+
+def test_audio_cut_to_the_video_duration_gives_one_chunk(format_clips):
+    from vsalmonn_jax.data.features import log_mel_chunks
+
+    path = str(format_clips / "v30_a31.mp4")
+    cut = load_media(path, audio_cut="video")
+    assert cut.video_seconds == pytest.approx(30.0, abs=1e-3)
+    assert cut.audio.shape == (480000,) and cut.audio_seconds == pytest.approx(30.0, abs=1e-3)
+    assert log_mel_chunks(cut.audio, 16).shape[0] == 1
+    whole = load_media(path)                                          # the clean form: whole track
+    assert whole.audio_seconds == pytest.approx(31.0, abs=0.05)
+    assert log_mel_chunks(whole.audio, 16).shape[0] == 2
+    with pytest.raises(ValueError, match="audio_cut must be one of"):
+        load_media(path, audio_cut="yes")

@@ -106,3 +106,27 @@ def test_placeholder_is_added_to_a_tokenizer_without_it(tmp_path):
     assert media == len(tok) - 1
     ids, _ = text.encode_response(tok, "<media>\nhi", "ok")
     assert list(ids).count(media) == 1
+
+
+def test_official_prompt_format_puts_two_newline_tokens_after_the_media(tok):
+    """The release: `user\\n` + media + `\\n` + tokens("\\n" + prompt); clean: one newline."""
+    prompt = "Please describe the video in detail."
+    nl = tok.encode("\n", add_special_tokens=False)
+    assert len(nl) == 1
+    head = [1] + tok.encode("user\n", add_special_tokens=False)
+    official = list(text.encode_prompt(tok, prompt, prompt_format="official"))
+    user = official[official.index(3) - len(head):]
+    expected = head + [3] + nl + tok.encode("\n" + prompt, add_special_tokens=False) + [2] + nl
+    assert user[:len(expected)] == expected
+    assert user[len(head):len(head) + 3] == [3, nl[0], nl[0]]           # media, "\n", "\n"
+    clean = list(text.encode_prompt(tok, prompt))
+    assert clean[clean.index(3) + 1] == nl[0] and clean[clean.index(3) + 2] != nl[0]
+    assert len(official) == len(clean) + 1
+    # a placeholder given in the text is moved to the front (the release's preprocess_multimodal)
+    moved = text.encode_prompt(tok, f"{prompt} <media>", prompt_format="official")
+    np.testing.assert_array_equal(moved, official)
+    ids, mask = text.encode_response(tok, prompt, "ok", prompt_format="official")
+    np.testing.assert_array_equal(ids[:len(official)], official)
+    assert tok.decode(ids[mask]) == "ok<|im_end|>"
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        text.encode_prompt(tok, prompt, prompt_format="literal")

@@ -107,3 +107,28 @@ def test_caption_command_skips_corrupt_and_resumes(caption_setup, capsys):
     assert "1 written, 5 already done, 1 unreadable" in capsys.readouterr().err
     again = [json.loads(x) for x in out.read_text().splitlines()]
     assert again == lines                         # same caption: per-(id, sample) keys
+
+
+@pytest.mark.slow
+def test_caption_in_the_release_format_reads_a_video_without_audio(caption_setup, capsys):
+    """The 7B presets' input format through `caption` (tiny model): a video without an audio
+    track gets per-frame time tokens and the two-newline prompt; the output depends on the tokens."""
+    from vsalmonn_jax.commands.caption import main
+
+    root, overrides, run, _, _, _ = caption_setup
+    silent = root / "silent"
+    silent.mkdir()
+    write_video(silent / "clip.mp4", np.random.default_rng(5).integers(0, 255, (3, 32, 32, 3),
+                                                                         dtype=np.uint8), fps=1)
+    release = ["--config.data.time_tokens=official", "--config.data.prompt_format=official",
+               "--config.model.connector.interleave=official", "--config.data.audio_cut=video",
+               "--config.data.frame_sampling=file"]
+    results = {}
+    for name, flags in (("release", release), ("no_time", release + ["--config.data.time_tokens=none"])):
+        out = root / f"silent_{name}.jsonl"
+        argv = [str(silent), "--checkpoint", run, "--config", "tiny", *overrides, *flags,
+                "--output", str(out), "--max-new-tokens", "4", "--batch-size", "4", "--no-progress"]
+        assert main(argv) == 0, capsys.readouterr().err
+        (results[name],) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert 1 <= results["release"]["num_tokens"] <= 4
+    assert results["release"]["logprob"] != pytest.approx(results["no_time"]["logprob"], abs=1e-6)

@@ -204,3 +204,37 @@ def test_media_activations_stay_batch_sharded(setup):
     for sharding in compiled.output_shardings:
         assert sharding.shard_shape((8, 1, 1, 1))[0] == 1, sharding  # each device holds 1 of 8 rows
     assert "f32[8,2,16,64]" not in hlo  # no full-batch projector output on any device
+
+
+def test_time_tokens_follow_each_frame_of_video_without_audio(setup, rng):
+    """The release's --add_time_token: per frame [visual, time-token embeddings, zero vectors up to
+    the example's longest time string]; a row with audio gets none (the AV interleave)."""
+    import dataclasses
+
+    cfg, lora, variables = setup
+    official = dataclasses.replace(cfg, interleave="official")
+    batch = dummy_batch(cfg, batch=2, frames=3, chunks=1, text_len=6)
+    batch["pixel_values"] = rng.normal(size=batch["pixel_values"].shape).astype(np.float32)
+    batch["mel"] = rng.normal(size=batch["mel"].shape).astype(np.float32)
+    batch["frame_mask"][:] = [True, True, False]
+    batch["has_audio"][:] = [False, True]
+    batch["mel_mask"][:] = [[False], [True]]
+    model = AVLLM(official, lora)
+    run = lambda method, *args: jax.jit(functools.partial(model.apply, method=method))(
+        variables, *args)
+    media = run("encode_frozen", batch)
+    plain, plain_mask = run("connect", media)
+    ids = np.zeros((2, 3, 4), np.int32)
+    ids[:, 0, :3], ids[:, 1, :4] = [20, 21, 22], [23, 24, 25, 26]
+    timed = dict(media, time_ids=jnp.asarray(ids), time_mask=jnp.asarray(ids > 0))
+    embeds, mask = run("connect", timed)
+    v = cfg.frame_tokens
+    assert embeds.shape[1] == plain.shape[1] + 3 * 4
+    assert np.asarray(mask).sum(1).tolist() == [2 * v + 2 * 4, int(plain_mask[1].sum())]
+    table = np.asarray(variables["params"]["llm"]["embed_tokens"]["embedding"])
+    plain, embeds = np.asarray(plain), np.asarray(embeds)
+    expected = np.concatenate([plain[0, :v], table[[20, 21, 22]], np.zeros((1, table.shape[1])),
+                               plain[0, v:2 * v], table[[23, 24, 25, 26]]])
+    np.testing.assert_allclose(embeds[0, :2 * v + 8], expected, atol=1e-6)
+    np.testing.assert_array_equal(embeds[1, :plain.shape[1]], plain[1])   # with audio: unchanged
+    assert not embeds[0, 2 * v + 8:].any() and not embeds[1, plain.shape[1]:].any()

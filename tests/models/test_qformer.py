@@ -1,6 +1,8 @@
 """Window-level Q-Former: parity with transformers.Blip2QFormerModel (cross-attention every layer),
 window by window, plus the chunk position table, shapes and parameter count of the audio connector."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +89,20 @@ def test_initializer_range_sets_every_kernel_and_the_queries():
         assert len(leaves) == 2 * (4 + 4 + 2) + 3 + 1   # per layer: 2 attentions, ffn; head; query
         for path, value in leaves.items():
             assert abs(value.std() / std - 1) < 0.15, (path, value.std(), std)
+
+
+def test_dropout_only_when_training():
+    """dropout 0.1 (the release's BERT config): two dropout rngs give different outputs when
+    training (deterministic=False); at inference the output equals the dropout-0 model's."""
+    features = jnp.asarray(np.random.default_rng(2).normal(size=(1, 2, 50, 24)), jnp.float32)
+    variables = AudioConnector(CFG).init(jax.random.PRNGKey(0), features)
+    drop = AudioConnector(dataclasses.replace(CFG, dropout=0.1))
+    clean = AudioConnector(CFG).apply(variables, features)
+    np.testing.assert_array_equal(np.asarray(drop.apply(variables, features)), np.asarray(clean))
+    train = lambda seed: np.asarray(drop.apply(variables, features, False,
+                                               rngs={"dropout": jax.random.PRNGKey(seed)}))
+    a, b = train(1), train(2)
+    assert np.abs(a - b).max() > 1e-3 and np.abs(a - np.asarray(clean)).max() > 1e-3
+    np.testing.assert_array_equal(train(1), a)                        # same rng, same draw
+    np.testing.assert_array_equal(                                    # rate 0 never needs an rng
+        np.asarray(AudioConnector(CFG).apply(variables, features, False)), np.asarray(clean))

@@ -12,8 +12,8 @@ import collections
 import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
-from vsalmonn_jax.data.example import FeatureSettings, Featurizer, text_fields
-from vsalmonn_jax.data.media import MediaError, load_media
+from vsalmonn_jax.data.example import FeatureSettings, Featurizer
+from vsalmonn_jax.data.media import MediaError
 from vsalmonn_jax.data.records import KINDS, RecordError, parse_jsonl
 from vsalmonn_jax.data.synthetic import build_dataset, synthetic_config
 
@@ -46,19 +46,13 @@ def check(args, config) -> int:
     for record in records:
         if featurizer is not None:   # the text must fit the template and data.max_length
             try:
-                text_fields(record, featurizer.tokenizer, placeholder=featurizer.placeholder,
-                            max_length=featurizer.max_length, truncation=featurizer.truncation,
-                            default_prompt=featurizer.default_prompt,
-                            has_media="video" in record or "audio" in record)
+                featurizer.text(record, has_media="video" in record or "audio" in record)
             except ValueError as err:
                 failures.append(f"{record['source']}:{record['line']}: text: {err}")
         if args.no_decode or ("video" not in record and "audio" not in record):
             continue
         try:
-            media = load_media(record.get("video"), record.get("audio"), fps=settings.fps,
-                               max_frames=settings.max_frames, sample_rate=settings.sample_rate,
-                               min_audio_seconds=settings.min_audio_seconds,
-                               missing_audio=settings.missing_audio, channel=settings.channel)
+            media = settings.load(record.get("video"), record.get("audio"))
         except MediaError as err:
             failures.append(f"{record['source']}:{record['line']}: {err.reason}: {err}")
             continue

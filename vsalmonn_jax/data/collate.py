@@ -2,7 +2,8 @@
 
 Text length T: the smallest `length_buckets` entry that fits (next power of two >= 16 when none
 is given or none fits); frames F: next power of two capped at max_frames (at least 1);
-mel chunks C: the batch maximum (at least 1). Padding is on the right, masks mark real entries.
+mel chunks C: the batch maximum (at least 1); per-frame time tokens K (only when an example has
+them): next power of two >= 4. Padding is on the right, masks mark real entries.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def _text(examples: list[dict], prefix: str, length: int, pad_id: int) -> dict[s
             f"{prefix}loss_mask": loss}
 
 
+def _time_tokens(examples: list[dict], frames: int) -> dict[str, np.ndarray]:
+    """time_ids int32 / time_mask bool [B, F, K] (K: power of two >= 4 holding the longest)."""
+    width = _pow2(max(ex["time_ids"].shape[1] for ex in examples if "time_ids" in ex), 4)
+    ids = np.zeros((len(examples), frames, width), np.int32)
+    mask = np.zeros((len(examples), frames, width), bool)
+    for b, ex in enumerate(examples):
+        if "time_ids" in ex:
+            n, k = ex["time_ids"].shape
+            ids[b, :n, :k], mask[b, :n, :k] = ex["time_ids"], ex["time_mask"]
+    return {"time_ids": ids, "time_mask": mask}
+
+
 def collate(examples: list[dict], *, pad_id: int, image_size: int, num_mel_bins: int,
             max_frames: int = 110, length_buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Stack unpadded examples (from `Featurizer`) into the shared batch contract."""
@@ -73,6 +86,8 @@ def collate(examples: list[dict], *, pad_id: int, image_size: int, num_mel_bins:
             c = ex["mel"].shape[0]
             batch["mel"][b, :c] = ex["mel"]
             batch["mel_mask"][b, :c] = True
+    if any("time_ids" in ex for ex in examples):
+        batch.update(_time_tokens(examples, frames))
     batch["pixel_values"] = siglip_normalize(pixels)
     batch["audio_seconds"] = np.asarray([ex["audio_seconds"] for ex in examples], np.float32)
     batch["has_video"] = np.asarray([bool(ex["has_video"]) for ex in examples])

@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 
 from vsalmonn_jax.data import cache, features, text
-from vsalmonn_jax.data.media import MediaError, load_media
+from vsalmonn_jax.data.media import Media, MediaError, load_media
+from vsalmonn_jax.data.time_tokens import time_token_fields, wants_time_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class FeatureSettings:
     min_audio_seconds: float = 1.0
     missing_audio: str = "silence"
     channel: str = "first"
+    frame_sampling: str = "grid"
+    audio_cut: str = "none"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> FeatureSettings:
@@ -35,7 +38,16 @@ class FeatureSettings:
                    num_mel_bins=int(config.model.audio.num_mel_bins), fps=float(data.fps),
                    max_frames=int(data.max_frames), sample_rate=int(data.sample_rate),
                    min_audio_seconds=float(data.min_audio_seconds),
-                   missing_audio=str(data.missing_audio), channel=str(data.audio_channel))
+                   missing_audio=str(data.missing_audio), channel=str(data.audio_channel),
+                   frame_sampling=str(data.get("frame_sampling", "grid")),
+                   audio_cut=str(data.get("audio_cut", "none")))
+
+    def load(self, video: str | None, audio: str | None) -> Media:
+        """Decode a record's media with these settings (data/media.py load_media)."""
+        return load_media(video, audio, fps=self.fps, max_frames=self.max_frames,
+                          sample_rate=self.sample_rate, min_audio_seconds=self.min_audio_seconds,
+                          missing_audio=self.missing_audio, channel=self.channel,
+                          frame_sampling=self.frame_sampling, audio_cut=self.audio_cut)
 
 
 def media_features(video: str | None, audio: str | None, settings: FeatureSettings,
@@ -43,7 +55,7 @@ def media_features(video: str | None, audio: str | None, settings: FeatureSettin
     """Decode + featurise one record's media (or read it from the cache).
 
     Returns pixels uint8 [F, S, S, 3] (resized, normalised at batching), frame_times [F],
-    mel float32 [C, bins, 3000], audio_seconds, has_video, has_audio (0-d arrays).
+    mel float32 [C, bins, 3000], audio_seconds, video_seconds, has_video, has_audio (0-d arrays).
     """
     key = None
     if cache_dir:
@@ -54,15 +66,14 @@ def media_features(video: str | None, audio: str | None, settings: FeatureSettin
         hit = cache.load(cache_dir, key)
         if hit is not None:
             return hit
-    media = load_media(video, audio, fps=settings.fps, max_frames=settings.max_frames,
-                       sample_rate=settings.sample_rate, min_audio_seconds=settings.min_audio_seconds,
-                       missing_audio=settings.missing_audio, channel=settings.channel)
+    media = settings.load(video, audio)
     out = {
         "pixels": features.siglip_resize(media.frames, settings.image_size) if media.has_video
         else np.zeros((0, settings.image_size, settings.image_size, 3), np.uint8),
         "frame_times": media.frame_times.astype(np.float32),
         "mel": features.log_mel_chunks(media.audio, settings.num_mel_bins),
         "audio_seconds": np.float32(media.audio_seconds),
+        "video_seconds": np.float64(media.video_seconds),   # float64: time tokens round it
         "has_video": np.bool_(media.has_video),
         "has_audio": np.bool_(media.has_audio),
     }
@@ -76,10 +87,11 @@ def _caption_prompt(record: dict, default: str) -> str:
 
 
 def text_fields(record: dict, tokenizer, *, placeholder: str, max_length: int, truncation: str,
-                default_prompt: str, has_media: bool) -> dict[str, np.ndarray]:
+                default_prompt: str, has_media: bool, prompt_format: str = "clean"
+                ) -> dict[str, np.ndarray]:
     """Token ids + loss masks of a record, by kind (prompt-only kinds get an all-False mask)."""
     kw = dict(placeholder=placeholder, has_media=has_media, max_length=max_length,
-              truncation=truncation)
+              truncation=truncation, prompt_format=prompt_format)
     kind = record["kind"]
     if kind == "sft":
         ids, mask = text.encode_conversation(tokenizer, record["conversations"], **kw)
@@ -118,7 +130,12 @@ class Featurizer:
     truncation: str = "error"
     default_prompt: str = "Please describe the video in detail."
     cache_dir: str = ""
+    prompt_format: str = "clean"
+    time_tokens: str = "none"
     _tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        wants_time_tokens(self.time_tokens, False, False)   # a bad data.time_tokens fails here
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, tokenizer_path: str | None = None
@@ -128,7 +145,9 @@ class Featurizer:
                    placeholder=str(config.model.connector.placeholder_token),
                    max_length=int(config.data.max_length), truncation=str(config.data.truncation),
                    default_prompt=str(config.generate.prompt),
-                   cache_dir=str(config.data.encoder_cache))
+                   cache_dir=str(config.data.encoder_cache),
+                   prompt_format=str(config.data.get("prompt_format", "clean")),
+                   time_tokens=str(config.data.get("time_tokens", "none")))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -141,21 +160,30 @@ class Featurizer:
             self._tokenizer = text.load_tokenizer(self.tokenizer_path, self.placeholder)
         return self._tokenizer
 
+    def text(self, record: dict, has_media: bool) -> dict[str, np.ndarray]:
+        """`text_fields` of a record with this featurizer's tokenizer and text settings."""
+        return text_fields(record, self.tokenizer, placeholder=self.placeholder,
+                           max_length=self.max_length, truncation=self.truncation,
+                           default_prompt=self.default_prompt, has_media=has_media,
+                           prompt_format=self.prompt_format)
+
     def __call__(self, record: dict) -> dict:
         base = {"example_id": np.int64(record.get("index", -1)), "id": record.get("id", ""),
                 "source": record.get("source", ""), "line": record.get("line", 0),
                 "video": record.get("video"), "audio": record.get("audio")}
         has_media = "video" in record or "audio" in record
         try:
-            fields = text_fields(record, self.tokenizer, placeholder=self.placeholder,
-                                 max_length=self.max_length, truncation=self.truncation,
-                                 default_prompt=self.default_prompt, has_media=has_media)
+            fields = self.text(record, has_media)
         except ValueError as err:   # text that does not fit the template or the length budget
             return {**base, "failed": "text", "detail": str(err)}
         try:
             if has_media:
                 fields.update(media_features(record.get("video"), record.get("audio"),
                                              self.settings, self.cache_dir))
+                if wants_time_tokens(self.time_tokens, bool(fields["has_video"]),
+                                     bool(fields["has_audio"])):
+                    fields.update(time_token_fields(self.tokenizer, float(fields["video_seconds"]),
+                                                    fields["pixels"].shape[0]))
             else:
                 fields.update(has_video=np.bool_(False), has_audio=np.bool_(False),
                               audio_seconds=np.float32(0.0))

@@ -36,18 +36,72 @@ class Media:
     audio_seconds: float        # true audio length before padding
     has_video: bool
     has_audio: bool
+    video_seconds: float = 0.0  # the video's duration (0 without video)
+
+
+FRAME_SAMPLING = ("grid", "file")
+AUDIO_CUTS = ("none", "video")
+
+
+def grid_count(duration: float, fps: float = 1.0) -> int:
+    """Frames on the 1/fps grid within [0, duration) (at least 1)."""
+    return max(1, int(np.ceil(duration * fps - 1e-6))) if duration > 0 else 1
 
 
 def sample_times(duration: float, fps: float = 1.0, max_frames: int = 110) -> np.ndarray:
     """Target frame times: every 1/fps s within [0, duration); past `max_frames`, evenly resampled."""
     if duration <= 0:
         return np.zeros((1,), np.float64)
-    count = max(1, int(np.ceil(duration * fps - 1e-6)))
+    count = grid_count(duration, fps)
     times = np.arange(count, dtype=np.float64) / fps
     if count > max_frames:
         picks = np.linspace(0, count - 1, max_frames).astype(np.int64)
         times = times[picks]
     return times
+
+
+def file_frame_indices(total_frames: int, max_frames: int) -> np.ndarray:
+    """The release's sampling above max_frames: `max_frames` indices spaced evenly (linspace,
+    truncated to int) over ALL frame indices 0..total_frames-1 of the file."""
+    return np.linspace(0, total_frames - 1, max_frames).astype(np.int64)
+
+
+def _packet_times(path: str) -> np.ndarray:
+    """Presentation times (s from the stream start, sorted) of every frame of the first video
+    stream, read from the packets without decoding: frame index -> time."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        try:
+            pts = [float(p.pts * stream.time_base) - start for p in container.demux(stream)
+                   if p.pts is not None and p.size]
+        except _DECODE_ERRORS as err:
+            raise MediaError(path, "corrupt", f"demuxing the video packets failed: {err}") from err
+    return np.sort(np.asarray(pts, np.float64))
+
+
+def target_times(path: str, duration: float, fps: float, max_frames: int,
+                 sampling: str = "grid") -> np.ndarray:
+    """Frame times to decode: the 1/fps grid; above max_frames, `sampling` "grid" spaces them over
+    the grid (sample_times), "file" over all frame indices of the file (file_frame_indices)."""
+    if sampling not in FRAME_SAMPLING:
+        raise ValueError(f"data.frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}")
+    if sampling == "grid" or grid_count(duration, fps) <= max_frames:
+        return sample_times(duration, fps, max_frames)
+    times = _packet_times(path)
+    if times.shape[0] <= max_frames:
+        return times
+    return times[file_frame_indices(times.shape[0], max_frames)]
+
+
+def cut_audio(wave: np.ndarray, video_seconds: float, sample_rate: int, mode: str) -> np.ndarray:
+    """`mode` "video": a video record's audio cut to the video's duration (the release's data
+    loader: audio[:round(sr * real_time)]); "none": the whole track."""
+    if mode not in AUDIO_CUTS:
+        raise ValueError(f"data.audio_cut must be one of {AUDIO_CUTS}, got {mode!r}")
+    if mode == "none" or video_seconds <= 0:
+        return wave
+    return wave[: int(round(video_seconds * sample_rate))]
 
 
 def _check_file(path: str) -> None:
@@ -73,13 +127,14 @@ def _stream_seconds(stream, container) -> float:
     return 0.0
 
 
-def _decode_frames(path: str, container, fps: float, max_frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _decode_frames(path: str, container, fps: float, max_frames: int,
+                   sampling: str = "grid") -> tuple[np.ndarray, np.ndarray]:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     duration = _stream_seconds(stream, container)
     rate = float(stream.average_rate) if stream.average_rate else 0.0
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    targets = sample_times(duration, fps, max_frames)
+    targets = target_times(path, duration, fps, max_frames, sampling)
     tolerance = 0.5 / rate if rate > 0 else 1e-3
     frames, times, next_target = [], [], 0
     try:
@@ -140,12 +195,14 @@ def load_audio(path: str, sample_rate: int = 16000, channel: str = "first") -> n
 
 def load_media(video: str | None = None, audio: str | None = None, *, fps: float = 1.0,
                max_frames: int = 110, sample_rate: int = 16000, min_audio_seconds: float = 1.0,
-               missing_audio: str = "silence", channel: str = "first") -> Media:
+               missing_audio: str = "silence", channel: str = "first",
+               frame_sampling: str = "grid", audio_cut: str = "none") -> Media:
     """Decode one record's media: a video (with its audio track) and/or a separate audio file.
 
     A video without an audio track: `missing_audio="silence"` gives silence of the video's
     length with `has_audio=False`; `"error"` raises MediaError("no_audio"). A separate audio
-    file, when given, is used instead of the video's track.
+    file, when given, is used instead of the video's track. `frame_sampling` (target_times) and
+    `audio_cut` (cut_audio) choose the release's forms.
     """
     if video is None and audio is None:
         raise ValueError("load_media needs a video or an audio path")
@@ -156,7 +213,7 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
         with _open(video) as container:
             if not container.streams.video:
                 raise MediaError(video, "no_video", "file has no video track")
-            frames, times = _decode_frames(video, container, fps, max_frames)
+            frames, times = _decode_frames(video, container, fps, max_frames, frame_sampling)
             duration = _stream_seconds(container.streams.video[0], container)
         if audio is None:
             with _open(video) as container:
@@ -173,9 +230,10 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
             raise MediaError(audio, "no_samples", "audio track decodes to zero samples")
     if wave is None:
         wave = np.zeros((int(round(duration * sample_rate)),), np.float32)
+    wave = cut_audio(wave, duration, sample_rate, audio_cut)
     seconds = wave.shape[0] / sample_rate
     minimum = int(np.ceil(min_audio_seconds * sample_rate))
     if wave.shape[0] < minimum:
         wave = np.pad(wave, (0, minimum - wave.shape[0]))
     return Media(frames=frames, frame_times=times, audio=wave, audio_seconds=float(seconds),
-                 has_video=video is not None, has_audio=has_audio)
+                 has_video=video is not None, has_audio=has_audio, video_seconds=float(duration))

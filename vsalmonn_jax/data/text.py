@@ -8,6 +8,9 @@ Assistant turns are targets from their first content token through their closing
   "truncate_response" the LAST assistant turn is cut at the end (losing its <|im_end|>), never the
                       prompt; if the prompt alone does not fit, it raises.
 `reserved` counts tokens that will be added later (e.g. media embeddings) in the budget.
+Prompt formats (`data.prompt_format`): "clean" encodes the user turn `<media>\\n{prompt}` as one text
+(one newline token after the media); "official" is the release's: `user\\n` + media + `\\n`, then the
+text after the placeholder tokenised on its own (`"\\n" + prompt`: two newline tokens).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 SYSTEM_PROMPT = "You are a helpful assistant."
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 ROLES = ("system", "user", "assistant")
+PROMPT_FORMATS = ("clean", "official")
 
 
 def load_tokenizer(path: str, placeholder: str | None = None):
@@ -49,17 +53,30 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
+def _official_user(tokenizer, content: str, placeholder: str, media_id: int,
+                   newline: list[int]) -> list[int]:
+    """The release's user content with the media: the placeholder moved to the front (as its
+    preprocess_multimodal does), then media + "\\n" + the tokens of the text after the placeholder."""
+    if not content.startswith(placeholder):
+        content = f"{placeholder}\n{content.replace(placeholder, '').strip()}"
+    return [media_id] + newline + _encode(tokenizer, content[len(placeholder):])
+
+
 def encode_conversation(tokenizer, turns: Sequence[Mapping[str, str]], *, placeholder: str = "<media>",
                         has_media: bool = True, system: str | None = SYSTEM_PROMPT,
                         max_length: int | None = None, truncation: str = "error",
-                        reserved: int = 0, add_generation_prompt: bool = False
-                        ) -> tuple[np.ndarray, np.ndarray]:
+                        reserved: int = 0, add_generation_prompt: bool = False,
+                        prompt_format: str = "clean") -> tuple[np.ndarray, np.ndarray]:
     """Turns [{"role", "content"}] -> (input_ids int32 [T], loss_mask bool [T]).
 
     With media, exactly one placeholder token must appear (none: one is put before the first
     user message; more than one: error). Without media, none may appear.
     `add_generation_prompt` appends "<|im_start|>assistant\\n" (for captioning / sampling).
+    `prompt_format` "official": the user turn holding the placeholder is encoded as the release
+    does (module docstring).
     """
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"data.prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     start, end = token_id(tokenizer, IM_START), token_id(tokenizer, IM_END)
     media_id = token_id(tokenizer, placeholder)
     newline = _encode(tokenizer, "\n")
@@ -95,6 +112,9 @@ def encode_conversation(tokenizer, turns: Sequence[Mapping[str, str]], *, placeh
             last_response = len(ids)
             add(_encode(tokenizer, turn["content"]) + [end], True)
             add(newline, False)
+        elif prompt_format == "official" and placeholder in turn["content"]:
+            add(_official_user(tokenizer, turn["content"], placeholder, media_id, newline)
+                + [end] + newline, False)
         else:
             add(_encode(tokenizer, turn["content"]) + [end] + newline, False)
     if add_generation_prompt:

@@ -80,14 +80,14 @@ class CachedAVTask:
     def encode(self, variables, batch):
         return media_of(batch)
 
-    def spliced(self, variables, text, media):
+    def spliced(self, variables, text, media, deterministic: bool = True, rngs=None):
         v = _layout(variables)
-        embeds, mask = self.model.apply(v, media, method="connect")
+        embeds, mask = self.model.apply(v, media, deterministic, method="connect", rngs=rngs)
         return self.model.apply(v, embeds, mask, text["input_ids"], text["attention_mask"],
                                 text["loss_mask"], method="splice")
 
     def forward(self, variables, text, media, *, deterministic, rngs):
-        spliced = self.spliced(variables, text, media)
+        spliced = self.spliced(variables, text, media, deterministic, rngs)   # Q-Former dropout
         hidden = self.model.apply(_layout(variables), spliced, deterministic, True, method="decode",
                                   rngs=rngs)
         targets, mask = shift_targets(spliced["targets"], spliced["loss_mask"])

@@ -28,7 +28,8 @@ from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config, default_positions
 from vsalmonn_jax.models.siglip import SiglipConfig, SiglipVision
 from vsalmonn_jax.models.whisper import AudioEncoder, WhisperConfig
 
-MEDIA_KEYS = ("frame_mask", "frame_times", "mel_mask", "audio_seconds", "has_video", "has_audio")
+MEDIA_KEYS = ("frame_mask", "frame_times", "mel_mask", "audio_seconds", "has_video", "has_audio",
+              "time_ids", "time_mask")
 INTERLEAVE_MODES = ("timestamp", "official")
 
 
@@ -86,11 +87,12 @@ class AVConfig:
                                self.pool_stride, self.newline, dtype=self.llm.dtype,
                                param_dtype="float32", init_std=self.connector_init_std)
 
-    def media_length(self, frames: int, chunks: int) -> int:
-        """Static media length M for F frame slots and C chunk slots (the valid part is masked)."""
+    def media_length(self, frames: int, chunks: int, time_slots: int = 0) -> int:
+        """Static media length M for F frame slots, C chunk slots and K time-token slots per frame
+        (the valid part is masked)."""
         audio = chunks * self.audio_tokens_per_chunk
         extra = frames if self.interleave == "official" else 0
-        return frames * self.frame_tokens + audio + extra
+        return frames * (self.frame_tokens + time_slots) + audio + extra
 
 
 def _batch_sharded(x: jax.Array) -> jax.Array:
@@ -137,8 +139,9 @@ class AVLLM(nn.Module):
         return jax.lax.stop_gradient(media)
 
     # (2) trainable connectors + interleaving --------------------------------------------------------
-    def connect(self, media: dict) -> tuple[jax.Array, jax.Array]:
+    def connect(self, media: dict, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         """Media pytree -> media_embeds [B, M, H], media_mask bool [B, M] (valid prefix).
+        deterministic=False: the Q-Former's dropout is on (rng "dropout").
 
         frame_mask / mel_mask must mark prefixes (see validate_batch). Interleave "timestamp": per
         real frame its visual tokens then the real audio tokens starting in its time span (frame_times);
@@ -159,7 +162,8 @@ class AVLLM(nn.Module):
             n_frames = jnp.zeros((b,), jnp.int32)
         f = visual.shape[1]
         if "audio" in media:
-            audio = _batch_sharded(self.audio_connector(media["audio"]).astype(visual.dtype))  # [B, C*Tc, H]
+            audio = self.audio_connector(media["audio"], deterministic)  # [B, C*Tc, H]
+            audio = _batch_sharded(audio.astype(visual.dtype))
             chunks = media["audio"].shape[1]
             mel_mask = media.get("mel_mask", jnp.ones((b, chunks), bool))
             has_audio = media.get("has_audio", jnp.ones((b,), bool))
@@ -181,8 +185,31 @@ class AVLLM(nn.Module):
                 f, cfg.frame_tokens, a, nf, t, na, cfg.audio_tokens_per_second))
             index, length = plan(n_frames, times.astype(jnp.float32), n_audio)
         embeds, mask = jax.vmap(connectors.gather_media)(visual, audio, index, length)
+        if "time_ids" in media and f:
+            embeds, mask = self._time_tokens(media, embeds, mask, n_frames)
         embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
         return embeds, mask
+
+    def _time_tokens(self, media: dict, embeds: jax.Array, mask: jax.Array, n_frames: jax.Array):
+        """Insert the per-frame time tokens (time_ids / time_mask [B, F, K], data/time_tokens.py)
+        after each frame's visual tokens of examples without audio. Each frame gets the example's
+        longest time string's count of slots: its token embeddings, then zero vectors (the
+        release's pad_sequence). [B, M, H] -> [B, M + F * K, H]."""
+        cfg = self.config
+        b, m, h = embeds.shape
+        ids = jnp.asarray(media["time_ids"])
+        _, f, k = ids.shape
+        has_audio = media.get("has_audio", jnp.zeros((b,), bool))
+        real_frame = jnp.arange(f)[None, :] < n_frames[:, None]                    # [B, F]
+        keep = media["time_mask"] & ~has_audio[:, None, None] & real_frame[..., None]
+        time = self.llm.embed(ids.reshape(b, f * k)).reshape(b, f, k, h)
+        time = (time * keep[..., None].astype(time.dtype)).astype(embeds.dtype)   # [B, F, K, H]
+        n_time = jnp.max(jnp.sum(keep, axis=2), axis=1)                          # [B]
+        plan = jax.vmap(lambda nf, nt, n: connectors.plan_time_tokens(
+            m, cfg.frame_tokens, f, k, nf, nt, n))
+        index, length = plan(n_frames, n_time, jnp.sum(mask, axis=1))
+        # gather_media's table [first (M, H), second (F*K, H), zeros] is what the plan indexes
+        return jax.vmap(connectors.gather_media)(embeds, time.reshape(b, f * k, h), index, length)
 
     # (3) splice --------------------------------------------------------------------------------
     def splice(self, media_embeds: jax.Array, media_mask: jax.Array, input_ids: jax.Array,
@@ -241,7 +268,7 @@ class AVLLM(nn.Module):
             self.llm(jnp.zeros((1, 1), jnp.int32))
         media = self.encode_frozen(batch)
         if "vision" in media or "audio" in media:
-            embeds, mask = self.connect(media)
+            embeds, mask = self.connect(media, deterministic)
         else:
             b = batch[prefix + "input_ids"].shape[0]
             embeds = jnp.zeros((b, 0, self.config.llm.hidden_size), self.config.llm.dtype)

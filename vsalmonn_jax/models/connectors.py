@@ -1,8 +1,9 @@
 """Vision connector (projector, 2x2 pooling, image_newline) and audio-visual interleaving.
 
 Trainable parameters (projector, image_newline) live in the `adapter` collection. The interleaving
-functions are pure index arithmetic with static shapes (jit-friendly): see `interleave_timestamp`
-(the clean default) and `interleave_official` (video-SALMONN 2's nearest-interpolation QUIRK).
+functions are pure index arithmetic with static shapes (jit-friendly): see `plan_timestamp`
+(the clean default), `plan_official` (video-SALMONN 2's nearest-interpolation QUIRK) and
+`plan_time_tokens` (the release's per-frame time tokens for video without audio).
 """
 
 from __future__ import annotations
@@ -191,6 +192,25 @@ def plan_official(num_frames: int, frame_tokens: int, num_audio: int, n_frames: 
     index = _plan(m, f * v + a, [vis_dest, q_dest, back_dest],
                   [jnp.arange(f * v), f * v + q_src, f * v + j])
     return index, n_frames * stride + (n_audio_all - front)
+
+
+def plan_time_tokens(num_media: int, frame_tokens: int, num_frames: int, time_slots: int,
+                     n_frames: jax.Array, n_time: jax.Array, length: jax.Array):
+    """Per-frame time tokens (the release's --add_time_token, video without audio): a media
+    sequence that starts with n_frames blocks of frame_tokens visual tokens becomes
+    [frame 0 visual, n_time time slots of frame 0, frame 1 visual, ...] followed by the rest.
+    Sources index concat([media (M, H), time slots (F * K, H), zeros (1, H)]); n_time = 0 is
+    the identity. Static output M + F * K; valid length = length + n_frames * n_time.
+    """
+    m, v, f, k = num_media, frame_tokens, num_frames, time_slots
+    o = jnp.arange(m + f * k)
+    block = v + n_time
+    i, p = o // block, o % block
+    src = jnp.where(o < n_frames * block,
+                    jnp.where(p < v, i * v + p, m + i * k + p - v),  # visual | time slot of frame i
+                    o - n_frames * n_time)                            # what followed the frames
+    new_length = length + n_frames * n_time
+    return jnp.where(o < new_length, src, m + f * k).astype(jnp.int32), new_length
 
 
 def gather_media(visual: jax.Array, audio: jax.Array, index: jax.Array, length: jax.Array):

@@ -84,14 +84,18 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
-              impl: str = "xla") -> jax.Array:
+              impl: str = "xla", probs_dropout: Callable[[jax.Array], jax.Array] | None = None
+              ) -> jax.Array:
     """Bidirectional multi-head attention, softmax in fp32.
 
     q [B, T, N, D], k/v [B, S, N, D], mask bool [B, S] (True = attend) or None -> [B, T, N, D].
     impl "xla": plain einsum + softmax (any device); "cudnn": jax.nn.dot_product_attention's fused
-    GPU kernel (bf16/fp16 inputs).
+    GPU kernel (bf16/fp16 inputs). `probs_dropout` (xla only) is applied to the attention
+    probabilities (BERT's attention dropout).
     """
     if impl == "cudnn":
+        if probs_dropout is not None:
+            raise ValueError("attention probs_dropout needs impl='xla'")
         full = None if mask is None else mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=full, implementation="cudnn")
     if impl != "xla":
@@ -100,7 +104,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     logits = jnp.einsum("btnd,bsnd->bnts", q, k).astype(jnp.float32) * scale  # [B, N, T, S]
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)   # [B, N, T, S]
+    if probs_dropout is not None:
+        weights = probs_dropout(weights)
     return jnp.einsum("bnts,bsnd->btnd", weights, v)
 
 

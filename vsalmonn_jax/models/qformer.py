@@ -4,6 +4,9 @@ BLIP-2 style Q-Former (LayerNorm on the learned queries; per layer: BERT post-LN
 the queries, cross-attention to one window of Whisper frames, query feed-forward), applied to every
 window of `window` encoder frames (25 = 0.5 s); then the audio projection to the LLM width,
 `final_linear` (Linear-GELU-Linear) and the per-30-s-chunk sinusoidal position.
+Dropout (`dropout`, BERT's hidden and attention-probability dropout; the release trains with 0.1)
+is active only with deterministic=False (rng "dropout"): after the query LayerNorm, on the
+attention probabilities, on each attention output and on the feed-forward output.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class QFormerConfig:
     llm_hidden: int = 3584        # output width (set from the llm section)
     use_final_linear: bool = True
     initializer_range: float = 0.02   # N(0, .) for every kernel and the queries (BERT / BLIP-2)
+    dropout: float = 0.0          # hidden + attention-probability dropout in training (release 0.1)
     dtype: str = "float32"
     param_dtype: str = "float32"  # trainable: fp32
 
@@ -66,8 +70,9 @@ class QFormerAttention(nn.Module):
     collection: str = ADAPTER
 
     @nn.compact
-    def __call__(self, x, context):  # x [N, Q, H], context [N, S, E]
+    def __call__(self, x, context, deterministic: bool = True):  # x [N, Q, H], context [N, S, E]
         cfg = self.config
+        drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
         h = cfg.hidden_size
         dense = lambda axes, name: Dense(h, axes, collection=self.collection, dtype=cfg.dtype,
                                          param_dtype=cfg.param_dtype, name=name,
@@ -78,7 +83,8 @@ class QFormerAttention(nn.Module):
         q = dense(("qformer_embed", "qformer_mlp"), "query")(x).reshape(n, nq, heads, head_dim)
         k = dense((ctx_axis, "qformer_mlp"), "key")(context).reshape(n, -1, heads, head_dim)
         v = dense((ctx_axis, "qformer_mlp"), "value")(context).reshape(n, -1, heads, head_dim)
-        o = dense(("qformer_mlp", "qformer_embed"), "output")(attention(q, k, v).reshape(n, nq, h))
+        o = attention(q, k, v, probs_dropout=drop).reshape(n, nq, h)
+        o = drop(dense(("qformer_mlp", "qformer_embed"), "output")(o))
         return LayerNorm(cfg.layer_norm_eps, "qformer_embed", self.collection, cfg.dtype,
                          cfg.param_dtype, name="output_norm")(o + x)
 
@@ -89,17 +95,19 @@ class QFormerLayer(nn.Module):
     collection: str = ADAPTER
 
     @nn.compact
-    def __call__(self, x, encoder_states):
+    def __call__(self, x, encoder_states, deterministic: bool = True):
         cfg = self.config
-        x = QFormerAttention(cfg, self.collection, name="self_attention")(x, x)
+        x = QFormerAttention(cfg, self.collection, name="self_attention")(x, x, deterministic)
         if self.cross_attention:
-            x = QFormerAttention(cfg, self.collection, name="cross_attention")(x, encoder_states)
+            x = QFormerAttention(cfg, self.collection, name="cross_attention")(
+                x, encoder_states, deterministic)
         y = Dense(cfg.intermediate_size, ("qformer_embed", "qformer_mlp"), collection=self.collection,
                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="intermediate",
                   kernel_init=_init(cfg))(x)
         y = Dense(cfg.hidden_size, ("qformer_mlp", "qformer_embed"), collection=self.collection,
                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="output",
                   kernel_init=_init(cfg))(gelu(y, False))
+        y = nn.Dropout(cfg.dropout, deterministic=deterministic)(y)
         return LayerNorm(cfg.layer_norm_eps, "qformer_embed", self.collection, cfg.dtype,
                          cfg.param_dtype, name="output_norm")(y + x)
 
@@ -111,13 +119,14 @@ class QFormer(nn.Module):
     collection: str = ADAPTER
 
     @nn.compact
-    def __call__(self, query_embeds, encoder_states):
+    def __call__(self, query_embeds, encoder_states, deterministic: bool = True):
         cfg = self.config
         x = LayerNorm(cfg.layer_norm_eps, "qformer_embed", self.collection, cfg.dtype,
                       cfg.param_dtype, name="layernorm")(query_embeds)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         for i in range(cfg.num_layers):
             x = QFormerLayer(cfg, i % cfg.cross_attention_freq == 0, self.collection,
-                             name=f"layers_{i}")(x, encoder_states)
+                             name=f"layers_{i}")(x, encoder_states, deterministic)
         return x
 
 
@@ -142,7 +151,7 @@ class AudioConnector(nn.Module):
     collection: str = ADAPTER
 
     @nn.compact
-    def __call__(self, features: jax.Array) -> jax.Array:
+    def __call__(self, features: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         b, c, t, e = features.shape
         windows = cfg.windows_per_chunk(t)
@@ -152,7 +161,7 @@ class AudioConnector(nn.Module):
         query = declare(self, self.collection, "query", _init(cfg),
                         (cfg.num_queries, cfg.hidden_size), cfg.param_dtype, (None, "qformer_embed"))
         query = jnp.broadcast_to(query.astype(cfg.dtype), (x.shape[0], *query.shape))  # [N, Q, H]
-        y = QFormer(cfg, self.collection, name="qformer")(query, x)  # [N, Q, H]
+        y = QFormer(cfg, self.collection, name="qformer")(query, x, deterministic)  # [N, Q, H]
         y = Dense(cfg.llm_hidden, ("qformer_embed", "embed"), collection=self.collection,
                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="audio_proj", kernel_init=_init(cfg))(y)
         if cfg.use_final_linear:

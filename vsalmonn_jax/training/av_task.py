@@ -22,7 +22,7 @@ def _forward(module: av_llm.AVLLM, text: dict, media: dict | None, deterministic
     cfg = module.config
     batch = text["input_ids"].shape[0]
     if media is not None and any(k in media for k in FEATURES):
-        embeds, mask = module.connect(media)
+        embeds, mask = module.connect(media, deterministic)
     else:
         embeds = jnp.zeros((batch, 0, cfg.llm.hidden_size), cfg.llm.dtype)
         mask = jnp.zeros((batch, 0), bool)

@@ -17,9 +17,10 @@ from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training.pairs import Sample
 from vsalmonn_jax.training.task import present
 
-MEDIA_EXAMPLE_KEYS = ("pixels", "frame_times", "mel", "audio_seconds", "has_video", "has_audio")
+MEDIA_EXAMPLE_KEYS = ("pixels", "frame_times", "mel", "audio_seconds", "has_video", "has_audio",
+                      "time_ids", "time_mask")
 MEDIA_BATCH_KEYS = ("pixel_values", "frame_mask", "frame_times", "mel", "mel_mask", "audio_seconds",
-                    "has_video", "has_audio")
+                    "has_video", "has_audio", "time_ids", "time_mask")
 
 
 class PolicyEnv(Protocol):
@@ -269,16 +270,11 @@ class AVPolicyEnv:
     def _reuse_media(self, record: dict) -> dict | None:
         """A record about an already-decoded clip (its `video_id` was captioned / sampled here):
         the clip's media features with the record's own text; None = featurise from the file."""
-        from vsalmonn_jax.data.example import text_fields
-
         prepared = self.prepared.get(str(record.get("video_id", "")))
         if prepared is None or prepared.get("video") != record.get("video") \
                 or prepared.get("audio") != record.get("audio"):
             return None
-        f = self.featurizer
-        fields = text_fields(record, f.tokenizer, placeholder=f.placeholder,
-                             max_length=f.max_length, truncation=f.truncation,
-                             default_prompt=f.default_prompt, has_media=True)
+        fields = self.featurizer.text(record, has_media=True)
         media = {k: prepared[k] for k in MEDIA_EXAMPLE_KEYS if k in prepared}
         return {"example_id": np.int64(record["index"]), "id": record.get("id", ""), **media,
                 **fields}

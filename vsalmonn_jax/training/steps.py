@@ -33,7 +33,7 @@ class StepOptions:
 
     grad_accum: int = 1
     logits_chunk: int = 0
-    lora_dropout: bool = False
+    dropout: bool = False        # any dropout on (LoRA, Q-Former): training forwards draw rng "dropout"
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
@@ -44,7 +44,8 @@ class StepOptions:
     def from_config(cls, config) -> StepOptions:
         return cls(grad_accum=int(config.train.grad_accum),
                    logits_chunk=int(config.train.logits_chunk),
-                   lora_dropout=float(config.model.lora.dropout) > 0,
+                   dropout=float(config.model.lora.dropout) > 0
+                   or float(config.model.qformer.get("dropout", 0.0)) > 0,
                    beta=float(config.dpo.beta), loss_type=str(config.dpo.loss_type),
                    label_smoothing=float(config.dpo.label_smoothing),
                    gt_ce_weight=float(config.dpo.gt_ce_weight), reference=str(config.dpo.reference))
@@ -76,7 +77,7 @@ def tile_media(media: Any, n: int) -> Any:
 
 
 def _rngs(state: TrainState, opts: StepOptions):
-    return {"dropout": jax.random.fold_in(state.rng, state.step)} if opts.lora_dropout else None
+    return {"dropout": jax.random.fold_in(state.rng, state.step)} if opts.dropout else None
 
 
 def _encode(task, params, batch):

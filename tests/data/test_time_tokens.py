@@ -1,0 +1,54 @@
+"""Per-frame time tokens (data.time_tokens=official): the release's strings, a video-only record
+gets them through the Featurizer and collate, a record with audio does not."""
+
+import numpy as np
+import pytest
+
+from vsalmonn_jax.config import load_config
+from vsalmonn_jax.data.collate import collate
+from vsalmonn_jax.data.encode import write_video
+from vsalmonn_jax.data.example import Featurizer
+from vsalmonn_jax.data.time_tokens import time_strings
+
+
+def test_time_strings_are_the_release_form():
+    """str(round(T / F * i, 1)) for i = 1..F: the end of each frame's share of the video."""
+    assert time_strings(30.0, 30)[:3] == ["1.0", "2.0", "3.0"] and time_strings(30.0, 30)[-1] == "30.0"
+    assert time_strings(10.0, 3) == ["3.3", "6.7", "10.0"]
+    assert time_strings(200.0, 110)[:2] == [str(round(200 / 110, 1)), str(round(400 / 110, 1))]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("time_tokens")
+    frames = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    write_video(root / "silent.mp4", frames, fps=1)
+    t = np.arange(3 * 16000) / 16000
+    write_video(root / "sound.mp4", frames, fps=1,
+                audio=(0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sample_rate=16000)
+    return root
+
+
+def test_video_without_audio_gets_time_tokens_and_with_audio_none(clips, synth_dir):
+    config = load_config("tiny", [f"data.tokenizer={synth_dir / 'tokenizer'}",
+                                  "data.time_tokens=official"])
+    featurizer = Featurizer.from_config(config)
+    tok = featurizer.tokenizer
+    silent = featurizer({"kind": "caption", "video": str(clips / "silent.mp4"), "index": 0})
+    sound = featurizer({"kind": "caption", "video": str(clips / "sound.mp4"), "index": 1})
+    assert "failed" not in silent and "failed" not in sound
+    assert not silent["has_audio"] and sound["has_audio"]
+    texts = [tok.decode(ids[mask]) for ids, mask in zip(silent["time_ids"], silent["time_mask"],
+                                                       strict=True)]
+    assert texts == ["1.0", "2.0", "3.0"]
+    assert "time_ids" not in sound
+    batch = collate([silent, sound], pad_id=0, image_size=56, num_mel_bins=16)
+    assert batch["time_ids"].shape == (2, 4, 4) and batch["time_mask"].shape == (2, 4, 4)
+    width = silent["time_ids"].shape[1]
+    np.testing.assert_array_equal(batch["time_ids"][0, :3, :width], silent["time_ids"])
+    np.testing.assert_array_equal(batch["time_mask"][0, :3, :width], silent["time_mask"])
+    assert batch["time_mask"].sum() == silent["time_mask"].sum()       # nothing for the AV row
+    clean = Featurizer.from_config(load_config("tiny", [f"data.tokenizer={synth_dir / 'tokenizer'}"]))
+    assert "time_ids" not in clean({"kind": "caption", "video": str(clips / "silent.mp4"), "index": 0})
+    with pytest.raises(ValueError, match="time_tokens must be one of"):
+        Featurizer.from_config(load_config("tiny", ["data.time_tokens=yes"]))
