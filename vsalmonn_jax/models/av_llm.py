@@ -88,7 +88,7 @@ class AVConfig:
     def media_length(self, frames: int, chunks: int) -> int:
         """Static media length M for F frame slots and C chunk slots (the valid part is masked)."""
         audio = chunks * self.audio_tokens_per_chunk
-        extra = frames if self.interleave == "official" else 0
+        extra = (frames if self.interleave == "official" else 0) + (self.newline == "video")
         return frames * self.frame_tokens + audio + extra
 
 
@@ -180,6 +180,11 @@ class AVLLM(nn.Module):
                 f, cfg.frame_tokens, a, nf, t, na, cfg.audio_tokens_per_second))
             index, length = plan(n_frames, times.astype(jnp.float32), n_audio)
         embeds, mask = jax.vmap(connectors.gather_media)(visual, audio, index, length)
+        if cfg.newline == "video":  # [B, M + 1, H]: LLaVA-OneVision's one newline after the video
+            newline = self.vision_connector.variables["adapter"]["image_newline"] if "vision" in \
+                media else jnp.zeros((h,), embeds.dtype)
+            embeds, mask = jax.vmap(connectors.append_newline, in_axes=(0, 0, 0, None))(
+                embeds, mask, n_frames > 0, newline)
         embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
         return embeds, mask
 
