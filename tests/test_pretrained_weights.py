@@ -24,6 +24,7 @@ from hf_fixtures import (
 
 from vsalmonn_jax.config import load_config
 from vsalmonn_jax.data.encode import write_video
+from vsalmonn_jax.data.features import siglip_normalize
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PARITY = ["--config.model.connector.pool_mode=bilinear", "--config.model.connector.newline=video"]
@@ -217,7 +218,7 @@ def test_caption_cli_equals_transformers_generate(dirs, tmp_path):
     tokenizer = load_tokenizer(str(dirs["llava"]), "<media>")
     example = Featurizer.from_config(config, str(dirs["llava"]))(
         {"id": "clip", "video": str(dirs["video"]), "kind": "caption"})
-    pixels = example["pixel_values"][None]                      # [1, F, S, S, 3]
+    pixels = siglip_normalize(example["pixels"])[None]          # [1, F, S, S, 3] as collate does
     per_frame = (config.model.vision.image_size // config.model.vision.patch_size + 1) // 2
     text, logprob, count = _hf_greedy(llava_model(config, seed=0), tokenizer, pixels,
                                       example["input_ids"], pixels.shape[1] * per_frame ** 2 + 1, 8)
@@ -246,12 +247,12 @@ def test_train_first_loss_equals_transformers(dirs, tmp_path):
         {"id": "clip", "video": str(dirs["video"]), "kind": "sft",
          "conversations": json.loads(dirs["sft"].read_text())["conversations"]})
     per_frame = (config.model.vision.image_size // config.model.vision.patch_size + 1) // 2
-    n_video = example["pixel_values"].shape[0] * per_frame ** 2 + 1
+    n_video = example["pixels"].shape[0] * per_frame ** 2 + 1
     ids, labels = [], []
     for t, m in zip(example["input_ids"].tolist(), example["loss_mask"].tolist()):
         ids += [VIDEO_TOKEN] * n_video if t == VIDEO_TOKEN else [t]
         labels += [-100] * n_video if t == VIDEO_TOKEN else [t if m else -100]
-    pixels = torch.from_numpy(example["pixel_values"][None]).permute(0, 1, 4, 2, 3)
+    pixels = torch.from_numpy(siglip_normalize(example["pixels"])[None]).permute(0, 1, 4, 2, 3)
     with torch.no_grad():
         expected = llava_model(config, seed=0)(
             input_ids=torch.tensor([ids]), pixel_values_videos=pixels,

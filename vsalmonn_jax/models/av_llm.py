@@ -181,8 +181,8 @@ class AVLLM(nn.Module):
             index, length = plan(n_frames, times.astype(jnp.float32), n_audio)
         embeds, mask = jax.vmap(connectors.gather_media)(visual, audio, index, length)
         if cfg.newline == "video":  # [B, M + 1, H]: LLaVA-OneVision's one newline after the video
-            newline = self.vision_connector.variables["adapter"]["image_newline"] if "vision" in \
-                media else jnp.zeros((h,), embeds.dtype)
+            newline = nn.unbox(self.vision_connector.variables["adapter"]["image_newline"]) \
+                if "vision" in media else jnp.zeros((h,), embeds.dtype)
             embeds, mask = jax.vmap(connectors.append_newline, in_axes=(0, 0, 0, None))(
                 embeds, mask, n_frames > 0, newline)
         embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
