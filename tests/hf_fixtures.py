@@ -18,9 +18,10 @@ VIDEO_TOKEN = 3        # the tokenizer's "<media>" id (tokenizer_build: specials
 IMAGE_TOKEN = None     # set per config: the last vocabulary id (never produced by the tokenizer)
 
 
-def llava_model(config, seed: int = 0, std: float = 0.2):
+def llava_model(config, seed: int = 0, std: float | None = 0.2):
     """A random LlavaOnevisionForConditionalGeneration with config.model's vision / LLM shapes;
-    weights drawn N(0, std) (norm scales 1 + noise) so greedy captions depend on every tensor."""
+    weights drawn N(0, std) (norm scales 1 + noise) so greedy captions depend on every tensor
+    (std=None: transformers' own init)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     m = config.model
@@ -42,6 +43,8 @@ def llava_model(config, seed: int = 0, std: float = 0.2):
         video_token_index=VIDEO_TOKEN, image_token_index=int(llm.vocab_size) - 1,
         tie_word_embeddings=False)
     model = LlavaOnevisionForConditionalGeneration(hf).eval().float()
+    if std is None:
+        return model
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layer_norm1.weight") \

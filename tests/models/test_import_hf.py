@@ -10,12 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import official_state_dict
+from hf_fixtures import llava_model, official_state_dict
 from transformers import (
     Blip2QFormerConfig,
     Blip2QFormerModel,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
     WhisperConfig,
     WhisperModel,
 )
@@ -37,18 +35,8 @@ def cfg():
 @pytest.fixture(scope="module")
 def torch_parts(cfg):
     torch.manual_seed(0)
-    v, llm, a, q = cfg.vision, cfg.llm, cfg.audio, cfg.qformer
-    llava = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size,
-                           intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-                           num_attention_heads=v.num_heads, image_size=v.image_size,
-                           patch_size=v.patch_size, hidden_act="gelu_pytorch_tanh",
-                           layer_norm_eps=v.layer_norm_eps),
-        text_config=dict(model_type="qwen2", vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
-                         intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
-                         num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-                         rope_theta=llm.rope_theta, rms_norm_eps=llm.rms_norm_eps),
-        vision_feature_layer=-2, vision_feature_select_strategy="full")).eval()
+    a, q = cfg.audio, cfg.qformer
+    llava = llava_model(load_config("tiny"), seed=0, std=None)
     whisper = WhisperModel(WhisperConfig(
         num_mel_bins=a.num_mel_bins, d_model=a.d_model, encoder_layers=a.num_layers,
         encoder_attention_heads=a.num_heads, encoder_ffn_dim=a.ffn_dim, decoder_layers=1,

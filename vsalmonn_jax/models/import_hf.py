@@ -45,11 +45,22 @@ def squeeze0(w: np.ndarray) -> np.ndarray:
 
 
 def _np_dtype(value) -> np.dtype:
-    """numpy dtype a stored tensor is read as (torch bf16 goes through fp32, see Source.__getitem__)."""
-    dtype = value.dtype
+    """numpy dtype a stored tensor is read as (torch bf16 as ml_dtypes.bfloat16, see _torch_view)."""
     if hasattr(value, "detach"):  # torch
-        return np.dtype(np.float32) if dtype.is_floating_point else np.dtype(str(dtype).split(".")[-1])
-    return np.dtype(dtype)
+        return _torch_view(value[(0,) * value.ndim] if value.ndim else value).dtype
+    return np.dtype(value.dtype)
+
+
+def _torch_view(value) -> np.ndarray:
+    """A torch tensor as numpy without a copy (a memory-mapped `torch.load(mmap=True)` tensor stays
+    mapped); bf16 is reinterpreted as ml_dtypes.bfloat16, which numpy lacks natively."""
+    import ml_dtypes
+    import torch
+
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:
+        return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return value.numpy()
 
 
 class Source:
@@ -97,10 +108,7 @@ class Source:
         if name not in self:
             raise KeyError(f"checkpoint has no tensor {self.prefix + name!r}")
         value = self._store[self.stored_name(name)]
-        if hasattr(value, "detach"):  # torch tensor (bf16 has no numpy twin: go through fp32)
-            value = value.detach().cpu()
-            value = value.float().numpy() if value.dtype.is_floating_point else value.numpy()
-        return np.asarray(value)
+        return _torch_view(value) if hasattr(value, "detach") else np.asarray(value)
 
     def find_prefix(self, suffix: str) -> str:
         """The prefix under which `suffix` occurs (e.g. 'vision_tower.vision_model.'); error if none."""
