@@ -1,6 +1,7 @@
 """video-SALMONN 2 at the paper's shapes: LLaVA-OneVision Qwen2-7B, SigLIP-so400m, Whisper-large-v3.
 
-Every number here is from docs/video-salmonn2-reference.md.
+The shapes are those of the released checkpoints' config.json files (lmms-lab/llava-onevision-qwen2-7b-ov,
+openai/whisper-large-v3) and the paper's Q-Former; README "Use the released weights" loads them.
 """
 
 from vsalmonn_jax.defaults import base_config

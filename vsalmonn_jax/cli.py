@@ -17,12 +17,13 @@ COMMANDS = {
     "demo": "Synthetic end-to-end run: data -> align -> SFT -> mrDPO -> rebirth -> report",
     "plan": "Per-device memory plan for a config on a mesh (AOT, no weights allocated)",
     "data": "Build the synthetic data set or validate JSONL records",
+    "check-weights": "Check config.model.pretrained's checkpoints against the config (headers only)",
 }
 
 
 def _usage() -> str:
     lines = ["usage: vsalmonn-jax COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<13} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -39,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     compile_cache.enable()
     try:
-        module = importlib.import_module(f"vsalmonn_jax.commands.{name}")
+        module = importlib.import_module(f"vsalmonn_jax.commands.{name.replace('-', '_')}")
     except ModuleNotFoundError as err:
-        if err.name == f"vsalmonn_jax.commands.{name}":
+        if err.name == f"vsalmonn_jax.commands.{name.replace('-', '_')}":
             print(f"vsalmonn-jax: command {name!r} is not implemented yet", file=sys.stderr)
             return 2
         raise

@@ -48,10 +48,21 @@ def base_config() -> ml_collections.ConfigDict:
         pool_mode="max",          # max | average | bilinear
         pool_stride=2,
         initializer_range=0.02,   # vision projector kernels at init (HF default)
-        newline="grid",           # one learned image_newline per row of pooled tokens
+        newline="grid",           # grid: image_newline per row of pooled tokens (video-SALMONN 2) |
+                                  # video: one after the media (LLaVA-OneVision video path) | none
         interleave="timestamp",   # timestamp (clean) | official (the release: nearest-interpolation
                                   # QUIRK; configs/7b.py)
         placeholder_token="<media>",
+    ))
+
+    # pretrained weights (models/pretrained.py; `vsalmonn-jax check-weights` inspects them). Empty =
+    # random init from `seed` (smoke tests only). Later sources win: llava < whisper < official.
+    c.model.pretrained = ml_collections.ConfigDict(dict(
+        llava="",      # LLaVA-OneVision Qwen2 dir (HF format, transformers or original LLaVA names):
+                       # SigLIP, projector, image_newline, Qwen2 (e.g. llava-onevision-qwen2-7b-ov)
+        whisper="",    # Whisper dir, encoder tensors (e.g. whisper-large-v3)
+        official="",   # the video-SALMONN 2 release: dir or file, safetensors or torch .bin
+        tokenizer="",  # used when data.tokenizer is empty; default: the official dir's, else llava's
     ))
 
     # ---- data ----

@@ -60,7 +60,7 @@ def video_tokens(config, seconds: float, text_tokens: int) -> TokenBudget:
         chunk = float(config.model.audio.chunk_seconds)
         audio_seconds = math.ceil(audio_seconds / chunk) * chunk
     audio = int(round(audio_seconds * per_second))
-    return TokenBudget(frames, frames * per_frame, audio, int(text_tokens))
+    return TokenBudget(frames, frames * per_frame + (conn.newline == "video"), audio, int(text_tokens))
 
 
 # ------------------------------------------------------------------ shapes, shardings, bytes

@@ -64,6 +64,24 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._info(name)[1]["shape"])
 
+    def dtype(self, name: str) -> np.dtype:
+        code = self._info(name)[1]["dtype"]
+        if code not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
+        return np.dtype(_DTYPES[code])
+
+    def header_digest(self) -> str:
+        """sha256 of every tensor's (file, name, dtype, shape, offsets): identifies the checkpoint
+        without reading its data."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in self.keys():
+            file, info, _ = self._where[name]
+            digest.update(json.dumps([file.name, name, info["dtype"], info["shape"],
+                                      info["data_offsets"]]).encode())
+        return digest.hexdigest()
+
     def _info(self, name: str):
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_fixtures import llava_model, official_state_dict
 from transformers import (
     Blip2QFormerConfig,
     Blip2QFormerModel,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
     WhisperConfig,
     WhisperModel,
 )
@@ -36,18 +35,8 @@ def cfg():
 @pytest.fixture(scope="module")
 def torch_parts(cfg):
     torch.manual_seed(0)
-    v, llm, a, q = cfg.vision, cfg.llm, cfg.audio, cfg.qformer
-    llava = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size,
-                           intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-                           num_attention_heads=v.num_heads, image_size=v.image_size,
-                           patch_size=v.patch_size, hidden_act="gelu_pytorch_tanh",
-                           layer_norm_eps=v.layer_norm_eps),
-        text_config=dict(model_type="qwen2", vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
-                         intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
-                         num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-                         rope_theta=llm.rope_theta, rms_norm_eps=llm.rms_norm_eps),
-        vision_feature_layer=-2, vision_feature_select_strategy="full")).eval()
+    a, q = cfg.audio, cfg.qformer
+    llava = llava_model(load_config("tiny"), seed=0, std=None)
     whisper = WhisperModel(WhisperConfig(
         num_mel_bins=a.num_mel_bins, d_model=a.d_model, encoder_layers=a.num_layers,
         encoder_attention_heads=a.num_heads, encoder_ffn_dim=a.ffn_dim, decoder_layers=1,
@@ -97,53 +86,10 @@ def test_llava_onevision_and_whisper_directories(cfg, torch_parts, tmp_path):
                                   llava.model.image_newline.detach().numpy())
 
 
-def _official_state_dict(cfg, llava, whisper, qformer):
-    """The names the official code produces: DeepSpeed `module.` + PEFT `base_model.model.`, LoRA on
-    q/k/v as `base_layer` + `lora_A/B.default`, LLaVA-NeXT vision / projector names, LAVIS Q-Former."""
-    sd = {}
-    for k, t in llava.state_dict().items():
-        if k.startswith("model.vision_tower."):
-            k = "model.vision_tower.vision_tower.vision_model." + k[len("model.vision_tower."):]
-        elif k.startswith("model.multi_modal_projector."):
-            k = k.replace("multi_modal_projector.linear_1", "mm_projector.0").replace(
-                "multi_modal_projector.linear_2", "mm_projector.2")
-        elif k.startswith("model.language_model."):
-            k = "model." + k[len("model.language_model."):]
-            if any(f"self_attn.{p}." in k for p in ("q_proj", "k_proj", "v_proj")):
-                k = k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        sd["module.base_model.model." + k] = t
-    g = torch.Generator().manual_seed(1)
-    rank = 4
-    for i in range(cfg.llm.num_layers):
-        for p, out in (("q_proj", cfg.llm.num_heads * cfg.llm.head_dim),
-                       ("k_proj", cfg.llm.num_kv_heads * cfg.llm.head_dim),
-                       ("v_proj", cfg.llm.num_kv_heads * cfg.llm.head_dim)):
-            base = f"module.base_model.model.model.layers.{i}.self_attn.{p}"
-            sd[f"{base}.lora_A.default.weight"] = torch.randn(rank, cfg.llm.hidden_size, generator=g)
-            sd[f"{base}.lora_B.default.weight"] = torch.randn(out, rank, generator=g)
-    for k, t in whisper.encoder.state_dict().items():
-        sd["module.base_model.model.speech_encoder." + k] = t
-    d = cfg.audio.d_model
-    sd["module.base_model.model.ln_speech.weight"] = torch.rand(d, generator=g) + 0.5
-    sd["module.base_model.model.ln_speech.bias"] = torch.randn(d, generator=g)
-    for k, t in qformer.state_dict().items():  # transformers BLIP-2 -> LAVIS BERT names
-        k = k.replace("layernorm.", "embeddings.LayerNorm.").replace(".attention.attention.",
-                                                                    ".attention.self.")
-        k = k.replace(".crossattention.attention.", ".crossattention.self.")
-        sd["module.base_model.model.speech_Qformer.bert." + k] = t
-    h, qh = cfg.llm.hidden_size, cfg.qformer.hidden_size
-    sd["module.base_model.model.speech_query_tokens"] = torch.randn(1, 1, qh, generator=g)
-    for name, shape in (("speech_llama_proj", (h, qh)), ("final_linear.0", (h, h)),
-                        ("final_linear.2", (h, h))):
-        sd[f"module.base_model.model.{name}.weight"] = torch.randn(*shape, generator=g)
-        sd[f"module.base_model.model.{name}.bias"] = torch.randn(shape[0], generator=g)
-    return sd
-
-
 @pytest.mark.slow
 def test_official_release_state_dict(cfg, torch_parts, tmp_path):
     llava, whisper, qformer = torch_parts
-    sd = _official_state_dict(cfg, llava, whisper, qformer)
+    sd = official_state_dict(load_config("tiny"), llava, whisper, qformer)
     torch.save(sd, tmp_path / "all_parameters.bin")
     loaded = import_hf.load_official(tmp_path / "all_parameters.bin", cfg)
     init = nn.unbox(jax.eval_shape(lambda: init_variables(jax.random.PRNGKey(0), cfg, _lora(cfg))))

@@ -1,6 +1,6 @@
 """`vsalmonn-jax caption`: caption videos (files, folders, JSONL records) with a trained checkpoint.
 
-  vsalmonn-jax caption VIDEO_OR_FOLDER_OR_JSONL... --checkpoint DIR --config configs/X.py
+  vsalmonn-jax caption VIDEO_OR_FOLDER_OR_JSONL... [--checkpoint DIR] --config configs/X.py
                        [--output captions.jsonl] [--prompt TEXT] [--num-samples N]
                        [--greedy | --top-p P --temperature T --top-k K] [--max-new-tokens N]
                        [--batch-size B] [--seed S] [--step STEP] [--tokenizer DIR] [--data-root DIR]
@@ -24,8 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vsalmonn-jax caption", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="video / audio files, folders, or JSONL record files")
-    p.add_argument("--checkpoint", required=True,
-                   help="run workdir (with checkpoints/) or an orbax checkpoints folder")
+    p.add_argument("--checkpoint", default=None,
+                   help="run workdir (with checkpoints/) or an orbax checkpoints folder (none: the "
+                   "weights of config.model.pretrained alone, e.g. the official release)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--output", default="captions.jsonl")
     p.add_argument("--errors", default=None, help="default: <output>.errors.jsonl")
@@ -72,8 +73,12 @@ def main(argv: list[str]) -> int:
         config.data.tokenizer = args.tokenizer
     if args.prompt:
         config.generate.prompt = args.prompt
+    from vsalmonn_jax.models.pretrained import resolve_tokenizer
+
+    resolve_tokenizer(config)
     if not config.data.tokenizer:
-        print("vsalmonn-jax caption: no tokenizer (set --tokenizer or config.data.tokenizer)",
+        print("vsalmonn-jax caption: no tokenizer (set --tokenizer, config.data.tokenizer or "
+              "config.model.pretrained.tokenizer)",
               file=sys.stderr)
         return 2
     try:
@@ -117,6 +122,7 @@ def caption_items(config, items, *, checkpoint, step, sampling, num_samples, bat
     from vsalmonn_jax.generate.caption_run import run_captions
     from vsalmonn_jax.generate.captioner import AVCaptioner
     from vsalmonn_jax.generate.model_load import restore_for_inference
+    from vsalmonn_jax.models.pretrained import warn_if_random
     from vsalmonn_jax.training.av_task import build
     from vsalmonn_jax.training.sharding import make_mesh
 
@@ -124,6 +130,8 @@ def caption_items(config, items, *, checkpoint, step, sampling, num_samples, bat
     mesh = make_mesh(dict(config.mesh))
     task = build(config)
     variables, info = restore_for_inference(config, task, mesh, checkpoint, step)
+    if info["base"] != "from the checkpoint":
+        warn_if_random(info["pretrained"], "caption")
     print(f"caption: model from {info['checkpoint']} step {info['step']} (base {info['base']}); "
           f"{len(items)} items x {num_samples} samples, {sampling}", file=sys.stderr)
     backend = AVCaptioner(config, task, variables, tokenizer, sampling=sampling,

@@ -13,7 +13,8 @@ an orbax checkpoint directory, or one step of it. Output:
   OUT/export.json                           manifest: source, step, LoRA scale, files, shapes
 The frozen base comes from the checkpoint when it holds `params` (mrDPO always does; run_stage with
 include_params), else from `--base HF_DIR` (a transformers Qwen2 directory, text-only LLM) or
-`--base init` (re-initialised from config.seed, as a fresh run does: the tiny / demo models).
+`--base init` (config.model.pretrained when set, the default then; else re-initialised from
+config.seed, as a fresh run does: the tiny / demo models).
 """
 
 from __future__ import annotations
@@ -86,10 +87,14 @@ def base_params(config, base: str) -> dict:
     from vsalmonn_jax.training.task import build_task
 
     if base == "init":
+        from vsalmonn_jax.models.pretrained import warn_if_random
+
         task = build_task(config)
         tx, _ = st.make_optimizer(config.train, 1)
         mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-        state, _ = st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)))
+        state, _, record = st.initial_state(task, config, tx, mesh,
+                                            jax.random.PRNGKey(int(config.seed)))
+        warn_if_random(record, "export")
         return jax.tree.map(np.asarray, jax.device_get(state.params))
     from vsalmonn_jax.models.qwen2 import load_hf
 
@@ -124,10 +129,15 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
     trainable = dict(state.get("trainable") or {})
     params = state.get("params")
     if params is None:
+        from vsalmonn_jax.models.pretrained import given
+
+        if base is None and given(config):
+            base = "init"  # the base the run trained on: config.model.pretrained
         if base is None:
-            raise ValueError(f"{source}: the checkpoint holds no frozen base `params`; pass --base "
-                             "HF_DIR (a transformers Qwen2 directory) or --base init (re-initialise "
-                             "from config.seed, as a fresh run does)")
+            raise ValueError(f"{source}: the checkpoint holds no frozen base `params`; set "
+                             "--config.model.pretrained.llava=DIR (+ .whisper / .official) as the "
+                             "run did, or pass --base HF_DIR (a transformers Qwen2 directory) or "
+                             "--base init (re-initialise from config.seed, as a fresh run does)")
         params = base_params(config, base)
     lcfg = LoraConfig.from_config(config.model.lora)
     llm, lora, others = split_llm(params, trainable.get("lora"))

@@ -76,6 +76,9 @@ def main(argv: list[str]) -> int:
         print("vsalmonn-jax train: --config configs/X.py is required", file=sys.stderr)
         return 2
     config = load_config(config_path, overrides)
+    from vsalmonn_jax.models.pretrained import resolve_tokenizer
+
+    resolve_tokenizer(config)  # data.tokenizer empty: the one beside model.pretrained's weights
     if config.stage not in ("align", "sft", "dpo", "rebirth", "mrdpo"):
         print(f"vsalmonn-jax train: unknown stage {config.stage!r}", file=sys.stderr)
         return 2
@@ -121,7 +124,7 @@ def main(argv: list[str]) -> int:
         eval_fn = lambda state, steps: loop.evaluate(steps, state, eval_batches())
     state = None
     if args.init_from:
-        state = _init_from(config, task, pathlib.Path(args.init_from))
+        state = _init_from(config, task, pathlib.Path(args.init_from), workdir)
     state, summary = loop.run_stage(config, train_iter, workdir, task=task, state=state,
                                     eval_fn=eval_fn, progress=not args.no_progress)
     report = {k: summary[k] for k in ("step", "skipped_steps", "preempted", "checkpoint", "last")}
@@ -129,10 +132,12 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _init_from(config, task, previous: pathlib.Path):
-    """A fresh state for this stage whose trainables come from `previous`'s latest checkpoint."""
+def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
+    """A fresh state for this stage (base from config.model.pretrained, recorded in
+    workdir/pretrained.json) whose trainables come from `previous`'s latest checkpoint."""
     import jax
 
+    from vsalmonn_jax.models.pretrained import write_record
     from vsalmonn_jax.training import state as st
     from vsalmonn_jax.training.checkpoint import Checkpointer
     from vsalmonn_jax.training.loop import compiled_steps
@@ -143,6 +148,7 @@ def _init_from(config, task, previous: pathlib.Path):
     # the same cached initializer (and step) run_stage uses next: compiled once
     _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps), mesh)
     fresh = init(jax.random.PRNGKey(int(config.seed)))
+    write_record(workdir, dict(init.record, trainables=f"from {previous}"))
     ckpt = Checkpointer(previous / "checkpoints")
     try:
         state = ckpt.restore_trainable(fresh)

@@ -2,8 +2,8 @@
 
 Only what inference needs is read back (a partial restore: trainables, and the base params when the
 checkpoint holds them, as mrDPO's merged bases do), so the optimizer / DPO-reference layout of the
-stage that wrote it does not matter. A base not in the checkpoint is re-initialised from
-`config.seed` exactly as training initialised it.
+stage that wrote it does not matter. A base not in the checkpoint comes from config.model.pretrained
+(as training loaded it), else is re-initialised from `config.seed` exactly as training did.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from vsalmonn_jax.models.pretrained import describe
 from vsalmonn_jax.training import state as st
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,27 @@ def restore_for_inference(config, task, mesh, checkpoint: str | pathlib.Path | N
                           step: int | None = None) -> tuple[dict, dict]:
     """-> (variables {"params", "adapter", "lora"} as sharded arrays, info dict).
 
-    With no checkpoint the freshly initialised model (config.seed) is returned (smoke tests).
+    The base comes from the checkpoint when it holds one (mrDPO's merged bases win), else from
+    config.model.pretrained (models/pretrained.py), else from config.seed; info["base"] says which
+    and info["pretrained"] is the loader's record. With no checkpoint the trainables are the
+    pretrained ones (the official release) or fresh.
     """
     tx, _ = st.make_optimizer(config.train, st.num_updates(config.train))
-    state, shardings = st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)))
-    info = {"checkpoint": None, "step": None, "base": "initialised from config.seed"}
+    root = fields = None
     if checkpoint is not None:
         root = checkpoint_root(checkpoint)
         step = latest_step(root) if step is None else int(step)
         fields = saved_fields(root, step)
         if "trainable" not in fields:
             raise ValueError(f"{root / str(step)}: no 'trainable' in the saved state (fields: {fields})")
-        wanted = ["trainable"] + (["params"] if "params" in fields else [])
+    base_saved = fields is not None and "params" in fields
+    state, shardings, record = st.initial_state(task, config, tx, mesh,
+                                                jax.random.PRNGKey(int(config.seed)),
+                                                pretrained=not base_saved)
+    info = {"checkpoint": None, "step": None, "pretrained": record,
+            "base": "from the checkpoint" if base_saved else describe(record)}
+    if checkpoint is not None:
+        wanted = ["trainable"] + (["params"] if base_saved else [])
         target = {name: jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             getattr(state, name), getattr(shardings, name)) for name in wanted}
@@ -71,7 +81,6 @@ def restore_for_inference(config, task, mesh, checkpoint: str | pathlib.Path | N
         finally:
             manager.close()
         state = state.replace(**restored)
-        info.update(checkpoint=str(root), step=step,
-                    base="from the checkpoint" if "params" in fields else info["base"])
+        info.update(checkpoint=str(root), step=step)
     variables = {"params": state.params, **state.trainable}
     return {k: v for k, v in variables.items() if k == "params" or (v is not None and len(v))}, info

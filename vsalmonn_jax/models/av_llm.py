@@ -91,7 +91,7 @@ class AVConfig:
         """Static media length M for F frame slots, C chunk slots and K time-token slots per frame
         (the valid part is masked)."""
         audio = chunks * self.audio_tokens_per_chunk
-        extra = frames if self.interleave == "official" else 0
+        extra = (frames if self.interleave == "official" else 0) + (self.newline == "video")
         return frames * (self.frame_tokens + time_slots) + audio + extra
 
 
@@ -187,6 +187,11 @@ class AVLLM(nn.Module):
         embeds, mask = jax.vmap(connectors.gather_media)(visual, audio, index, length)
         if "time_ids" in media and f:
             embeds, mask = self._time_tokens(media, embeds, mask, n_frames)
+        if cfg.newline == "video":  # [B, M + 1, H]: LLaVA-OneVision's one newline after the video
+            newline = nn.unbox(self.vision_connector.variables["adapter"]["image_newline"]) \
+                if "vision" in media else jnp.zeros((h,), embeds.dtype)
+            embeds, mask = jax.vmap(connectors.append_newline, in_axes=(0, 0, 0, None))(
+                embeds, mask, n_frames > 0, newline)
         embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
         return embeds, mask
 

@@ -18,6 +18,9 @@ import numpy as np
 from vsalmonn_jax.models.media_layers import ADAPTER, Dense, declare, gelu
 
 POOL_MODES = ("max", "average", "bilinear")
+# grid: image_newline after every pooled row (video-SALMONN 2); video: one after the whole media
+# (LLaVA-OneVision's video path, the transformers-parity mode); none: no newline
+NEWLINE_MODES = ("grid", "video", "none")
 
 
 class VisionProjector(nn.Module):
@@ -108,16 +111,27 @@ class VisionConnector(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", None, None, "activation_embed"))
         x = pool_grid(x.reshape(b * f, self.grid, self.grid, self.features), self.pool_mode,
                       self.pool_stride)  # [B*F, r, r, H]
-        if self.newline == "grid":
+        if self.newline not in NEWLINE_MODES:
+            raise ValueError(f"connector.newline must be one of {NEWLINE_MODES}, got {self.newline!r}")
+        if self.newline != "none":
             newline = declare(self, self.collection, "image_newline",
                               nn.initializers.normal(1.0 / math.sqrt(self.features)),
                               (self.features,), self.param_dtype, ("embed",))
+        if self.newline == "grid":
             x = add_newline(x, newline)
-        elif self.newline == "none":
+        else:  # "video": one newline after all the media, added by the AV model (append_newline)
             x = x.reshape(b * f, -1, self.features)
-        else:
-            raise ValueError(f"connector.newline must be 'grid' or 'none', got {self.newline!r}")
         return x.reshape(b, f, -1, self.features)
+
+
+def append_newline(media: jax.Array, mask: jax.Array, has_frames: jax.Array, newline: jax.Array):
+    """One example: media [M, H], valid-prefix mask [M] -> [M + 1, H], [M + 1] with `newline` [H]
+    right after the valid prefix when the example has frames (newline mode "video")."""
+    length = jnp.sum(mask)
+    media = jnp.concatenate([media, jnp.zeros((1, media.shape[-1]), media.dtype)])
+    mask = jnp.concatenate([mask, jnp.zeros((1,), bool)])
+    media = media.at[length].set(jnp.where(has_frames, newline.astype(media.dtype), media[length]))
+    return media, mask.at[length].set(has_frames)
 
 
 def tokens_per_frame(grid: int, mode: str, stride: int, newline: str) -> int:

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from vsalmonn_jax.distributed import any_process
+from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
 from vsalmonn_jax.training.feature_cache import FeatureCache
@@ -187,6 +188,7 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
     tx, schedule, steps, shardings, init = compiled_steps(task, config, num_steps, mesh)
     if state is None:
         state = init(jax.random.PRNGKey(int(config.seed)), params)
+        write_pretrained_record(workdir, init.record if params is None else {"base": "given params"})
     else:
         state, _ = prepare_state(task, config, tx, mesh, state=state, shardings=shardings)
     ckpt = Checkpointer(workdir / "checkpoints", keep=int(tcfg.keep_checkpoints),

@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.lora import LoraConfig
+from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import PairRule, Sample
@@ -469,7 +470,8 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     if (workdir / "rounds").is_dir():
         state = st.abstract_state(task, cfg, tx, mesh)      # resume: structure + shardings only
     else:
-        state, _ = st.create_train_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
+        state, _, record = st.initial_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
+        write_pretrained_record(workdir, record)
         if init_from:
             ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints")
             try:

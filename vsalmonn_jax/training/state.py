@@ -124,32 +124,71 @@ def abstract_state(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
                         values(abstract), shardings)
 
 
+def _overlay(tree, part):
+    """`tree` with the leaves `part` holds replaced (cast to the leaf's dtype)."""
+    if not isinstance(part, dict):
+        return part.astype(tree.dtype)
+    return {k: (_overlay(v, part[k]) if k in part else v) for k, v in tree.items()}
+
+
 def make_initializer(task, config, tx, shardings):
-    """jitted (rng, params=None) -> state placed with `shardings` (params initialised in place,
-    or given pretrained params placed with the base shardings and donated). Reusable: one
-    compile serves every stage / round / resume with the same task and config."""
+    """jitted (rng, params=None, pretrained=True) -> state placed with `shardings`.
+
+    params=None: the model's variables are initialised in place from `rng`, except the tensors that
+    config.model.pretrained provides (models/pretrained.py, streamed onto the mesh; pretrained=False
+    skips them, e.g. when a checkpoint brings its own base); `initialize.record` then says what was
+    loaded. Given `params` are placed with the base shardings and donated. Reusable: one compile
+    serves every stage / round / resume with the same task and config."""
     init = _init_fn(task, config, tx)
+    snapshot = uses_snapshot(config)
     # No mesh / rules context: out_shardings place every leaf; in-init constraints are not needed.
     fresh = jax.jit(lambda r: values(init(r)), out_shardings=shardings)
     around = jax.jit(lambda r, p: values(init(r)).replace(params=p), out_shardings=shardings,
                      donate_argnums=(1,))
 
-    def initialize(rng, params=None):
-        if params is None:
-            return fresh(rng)
-        return around(rng, jax.device_put(params, shardings.params))
+    def overlay(r, loaded):
+        state = values(init(r))
+        trainable = {c: _overlay(v, loaded.get(c, {})) for c, v in state.trainable.items()}
+        return state.replace(params=_overlay(state.params, loaded.get("params", {})),
+                             trainable=trainable, opt_state=tx.init(trainable),
+                             ref_adapter=jax.tree.map(lambda x: x, trainable.get("adapter", {}))
+                             if snapshot else {})
 
+    overlaid = jax.jit(overlay, out_shardings=shardings, donate_argnums=(1,))
+
+    def initialize(rng, params=None, pretrained=True):
+        from vsalmonn_jax.models.pretrained import load_pretrained_variables
+
+        if params is not None:
+            return around(rng, jax.device_put(params, shardings.params))
+        if not pretrained:
+            initialize.record = {"base": "from the checkpoint"}
+            return fresh(rng)
+        abstract = values(jax.eval_shape(init, jax.random.PRNGKey(0)))
+        loaded, initialize.record = load_pretrained_variables(
+            config, {"params": abstract.params, **abstract.trainable},
+            {"params": shardings.params, **shardings.trainable})
+        return overlaid(rng, loaded) if loaded else fresh(rng)
+
+    initialize.record = {}
     return initialize
 
 
 def create_train_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None,
-                       rules=LOGICAL_AXIS_RULES) -> tuple[TrainState, Any]:
-    """Sharded state from scratch (params initialised in place) or around given pretrained `params`.
+                       rules=LOGICAL_AXIS_RULES, pretrained: bool = True) -> tuple[TrainState, Any]:
+    """Sharded state from scratch (config.model.pretrained's tensors loaded, the rest initialised in
+    place) or around given `params`. Returns (state, shardings); `initial_state` also returns the
+    record of what was loaded. Given `params` are donated."""
+    state, shardings, _ = initial_state(task, config, tx, mesh, rng, params, rules, pretrained)
+    return state, shardings
 
-    Returns (state, shardings). Given `params` are placed with the base shardings and donated.
-    """
+
+def initial_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None,
+                  rules=LOGICAL_AXIS_RULES, pretrained: bool = True) -> tuple[TrainState, Any, dict]:
+    """create_train_state + the pretrained record (models/pretrained.py) for pretrained.json."""
     _, shardings = state_shardings(task, config, tx, mesh, rules)
-    return make_initializer(task, config, tx, shardings)(rng, params), shardings
+    initialize = make_initializer(task, config, tx, shardings)
+    return initialize(rng, params, pretrained), shardings, initialize.record
 
 
 def values(tree):
