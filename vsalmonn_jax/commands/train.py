@@ -92,6 +92,9 @@ def main(argv: list[str]) -> int:
     workdir = pathlib.Path(args.workdir or config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    from vsalmonn_jax.generate.run_dir import save_tokenizer
+
+    save_tokenizer(config, workdir)   # the run carries its tokenizer (caption / export read it)
     if round_driven:
         from vsalmonn_jax.training import mrdpo, rebirth
 
