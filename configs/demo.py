@@ -53,6 +53,7 @@ def get_config():
         standardize_features=True,                 # demo/calibrate.py: the random towers' stand-in
         gt_caption="biased",                       # CE guidance target: biased (the SFT data) | exact
         control=True,                              # the control arm: same rounds, DPO term off
+        data_dir="",                               # set by `demo` (its data set); caption reads it
         bootstrap=1000,
         quick=ml_collections.ConfigDict(dict(
             n_train=96, n_test=48, n_fresh=32, n_rebirth=32, batch_size=16, eval_batch=48,

@@ -1,6 +1,7 @@
-"""`vsalmonn-jax export`: merged LLM in transformers naming (reloads bit-exactly through load_hf and gives
-the LoRA policy's logits in PyTorch), connectors / encoders files, the frozen base from the checkpoint,
---base init or an HF dir, and clear errors."""
+"""`vsalmonn-jax export`: merged LLM in transformers naming at the top of OUT (reloads bit-exactly
+through load_hf and gives the LoRA policy's logits in PyTorch), connectors / encoders in OUT/av, the
+frozen base from the checkpoint, rebuilt as the run did (--base init, the default) or an HF dir, and
+clear errors."""
 
 import json
 import sys
@@ -52,7 +53,7 @@ def test_export_merges_lora_and_reloads(trained, tmp_path):
     assert manifest["step"] == 7 and manifest["lora_merged"] and manifest["base"] == "checkpoint"
     assert manifest["lora_scale"] == pytest.approx(2.0)
     want = jax.tree.map(np.asarray, merge(params, trainable["lora"], 2.0))
-    got, cfg = load_hf(tmp_path / "out" / "llm", param_dtype="float32")
+    got, cfg = load_hf(tmp_path / "out", param_dtype="float32")
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), want)
     assert cfg.num_layers == task.llm_config.num_layers
 
@@ -62,27 +63,27 @@ def test_export_merges_lora_and_reloads(trained, tmp_path):
 
     ids = np.random.default_rng(1).integers(3, 500, size=(2, 12)).astype(np.int32)
     ours, _ = task.model.apply({"params": params, "lora": trainable["lora"]}, ids)
-    model = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out" / "llm").eval().float()
+    model = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out").eval().float()
     with torch.no_grad():
         theirs = model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
 
 
-def test_checkpoint_without_base_needs_base_init(trained, tmp_path, capsys):
+def test_checkpoint_without_base_rebuilds_it(trained, tmp_path):
     config, _, root, params, trainable = trained
-    code = cli(["export", "--checkpoint", str(root / "lean"), "--out", str(tmp_path / "x"),
-                "--config", "tiny"])
-    assert code == 1 and "--base" in capsys.readouterr().err
+    state, _, _ = read_checkpoint(root / "lean")
+    with pytest.raises(ValueError, match="--base init"):
+        export(state, config, tmp_path / "x", source="lean", base=None)
     code = cli(["export", "--checkpoint", str(root / "lean" / "checkpoints" / "7"), "--out",
-                str(tmp_path / "y"), "--config", "tiny", "--base", "init", "--dtype", "bfloat16"])
+                str(tmp_path / "y"), "--config", "tiny", "--dtype", "bfloat16"])
     assert code == 0
-    got, _ = load_hf(tmp_path / "y" / "llm", param_dtype="float32")
+    got, _ = load_hf(tmp_path / "y", param_dtype="float32")
     want = jax.tree.map(np.asarray, merge(params, trainable["lora"], 2.0))
     # re-initialised from config.seed = the same base; bf16 export rounds to 8 mantissa bits
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-2, atol=1e-2),
                  got, want)
     assert json.loads((tmp_path / "y" / "export.json").read_text())["dtype"] == "bfloat16"
-    reader = SafetensorsReader(tmp_path / "y" / "llm")
+    reader = SafetensorsReader(tmp_path / "y")
     assert reader["model.embed_tokens.weight"].dtype.name == "bfloat16"
 
 
@@ -92,17 +93,17 @@ def test_av_layout_writes_connectors_and_encoders(trained, tmp_path):
              "trainable": {"lora": {"llm": trainable["lora"]},
                            "adapter": {"audio_connector": {"query": np.ones((1, 4), np.float32)}}}}
     manifest = export(state, config, tmp_path, source="mem", step=3)
-    assert manifest["files"] == {"llm": "llm/model.safetensors",
-                                 "connectors": "connectors.safetensors",
-                                 "encoders": "encoders.safetensors"}
-    assert SafetensorsReader(tmp_path / "connectors.safetensors").keys() == ["audio_connector.query"]
-    assert SafetensorsReader(tmp_path / "encoders.safetensors").keys() == ["vision.patch.kernel"]
-    got, _ = load_hf(tmp_path / "llm", param_dtype="float32")
+    assert manifest["files"] == {"llm": "model.safetensors", "config": "av/config.json",
+                                 "connectors": "av/connectors.safetensors",
+                                 "encoders": "av/encoders.safetensors"}
+    assert SafetensorsReader(tmp_path / "av" / "connectors.safetensors").keys() == ["audio_connector.query"]
+    assert SafetensorsReader(tmp_path / "av" / "encoders.safetensors").keys() == ["vision.patch.kernel"]
+    got, _ = load_hf(tmp_path, param_dtype="float32")
     want = merge(params, trainable["lora"], 2.0)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
 
 
-def test_checkpoint_paths_and_errors(trained, tmp_path):
+def test_checkpoint_paths_and_errors(trained, tmp_path, capsys):
     _, _, root, _, _ = trained
     assert resolve_checkpoint(root / "full") == ((root / "full" / "checkpoints").absolute(), None)
     assert resolve_checkpoint(root / "full" / "checkpoints" / "7")[1] == 7
@@ -112,4 +113,5 @@ def test_checkpoint_paths_and_errors(trained, tmp_path):
         resolve_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint step 9"):
         read_checkpoint(root / "full", 9)
-    assert cli(["export", "--checkpoint", str(root / "full"), "--out", str(tmp_path)]) == 2
+    assert cli(["export", "--checkpoint", str(root / "full"), "--out", str(tmp_path)]) == 1
+    assert "no run config.json" in capsys.readouterr().err      # a bare checkpoint needs --config

@@ -1,12 +1,12 @@
-"""Loading `configs/*.py` presets (ml_collections) and applying `--config.a.b=value` overrides.
-
-The CLI and tests use `load_config`; presets are plain files with a `get_config()` function.
+"""Loading `configs/*.py` presets or a run's saved `config.json` (ml_collections) and applying
+`--config.a.b=value` overrides. The CLI and tests use `load_config`.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import pathlib
 
 import ml_collections
@@ -26,15 +26,54 @@ def resolve_config_path(name_or_path: str) -> pathlib.Path:
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-    """Load a preset and apply overrides written as `a.b=value` (or `--config.a.b=value`)."""
+    """Load a preset (`configs/X.py`) or a run's `config.json`, then apply overrides written as
+    `a.b=value` (or `--config.a.b=value`)."""
     path = resolve_config_path(name_or_path)
-    spec = importlib.util.spec_from_file_location(f"vsalmonn_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    if path.suffix == ".json":
+        config = config_from_json(path)
+    else:
+        spec = importlib.util.spec_from_file_location(f"vsalmonn_config_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"config {path}: not a preset (.py with get_config()) or a run's "
+                             "config.json")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
     for override in overrides:
         apply_override(config, override)
     return config
+
+
+def config_from_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """A run's saved config.json (train / demo write it) -> the config it ran with: the JSON laid
+    over `base_config()` so field types survive (lists back to tuples); sections the defaults lack
+    (e.g. `demo`) are taken as they are."""
+    from vsalmonn_jax.defaults import base_config
+
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"config {path}: cannot read it as JSON ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"config {path}: not a run's config.json (no `model` section; a "
+                         "transformers config.json describes an exported LLM, not a run)")
+    config = base_config()
+    _overlay(config, data)
+    return config
+
+
+def _overlay(node: ml_collections.ConfigDict, data: dict) -> None:
+    for key, value in data.items():
+        current = node.get(key) if key in node else None
+        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+            _overlay(current, value)
+        elif key not in node:
+            node[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+        elif isinstance(current, tuple) and isinstance(value, list):
+            node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            node[key] = value
 
 
 def _parse_value(text: str, current):

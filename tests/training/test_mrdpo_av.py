@@ -3,6 +3,8 @@
 pre-DPO model on the final model's captions + QA; the final round state exports with connectors."""
 
 import json
+import pathlib
+import sys
 
 import pytest
 from mrdpo_helpers import LengthJudge
@@ -11,6 +13,9 @@ from vsalmonn_jax.config import load_config
 from vsalmonn_jax.data.synthetic import build_dataset
 from vsalmonn_jax.data.synthetic_scene import default_config
 from vsalmonn_jax.training import mrdpo, rebirth
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+from export_check import assert_export_matches  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +71,7 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     assert {"miss", "hallucination", "total"} <= set(reborn["before"]) & set(reborn["after"])
 
     from vsalmonn_jax.cli import main as cli
+    from vsalmonn_jax.commands.export import read_checkpoint
 
     out = tmp_path / "export"
     assert cli(["export", "--checkpoint", str(tmp_path / "mrdpo"), "--out", str(out), "--config",
@@ -74,4 +80,15 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     assert manifest["step"] == 1 and manifest["base"] == "checkpoint"
     assert set(manifest["encoders"]) == {"audio", "vision"}
     assert any(k.startswith("audio_connector.") for k in manifest["connectors"])
-    assert (out / "llm" / "tokenizer.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "av" / "connectors.safetensors").is_file()
+    state, _, _ = read_checkpoint(tmp_path / "mrdpo")
+    assert_export_matches(out, config, state["params"]["llm"], state["trainable"]["lora"]["llm"])
+
+    # rebirth: its run describes itself (config.json as `train` writes it): no --config; the base
+    # (the pre-DPO model, LoRA merged) comes from its checkpoint
+    (tmp_path / "rebirth" / "config.json").write_text(config.to_json_best_effort(indent=2))
+    out = tmp_path / "export_rebirth"
+    assert cli(["export", "--checkpoint", str(tmp_path / "rebirth"), "--out", str(out)]) == 0
+    assert json.loads((out / "export.json").read_text())["base"] == "checkpoint"
+    state, _, _ = read_checkpoint(tmp_path / "rebirth")
+    assert_export_matches(out, config, state["params"]["llm"], state["trainable"]["lora"]["llm"])

@@ -3,10 +3,16 @@ merged into the base, so the DPO reference is the SFT model and the loss starts 
 
 import json
 import math
+import pathlib
+import sys
 
+import numpy as np
 import pytest
 
-from vsalmonn_jax.cli import main
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+from export_check import assert_export_matches  # noqa: E402
+
+from vsalmonn_jax.cli import main  # noqa: E402
 
 
 def _lines(path):
@@ -31,6 +37,33 @@ def test_train_cli_sft_then_dpo(tmp_path, capsys):
     first = _lines(dpo / "metrics.jsonl")[0]
     assert first["dpo_loss"] == pytest.approx(math.log(2.0), abs=1e-5)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+
+    # both runs export with no other flag: transformers loads OUT, logits = our LoRA model's; the
+    # DPO run saved its base (the SFT LoRA merged in), so export does not rebuild the unmerged one
+    kernels = []
+    for run, base in ((sft, "init"), (dpo, "checkpoint")):
+        assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / f"{run.name}_out")]) == 0
+        assert json.loads((tmp_path / f"{run.name}_out" / "export.json").read_text())["base"] == base
+        params, lora, config = _inference_variables(run)
+        assert_export_matches(tmp_path / f"{run.name}_out", config, params, lora)
+        kernels.append(params["layers"]["self_attn"]["q_proj"]["kernel"])
+    assert not np.allclose(*kernels)      # the DPO base is not the seed's
+
+
+def _inference_variables(run):
+    """(LLM params, LoRA, config) of a text-only run as caption / export restore them."""
+    import jax
+
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.generate.model_load import restore_for_inference
+    from vsalmonn_jax.training.sharding import make_mesh
+    from vsalmonn_jax.training.task import build_task
+
+    config = load_config(str(run / "config.json"))
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    variables, _ = restore_for_inference(config, build_task(config, text_only=True), mesh, run)
+    variables = jax.tree.map(np.asarray, jax.device_get(variables))
+    return variables["params"], variables["lora"], config
 
 
 def test_train_cli_usage_errors(capsys):

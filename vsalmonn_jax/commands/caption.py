@@ -1,12 +1,15 @@
 """`vsalmonn-jax caption`: caption videos (files, folders, JSONL records) with a trained checkpoint.
 
-  vsalmonn-jax caption VIDEO_OR_FOLDER_OR_JSONL... [--checkpoint DIR] --config configs/X.py
-                       [--output captions.jsonl] [--prompt TEXT] [--num-samples N]
+  vsalmonn-jax caption VIDEO_OR_FOLDER_OR_JSONL... [--checkpoint RUN_OR_STAGE_DIR]
+                       [--config configs/X.py | RUN/config.json] [--output captions.jsonl] [--prompt TEXT] [--num-samples N]
                        [--greedy | --top-p P --temperature T --top-k K] [--max-new-tokens N]
                        [--batch-size B] [--seed S] [--step STEP] [--tokenizer DIR] [--data-root DIR]
                        [--config.a.b=value ...]
 Writes one JSON line per (video, sample): {"id", "video"|"audio", "sample", "caption", "stopped",
-"num_tokens", "logprob"}; running it again with the same --output resumes (finished lines are kept,
+"num_tokens", "logprob"}. The model's config and tokenizer come from the run (its config.json and
+tokenizer copy, found at or above --checkpoint); --config / --tokenizer / --config.a.b=v override
+them. A `vsalmonn-jax demo` run directory captions with its final model (rebirth, else the last
+mrDPO round); a stage folder (RUN/stages/<name>) with that stage. Running it again with the same --output resumes (finished lines are kept,
 missing ones done). Unreadable media are reported on stderr and in <output>.errors.jsonl, and the
 rest still finish; the exit status is then 1 (0 when every item was captioned).
 """
@@ -17,7 +20,7 @@ import argparse
 import os
 import sys
 
-from vsalmonn_jax.config import load_config, split_config_args
+from vsalmonn_jax.config import split_config_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="video / audio files, folders, or JSONL record files")
     p.add_argument("--checkpoint", default=None,
-                   help="run workdir (with checkpoints/) or an orbax checkpoints folder (none: the "
-                   "weights of config.model.pretrained alone, e.g. the official release)")
+                   help="run workdir (with checkpoints/), an orbax checkpoints folder, or a demo "
+                   "run / stage folder (none: the weights of config.model.pretrained alone, e.g. "
+                   "the official release)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--output", default="captions.jsonl")
     p.add_argument("--errors", default=None, help="default: <output>.errors.jsonl")
@@ -39,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.seed)")
-    p.add_argument("--tokenizer", default=None, help="default: config.data.tokenizer")
+    p.add_argument("--tokenizer", default=None,
+                   help="default: the run's tokenizer copy, else config.data.tokenizer")
     p.add_argument("--data-root", default=None, help="media root for JSONL records (default: "
                    "config.data.root, else each JSONL's folder)")
     p.add_argument("--no-progress", action="store_true")
@@ -62,13 +67,15 @@ def sampling_from_args(args, generate_cfg):
 
 
 def main(argv: list[str]) -> int:
+    from vsalmonn_jax.generate.run_dir import resolve_config
+
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
-    if not config_path:
-        print("vsalmonn-jax caption: --config configs/X.py is required (the model's shapes)",
-              file=sys.stderr)
+    try:
+        config, run_dir, source = resolve_config(args.checkpoint, config_path, overrides)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"vsalmonn-jax caption: {err}", file=sys.stderr)
         return 2
-    config = load_config(config_path, overrides)
     if args.tokenizer:
         config.data.tokenizer = args.tokenizer
     if args.prompt:
@@ -100,13 +107,17 @@ def main(argv: list[str]) -> int:
     for error in input_errors:
         print(f"caption: skipped input {error}", file=sys.stderr)
     errors_output = args.errors or (os.path.splitext(args.output)[0] + ".errors.jsonl")
-    summary = caption_items(config, items, checkpoint=args.checkpoint, step=args.step,
-                            sampling=sampling, num_samples=args.num_samples,
-                            batch_size=args.batch_size, output=args.output,
-                            errors_output=errors_output,
-                            max_new_tokens=args.max_new_tokens or int(config.generate.max_new_tokens),
-                            seed=int(config.seed if args.seed is None else args.seed),
-                            progress=not args.no_progress)
+    try:
+        summary = caption_items(config, items, checkpoint=args.checkpoint, step=args.step,
+                                sampling=sampling, num_samples=args.num_samples,
+                                batch_size=args.batch_size, output=args.output,
+                                errors_output=errors_output, max_new_tokens=args.max_new_tokens
+                                or int(config.generate.max_new_tokens),
+                                seed=int(config.seed if args.seed is None else args.seed),
+                                progress=not args.no_progress, run_dir=run_dir, source=source)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vsalmonn-jax caption: {err}", file=sys.stderr)
+        return 2
     print(f"caption: {summary.written} written, {summary.already_done} already done, "
           f"{len(summary.failed)} unreadable, {len(input_errors)} bad inputs -> {args.output}",
           file=sys.stderr)
@@ -116,25 +127,14 @@ def main(argv: list[str]) -> int:
 
 
 def caption_items(config, items, *, checkpoint, step, sampling, num_samples, batch_size, output,
-                  errors_output, max_new_tokens, seed, progress):
+                  errors_output, max_new_tokens, seed, progress, run_dir=None, source=""):
     """Load the model once, then run the resumable caption loop over `items`."""
-    from vsalmonn_jax.data.text import load_tokenizer
+    from vsalmonn_jax.generate.backend import open_backend
     from vsalmonn_jax.generate.caption_run import run_captions
-    from vsalmonn_jax.generate.captioner import AVCaptioner
-    from vsalmonn_jax.generate.model_load import restore_for_inference
-    from vsalmonn_jax.models.pretrained import warn_if_random
-    from vsalmonn_jax.training.av_task import build
-    from vsalmonn_jax.training.sharding import make_mesh
 
-    tokenizer = load_tokenizer(config.data.tokenizer, config.model.connector.placeholder_token)
-    mesh = make_mesh(dict(config.mesh))
-    task = build(config)
-    variables, info = restore_for_inference(config, task, mesh, checkpoint, step)
-    if info["base"] != "from the checkpoint":
-        warn_if_random(info["pretrained"], "caption")
-    print(f"caption: model from {info['checkpoint']} step {info['step']} (base {info['base']}); "
-          f"{len(items)} items x {num_samples} samples, {sampling}", file=sys.stderr)
-    backend = AVCaptioner(config, task, variables, tokenizer, sampling=sampling,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, mesh=mesh)
+    backend, what = open_backend(config, run_dir, checkpoint, step=step, sampling=sampling,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    print(f"caption: {what}; config {source or 'given'}; {len(items)} items x {num_samples} "
+          f"samples, {sampling}", file=sys.stderr)
     return run_captions(items, backend, output=output, errors_output=errors_output,
                         num_samples=num_samples, progress=progress)

@@ -73,6 +73,7 @@ def main(argv: list[str]) -> int:
         run_dir = pathlib.Path(args.out or f"{config.workdir}/demo-{stamp}{'-quick' if args.quick else ''}")
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(config, run_dir, args.data)
+    config.demo.data_dir = str(data_dir.absolute())   # caption --checkpoint RUN reads it (demo/serve.py)
     (run_dir / "config.json").write_text(config.to_json_best_effort(indent=1))
     log_file = open(run_dir / "demo.log", "a")
     start = time.perf_counter()

@@ -1,20 +1,24 @@
-"""`vsalmonn-jax export --checkpoint DIR --out DIR`: a trained checkpoint -> merged safetensors that
-`transformers` (and this package's importers) read back.
+"""`vsalmonn-jax export --checkpoint DIR --out DIR`: a trained checkpoint -> a directory that
+`transformers` loads directly (`Qwen2ForCausalLM.from_pretrained(OUT)`), the AV parts beside it.
 
-DIR may be an mrDPO workdir (its final round state: `rounds/<R>`), a run workdir (`checkpoints/`),
-an orbax checkpoint directory, or one step of it. Output:
-  OUT/llm/model.safetensors + config.json   the LLM with LoRA merged (W + alpha/r A B), in
+DIR may be a run workdir (`checkpoints/`; its config.json and tokenizer are read, so no --config is
+needed), an mrDPO workdir (its final round state: `rounds/<R>`), an orbax checkpoint directory, or
+one step of it. Every checkpoint kind exports: LoRA SFT / align, DPO, mrDPO round, rebirth,
+text-only. Output:
+  OUT/config.json + OUT/model.safetensors   the LLM with LoRA merged (W + alpha/r A B), in
                                             Qwen2ForCausalLM naming (models/qwen2.py save_hf);
-                                            + the tokenizer files when data.tokenizer is set
-  OUT/connectors.safetensors                the trainable `adapter` collection (Q-Former, audio /
+                                            + the run's tokenizer files
+  OUT/av/connectors.safetensors             the trainable `adapter` collection (Q-Former, audio /
                                             vision projectors, image_newline), names = our tree
                                             paths joined by "." (e.g. audio_connector.final_linear...)
-  OUT/encoders.safetensors                  frozen non-LLM params (SigLIP, Whisper) when present
+  OUT/av/encoders.safetensors               frozen non-LLM params (SigLIP, Whisper) when present
+  OUT/av/config.json                        the run's config (shapes of every part)
   OUT/export.json                           manifest: source, step, LoRA scale, files, shapes
 The frozen base comes from the checkpoint when it holds `params` (mrDPO always does; run_stage with
-include_params), else from `--base HF_DIR` (a transformers Qwen2 directory, text-only LLM) or
-`--base init` (config.model.pretrained when set, the default then; else re-initialised from
-config.seed, as a fresh run does: the tiny / demo models).
+include_params), else it is rebuilt as the run built it (`--base init`, the default: the inference
+loader, generate/model_load.py: config.model.pretrained when set, else re-initialised from
+config.seed as a fresh run does, the tiny / demo models) or read from `--base HF_DIR` (a
+transformers Qwen2 directory, text-only LLM).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+AV_DIR = "av"   # the AV parts beside the transformers LLM
 
 
 def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
@@ -78,28 +83,32 @@ def read_checkpoint(path: str | pathlib.Path, step: int | None = None) -> tuple[
     return state, dict(restored["meta"] or {}), int(step)
 
 
-def base_params(config, base: str) -> dict:
-    """The frozen base when the checkpoint lacks it: a transformers dir (LLM) or `init` (seed)."""
+def is_av(trainable: Mapping) -> bool:
+    """Whether a checkpoint's trainables belong to the AV model (connectors, or LoRA under "llm")."""
+    return bool(trainable.get("adapter")) or "llm" in (trainable.get("lora") or {})
+
+
+def base_params(config, base: str, text_only: bool) -> dict:
+    """The frozen base when the checkpoint lacks it: `init` rebuilds it as the run / inference does
+    (generate/model_load.restore_for_inference without a checkpoint); else a transformers dir."""
     import jax
 
-    from vsalmonn_jax.training import state as st
-    from vsalmonn_jax.training.sharding import make_mesh
-    from vsalmonn_jax.training.task import build_task
-
     if base == "init":
+        from vsalmonn_jax.generate.model_load import restore_for_inference
         from vsalmonn_jax.models.pretrained import warn_if_random
+        from vsalmonn_jax.training.sharding import make_mesh
+        from vsalmonn_jax.training.task import build_task
 
-        task = build_task(config)
-        tx, _ = st.make_optimizer(config.train, 1)
+        task = build_task(config, text_only=text_only)
         mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-        state, _, record = st.initial_state(task, config, tx, mesh,
-                                            jax.random.PRNGKey(int(config.seed)))
-        warn_if_random(record, "export")
-        return jax.tree.map(np.asarray, jax.device_get(state.params))
+        variables, info = restore_for_inference(config, task, mesh, None)
+        warn_if_random(info["pretrained"], "export")
+        return jax.tree.map(np.asarray, jax.device_get(variables["params"]))
     from vsalmonn_jax.models.qwen2 import load_hf
 
     params, _ = load_hf(base, param_dtype=str(config.model.llm.param_dtype))
-    return jax.tree.map(np.asarray, jax.device_get(params))
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    return params if text_only else {"llm": params}
 
 
 def split_llm(params: Mapping, lora: Mapping | None) -> tuple[dict, dict | None, dict]:
@@ -116,8 +125,28 @@ def flat_names(tree: Mapping) -> dict[str, np.ndarray]:
     return {".".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
 
 
+def check_llm_shapes(llm: Mapping, lora: Mapping | None, llm_config, lora_config, where: str) -> None:
+    """The checkpoint's LLM (and LoRA) shapes against the config's: a wrong preset is named here,
+    shape by shape, instead of failing inside the merge or in transformers."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from vsalmonn_jax.generate.model_load import check_shapes
+    from vsalmonn_jax.lora import init_lora
+    from vsalmonn_jax.models.qwen2 import Qwen2
+
+    def expected():
+        params = nn.unbox(Qwen2(llm_config).init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, 1), jnp.int32))["params"])
+        return {"llm": params, **({"lora": init_lora(jax.random.PRNGKey(1), params, lora_config)}
+                                  if lora else {})}
+
+    check_shapes({"llm": llm, **({"lora": lora} if lora else {})}, jax.eval_shape(expected), where)
+
+
 def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None = None,
-           source: str = "", step: int = 0, base: str | None = None) -> dict:
+           source: str = "", step: int = 0, base: str | None = "init") -> dict:
     """Write the merged export of a restored state tree; returns the manifest."""
     import jax
 
@@ -136,74 +165,81 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
         if base is None:
             raise ValueError(f"{source}: the checkpoint holds no frozen base `params`; set "
                              "--config.model.pretrained.llava=DIR (+ .whisper / .official) as the "
-                             "run did, or pass --base HF_DIR (a transformers Qwen2 directory) or "
-                             "--base init (re-initialise from config.seed, as a fresh run does)")
-        params = base_params(config, base)
+                             "run did, or pass --base init (rebuild it as the run did) or --base "
+                             "HF_DIR (a transformers Qwen2 directory)")
+        params = base_params(config, base, text_only=not is_av(trainable))
     lcfg = LoraConfig.from_config(config.model.lora)
     llm, lora, others = split_llm(params, trainable.get("lora"))
+    llm_config = Qwen2Config.from_config(config.model.llm)
+    check_llm_shapes(llm, lora, llm_config, lcfg, str(source))
     if lora:
         llm = jax.tree.map(np.asarray, merge(llm, lora, lcfg.scale))
-    llm_config = Qwen2Config.from_config(config.model.llm)
-    save_hf(llm, llm_config, out / "llm", dtype=dtype)
-    files = {"llm": "llm/model.safetensors"}
+    save_hf(llm, llm_config, out, dtype=dtype)
+    files = {"llm": "model.safetensors"}
     tokenizer = str(config.data.get("tokenizer", "") or "")
     if tokenizer and pathlib.Path(tokenizer).is_dir():
         for item in pathlib.Path(tokenizer).iterdir():
-            if item.is_file():
-                shutil.copy2(item, out / "llm" / item.name)
-        files["tokenizer"] = "llm/"
+            if item.is_file() and item.name != "config.json":
+                shutil.copy2(item, out / item.name)
+        files["tokenizer"] = "./"
     cast = (lambda x: x.astype(np.dtype(dtype)) if dtype and np.issubdtype(x.dtype, np.floating)
             else x)
     meta = {"format": "vsalmonn_jax", "names": "flax tree paths joined by '.'"}
+    (out / AV_DIR).mkdir(exist_ok=True)
+    (out / AV_DIR / "config.json").write_text(config.to_json_best_effort(indent=1))
+    files["config"] = f"{AV_DIR}/config.json"
     adapter = flat_names(trainable.get("adapter") or {})
     if adapter:
-        write_safetensors(out / "connectors.safetensors", {k: cast(v) for k, v in adapter.items()},
-                          meta)
-        files["connectors"] = "connectors.safetensors"
+        write_safetensors(out / AV_DIR / "connectors.safetensors",
+                          {k: cast(v) for k, v in adapter.items()}, meta)
+        files["connectors"] = f"{AV_DIR}/connectors.safetensors"
     encoders = flat_names(others)
     if encoders:
-        write_safetensors(out / "encoders.safetensors", {k: cast(v) for k, v in encoders.items()},
-                          meta)
-        files["encoders"] = "encoders.safetensors"
+        write_safetensors(out / AV_DIR / "encoders.safetensors",
+                          {k: cast(v) for k, v in encoders.items()}, meta)
+        files["encoders"] = f"{AV_DIR}/encoders.safetensors"
     manifest = {"source": str(source), "step": int(step), "lora_merged": bool(lora),
                 "lora_scale": lcfg.scale if lora else None, "dtype": dtype or "as trained",
                 "files": files, "base": "checkpoint" if "params" in state else base,
                 "connectors": {k: list(v.shape) for k, v in adapter.items()},
                 "encoders": sorted({k.split(".")[0] for k in encoders}),
-                "llm_config": json.loads((out / "llm" / "config.json").read_text())}
+                "llm_config": json.loads((out / "config.json").read_text())}
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vsalmonn-jax export", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="mrDPO / run workdir, checkpoint dir or step")
+    p.add_argument("--checkpoint", required=True, help="run / mrDPO workdir, checkpoint dir or step")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--base", default=None,
-                   help="frozen base when the checkpoint has none: HF_DIR or 'init'")
+    p.add_argument("--base", default="init",
+                   help="frozen base when the checkpoint has none: 'init' (rebuilt as the run "
+                   "built it, the default) or a transformers Qwen2 HF_DIR")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer files to ship (default: the run's copy, else data.tokenizer)")
     p.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
                    help="tensor dtype of the export (default: as trained)")
     return p
 
 
 def main(argv: list[str]) -> int:
-    from vsalmonn_jax.config import load_config, split_config_args
+    from vsalmonn_jax.config import split_config_args
+    from vsalmonn_jax.generate.run_dir import resolve_config
 
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
-    if config_path is None:
-        print("vsalmonn-jax export: --config PRESET is required (the shapes the checkpoint was "
-              "trained with, e.g. --config configs/tiny.py)", file=sys.stderr)
-        return 2
-    config = load_config(config_path, overrides)
     try:
+        config, _, source = resolve_config(args.checkpoint, config_path, overrides)
+        if args.tokenizer:
+            config.data.tokenizer = args.tokenizer
         state, _, step = read_checkpoint(args.checkpoint, args.step)
         manifest = export(state, config, args.out, dtype=args.dtype, source=args.checkpoint,
                           step=step, base=args.base)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"vsalmonn-jax export: {err}", file=sys.stderr)
         return 1
-    print(f"exported step {step} of {args.checkpoint} to {args.out}: "
-          f"{', '.join(manifest['files'].values())}")
+    print(f"exported step {step} of {args.checkpoint} (config {source}) to {args.out}: "
+          f"{', '.join(manifest['files'].values())}; load the LLM with transformers' "
+          f"Qwen2ForCausalLM.from_pretrained({args.out!r})")
     return 0

@@ -95,6 +95,9 @@ def main(argv: list[str]) -> int:
     workdir = pathlib.Path(args.workdir or config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    from vsalmonn_jax.generate.run_dir import save_tokenizer
+
+    save_tokenizer(config, workdir)   # the run carries its tokenizer (caption / export read it)
     if round_driven:
         from vsalmonn_jax.training import mrdpo, rebirth
 
@@ -125,11 +128,21 @@ def main(argv: list[str]) -> int:
     state = None
     if args.init_from:
         state = _init_from(config, task, pathlib.Path(args.init_from), workdir)
+    # a DPO stage folds the previous LoRA into its base: save that base with its checkpoints, or
+    # a resume, `caption` and `export` would rebuild the unmerged one
+    merged = bool(args.init_from) and _merges_base(config, task)
     state, summary = loop.run_stage(config, train_iter, workdir, task=task, state=state,
-                                    eval_fn=eval_fn, progress=not args.no_progress)
+                                    eval_fn=eval_fn, progress=not args.no_progress,
+                                    include_params=merged)
     report = {k: summary[k] for k in ("step", "skipped_steps", "preempted", "checkpoint", "last")}
     print(json.dumps(report, default=float))
     return 0
+
+
+def _merges_base(config, task) -> bool:
+    from vsalmonn_jax.training.steps import objective_of
+
+    return objective_of(config.stage) == "dpo" and task.lora_config is not None
 
 
 def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
@@ -142,7 +155,6 @@ def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
     from vsalmonn_jax.training.checkpoint import Checkpointer
     from vsalmonn_jax.training.loop import compiled_steps
     from vsalmonn_jax.training.sharding import make_mesh
-    from vsalmonn_jax.training.steps import objective_of
 
     mesh = make_mesh(dict(config.mesh))
     # the same cached initializer (and step) run_stage uses next: compiled once
@@ -154,7 +166,7 @@ def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
         state = ckpt.restore_trainable(fresh)
     finally:
         ckpt.close()
-    if objective_of(config.stage) == "dpo" and "lora" in state.trainable and task.lora_config:
+    if _merges_base(config, task) and "lora" in state.trainable:
         # the reference of a DPO stage is the previous stage's model: fold its LoRA into the base
         state = st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1))
     return state

@@ -34,10 +34,10 @@ class Captioner:
 
     def run(self, media: dict, rows: np.ndarray, prompts: list[np.ndarray], *, batch: int,
             max_new_tokens: int, sampling: SamplingConfig, rng: jax.Array | None = None,
-            keys: jax.Array | None = None) -> list[tuple[str, bool]]:
-        """(text, stopped) per row; batches are padded to `batch` rows (one compilation).
-        Randomness: `keys` [N] one key per row (the output does not depend on batching), else
-        `rng` folded with each batch's start."""
+            keys: jax.Array | None = None, details: bool = False) -> list[tuple]:
+        """(text, stopped) per row (details: + (num_tokens, summed logprob)); batches are padded to
+        `batch` rows (one compilation). Randomness: `keys` [N] one key per row (the output does not
+        depend on batching), else `rng` folded with each batch's start."""
         out = []
         for start in range(0, len(rows), batch):
             part = np.arange(start, min(start + batch, len(rows)))
@@ -52,8 +52,10 @@ class Captioner:
                               max_new_tokens=max_new_tokens, sampling=sampling,
                               stop_ids=self.tokens.stop_ids, pad_id=self.tokens.pad_id)
             stopped = np.asarray(result.stopped)
+            lengths, logprobs = np.asarray(result.lengths), np.asarray(result.logprobs).sum(axis=1)
             for k, ids in enumerate(result.token_lists()[: len(part)]):
-                out.append((self.tokens.decode(ids), bool(stopped[k])))
+                row = (self.tokens.decode(ids), bool(stopped[k]))
+                out.append(row + (int(lengths[k]), float(logprobs[k])) if details else row)
         return out
 
     def captions(self, split: dict, *, batch: int, max_new_tokens: int, sampling=None, rng=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -91,16 +92,23 @@ def decode_split(data_dir: pathlib.Path, items: list[dict], settings: FeatureSet
             decoded = list(pool.map(_featurize, jobs, chunksize=8))
     else:
         decoded = [_featurize(job) for job in jobs]
-    n, s = len(items), settings.image_size
+    return pack_clips(decoded, [it["video"] for it in items], settings, max_frames, mel_frames)
+
+
+def pack_clips(decoded: list[dict], names: list[str], settings: FeatureSettings, max_frames: int,
+               mel_frames: int) -> dict[str, np.ndarray]:
+    """Decoded clips (media_features outputs) -> the fixed-shape arrays of decode_split; a clip
+    with more frames or audio chunks than the demo model takes is a ValueError naming it."""
+    n, s = len(decoded), settings.image_size
     out = {"pixels": np.zeros((n, max_frames, s, s, 3), np.uint8),
            "frame_mask": np.zeros((n, max_frames), bool),
            "frame_times": np.zeros((n, max_frames), np.float32),
            "mel": np.zeros((n, 1, settings.num_mel_bins, mel_frames), np.float32),
            "audio_seconds": np.zeros((n,), np.float32)}
-    for k, (item, media) in enumerate(zip(items, decoded, strict=True)):
+    for k, (name, media) in enumerate(zip(names, decoded, strict=True)):
         frames = media["pixels"].shape[0]
         if frames > max_frames or media["mel"].shape[0] != 1:
-            raise ValueError(f"{item['video']}: {frames} frames / {media['mel'].shape[0]} audio "
+            raise ValueError(f"{name}: {frames} frames / {media['mel'].shape[0]} audio "
                              f"chunks; the demo model takes <= {max_frames} frames and 1 chunk")
         out["pixels"][k, :frames] = media["pixels"]
         out["frame_mask"][k, :frames] = True
@@ -110,21 +118,23 @@ def decode_split(data_dir: pathlib.Path, items: list[dict], settings: FeatureSet
     return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model, params: dict, pixels, mel):
+    """Frozen towers on one batch -> (vision, audio) fp16 (compiled once per model and shape)."""
+    media = model.apply({"params": params}, {"pixel_values": pixels, "mel": mel},
+                        method="encode_frozen")
+    return media["vision"].astype(jnp.float16), media["audio"].astype(jnp.float16)
+
+
 def encode_split(model, params: dict, decoded: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     """Frozen SigLIP + Whisper once per clip -> vision fp16 [N, F, P, Hv], audio fp16 [N, 1, T, D]
     plus the masks connect() reads."""
-    @jax.jit
-    def run(pixels, mel):
-        media = model.apply({"params": params}, {"pixel_values": pixels, "mel": mel},
-                            method="encode_frozen")
-        return media["vision"].astype(jnp.float16), media["audio"].astype(jnp.float16)
-
     n = decoded["pixels"].shape[0]
     vision, audio = [], []
     for start in range(0, n, batch):
         rows = np.arange(start, start + batch) % n   # fixed batch shape: wrap the last batch
         pixels = siglip_normalize(decoded["pixels"][rows])
-        v, a = jax.device_get(run(pixels, decoded["mel"][rows]))
+        v, a = jax.device_get(_encode(model, params, pixels, decoded["mel"][rows]))
         keep = min(batch, n - start)
         vision.append(v[:keep])
         audio.append(a[:keep])

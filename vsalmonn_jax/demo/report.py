@@ -170,6 +170,26 @@ def _plot_qa(path: pathlib.Path, records: dict) -> None:
     plt.close(fig)
 
 
+def use_section(run_dir: pathlib.Path, config) -> list[str]:
+    """How to caption a new video with the run's final model (demo/serve.py picks the stage)."""
+    from vsalmonn_jax.demo.serve import final_stage
+
+    try:
+        final = final_stage(run_dir, config, run_dir)
+    except FileNotFoundError:
+        return []
+    return ["## Caption a new video with this run", "",
+            f"The final model is stage `{final}` (rebirth when finished, else the last mrDPO round). "
+            "The run directory carries its config, tokenizer, frozen encoders and calibration, so "
+            "no other flag is needed:", "", "```",
+            f"vsalmonn-jax caption VIDEO.mp4 --checkpoint {run_dir} --output captions.jsonl",
+            "```", "",
+            f"or `--checkpoint {run_dir}/stages/<stage>` for another stage; from Python: "
+            f"`Captioner.from_pretrained({str(run_dir)!r}).caption('VIDEO.mp4')`. The demo model "
+            f"reads <= {int(config.data.max_frames)} frames (1 fps) and the first "
+            f"{2 * int(config.model.audio.max_source_positions) // 100} s of audio.", ""]
+
+
 def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
                  missing: list[str] | tuple[str, ...] = (), items: list[dict] | None = None) -> pathlib.Path:
     """items: the test clips (id, events); default: rebuilt from `config` (demo/perception.py)."""
@@ -210,6 +230,7 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
         "measures test-set sampling noise only; training-seed noise is not measured by one run "
         "(the control arm bounds what continued training alone does).", "",
         *comp_lines, "", *verdict(comp), "",
+        *use_section(run_dir, config),
         "## The paper's claim on this run", "",
         "Target: mrDPO lowers both Miss and Hallucination vs SFT, beyond noise and beyond the control "
         "arm.", "", *paper_claim(comp), "",

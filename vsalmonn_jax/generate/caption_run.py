@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from vsalmonn_jax.generate.caption_io import JsonlWriter, pending, read_done
@@ -48,6 +48,42 @@ def output_row(item: dict, sample: int, result: dict) -> dict:
     return row
 
 
+def caption_rows(todo: Iterable[tuple[dict, int]], backend: CaptionBackend,
+                 on_unreadable: Callable[[dict, str], None]) -> Iterator[list[tuple[dict, int, dict]]]:
+    """(item, sample) rows, item-major -> lists of (item, sample, result), one list per backend
+    batch. Each item is prepared once; an unreadable one goes to `on_unreadable(item, reason)` and
+    its rows are skipped."""
+    prepared: dict[str, Any] = {}
+    bad: set[str] = set()
+    rows: list[tuple[dict, int, Any]] = []
+
+    def flush():
+        results = backend.caption(rows)
+        if len(results) != len(rows):
+            raise RuntimeError(f"caption backend returned {len(results)} results for {len(rows)} rows")
+        done = [(item, sample, res) for (item, sample, _), res in zip(rows, results, strict=True)]
+        rows.clear()
+        return done
+
+    for item, sample in todo:
+        key = item["id"]
+        if key in bad:
+            continue
+        if key not in prepared:
+            prepared.clear()           # items arrive item-major: keep only the current one
+            try:
+                prepared[key] = backend.prepare(item)
+            except UnreadableInput as err:
+                bad.add(key)
+                on_unreadable(item, str(err))
+                continue
+        rows.append((item, sample, prepared[key]))
+        if len(rows) == backend.batch_size:
+            yield flush()
+    if rows:
+        yield flush()
+
+
 def run_captions(items: list[dict], backend: CaptionBackend, *, output: str, errors_output: str,
                  num_samples: int = 1, progress: bool = True,
                  warn: Callable[[str], None] | None = None) -> CaptionSummary:
@@ -59,45 +95,21 @@ def run_captions(items: list[dict], backend: CaptionBackend, *, output: str, err
     summary = CaptionSummary(total=len(items) * num_samples)
     summary.already_done = summary.total - len(todo)
     bar = _bar(summary.total, summary.already_done, progress)
-    prepared: dict[str, Any] = {}
-    bad: set[str] = set()
-    rows: list[tuple[dict, int, Any]] = []
     with JsonlWriter(output) as out, JsonlWriter(errors_output) as errors:
 
-        def flush():
-            results = backend.caption(rows)
-            if len(results) != len(rows):
-                raise RuntimeError(f"caption backend returned {len(results)} results for {len(rows)} rows")
-            out.write_many(output_row(item, sample, res)
-                           for (item, sample, _), res in zip(rows, results, strict=True))
-            summary.written += len(rows)
-            bar.update(len(rows))
-            rows.clear()
+        def unreadable(item: dict, reason: str) -> None:
+            where = item.get("video") or item.get("audio")
+            record = {"id": item["id"], "video": item.get("video"), "audio": item.get("audio"),
+                      "error": reason}
+            summary.failed.append(record)
+            errors.write_many([record])
+            warn(f"caption: skipped {where}: {reason}")
+            bar.update(sum(1 for it, _ in todo if it["id"] == item["id"]))   # its skipped rows
 
-        for item, sample in todo:
-            key = item["id"]
-            if key in bad:
-                bar.update(1)
-                continue
-            if key not in prepared:
-                prepared.clear()           # items arrive item-major: keep only the current one
-                try:
-                    prepared[key] = backend.prepare(item)
-                except UnreadableInput as err:
-                    bad.add(key)
-                    where = item.get("video") or item.get("audio")
-                    record = {"id": key, "video": item.get("video"), "audio": item.get("audio"),
-                              "error": str(err)}
-                    summary.failed.append(record)
-                    errors.write_many([record])
-                    warn(f"caption: skipped {where}: {err}")
-                    bar.update(1)
-                    continue
-            rows.append((item, sample, prepared[key]))
-            if len(rows) == backend.batch_size:
-                flush()
-        if rows:
-            flush()
+        for batch in caption_rows(todo, backend, unreadable):
+            out.write_many(output_row(item, sample, res) for item, sample, res in batch)
+            summary.written += len(batch)
+            bar.update(len(batch))
     bar.close()
     return summary
 

@@ -30,11 +30,32 @@ def checkpoint_root(path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
+def saved_tree(root: pathlib.Path, step: int):
+    """The saved train state's metadata tree at `step` (leaves carry .shape / .dtype)."""
+    metadata = ocp.StandardCheckpointer().metadata(root / str(step) / "state")
+    return getattr(metadata, "item_metadata", metadata)
+
+
 def saved_fields(root: pathlib.Path, step: int) -> list[str]:
     """Top-level fields of the saved train state at `step`."""
-    metadata = ocp.StandardCheckpointer().metadata(root / str(step) / "state")
-    tree = getattr(metadata, "item_metadata", metadata)
-    return sorted(tree.keys())
+    return sorted(saved_tree(root, step).keys())
+
+
+def check_shapes(saved, target, where: str, shown: int = 6) -> None:
+    """Raise a ValueError naming every leaf whose saved shape differs from the config's (or that
+    one side lacks): a checkpoint restored with another preset's shapes."""
+    from flax import traverse_util
+
+    have = traverse_util.flatten_dict(jax.tree.map(lambda m: tuple(m.shape), dict(saved)), sep="/")
+    want = traverse_util.flatten_dict(jax.tree.map(lambda t: tuple(t.shape), dict(target)), sep="/")
+    lines = [f"  {k}: checkpoint {have.get(k, 'absent')}, config {want.get(k, 'absent')}"
+             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if lines:
+        more = [f"  ... and {len(lines) - shown} more"] if len(lines) > shown else []
+        raise ValueError(
+            f"{where}: the checkpoint does not fit the config's shapes ({len(lines)} mismatched):\n"
+            + "\n".join(lines[:shown] + more) + "\nIt was trained with another config: drop --config "
+            "to use the run's own config.json, or pass the preset it was trained with.")
 
 
 def latest_step(root: pathlib.Path) -> int:
@@ -58,7 +79,8 @@ def restore_for_inference(config, task, mesh, checkpoint: str | pathlib.Path | N
     if checkpoint is not None:
         root = checkpoint_root(checkpoint)
         step = latest_step(root) if step is None else int(step)
-        fields = saved_fields(root, step)
+        saved = saved_tree(root, step)
+        fields = sorted(saved.keys())
         if "trainable" not in fields:
             raise ValueError(f"{root / str(step)}: no 'trainable' in the saved state (fields: {fields})")
     base_saved = fields is not None and "params" in fields
@@ -72,6 +94,7 @@ def restore_for_inference(config, task, mesh, checkpoint: str | pathlib.Path | N
         target = {name: jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             getattr(state, name), getattr(shardings, name)) for name in wanted}
+        check_shapes({name: saved[name] for name in wanted}, target, str(root / str(step)))
         manager = ocp.CheckpointManager(root, item_names=("state", "meta"))
         try:
             restored = manager.restore(step, args=ocp.args.Composite(

@@ -136,8 +136,11 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
     rows = global_batch(config, mesh)
     iterator = local_rows(env.batches(built["records"], batch_size=rows,
                                       seed=int(config.data.shuffle_seed)), mesh, rows)
+    # the base is the pre-DPO model (its LoRA merged): saved with the checkpoints, so caption and
+    # export read it instead of rebuilding the seed's
     state, result = run_stage(cfg, iterator, workdir, task=env.task, state=pre_dpo_state,
-                              mesh=mesh, progress=progress, tensorboard=tensorboard)
+                              mesh=mesh, progress=progress, tensorboard=tensorboard,
+                              include_params=True)
     summary = {"preempted": result["preempted"], "records": len(built["records"]),
                "captions": built["captions"], "skipped_empty": built["skipped_empty"],
                "before": before, "last_step": result["last"]}

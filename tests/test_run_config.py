@@ -1,0 +1,58 @@
+"""A run's saved config.json as a config (`--config RUN/config.json`, `caption/export --checkpoint RUN`):
+every preset survives the JSON round trip with its field types, a transformers config.json is refused
+clearly, the run folder is found from its checkpoints, and the tokenizer copy travels with the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vsalmonn_jax.config import CONFIG_DIR, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIG_DIR.glob("*.py")))
+def test_every_preset_round_trips_through_config_json(preset, tmp_path):
+    config = load_config(preset, ["--config.train.lr=0.5"])
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_best_effort(indent=2))
+    again = load_config(str(path), ["--config.seed=7"])
+    assert again.seed == 7 and again.train.lr == 0.5
+    again.seed = config.seed
+    assert again.to_dict() == config.to_dict()          # tuples stay tuples, extra sections kept
+
+
+def test_a_transformers_config_json_is_not_a_run_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="not a run's config.json"):
+        load_config(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read it as JSON"):
+        load_config(str(path))
+
+
+def test_run_dir_found_from_its_checkpoints_and_tokenizer_copied(tmp_path):
+    from vsalmonn_jax.generate.run_dir import find_run_dir, resolve_config, save_tokenizer
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4" / "state").mkdir(parents=True)
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    config = load_config("tiny", [f"--config.data.tokenizer={tokenizer}"])
+    (run / "config.json").write_text(config.to_json_best_effort())
+    assert save_tokenizer(config, run) == str(run / "tokenizer")
+    assert (run / "tokenizer" / "tokenizer.json").read_text() == "{}"
+    assert find_run_dir(run / "checkpoints" / "4" / "state") == run
+    assert find_run_dir(tmp_path) is None
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert find_run_dir(tmp_path / "hf") is None          # an export's LLM config is not a run
+    loaded, found, source = resolve_config(run / "checkpoints")
+    assert found == run and source == str(run / "config.json")
+    assert loaded.data.tokenizer == str(run / "tokenizer")   # the run's copy wins
+    preset, _, _ = resolve_config(run, "demo")                # an explicit config wins
+    assert preset.model.llm.hidden_size == 96 and preset.data.tokenizer == str(run / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="no run config.json"):
+        resolve_config(tmp_path / "hf")
