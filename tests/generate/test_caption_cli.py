@@ -107,3 +107,24 @@ def test_caption_command_skips_corrupt_and_resumes(caption_setup, capsys):
     assert "1 written, 5 already done, 1 unreadable" in capsys.readouterr().err
     again = [json.loads(x) for x in out.read_text().splitlines()]
     assert again == lines                         # same caption: per-(id, sample) keys
+
+
+def test_reading_the_saved_fields_logs_no_metadata_warning(tmp_path, caplog):
+    """Every caption run printed `WARNING:absl:Metadata file does not exist` (orbax metadata read)."""
+    import logging
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from vsalmonn_jax.generate.model_load import latest_step, saved_fields
+
+    manager = ocp.CheckpointManager(tmp_path, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"trainable": {"a": jnp.ones((2,))}, "params": {"b": jnp.ones(3)}}),
+        meta=ocp.args.JsonSave({})))
+    manager.wait_until_finished()
+    manager.close()
+    with caplog.at_level(logging.WARNING):
+        assert saved_fields(tmp_path, latest_step(tmp_path)) == ["params", "trainable"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -30,10 +30,14 @@ def checkpoint_root(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def saved_fields(root: pathlib.Path, step: int) -> list[str]:
-    """Top-level fields of the saved train state at `step`."""
-    metadata = ocp.StandardCheckpointer().metadata(root / str(step) / "state")
-    tree = getattr(metadata, "item_metadata", metadata)
-    return sorted(tree.keys())
+    """Top-level fields of the saved train state at `step`.
+
+    Read with the item's own handler: `StandardCheckpointer().metadata(<step>/state)` looks for a
+    step-level `_CHECKPOINT_METADATA` inside the item folder and logs "Metadata file does not exist"
+    on every call.
+    """
+    metadata = ocp.PyTreeCheckpointHandler().metadata(root / str(step) / "state")
+    return sorted(metadata.tree.keys())
 
 
 def latest_step(root: pathlib.Path) -> int:
