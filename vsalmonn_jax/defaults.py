@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
         # llm judge (eval/llm_judge.py); the API key is read from these env variables, never config
         llm_api_key_env="VSALMONN_JUDGE_API_KEY,OPENAI_API_KEY", llm_temperature=0.0, llm_top_p=0.1,
         llm_max_retries=8, llm_fallback_retries=2, llm_backoff_s=1.0, llm_timeout_s=120.0,
+        # a refused / unresolvable endpoint: this many probes (seconds), then the run stops
+        llm_connect_retries=2,
         llm_json_mode=True,
         # embedding judge (eval/embedding.py); fit with `vsalmonn-jax eval calibrate`
         embedding_model="", embedding_match_threshold=0.5, embedding_correct_threshold=0.65,

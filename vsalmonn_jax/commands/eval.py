@@ -7,8 +7,8 @@
   vsalmonn-jax eval qa --questions FILE --predictions FILE [--predictions FILE ...] --out DIR
 File formats: vsalmonn_jax/eval/records.py (ground-truth events may be free-text strings: embedding /
 llm judges). Exit status: 0 scored; 1 the report is written but some group scored no caption (e.g.
-free-text captions under the exact judge, an unreachable llm judge); 2 bad input (empty captions
-file, unknown ids, malformed lines).
+free-text captions under the exact judge); 2 bad input (empty captions file, unknown ids, malformed
+lines) or a judge that cannot be reached (connection refused / unknown host: stops in seconds).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
 from vsalmonn_jax.defaults import base_config
+from vsalmonn_jax.eval.judge import JudgeUnavailable
 
 
 def _config(config_path, overrides):
@@ -197,6 +198,6 @@ def main(argv: list[str]) -> int:
     try:
         config = _config(config_path, overrides)
         return {"eval": run_eval, "calibrate": run_calibrate, "qa": run_qa}[mode](args, config)
-    except (ValueError, FileNotFoundError, KeyError) as err:  # RecordError is a ValueError
+    except (ValueError, FileNotFoundError, KeyError, JudgeUnavailable) as err:  # RecordError: ValueError
         print(f"vsalmonn-jax eval: error: {err}", file=sys.stderr)
         return 2
