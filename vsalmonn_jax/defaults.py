@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
         root="", train="", val="", test="", tokenizer="",
         fps=1.0, max_frames=110, sample_rate=16000, min_audio_seconds=1.0,
         missing_audio="silence",  # silence (+ flag) | error
-        audio_channel="first",    # first (official: channel 0) | mean (downmix)
+        # first (official: channel 0; warns when it is silent but others are not) | mean (all
+        # channels averaged) | dialogue (the centre channel of 5.1 / 7.1, where speech is mixed;
+        # the mean for mono / stereo)
+        audio_channel="first",
         max_length=32768, truncation="error",  # error | truncate_response
         batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,
         length_buckets=(), quarantine="quarantine.jsonl", encoder_cache="",
