@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": "Synthetic end-to-end run: data -> align -> SFT -> mrDPO -> rebirth -> report",
     "plan": "Per-device memory plan for a config on a mesh (AOT, no weights allocated)",
     "data": "Build the synthetic data set or validate JSONL records",
+    "config": "Print the resolved config: config show --config configs/X.py --config.a.b=value",
 }
 
 
