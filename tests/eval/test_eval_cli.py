@@ -166,19 +166,22 @@ def test_sample_indices_are_separate_groups(files, tmp_path):
         load_captions(tmp_path / "bad.jsonl")
 
 
+def _eval_exact(captions, gt, out) -> int:
+    return cli.main(["eval", "--captions", str(captions), "--gt", str(gt), "--judge", "exact",
+                     "--out", str(out)])
+
+
 def test_nothing_scored_or_empty_captions_exit_non_zero(files, tmp_path, capsys):
     gt, _, clips = files
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert cli.main(["eval", "--captions", str(empty), "--gt", str(gt), "--judge", "exact",
-                     "--out", str(tmp_path / "e")]) == 2
+    assert _eval_exact(empty, gt, tmp_path / "e") == 2
     assert f"{empty}: holds no captions (empty file)" in capsys.readouterr().err
     # free-text captions of 2 of the 6 videos: the exact judge refuses both -> 0 scored, rc 1
     free = tmp_path / "free.jsonl"
     write_jsonl(free, [{"id": "v0", "caption": "Some shapes move around while beeps play."},
                        {"id": "v1", "caption": "A colourful animation with sounds."}])
-    assert cli.main(["eval", "--captions", str(free), "--gt", str(gt), "--judge", "exact",
-                     "--out", str(tmp_path / "f")]) == 1
+    assert _eval_exact(free, gt, tmp_path / "f") == 1
     captured = capsys.readouterr()
     assert "captions: 0/2 captions scored (4 of 6 ground-truth videos have no caption)" in captured.out
     assert "2 FAILED" in captured.out and "no caption could be scored in captions" in captured.err
@@ -191,15 +194,13 @@ def test_untimed_events_are_checked_by_eval(files, tmp_path, capsys):
     null_time = tmp_path / "null.jsonl"
     write_jsonl(null_time, [{"id": "v0", "events": [{"time": None, "modality": "visual",
                                                      "subject": "the red circle", "action": "appears"}]}])
-    assert cli.main(["eval", "--captions", str(captions), "--gt", str(null_time), "--judge", "exact",
-                     "--out", str(tmp_path / "n")]) == 2
+    assert _eval_exact(captions, null_time, tmp_path / "n") == 2
     assert (f"{null_time}:1: events[0]: event has no 'time' (or it is null) and no 'text'"
             in capsys.readouterr().err)
     # with a text it is an untimed free-text event: the exact judge refuses it by name
     write_jsonl(null_time, [{"id": "v0", "events": [{"time": None, "text": "A red circle appears."}]}])
     write_jsonl(tmp_path / "c.jsonl", [{"id": "v0", "caption": "At 0 s, the red circle appears."}])
-    assert cli.main(["eval", "--captions", str(tmp_path / "c.jsonl"), "--gt", str(null_time),
-                     "--judge", "exact", "--out", str(tmp_path / "n")]) == 2
+    assert _eval_exact(tmp_path / "c.jsonl", null_time, tmp_path / "n") == 2
     assert "is not a synthetic event" in capsys.readouterr().err
 
 
