@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
-EXTRAS := audio,torch,eval,dev
+EXTRAS := audio,torch,eval,tensorboard,dev
 JOBS ?= 2
 
 .PHONY: install demo demo-quick test test-fast lint bench clean

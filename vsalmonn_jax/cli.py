@@ -18,6 +18,7 @@ COMMANDS = {
     "plan": "Per-device memory plan for a config on a mesh (AOT, no weights allocated)",
     "data": "Build the synthetic data set or validate JSONL records",
     "check-weights": "Check config.model.pretrained's checkpoints against the config (headers only)",
+    "config": "Print the resolved config: config show --config configs/X.py --config.a.b=value",
 }
 
 

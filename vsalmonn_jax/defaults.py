@@ -70,7 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
         root="", train="", val="", test="", tokenizer="",
         fps=1.0, max_frames=110, sample_rate=16000, min_audio_seconds=1.0,
         missing_audio="silence",  # silence (+ flag) | error
-        audio_channel="first",    # first (official: channel 0) | mean (downmix)
+        # first (official: channel 0; warns when it is silent but others are not) | mean (all
+        # channels averaged) | dialogue (the centre channel of 5.1 / 7.1, where speech is mixed;
+        # the mean for mono / stereo)
+        audio_channel="first",
         max_length=32768, truncation="error",  # error | truncate_response
         # the release's input format (configs/7b.py sets it; docs/recipe.md "Input format"):
         prompt_format="clean",    # clean: `<media>\nprompt` (one newline) | official: the release's
@@ -129,6 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
         # llm judge (eval/llm_judge.py); the API key is read from these env variables, never config
         llm_api_key_env="VSALMONN_JUDGE_API_KEY,OPENAI_API_KEY", llm_temperature=0.0, llm_top_p=0.1,
         llm_max_retries=8, llm_fallback_retries=2, llm_backoff_s=1.0, llm_timeout_s=120.0,
+        # a refused / unresolvable endpoint: this many probes (seconds), then the run stops
+        llm_connect_retries=2,
         llm_json_mode=True,
         # embedding judge (eval/embedding.py); fit with `vsalmonn-jax eval calibrate`
         embedding_model="", embedding_match_threshold=0.5, embedding_correct_threshold=0.65,

@@ -59,3 +59,40 @@ def test_check_with_the_7b_preset_cuts_audio_to_the_video(format_clips, tmp_path
     assert "frames 30-30, audio 30.0-30.0 s" in capsys.readouterr().out
     assert main(check + ["--config.data.audio_cut=none"]) == 0
     assert "frames 30-30, audio 31.0-31.0 s" in capsys.readouterr().out
+
+
+def test_check_free_text_events_through_the_cli(synth_dir, tmp_path):
+    """The official test set's form (events as plain strings) passes `data check`, media decoded."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    shutil.copy(synth_dir / "media/train/train_000000.mp4", tmp_path / "clip.mp4")
+    path = tmp_path / "free.jsonl"
+    path.write_text(json.dumps({"id": "c0", "video": "clip.mp4", "events": [
+        "A red square slides to the left.", "A low beep sounds twice."]}) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
+    done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "data", "check", str(path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 records, 1 valid (caption 1), 0 invalid, 0 media/text failures" in done.stdout
+    assert "decoded 1: frames" in done.stdout
+
+
+def test_check_fails_on_empty_nan_list_ids_and_non_utf8(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert main(["data", "check", str(empty)]) == 1
+    assert f"bad: {empty}: holds no records (empty file)" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio": "x.wav", "events": [{"time": NaN, "modality": "audio", "subject": "s", '
+                   '"action": "a"}]}\n{"id": [1], "audio": "x.wav", "events": []}\n')
+    assert main(["data", "check", str(bad), "--no-decode"]) == 1
+    out = capsys.readouterr().out
+    assert f"bad: {bad}:1: events[0].time must be a finite number >= 0" in out
+    assert f"bad: {bad}:2: field 'id' must be a string or an integer, got [1]" in out
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"audio": "x.wav", "events": ["caf\u00e9"]}\n'.encode("latin-1"))
+    assert main(["data", "check", str(latin)]) == 2
+    assert f"{latin}:1: not UTF-8 text (byte 0xe9" in capsys.readouterr().err

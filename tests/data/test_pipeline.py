@@ -239,13 +239,21 @@ def test_bucket_sizes():
 
 
 def test_text_too_long_is_quarantined_not_dropped(synth_dir, tmp_path):
+    from vsalmonn_jax.data.quarantine import Quarantine
+
     config = _config(synth_dir, tmp_path, "data.max_length=100", "data.max_failure_share=0.9")
     records = load_records(str(synth_dir / "sft_train.jsonl"))[:4]
-    batches = list(make_loader(records, config, shard=(0, 1), shuffle=False))
+    batches = list(make_loader(records, config, shard=(0, 1), shuffle=False, num_epochs=3))
     lines = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
     kept = sum(b["example_id"].shape[0] for b in batches)
-    assert kept == 2 and len(lines) == 2
+    assert kept == 2 * 3 and len(lines) == 2        # 3 epochs: still one line per record
     assert all(x["reason"] == "text" and "> max_length 100" in x["detail"] for x in lines)
+    # a restarted run appending to the same file adds only new (id, reason) pairs
+    again = Quarantine(str(tmp_path / "quarantine.jsonl"), max_failure_share=1.0)
+    again.add({"failed": "text", "id": lines[0]["id"], "example_id": 0, "detail": "again"})
+    again.add({"failed": "corrupt", "id": lines[0]["id"], "example_id": 0, "detail": "new reason"})
+    after = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    assert after[:2] == lines and [x["reason"] for x in after[2:]] == ["corrupt"]
 
 
 def test_quarantine_share_is_checked_mid_run_after_min_seen(tmp_path):
@@ -259,5 +267,6 @@ def test_quarantine_share_is_checked_mid_run_after_min_seen(tmp_path):
         q.add(bad)                       # 2 of 7 = 28.6 % but fewer than 8 seen: keep going
     with pytest.raises(TooManyFailures, match=r"3 of 8 records failed \(37.5% > "):
         q.add(bad)
-    assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 3
-    assert json.loads((tmp_path / "q.jsonl").read_text().splitlines()[0])["example_id"] == 3
+    lines = (tmp_path / "q.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and q.failed == 3        # counted each time, written once per (id, reason)
+    assert json.loads(lines[0])["example_id"] == 3

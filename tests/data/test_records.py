@@ -51,6 +51,17 @@ def test_every_kind_validates(tmp_path):
     ({"video": "../outside.mp4", "events": []}, "escapes the data root"),
     ({"video": "/etc/passwd", "events": []}, "escapes the data root"),
     ([1, 2], "JSON object"),
+    # JSON's NaN / Infinity literals, list-typed ids, list-typed logps, untimed events without text
+    ('{"video": "a.mp4", "events": [{"time": NaN, "modality": "audio", "subject": "s", '
+     '"action": "a"}]}', r"events\[0\].time must be a finite number >= 0 .* got nan"),
+    ('{"video": "a.mp4", "events": [{"time": Infinity, "text": "A dog barks."}]}',
+     r"events\[0\].time must be a finite number .* got inf"),
+    ({"video": "a.mp4", "id": ["a", "b"], "events": []}, "field 'id' must be a string or an integer"),
+    ({"video": "a.mp4", "prompt": "p", "chosen": "c", "rejected": "r", "ref_chosen_logps": [-1.0],
+      "ref_rejected_logps": -2.0}, r"'ref_chosen_logps' must be a finite number .* got \[-1.0\]"),
+    ({"video": "a.mp4", "events": [{"time": None, "modality": "audio", "subject": "s",
+                                    "action": "a"}]}, r"events\[0\] has no 'time' \(or it is null\) and no 'text'"),
+    ({"video": "a.mp4", "events": ["A dog barks.", "  "]}, r"events\[1\] is an empty string"),
 ])
 def test_schema_errors_name_file_and_line(tmp_path, row, message):
     path = _write(tmp_path / "bad.jsonl", [GOOD[0], row])
@@ -109,3 +120,22 @@ def test_rows_in_memory(tmp_path):
     with pytest.raises(RecordError, match="round1:2: .*needs chosen"):
         from_rows([GOOD[2], {"video": "a.mp4", "prompt": "p"}], "preference", str(tmp_path),
                   source="round1")
+
+
+def test_free_text_events_validate(tmp_path):
+    """The official test set's form: events as plain strings (or text with an optional time)."""
+    rows = [{"id": 7, "video": "a.mp4", "events": ["A man opens the door.", "A dog barks twice."]},
+            {"id": "b", "video": "a.mp4", "events": [{"text": "Rain falls.", "time": None},
+                                                      {"text": "A bell rings.", "time": 3.5}]}]
+    records = load_records(_write(tmp_path / "free.jsonl", rows))
+    assert [r["kind"] for r in records] == ["caption", "caption"] and records[0]["id"] == "7"
+    assert records[0]["events"] == rows[0]["events"] and records[1]["events"] == rows[1]["events"]
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD[0]).encode() + b"\n" +
+                     '{"video": "a.mp4", "prompt": "caf\u00e9", "gt": "g"}\n'.encode("latin-1"))
+    with pytest.raises(RecordError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column "
+                       r"\d+\); save the file as UTF-8"):
+        parse_jsonl(str(path))

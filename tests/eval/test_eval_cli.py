@@ -48,7 +48,7 @@ def test_exact_report_directory(files, tmp_path, capsys):
                    "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "tiny/rebirth: 6/6 videos scored" in printed and "total=0.0%" in printed
+    assert "tiny/rebirth: 6/6 captions scored (0 of 6 ground-truth videos have no caption)" in printed and "total=0.0%" in printed
     report = json.loads((out / "report.json").read_text())
     groups = {g["label"]: g for g in report["groups"]}
     assert set(groups) == {"tiny/rebirth", "tiny/sft"}
@@ -164,3 +164,67 @@ def test_sample_indices_are_separate_groups(files, tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"id": "v0", "caption": "x", "sample": -1}])
     with pytest.raises(ValueError, match="bad.jsonl:1: field 'sample' must be a non-negative"):
         load_captions(tmp_path / "bad.jsonl")
+
+
+def _eval_exact(captions, gt, out) -> int:
+    return cli.main(["eval", "--captions", str(captions), "--gt", str(gt), "--judge", "exact",
+                     "--out", str(out)])
+
+
+def test_nothing_scored_or_empty_captions_exit_non_zero(files, tmp_path, capsys):
+    gt, _, clips = files
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert _eval_exact(empty, gt, tmp_path / "e") == 2
+    assert f"{empty}: holds no captions (empty file)" in capsys.readouterr().err
+    # free-text captions of 2 of the 6 videos: the exact judge refuses both -> 0 scored, rc 1
+    free = tmp_path / "free.jsonl"
+    write_jsonl(free, [{"id": "v0", "caption": "Some shapes move around while beeps play."},
+                       {"id": "v1", "caption": "A colourful animation with sounds."}])
+    assert _eval_exact(free, gt, tmp_path / "f") == 1
+    captured = capsys.readouterr()
+    assert "captions: 0/2 captions scored (4 of 6 ground-truth videos have no caption)" in captured.out
+    assert "2 FAILED" in captured.out and "no caption could be scored in captions" in captured.err
+    report = (tmp_path / "f" / "report.md").read_text()
+    assert "free-text caption: none of its 1 sentence(s) is in the synthetic grammar" in report
+
+
+def test_untimed_events_are_checked_by_eval(files, tmp_path, capsys):
+    gt, captions, _ = files
+    null_time = tmp_path / "null.jsonl"
+    write_jsonl(null_time, [{"id": "v0", "events": [{"time": None, "modality": "visual",
+                                                     "subject": "the red circle", "action": "appears"}]}])
+    assert _eval_exact(captions, null_time, tmp_path / "n") == 2
+    assert (f"{null_time}:1: events[0]: event has no 'time' (or it is null) and no 'text'"
+            in capsys.readouterr().err)
+    # with a text it is an untimed free-text event: the exact judge refuses it by name
+    write_jsonl(null_time, [{"id": "v0", "events": [{"time": None, "text": "A red circle appears."}]}])
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "v0", "caption": "At 0 s, the red circle appears."}])
+    assert _eval_exact(tmp_path / "c.jsonl", null_time, tmp_path / "n") == 2
+    assert "is not a synthetic event" in capsys.readouterr().err
+
+
+def test_free_text_ground_truth_through_the_cli_with_the_embedding_judge(tmp_path):
+    """Events as plain strings (the official test set's form), scored by the embedding judge."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    events = ["A man in a red shirt opens the front door.", "A dog barks twice.",
+              "Heavy rain falls on the roof."]
+    write_jsonl(tmp_path / "gt.jsonl", [{"id": "a", "events": events}, {"id": "b", "events": events},
+                                        {"id": "c", "events": events[:1]}])
+    write_jsonl(tmp_path / "cap.jsonl", [
+        {"id": "a", "caption": " ".join(events)},
+        {"id": "b", "caption": "A chef slices onions in a bright kitchen."}])
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
+    done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "eval", "--captions",
+                           str(tmp_path / "cap.jsonl"), "--gt", str(tmp_path / "gt.jsonl"),
+                           "--judge", "embedding", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2/2 captions scored (1 of 3 ground-truth videos have no caption), 6 events" in done.stdout
+    per_video = {r["id"]: r for r in map(json.loads, (tmp_path / "r" / "per_video.jsonl").open())}
+    assert (per_video["a"]["missed"], per_video["a"]["hallucinated"]) == (0, 0)
+    assert (per_video["b"]["missed"], per_video["b"]["hallucinated"]) == (3, 1)

@@ -90,3 +90,22 @@ def test_errors_are_named():
         build_vocabulary([[ev(1, "visual", "a", "sounds"), ev(2, "audio", "b", "sounds")]])
     with pytest.raises(ValueError, match="unknown judge 'fuzzy'"):
         get_judge("fuzzy")
+
+
+def test_free_text_caption_is_refused_not_scored():
+    """A good free-text caption got 183 % Total (every sentence hallucinated): refused in eval mode."""
+    caption = "A red circle shows up at the start. Later a high beep can be heard."
+    events = [ev(0, "visual", "the red circle", "appears"), ev(1, "audio", "a high beep", "sounds")]
+    counted = ExactJudge().score(caption, events)          # the mrDPO / demo policy: hallucinated
+    assert (counted.missed, counted.hallucinated, counted.failed) == (2, 2, False)
+    refused = ExactJudge(free_text="refuse").score(caption, events, "v9")
+    assert refused.failed and refused.details["unparsed_sentences"] == 2
+    assert "free-text caption: none of its 2 sentence(s) is in the synthetic grammar" in refused.error
+    assert "use --judge embedding or --judge llm" in refused.error
+    # a grammar caption with one stray sentence is scored; the stray sentence is reported
+    mixed = ExactJudge(free_text="refuse").score(render_caption(events) + " Nice video.", events)
+    assert not mixed.failed and (mixed.missed, mixed.hallucinated) == (0, 1)
+    agg = aggregate([refused, mixed])
+    assert agg["unparsed_sentences"] == 1 and agg["failed_ids"] == ["v9"]
+    with pytest.raises(ValueError, match="free_text must be one of"):
+        ExactJudge(free_text="maybe")

@@ -185,3 +185,46 @@ def test_cli_with_llm_judge_reports_failures_and_reuses_its_cache(judge_env, tmp
     assert "could not score" in md and "`down`" in md
     assert not any(SECRET in p.read_text(errors="ignore")
                    for p in (tmp_path / "out").rglob("*") if p.is_file())
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_endpoint_fails_fast_naming_the_url(judge_env):
+    """No network used to mean 12.5 min of retries: refused connections stop after a short probe."""
+    from vsalmonn_jax.eval.judge import JudgeUnavailable
+
+    cache_dir, delays = judge_env
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    server = types.SimpleNamespace(base_url=url)
+    judge = make_judge(server, cache_dir, passes=7, max_retries=8, concurrency=3, backoff_s=1.0)
+    pairs = [(f"CASE good. video {i}.", EVENTS) for i in range(5)]
+    with pytest.raises(JudgeUnavailable, match=f"cannot connect to {url}/? \\(ConnectError: .*; 3 "
+                       "attempts\\): check eval.llm_base_url and the network"):
+        judge.score_many(pairs)
+    # at most one probe series per worker thread (1 + connect_retries requests), 1 + 2 s of sleep each
+    assert judge.stats["requests"] <= 3 * 3 and sum(delays) <= 3 * 3.0
+
+
+def test_eval_cli_stops_at_once_on_a_closed_port(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gt, captions = tmp_path / "gt.jsonl", tmp_path / "cap.jsonl"
+    gt.write_text(json.dumps({"id": "a", "events": EVENTS}) + "\n")
+    captions.write_text(json.dumps({"id": "a", "caption": "A man opens a door."}) + "\n")
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
+    done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "eval", "--captions", str(captions),
+                           "--gt", str(gt), "--judge", "llm", "--out", str(tmp_path / "r"),
+                           f"--config.eval.llm_base_url={url}"],
+                          capture_output=True, text=True, timeout=240, env=env)   # was 12.5 min
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"vsalmonn-jax eval: error: llm judge: cannot connect to {url}" in done.stderr

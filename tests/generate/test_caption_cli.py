@@ -132,3 +132,24 @@ def test_caption_in_the_release_format_reads_a_video_without_audio(caption_setup
         (results[name],) = [json.loads(x) for x in out.read_text().splitlines()]
     assert 1 <= results["release"]["num_tokens"] <= 4
     assert results["release"]["logprob"] != pytest.approx(results["no_time"]["logprob"], abs=1e-6)
+
+
+def test_reading_the_saved_fields_logs_no_metadata_warning(tmp_path, caplog):
+    """Every caption run printed `WARNING:absl:Metadata file does not exist` (orbax metadata read)."""
+    import logging
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from vsalmonn_jax.generate.model_load import latest_step, saved_fields
+
+    manager = ocp.CheckpointManager(tmp_path, item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"trainable": {"a": jnp.ones((2,))}, "params": {"b": jnp.ones(3)}}),
+        meta=ocp.args.JsonSave({})))
+    manager.wait_until_finished()
+    manager.close()
+    with caplog.at_level(logging.WARNING):
+        assert saved_fields(tmp_path, latest_step(tmp_path)) == ["params", "trainable"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

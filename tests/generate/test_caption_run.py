@@ -151,3 +151,37 @@ def test_sampling_flags_imply_sampling():
         greedy=False, temperature=1.0, top_k=0, top_p=0.8)
     assert sampling_from_args(args(temperature=0.7), gen) == SamplingConfig(
         greedy=False, temperature=0.7, top_k=0, top_p=0.9)
+
+
+def test_duplicate_record_ids_stop_before_any_model(tmp_path, capsys):
+    """4 records with 2 ids used to give 2 captions silently: now an error naming both lines."""
+    from vsalmonn_jax.commands.caption import main
+
+    _files(tmp_path, ["a.mp4", "b.mp4"])
+    records = tmp_path / "set.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "x", "video": "a.mp4"}, {"id": "y", "video": "b.mp4"},
+        {"id": "x", "video": "b.mp4"}, {"id": "y", "video": "a.mp4"}]))
+    with pytest.raises(InputError, match=f"duplicate id 'x': {records}:1 and {records}:3"):
+        discover_items([str(records)])
+    # the same file named twice (a file and its folder) is still one item, no error
+    items, errors = discover_items([str(tmp_path / "a.mp4"), str(tmp_path)])
+    assert [i["id"] for i in items] == [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    assert errors == []
+    out = tmp_path / "out.jsonl"
+    rc = main([str(records), "--checkpoint", str(tmp_path / "no-run"), "--config", "tiny",
+               "--tokenizer", str(tmp_path / "no-tokenizer"), "--output", str(out)])
+    assert rc == 2 and not out.exists()      # stopped before the tokenizer / model were loaded
+    assert f"duplicate id 'x': {records}:1 and {records}:3" in capsys.readouterr().err
+
+
+def test_help_texts_name_the_default_output_and_are_complete(capsys):
+    from vsalmonn_jax.cli import main
+
+    for command in ("caption", "export"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: captions.jsonl in the current folder" in text
+    assert "merged safetensors that `transformers` (and this package's importers) read back" in text

@@ -116,3 +116,25 @@ def test_bad_rule_and_missing_events_are_named():
         PairRule(mode="random")
     with pytest.raises(ValueError, match="'clip9'.*events"):
         score_samples(get_judge("exact"), [{"id": "clip9"}], [[Sample("a")]])
+
+
+def test_free_text_events_are_paired_by_the_embedding_judge(tmp_path):
+    """Free-text ground truth (the official test set's form): validated as caption records, judged by
+    the packaged embedding judge, paired; the exact judge refuses it by file:line."""
+    from vsalmonn_jax.data.records import from_rows
+    from vsalmonn_jax.training.pairs import check_judgeable
+
+    events = ["A man in a red shirt opens the front door.", "A dog barks twice.",
+              "Heavy rain falls on the roof."]
+    (item,) = from_rows([{"id": "v0", "video": "v0.mp4", "events": events,
+                          "caption": " ".join(events)}], "caption", str(tmp_path), source="free.jsonl")
+    samples = [[Sample("A chef slices onions in a bright kitchen."), Sample(" ".join(events[:2]))]]
+    scores = score_samples(get_judge("embedding"), [item], samples)
+    assert [(s.missed, s.hallucinated) for s in scores[0]] == [(3, 1), (1, 0)]
+    (record,) = build_pairs([item], samples, scores, PairRule(), default_prompt="Describe.")
+    assert record["chosen"] == samples[0][1].text and record["rejected"] == samples[0][0].text
+    assert (record["chosen_error"], record["rejected_error"]) == (1.0, 4.0)
+    check_judgeable([item], "embedding")
+    with pytest.raises(ValueError, match=r"free.jsonl:1: events\[0\] is free text .* "
+                       "set --config.mrdpo.judge=embedding or llm"):
+        check_judgeable([item], "exact")

@@ -92,3 +92,30 @@ def test_train_cli_av_pipeline(tmp_path, capsys):
     records = _lines(run / "metrics.jsonl")
     evals = [r for r in records if r["split"] == "eval"]
     assert len(evals) == 1 and 0 < evals[0]["loss"] < 20 and evals[0]["target_tokens"] > 0
+
+
+@pytest.mark.parametrize("stage", ["sft", "mrdpo"])
+def test_empty_or_invalid_training_file_stops_before_the_model(tmp_path, capsys, monkeypatch, stage):
+    """An empty training file ended in a bare StopIteration after the model was built."""
+    from vsalmonn_jax.training import task
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(task, "build_task", no_model)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    argv = ["train", "--config", "tiny", f"--config.stage={stage}", "--config.data.tokenizer=tok",
+            "--workdir", str(tmp_path / "run"), "--no-progress"]
+    assert main([*argv, f"--config.data.train={empty}"]) == 2
+    assert f"{empty}: holds no records (empty file): nothing to train on" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"video": "a.mp4", "events": [{"time": NaN, "text": "x"}]}\n')
+    assert main([*argv, f"--config.data.train={bad}"]) == 2
+    assert f"{bad}:1: events[0].time must be a finite number" in capsys.readouterr().err
+    free = tmp_path / "free.jsonl"
+    free.write_text('{"video": "a.mp4", "events": ["A dog barks."], "caption": "A dog barks."}\n')
+    if stage == "mrdpo":     # the default round judge (exact) cannot read free text
+        assert main([*argv, f"--config.data.train={free}"]) == 2
+        assert f"{free}:1: events[0] is free text" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -11,7 +11,8 @@ tokenizer copy, found at or above --checkpoint); --config / --tokenizer / --conf
 them. A `vsalmonn-jax demo` run directory captions with its final model (rebirth, else the last
 mrDPO round); a stage folder (RUN/stages/<name>) with that stage. Running it again with the same --output resumes (finished lines are kept,
 missing ones done). Unreadable media are reported on stderr and in <output>.errors.jsonl, and the
-rest still finish; the exit status is then 1 (0 when every item was captioned).
+rest still finish; the exit status is then 1 (0 when every item was captioned). Two JSONL records
+with the same id stop the command before the model is loaded (the error names both lines).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def _parser() -> argparse.ArgumentParser:
                    "run / stage folder (none: the weights of config.model.pretrained alone, e.g. "
                    "the official release)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--output", default="captions.jsonl")
-    p.add_argument("--errors", default=None, help="default: <output>.errors.jsonl")
+    p.add_argument("--output", default="captions.jsonl",
+                   help="captions JSONL (default: captions.jsonl in the current folder); an "
+                   "existing file is resumed")
+    p.add_argument("--errors", default=None,
+                   help="unreadable items JSONL (default: <output>.errors.jsonl)")
     p.add_argument("--prompt", default=None, help="default prompt (a record's own 'prompt' wins)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the config default)")

@@ -2,7 +2,8 @@
 
   data synth --out DIR --n N [--n-val K] [--n-test K] [--seed S] [--workers W] [--config C ...]
   data check FILE.jsonl [--root DIR] [--kind sft|preference|caption|mcq] [--config C ...]
-`check` also encodes each record's text when --config.data.tokenizer is given.
+`check` also encodes each record's text when --config.data.tokenizer is given; exit status 1 when a
+record is invalid, a media / text fails, or the file holds no record at all (2: unreadable file).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def check(args, config) -> int:
               f"{min(seconds):.1f}-{max(seconds):.1f} s")
     for line in errors + failures:
         print(f"bad: {line}")
+    if not records and not errors:
+        print(f"bad: {args.file}: holds no records (empty file): nothing to train or evaluate on")
+        return 1
     return 1 if errors or failures else 0
 
 

@@ -5,7 +5,10 @@
                     [--config configs/X.py --config.eval.llm_model=...]
   vsalmonn-jax eval calibrate --captions FILE --gt FILE --labels FILE --out calibration.json
   vsalmonn-jax eval qa --questions FILE --predictions FILE [--predictions FILE ...] --out DIR
-File formats: vsalmonn_jax/eval/records.py.
+File formats: vsalmonn_jax/eval/records.py (ground-truth events may be free-text strings: embedding /
+llm judges). Exit status: 0 scored; 1 the report is written but some group scored no caption (e.g.
+free-text captions under the exact judge); 2 bad input (empty captions file, unknown ids, malformed
+lines) or a judge that cannot be reached (connection refused / unknown host: stops in seconds).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
 from vsalmonn_jax.defaults import base_config
+from vsalmonn_jax.eval.judge import JudgeUnavailable
 
 
 def _config(config_path, overrides):
@@ -36,7 +40,10 @@ def _read_captions(paths):
 
     records = []
     for path in paths:
-        records += load_captions(path)
+        found = load_captions(path)
+        if not found:
+            raise ValueError(f"{path}: holds no captions (empty file); nothing to score")
+        records += found
     keys = [r.key for r in records]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -55,6 +62,7 @@ def _make_judge(name, config, gt, thresholds):
 
         options["vocabulary"] = build_vocabulary(
             [[e for e in events if is_synthetic_event(e)] for events in gt.values()])
+        options["free_text"] = "refuse"       # a free-text caption fails with the reason, unscored
     if thresholds:
         if name != "embedding":
             raise ValueError("--thresholds applies to the embedding judge only")
@@ -98,14 +106,25 @@ def run_eval(args, config) -> int:
             raise ValueError("--qa-questions needs --qa-predictions")
         result["qa"] = _qa_by_group(args.qa_questions, args.qa_predictions)
     paths = write_report(args.out, result)
+    unscored = []
     for group in result["groups"]:
         agg, micro = group["aggregate"], group["aggregate"]["micro"] or {}
         rates = " ".join(f"{k}={100 * micro[k]:.1f}%" for k in ("miss", "incorrect", "hallucination", "total")
                          if k in micro)
-        print(f"{group['label']}: {agg['scored']}/{agg['videos']} videos scored, {agg['events']} events"
+        print(f"{group['label']}: {agg['scored']}/{agg['videos']} captions scored "
+              f"({len(group['uncaptioned_ids'])} of {len(gt)} ground-truth videos have no caption), "
+              f"{agg['events']} events"
               + (f", {rates}" if rates else "")
+              + (f"; {agg['unparsed_sentences']} sentences outside the grammar counted as hallucinated"
+                 if agg.get("unparsed_sentences") else "")
               + (f"; {agg['failed']} FAILED (listed in the report)" if agg["failed"] else ""))
+        if not agg["scored"]:
+            unscored.append(group["label"])
     print(f"report: {paths['report.md']}")
+    if unscored:
+        print(f"vsalmonn-jax eval: error: no caption could be scored in {', '.join(unscored)} "
+              f"(reasons in {paths['report.md']})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -179,6 +198,6 @@ def main(argv: list[str]) -> int:
     try:
         config = _config(config_path, overrides)
         return {"eval": run_eval, "calibrate": run_calibrate, "qa": run_qa}[mode](args, config)
-    except (ValueError, FileNotFoundError, KeyError) as err:  # RecordError is a ValueError
+    except (ValueError, FileNotFoundError, KeyError, JudgeUnavailable) as err:  # RecordError: ValueError
         print(f"vsalmonn-jax eval: error: {err}", file=sys.stderr)
         return 2

@@ -209,7 +209,8 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vsalmonn-jax export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vsalmonn-jax export", description=__doc__,   # the whole text
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run / mrDPO workdir, checkpoint dir or step")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -67,6 +67,27 @@ def pipeline_iterator(config, path: str, batch: int, shuffle: bool = True, epoch
                        drop_remainder=epochs is None)
 
 
+def _records_problem(path: str, config) -> str:
+    """Why the training JSONL cannot train anything ("" when it can): read before any model is built."""
+    from vsalmonn_jax.data.records import RecordError, load_records
+
+    try:
+        records = load_records(path, root=config.data.root or None)
+    except RecordError as err:
+        return str(err)
+    if not records:
+        return (f"{path}: holds no records (empty file): nothing to train on "
+                "(check it with `vsalmonn-jax data check`)")
+    if config.stage in ("mrdpo", "rebirth"):       # the round judge must read the ground truth
+        from vsalmonn_jax.training.pairs import check_judgeable
+
+        try:
+            check_judgeable(records, str(config.mrdpo.judge))
+        except ValueError as err:
+            return str(err)
+    return ""
+
+
 def main(argv: list[str]) -> int:
     from vsalmonn_jax.config import load_config, split_config_args
 
@@ -92,6 +113,11 @@ def main(argv: list[str]) -> int:
         print(f"vsalmonn-jax train: stage {config.stage} samples captions of real caption records: "
               "set --config.data.train=PATH.jsonl (id, video/audio, events)", file=sys.stderr)
         return 2
+    if not spec.startswith("synthetic"):
+        problem = _records_problem(spec, config)
+        if problem:
+            print(f"vsalmonn-jax train: {problem}", file=sys.stderr)
+            return 2
     workdir = pathlib.Path(args.workdir or config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -10,13 +10,15 @@ from fractions import Fraction
 import av
 import numpy as np
 
+LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}         # channels -> FFmpeg layout
+
 
 def _write_audio(container, stream, audio: np.ndarray, sample_rate: int) -> None:
     """Encode float audio [samples] or [samples, channels] in the encoder's frame size."""
     audio = np.asarray(audio, np.float32)
     if audio.ndim == 1:
         audio = audio[:, None]
-    layout = "mono" if audio.shape[1] == 1 else "stereo"
+    layout = LAYOUTS[audio.shape[1]]
     planar = np.ascontiguousarray(audio.T)                         # [channels, samples]
     step = stream.codec_context.frame_size or 1024
     for start in range(0, planar.shape[1], step):
@@ -32,8 +34,11 @@ def _write_audio(container, stream, audio: np.ndarray, sample_rate: int) -> None
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 1.0, audio: np.ndarray | None = None,
-                sample_rate: int = 16000, codec: str = "h264", faststart: bool = False) -> None:
-    """uint8 frames [N, H, W, 3] (H, W even) at `fps`, optional audio [samples(, channels)] -> file.
+                sample_rate: int = 16000, codec: str = "h264", faststart: bool = False,
+                audio_codec: str = "aac") -> None:
+    """uint8 frames [N, H, W, 3] (H, W even) at `fps`, optional audio [samples(, channels)] -> file
+    (the container from the extension: .mp4 / .mov / .mkv; .webm needs codec="libvpx",
+    audio_codec="libopus" at 48 kHz).
 
     `faststart` puts the index (moov atom) first, so a truncated file still opens.
     """
@@ -49,8 +54,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 1.0, audio: np.ndarr
         astream = None
         if audio is not None:
             channels = 1 if np.ndim(audio) == 1 else np.shape(audio)[1]
-            astream = container.add_stream("aac", rate=sample_rate,
-                                           layout="mono" if channels == 1 else "stereo")
+            astream = container.add_stream(audio_codec, rate=sample_rate, layout=LAYOUTS[channels])
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = i

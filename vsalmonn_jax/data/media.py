@@ -7,6 +7,7 @@ Every failure (missing, empty, truncated, undecodable file, no audio track in `e
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import av
@@ -16,6 +17,7 @@ import soxr
 # what damaged streams raise from inside the decoder / converters (never a bug of ours)
 _DECODE_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError, AttributeError)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus")
+log = logging.getLogger(__name__)
 
 
 class MediaError(Exception):
@@ -127,48 +129,110 @@ def _stream_seconds(stream, container) -> float:
     return 0.0
 
 
-def _decode_frames(path: str, container, fps: float, max_frames: int,
-                   sampling: str = "grid") -> tuple[np.ndarray, np.ndarray]:
+def _video_seconds(stream) -> float | None:
+    """The video stream's own duration: its DURATION tag (Matroska / WebM), else its duration when
+    the index counts its frames (MP4 / MOV); None when it states none. Never the container's
+    duration, which also covers a longer audio track (and which FFmpeg copies into an mkv stream)."""
+    tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
+    if tag:
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        except ValueError:
+            pass
+    if stream.frames and stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return None
+
+
+def _pick_frames(path: str, container, targets: np.ndarray):
+    """Decode EVERY frame of the first video stream; keep the first frame at or after each target
+    time. -> (frames, times, index of the first target each kept frame serves, last frame's time)."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    duration = _stream_seconds(stream, container)
     rate = float(stream.average_rate) if stream.average_rate else 0.0
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    targets = target_times(path, duration, fps, max_frames, sampling)
     tolerance = 0.5 / rate if rate > 0 else 1e-3
-    frames, times, next_target = [], [], 0
+    frames, times, served, next_target, count, last = [], [], [], 0, 0, 0.0
     try:
-        for frame in container.decode(stream):
-            if next_target >= len(targets):
-                break
+        for frame in container.decode(stream):           # to the end: a stream may outlast its
             t = (float(frame.pts * stream.time_base) - start) if frame.pts is not None \
-                else len(times) / max(rate, 1e-6)
-            if t + tolerance < targets[next_target]:
+                else count / max(rate, 1e-6)              # stated duration (VFR)
+            count, last = count + 1, max(last, t)
+            if next_target >= len(targets) or t + tolerance < targets[next_target]:
                 continue
             if frames and (frame.width, frame.height) != (frames[0].shape[1], frames[0].shape[0]):
                 frame = frame.reformat(width=frames[0].shape[1], height=frames[0].shape[0])
             frames.append(frame.to_ndarray(format="rgb24"))   # a mid-stream size change is rescaled
             times.append(t)
+            served.append(next_target)
             while next_target < len(targets) and targets[next_target] <= t + tolerance:
                 next_target += 1
     except _DECODE_ERRORS as err:
-        raise MediaError(path, "corrupt", f"video decode failed after {len(frames)} frames: {err}") from err
-    if not frames:
+        raise MediaError(path, "corrupt", f"video decode failed after {count} frames: {err}") from err
+    if not count:
         raise MediaError(path, "no_frames", "no video frame could be decoded")
-    if duration > 0 and next_target < len(targets):
-        raise MediaError(path, "truncated", f"frames end at {times[-1]:.2f} s of {duration:.2f} s")
+    return frames, times, served, last
+
+
+def _decode_frames(path: str, container, fps: float, max_frames: int,
+                   sampling: str = "grid") -> tuple[np.ndarray, np.ndarray]:
+    """Frames at the 1/fps grid up to the last decoded frame (not the stated duration: a VFR stream
+    may run past it, an mkv states the container's). Truncated = frames end > 1/fps before the
+    video stream's own stated duration. Above max_frames, `sampling` "file" takes the release's
+    frame indices over the whole file (target_times) as they are."""
+    stream = container.streams.video[0]
+    stated = _video_seconds(stream)
+    hint = stated or (container.duration / 1e6 if container.duration else 0.0)
+    targets = target_times(path, hint, fps, max_frames, sampling)
+    frames, times, served, last = _pick_frames(path, container, targets)
+    rate = float(stream.average_rate) if stream.average_rate else 0.0
+    if stated is not None and stated - (last + (1.0 / rate if rate > 0 else 0.0)) > 1.0 / fps:
+        raise MediaError(path, "truncated", f"frames end at {last:.2f} s of {stated:.2f} s")
+    if sampling == "file" and grid_count(hint, fps) > max_frames:   # the file's own frame times
+        return np.stack(frames), np.asarray(times, np.float32)
+    wanted = sample_times(last + 1e-3, fps, max_frames)   # every grid time the frames reach
+    if len(wanted) <= len(targets) and np.array_equal(wanted, targets[:len(wanted)]):
+        keep = [k for k, first in enumerate(served) if first < len(wanted)]
+        frames, times = [frames[k] for k in keep], [times[k] for k in keep]
+    else:                                                 # the stated duration was wrong: again
+        with _open(path) as again:
+            frames, times, _, _ = _pick_frames(path, again, wanted)
     return np.stack(frames), np.asarray(times, np.float32)
+
+
+CHANNEL_MODES = ("first", "mean", "dialogue")
+
+
+def _to_mono(path: str, wave: np.ndarray, names: list[str], channel: str) -> np.ndarray:
+    """[channels, samples] -> [samples] by `data.audio_channel`: "first" (channel 0, as the official
+    release), "mean" (all channels averaged) or "dialogue" (the centre channel "FC" of a 5.1 / 7.1
+    track, where films mix speech; the mean when there is none). "first" warns when channel 0 is
+    silent while another channel carries sound (e.g. a 5.1 track with sound only in the centre)."""
+    if channel == "mean":
+        return wave.mean(axis=0)
+    if channel == "dialogue":
+        return wave[names.index("FC")] if "FC" in names else wave.mean(axis=0)
+    if channel != "first":
+        raise ValueError(f"data.audio_channel must be one of {CHANNEL_MODES}, got {channel!r}")
+    peaks = np.abs(wave).max(axis=1) if wave.shape[1] else np.zeros((wave.shape[0],))   # [channels]
+    if wave.shape[0] > 1 and peaks[0] < 1e-4 and peaks[1:].max() > 1e-3:
+        loud = [names[i] if i < len(names) else str(i) for i in np.flatnonzero(peaks > 1e-3)]
+        log.warning("%s: audio channel 0 (%s) is silent while channel(s) %s carry sound; "
+                    "data.audio_channel=first decodes silence: set data.audio_channel=dialogue "
+                    "(centre channel) or mean", path, names[0] if names else "0", ", ".join(loud))
+    return wave[0]
 
 
 def _decode_audio(path: str, container, sample_rate: int, channel: str) -> np.ndarray:
     stream = container.streams.audio[0]
-    chunks, rate = [], 0
+    chunks, rate, names = [], 0, []
     try:
         resampler = av.AudioResampler(format="fltp")        # keeps the track's layout and rate
         for frame in container.decode(stream):
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray())              # [channels, samples]
-                rate = out.sample_rate
+                rate, names = out.sample_rate, [c.name for c in out.layout.channels]
         for out in resampler.resample(None):
             chunks.append(out.to_ndarray())
         if not chunks:
@@ -176,7 +240,7 @@ def _decode_audio(path: str, container, sample_rate: int, channel: str) -> np.nd
         wave = np.concatenate(chunks, axis=1)                 # [channels, samples]
     except _DECODE_ERRORS as err:
         raise MediaError(path, "corrupt", f"audio decode failed: {err}") from err
-    mono = wave[0] if channel == "first" else wave.mean(axis=0)
+    mono = _to_mono(path, wave, names, channel)
     duration = _stream_seconds(stream, container)
     if duration > 0:                                          # AAC pads its last frame
         mono = mono[: int(round(duration * rate))]
@@ -214,7 +278,8 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
             if not container.streams.video:
                 raise MediaError(video, "no_video", "file has no video track")
             frames, times = _decode_frames(video, container, fps, max_frames, frame_sampling)
-            duration = _stream_seconds(container.streams.video[0], container)
+            stream = container.streams.video[0]   # the video's own duration, not the container's
+            duration = _video_seconds(stream) or _stream_seconds(stream, container)
         if audio is None:
             with _open(video) as container:
                 if container.streams.audio:

@@ -1,5 +1,5 @@
-"""Quarantine of failed records: one JSON line each in quarantine.jsonl with the reason, counted, and
-a stop with a clear message when more than `max_failure_share` of the records seen have failed."""
+"""Quarantine of failed records: one JSON line per (record id, reason) in quarantine.jsonl (not one
+per epoch or restart), counted, and a stop when more than `max_failure_share` of the records seen failed."""
 
 from __future__ import annotations
 
@@ -19,6 +19,24 @@ class Quarantine:
         self.path, self.max_failure_share, self.min_seen = path, float(max_failure_share), min_seen
         self.seen, self.failed = 0, 0
         self.reasons: collections.Counter[str] = collections.Counter()
+        self._logged: set[tuple[str, str]] | None = None   # (id, reason) already in the file
+
+    def _already_logged(self, key: tuple[str, str]) -> bool:
+        """Whether (id, reason) is in the file (read once: a resumed run keeps the earlier lines)."""
+        if self._logged is None:
+            self._logged = set()
+            if os.path.exists(self.path):
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        try:
+                            entry = json.loads(line)
+                            self._logged.add((str(entry["id"]), str(entry["reason"])))
+                        except (ValueError, KeyError, TypeError):
+                            continue      # a line cut by a crash: it will be written again
+        if key in self._logged:
+            return True
+        self._logged.add(key)
+        return False
 
     def ok(self) -> None:
         self.seen += 1
@@ -28,7 +46,7 @@ class Quarantine:
         self.seen += 1
         self.failed += 1
         self.reasons[example["failed"]] += 1
-        if self.path:
+        if self.path and not self._already_logged((str(example.get("id")), str(example["failed"]))):
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             entry = {key: example.get(key) for key in
                      ("id", "example_id", "source", "line", "video", "audio", "failed", "detail")}

@@ -8,6 +8,7 @@ Every record may carry "video" and/or "audio" (paths relative to the data root);
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 
@@ -72,24 +73,55 @@ def _conversations(turns) -> list[dict]:
     return out
 
 
-def _events(events) -> list[dict]:
+def check_event(event, name: str = "event") -> None:
+    """One ground-truth event, in any of its three forms, or ValueError naming `name` and the fix:
+
+    - a plain string: free text, the official test set's form ("A man opens the door.");
+    - {"text": str, "time": seconds (optional)}: free text with an optional time;
+    - {"time", "modality", "subject", "action"}: a structured (synthetic-grammar) event.
+    A "time" is a finite number >= 0; `"time": null` marks an untimed event and needs a "text".
+    The exact judge reads structured events only; the embedding / llm judges read all three.
+    """
+    if isinstance(event, str):
+        if not event.strip():
+            raise ValueError(f"{name} is an empty string")
+        return
+    if not isinstance(event, Mapping):
+        raise ValueError(f"{name} must be a string or an object, got {event!r}")
+    time = event.get("time")
+    if time is not None and (isinstance(time, bool) or not isinstance(time, int | float)
+                             or not math.isfinite(time) or time < 0):
+        raise ValueError(f"{name}.time must be a finite number >= 0 (or null for an untimed "
+                         f"event with a 'text'), got {time!r}")
+    if isinstance(event.get("text"), str) and event["text"].strip():
+        return
+    if "text" in event:
+        raise ValueError(f"{name}.text must be a non-empty string, got {event['text']!r}")
+    if time is None:
+        raise ValueError(f"{name} has no 'time' (or it is null) and no 'text': give the time in "
+                         "seconds, or the event's sentence as 'text' / a plain string")
+    if event.get("modality") not in MODALITIES:
+        raise ValueError(f"{name}.modality must be one of {MODALITIES}, got {event.get('modality')!r} "
+                         "(or give the event as free text)")
+    for key in ("subject", "action"):
+        if not isinstance(event.get(key), str) or not event[key]:
+            raise ValueError(f"{name}.{key} must be a non-empty string (or give the event as free text)")
+
+
+def _events(events) -> list:
     if not isinstance(events, list):
-        raise ValueError("field 'events' must be a list of events")
-    out = []
+        raise ValueError("field 'events' must be a list of events (strings or objects)")
     for k, event in enumerate(events):
-        if not isinstance(event, Mapping):
-            raise ValueError(f"events[{k}] must be an object, got {event!r}")
-        time = event.get("time")
-        if isinstance(time, bool) or not isinstance(time, int | float) or time < 0:
-            raise ValueError(f"events[{k}].time must be a number >= 0, got {time!r}")
-        if event.get("modality") not in MODALITIES:
-            raise ValueError(f"events[{k}].modality must be one of {MODALITIES}, got "
-                             f"{event.get('modality')!r}")
-        for key in ("subject", "action"):
-            if not isinstance(event.get(key), str) or not event[key]:
-                raise ValueError(f"events[{k}].{key} must be a non-empty string")
-        out.append(dict(event))
-    return out
+        check_event(event, f"events[{k}]")
+    return [e if isinstance(e, str) else dict(e) for e in events]
+
+
+def _record_id(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"field 'id' must be a string or an integer, got {value!r}")
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("field 'id' is an empty string")
+    return str(value)
 
 
 def validate(record, kind: str | None, root: str, require_media: bool | None = None) -> dict:
@@ -101,7 +133,7 @@ def validate(record, kind: str | None, root: str, require_media: bool | None = N
         raise ValueError(f"unknown record kind {kind!r} (kinds: {KINDS})")
     out = {"kind": kind}
     if "id" in record:
-        out["id"] = str(record["id"])
+        out["id"] = _record_id(record["id"])
     for key in ("video", "audio"):
         if record.get(key) is not None:
             out[key] = resolve_media(record[key], root)
@@ -120,7 +152,12 @@ def validate(record, kind: str | None, root: str, require_media: bool | None = N
             raise ValueError("a preference record needs chosen + rejected, or gt (CE-only)")
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if record.get(key) is not None:
-                out[key] = float(record[key])
+                value = record[key]
+                if isinstance(value, bool) or not isinstance(value, int | float) \
+                        or not math.isfinite(value):
+                    raise ValueError(f"field {key!r} must be a finite number (a summed log-prob), "
+                                     f"got {value!r}")
+                out[key] = float(value)
     elif kind == "caption":
         out["events"] = _events(record.get("events"))
         for key in ("prompt", "caption"):
@@ -168,15 +205,20 @@ def parse_jsonl(path: str, kind: str | None = None, root: str | None = None,
 
 def jsonl_lines(path: str, error_cls: type[Exception] = RecordError) -> Iterator[tuple[int, str]]:
     """(1-based line number, stripped text) of each non-blank line of a JSONL file; a file that
-    cannot be opened raises `error_cls` naming it."""
+    cannot be opened, or a line that is not UTF-8, raises `error_cls` naming the file (and line)."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except OSError as err:
         raise error_cls(f"{path}: cannot read ({err.strerror})") from err
     with handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line.strip()
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise error_cls(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x} at "
+                                f"column {err.start + 1}); save the file as UTF-8") from None
+            if line:
+                yield number, line
 
 
 def load_records(path: str, kind: str | None = None, root: str | None = None,

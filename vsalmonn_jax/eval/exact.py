@@ -3,6 +3,10 @@
 A parsed event equal to an unmatched ground-truth event is correct; then one with the same (time,
 modality) as a still-unmatched event but another subject / action makes that event incorrect; every
 other parsed event and every sentence outside the grammar is hallucinated; the rest are missed.
+Free text is not scored as if it were the grammar: ground-truth events that are not structured raise
+ValueError, and with `free_text="refuse"` (the `eval` command) a caption none of whose sentences
+parses is returned failed with the reason instead of as 100 % missed + every sentence hallucinated.
+The per-video `details["unparsed_sentences"]` are summed in the aggregate's `unparsed_sentences`.
 """
 
 from __future__ import annotations
@@ -37,12 +41,23 @@ def _pick_incorrect(parsed: Mapping, candidates: list[int], events: Sequence[Map
     return candidates[0]
 
 
-def score_events(caption: str, events: Sequence[Mapping], vocabulary: Mapping) -> VideoScore:
+FREE_TEXT_POLICIES = ("count", "refuse")
+
+
+def score_events(caption: str, events: Sequence[Mapping], vocabulary: Mapping,
+                 free_text: str = "count") -> VideoScore:
     for index, event in enumerate(events):
         if not is_synthetic_event(event):
             raise ValueError(f"exact judge: events[{index}] = {event!r} is not a synthetic event "
-                             "(needs time, modality, subject, action); use the embedding or llm judge")
+                             "(needs time, modality, subject, action); free-text ground truth is "
+                             "scored by --judge embedding or --judge llm")
     parsed, unparsed = parse_caption(caption, vocabulary)
+    if free_text == "refuse" and unparsed and not parsed:
+        return VideoScore(num_events=len(events), failed=True,
+                          error=f"free-text caption: none of its {len(unparsed)} sentence(s) is in "
+                          "the synthetic grammar ('At <t> s, <subject> <action>.'), so the exact "
+                          "judge cannot score it; use --judge embedding or --judge llm",
+                          details={"unparsed_sentences": len(unparsed)})
     labels = ["missed"] * len(events)
     open_by_key: dict[tuple, list[int]] = {}
     for index, event in enumerate(events):
@@ -74,16 +89,21 @@ def score_events(caption: str, events: Sequence[Mapping], vocabulary: Mapping) -
 
 class ExactJudge(Judge):
     """Vocabulary = the generator's (data/synthetic_scene.py), then actions seen in the ground truth
-    being scored, then `vocabulary` (later ones win)."""
+    being scored, then `vocabulary` (later ones win). `free_text`: "count" (a caption outside the
+    grammar is all hallucinated: judging a grammar-trained model's own samples, as mrDPO and the
+    demo do) or "refuse" (such a caption is a failed score naming why: the `eval` command)."""
 
     name = "exact"
 
-    def __init__(self, vocabulary: Mapping | None = None):
-        self.vocabulary = dict(vocabulary or {})
+    def __init__(self, vocabulary: Mapping | None = None, free_text: str = "count"):
+        if free_text not in FREE_TEXT_POLICIES:
+            raise ValueError(f"exact judge free_text must be one of {FREE_TEXT_POLICIES}, got {free_text!r}")
+        self.vocabulary, self.free_text = dict(vocabulary or {}), free_text
 
     @classmethod
-    def from_config(cls, config=None, vocabulary: Mapping | None = None) -> ExactJudge:
-        return cls(vocabulary)
+    def from_config(cls, config=None, vocabulary: Mapping | None = None,
+                    free_text: str = "count") -> ExactJudge:
+        return cls(vocabulary, free_text)
 
     def score_many(self, pairs, ids=None) -> list[VideoScore]:
         ids = check_pairs(pairs, ids)
@@ -92,7 +112,7 @@ class ExactJudge(Judge):
         scores = []
         for video_id, (caption, events) in zip(ids, pairs, strict=True):
             try:
-                score = score_events(caption, events, vocabulary)
+                score = score_events(caption, events, vocabulary, self.free_text)
             except ValueError as err:
                 raise ValueError(f"video {video_id!r}: {err}") from None
             score.id = video_id
@@ -100,4 +120,4 @@ class ExactJudge(Judge):
         return scores
 
     def describe(self) -> dict:
-        return {"judge": self.name, "vocabulary_size": len(self.vocabulary)}
+        return {"judge": self.name, "vocabulary_size": len(self.vocabulary), "free_text": self.free_text}

@@ -24,6 +24,11 @@ JUDGES = {
 SHARED_FIELDS = ("passes", "cache_dir", "seed")
 
 
+class JudgeUnavailable(RuntimeError):
+    """The judge cannot be reached at all (connection refused, unknown host): no video can be
+    scored, so the run stops at once with the reason instead of failing every video slowly."""
+
+
 class Judge:
     """Scores captions against ground-truth event lists."""
 

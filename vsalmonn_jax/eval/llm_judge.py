@@ -2,7 +2,9 @@
 
 Per video and pass p: a JSON-output prompt (temperature 0, top_p 0.1, seed = seed + p) asks for the
 missed / incorrect event numbers and the hallucinated statements; an unparsable reply or an API error
-is retried with exponential backoff (max_retries), then a count-only fallback prompt is tried. The
+is retried with exponential backoff (max_retries), then a count-only fallback prompt is tried. An
+endpoint that cannot be connected to at all (refused, unknown host) is probed `connect_retries` more
+times (a few seconds) and then stops the whole run with JudgeUnavailable naming the URL. The
 video's counts are the per-category median over the passes that succeeded; a video whose passes all
 failed is returned with failed=True and its errors (reported, never dropped). Parsed replies are
 cached on disk (keyed by endpoint, model, messages, sampling settings and seed) so a rerun costs
@@ -19,7 +21,7 @@ import json
 import logging
 import os
 import pathlib
-import re
+import socket
 import tempfile
 import threading
 import time
@@ -27,33 +29,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vsalmonn_jax.eval.judge import Judge, check_pairs, options_from_config
+from vsalmonn_jax.eval.judge import Judge, JudgeUnavailable, check_pairs, options_from_config
+from vsalmonn_jax.eval.llm_prompt import build_messages, parse_counts, parse_full
 from vsalmonn_jax.eval.metrics import VideoScore
 from vsalmonn_jax.eval.records import event_text
 
 log = logging.getLogger(__name__)
 PROMPT_VERSION = "vsalmonn-llm-judge-v1"
-
-SYSTEM_FULL = (
-    "You grade a video caption against the complete list of atomic events that happen in the video. "
-    "The list is the ground truth: nothing else happens in the video.\n"
-    "For every numbered event decide one of:\n"
-    "- correct: the caption states it and gets its details right;\n"
-    "- incorrect: the caption refers to it but gets a detail wrong (who or what, colour, number, "
-    "action, sound, words spoken, time or order);\n"
-    "- missed: the caption does not mention it.\n"
-    "Then list every statement of the caption that describes something which is not among the events "
-    "(hallucinated); a wrong detail of a listed event counts as incorrect, not hallucinated.\n"
-    "Reply with one JSON object and nothing else:\n"
-    '{"missed": [event numbers], "incorrect": [event numbers], '
-    '"hallucinated": ["short quote from the caption", ...]}')
-SYSTEM_COUNT = (
-    "You grade a video caption against the complete list of atomic events that happen in the video. "
-    "Count the events the caption does not mention (missed), the events it mentions with a wrong "
-    "detail (incorrect), and the statements of the caption that describe things not among the events "
-    "(hallucinated). Reply with one JSON object and nothing else: "
-    '{"missed": <int>, "incorrect": <int>, "hallucinated": <int>}')
-
 
 @dataclasses.dataclass(frozen=True)
 class LlmOptions:
@@ -67,6 +49,7 @@ class LlmOptions:
     max_tokens: int = 1024
     json_mode: bool = True             # response_format={"type": "json_object"}
     max_retries: int = 8               # retries of the full prompt after its first attempt
+    connect_retries: int = 2           # probes after a refused / unresolvable connection, then stop
     fallback_retries: int = 2          # retries of the count-only prompt
     backoff_s: float = 1.0             # sleep before retry r: backoff_s * 2**(r-1), capped
     backoff_max_s: float = 30.0
@@ -79,78 +62,6 @@ class LlmOptions:
             raise ValueError(f"llm judge passes must be >= 1, got {self.passes}")
         if self.concurrency < 1:
             raise ValueError(f"llm judge concurrency must be >= 1, got {self.concurrency}")
-
-
-def format_events(events: Sequence) -> str:
-    return "\n".join(f"{i}. {event_text(e)}" for i, e in enumerate(events, start=1))
-
-
-def build_messages(caption: str, events: Sequence, count_only: bool = False) -> list[dict]:
-    user = (f"Events ({len(events)}):\n{format_events(events) or '(none)'}\n\n"
-            f"Caption:\n\"\"\"\n{caption.strip()}\n\"\"\"")
-    return [{"role": "system", "content": SYSTEM_COUNT if count_only else SYSTEM_FULL},
-            {"role": "user", "content": user}]
-
-
-def extract_json(content: str) -> dict:
-    """The JSON object in a reply (code fences and text around it tolerated)."""
-    if content is None:
-        raise ValueError("empty reply")
-    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", content.strip())
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end <= start:
-        raise ValueError(f"no JSON object in reply {content[:80]!r}")
-    try:
-        obj = json.loads(text[start:end + 1])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"malformed JSON in reply ({err.msg}): {content[:80]!r}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"reply is not a JSON object: {content[:80]!r}")
-    return obj
-
-
-def _index_list(obj: dict, key: str, num_events: int) -> list[int]:
-    value = obj.get(key)
-    if not isinstance(value, list):
-        raise ValueError(f"reply field {key!r} must be a list of event numbers, got {value!r}")
-    out = []
-    for item in value:
-        try:
-            number = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"reply field {key!r} holds {item!r}, not an event number") from None
-        if not 1 <= number <= num_events:
-            raise ValueError(f"reply field {key!r} holds event {number}, outside 1..{num_events}")
-        out.append(number - 1)
-    return sorted(set(out))
-
-
-def parse_full(content: str, num_events: int) -> dict:
-    obj = extract_json(content)
-    missed, incorrect = _index_list(obj, "missed", num_events), _index_list(obj, "incorrect", num_events)
-    both = set(missed) & set(incorrect)
-    if both:
-        raise ValueError(f"events {sorted(i + 1 for i in both)} are both missed and incorrect")
-    hallucinated = obj.get("hallucinated")
-    if not isinstance(hallucinated, list):
-        raise ValueError(f"reply field 'hallucinated' must be a list, got {hallucinated!r}")
-    return {"missed": missed, "incorrect": incorrect, "hallucinated": [str(h) for h in hallucinated]}
-
-
-def parse_counts(content: str, num_events: int) -> dict:
-    obj = extract_json(content)
-    counts = {}
-    for key in ("missed", "incorrect", "hallucinated"):
-        value = obj.get(key)
-        if isinstance(value, list):
-            value = len(value)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or value != int(value):
-            raise ValueError(f"count reply field {key!r} must be a non-negative integer, got {value!r}")
-        counts[key] = int(value)
-    if counts["missed"] + counts["incorrect"] > num_events:
-        raise ValueError(f"count reply has missed + incorrect = {counts['missed'] + counts['incorrect']} "
-                         f"> {num_events} events")
-    return counts
 
 
 class ResponseCache:
@@ -203,6 +114,22 @@ def _retryable(err: Exception) -> bool:
     return True  # connection errors, timeouts, unparsable replies
 
 
+def _cannot_connect(err: Exception) -> bool:
+    """No connection at all (refused, unknown host, unreachable network); not a timeout, which
+    keeps the retry policy. The HTTP library (httpx or httpx2, by openai version) raises a
+    `ConnectError` under openai's APIConnectionError."""
+    import openai
+
+    if not isinstance(err, openai.APIConnectionError) or isinstance(err, openai.APITimeoutError):
+        return False
+    cause = err.__cause__
+    while cause is not None:
+        if type(cause).__name__ == "ConnectError" or isinstance(cause, ConnectionRefusedError | socket.gaierror):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 class LlmJudge(Judge):
     name = "llm"
 
@@ -211,6 +138,7 @@ class LlmJudge(Judge):
         self.cache = ResponseCache(self.options.cache_dir)
         self._client = client
         self._lock = threading.Lock()
+        self._unavailable: JudgeUnavailable | None = None   # set once: every later request stops
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "fallback_passes": 0,
                       "failed_passes": 0}
 
@@ -279,8 +207,21 @@ class LlmJudge(Judge):
         result.cached = True
         return parsed
 
+    def _unreachable(self, err: Exception, attempts: int) -> JudgeUnavailable:
+        url = str(getattr(self._get_client(), "base_url", "") or self.options.base_url)
+        with self._lock:
+            if self._unavailable is None:
+                cause = f"{type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else str(err)
+                self._unavailable = JudgeUnavailable(self._redact(
+                    f"llm judge: cannot connect to {url} ({cause}; {attempts} attempts): check "
+                    "eval.llm_base_url and the network; nothing was scored"))
+            return self._unavailable
+
     def _ask(self, result: PassResult, messages, seed, parser, retries, label) -> dict | None:
+        refused = 0
         for attempt in range(retries + 1):
+            if self._unavailable is not None:
+                raise self._unavailable
             if attempt:
                 self._count("retries")
                 time.sleep(min(self.options.backoff_max_s, self.options.backoff_s * 2 ** (attempt - 1)))
@@ -292,6 +233,9 @@ class LlmJudge(Judge):
                 message = self._redact(f"{label} attempt {attempt + 1}: {type(err).__name__}: {err}")
                 result.errors.append(message[:300])
                 log.warning("llm judge: %s", message[:300])
+                refused = refused + 1 if _cannot_connect(err) else 0
+                if refused > self.options.connect_retries or (refused and attempt == retries):
+                    raise self._unreachable(err, refused) from err
                 if not _retryable(err):
                     result.fatal = True
                     return None
@@ -371,15 +315,21 @@ class LlmJudge(Judge):
         def task(v: int, p: int) -> PassResult:
             try:
                 return self.run_pass(pairs[v][0], pairs[v][1], p)
+            except JudgeUnavailable:
+                raise
             except Exception as err:  # a bug must not lose the sample: it becomes a failed pass
                 self._count("failed_passes")
                 return PassResult(errors=[self._redact(f"{type(err).__name__}: {err}")[:300]])
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.options.concurrency) as pool:
             futures = {pool.submit(task, v, p): (v, p) for v in range(len(pairs)) for p in range(passes)}
-            for future in concurrent.futures.as_completed(futures):
-                v, p = futures[future]
-                results[v][p] = future.result()
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    v, p = futures[future]
+                    results[v][p] = future.result()
+            except JudgeUnavailable:
+                pool.shutdown(cancel_futures=True)
+                raise
         return [self.combine(video_id, events, results[v])
                 for v, (video_id, (_, events)) in enumerate(zip(ids, pairs, strict=True))]
 
@@ -388,4 +338,5 @@ class LlmJudge(Judge):
         return {"judge": self.name, "model": o.model, "base_url": o.base_url or "(client default)",
                 "passes": o.passes, "seed": o.seed, "temperature": o.temperature, "top_p": o.top_p,
                 "max_retries": o.max_retries, "fallback_retries": o.fallback_retries,
+                "connect_retries": o.connect_retries,
                 "prompt_version": PROMPT_VERSION, "stats": dict(self.stats)}

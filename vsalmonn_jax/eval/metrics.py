@@ -142,6 +142,8 @@ def aggregate(scores: Iterable[VideoScore]) -> dict:
         "micro": micro,
         "macro": macro,
         "videos_without_events": sum(1 for s in ok if not s.num_events),
+        # caption sentences a parsing judge (exact) could not read: counted as hallucinated
+        "unparsed_sentences": int(sum(s.details.get("unparsed_sentences", 0) for s in ok)),
         # scored from fewer passes than asked (some passes of a multi-pass judge failed)
         "partial_ids": [s.id for s in ok if s.details.get("passes_ok", 0) < s.details.get("passes", 0)],
     }

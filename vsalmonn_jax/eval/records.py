@@ -10,9 +10,11 @@ captions file   {"id": str, "caption": str, "stopped": bool = true, "model": str
     may hold the captions of several models / stages / sample indices (the `caption` command's
     output lines), which the report compares side by side as groups.
 ground-truth    {"id": str, "events": [event, ...]}
-    An event is either a string (embedding / llm judges) or a dict. Dicts with "time", "modality",
-    "subject", "action" are synthetic events (exact judge; their text is the grammar's sentence);
-    any dict may carry "text", the sentence the embedding / llm judges read.
+    An event is either a string (free text: embedding / llm judges) or a dict. Dicts with "time",
+    "modality", "subject", "action" are synthetic events (exact judge; their text is the grammar's
+    sentence); any dict may carry "text", the sentence the embedding / llm judges read. A "time" is
+    a finite number >= 0; `"time": null` is an untimed event, which needs a "text" (see
+    data/records.check_event). The exact judge refuses events and captions outside its grammar.
 QA questions    {"id": str, "question": str, "options": [str, ...], "answer": "B",
                  "category": str = ""}  (see eval/qa.py)
 QA predictions  {"id": str, "response": str, "model": str = "", "stage": str = ""}
@@ -26,6 +28,7 @@ import pathlib
 from collections.abc import Iterator, Mapping
 
 from vsalmonn_jax.data.event_grammar import render_event
+from vsalmonn_jax.data.records import check_event, jsonl_lines
 
 _SYNTHETIC_KEYS = ("time", "modality", "subject", "action")
 
@@ -57,17 +60,14 @@ def iter_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in jsonl_lines(str(path), RecordError):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def _require(obj: Mapping, key: str, kind: type | tuple, where: str):
@@ -104,17 +104,11 @@ def load_captions(path: str | pathlib.Path) -> list[CaptionRecord]:
 
 
 def validate_event(event, where: str) -> None:
-    if isinstance(event, str):
-        if not event.strip():
-            raise RecordError(f"{where}: empty event string")
-        return
-    if not isinstance(event, Mapping):
-        raise RecordError(f"{where}: an event must be a string or an object, got {type(event).__name__}")
-    if "text" in event and isinstance(event["text"], str) and event["text"].strip():
-        return
-    missing = [k for k in _SYNTHETIC_KEYS if k not in event]
-    if missing:
-        raise RecordError(f"{where}: event {dict(event)!r} has no 'text' and lacks {missing}")
+    """The forms of data/records.check_event (free text, text + time, structured); RecordError."""
+    try:
+        check_event(event, "event")
+    except ValueError as err:
+        raise RecordError(f"{where}: {err}") from None
 
 
 def load_gt(path: str | pathlib.Path) -> dict[str, list]:
@@ -142,7 +136,8 @@ def event_text(event) -> str:
 
 
 def is_synthetic_event(event) -> bool:
-    return isinstance(event, Mapping) and all(k in event for k in _SYNTHETIC_KEYS)
+    """A structured event the exact judge can read (an untimed `"time": null` one is not)."""
+    return isinstance(event, Mapping) and all(event.get(k) is not None for k in _SYNTHETIC_KEYS)
 
 
 def write_jsonl(path: str | pathlib.Path, rows) -> None:

@@ -57,6 +57,9 @@ def markdown(result: dict) -> str:
             notes.append(f"- {g['label']}: {len(agg['partial_ids'])} video(s) scored from fewer judge "
                          "passes than asked (the others failed): "
                          + ", ".join(f"`{i}`" for i in agg["partial_ids"][:20]))
+        if agg.get("unparsed_sentences"):
+            notes.append(f"- {g['label']}: {agg['unparsed_sentences']} caption sentence(s) outside "
+                         "the judge's grammar, counted as hallucinated.")
         if g["uncaptioned_ids"]:
             notes.append(f"- {g['label']}: {len(g['uncaptioned_ids'])} ground-truth video(s) without "
                          f"a caption: " + ", ".join(f"`{i}`" for i in g["uncaptioned_ids"][:20]))

@@ -68,9 +68,11 @@ def jsonl_items(path: str, root: str | None = None) -> tuple[list[dict], list[st
 def discover_items(inputs: Iterable[str], root: str | None = None) -> tuple[list[dict], list[str]]:
     """Files, folders (recursive, media extensions) and .jsonl files -> (items, input errors).
 
-    Duplicate ids keep their first occurrence. A missing path is an input error, not an exception.
+    The same media file named twice (a file and its folder) is captioned once; two JSONL records
+    with one id raise InputError naming both lines (captions are keyed by id: one would be lost).
+    A missing path is an input error, not an exception.
     """
-    items, errors, seen = [], [], set()
+    items, errors, seen = [], [], {}
     for path in inputs:
         if os.path.isdir(path):
             found = _folder_items(path)
@@ -85,10 +87,21 @@ def discover_items(inputs: Iterable[str], root: str | None = None) -> tuple[list
             errors.append(f"{path}: no such file or folder")
             continue
         for item in found:
-            if item["id"] not in seen:
-                seen.add(item["id"])
+            first = seen.get(item["id"])
+            if first is None:
+                seen[item["id"]] = item
                 items.append(item)
+            elif "line" in item or "line" in first:
+                raise InputError(f"duplicate id {item['id']!r}: {_place(first)} and {_place(item)}; "
+                                 "captions are keyed by id, give each record its own")
     return items, errors
+
+
+def _place(item: dict) -> str:
+    """Where an item came from: file:line for a JSONL record, else its media path."""
+    if "line" in item:
+        return f"{item['source']}:{item['line']}"
+    return str(item.get("video") or item.get("audio"))
 
 
 def read_done(path: str) -> set[tuple[str, int]]:

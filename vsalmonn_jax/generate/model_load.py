@@ -31,9 +31,13 @@ def checkpoint_root(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def saved_tree(root: pathlib.Path, step: int):
-    """The saved train state's metadata tree at `step` (leaves carry .shape / .dtype)."""
-    metadata = ocp.StandardCheckpointer().metadata(root / str(step) / "state")
-    return getattr(metadata, "item_metadata", metadata)
+    """The saved train state's metadata tree at `step` (leaves carry .shape / .dtype).
+
+    Read with the item's own handler: `StandardCheckpointer().metadata(<step>/state)` looks for a
+    step-level `_CHECKPOINT_METADATA` inside the item folder and logs "Metadata file does not exist"
+    on every call.
+    """
+    return ocp.PyTreeCheckpointHandler().metadata(root / str(step) / "state").tree
 
 
 def saved_fields(root: pathlib.Path, step: int) -> list[str]:

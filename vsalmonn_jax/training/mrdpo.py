@@ -458,14 +458,16 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
                          ".jsonl (caption records with events and the ground-truth caption)")
     workdir = pathlib.Path(workdir)
     opts = MrdpoOptions.from_config(config)
+    root = config.data.root or None
+    train = load_records(str(config.data.train), kind="caption", root=root)
+    val = load_records(str(config.data.val), kind="caption", root=root) if config.data.val else []
+    if judge is None:
+        pairs_lib.check_judgeable(train + val, opts.judge)
     cfg = round_config(config, opts)
     task = build_task(config)
     mesh = make_mesh(dict(config.mesh))
     env = AVPolicyEnv(config, task, load_tokenizer(config.data.tokenizer), mesh=mesh,
                       sample_batch=int(config.mrdpo.sample_batch))
-    root = config.data.root or None
-    train = load_records(str(config.data.train), kind="caption", root=root)
-    val = load_records(str(config.data.val), kind="caption", root=root) if config.data.val else []
     tx, _ = st.make_optimizer(cfg.train, 1)
     if (workdir / "rounds").is_dir():
         state = st.abstract_state(task, cfg, tx, mesh)      # resume: structure + shardings only

@@ -93,6 +93,23 @@ class PairRule:
         return kb[1:] < kw[1:]
 
 
+def check_judgeable(records: Sequence[Mapping], judge: str) -> None:
+    """Free-text ground truth (events as strings, or untimed text events) is judged by the embedding
+    and llm judges; the exact judge reads structured events only: ValueError naming the first
+    record (file:line) that it cannot read, raised before any model is built."""
+    if judge != "exact":
+        return
+    from vsalmonn_jax.eval.records import is_synthetic_event
+
+    for record in records:
+        for k, event in enumerate(record.get("events") or []):
+            if not is_synthetic_event(event):
+                where = f"{record.get('source', '?')}:{record.get('line', '?')}"
+                raise ValueError(f"{where}: events[{k}] is free text ({event!r}); mrdpo.judge=exact "
+                                 "reads only structured events (time, modality, subject, action): "
+                                 "set --config.mrdpo.judge=embedding or llm")
+
+
 def judged_text(sample: Sample) -> str:
     """What the judge reads: a caption without an end token has its runaway repeats collapsed."""
     from vsalmonn_jax.eval import collapse_repeats
