@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vsalmonn_jax.config import load_config
 from vsalmonn_jax.models.attention import (
     MaskSpec,
     attention,
@@ -15,6 +16,7 @@ from vsalmonn_jax.models.attention import (
     resolve_impl,
 )
 from vsalmonn_jax.models.decoder_layers import causal_attention, masked_attention
+from vsalmonn_jax.models.qwen2 import Qwen2Config
 from vsalmonn_jax.training import sharding
 
 LENGTH, BLOCK = 37, 16  # T not a multiple of the block; 3 query blocks
@@ -171,6 +173,10 @@ def test_unknown_and_removed_impls_are_named():
         resolve_impl("jax")
     with pytest.raises(ValueError, match="one of auto, xla, splash, cudnn; got 'flash'"):
         resolve_impl("flash")
+    config = load_config("tiny")
+    config.model.llm.attention_impl = "jax"
+    with pytest.raises(ValueError, match="'jax' was removed"):  # at config time, before any trace
+        Qwen2Config.from_config(config.model.llm)
 
 
 @pytest.mark.parametrize("impl,kinds,missing", [

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vsalmonn_jax.lora import LoraConfig
-from vsalmonn_jax.models.attention import MaskSpec, attention, resolve_impl
+from vsalmonn_jax.models.attention import MaskSpec, attention, check_impl_name, resolve_impl
 from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm, fused_attention, masked_attention
 
 REMAT_POLICIES = {
@@ -45,6 +45,9 @@ class Qwen2Config:
     attention_impl: str = "auto"  # auto | xla | splash | cudnn (models/attention)
     attention_block: int = 512    # query/key block of the xla and splash kernels
     attention_interpret: bool = False  # splash in Pallas interpret mode (CPU tests only)
+
+    def __post_init__(self):
+        check_impl_name(self.attention_impl)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> Qwen2Config:

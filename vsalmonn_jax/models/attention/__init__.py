@@ -14,8 +14,8 @@ from vsalmonn_jax.models.attention.reference import reference_attention
 from vsalmonn_jax.models.attention.splash import splash_attention
 from vsalmonn_jax.models.attention.xla import xla_attention
 
-__all__ = ["IMPLS", "KINDS", "SUPPORTED", "MaskSpec", "attention", "causal_padding", "check_supported",
-           "reference_attention", "resolve_impl", "xla_attention"]
+__all__ = ["IMPLS", "KINDS", "SUPPORTED", "MaskSpec", "attention", "causal_padding", "check_impl_name",
+           "check_supported", "reference_attention", "resolve_impl", "xla_attention"]
 
 IMPLS = ("auto", "xla", "splash", "cudnn")
 SUPPORTED = {  # mask kinds (beyond causal / bidirectional) each backend expresses without O(T^2)
@@ -26,14 +26,19 @@ SUPPORTED = {  # mask kinds (beyond causal / bidirectional) each backend express
 PLATFORM_DEFAULT = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn"}
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """`auto` -> the backend of `platform` (default: jax's default backend); others are checked."""
+def check_impl_name(impl: str) -> str:
+    """Config-time check of an attention_impl name (touches no device: safe before jax.distributed)."""
     if impl == "jax":
         raise ValueError("attention_impl 'jax' was removed (it built a dense [T, T] mask); "
                          "use 'xla' (blockwise, any device) or 'auto'")
     if impl not in IMPLS:
         raise ValueError(f"attention_impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-    if impl != "auto":
+    return impl
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """`auto` -> the backend of `platform` (default: jax's default backend); others are checked."""
+    if check_impl_name(impl) != "auto":
         return impl
     return PLATFORM_DEFAULT.get(platform or jax.default_backend(), "xla")
 
