@@ -1,6 +1,8 @@
 """`jax.eval_shape` of the 7B config: total and trainable parameter counts, cross-checked against the
 same modules built by `transformers` on the meta device (no memory), and every logical axis known."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -41,7 +43,10 @@ def test_7b_counts_match_transformers_modules(shapes):
     cfg, abstract = shapes
     assert cfg.frame_tokens == 182 and cfg.audio_tokens_per_chunk == 60
     assert cfg.audio_tokens_per_second == 2.0 and cfg.vision.used_layers == 26
-    assert cfg.media_length(110, 4) == 110 * 182 + 240  # timestamp mode: 20,260 media slots
+    # the release's interleave (configs/7b.py): room for the audio interpolated up to a multiple
+    # of the frame count, one slot per frame more than the 20,260 of the timestamp mode
+    assert cfg.interleave == "official" and cfg.media_length(110, 4) == 110 * 182 + 240 + 110
+    assert dataclasses.replace(cfg, interleave="timestamp").media_length(110, 4) == 110 * 182 + 240
     params, adapter = abstract["params"], abstract["adapter"]
     with torch.device("meta"):
         qwen = Qwen2ForCausalLM(Qwen2Config(
