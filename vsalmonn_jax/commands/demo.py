@@ -43,6 +43,10 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"vsalmonn-jax demo: {err}", file=sys.stderr)
         return 2
+    from vsalmonn_jax.config_check import check_for_cli
+
+    if check_for_cli("vsalmonn-jax demo", config):
+        return 2
     if args.resume:
         run_dir = pathlib.Path(args.resume)
         if not run_dir.is_dir():

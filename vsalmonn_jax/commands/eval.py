@@ -16,6 +16,7 @@ import pathlib
 import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
+from vsalmonn_jax.config_check import validate
 from vsalmonn_jax.defaults import base_config
 
 
@@ -178,6 +179,7 @@ def main(argv: list[str]) -> int:
     args = _parser(mode).parse_args(rest[1:] if mode != "eval" else rest)
     try:
         config = _config(config_path, overrides)
+        validate(config)
         return {"eval": run_eval, "calibrate": run_calibrate, "qa": run_qa}[mode](args, config)
     except (ValueError, FileNotFoundError, KeyError) as err:  # RecordError is a ValueError
         print(f"vsalmonn-jax eval: error: {err}", file=sys.stderr)

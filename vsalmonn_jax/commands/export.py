@@ -187,6 +187,10 @@ def main(argv: list[str]) -> int:
               "trained with, e.g. --config configs/tiny.py)", file=sys.stderr)
         return 2
     config = load_config(config_path, overrides)
+    from vsalmonn_jax.config_check import check_for_cli
+
+    if check_for_cli("vsalmonn-jax export", config):
+        return 2
     try:
         state, _, step = read_checkpoint(args.checkpoint, args.step)
         manifest = export(state, config, args.out, dtype=args.dtype, source=args.checkpoint,

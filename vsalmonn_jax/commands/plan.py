@@ -100,6 +100,10 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"vsalmonn-jax plan: {err}", file=sys.stderr)
         return 2
+    from vsalmonn_jax.config_check import check_for_cli
+
+    if check_for_cli("vsalmonn-jax plan", config):
+        return 2
     if os.environ.get(CHILD_ENV) != str(devices):
         return _run_child(argv, devices)
 

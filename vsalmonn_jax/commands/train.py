@@ -69,6 +69,7 @@ def pipeline_iterator(config, path: str, batch: int, shuffle: bool = True, epoch
 
 def main(argv: list[str]) -> int:
     from vsalmonn_jax.config import load_config, split_config_args
+    from vsalmonn_jax.config_check import check_for_cli
 
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
@@ -76,13 +77,12 @@ def main(argv: list[str]) -> int:
         print("vsalmonn-jax train: --config configs/X.py is required", file=sys.stderr)
         return 2
     config = load_config(config_path, overrides)
-    if config.stage not in ("align", "sft", "dpo", "rebirth", "mrdpo"):
-        print(f"vsalmonn-jax train: unknown stage {config.stage!r}", file=sys.stderr)
-        return 2
     spec = str(config.data.train)
     if not spec:
         print("vsalmonn-jax train: set --config.data.train=PATH.jsonl (records) or =synthetic[:N]",
               file=sys.stderr)
+        return 2
+    if check_for_cli("vsalmonn-jax train", config, needs_tokenizer=not spec.startswith("synthetic")):
         return 2
     round_driven = config.stage == "mrdpo" or (config.stage == "rebirth" and config.rebirth.mrdpo_workdir)
     if round_driven and spec.startswith("synthetic"):
