@@ -471,7 +471,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     else:
         state, _ = st.create_train_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
         if init_from:
-            ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints")
+            ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints", create=False)
             try:
                 state = ckpt.restore_trainable(state)
             finally:
