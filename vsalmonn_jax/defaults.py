@@ -12,7 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 2024
     c.stage = "sft"  # align | sft | dpo | mrdpo | rebirth
-    c.workdir = "runs/default"
+    c.workdir = "runs/default"  # `train --workdir DIR` sets it; config.json there records the run
 
     # ---- model (shapes are set by the size presets) ----
     c.model = ml_collections.ConfigDict()
@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
         audio_channel="first",    # first (official: channel 0) | mean (downmix)
         max_length=32768, truncation="error",  # error | truncate_response
         batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,
-        length_buckets=(), quarantine="quarantine.jsonl", encoder_cache="",
+        length_buckets=(), encoder_cache="",
+        quarantine="quarantine.jsonl",  # failed records; a relative path goes under the workdir
     ))
     c.data.synthetic = synthetic_defaults()  # the synthetic data set's generator and SFT biases
 
