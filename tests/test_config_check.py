@@ -100,6 +100,8 @@ def test_unknown_fields_are_not_errors():
     (["data", "check", "--config", "tiny", "--config.data.missing_audio=ignore", "x.jsonl"],
      "data.missing_audio='ignore'"),
     (["export", "--config", "tiny", "--config.data.fps=0", "--checkpoint", "x", "--out", "y"], "data.fps=0.0"),
+    (["plan", "--config", "tiny", "--config.train.lr=-1"], "train.lr=-1.0"),
+    (["demo", "--quick", "--config.train.log_every=0"], "train.log_every=0"),
     (["caption", "--config", "tiny", "--config.data.audio_channel=left", "--tokenizer", "t",
       "--checkpoint", "x", "v.mp4"], "data.audio_channel='left'"),
 ])
