@@ -186,8 +186,9 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
                         save(force=True)
                         ckpt.wait()
                     raise
-                if batch is None:
-                    save(force=True)
+                if batch is None:   # stopped while waiting on data
+                    if step != ckpt.latest_step():
+                        save(force=True)
                     ckpt.wait()
                     summary.update(preempted=True, signal=stop.name)
                     break
