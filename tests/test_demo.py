@@ -133,7 +133,7 @@ def _eval_record(rng, n_videos=40):
             "qa": {"accuracy": 0.5}, **_record(counts)}
 
 
-def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path):
+def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path, monkeypatch):
     import json
 
     from vsalmonn_jax.commands.demo import main
@@ -144,7 +144,11 @@ def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path):
         folder.mkdir(parents=True)
         (folder / "eval.json").write_text(json.dumps(_eval_record(rng)))
         (folder / "done").write_text("")
-    assert main(["--report-only"]) == 2   # needs --resume
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["--report-only"]) == 2   # needs --resume, and creates no run folder
+    assert list(cwd.iterdir()) == []
     assert main(["--resume", str(tmp_path), "--report-only"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "Partial report: stage(s) not finished: mrdpo_2, mrdpo_3, control_1" in report

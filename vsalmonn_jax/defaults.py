@@ -12,7 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 2024
     c.stage = "sft"  # align | sft | dpo | mrdpo | rebirth
-    c.workdir = "runs/default"
+    c.workdir = "runs/default"  # `train --workdir DIR` sets it; config.json there records the run
 
     # ---- model (shapes are set by the size presets) ----
     c.model = ml_collections.ConfigDict()
@@ -86,7 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
         frame_sampling="grid",    # above max_frames: grid = evenly over the 1/fps grid | file =
                                   # the release: linspace over ALL frame indices of the file
         batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,
-        length_buckets=(), quarantine="quarantine.jsonl", encoder_cache="",
+        length_buckets=(), encoder_cache="",
+        quarantine="quarantine.jsonl",  # failed records; a relative path goes under the workdir
     ))
     c.data.synthetic = synthetic_defaults()  # the synthetic data set's generator and SFT biases
 

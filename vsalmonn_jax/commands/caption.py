@@ -92,6 +92,10 @@ def main(argv: list[str]) -> int:
               "config.model.pretrained.tokenizer)",
               file=sys.stderr)
         return 2
+    from vsalmonn_jax.config_check import check_for_cli
+
+    if check_for_cli("vsalmonn-jax caption", config, needs_tokenizer=True):
+        return 2
     try:
         sampling = sampling_from_args(args, config.generate)
     except ValueError as err:

@@ -13,6 +13,7 @@ import collections
 import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
+from vsalmonn_jax.config_check import check_for_cli
 from vsalmonn_jax.data.example import FeatureSettings, Featurizer
 from vsalmonn_jax.data.media import MediaError
 from vsalmonn_jax.data.records import KINDS, RecordError, parse_jsonl
@@ -91,6 +92,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-decode", action="store_true")
     args = parser.parse_args(rest)
     config = _config(config_path, overrides)
+    if check_for_cli("vsalmonn-jax data", config):
+        return 2
     return synth(args, config) if args.action == "synth" else check(args, config)
 
 

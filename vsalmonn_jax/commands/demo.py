@@ -63,6 +63,13 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"vsalmonn-jax demo: {err}", file=sys.stderr)
         return 2
+    from vsalmonn_jax.config_check import check_for_cli
+
+    if check_for_cli("vsalmonn-jax demo", config):
+        return 2
+    if args.report_only and not args.resume:
+        print("vsalmonn-jax demo: --report-only needs --resume RUN_DIR", file=sys.stderr)
+        return 2
     if args.resume:
         run_dir = pathlib.Path(args.resume)
         if not run_dir.is_dir():
@@ -88,9 +95,6 @@ def main(argv: list[str]) -> int:
     from vsalmonn_jax.demo.report import write_report
 
     if args.report_only:
-        if not args.resume:
-            print("vsalmonn-jax demo: --report-only needs --resume RUN_DIR", file=sys.stderr)
-            return 2
         records, missing = finished_records(config, run_dir)
         if "sft" not in records:
             print(f"vsalmonn-jax demo: {run_dir}: the sft stage has not finished; no report",

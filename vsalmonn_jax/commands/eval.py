@@ -19,6 +19,7 @@ import pathlib
 import sys
 
 from vsalmonn_jax.config import load_config, split_config_args
+from vsalmonn_jax.config_check import validate
 from vsalmonn_jax.defaults import base_config
 from vsalmonn_jax.eval.judge import JudgeUnavailable
 
@@ -197,6 +198,7 @@ def main(argv: list[str]) -> int:
     args = _parser(mode).parse_args(rest[1:] if mode != "eval" else rest)
     try:
         config = _config(config_path, overrides)
+        validate(config)
         return {"eval": run_eval, "calibrate": run_calibrate, "qa": run_qa}[mode](args, config)
     except (ValueError, FileNotFoundError, KeyError, JudgeUnavailable) as err:  # RecordError: ValueError
         print(f"vsalmonn-jax eval: error: {err}", file=sys.stderr)

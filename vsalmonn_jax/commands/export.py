@@ -234,6 +234,10 @@ def main(argv: list[str]) -> int:
         config, _, source = resolve_config(args.checkpoint, config_path, overrides)
         if args.tokenizer:
             config.data.tokenizer = args.tokenizer
+        from vsalmonn_jax.config_check import check_for_cli
+
+        if check_for_cli("vsalmonn-jax export", config):
+            return 2
         state, _, step = read_checkpoint(args.checkpoint, args.step)
         manifest = export(state, config, args.out, dtype=args.dtype, source=args.checkpoint,
                           step=step, base=args.base)

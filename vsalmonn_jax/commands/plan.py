@@ -88,6 +88,7 @@ def _run_child(argv: list[str], devices: int) -> int:
 
 def main(argv: list[str]) -> int:
     from vsalmonn_jax.config import load_config, split_config_args
+    from vsalmonn_jax.config_check import validate
 
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
@@ -96,6 +97,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         config = load_config(config_path, overrides)
+        validate(config)   # ConfigError is a ValueError
         mesh, devices = _resolve(args, config)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"vsalmonn-jax plan: {err}", file=sys.stderr)

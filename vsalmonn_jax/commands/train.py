@@ -7,6 +7,9 @@ Data: `--config.data.train=PATH.jsonl` goes through the data pipeline (AV model,
 workers); `--config.data.train=synthetic[:N]` trains the text-only model on N synthetic token
 sequences (SFT) or pairs (DPO), no tokenizer needed (tests, smoke runs). Resumes from
 `<workdir>/checkpoints` when present; `--init-from DIR` starts from another stage's trainables.
+The config is validated first (config_check.py); `<workdir>/config.json` is written once and a resume
+that changes weight-affecting settings is refused unless `--allow-config-change` (run_config.py).
+SIGTERM / Ctrl-C save and stop (exit status 0 / 130); a second Ctrl-C aborts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="", help="output folder (default: config.workdir)")
     p.add_argument("--init-from", default="",
                    help="a previous stage's workdir: start from its latest trainables")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although settings that affect the trained weights changed (the "
+                        "change is recorded in config.json; by default such a resume is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -90,6 +96,7 @@ def _records_problem(path: str, config) -> str:
 
 def main(argv: list[str]) -> int:
     from vsalmonn_jax.config import load_config, split_config_args
+    from vsalmonn_jax.config_check import check_for_cli
 
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
@@ -100,13 +107,12 @@ def main(argv: list[str]) -> int:
     from vsalmonn_jax.models.pretrained import resolve_tokenizer
 
     resolve_tokenizer(config)  # data.tokenizer empty: the one beside model.pretrained's weights
-    if config.stage not in ("align", "sft", "dpo", "rebirth", "mrdpo"):
-        print(f"vsalmonn-jax train: unknown stage {config.stage!r}", file=sys.stderr)
-        return 2
     spec = str(config.data.train)
     if not spec:
         print("vsalmonn-jax train: set --config.data.train=PATH.jsonl (records) or =synthetic[:N]",
               file=sys.stderr)
+        return 2
+    if check_for_cli("vsalmonn-jax train", config, needs_tokenizer=not spec.startswith("synthetic")):
         return 2
     round_driven = config.stage == "mrdpo" or (config.stage == "rebirth" and config.rebirth.mrdpo_workdir)
     if round_driven and spec.startswith("synthetic"):
@@ -118,12 +124,49 @@ def main(argv: list[str]) -> int:
         if problem:
             print(f"vsalmonn-jax train: {problem}", file=sys.stderr)
             return 2
+    if args.init_from and not _has_checkpoint(pathlib.Path(args.init_from)):
+        print(f"vsalmonn-jax train: --init-from {args.init_from}: no checkpoint there (expected "
+              f"{pathlib.Path(args.init_from) / 'checkpoints'}/<step>/); pass the workdir of a "
+              "finished stage", file=sys.stderr)
+        return 2
     workdir = pathlib.Path(args.workdir or config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    config.workdir = str(workdir)   # quarantine and config.json follow --workdir
+    from vsalmonn_jax.training.run_config import write_run_config
+
+    try:
+        changes = write_run_config(workdir, config, allow_change=args.allow_config_change)
+    except ValueError as err:   # ConfigChangedError, unreadable config.json
+        print(f"vsalmonn-jax train: {err}", file=sys.stderr)
+        return 2
+    if changes:
+        print("vsalmonn-jax train: resuming with changed settings: "
+              + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()), file=sys.stderr)
     from vsalmonn_jax.generate.run_dir import save_tokenizer
 
     save_tokenizer(config, workdir)   # the run carries its tokenizer (caption / export read it)
+    try:
+        return _run(config, args, spec, workdir, round_driven)
+    except _run_errors() as err:
+        print(f"vsalmonn-jax train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    """Errors that end a run with a message (no traceback): each names the file / step / fix."""
+    from vsalmonn_jax.data.quarantine import TooManyFailures
+    from vsalmonn_jax.data.worker_watch import WorkerDied
+    from vsalmonn_jax.training.checkpoint import CheckpointError
+    from vsalmonn_jax.training.loop import NonFiniteLossError
+
+    return WorkerDied, CheckpointError, TooManyFailures, NonFiniteLossError
+
+
+def _has_checkpoint(run: pathlib.Path) -> bool:
+    folder = run / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _run(config, args, spec: str, workdir: pathlib.Path, round_driven: bool) -> int:
     if round_driven:
         from vsalmonn_jax.training import mrdpo, rebirth
 
@@ -151,18 +194,24 @@ def main(argv: list[str]) -> int:
     eval_fn = None
     if eval_batches is not None:
         eval_fn = lambda state, steps: loop.evaluate(steps, state, eval_batches())
-    state = None
-    if args.init_from:
-        state = _init_from(config, task, pathlib.Path(args.init_from), workdir)
     # a DPO stage folds the previous LoRA into its base: save that base with its checkpoints, or
     # a resume, `caption` and `export` would rebuild the unmerged one
     merged = bool(args.init_from) and _merges_base(config, task)
-    state, summary = loop.run_stage(config, train_iter, workdir, task=task, state=state,
-                                    eval_fn=eval_fn, progress=not args.no_progress,
-                                    include_params=merged)
+    try:
+        state = _init_from(config, task, pathlib.Path(args.init_from), workdir) \
+            if args.init_from else None
+        state, summary = loop.run_stage(config, train_iter, workdir, task=task, state=state,
+                                        eval_fn=eval_fn, progress=not args.no_progress,
+                                        include_params=merged)
+    finally:
+        if hasattr(train_iter, "close"):   # stop data workers (a dead one: the others are killed)
+            train_iter.close()
     report = {k: summary[k] for k in ("step", "skipped_steps", "preempted", "checkpoint", "last")}
     print(json.dumps(report, default=float))
-    return 0
+    if summary["preempted"]:
+        print(f"vsalmonn-jax train: stopped by {summary['signal']} at step {summary['step']}; "
+              f"checkpoint {summary['checkpoint']}; run the same command to resume", file=sys.stderr)
+    return 130 if summary["signal"] == "SIGINT" else 0
 
 
 def _merges_base(config, task) -> bool:
@@ -187,7 +236,7 @@ def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
     _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps), mesh)
     fresh = init(jax.random.PRNGKey(int(config.seed)))
     write_record(workdir, dict(init.record, trainables=f"from {previous}"))
-    ckpt = Checkpointer(previous / "checkpoints")
+    ckpt = Checkpointer(previous / "checkpoints", create=False)
     try:
         state = ckpt.restore_trainable(fresh)
     finally:

@@ -19,6 +19,7 @@ import ml_collections
 from vsalmonn_jax.data.collate import collate
 from vsalmonn_jax.data.example import Featurizer
 from vsalmonn_jax.data.quarantine import Quarantine
+from vsalmonn_jax.data.worker_watch import WatchedIterator, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ def _init_worker(index: int, count: int) -> None:
     """Start-up of a grain worker process: jax there may only start its CPU platform (the resize
     kernel; a worker must never claim accelerator memory), and BLAS runs single-threaded since
     each worker is one unit of parallelism (threads fighting over the cores made the log-mel
-    matmul 3-5x slower)."""
+    matmul 3-5x slower). A worker exits when its parent (the trainer) is gone."""
     import jax
+
+    watch_parent()
 
     try:
         jax.config.update("jax_platforms", "cpu")
@@ -86,6 +89,8 @@ class BatchIterator:
             iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
                                           worker_init_fn=_init_worker)
         self._it = iter(iter_ds)
+        # with workers: waits that notice a dead worker (WorkerDied) instead of blocking forever
+        self._watch = WatchedIterator(self._it) if workers > 0 else None
         self.batches = 0
         self._state = self._snapshot()
         self._done = False
@@ -103,7 +108,7 @@ class BatchIterator:
         examples = []
         while len(examples) < self.batch_size:
             try:
-                example = next(self._it)
+                example = next(self._watch or self._it)
             except StopIteration:
                 break
             if "failed" in example:
@@ -146,10 +151,10 @@ class BatchIterator:
         """Stop the worker processes (dropping the iterators now avoids noisy teardown later)."""
         if self._it is None:
             return
-        close = getattr(self._it, "close", None)
-        if close is not None:
+        clean = self._watch.close() if self._watch is not None else True
+        if clean and (close := getattr(self._it, "close", None)) is not None:
             close()
-        self._it, self._done = None, True
+        self._it, self._watch, self._done = None, None, True
         gc.collect()
 
 

@@ -7,13 +7,21 @@ ShapeDtypeStruct targets carrying the current shardings, so any topology can res
 
 from __future__ import annotations
 
+import os
 import pathlib
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from vsalmonn_jax.training.state import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a folder can be read; the message names the folder and each step's error."""
+
 
 STATE_FIELDS = ("step", "trainable", "opt_state", "rng", "ref_adapter")
 
@@ -22,10 +30,13 @@ class Checkpointer:
     """Keep-N (async) CheckpointManager around TrainState + a JSON side item (data state, cursor)."""
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True,
-                 include_params: bool = False):
+                 include_params: bool = False, create: bool = True):
+        """`create=False` for reading another run: a missing folder is an error, never created."""
         self.directory = pathlib.Path(directory).absolute()
         self.include_params = include_params
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        if not create and not self.directory.is_dir():
+            raise FileNotFoundError(f"{self.directory}: no such checkpoint folder")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
@@ -56,32 +67,67 @@ class Checkpointer:
         """Restore into the structure/shardings of `target` (a state or ShapeDtypeStruct state).
 
         Fields not in the checkpoint (the frozen params, unless saved) are taken from `target`,
-        which then must hold real arrays for them.
+        which then must hold real arrays for them. Without `step`: the latest readable checkpoint
+        (an unreadable newer one is set aside, see `_readable`).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             self._tree(target))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = self._readable(step, lambda s: self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())))
         return target.replace(**restored["state"]), dict(restored["meta"] or {})
 
     def restore_trainable(self, target: TrainState, step: int | None = None) -> TrainState:
         """Only the trainables (and the base, if saved) into `target`: start a new stage from a
         previous stage's checkpoint whatever its optimizer looked like (fresh opt_state / step)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
         fields = ("trainable",) + (("params",) if self.include_params else ())
         item = {name: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             getattr(target, name)) for name in fields}
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
+        restored = self._readable(step, lambda s: self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True))))
         return target.replace(**restored["state"])
+
+    def _readable(self, step: int | None, restore: Callable[[int], Any]) -> Any:
+        """`restore(step)`; without `step` the newest checkpoint that reads, newest first. Unreadable
+        newer ones (truncated data file, empty metadata, ...) are reported (which, why, which one is
+        used instead) and moved to `<directory>.corrupt/` so later saves at those steps succeed."""
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failures: list[tuple[int, str]] = []
+        for candidate in steps:
+            try:
+                out = restore(candidate)
+            except Exception as err:  # noqa: BLE001 - orbax / tensorstore / json raise many kinds
+                text = str(err).strip()
+                reason = f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
+                failures.append((candidate, reason))
+                continue
+            if failures:
+                self._set_aside([s for s, _ in failures])
+                print(f"checkpoint: restored step {candidate} ({self.path_of(candidate)}) instead of "
+                      + "; ".join(f"unreadable step {s} ({r})" for s, r in failures)
+                      + f"; the unreadable ones were moved to {self.directory}.corrupt/",
+                      file=sys.stderr, flush=True)
+            return out
+        raise CheckpointError(f"no readable checkpoint in {self.directory}: "
+                              + "; ".join(f"step {s}: {r}" for s, r in failures)
+                              + ". Delete or repair that folder (or start a new --workdir).")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            aside = self.directory.parent / f"{self.directory.name}.corrupt"
+            aside.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                target = aside / str(s)
+                n = 1
+                while target.exists():
+                    target, n = aside / f"{s}.{n}", n + 1
+                os.replace(self.directory / str(s), target)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

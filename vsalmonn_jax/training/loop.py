@@ -1,5 +1,6 @@
 """One training loop for every stage: jitted steps, metrics (JSONL + TensorBoard + tqdm), eval,
-orbax checkpoints with the data-iterator state, exact resume, SIGTERM save-and-exit, NaN policy.
+orbax checkpoints with the data-iterator state, exact resume, SIGTERM / SIGINT save-and-exit (also
+while waiting on data), a checkpoint before a data error propagates, NaN policy.
 
 `run_stage(config, train_iter, workdir, ...)` is a plain function so mrDPO / rebirth drive it round
 by round; `vsalmonn-jax train` is a thin CLI over it.
@@ -7,12 +8,8 @@ by round; `vsalmonn-jax train` is a thin CLI over it.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import pathlib
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,6 +22,8 @@ from vsalmonn_jax.models.pretrained import write_record as write_pretrained_reco
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
 from vsalmonn_jax.training.feature_cache import FeatureCache
+from vsalmonn_jax.training.interrupts import Interrupted, stop_signals
+from vsalmonn_jax.training.metrics_log import MetricsWriter
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 from vsalmonn_jax.training.steps import Steps, make_steps, put_batch
 
@@ -33,47 +32,6 @@ HOST_ONLY = ("example_id",)  # batch fields kept on the host (error messages), n
 
 class NonFiniteLossError(RuntimeError):
     """A step produced a NaN/inf loss or gradient and train.on_nan == "stop"."""
-
-
-class MetricsWriter:
-    """Scalars to `metrics.jsonl` (appended across resumes) and TensorBoard, from process 0 only."""
-
-    def __init__(self, workdir: pathlib.Path, tensorboard: bool = True):
-        self.enabled = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        if self.enabled:
-            workdir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, step: int, scalars: dict[str, float], split: str = "train") -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
-        if self.tb is not None:
-            for name, value in scalars.items():
-                self.tb.add_scalar(f"{split}/{name}", value, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-@contextlib.contextmanager
-def sigterm_flag() -> Iterator[threading.Event]:
-    """An Event set by SIGTERM while inside (main thread only; elsewhere it is never set)."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
@@ -175,8 +133,10 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
     """Train `config.stage` for `num_steps` (default train.num_steps) loop steps from `train_iter`.
 
     Resumes from `workdir/checkpoints` when a checkpoint exists (trainables, optimizer, step, rng,
-    reference snapshot and, if the iterator has get_state/set_state, the data position). SIGTERM
-    saves and returns with summary["preempted"] = True. Returns (state, summary).
+    reference snapshot and, if the iterator has get_state/set_state, the data position). SIGTERM or
+    a first SIGINT saves and returns with summary["preempted"] = True and summary["signal"]; an
+    error of the data iterator (e.g. a dead worker) saves the steps done, then propagates.
+    Returns (state, summary).
     """
     from vsalmonn_jax.training.task import build_task
 
@@ -201,8 +161,8 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
             train_iter.set_state(meta["data"])
     current = {"state": state}
     cache = _feature_cache(tcfg.feature_cache, task, steps, current) if tcfg.feature_cache else None
-    writer = MetricsWriter(workdir, tensorboard)
-    summary: dict[str, Any] = {"preempted": False, "skipped_steps": skipped,
+    writer = MetricsWriter(workdir, tensorboard, resume_step=int(state.step))
+    summary: dict[str, Any] = {"preempted": False, "skipped_steps": skipped, "signal": "",
                                "resumed_from": int(state.step) or None}
 
     def save(force: bool = False) -> None:
@@ -215,9 +175,25 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
     window_tokens, window_start = 0.0, time.perf_counter()
     last: dict[str, float] = {}
     try:
-        with sigterm_flag() as stop:
+        with stop_signals() as stop:
             while step < num_steps:
-                batch = next(train_iter)
+                try:
+                    # a stop signal cuts the data wait short (one host: a save is collective)
+                    with stop.waiting(enabled=jax.process_count() == 1):
+                        batch = next(train_iter)
+                except Interrupted:
+                    batch = None
+                except Exception:
+                    if step > (ckpt.latest_step() or 0):   # keep the steps done, then the error
+                        save(force=True)
+                        ckpt.wait()
+                    raise
+                if batch is None:   # stopped while waiting on data
+                    if step != ckpt.latest_step():
+                        save(force=True)
+                    ckpt.wait()
+                    summary.update(preempted=True, signal=stop.name)
+                    break
                 if cache is not None:
                     batch = cache.attach(batch)
                 state, metrics = steps.train(state, device_batch(batch, steps))
@@ -254,7 +230,7 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
                 if any_process(stop.is_set()):  # a preemption save is collective: all hosts agree
                     save(force=True)
                     ckpt.wait()
-                    summary["preempted"] = True
+                    summary.update(preempted=True, signal=stop.name or "SIGTERM")
                     break
                 if step % int(tcfg.checkpoint_every) == 0:
                     save()

@@ -475,7 +475,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
         state, _, record = st.initial_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
         write_pretrained_record(workdir, record)
         if init_from:
-            ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints")
+            ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints", create=False)
             try:
                 state = ckpt.restore_trainable(state)
             finally:

@@ -1,0 +1,113 @@
+"""Config validation (vsalmonn_jax/config_check.py): every rule of the table rejects a bad value with a
+message naming the field, the value, the allowed values and the fix; presets pass; commands refuse a
+bad config before building anything."""
+
+import math
+
+import pytest
+
+from vsalmonn_jax.cli import main
+from vsalmonn_jax.config import load_config
+from vsalmonn_jax.config_check import RULES, ConfigError, Number, OneOf, problems, validate
+
+
+def _bad_values(rule):
+    if isinstance(rule, OneOf):
+        return ["bogus"]
+    bad = ["text", True]
+    if math.isfinite(rule.low):
+        bad.append(rule.low if rule.open_low else rule.low - 1)
+    if math.isfinite(rule.high):
+        bad.append(rule.high if rule.open_high else rule.high + 1)
+    if rule.integer:
+        bad.append(max(rule.low, 1) + 0.5)
+    return bad
+
+
+def _set(config, field, value):
+    *parents, leaf = field.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sft", "tiny_dpo", "tiny_mrdpo", "tiny_rebirth",
+                                    "7b_sft", "7b_mrdpo", "demo"])
+def test_presets_are_valid(preset):
+    assert problems(load_config(preset)) == []
+
+
+@pytest.mark.parametrize("field", sorted(RULES))
+def test_each_rule_rejects_bad_values(field):
+    rule = RULES[field]
+    for value in _bad_values(rule):
+        config = load_config("tiny").to_dict()   # a plain dict: any type may be set
+        _set(config, field, value)
+        found = problems(config)
+        assert len(found) == 1, (field, value, found)
+        assert found[0].startswith(f"{field}={value!r}: allowed: ")
+        assert f"fix: --config.{field}=" in found[0]
+        if isinstance(rule, OneOf):
+            assert " | ".join(rule.values) in found[0]
+
+
+def test_number_rule_bounds():
+    rule = Number(low=0, high=1, open_low=True)
+    assert rule.problem(1) is None and rule.problem(0.5) is None
+    assert rule.problem(0) and rule.problem(1.01) and rule.problem(float("nan"))
+    assert Number(low=1, integer=True, also=(-1,)).problem(-1) is None
+    assert Number(low=1, integer=True, also=(-1,)).problem(0)
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("data.missing_audio=ignore", "data.missing_audio='ignore': allowed: silence | error"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0: allowed: an integer >= 1"),
+    ("data.audio_channel=left", "data.audio_channel='left': allowed: first | mean"),
+    ("data.fps=0", "data.fps=0.0: allowed: a number > 0"),
+    ("train.lr=-1", "train.lr=-1.0: allowed: a number > 0"),
+])
+def test_issue_examples_fail(override, expect):
+    with pytest.raises(ConfigError, match="invalid config") as err:
+        validate(load_config("tiny", [override]))
+    assert expect in str(err.value)
+
+
+def test_empty_tokenizer_fails_when_the_pipeline_needs_one():
+    config = load_config("tiny")
+    validate(config)  # text-only work needs no tokenizer
+    with pytest.raises(ConfigError, match="data.tokenizer is empty.*--config.data.tokenizer=DIR"):
+        validate(config, needs_tokenizer=True)
+    validate(load_config("tiny", ["data.tokenizer=/some/dir"]), needs_tokenizer=True)
+
+
+def test_unknown_fields_are_not_errors():
+    config = load_config("tiny")
+    config.unlock()
+    config.model.new_section = {"mode": "whatever"}
+    config.data.prompt_format = "anything"
+    del config.mrdpo
+    assert problems(config) == []
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["train", "--config", "tiny_sft", "--config.data.train=synthetic:4",
+      "--config.train.checkpoint_every=0"], "train.checkpoint_every=0"),
+    (["train", "--config", "tiny_sft", "--config.data.train=/nonexistent.jsonl"], "data.tokenizer is empty"),
+    (["eval", "--config", "tiny", "--config.eval.passes=0", "--captions", "x.jsonl", "--gt", "y.jsonl",
+      "--out", "r"],
+     "eval.passes=0"),
+    (["data", "check", "--config", "tiny", "--config.data.missing_audio=ignore", "x.jsonl"],
+     "data.missing_audio='ignore'"),
+    (["export", "--config", "tiny", "--config.data.fps=0", "--checkpoint", "x", "--out", "y"], "data.fps=0.0"),
+    (["plan", "--config", "tiny", "--config.train.lr=-1"], "train.lr=-1.0"),
+    (["demo", "--quick", "--config.train.log_every=0"], "train.log_every=0"),
+    (["caption", "--config", "tiny", "--config.data.audio_channel=left", "--tokenizer", "t",
+      "--checkpoint", "x", "v.mp4"], "data.audio_channel='left'"),
+])
+def test_commands_refuse_bad_config_up_front(argv, expect, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "invalid config" in err and expect in err
+    assert list(tmp_path.iterdir()) == []  # nothing created: no workdir, no config.json

@@ -1,0 +1,213 @@
+"""Config validation before any model is built: ONE table (`RULES`) of allowed values / ranges per
+field and ONE function (`validate`) that every command calls right after loading its config.
+
+Add a field by adding a line to `RULES`; fields not in the table (or not in a config) are not checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """One or more config fields hold values the code cannot run with; one line per field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    values: tuple
+
+    def problem(self, value) -> str | None:
+        if value in self.values:
+            return None
+        return f"allowed: {' | '.join(map(str, self.values))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+    """A number in [low, high] (`open_low` / `open_high` exclude the bound); `integer` for ints;
+    `also` lists extra allowed values (e.g. -1 = all remaining devices)."""
+    low: float = -math.inf
+    high: float = math.inf
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple = ()
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if math.isinf(self.high):
+            bounds = f"{'>' if self.open_low else '>='} {self.low:g}"
+        else:
+            bounds = (f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                      f"{')' if self.open_high else ']'}")
+        extra = f" (or {', '.join(map(str, self.also))})" if self.also else ""
+        return f"{kind} {bounds}{extra}"
+
+    def problem(self, value) -> str | None:
+        if value in self.also and not isinstance(value, bool):
+            return None
+        numeric = isinstance(value, int) if self.integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not numeric or (isinstance(value, float) and math.isnan(value)):
+            return f"allowed: {self.describe()}"
+        if value < self.low or (self.open_low and value == self.low) or value > self.high \
+                or (self.open_high and value == self.high):
+            return f"allowed: {self.describe()}"
+        return None
+
+
+POSITIVE_INT = Number(low=1, integer=True)
+COUNT = Number(low=0, integer=True)            # 0 allowed (usually "off" / "all" / "default")
+POSITIVE = Number(low=0, open_low=True)
+NON_NEGATIVE = Number(low=0)
+PROBABILITY = Number(low=0, high=1)
+SHARE_BELOW_ONE = Number(low=0, high=1, open_high=True)
+TOP_P = Number(low=0, high=1, open_low=True)
+COSINE = Number(low=-1, high=1)
+MESH_AXIS = Number(low=1, integer=True, also=(-1,))
+DTYPES = OneOf(("float32", "bfloat16", "float16"))
+
+# field -> rule; the fix printed is "set --config.<field>=<one of the allowed values>"
+RULES: dict[str, Any] = {
+    "stage": OneOf(("align", "sft", "dpo", "mrdpo", "rebirth")),
+    # ---- model ----
+    "model.llm.dtype": DTYPES,
+    "model.llm.param_dtype": DTYPES,
+    "model.llm.remat_policy": OneOf(("none", "full", "dots", "dots_all")),
+    "model.llm.attention_impl": OneOf(("xla", "jax", "cudnn")),
+    "model.llm.attention_block": POSITIVE_INT,
+    "model.lora.rank": POSITIVE_INT,
+    "model.lora.alpha": POSITIVE,
+    "model.lora.dropout": SHARE_BELOW_ONE,
+    "model.vision.frame_chunk": COUNT,         # 0 = all frames at once
+    "model.audio.chunk_batch": COUNT,          # 0 = all chunks at once
+    "model.connector.pool_mode": OneOf(("max", "average", "bilinear")),
+    "model.connector.pool_stride": POSITIVE_INT,
+    "model.connector.newline": OneOf(("grid", "none")),
+    "model.connector.interleave": OneOf(("timestamp", "official")),
+    # ---- data ----
+    "data.fps": POSITIVE,
+    "data.max_frames": POSITIVE_INT,
+    "data.sample_rate": POSITIVE_INT,
+    "data.min_audio_seconds": NON_NEGATIVE,
+    "data.missing_audio": OneOf(("silence", "error")),
+    "data.audio_channel": OneOf(("first", "mean")),
+    "data.max_length": POSITIVE_INT,
+    "data.truncation": OneOf(("error", "truncate_response")),
+    "data.batch_size": POSITIVE_INT,
+    "data.num_workers": COUNT,
+    "data.max_failure_share": PROBABILITY,
+    # ---- optimisation ----
+    "train.lr": POSITIVE,
+    "train.warmup_ratio": PROBABILITY,
+    "train.schedule": OneOf(("cosine", "linear", "constant")),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.b1": SHARE_BELOW_ONE,
+    "train.b2": SHARE_BELOW_ONE,
+    "train.eps": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.grad_accum": POSITIVE_INT,
+    "train.num_steps": POSITIVE_INT,
+    "train.epochs": COUNT,
+    "train.log_every": POSITIVE_INT,
+    "train.eval_every": POSITIVE_INT,
+    "train.checkpoint_every": POSITIVE_INT,
+    "train.keep_checkpoints": POSITIVE_INT,
+    "train.on_nan": OneOf(("stop", "skip")),
+    "train.logits_chunk": COUNT,
+    "dpo.beta": POSITIVE,
+    "dpo.loss_type": OneOf(("sigmoid", "ipo")),
+    "dpo.label_smoothing": Number(low=0, high=0.5),
+    "dpo.gt_ce_weight": NON_NEGATIVE,
+    "dpo.reference": OneOf(("snapshot", "lora_disabled")),
+    "mrdpo.rounds": POSITIVE_INT,
+    "mrdpo.steps_per_round": POSITIVE_INT,
+    "mrdpo.samples_per_video": Number(low=2, integer=True),
+    "mrdpo.pair_rule": OneOf(("total", "miss_weighted", "dominance")),
+    "mrdpo.pair_mode": OneOf(("best_worst", "all")),
+    "mrdpo.judge": OneOf(("exact", "embedding", "llm")),
+    "mrdpo.miss_weight": NON_NEGATIVE,
+    "mrdpo.min_margin": NON_NEGATIVE,
+    "mrdpo.top_p": TOP_P,
+    "mrdpo.temperature": POSITIVE,
+    "mrdpo.top_k": COUNT,
+    "mrdpo.max_new_tokens": COUNT,
+    "mrdpo.videos_per_round": COUNT,
+    "mrdpo.batch_size": COUNT,
+    "mrdpo.sample_batch": POSITIVE_INT,
+    "rebirth.non_caption_ratio": SHARE_BELOW_ONE,
+    "rebirth.num_steps": COUNT,
+    # ---- generation / evaluation ----
+    "generate.max_new_tokens": POSITIVE_INT,
+    "generate.temperature": POSITIVE,
+    "generate.top_p": TOP_P,
+    "generate.top_k": COUNT,
+    "eval.judge": OneOf(("exact", "embedding", "llm")),
+    "eval.passes": POSITIVE_INT,
+    "eval.llm_concurrency": POSITIVE_INT,
+    "eval.llm_max_retries": COUNT,
+    "eval.llm_fallback_retries": COUNT,
+    "eval.llm_backoff_s": NON_NEGATIVE,
+    "eval.llm_timeout_s": POSITIVE,
+    "eval.embedding_match_threshold": COSINE,
+    "eval.embedding_correct_threshold": COSINE,
+    "eval.embedding_cover_threshold": COSINE,
+    "eval.embedding_number_rule": OneOf(("unmatched", "incorrect", "ignore")),
+    "eval.embedding_threads": POSITIVE_INT,
+    # ---- mesh: -1 = all remaining devices ----
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.tensor": MESH_AXIS,
+}
+
+_MISSING = object()
+
+
+def lookup(config, field: str, default=_MISSING):
+    """`config.a.b` by its dotted name (`default` when a section or field is absent)."""
+    node = config
+    for name in field.split("."):
+        try:
+            node = node[name]
+        except (KeyError, AttributeError, TypeError):
+            return default
+    return node
+
+
+def problems(config, *, needs_tokenizer: bool = False) -> list[str]:
+    """Every rule `config` breaks, one line each: field, bad value, allowed values, fix."""
+    out = []
+    for field, rule in RULES.items():
+        value = lookup(config, field)
+        if value is _MISSING:
+            continue
+        problem = rule.problem(value)
+        if problem:
+            out.append(f"{field}={value!r}: {problem}; fix: --config.{field}=<allowed value>")
+    if needs_tokenizer and not (str(lookup(config, "data.tokenizer", "") or "")
+                                or str(lookup(config, "model.pretrained.tokenizer", "") or "")):
+        out.append("data.tokenizer is empty but this command reads text through the tokenizer; fix: "
+                   "--config.data.tokenizer=DIR (a saved Hugging Face tokenizer) or set "
+                   "model.pretrained.tokenizer")
+    return out
+
+
+def validate(config, *, needs_tokenizer: bool = False) -> None:
+    """Raise ConfigError listing every broken rule (see `problems`); `needs_tokenizer` for commands
+    whose data pipeline encodes text (training on JSONL records, captioning)."""
+    found = problems(config, needs_tokenizer=needs_tokenizer)
+    if found:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(found))
+
+
+def check_for_cli(prog: str, config, *, needs_tokenizer: bool = False) -> int:
+    """`validate` for a command: 0 when valid, else the problems on stderr and exit status 2."""
+    try:
+        validate(config, needs_tokenizer=needs_tokenizer)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    return 0
