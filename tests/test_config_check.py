@@ -63,7 +63,7 @@ def test_number_rule_bounds():
 @pytest.mark.parametrize("override, expect", [
     ("data.missing_audio=ignore", "data.missing_audio='ignore': allowed: silence | error"),
     ("train.checkpoint_every=0", "train.checkpoint_every=0: allowed: an integer >= 1"),
-    ("data.audio_channel=left", "data.audio_channel='left': allowed: first | mean"),
+    ("data.audio_channel=left", "data.audio_channel='left': allowed: first | mean | dialogue"),
     ("data.fps=0", "data.fps=0.0: allowed: a number > 0"),
     ("train.lr=-1", "train.lr=-1.0: allowed: a number > 0"),
 ])
@@ -85,7 +85,7 @@ def test_unknown_fields_are_not_errors():
     config = load_config("tiny")
     config.unlock()
     config.model.new_section = {"mode": "whatever"}
-    config.data.prompt_format = "anything"
+    config.data.new_field = "anything"
     del config.mrdpo
     assert problems(config) == []
 

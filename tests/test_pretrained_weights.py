@@ -229,7 +229,7 @@ def test_caption_cli_equals_transformers_generate(dirs, tmp_path):
 def test_train_first_loss_equals_transformers(dirs, tmp_path):
     """`train --config configs/tiny_sft.py --config.model.pretrained.*`: the step-1 loss (before any
     update) is transformers' LlavaOnevision loss on the same frames and tokens, to 1e-4; the run
-    records what it loaded in pretrained.json."""
+    records what it loaded in its config.json."""
     from vsalmonn_jax.data.example import Featurizer
 
     workdir = tmp_path / "run"
@@ -238,9 +238,10 @@ def test_train_first_loss_equals_transformers(dirs, tmp_path):
                "--config.train.log_every=1", "--workdir", workdir, "--no-progress")
     assert run.returncode == 0, run.stderr[-3000:]
     loss = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    record = json.loads((workdir / "pretrained.json").read_text())
+    saved = json.loads((workdir / "config.json").read_text())
+    record = saved["run_records"]["pretrained"]
     assert record["sources"]["llava"]["path"] == str(dirs["llava"].absolute())
-    assert json.loads((workdir / "config.json").read_text())["data"]["tokenizer"] == str(dirs["llava"])
+    assert saved["data"]["tokenizer"] == str(dirs["llava"]) and not (workdir / "pretrained.json").exists()
     config = _config(dirs, *PARITY)
     example = Featurizer.from_config(config, str(dirs["llava"]))(
         {"id": "clip", "video": str(dirs["video"]), "kind": "sft",

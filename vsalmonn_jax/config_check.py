@@ -11,6 +11,15 @@ import math
 import sys
 from typing import Any
 
+# the allowed values live beside the code that acts on them; the table only points at them
+from vsalmonn_jax.data.media import AUDIO_CUTS, CHANNEL_MODES, FRAME_SAMPLING
+from vsalmonn_jax.data.text import PROMPT_FORMATS
+from vsalmonn_jax.data.time_tokens import TIME_TOKEN_MODES
+from vsalmonn_jax.models.attention import IMPLS as ATTENTION_IMPLS
+from vsalmonn_jax.models.av_llm import INTERLEAVE_MODES
+from vsalmonn_jax.models.connectors import NEWLINE_MODES, POOL_MODES
+from vsalmonn_jax.models.qwen2 import REMAT_POLICIES
+
 
 class ConfigError(ValueError):
     """One or more config fields hold values the code cannot run with; one line per field."""
@@ -76,25 +85,30 @@ RULES: dict[str, Any] = {
     # ---- model ----
     "model.llm.dtype": DTYPES,
     "model.llm.param_dtype": DTYPES,
-    "model.llm.remat_policy": OneOf(("none", "full", "dots", "dots_all")),
-    "model.llm.attention_impl": OneOf(("xla", "jax", "cudnn")),
+    "model.llm.remat_policy": OneOf(("none", *REMAT_POLICIES)),
+    "model.llm.attention_impl": OneOf(ATTENTION_IMPLS),
     "model.llm.attention_block": POSITIVE_INT,
     "model.lora.rank": POSITIVE_INT,
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": SHARE_BELOW_ONE,
     "model.vision.frame_chunk": COUNT,         # 0 = all frames at once
     "model.audio.chunk_batch": COUNT,          # 0 = all chunks at once
-    "model.connector.pool_mode": OneOf(("max", "average", "bilinear")),
+    "model.connector.pool_mode": OneOf(POOL_MODES),
     "model.connector.pool_stride": POSITIVE_INT,
-    "model.connector.newline": OneOf(("grid", "none")),
-    "model.connector.interleave": OneOf(("timestamp", "official")),
+    "model.connector.newline": OneOf(NEWLINE_MODES),
+    "model.connector.interleave": OneOf(INTERLEAVE_MODES),
+    "model.qformer.dropout": SHARE_BELOW_ONE,
     # ---- data ----
     "data.fps": POSITIVE,
     "data.max_frames": POSITIVE_INT,
     "data.sample_rate": POSITIVE_INT,
     "data.min_audio_seconds": NON_NEGATIVE,
     "data.missing_audio": OneOf(("silence", "error")),
-    "data.audio_channel": OneOf(("first", "mean")),
+    "data.audio_channel": OneOf(CHANNEL_MODES),
+    "data.frame_sampling": OneOf(FRAME_SAMPLING),
+    "data.audio_cut": OneOf(AUDIO_CUTS),
+    "data.prompt_format": OneOf(PROMPT_FORMATS),
+    "data.time_tokens": OneOf(TIME_TOKEN_MODES),
     "data.max_length": POSITIVE_INT,
     "data.truncation": OneOf(("error", "truncate_response")),
     "data.batch_size": POSITIVE_INT,

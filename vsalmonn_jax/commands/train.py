@@ -222,7 +222,7 @@ def _merges_base(config, task) -> bool:
 
 def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
     """A fresh state for this stage (base from config.model.pretrained, recorded in
-    workdir/pretrained.json) whose trainables come from `previous`'s latest checkpoint."""
+    the run's config.json) whose trainables come from `previous`'s latest checkpoint."""
     import jax
 
     from vsalmonn_jax.models.pretrained import write_record

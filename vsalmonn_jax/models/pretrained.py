@@ -196,13 +196,20 @@ def describe(record: Mapping) -> str:
 
 
 def write_record(workdir: str | pathlib.Path, record: Mapping) -> None:
-    """`<workdir>/pretrained.json` beside config.json: which weights the run started from."""
+    """Which weights the run started from: `run_records.pretrained` in the run's config.json
+    (training/run_config.py), or `<workdir>/pretrained.json` for a workdir without one (a stage run
+    from Python)."""
     import jax
+
+    from vsalmonn_jax.training.run_config import add_record
 
     if record and jax.process_index() == 0:
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "pretrained.json").write_text(json.dumps(dict(record), indent=1))
+        if (workdir / "config.json").exists():
+            add_record(workdir, "pretrained", dict(record))
+        else:
+            (workdir / "pretrained.json").write_text(json.dumps(dict(record), indent=1))
 
 
 def warn_if_random(record: Mapping, command: str) -> None:

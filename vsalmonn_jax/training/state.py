@@ -185,7 +185,7 @@ def create_train_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None
 
 def initial_state(task, config, tx, mesh: Mesh, rng: jax.Array, params=None,
                   rules=LOGICAL_AXIS_RULES, pretrained: bool = True) -> tuple[TrainState, Any, dict]:
-    """create_train_state + the pretrained record (models/pretrained.py) for pretrained.json."""
+    """create_train_state + the pretrained record (models/pretrained.py) for the run record."""
     _, shardings = state_shardings(task, config, tx, mesh, rules)
     initialize = make_initializer(task, config, tx, shardings)
     return initialize(rng, params, pretrained), shardings, initialize.record
