@@ -461,8 +461,8 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     cfg = round_config(config, opts)
     task = build_task(config)
     mesh = make_mesh(dict(config.mesh))
-    env = AVPolicyEnv(config, task, load_tokenizer(config.data.tokenizer), mesh=mesh,
-                      sample_batch=int(config.mrdpo.sample_batch))
+    tokenizer = load_tokenizer(config.data.tokenizer, config.model.connector.placeholder_token)
+    env = AVPolicyEnv(config, task, tokenizer, mesh=mesh, sample_batch=int(config.mrdpo.sample_batch))
     root = config.data.root or None
     train = load_records(str(config.data.train), kind="caption", root=root)
     val = load_records(str(config.data.val), kind="caption", root=root) if config.data.val else []
