@@ -258,3 +258,27 @@ def test_train_first_loss_equals_transformers(dirs, tmp_path):
             input_ids=torch.tensor([ids]), pixel_values_videos=pixels,
             labels=torch.tensor([labels])).loss.item()
     np.testing.assert_allclose(loss, expected, atol=1e-4)
+
+
+def test_tokenizer_defaults_to_the_weights_dirs(dirs, tmp_path):
+    """data.tokenizer empty: model.pretrained.tokenizer, else the official dir's, else llava's; a
+    tokenizer without the media placeholder (the released Qwen2 one) gets it added."""
+    from hf_fixtures import CORPUS
+
+    from vsalmonn_jax.data.text import load_tokenizer
+    from vsalmonn_jax.data.tokenizer_build import build_tokenizer
+    from vsalmonn_jax.models.pretrained import resolve_tokenizer
+    from vsalmonn_jax.training.av_task import placeholder_id_of
+
+    build_tokenizer(CORPUS, str(tmp_path / "official"), vocab_size=300, placeholder="<image>")
+    llava = f"model.pretrained.llava={dirs['llava']}"
+    config = load_config("tiny", [llava, f"model.pretrained.official={tmp_path / 'official'}"])
+    assert resolve_tokenizer(config) == str(tmp_path / "official")
+    released = load_tokenizer(str(tmp_path / "official"))
+    assert "<media>" not in released.get_vocab()
+    assert placeholder_id_of(config) == len(released)  # added after the vocabulary, as the release
+    assert resolve_tokenizer(load_config("tiny", [llava])) == str(dirs["llava"])
+    explicit = load_config("tiny", [llava, f"model.pretrained.tokenizer={tmp_path / 'official'}"])
+    assert resolve_tokenizer(explicit) == str(tmp_path / "official")
+    assert resolve_tokenizer(load_config("tiny", [llava, "data.tokenizer=/given"])) == "/given"
+    assert resolve_tokenizer(load_config("tiny")) == ""

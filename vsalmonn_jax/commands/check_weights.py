@@ -20,14 +20,15 @@ from vsalmonn_jax.models.pretrained import PARTS, part_of
 
 def part_of_name(kind: str, name: str) -> str:
     """The part a checkpoint tensor name belongs to (for missing / unexpected names)."""
-    checks = (("LoRA", ("lora_", ".A", ".B")), ("Q-Former", ("Qformer",)),
+    if "lora_" in name or name.endswith((".A", ".B")):
+        return "LoRA"
+    checks = (("Q-Former", ("Qformer",)),
               ("audio projections", ("speech_query_tokens", "speech_llama_proj", "final_linear")),
               ("Whisper", ("speech_encoder", "ln_speech")), ("image_newline", ("image_newline",)),
               ("projector", ("mm_projector", "multi_modal_projector")),
               ("vision", ("vision_tower", "vision_model")))
     for part, needles in checks:
-        if any(n in name for n in needles) and not (part == "LoRA" and not (
-                "lora_" in name or name.endswith((".A", ".B")))):
+        if any(n in name for n in needles):
             return part
     return "Whisper" if kind == "whisper" else "LLM"
 

@@ -86,7 +86,8 @@ def placeholder_id_of(config) -> int:
     if config.data.tokenizer:
         from vsalmonn_jax.data.text import load_tokenizer, token_id
 
-        return token_id(load_tokenizer(config.data.tokenizer), config.model.connector.placeholder_token)
+        placeholder = config.model.connector.placeholder_token  # added when the tokenizer lacks it
+        return token_id(load_tokenizer(config.data.tokenizer, placeholder), placeholder)
     return int(config.model.llm.vocab_size) - 1
 
 

@@ -466,8 +466,8 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     cfg = round_config(config, opts)
     task = build_task(config)
     mesh = make_mesh(dict(config.mesh))
-    env = AVPolicyEnv(config, task, load_tokenizer(config.data.tokenizer), mesh=mesh,
-                      sample_batch=int(config.mrdpo.sample_batch))
+    tokenizer = load_tokenizer(config.data.tokenizer, config.model.connector.placeholder_token)
+    env = AVPolicyEnv(config, task, tokenizer, mesh=mesh, sample_batch=int(config.mrdpo.sample_batch))
     tx, _ = st.make_optimizer(cfg.train, 1)
     if (workdir / "rounds").is_dir():
         state = st.abstract_state(task, cfg, tx, mesh)      # resume: structure + shardings only

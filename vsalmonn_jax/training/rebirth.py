@@ -182,8 +182,8 @@ def run_from_config(config, workdir: str | os.PathLike, *, progress: bool = True
         ckpts.close()
     pre, _ = load_round_state(source, 0, st.abstract_state(task, cfg, tx, mesh))
     final, _ = load_round_state(source, last, st.abstract_state(task, cfg, tx, mesh))
-    env = AVPolicyEnv(config, task, load_tokenizer(config.data.tokenizer), mesh=mesh,
-                      sample_batch=int(config.mrdpo.sample_batch))
+    tokenizer = load_tokenizer(config.data.tokenizer, config.model.connector.placeholder_token)
+    env = AVPolicyEnv(config, task, tokenizer, mesh=mesh, sample_batch=int(config.mrdpo.sample_batch))
     root = config.data.root or None
     train = load_records(str(config.data.train), kind="caption", root=root)
     extra = (load_records(str(config.rebirth.non_caption_data), kind="sft", root=root)
