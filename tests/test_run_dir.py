@@ -56,3 +56,13 @@ def test_run_dir_found_from_its_checkpoints_and_tokenizer_copied(tmp_path):
     assert preset.model.llm.hidden_size == 96 and preset.data.tokenizer == str(run / "tokenizer")
     with pytest.raises(FileNotFoundError, match="no run config.json"):
         resolve_config(tmp_path / "hf")
+
+
+def test_a_runs_records_are_not_read_back_as_settings(tmp_path):
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.training.run_config import add_record, write_run_config
+
+    write_run_config(tmp_path, load_config("tiny"), allow_change=False)
+    add_record(tmp_path, "pretrained", {"base": "pretrained"})
+    config = load_config(str(tmp_path / "config.json"))
+    assert "run_records" not in config and config.model.llm.hidden_size == 64

@@ -58,6 +58,9 @@ def config_from_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ValueError(f"config {path}: not a run's config.json (no `model` section; a "
                          "transformers config.json describes an exported LLM, not a run)")
+    from vsalmonn_jax.training.run_config import RECORDS_KEY
+
+    data.pop(RECORDS_KEY, None)   # facts about the run (what was loaded, resumes), not settings
     config = base_config()
     _overlay(config, data)
     return config
