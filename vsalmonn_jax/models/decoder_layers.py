@@ -6,6 +6,7 @@ tree containing its path (see vsalmonn_jax/lora.py); no LoRA tree, no LoRA.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -43,12 +44,62 @@ class Dense(nn.Module):
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a")  # [in, rank]
             b = self.get_variable("lora", "b")  # [rank, out]
-            h = x
             if self.lora_dropout > 0.0 and not self.deterministic:
-                h = nn.Dropout(self.lora_dropout)(h, deterministic=False)
-            y = y + self.lora_scale * jnp.dot(jnp.dot(h.astype(self.dtype), a.astype(self.dtype)),
-                                              b.astype(self.dtype))
+                h = LoraDropoutA(self.lora_dropout, self.dtype, name="Dropout_0")(x, a)   # [..., rank]
+            else:
+                h = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
+            y = y + self.lora_scale * jnp.dot(h, b.astype(self.dtype))
         return y
+
+
+def _dropped(x: jax.Array, key: jax.Array, keep: float) -> jax.Array:
+    """nn.Dropout's formula: keep with probability `keep`, kept values divided by it."""
+    mask = jax.random.bernoulli(key, p=keep, shape=x.shape)
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def dropout_dot(x: jax.Array, a: jax.Array, key: jax.Array, rate: float, dtype) -> jax.Array:
+    """`dropout(x) @ a` ([..., in] @ [in, rank]) whose backward regenerates the dropout mask from
+    `key`: only x, a and the key are kept from the forward, no mask of x's size."""
+    if rate >= 1.0:
+        return jnp.zeros((*x.shape[:-1], a.shape[-1]), dtype)
+    key, x = jax.lax.optimization_barrier((key, x))   # draw the mask when x exists, not all upfront
+    return jnp.dot(_dropped(x, key, 1.0 - rate).astype(dtype), a.astype(dtype))
+
+
+def _dropout_dot_fwd(x, a, key, rate, dtype):
+    return dropout_dot(x, a, key, rate, dtype), (x, a, key)
+
+
+def _dropout_dot_bwd(rate, dtype, residuals, g):
+    x, a, key = residuals
+    if rate >= 1.0:
+        return jnp.zeros_like(x), jnp.zeros_like(a), None
+    # tie the key to the cotangent so the mask is rebuilt here, not hoisted into the forward
+    key, g = jax.lax.optimization_barrier((key, g))
+    keep = 1.0 - rate
+    h, grad_h = jax.vjp(lambda x: _dropped(x, key, keep).astype(dtype), x)
+    flat_h = h.reshape(-1, h.shape[-1])                                  # [N, in]
+    flat_g = g.reshape(-1, g.shape[-1])                                  # [N, rank]
+    da = jnp.dot(flat_h.T, flat_g.astype(dtype)).astype(a.dtype)        # [in, rank]
+    dx, = grad_h(jnp.dot(g.astype(dtype), a.astype(dtype).T))            # [..., in]
+    return dx, da, None
+
+
+dropout_dot.defvjp(_dropout_dot_fwd, _dropout_dot_bwd)
+
+
+class LoraDropoutA(nn.Module):
+    """LoRA's `dropout(x) @ a` with a recomputed mask. Named "Dropout_0" by Dense so its key is the
+    one the former `nn.Dropout` child drew: the same rng gives the same masks as before."""
+
+    rate: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, a: jax.Array) -> jax.Array:
+        return dropout_dot(x, a, self.make_rng("dropout"), self.rate, self.dtype)
 
 
 class RMSNorm(nn.Module):
