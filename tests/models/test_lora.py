@@ -134,9 +134,11 @@ def test_counts_and_partition_specs(params):
 class _StoredMaskDense(nn.Module):
     """The former LoRA dropout (nn.Dropout before `@ a`), whose mask autodiff keeps for the backward."""
 
+    features: int = 24
+
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], 24))
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
         a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
         h = nn.Dropout(0.25)(x, deterministic=False)
         return x @ kernel + 2.0 * jnp.dot(jnp.dot(h, a), b)
@@ -170,3 +172,42 @@ def test_lora_dropout_regenerates_its_mask_in_the_backward():
         return [(aval.dtype, aval.shape) for aval, why in res if aval.shape == x.shape and "argument" not in why]
     assert (np.dtype(bool), x.shape) in kept(_StoredMaskDense())          # the old way stores the mask
     assert kept(new) == []                                                  # only the rng key is kept
+
+
+def test_lora_dropout_keeps_no_mask_per_layer_in_the_compiled_gradient():
+    """memory_analysis of the jitted gradient through a chain of LoRA projections: going from 2 to 6
+    layers adds what the no-dropout chain adds (no mask per layer), where the stored-mask way adds
+    several x-sized buffers per layer."""
+    from vsalmonn_jax.models.decoder_layers import Dense
+
+    x = jax.random.normal(jax.random.key(0), (512, 128))
+
+    class Chain(nn.Module):
+        layers: int
+        kind: str
+
+        @nn.compact
+        def __call__(self, h):
+            for i in range(self.layers):
+                if self.kind == "stored":
+                    h = _StoredMaskDense(128, name=f"l{i}")(h)
+                else:
+                    h = Dense(128, (None, None), lora_scale=2.0, lora_dropout=0.25,
+                              deterministic=self.kind == "off", name=f"l{i}")(h)
+                h = jnp.tanh(h)
+            return h
+
+    def temp(layers, kind):
+        variables = {"params": {f"l{i}": {"kernel": jnp.zeros((128, 128))} for i in range(layers)},
+                     "lora": {f"l{i}": {"a": jnp.zeros((128, 8)), "b": jnp.zeros((8, 128))}
+                              for i in range(layers)}}
+        def loss(lora, x):
+            out = Chain(layers, kind).apply({**variables, "lora": lora}, x, rngs={"dropout": jax.random.key(1)})
+            return jnp.sum(out ** 2)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables["lora"], x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    growth = {kind: temp(6, kind) - temp(2, kind) for kind in ("off", "regenerated", "stored")}
+    mask = x.size                                   # one bool mask of x
+    assert growth["regenerated"] - growth["off"] < mask, growth
+    assert growth["stored"] - growth["off"] >= 4 * mask, growth   # what the test would catch

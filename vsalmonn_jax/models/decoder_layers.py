@@ -52,6 +52,17 @@ class Dense(nn.Module):
         return y
 
 
+def _after(key: jax.Array, t: jax.Array) -> jax.Array:
+    """`key`, usable only once `t` exists: the mask is drawn where it is used, neither hoisted to the
+    start by the scheduler nor merged by CSE with the forward's draw. An optimization barrier does it
+    on GPU/TPU; CPU XLA expands barriers before scheduling, so there the key is tied to one element
+    of `t` (unchanged unless that element is NaN; on GPU/TPU this would cost a cross-device read)."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.optimization_barrier((key, t))[0]
+    flag = jnp.isnan(t.reshape(-1)[0]).astype(jnp.uint32)
+    return jax.random.wrap_key_data(jax.random.key_data(key) ^ flag, impl=jax.random.key_impl(key))
+
+
 def _dropped(x: jax.Array, key: jax.Array, keep: float) -> jax.Array:
     """nn.Dropout's formula: keep with probability `keep`, kept values divided by it."""
     mask = jax.random.bernoulli(key, p=keep, shape=x.shape)
@@ -64,8 +75,7 @@ def dropout_dot(x: jax.Array, a: jax.Array, key: jax.Array, rate: float, dtype) 
     `key`: only x, a and the key are kept from the forward, no mask of x's size."""
     if rate >= 1.0:
         return jnp.zeros((*x.shape[:-1], a.shape[-1]), dtype)
-    key, x = jax.lax.optimization_barrier((key, x))   # draw the mask when x exists, not all upfront
-    return jnp.dot(_dropped(x, key, 1.0 - rate).astype(dtype), a.astype(dtype))
+    return jnp.dot(_dropped(x, _after(key, x), 1.0 - rate).astype(dtype), a.astype(dtype))
 
 
 def _dropout_dot_fwd(x, a, key, rate, dtype):
@@ -76,10 +86,8 @@ def _dropout_dot_bwd(rate, dtype, residuals, g):
     x, a, key = residuals
     if rate >= 1.0:
         return jnp.zeros_like(x), jnp.zeros_like(a), None
-    # tie the key to the cotangent so the mask is rebuilt here, not hoisted into the forward
-    key, g = jax.lax.optimization_barrier((key, g))
-    keep = 1.0 - rate
-    h, grad_h = jax.vjp(lambda x: _dropped(x, key, keep).astype(dtype), x)
+    keep = 1.0 - rate   # the mask is drawn again here, once the cotangent exists
+    h, grad_h = jax.vjp(lambda x: _dropped(x, _after(_after(key, x), g), keep).astype(dtype), x)
     flat_h = h.reshape(-1, h.shape[-1])                                  # [N, in]
     flat_g = g.reshape(-1, g.shape[-1])                                  # [N, rank]
     da = jnp.dot(flat_h.T, flat_g.astype(dtype)).astype(a.dtype)        # [in, rank]
