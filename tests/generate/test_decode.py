@@ -254,14 +254,14 @@ def test_prefill_with_cache_equals_full_forward(tiny_pair):
     from vsalmonn_jax.models.kv_cache import init_cache
 
     _, model, variables = tiny_pair
-    ids, mask = right_padded(PROMPTS)
-    left_ids = np.zeros_like(np.asarray(ids))
-    left_mask = np.zeros_like(np.asarray(mask))
-    t = ids.shape[1]
+    right_ids, right_mask = right_padded(PROMPTS)
+    left_ids = np.zeros_like(np.asarray(right_ids))
+    left_mask = np.zeros_like(np.asarray(right_mask))
+    t = right_ids.shape[1]
     for i, p in enumerate(PROMPTS):
         left_ids[i, t - len(p):] = p
         left_mask[i, t - len(p):] = True
-    for ids, mask in ((ids, mask), (jnp.asarray(left_ids), jnp.asarray(left_mask))):
+    for ids, mask in ((right_ids, right_mask), (jnp.asarray(left_ids), jnp.asarray(left_mask))):
         full, _ = model.apply(variables, input_ids=ids, attention_mask=mask)
         cache = init_cache(model.config, ids.shape[0], t + 3, jnp.float32)
         cached, cache = model.apply(variables, input_ids=ids, attention_mask=mask, cache=cache)
