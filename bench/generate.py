@@ -1,7 +1,20 @@
-"""Benchmark: KV-cache decode tokens/s at batch 1 and 8, ours (jitted while_loop) vs `transformers` generate.
+"""Benchmark: KV-cache decode tokens/s at batch 1 and 8, ours (jitted while_loop) vs `transformers` generate,
+and the memory traffic of one decode step at 7B width.
 
-Same small random Qwen2 weights on both sides, greedy, fixed prompt and output length (no early stop),
-fp32. transformers runs with 1 thread and with all cores, and the faster counts. Prints compile time, steady-state tokens/s and the ratio lines `BENCH decode_b*_vs_hf`.
+Speed: same small random Qwen2 weights on both sides, greedy, fixed prompt and output length (no early
+stop), fp32. transformers runs with 1 thread and with all cores, and the faster counts. Prints compile
+time, steady-state tokens/s and the ratio lines `BENCH decode_b*_vs_hf`.
+
+Traffic: `compiled.cost_analysis()` bytes accessed by one jitted decode step (the loop body, cache
+donated) of the 7B config cut to 2 layers, batch 8, cache 8,192 slots, lowered from ShapeDtypeStructs
+(nothing 7B-sized is allocated), divided by what a step must read: every weight plus the whole cache.
+`BENCH decode_step_bytes_ratio` (fp32) and `BENCH decode_step_bytes_ratio_bf16_cpu`. Two host-compiler
+facts shape the measurement: XLA's cost analysis counts a while-loop body once, so the layers are
+unrolled here (scan_layers=False) to count each; and the CPU backend computes bf16 dots and
+dynamic-(update-)slices in f32 by converting whole operands (weights, cache) around them, traffic no
+GPU/TPU step has, which is why the fp32 figure is the headline and the bf16 one is for reference.
+The embedding gather is counted by the cost model as reading the whole table, and the table is in
+"every weight" too.
 """
 
 from __future__ import annotations
@@ -19,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from conftest import params_from_torch, torch_qwen2  # noqa: E402  (test helper: HF -> JAX weights)
 
-from vsalmonn_jax.generate.decode import generate  # noqa: E402
+from vsalmonn_jax.config import load_config  # noqa: E402
+from vsalmonn_jax.generate.decode import decode_step, generate  # noqa: E402
+from vsalmonn_jax.models.kv_cache import init_cache  # noqa: E402
 from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config  # noqa: E402
 
 SMALL = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
@@ -68,12 +83,49 @@ def bench_batch(hf, model, variables, batch: int, prompt_len: int, new: int, rep
             "hf_threads": hf_threads}
 
 
+def decode_step_bytes(dtype: str, batch: int = 8, slots: int = 8192, layers: int = 2) -> dict:
+    """Bytes accessed by one compiled decode step of the 7B-width model vs weights + cache bytes."""
+    import functools
+
+    import flax.linen as nn
+
+    llm = load_config("7b").model.llm
+    llm.update(dict(num_layers=layers, dtype=dtype, param_dtype=dtype, scan_layers=False))
+    config = Qwen2Config.from_config(llm)
+    model = Qwen2(config)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, slots, jnp.dtype(dtype)))
+    token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    step = jax.jit(functools.partial(decode_step, model), donate_argnums=1)
+    compiled = step.lower(params, cache, token, token).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    weights, kv = nbytes(params), nbytes((cache["k"], cache["v"]))
+    step_bytes = float(cost["bytes accessed"])
+    return {"step": step_bytes, "weights": weights, "cache": kv, "ratio": step_bytes / (weights + kv),
+            "temp": compiled.memory_analysis().temp_size_in_bytes}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bytes-only", action="store_true", help="only the decode-step traffic lines")
     args = parser.parse_args(argv)
+    if not args.bytes_only:
+        speed(args)
+    for dtype, name in (("float32", "decode_step_bytes_ratio"), ("bfloat16", "decode_step_bytes_ratio_bf16_cpu")):
+        r = decode_step_bytes(dtype)
+        print(f"decode step, 7B width, 2 layers, batch 8, cache 8192, {dtype}: "
+              f"{r['step'] / 1e9:.3f} GB accessed; weights {r['weights'] / 1e9:.3f} GB + cache "
+              f"{r['cache'] / 1e9:.3f} GB; temp {r['temp'] / 1e9:.3f} GB")
+        print(f"BENCH {name} {r['ratio']:.3f}")
+    return 0
+
+
+def speed(args) -> None:
     import torch
 
     hf = torch_qwen2(SMALL, init_std=0.02)
@@ -90,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
               f"transformers {r['hf_tps']:.1f} tok/s ({r['hf_threads']} threads), ratio {ratios[batch]:.2f}x")
     print(f"BENCH decode_b8_vs_hf {ratios[8]:.3f}")
     print(f"BENCH decode_b1_vs_hf {ratios[1]:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         attention_block=512,      # query/key block of the xla and splash kernels (memory O(T * block))
     ))
     c.model.lora = ml_collections.ConfigDict(dict(
+        # dropout: on the LoRA input only; its mask is redrawn from the rng key in the backward, never stored
         rank=128, alpha=256.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
     c.model.vision = ml_collections.ConfigDict(dict(   # SigLIP vision tower
         hidden_size=0, intermediate_size=0, num_layers=0, num_heads=0, image_size=384,

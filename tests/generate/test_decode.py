@@ -246,3 +246,69 @@ def test_bad_inputs_raise_clear_errors(tiny_pair):
         generate(model, variables, input_ids=ids, attention_mask=mask, max_new_tokens=5000)
     with pytest.raises(ValueError, match="attention_mask shape"):
         generate(model, variables, input_ids=ids, attention_mask=mask[:, :2], max_new_tokens=2)
+
+
+def test_prefill_with_cache_equals_full_forward(tiny_pair):
+    """The prompt fills the cache through the causal kernel on its own K/V: same logits as no cache,
+    right- or left-padded; the cache then holds those K/V at slots [0, T) and nothing after."""
+    from vsalmonn_jax.models.kv_cache import init_cache
+
+    _, model, variables = tiny_pair
+    right_ids, right_mask = right_padded(PROMPTS)
+    left_ids = np.zeros_like(np.asarray(right_ids))
+    left_mask = np.zeros_like(np.asarray(right_mask))
+    t = right_ids.shape[1]
+    for i, p in enumerate(PROMPTS):
+        left_ids[i, t - len(p):] = p
+        left_mask[i, t - len(p):] = True
+    for ids, mask in ((right_ids, right_mask), (jnp.asarray(left_ids), jnp.asarray(left_mask))):
+        full, _ = model.apply(variables, input_ids=ids, attention_mask=mask)
+        cache = init_cache(model.config, ids.shape[0], t + 3, jnp.float32)
+        cached, cache = model.apply(variables, input_ids=ids, attention_mask=mask, cache=cache)
+        real = np.asarray(mask)
+        np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5)
+        assert int(cache["index"]) == t and np.asarray(cache["mask"])[:, :t].tolist() == real.tolist()
+        k = np.asarray(cache["k"])                                     # [L, B, K, S, D]
+        assert np.abs(k[:, :, :, :t][:, real.nonzero()[0], :, real.nonzero()[1]]).min() > 0
+        assert not k[:, :, :, t:].any()
+
+
+def test_prompt_into_a_used_cache_is_refused(tiny_pair):
+    from vsalmonn_jax.models.kv_cache import init_cache
+
+    _, model, variables = tiny_pair
+    cache = init_cache(model.config, 1, 16, jnp.float32)
+    _, cache = model.apply(variables, input_ids=jnp.asarray([[5, 6, 7]], jnp.int32), cache=cache)
+    with pytest.raises(ValueError, match="needs an empty cache \\(index 0, from init_cache\\), got index 3"):
+        model.apply(variables, input_ids=jnp.asarray([[8, 9]], jnp.int32), cache=cache)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decode_step_writes_the_cache_in_place(tiny_pair, scan_layers):
+    """The compiled decode step (the loop body) aliases the donated cache to its output and touches
+    the whole [L,B,K,S,D] buffers only through dynamic-update-slice: no copy, no broadcast of them."""
+    import functools
+    import re
+
+    import flax.linen as nn
+
+    from vsalmonn_jax.generate.decode import decode_step
+    from vsalmonn_jax.models.kv_cache import init_cache
+    from vsalmonn_jax.models.qwen2 import Qwen2
+
+    model = Qwen2(tiny_pair[1].config.replace(scan_layers=scan_layers))
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    cache = jax.eval_shape(lambda: init_cache(model.config, 2, 48, jnp.float32))
+    token = jax.ShapeDtypeStruct((2,), jnp.int32)
+    step = jax.jit(functools.partial(decode_step, model), donate_argnums=1)
+    text = step.lower(params, cache, token, token).compile().as_text()
+    assert text.splitlines()[0].count("may-alias") >= 2           # k and v are donated in place
+    full = "f32[" + ",".join(map(str, cache["k"].shape)) + "]"
+    ops = set()
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = " + re.escape(full) + r"\{[\d,]*\} ([\w-]+)\(", line)
+        if m:
+            ops.add(m.group(2) if m.group(2) != "fusion" else "fusion:" + m.group(1).split(".")[0])
+    allowed = {"parameter", "get-tuple-element", "dynamic-update-slice", "bitcast"}
+    assert ops and all(op in allowed or (op.startswith("fusion:") and "dynamic-update-slice" in op)
+                       for op in ops), ops

@@ -15,7 +15,7 @@ from vsalmonn_jax.models.attention import (
     reference_attention,
     resolve_impl,
 )
-from vsalmonn_jax.models.decoder_layers import causal_attention, masked_attention
+from vsalmonn_jax.models.decoder_layers import causal_attention
 from vsalmonn_jax.models.qwen2 import Qwen2Config
 from vsalmonn_jax.training import sharding
 
@@ -130,13 +130,6 @@ def test_causal_attention_entry_point_is_the_xla_kernel():
     spec = _spec("padding")
     np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, spec.key_mask, BLOCK)),
                                np.asarray(reference_attention(q, k, v, spec)), atol=1e-5)
-
-
-def test_masked_attention_equals_reference_with_arbitrary_mask():
-    q, k, v, _ = _qkv(length=9, heads=6)
-    mask = jnp.asarray(np.random.default_rng(1).random((2, 1, 9, 9)) > 0.3) | jnp.eye(9, dtype=bool)
-    ref = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    np.testing.assert_allclose(np.asarray(masked_attention(q, k, v, mask)), np.asarray(ref), atol=2e-6)
 
 
 def test_splash_interpret_sharded_equals_xla_with_padding_and_segments():

@@ -129,3 +129,85 @@ def test_counts_and_partition_specs(params):
     specs = lora_partition_specs(nn.get_partition_spec(boxed)["params"], lora)
     assert tuple(specs["layers"]["self_attn"]["q_proj"]["a"]) == ("layers", "embed", None)
     assert tuple(specs["layers"]["self_attn"]["q_proj"]["b"]) == ("layers", None, "heads")
+
+
+class _StoredMaskDense(nn.Module):
+    """The former LoRA dropout (nn.Dropout before `@ a`), whose mask autodiff keeps for the backward."""
+
+    features: int = 24
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+        h = nn.Dropout(0.25)(x, deterministic=False)
+        return x @ kernel + 2.0 * jnp.dot(jnp.dot(h, a), b)
+
+
+def test_lora_dropout_regenerates_its_mask_in_the_backward():
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from vsalmonn_jax.models.decoder_layers import Dense
+
+    x = jax.random.normal(jax.random.key(0), (3, 40, 16))                  # [B, T, in]
+    lora = {"a": 0.3 * jax.random.normal(jax.random.key(1), (16, 4)),
+            "b": 0.3 * jax.random.normal(jax.random.key(2), (4, 24))}
+    params = {"kernel": 0.2 * jax.random.normal(jax.random.key(3), (16, 24))}
+    new = Dense(24, (None, None), lora_scale=2.0, lora_dropout=0.25, deterministic=False)
+
+    def loss(module, lora, x):
+        out = module.apply({"params": params, "lora": lora}, x, rngs={"dropout": jax.random.key(7)})
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, ref), ref_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(_StoredMaskDense(), lora, x)
+    (_, got), got_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(new, lora, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)  # same mask
+    assert not np.allclose(np.asarray(ref), np.asarray(
+        Dense(24, (None, None), lora_scale=2.0).apply({"params": params, "lora": lora}, x)), atol=1e-3)
+    for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+    def kept(module):   # arrays autodiff keeps from the forward for the backward, besides x itself
+        res = saved_residuals(lambda lora, x: loss(module, lora, x)[0], lora, x)
+        return [(aval.dtype, aval.shape) for aval, why in res if aval.shape == x.shape and "argument" not in why]
+    assert (np.dtype(bool), x.shape) in kept(_StoredMaskDense())          # the old way stores the mask
+    assert kept(new) == []                                                  # only the rng key is kept
+
+
+def test_lora_dropout_keeps_no_mask_per_layer_in_the_compiled_gradient():
+    """memory_analysis of the jitted gradient through a chain of LoRA projections: going from 2 to 6
+    layers adds what the no-dropout chain adds (no mask per layer), where the stored-mask way adds
+    several x-sized buffers per layer."""
+    from vsalmonn_jax.models.decoder_layers import Dense
+
+    x = jax.random.normal(jax.random.key(0), (512, 128))
+
+    class Chain(nn.Module):
+        layers: int
+        kind: str
+
+        @nn.compact
+        def __call__(self, h):
+            for i in range(self.layers):
+                if self.kind == "stored":
+                    h = _StoredMaskDense(128, name=f"l{i}")(h)
+                else:
+                    h = Dense(128, (None, None), lora_scale=2.0, lora_dropout=0.25,
+                              deterministic=self.kind == "off", name=f"l{i}")(h)
+                h = jnp.tanh(h)
+            return h
+
+    def temp(layers, kind):
+        variables = {"params": {f"l{i}": {"kernel": jnp.zeros((128, 128))} for i in range(layers)},
+                     "lora": {f"l{i}": {"a": jnp.zeros((128, 8)), "b": jnp.zeros((8, 128))}
+                              for i in range(layers)}}
+        def loss(lora, x):
+            out = Chain(layers, kind).apply({**variables, "lora": lora}, x, rngs={"dropout": jax.random.key(1)})
+            return jnp.sum(out ** 2)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables["lora"], x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    growth = {kind: temp(6, kind) - temp(2, kind) for kind in ("off", "regenerated", "stored")}
+    mask = x.size                                   # one bool mask of x
+    assert growth["regenerated"] - growth["off"] < mask, growth
+    assert growth["stored"] - growth["off"] >= 4 * mask, growth   # what the test would catch

@@ -5,6 +5,10 @@ positions are counted over its real tokens only (`cumsum(mask) - 1`); pad slots 
 the cache's per-slot mask, so every decode step attends to exactly the sequence's own tokens and a
 batch of mixed lengths gives the same tokens as one-by-one generation. All sequences share the cache
 write index: generated token i of every row sits at slot T + i - 1.
+
+The cache (models/kv_cache.py) is the while_loop's carry: the prompt fills it through the causal
+kernel on its own keys/values, then each step writes one slot per layer in place
+(dynamic_update_slice) and attends over the cache; no step copies the cache buffers.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vsalmonn_jax.generate.sampling import SamplingConfig, select_tokens, sequence_keys, step_keys
-from vsalmonn_jax.models.qwen2 import init_cache
+from vsalmonn_jax.models import kv_cache
 
 
 @dataclasses.dataclass
@@ -52,9 +56,9 @@ def _cache_specs(cache: dict, mesh: Mesh) -> dict:
     batch_axes = ("data", "fsdp")
     if cache["k"].shape[1] % (mesh.shape["data"] * mesh.shape["fsdp"]):
         batch_axes = None
-    kv_heads = cache["k"].shape[3]
+    kv_heads = cache["k"].shape[kv_cache.HEADS_AXIS]
     heads_axis = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
-    kv = NamedSharding(mesh, PartitionSpec(None, batch_axes, None, heads_axis, None))
+    kv = NamedSharding(mesh, PartitionSpec(None, batch_axes, heads_axis, None, None))  # [L,B,K,S,D]
     specs = {"k": kv, "v": kv, "mask": NamedSharding(mesh, PartitionSpec(batch_axes, None))}
     return {name: specs.get(name, NamedSharding(mesh, PartitionSpec())) for name in cache}
 
@@ -71,6 +75,17 @@ def last_real_index(mask: jax.Array) -> jax.Array:
     return (t - 1 - jnp.argmax(mask[:, ::-1], axis=1)).astype(jnp.int32)
 
 
+def decode_step(model, variables, cache: dict, token: jax.Array, position: jax.Array
+                ) -> tuple[jax.Array, dict]:
+    """One token per sequence through the model: token/position int32 [B] -> fp32 logits [B, V] and
+    the cache with this token's keys/values written in place at slot cache["index"]. The body of
+    the decode loop; jit it with the cache donated (`donate_argnums`) to run it step by step."""
+    logits, cache = model.apply(
+        variables, input_ids=token[:, None], attention_mask=jnp.ones((token.shape[0], 1), bool),
+        positions=position[:, None], cache=cache, deterministic=True)    # [B, 1, V]
+    return logits[:, 0], cache
+
+
 def _generate_impl(variables, input_ids, inputs_embeds, attention_mask, keys, *, model,
                    max_new_tokens: int, sampling: SamplingConfig,
                    stop_ids: tuple[int, ...], pad_id: int, cache_dtype, mesh: Mesh | None):
@@ -78,7 +93,7 @@ def _generate_impl(variables, input_ids, inputs_embeds, attention_mask, keys, *,
     batch, prompt_len = prompt.shape[:2]
     mask = attention_mask.astype(bool)                                   # [B, T]
     num_real = mask.sum(axis=1).astype(jnp.int32)                        # [B]
-    cache = init_cache(model.config, batch, prompt_len + max_new_tokens - 1, cache_dtype)
+    cache = kv_cache.init_cache(model.config, batch, prompt_len + max_new_tokens - 1, cache_dtype)
     cache = _constrain(cache, mesh)
 
     # ---- prefill: hidden states of the whole prompt, logits only at each row's last real token
@@ -110,12 +125,9 @@ def _generate_impl(variables, input_ids, inputs_embeds, attention_mask, keys, *,
 
     def body(state):
         step, cache, token, done, tokens, logprobs, lengths = state
-        positions = (num_real + step - 1)[:, None]                       # [B, 1]
-        step_logits, cache = model.apply(
-            variables, input_ids=token[:, None], attention_mask=jnp.ones((batch, 1), bool),
-            positions=positions, cache=cache, deterministic=True)        # [B, 1, V]
+        step_logits, cache = decode_step(model, variables, cache, token, num_real + step - 1)
         cache = _constrain(cache, mesh)
-        new_token, new_logprob, new_done = choose(step_logits[:, 0], step, done)
+        new_token, new_logprob, new_done = choose(step_logits, step, done)
         tokens = tokens.at[:, step].set(new_token)
         logprobs = logprobs.at[:, step].set(new_logprob)
         lengths = lengths + (~done).astype(jnp.int32)

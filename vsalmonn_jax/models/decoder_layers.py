@@ -6,6 +6,7 @@ tree containing its path (see vsalmonn_jax/lora.py); no LoRA tree, no LoRA.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -45,12 +46,70 @@ class Dense(nn.Module):
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a")  # [in, rank]
             b = self.get_variable("lora", "b")  # [rank, out]
-            h = x
             if self.lora_dropout > 0.0 and not self.deterministic:
-                h = nn.Dropout(self.lora_dropout)(h, deterministic=False)
-            y = y + self.lora_scale * jnp.dot(jnp.dot(h.astype(self.dtype), a.astype(self.dtype)),
-                                              b.astype(self.dtype))
+                h = LoraDropoutA(self.lora_dropout, self.dtype, name="Dropout_0")(x, a)   # [..., rank]
+            else:
+                h = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
+            y = y + self.lora_scale * jnp.dot(h, b.astype(self.dtype))
         return y
+
+
+def _after(key: jax.Array, t: jax.Array) -> jax.Array:
+    """`key`, usable only once `t` exists: the mask is drawn where it is used, neither hoisted to the
+    start by the scheduler nor merged by CSE with the forward's draw. An optimization barrier does it
+    on GPU/TPU; CPU XLA expands barriers before scheduling, so there the key is tied to one element
+    of `t` (unchanged unless that element is NaN; on GPU/TPU this would cost a cross-device read)."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.optimization_barrier((key, t))[0]
+    flag = jnp.isnan(t.reshape(-1)[0]).astype(jnp.uint32)
+    return jax.random.wrap_key_data(jax.random.key_data(key) ^ flag, impl=jax.random.key_impl(key))
+
+
+def _dropped(x: jax.Array, key: jax.Array, keep: float) -> jax.Array:
+    """nn.Dropout's formula: keep with probability `keep`, kept values divided by it."""
+    mask = jax.random.bernoulli(key, p=keep, shape=x.shape)
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def dropout_dot(x: jax.Array, a: jax.Array, key: jax.Array, rate: float, dtype) -> jax.Array:
+    """`dropout(x) @ a` ([..., in] @ [in, rank]) whose backward regenerates the dropout mask from
+    `key`: only x, a and the key are kept from the forward, no mask of x's size."""
+    if rate >= 1.0:
+        return jnp.zeros((*x.shape[:-1], a.shape[-1]), dtype)
+    return jnp.dot(_dropped(x, _after(key, x), 1.0 - rate).astype(dtype), a.astype(dtype))
+
+
+def _dropout_dot_fwd(x, a, key, rate, dtype):
+    return dropout_dot(x, a, key, rate, dtype), (x, a, key)
+
+
+def _dropout_dot_bwd(rate, dtype, residuals, g):
+    x, a, key = residuals
+    if rate >= 1.0:
+        return jnp.zeros_like(x), jnp.zeros_like(a), None
+    keep = 1.0 - rate   # the mask is drawn again here, once the cotangent exists
+    h, grad_h = jax.vjp(lambda x: _dropped(x, _after(_after(key, x), g), keep).astype(dtype), x)
+    flat_h = h.reshape(-1, h.shape[-1])                                  # [N, in]
+    flat_g = g.reshape(-1, g.shape[-1])                                  # [N, rank]
+    da = jnp.dot(flat_h.T, flat_g.astype(dtype)).astype(a.dtype)        # [in, rank]
+    dx, = grad_h(jnp.dot(g.astype(dtype), a.astype(dtype).T))            # [..., in]
+    return dx, da, None
+
+
+dropout_dot.defvjp(_dropout_dot_fwd, _dropout_dot_bwd)
+
+
+class LoraDropoutA(nn.Module):
+    """LoRA's `dropout(x) @ a` with a recomputed mask. Named "Dropout_0" by Dense so its key is the
+    one the former `nn.Dropout` child drew: the same rng gives the same masks as before."""
+
+    rate: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, a: jax.Array) -> jax.Array:
+        return dropout_dot(x, a, self.make_rng("dropout"), self.rate, self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -69,18 +128,6 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention core. q [B,K,G,T,D] (already scaled), k/v [B,K,S,D], mask broadcastable
-    to [B,K,G,T,S] -> [B,K,G,T,D]. Softmax statistics in fp32; normalised after the PV product, which
-    touches [T,D] instead of [T,S] (measured ~2x faster on CPU than normalising the probabilities)."""
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    total = jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / total).astype(q.dtype)
-
-
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array,
                      block: int = 512) -> jax.Array:
     """Causal self-attention over one sequence (no cache): the blockwise `xla` kernel of
@@ -88,18 +135,3 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     key_mask [B,T] bool -> [B,T,N,D]."""
     return xla_attention(q, k, v, causal_padding(key_mask), block)
 
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention under an arbitrary mask (KV-cache prefill/decode). q [B,T,N,D], k/v [B,S,K,D],
-    mask [B,1,T,S] bool -> [B,T,N,D]."""
-    batch, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    qg = (q * dim**-0.5).reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)
-    out = _attend(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask[:, :, None])
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                    implementation: str | None) -> jax.Array:
-    """`jax.nn.dot_product_attention` ("cudnn" on GPU, or XLA's own): same shapes as masked_attention."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vsalmonn_jax.lora import LoraConfig
-from vsalmonn_jax.models.attention import MaskSpec, attention, check_impl_name, resolve_impl
-from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm, fused_attention, masked_attention
+from vsalmonn_jax.models import kv_cache
+from vsalmonn_jax.models.attention import MaskSpec, attention, check_impl_name
+from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm
+from vsalmonn_jax.models.kv_cache import init_cache  # noqa: F401  (re-exported: the cache of this model)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
@@ -84,8 +85,11 @@ class _Part(nn.Module):
 class Attention(_Part):
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
-        """mask: [B,1,T,S] bool with a cache; a MaskSpec (models/attention) without."""
+    def __call__(self, x, cos, sin, mask, cache_index, kv, layer):
+        """Without a cache (kv None): mask is a MaskSpec (models/attention: causal, padding, segments,
+        shared-prefix branches). With one (kv = the carried k/v buffers [L,B,K,S,D], written in place
+        at this `layer`): a prompt (T > 1, empty cache) takes a causal MaskSpec and the same kernel on
+        its own K/V; a decode step (T = 1) takes the valid-slot mask [B,T,S]."""
         cfg = self.config
         dense = _dense_factory(cfg, self.lora, self.deterministic)
         batch, length, _ = x.shape
@@ -97,27 +101,19 @@ class Attention(_Part):
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "activation_heads", "head_dim"))
         k = apply_rope(k, cos, sin)
-        new_cache = None
-        if layer_cache is not None:  # write the T new keys/values at [index, index + T)
-            k_cache, v_cache = layer_cache  # [B,S,K,D]
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-            new_cache = (k, v)
-        k = nn.with_logical_constraint(k, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
-        v = nn.with_logical_constraint(v, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
-        out = self._attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, layer_cache is None)  # [B,T,N,D]
+        if kv is not None:   # write the T new keys/values at slots [index, index + T), in place
+            kv = (kv_cache.write(kv[0], k, layer, cache_index), kv_cache.write(kv[1], v, layer, cache_index))
+        if kv is not None and length == 1:   # decode step: attend over this layer's cache
+            k_layer, v_layer = (kv_cache.layer_slice(buf, layer) for buf in kv)   # [B,K,S,D]
+            out = kv_cache.decode_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask)
+        else:                # no cache, or a prompt filling an empty one: causal over its own K/V
+            k = nn.with_logical_constraint(k, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
+            v = nn.with_logical_constraint(v, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
+            out = attention(q, k, v, mask, cfg.attention_impl, cfg.attention_block,
+                            cfg.attention_interpret)                     # [B,T,N,D]
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
         out = dense(cfg.hidden_size, ("heads", "embed"), False, "o_proj")(out)
-        return out, new_cache
-
-
-    def _attend(self, q, k, v, mask, causal_self_attention: bool):
-        cfg = self.config
-        if causal_self_attention:  # mask: MaskSpec
-            return attention(q, k, v, mask, cfg.attention_impl, cfg.attention_block, cfg.attention_interpret)
-        if resolve_impl(cfg.attention_impl) == "cudnn":
-            return fused_attention(q, k, v, mask, "cudnn")
-        return masked_attention(q, k, v, mask)
+        return out, kv
 
 
 class MLP(_Part):
@@ -133,19 +129,21 @@ class MLP(_Part):
 
 
 class DecoderLayer(_Part):
-    """Pre-norm block. Signature fits nn.scan: (carry=hidden, *broadcast, layer_cache) -> (hidden, cache)."""
+    """Pre-norm block. Fits nn.scan: (carry=(hidden, kv), *broadcast, layer index) -> (carry, None); the
+    KV cache buffers kv [L,B,K,S,D] (or None) ride in the carry so each layer updates them in place."""
 
     @nn.compact
-    def __call__(self, hidden, cos, sin, mask, cache_index, layer_cache):
+    def __call__(self, carry, cos, sin, mask, cache_index, layer):
+        hidden, kv = carry
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        attn_out, new_cache = Attention(cfg, self.lora, self.deterministic, name="self_attn")(
-            norm("input_layernorm")(hidden), cos, sin, mask, cache_index, layer_cache)
+        attn_out, kv = Attention(cfg, self.lora, self.deterministic, name="self_attn")(
+            norm("input_layernorm")(hidden), cos, sin, mask, cache_index, kv, layer)
         hidden = hidden + attn_out
         hidden = hidden + MLP(cfg, self.lora, self.deterministic, name="mlp")(
             norm("post_attention_layernorm")(hidden))
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
-        return hidden, new_cache
+        return (hidden, kv), None
 
 
 def _dense_factory(cfg: Qwen2Config, lora: LoraConfig | None, deterministic: bool):
@@ -161,14 +159,6 @@ def _logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     """[B,T,H] @ [H,V] -> [B,T,V], accumulated and returned in fp32."""
     logits = jnp.dot(hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab"))
-
-
-def init_cache(config: Qwen2Config, batch: int, max_len: int, dtype: Any = None) -> dict:
-    """An empty KV cache: k/v [L,B,S,K,D], per-slot validity mask [B,S], shared write index."""
-    dtype = dtype or config.dtype
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -239,38 +229,40 @@ class Qwen2(nn.Module):
         return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab")), new_cache
 
     def _mask(self, attention_mask, cache, length, segment_ids=None, branch_ids=None):
-        """With a cache: [B,1,T,S] bool (causal over cache slots, valid keys only); else a MaskSpec."""
-        if cache is None:  # per-token description; the attention kernel never sees a [T,T] mask
+        """A MaskSpec (the attention kernels never see a [T,T] mask) without a cache or for a prompt
+        filling an empty one; for a decode step (T = 1) the valid-slot mask [B,T,S]."""
+        if cache is None:
             spec = MaskSpec(causal=True, key_mask=attention_mask, segment_ids=segment_ids, branch_ids=branch_ids)
             return spec, jnp.zeros((), jnp.int32), None
         index = cache["index"]
+        if length > 1 and not isinstance(index, jax.core.Tracer) and int(index) != 0:
+            raise ValueError(f"a {length}-token input with a KV cache is a prompt and needs an empty "
+                             f"cache (index 0, from init_cache), got index {int(index)}; feed later "
+                             "tokens one at a time")
         cache_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], attention_mask, index, axis=1)
-        slots = jnp.arange(cache_mask.shape[1])
-        query_slots = index + jnp.arange(length)
-        causal = slots[None, :] <= query_slots[:, None]  # [T,S]
-        return causal[None, None] & cache_mask[:, None, None, :], index, cache_mask
+        if length > 1:
+            return MaskSpec(causal=True, key_mask=attention_mask), index, cache_mask
+        return kv_cache.slot_mask(cache_mask, index, length), index, cache_mask
 
     def _layers(self, hidden, cos, sin, mask, cache_index, cache, deterministic):
         cfg = self.config
         block = DecoderLayer
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        kv = (cache["k"], cache["v"]) if cache is not None else None
+        carry = (hidden, (cache["k"], cache["v"]) if cache is not None else None)
         if cfg.scan_layers:
             scanned = nn.scan(
                 block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})
-            return scanned(cfg, self.lora, deterministic, name="layers")(hidden, cos, sin, mask, cache_index, kv)
-        new_k, new_v = [], []
+            layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            carry, _ = scanned(cfg, self.lora, deterministic, name="layers")(
+                carry, cos, sin, mask, cache_index, layers)
+            return carry
         for i in range(cfg.num_layers):
-            layer_kv = (kv[0][i], kv[1][i]) if kv is not None else None
-            hidden, layer_new = block(cfg, self.lora, deterministic, name=f"layers_{i}")(
-                hidden, cos, sin, mask, cache_index, layer_kv)
-            if layer_new is not None:
-                new_k.append(layer_new[0])
-                new_v.append(layer_new[1])
-        return hidden, ((jnp.stack(new_k), jnp.stack(new_v)) if kv is not None else None)
+            carry, _ = block(cfg, self.lora, deterministic, name=f"layers_{i}")(
+                carry, cos, sin, mask, cache_index, i)
+        return carry
 
 
 def load_hf(path, config: Qwen2Config | None = None, **kwargs):
