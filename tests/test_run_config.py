@@ -56,3 +56,16 @@ def test_run_dir_found_from_its_checkpoints_and_tokenizer_copied(tmp_path):
     assert preset.model.llm.hidden_size == 96 and preset.data.tokenizer == str(run / "tokenizer")
     with pytest.raises(FileNotFoundError, match="no run config.json"):
         resolve_config(tmp_path / "hf")
+
+
+def test_checkpoint_root_of_each_run_kind(tmp_path):
+    from vsalmonn_jax.generate.model_load import checkpoint_root, latest_step
+
+    (tmp_path / "sft" / "checkpoints" / "4" / "state").mkdir(parents=True)
+    (tmp_path / "mrdpo" / "rounds" / "2" / "state").mkdir(parents=True)
+    (tmp_path / "mrdpo" / "round_1" / "checkpoints" / "9" / "state").mkdir(parents=True)
+    assert checkpoint_root(tmp_path / "sft") == tmp_path / "sft" / "checkpoints"
+    assert checkpoint_root(tmp_path / "mrdpo") == tmp_path / "mrdpo" / "rounds"   # the final round
+    assert latest_step(checkpoint_root(tmp_path / "mrdpo")) == 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint_root(tmp_path / "nope")
