@@ -3,6 +3,7 @@ stages), plus fast unit checks of its report statistics, batching and config han
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -102,6 +103,22 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     for png in ("error_rates.png", "qa_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "data").resolve().parent == tmp_path / "demo-data"
+    # the final model captions a clip the run never saw, with no flag but the run directory
+    assert f"vsalmonn-jax caption VIDEO.mp4 --checkpoint {out} --output captions.jsonl" in report
+    from vsalmonn_jax.commands.demo import demo_config
+    from vsalmonn_jax.data import synthetic
+
+    config = demo_config(True, None, [])
+    synthetic.render_split(str(tmp_path / "unseen"), int(config.demo.seed) + 1, "test", 0, 1,
+                           synthetic.synthetic_config(config))
+    unseen = str(tmp_path / "unseen" / synthetic.clip_path("test", 0))
+    captions = tmp_path / "captions.jsonl"
+    cap = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "caption", unseen, "--checkpoint",
+                          str(out), "--output", str(captions), "--no-progress"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=scaled(900))
+    assert cap.returncode == 0 and "stage rebirth" in cap.stderr, cap.stderr[-3000:]
+    (line,) = captions.read_text().splitlines()
+    assert json.loads(line)["video"] == unseen and json.loads(line)["num_tokens"] >= 1
     again = subprocess.run(cmd[:4] + ["--quick", "--resume", str(out), cmd[-1]], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=scaled(600))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -115,3 +115,22 @@ def test_caption_cli_and_api_on_a_clip_the_run_never_saw(demo_run, tmp_path):
     train_clip = str(run / "data" / "media" / "train" / "train_000000.mp4")
     both = captioner.caption([unseen, train_clip])
     assert both[0] == line["caption"] and isinstance(both[1], str)
+
+
+def test_export_of_a_demo_run_loads_in_transformers(demo_run, tmp_path):
+    from export_check import assert_export_matches
+
+    from vsalmonn_jax.cli import main as cli
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.safetensors_io import SafetensorsReader
+
+    run, _, model, _ = demo_run
+    out = tmp_path / "export"
+    assert cli(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    config = load_config(str(run / "config.json"))
+    assert_export_matches(out, config, model["params"]["llm"], model["lora"]["llm"])
+    assert (out / "tokenizer.json").is_file()
+    encoders = SafetensorsReader(out / "av" / "encoders.safetensors").keys()
+    assert {k.split(".")[0] for k in encoders} == {"audio", "vision"}
+    assert any(k.startswith("vision_connector.") for k in
+               SafetensorsReader(out / "av" / "connectors.safetensors").keys())

@@ -66,3 +66,16 @@ def test_a_runs_records_are_not_read_back_as_settings(tmp_path):
     add_record(tmp_path, "pretrained", {"base": "pretrained"})
     config = load_config(str(tmp_path / "config.json"))
     assert "run_records" not in config and config.model.llm.hidden_size == 64
+
+
+def test_checkpoint_root_of_each_run_kind(tmp_path):
+    from vsalmonn_jax.generate.model_load import checkpoint_root, latest_step
+
+    (tmp_path / "sft" / "checkpoints" / "4" / "state").mkdir(parents=True)
+    (tmp_path / "mrdpo" / "rounds" / "2" / "state").mkdir(parents=True)
+    (tmp_path / "mrdpo" / "round_1" / "checkpoints" / "9" / "state").mkdir(parents=True)
+    assert checkpoint_root(tmp_path / "sft") == tmp_path / "sft" / "checkpoints"
+    assert checkpoint_root(tmp_path / "mrdpo") == tmp_path / "mrdpo" / "rounds"   # the final round
+    assert latest_step(checkpoint_root(tmp_path / "mrdpo")) == 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint_root(tmp_path / "nope")

@@ -83,6 +83,18 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     assert (out / "tokenizer.json").is_file() and (out / "av" / "connectors.safetensors").is_file()
     state, _, _ = read_checkpoint(tmp_path / "mrdpo")
     assert_export_matches(out, config, state["params"]["llm"], state["trainable"]["lora"]["llm"])
+    # caption's loader reads the same final round state from the mrDPO workdir
+    import numpy as np
+
+    from vsalmonn_jax.generate.model_load import restore_for_inference
+    from vsalmonn_jax.training.av_task import build
+    from vsalmonn_jax.training.sharding import make_mesh
+
+    variables, info = restore_for_inference(config, build(config), make_mesh(dict(config.mesh)),
+                                            tmp_path / "mrdpo")
+    assert info["checkpoint"].endswith("mrdpo/rounds") and info["base"] == "from the checkpoint"
+    np.testing.assert_array_equal(np.asarray(variables["params"]["llm"]["embed_tokens"]["embedding"]),
+                                  state["params"]["llm"]["embed_tokens"]["embedding"])
 
     # rebirth: its run describes itself (config.json as `train` writes it): no --config; the base
     # (the pre-DPO model, LoRA merged) comes from its checkpoint

@@ -3,7 +3,7 @@
 
 DIR may be a run workdir (`checkpoints/`; its config.json and tokenizer are read, so no --config is
 needed), an mrDPO workdir (its final round state: `rounds/<R>`), an orbax checkpoint directory, or
-one step of it. Every checkpoint kind exports: LoRA SFT / align, DPO, mrDPO round, rebirth,
+one step of it, or a `vsalmonn-jax demo` run (its final model) or stage folder. Every checkpoint kind exports: LoRA SFT / align, DPO, mrDPO round, rebirth,
 text-only. Output:
   OUT/config.json + OUT/model.safetensors   the LLM with LoRA merged (W + alpha/r A B), in
                                             Qwen2ForCausalLM naming (models/qwen2.py save_hf);
@@ -208,6 +208,22 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
     return manifest
 
 
+def demo_state(run_dir, config, checkpoint) -> tuple[dict | None, int]:
+    """A `vsalmonn-jax demo` run (or stage): its final (or named) stage as a state tree, step 0;
+    (None, 0) for anything else."""
+    from vsalmonn_jax.demo.serve import export_state, is_demo_run
+
+    if not is_demo_run(run_dir, config):
+        return None, 0
+    if not config.data.tokenizer:
+        from vsalmonn_jax.demo.serve import data_dir
+
+        config.data.tokenizer = str(data_dir(run_dir, config) / "tokenizer")
+    state, stage = export_state(run_dir, config, checkpoint)
+    print(f"export: demo run {run_dir}, stage {stage}", file=sys.stderr)
+    return state, 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vsalmonn-jax export", description=__doc__,   # the whole text
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,14 +247,16 @@ def main(argv: list[str]) -> int:
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
     try:
-        config, _, source = resolve_config(args.checkpoint, config_path, overrides)
+        config, run_dir, source = resolve_config(args.checkpoint, config_path, overrides)
         if args.tokenizer:
             config.data.tokenizer = args.tokenizer
         from vsalmonn_jax.config_check import check_for_cli
 
         if check_for_cli("vsalmonn-jax export", config):
             return 2
-        state, _, step = read_checkpoint(args.checkpoint, args.step)
+        state, step = demo_state(run_dir, config, args.checkpoint)
+        if state is None:
+            state, _, step = read_checkpoint(args.checkpoint, args.step)
         manifest = export(state, config, args.out, dtype=args.dtype, source=args.checkpoint,
                           step=step, base=args.base)
     except (FileNotFoundError, ValueError, KeyError) as err:

@@ -70,6 +70,22 @@ def stage_model(run_dir: pathlib.Path, config, task, name: str) -> dict:
     return arm_model(ctx, pre_dpo, arm, int(index))
 
 
+def export_state(run_dir: pathlib.Path, config, checkpoint) -> tuple[dict, str]:
+    """(state tree {"params": {"llm", "vision", "audio"}, "trainable": {"adapter", "lora"}} as
+    `export` reads from a checkpoint, stage name) of the stage `checkpoint` names (its final model
+    for the run): the frozen towers are the run's random init."""
+    from vsalmonn_jax.data.text import load_tokenizer, token_id
+
+    stage = final_stage(run_dir, config, checkpoint)
+    tokenizer = load_tokenizer(str(config.data.tokenizer or data_dir(run_dir, config) / "tokenizer"))
+    av_cfg, lcfg = model_lib.configs(config, token_id(tokenizer, config.model.connector.placeholder_token))
+    model = stage_model(run_dir, config, model_lib.CachedAVTask(av_cfg, lcfg), stage)
+    towers = model_lib.load_tree(run_dir / "stages" / "init" / "model.msgpack")["params"]
+    params = {**{k: v for k, v in towers.items() if k != "llm"}, "llm": model["params"]["llm"]}
+    trainable = {"adapter": model["adapter"], **({"lora": model["lora"]} if model.get("lora") else {})}
+    return {"params": params, "trainable": trainable}, stage
+
+
 def calibration(config, data: pathlib.Path) -> dict | None:
     """The standardisation statistics the run applied (None when demo.standardize_features is off),
     measured again on its cached train-split encoder outputs."""

@@ -21,10 +21,13 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_root(path: str | pathlib.Path) -> pathlib.Path:
-    """A run's workdir (holding checkpoints/) or the checkpoints folder itself -> the orbax folder."""
+    """A run's workdir (holding checkpoints/), an mrDPO workdir (rounds/: its round states, the
+    latest = the final model) or the checkpoints folder itself -> the orbax folder."""
     path = pathlib.Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
+    elif (path / "rounds").is_dir():
+        path = path / "rounds"
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     return path
