@@ -184,4 +184,5 @@ def test_help_texts_name_the_default_output_and_are_complete(capsys):
         assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "default: captions.jsonl in the current folder" in text
-    assert "merged safetensors that `transformers` (and this package's importers) read back" in text
+    assert "a trained checkpoint -> a directory that `transformers` loads directly" in text
+    assert "(a transformers Qwen2 directory, text-only LLM)" in text   # the last line: complete
