@@ -42,7 +42,7 @@ class Row:
 
 ROWS = (
     Row("v5p64_60s", "v5p-128 (64 chips)", "v5p", "data=1,fsdp=16,tensor=4", 60),
-    Row("v5p64_110f", "v5p-128 (64 chips)", "v5p", "data=1,fsdp=16,tensor=4", 110),
+    Row("v5p64_110f", "v5p-128 (64 chips)", "v5p", "data=1,fsdp=16,tensor=4", 110, "dpo"),
     Row("h100x8_60s", "8 x H100", "h100", "data=1,fsdp=2,tensor=4", 60),
     Row("h100x8_110f_dpo", "8 x H100", "h100", "data=1,fsdp=2,tensor=4", 110, "dpo"),
     Row("tensor1_64_60s", "64 chips, tensor=1 (the trap)", "v5p", "data=1,fsdp=64,tensor=1", 60),
