@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -200,6 +201,7 @@ class Plan:
     notes: list[str] = dataclasses.field(default_factory=list)
     chip: str = ""                      # the CHIPS entry the MFU estimate is for ("" = none)
     seconds: float = 0.0                # wall time of make_plan
+    load_average: list[float] = dataclasses.field(default_factory=list)  # host's, at the end
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -320,4 +322,5 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
     plan.suggestions = suggest(plan, config, target_global_batch) if compiled else [
         "fix the issues above first: nothing was compiled"]
     plan.seconds = time.perf_counter() - start
+    plan.load_average = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
     return plan

@@ -140,7 +140,8 @@ def main(argv: list[str]) -> int:
         budget_gb=budget, model=args.model, chip=chip, link_gb_s=args.link_gb_s or None,
         jobs=args.jobs, target_global_batch=args.target_global_batch or None)
     print(plan_lib.format_plan(plan), flush=True)
-    print(f"plan took {plan.seconds:.0f} s", flush=True)
+    print(f"plan took {plan.seconds:.0f} s (load average "
+          f"{', '.join(f'{x:.1f}' for x in plan.load_average) or 'unknown'})", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan.to_json(), f, indent=1)
