@@ -137,11 +137,12 @@ def compile_step(config, mesh, objective: str, batch: int, tokens, *, what: str 
     start = time.perf_counter()
     remat = str(config.model.llm.remat_policy)
     label = Job(objective, remat, what, precomputed_reference).label
-    say(f"tracing {label}" + ("" if remat == "none" else ", and without remat for its model FLOPs"))
+    recomputes = remat != "none" and what != "reference"  # a forward alone recomputes nothing
+    say(f"tracing {label}" + (", and without remat for its model FLOPs" if recomputes else ""))
     traced = _traced_step(config, mesh, objective, batch, tokens, what, precomputed_reference,
                           model, rules)
     flops = matmul_flops(traced.jaxpr)
-    model_flops = flops if remat == "none" else matmul_flops(_traced_step(
+    model_flops = flops if not recomputes else matmul_flops(_traced_step(
         _with_remat(config, "none"), mesh, objective, batch, tokens, what,
         precomputed_reference, model, rules).jaxpr)
     with _Ticker(label), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
