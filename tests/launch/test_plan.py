@@ -135,7 +135,7 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     assert names == ["sft", "dpo", "reference"]
     for step in plan["steps"]:
         assert 0 < step["peak"] <= 95e9, step
-        assert 0 < step["model_flops"] <= step["flops"] and 0 < step["mfu"] < 1, step
+        assert 0 < step["model_flops"] <= step["flops"] and 0 < step["mfu"] <= 1, step
     by = {s["name"]: s for s in plan["steps"]}
     assert by["dpo"]["temp"] > by["sft"]["temp"]  # 3 policy sequences + the reference forward
     assert "fits" in proc.stdout and not re.search(r"\sNO\s", proc.stdout)
