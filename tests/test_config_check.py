@@ -8,12 +8,14 @@ import pytest
 
 from vsalmonn_jax.cli import main
 from vsalmonn_jax.config import load_config
-from vsalmonn_jax.config_check import RULES, ConfigError, Number, OneOf, problems, validate
+from vsalmonn_jax.config_check import RULES, ConfigError, Number, OneOf, SubsetOf, problems, validate
 
 
 def _bad_values(rule):
     if isinstance(rule, OneOf):
         return ["bogus"]
+    if isinstance(rule, SubsetOf):
+        return [("bogus",), (*rule.values, "bogus")]
     bad = ["text", True]
     if math.isfinite(rule.low):
         bad.append(rule.low if rule.open_low else rule.low - 1)
@@ -111,3 +113,9 @@ def test_commands_refuse_bad_config_up_front(argv, expect, capsys, tmp_path, mon
     err = capsys.readouterr().err
     assert "invalid config" in err and expect in err
     assert list(tmp_path.iterdir()) == []  # nothing created: no workdir, no config.json
+
+
+def test_remat_names_must_be_tagged_activations():
+    assert problems(load_config("tiny", ["model.llm.remat_names=('attention_out',)"])) == []
+    (line,) = problems(load_config("tiny", ["model.llm.remat_names=('attention_out', 'q_proj')"]))
+    assert "model.llm.remat_names" in line and "attention_out | mlp_in" in line

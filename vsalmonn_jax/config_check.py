@@ -18,7 +18,7 @@ from vsalmonn_jax.data.time_tokens import TIME_TOKEN_MODES
 from vsalmonn_jax.models.attention import IMPLS as ATTENTION_IMPLS
 from vsalmonn_jax.models.av_llm import INTERLEAVE_MODES
 from vsalmonn_jax.models.connectors import NEWLINE_MODES, POOL_MODES
-from vsalmonn_jax.models.qwen2 import REMAT_POLICIES
+from vsalmonn_jax.models.qwen2 import REMAT_NAMES, REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,18 @@ class Number:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class SubsetOf:
+    """A list / tuple whose every item is one of `values`."""
+    values: tuple
+
+    def problem(self, value) -> str | None:
+        items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if all(item in self.values for item in items):
+            return None
+        return f"allowed: a list of {' | '.join(map(str, self.values))}"
+
+
 POSITIVE_INT = Number(low=1, integer=True)
 COUNT = Number(low=0, integer=True)            # 0 allowed (usually "off" / "all" / "default")
 POSITIVE = Number(low=0, open_low=True)
@@ -86,6 +98,7 @@ RULES: dict[str, Any] = {
     "model.llm.dtype": DTYPES,
     "model.llm.param_dtype": DTYPES,
     "model.llm.remat_policy": OneOf(("none", *REMAT_POLICIES)),
+    "model.llm.remat_names": SubsetOf(REMAT_NAMES),
     "model.llm.attention_impl": OneOf(ATTENTION_IMPLS),
     "model.llm.attention_block": POSITIVE_INT,
     "model.lora.rank": POSITIVE_INT,

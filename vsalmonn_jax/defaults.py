@@ -23,7 +23,12 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",         # compute dtype (fp32 for parity tests)
         param_dtype="bfloat16",   # frozen base weights
         scan_layers=True,         # nn.scan over decoder layers (compile time independent of depth)
-        remat_policy="full",      # none | full | dots (per-layer nn.remat)
+        # per-layer nn.remat: none | full (save nothing; the default, fits every mesh in launch/) |
+        # dots (save matmul outputs) | dots_all | save_names (keep remat_names, recompute the rest) |
+        # offload_names (remat_names to pinned host memory until the backward; needs a backend
+        # with a pinned_host memory space: TPU, GPU, and CPU in jax 0.10). `plan` compiles each.
+        remat_policy="full",
+        remat_names=("attention_out", "mlp_in"),  # attention output before o_proj; normed MLP input
         attention_impl="auto",    # auto (splash on TPU, cudnn on GPU, xla on CPU) | xla (blockwise
                                   # flash kernel, any device, every mask) | splash (TPU Pallas: causal,
                                   # padding, segments) | cudnn (GPU fused: causal, right padding)

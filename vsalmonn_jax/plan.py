@@ -1,14 +1,16 @@
 """Per-device memory plan for a config on a mesh, from abstract shapes and AOT compilation only.
 
 `jax.eval_shape` gives the train state (frozen base, trainables, optimizer, DPO snapshot) and its
-shardings; `jit(step).lower(ShapeDtypeStructs).compile().memory_analysis()` gives activations. Nothing
-the size of the weights is ever allocated, so a 7B plan runs on fake CPU devices in minutes.
+shardings; `jit(step).lower(ShapeDtypeStructs).compile().memory_analysis()` gives activations
+(plan_compile.py), the step's jaxpr its FLOPs (plan_flops.py). Nothing the size of the weights is
+ever allocated, so a 7B plan runs on fake CPU devices in minutes. Report: plan_report.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from vsalmonn_jax.plan_compile import Compiled, Job, compile_step, parallel_jobs, run_jobs, say
+from vsalmonn_jax.plan_flops import CHIPS, GB, comm_bytes, mfu
+from vsalmonn_jax.plan_report import REMAT_ORDER, format_plan, suggest
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, MESH_AXES, make_mesh
 
-GB = 1e9
+__all__ = ["Compiled", "compile_step", "format_plan", "make_plan", "REMAT_ORDER", "video_tokens"]
+
 # HBM per device (GB, vendor figures) for --device; anything else: --device-memory-gb.
-DEVICE_MEMORY_GB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0,
-                    "a100-40": 40.0, "a100-80": 80.0, "h100": 80.0, "h200": 141.0}
-# Fastest first: the suggestion is the first policy that fits.
-REMAT_ORDER = ("none", "dots", "full")
+DEVICE_MEMORY_GB = {name: chip.memory_gb for name, chip in CHIPS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,68 +182,6 @@ def make_task(config, model: str = "av"):
                       placeholder_id=int(config.model.llm.vocab_size) - 1)
 
 
-# ------------------------------------------------------------------ compile one step
-
-@dataclasses.dataclass
-class Compiled:
-    name: str
-    remat: str
-    argument: int
-    output: int
-    alias: int
-    temp: int
-    seconds: float
-
-    @property
-    def peak(self) -> int:
-        """Live bytes at the step's high-water mark: inputs + (outputs not aliased to inputs) + temp."""
-        return self.argument + max(0, self.output - self.alias) + self.temp
-
-
-def _memory(compiled) -> tuple[int, int, int, int]:
-    m = compiled.memory_analysis()
-    if m is None:
-        raise RuntimeError("this backend gives no memory_analysis() for compiled programs")
-    return (int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-            int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
-
-
-def compile_step(config, mesh: Mesh, objective: str, batch: int, tokens: TokenBudget, *,
-                 what: str = "train", precomputed_reference: bool = False, model: str = "av",
-                 rules=LOGICAL_AXIS_RULES) -> Compiled:
-    """Lower + compile one train step (or the DPO reference forward, `what="reference"`) on
-    abstract inputs; return its per-device memory."""
-    from vsalmonn_jax.training import state as state_lib
-    from vsalmonn_jax.training import steps as steps_lib
-    start = time.perf_counter()
-    task = make_task(config, model)
-    tx, schedule = state_lib.make_optimizer(config.train, max(1, int(config.train.num_steps)))
-    abstract, shardings = state_lib.state_shardings(task, config, tx, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(abstract), shardings)
-    steps = steps_lib.make_steps(task, config, tx, schedule, mesh, shardings, objective=objective,
-                                 rules=rules)
-    inputs = abstract_batch(task, objective, batch, tokens, steps.batch_sharding,
-                            precomputed_reference)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if what == "reference":
-            opts = steps_lib.StepOptions.from_config(config)
-
-            def reference(state, batch_):
-                media = steps_lib._encode(task, state.params, batch_)
-                return steps_lib.reference_logps(task, opts, state, batch_, media)
-
-            fn = jax.jit(reference, in_shardings=(shardings, steps.batch_sharding))
-        else:
-            fn = steps.train.jitted
-        compiled = fn.lower(target, inputs).compile()
-    arg, out, alias, temp = _memory(compiled)
-    name = what if what == "reference" else objective + ("+precomputed_ref" if precomputed_reference
-                                                         else "")
-    return Compiled(name, str(config.model.llm.remat_policy), arg, out, alias, temp,
-                    time.perf_counter() - start)
-
-
 # ------------------------------------------------------------------ the plan
 
 @dataclasses.dataclass
@@ -258,6 +199,9 @@ class Plan:
     suggestions: list[str]
     model: str = "av"                   # av (encoders + connectors + LLM) | llm (text only)
     notes: list[str] = dataclasses.field(default_factory=list)
+    chip: str = ""                      # the CHIPS entry the MFU estimate is for ("" = none)
+    seconds: float = 0.0                # wall time of make_plan
+    load_average: list[float] = dataclasses.field(default_factory=list)  # host's, at the end
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -284,80 +228,57 @@ def _state_breakdown(config, mesh: Mesh, model: str, rules=LOGICAL_AXIS_RULES):
         parts[name] = (abstract.trainable[name], shardings.trainable[name])
     per_device = {k: shard_bytes(a, s) / GB for k, (a, s) in parts.items()}
     whole = {k: total_bytes(a) / GB for k, (a, _) in parts.items()}
+    whole["frozen_llm"] = total_bytes(abstract.params.get("llm", abstract.params)) / GB
     counts = {k: int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(a)))
               for k, (a, _) in parts.items() if k != "opt_state"}
     issues = indivisible(abstract, shardings)
     return per_device, whole, counts, issues
 
 
-def _with_remat(config, remat: str):
-    config = config.copy_and_resolve_references()
-    config.model.llm.remat_policy = remat
-    return config
+def _jobs(objectives, remat_policies, reference: bool, precomputed_reference: bool) -> list[Job]:
+    """SFT under every policy; DPO, DPO with precomputed reference and the reference forward under
+    the last (the policy the report compares against)."""
+    last = remat_policies[-1]
+    jobs = [Job(o, r) for o in objectives for r in (remat_policies if o == "sft" else (last,))]
+    if "dpo" in objectives and precomputed_reference:
+        jobs.append(Job("dpo", last, precomputed_reference=True))
+    if "dpo" in objectives and reference:
+        jobs.append(Job("dpo", last, what="reference"))
+    return jobs
 
 
-def _misfit_hints(plan: Plan, config, name: str, best: Compiled, budget: float) -> list[str]:
-    """Concrete ways out when no compiled variant fits (estimates, labelled as such)."""
-    hints = []
-    tensor, kv_heads = plan.mesh["tensor"], int(config.model.llm.num_kv_heads)
-    if kv_heads % (2 * tensor) == 0:
-        hints.append(f"mesh tensor={2 * tensor} (splits heads, MLP and vocabulary once more)")
-    else:
-        hints.append(f"tensor={tensor} is already the most the {kv_heads} KV heads allow")
-    if name.startswith("dpo") and float(config.dpo.gt_ce_weight) > 0:
-        hints.append(f"dpo.gt_ce_weight=0 drops the ground-truth sequence from the policy forward "
-                     f"(~{best.peak * 2 / 3 / GB:.0f} GB, estimate)")
-    fixed = best.argument + max(0, best.output - best.alias)
-    share = max(0.0, (budget - fixed) / max(best.temp, 1))
-    frames = int(plan.tokens.frames * share)
-    if 0 < frames < plan.tokens.frames:
-        hints.append(f"data.max_frames <= ~{frames} (temp scaled linearly with length, estimate)")
-    return hints
-
-
-def suggest(plan: Plan, config, target_global_batch: int | None = None) -> list[str]:
-    """Remat policy, examples per device per micro-step and grad_accum that fit the budget."""
-    out = []
-    budget = plan.budget_gb * GB
-    shards = plan.mesh["data"] * plan.mesh["fsdp"]
-    per_dev = max(1, int(plan.per_device_batch))
-    for name in dict.fromkeys(c.name for c in plan.steps if c.name != "reference"):
-        runs = sorted((c for c in plan.steps if c.name == name),
-                      key=lambda c: REMAT_ORDER.index(c.remat) if c.remat in REMAT_ORDER else 99)
-        fitting = [c for c in runs if c.peak <= budget]
-        if not fitting:
-            best = min(runs, key=lambda c: c.peak)
-            out.append(f"{name}: does not fit {plan.budget_gb:.0f} GB (best: remat={best.remat}, "
-                       f"peak {best.peak / GB:.1f} GB); try: "
-                       + "; ".join(_misfit_hints(plan, config, name, best, budget)))
-            continue
-        chosen = fitting[0]
-        fixed = chosen.argument + max(0, chosen.output - chosen.alias)
-        micro = max(1, int((budget - fixed) // max(chosen.temp / per_dev, 1)))
-        line = (f"{name}: model.llm.remat_policy={chosen.remat} (peak {chosen.peak / GB:.1f} GB of "
-                f"{plan.budget_gb:.0f}); up to ~{micro} example(s) of {plan.tokens.total} tokens "
-                f"per data x fsdp shard per micro-step (linear estimate)")
-        if target_global_batch:
-            per_step = shards * micro
-            accum = max(1, math.ceil(target_global_batch / per_step))
-            line += (f"; for {target_global_batch} per update: {per_step} per micro-step x "
-                     f"train.grad_accum={accum}")
-        out.append(line)
-    return out
+def _estimate(plan: Plan, config, step: Compiled, link_gb_s: float | None,
+              frozen_llm_gb: float) -> None:
+    """Fill step.mfu / step.estimate for plan.chip (plan_flops.OVERLAP_MODEL)."""
+    chip = CHIPS[plan.chip]
+    if link_gb_s:
+        chip = dataclasses.replace(chip, link_gb_s=float(link_gb_s))
+    total = plan.state_total_gb
+    trainable = sum(total[k] for k in total if k not in ("params", "opt_state", "ref_adapter"))
+    comm = comm_bytes(config, plan.mesh, step.name, step.remat, frozen_llm_gb * GB,
+                      (total["params"] - frozen_llm_gb) * GB, trainable * GB,
+                      plan.per_device_batch * plan.tokens.total)
+    step.estimate = dict(mfu(step.flops, step.model_flops, comm, chip), comm_bytes=comm,
+                         link_gb_s=chip.link_gb_s, peak_flops=chip.peak_flops)
+    step.mfu = step.estimate["mfu"]
 
 
 def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60.0,
               text_tokens: int = 512, global_batch: int | None = None,
-              remat_policies: Sequence[str] = REMAT_ORDER, objectives: Sequence[str] = ("sft", "dpo"),
-              reference: bool = True, precomputed_reference: bool = False,
-              budget_gb: float = 95.0, target_global_batch: int | None = None,
-              model: str = "auto", devices: Sequence[jax.Device] | None = None) -> Plan:
+              remat_policies: Sequence[str] = ("none", "dots", "full"),
+              objectives: Sequence[str] = ("sft", "dpo"), reference: bool = True,
+              precomputed_reference: bool = False, budget_gb: float = 95.0,
+              target_global_batch: int | None = None, model: str = "auto",
+              devices: Sequence[jax.Device] | None = None, chip: str = "",
+              link_gb_s: float | None = None, jobs: int = 1) -> Plan:
     """Build the mesh on the (fake) devices, size the state, compile each step, check and suggest.
 
     model: "av" (SigLIP + Whisper + Q-Former + LLM on frames and mel), "llm" (text-only sequences of
     the video's token count) or "auto" (av, falling back to llm with a note if the AV model fails to
-    build).
+    build). chip: a CHIPS name for the MFU estimate ("" = none). jobs: compiles at once (0 = as
+    many as cores and host memory allow, plan_compile.parallel_jobs).
     """
+    start = time.perf_counter()
     mesh = make_mesh(mesh_spec, devices)
     sizes = dict(zip(MESH_AXES, (int(mesh.shape[a]) for a in MESH_AXES), strict=True))
     shards = sizes["data"] * sizes["fsdp"]
@@ -370,6 +291,7 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
     notes: list[str] = []
     if "dpo" in objectives:  # the state then holds the round-start adapter snapshot too
         config.stage = "dpo"
+    say(f"sizing the state on {sizes}")
     if model == "auto":
         try:
             breakdown = _state_breakdown(config, mesh, "av")
@@ -385,57 +307,20 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
     issues += shape_issues
     compiled: list[Compiled] = []
     if not any("global batch" in i for i in issues) and not shape_issues:
-        for objective in objectives:
-            policies = remat_policies if objective == "sft" else remat_policies[-1:]
-            for remat in policies:
-                cfg = _with_remat(config, remat)
-                cfg.stage = objective
-                compiled.append(compile_step(cfg, mesh, objective, global_batch, tokens,
-                                             model=model))
-        cfg = _with_remat(config, remat_policies[-1])
-        cfg.stage = "dpo"
-        if "dpo" in objectives and precomputed_reference:
-            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens,
-                                         precomputed_reference=True, model=model))
-        if "dpo" in objectives and reference:
-            compiled.append(compile_step(cfg, mesh, "dpo", global_batch, tokens,
-                                         what="reference", model=model))
+        todo = _jobs(objectives, remat_policies, reference, precomputed_reference)
+        workers, why = parallel_jobs(jobs, len(todo))
+        say(f"{len(todo)} compile(s): " + ", ".join(j.label for j in todo)
+            + f"; {workers} at a time ({why})")
+        compiled = run_jobs(config, sizes, todo, global_batch, tokens, model, workers,
+                            devices=list(mesh.devices.flat))
     plan = Plan(sizes, tokens, global_batch, global_batch / shards, budget_gb, state_gb,
-                state_total, counts, compiled, issues, [], model, notes)
+                {k: v for k, v in state_total.items() if k != "frozen_llm"}, counts, compiled,
+                issues, [], model, notes, chip)
+    if chip:
+        for step in compiled:
+            _estimate(plan, config, step, link_gb_s, state_total["frozen_llm"])
     plan.suggestions = suggest(plan, config, target_global_batch) if compiled else [
         "fix the issues above first: nothing was compiled"]
+    plan.seconds = time.perf_counter() - start
+    plan.load_average = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
     return plan
-
-
-def format_plan(plan: Plan) -> str:
-    """Human-readable report (GB = 1e9 bytes, per device unless said otherwise)."""
-    t = plan.tokens
-    lines = [
-        f"mesh data={plan.mesh['data']} fsdp={plan.mesh['fsdp']} tensor={plan.mesh['tensor']} "
-        f"({int(np.prod(list(plan.mesh.values())))} devices), budget {plan.budget_gb:.0f} GB/device",
-        f"sequence: {t.frames} frames -> {t.visual} visual + {t.audio} audio + {t.text} text = "
-        f"{t.total} tokens; global batch {plan.global_batch} "
-        f"({plan.per_device_batch:g} per data x fsdp shard)",
-        "model: " + ("SigLIP + Whisper (frozen) + connectors + LoRA Qwen2 on frames and mel"
-                     if plan.model == "av" else "LoRA Qwen2 alone (text-only sequences)"),
-        *(f"NOTE: {n}" for n in plan.notes),
-        "",
-        f"{'state':<14}{'per device GB':>15}{'whole GB':>11}{'params':>16}",
-    ]
-    for name, gb in plan.state_gb.items():
-        count = plan.counts.get(name)
-        lines.append(f"{name:<14}{gb:>15.3f}{plan.state_total_gb[name]:>11.2f}"
-                     f"{(f'{count:,}' if count is not None else '-'):>16}")
-    if plan.steps:
-        lines += ["", f"{'step':<22}{'remat':<7}{'args GB':>9}{'temp GB':>9}{'peak GB':>9}"
-                      f"{'fits':>6}{'compile s':>11}"]
-        for c in plan.steps:
-            fits = "yes" if c.peak <= plan.budget_gb * GB else "NO"
-            lines.append(f"{c.name:<22}{c.remat:<7}{c.argument / GB:>9.2f}{c.temp / GB:>9.2f}"
-                         f"{c.peak / GB:>9.2f}{fits:>6}{c.seconds:>11.1f}")
-        lines.append("(temp = activations, gradients and optimizer scratch of the compiled step; "
-                     "reference = the DPO reference forward alone, i.e. what precomputing it costs)")
-    if plan.issues:
-        lines += ["", "ISSUES:"] + [f"  - {i}" for i in plan.issues]
-    lines += ["", "suggestions:"] + [f"  - {s}" for s in plan.suggestions]
-    return "\n".join(lines)

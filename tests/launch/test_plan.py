@@ -101,6 +101,8 @@ def test_tiny_plan_in_process():
     assert plan.fits("sft") and "remat_policy=full" in plan.suggestions[0]
     js = plan.to_json()
     assert js["tokens"]["total"] == plan.tokens.total and js["steps"][0]["peak"] == step.peak
+    assert 0 < step.model_flops < step.flops  # full remat recomputes; no chip: no MFU
+    assert plan.chip == "" and step.mfu != step.mfu and step.estimate == {}
 
 
 @pytest.mark.slow
@@ -134,6 +136,7 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     assert names == ["sft", "dpo", "reference"]
     for step in plan["steps"]:
         assert 0 < step["peak"] <= 95e9, step
+        assert 0 < step["model_flops"] <= step["flops"] and 0 < step["mfu"] <= 1, step
     by = {s["name"]: s for s in plan["steps"]}
     assert by["dpo"]["temp"] > by["sft"]["temp"]  # 3 policy sequences + the reference forward
     assert "fits" in proc.stdout and not re.search(r"\sNO\s", proc.stdout)
@@ -153,3 +156,33 @@ def test_cli_usage_errors(capsys):
     assert "has 15 devices, --devices says 16" in capsys.readouterr().err
     assert plan_cmd.main(["--config", "configs/7b.py", "--mesh", "gpu=8"]) == 2
     assert "expected data=N, fsdp=N or tensor=N" in capsys.readouterr().err
+
+
+def test_cli_progress_parallel_compiles_flops_and_mfu(tmp_path):
+    """A user's tiny plan: progress lines on stderr while compiling, two compiles in two processes,
+    FLOPs and an MFU estimate for the chip in the report and the JSON."""
+    out = tmp_path / "plan.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VSALMONN_PLAN_DEVICES")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vsalmonn_jax.cli", "plan", "--config", "configs/tiny.py",
+         "--mesh", "data=2,fsdp=2,tensor=2", "--remat", "none,full", "--objectives", "sft",
+         "--no-reference", "--model", "llm", "--video-seconds", "2", "--text-tokens", "32",
+         "--device", "v5e", "--jobs", "2", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "2 compile(s): sft (remat=none), sft (remat=full); 2 at a time (2 requested)" in proc.stderr
+    assert re.search(r"compiling sft \(remat=full\)", proc.stderr)
+    assert re.search(r"compiled sft \(remat=none\) in \d+ s", proc.stderr)
+    plan = json.loads(out.read_text())
+    none, full = plan["steps"]
+    assert (none["remat"], full["remat"], plan["chip"]) == ("none", "full", "v5e")
+    assert none["flops"] == none["model_flops"] > 0
+    assert full["model_flops"] == pytest.approx(none["flops"])  # the same work without recompute
+    assert full["flops"] > 1.2 * none["flops"]  # full remat recomputes the layers' forward
+    for step in (none, full):
+        assert 0 < step["mfu"] <= 1 and step["estimate"]["peak_flops"] == 197e12
+        assert step["estimate"]["step_s"] == max(step["estimate"]["compute_s"],
+                                                 step["estimate"]["comm_s"])
+    assert full["mfu"] < none["mfu"]
+    assert "MFU v5e" in proc.stdout and "step time = max(compute, communication)" in proc.stdout
+    assert "sft: model.llm.remat_policy=none (the fastest compiled policy" in proc.stdout

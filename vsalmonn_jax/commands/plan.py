@@ -42,16 +42,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="sequences per step (default: one per data x fsdp shard)")
     p.add_argument("--target-global-batch", type=int, default=0,
                    help="sequences per optimizer update, for the grad_accum suggestion")
-    p.add_argument("--remat", default="none,dots,full", help="remat policies to compile for SFT; "
-                   "DPO uses the last")
+    p.add_argument("--remat", default="none,dots,full", help="remat policies to compile for SFT "
+                   "(none, dots, save_names, offload_names, full); DPO uses the last")
     p.add_argument("--objectives", default="sft,dpo")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the compile of the DPO reference forward alone")
     p.add_argument("--precomputed-ref", action="store_true",
                    help="also compile the DPO step with reference log-probs given in the batch")
-    p.add_argument("--device", default="v5p", help="memory budget preset: " + ", ".join(
-        ["v4", "v5e", "v5p", "v6e", "a100-40", "a100-80", "h100", "h200"]))
-    p.add_argument("--device-memory-gb", type=float, default=0.0, help="overrides --device")
+    p.add_argument("--device", default="v5p", help="chip: memory budget and the peak FLOP/s and "
+                   "link bandwidth of the MFU estimate: " + ", ".join(
+                       ["v4", "v5e", "v5p", "v6e", "a100-40", "a100-80", "h100", "h200"]))
+    p.add_argument("--device-memory-gb", type=float, default=0.0, help="overrides --device's HBM")
+    p.add_argument("--link-gb-s", type=float, default=0.0, help="overrides --device's interconnect "
+                   "GB/s per device and direction (e.g. ~50 for 400 Gb/s InfiniBand between nodes)")
+    p.add_argument("--jobs", type=int, default=0, help="compiles at once, each in its own process "
+                   "(default 0: as many as the cores and the available host memory allow, 4 GB each)")
     p.add_argument("--model", default="auto", choices=("auto", "av", "llm"),
                    help="av: encoders + connectors + LLM; llm: the LLM alone; auto: av, else llm")
     p.add_argument("--json", default="", help="also write the plan as JSON here")
@@ -113,7 +118,8 @@ def main(argv: list[str]) -> int:
         print(f"vsalmonn-jax plan: expected {devices} devices, jax sees {jax.device_count()}",
               file=sys.stderr)
         return 2
-    budget = args.device_memory_gb or plan_lib.DEVICE_MEMORY_GB.get(args.device.lower(), 0.0)
+    chip = args.device.lower() if args.device.lower() in plan_lib.DEVICE_MEMORY_GB else ""
+    budget = args.device_memory_gb or plan_lib.DEVICE_MEMORY_GB.get(chip, 0.0)
     if not budget:
         print(f"vsalmonn-jax plan: unknown --device {args.device!r}; give --device-memory-gb",
               file=sys.stderr)
@@ -133,9 +139,11 @@ def main(argv: list[str]) -> int:
         config, mesh, video_seconds=args.video_seconds, text_tokens=args.text_tokens,
         global_batch=args.global_batch or None, remat_policies=remat, objectives=objectives,
         reference=not args.no_reference, precomputed_reference=args.precomputed_ref,
-        budget_gb=budget, model=args.model,
-        target_global_batch=args.target_global_batch or None)
+        budget_gb=budget, model=args.model, chip=chip, link_gb_s=args.link_gb_s or None,
+        jobs=args.jobs, target_global_batch=args.target_global_batch or None)
     print(plan_lib.format_plan(plan), flush=True)
+    print(f"plan took {plan.seconds:.0f} s (load average "
+          f"{', '.join(f'{x:.1f}' for x in plan.load_average) or 'unknown'})", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan.to_json(), f, indent=1)

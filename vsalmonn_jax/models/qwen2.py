@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models import kv_cache
@@ -19,10 +20,17 @@ from vsalmonn_jax.models.attention import MaskSpec, attention, check_impl_name
 from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm
 from vsalmonn_jax.models.kv_cache import init_cache  # noqa: F401  (re-exported: the cache of this model)
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_all": jax.checkpoint_policies.dots_saveable,
+# Activations tagged with `checkpoint_name` in a decoder layer (what the *_names policies can keep):
+# attention_out = the attention's output before o_proj [B,T,N*D]; mlp_in = the normed MLP input [B,T,H].
+REMAT_NAMES = ("attention_out", "mlp_in")
+REMAT_POLICIES = {  # policy name -> (names to keep) -> jax checkpoint policy
+    "full": lambda names: None,  # save nothing, recompute the whole layer in the backward pass
+    "dots": lambda names: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": lambda names: jax.checkpoint_policies.dots_saveable,
+    "save_names": lambda names: jax.checkpoint_policies.save_only_these_names(*names),
+    "offload_names": lambda names: jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+        offload_src="device", offload_dst="pinned_host"),  # kept in host memory until the backward
 }
 
 
@@ -43,6 +51,7 @@ class Qwen2Config:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    remat_names: tuple[str, ...] = REMAT_NAMES  # what save_names / offload_names keep
     attention_impl: str = "auto"  # auto | xla | splash | cudnn (models/attention)
     attention_block: int = 512    # query/key block of the xla and splash kernels
     attention_interpret: bool = False  # splash in Pallas interpret mode (CPU tests only)
@@ -112,6 +121,7 @@ class Attention(_Part):
             out = attention(q, k, v, mask, cfg.attention_impl, cfg.attention_block,
                             cfg.attention_interpret)                     # [B,T,N,D]
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
+        out = checkpoint_name(out, "attention_out")
         out = dense(cfg.hidden_size, ("heads", "embed"), False, "o_proj")(out)
         return out, kv
 
@@ -140,8 +150,8 @@ class DecoderLayer(_Part):
         attn_out, kv = Attention(cfg, self.lora, self.deterministic, name="self_attn")(
             norm("input_layernorm")(hidden), cos, sin, mask, cache_index, kv, layer)
         hidden = hidden + attn_out
-        hidden = hidden + MLP(cfg, self.lora, self.deterministic, name="mlp")(
-            norm("post_attention_layernorm")(hidden))
+        mlp_in = checkpoint_name(norm("post_attention_layernorm")(hidden), "mlp_in")
+        hidden = hidden + MLP(cfg, self.lora, self.deterministic, name="mlp")(mlp_in)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
         return (hidden, kv), None
 
@@ -248,7 +258,7 @@ class Qwen2(nn.Module):
         cfg = self.config
         block = DecoderLayer
         if cfg.remat_policy != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+            block = nn.remat(block, policy=remat_policy(cfg), prevent_cse=not cfg.scan_layers)
         carry = (hidden, (cache["k"], cache["v"]) if cache is not None else None)
         if cfg.scan_layers:
             scanned = nn.scan(
@@ -263,6 +273,18 @@ class Qwen2(nn.Module):
             carry, _ = block(cfg, self.lora, deterministic, name=f"layers_{i}")(
                 carry, cos, sin, mask, cache_index, i)
         return carry
+
+
+def remat_policy(cfg: Qwen2Config):
+    """The jax checkpoint policy of `cfg.remat_policy` (names checked: a typo would save nothing)."""
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"model.llm.remat_policy={cfg.remat_policy!r}: expected none or one of "
+                         f"{sorted(REMAT_POLICIES)}")
+    unknown = sorted(set(cfg.remat_names) - set(REMAT_NAMES))
+    if unknown:
+        raise ValueError(f"model.llm.remat_names has {unknown}: the decoder layer tags only "
+                         f"{list(REMAT_NAMES)}")
+    return REMAT_POLICIES[cfg.remat_policy](tuple(cfg.remat_names))
 
 
 def load_hf(path, config: Qwen2Config | None = None, **kwargs):

@@ -36,11 +36,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("lora_rank", None),
     ("norm", None),
-    # media encoders and connectors: replicated except over fsdp on their embed dimension
+    # media encoders (frozen SigLIP / Whisper) are sharded like the LLM: fsdp on their embed
+    # dimension (SigLIP 1152, Whisper 1280: powers of two up to 128 / 256 divide), tensor on the MLP;
+    # XLA all-gathers a layer's weights when it runs. The Q-Former's own width stays replicated.
     ("frames", None),
-    ("vision_embed", None),
+    ("vision_embed", "fsdp"),
     ("vision_mlp", "tensor"),
-    ("audio_embed", None),
+    ("audio_embed", "fsdp"),
     ("audio_mlp", "tensor"),
     ("qformer_embed", None),
     ("qformer_mlp", None),
