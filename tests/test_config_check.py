@@ -8,7 +8,15 @@ import pytest
 
 from vsalmonn_jax.cli import main
 from vsalmonn_jax.config import load_config
-from vsalmonn_jax.config_check import RULES, ConfigError, Number, OneOf, SubsetOf, problems, validate
+from vsalmonn_jax.config_check import (
+    RULES,
+    ConfigError,
+    Number,
+    OneOf,
+    SubsetOf,
+    problems,
+    validate,
+)
 
 
 def _bad_values(rule):
