@@ -10,7 +10,8 @@ donated) of the 7B config cut to 2 layers, batch 8, cache 8,192 slots, lowered f
 (nothing 7B-sized is allocated), divided by what a step must read: every weight plus the whole cache.
 `BENCH decode_step_bytes_ratio` (fp32) and `BENCH decode_step_bytes_ratio_bf16_cpu`. Two host-compiler
 facts shape the measurement: XLA's cost analysis counts a while-loop body once, so the layers are
-unrolled here (scan_layers=False) to count each; and the CPU backend computes bf16 dots and
+unrolled here (scan_layers=False) to count each, and the cache is read as one block (a full
+cache: the worst case of the filled-blocks loop, kv_cache.decode_attention); and the CPU backend computes bf16 dots and
 dynamic-(update-)slices in f32 by converting whole operands (weights, cache) around them, traffic no
 GPU/TPU step has, which is why the fp32 figure is the headline and the bf16 one is for reference.
 The embedding gather is counted by the cost model as reading the whole table, and the table is in
@@ -90,7 +91,10 @@ def decode_step_bytes(dtype: str, batch: int = 8, slots: int = 8192, layers: int
     import flax.linen as nn
 
     llm = load_config("7b").model.llm
-    llm.update(dict(num_layers=layers, dtype=dtype, param_dtype=dtype, scan_layers=False))
+    # attention_block = slots: the step reads the whole (full) cache in one block, which the cost
+    # model counts exactly; with smaller blocks it would count one block of the filled-slots loop
+    llm.update(dict(num_layers=layers, dtype=dtype, param_dtype=dtype, scan_layers=False,
+                    attention_block=slots))
     config = Qwen2Config.from_config(llm)
     model = Qwen2(config)
     params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))

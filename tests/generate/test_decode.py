@@ -312,3 +312,24 @@ def test_decode_step_writes_the_cache_in_place(tiny_pair, scan_layers):
     allowed = {"parameter", "get-tuple-element", "dynamic-update-slice", "bitcast"}
     assert ops and all(op in allowed or (op.startswith("fusion:") and "dynamic-update-slice" in op)
                        for op in ops), ops
+
+
+@pytest.mark.parametrize("filled", [1, 4, 5, 13, 19])
+def test_decode_attention_reads_only_the_filled_blocks(filled):
+    """The blockwise path over the filled part of the cache (a last block overlapping the one before
+    it, S = 19 not a multiple of the block) equals attention over the whole masked cache."""
+    from vsalmonn_jax.models.kv_cache import decode_attention, slot_mask
+
+    rng = np.random.default_rng(filled)
+    q = jnp.asarray(rng.standard_normal((2, 1, 6, 8)), jnp.float32)        # [B,T,N,D], 3 groups
+    k, v = (jnp.asarray(rng.standard_normal((2, 2, 19, 8)), jnp.float32) for _ in range(2))
+    valid = jnp.asarray(rng.random((2, 19)) > 0.2).at[:, 0].set(True)
+    mask = slot_mask(valid, filled - 1, 1)                                   # [B,1,S]
+    dense = decode_attention(q, k, v, mask)
+    blocks = jax.jit(decode_attention, static_argnums=5)(q, k, v, mask, jnp.int32(filled), 4)
+    np.testing.assert_allclose(np.asarray(blocks), np.asarray(dense), atol=1e-5)
+    # blocks past the filled ones are never read: NaN there (which any read would spread) is harmless
+    end = -(-filled // 4) * 4
+    v_nan = v.at[:, :, end:].set(jnp.nan)
+    np.testing.assert_allclose(np.asarray(decode_attention(q, k, v_nan, mask, filled, 4)),
+                               np.asarray(dense), atol=1e-5)

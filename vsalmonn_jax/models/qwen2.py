@@ -114,7 +114,8 @@ class Attention(_Part):
             kv = (kv_cache.write(kv[0], k, layer, cache_index), kv_cache.write(kv[1], v, layer, cache_index))
         if kv is not None and length == 1:   # decode step: attend over this layer's cache
             k_layer, v_layer = (kv_cache.layer_slice(buf, layer) for buf in kv)   # [B,K,S,D]
-            out = kv_cache.decode_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask)
+            out = kv_cache.decode_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask,
+                                            cache_index + length, cfg.attention_block)
         else:                # no cache, or a prompt filling an empty one: causal over its own K/V
             k = nn.with_logical_constraint(k, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
             v = nn.with_logical_constraint(v, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
