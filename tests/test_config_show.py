@@ -31,7 +31,7 @@ def test_config_show_prints_the_resolved_config():
 def test_config_show_json_and_errors(capsys):
     assert main(["config", "show", "--config", "tiny", "--config.seed=7", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["seed"] == 7 and shown["model"]["llm"] == load_config("tiny").model.llm.to_dict()
+    assert shown["seed"] == 7 and shown["model"]["llm"] == json.loads(load_config("tiny").model.llm.to_json())
     assert main(["config", "show", "--config.train.no_such=1"]) == 2
     assert "no field 'no_such' in train" in capsys.readouterr().err
     assert main(["config", "show", "--config", "no_such_preset"]) == 2

@@ -46,17 +46,22 @@ def run_tokenizer(run_dir: pathlib.Path | None) -> str:
     return ""
 
 
-def resolve_config(checkpoint: str | pathlib.Path, config_path: str | None = None,
+def resolve_config(checkpoint: str | pathlib.Path | None, config_path: str | None = None,
                    overrides: list[str] | tuple[str, ...] = ()):
     """(config, run dir or None, where the config came from) for a checkpoint.
 
     `config_path` given: that preset / config.json; else the run's config.json found at or above
     the checkpoint (a clear error when there is none). The run's tokenizer copy replaces
     `data.tokenizer` before the overrides apply, and fills it when a preset leaves it empty.
+    No checkpoint (`caption` with `model.pretrained` weights alone): the preset, no run.
     """
     from vsalmonn_jax.config import apply_override, load_config
 
-    run_dir = find_run_dir(checkpoint)
+    run_dir = find_run_dir(checkpoint) if checkpoint is not None else None
+    if checkpoint is None and not config_path:
+        raise FileNotFoundError("no --checkpoint and no --config: pass a run (--checkpoint RUN) or "
+                                "a preset with pretrained weights (--config configs/X.py "
+                                "--config.model.pretrained.llava=DIR ...)")
     if config_path:
         config, source = load_config(config_path), str(config_path)
     elif run_dir is not None:
