@@ -147,3 +147,21 @@ def test_control_arm_trains_on_gt_captions_only(tmp_path, tok, env_mesh):
     assert [r["conversations"][1]["content"] for r in records] == [
         truth[r["id"].split(":")[0]] for r in records]
     assert round0["eval"] == {}
+
+
+def test_a_round_on_free_text_events_with_the_embedding_judge(tmp_path, tok, env_mesh):
+    """The official test set's form of ground truth (events as plain sentences) through a whole
+    round: samples judged by the packaged embedding judge, pairs / CE records written, the round's
+    evaluation scored against the free-text events."""
+    cfg = config("mrdpo.rounds=1", "mrdpo.judge=embedding", "mrdpo.ce_only_records=True")
+    env, mesh, _ = env_mesh
+    free = [dict(item, events=[s.strip() + "." for s in item["caption"].split(".") if s.strip()])
+            for item in items(6)]
+    assert all(isinstance(e, str) for item in free for e in item["events"])
+    _, summary = run_mrdpo(cfg, env, tmp_path, state=fresh_state(env, cfg, mesh),
+                           train_items=free, eval_items=free[:2], mesh=mesh)
+    (round0,) = summary["history"]
+    assert round0["pairs"]["samples"] == 12
+    records = [json.loads(line) for line in open(tmp_path / "round_0" / "pairs.jsonl")]
+    assert records and {r["id"].split(":")[0] for r in records} <= {item["id"] for item in free}
+    assert 0.0 <= round0["eval"]["miss"] <= 1.0
