@@ -167,6 +167,7 @@ def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path, monk
     assert main(["--report-only"]) == 2   # needs --resume, and creates no run folder
     assert list(cwd.iterdir()) == []
     assert main(["--resume", str(tmp_path), "--report-only"]) == 0
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "data").exists()   # no data folder made
     report = (tmp_path / "report.md").read_text()
     assert "Partial report: stage(s) not finished: mrdpo_2, mrdpo_3, control_1" in report
     assert re.search(r"^\| mrdpo_1 vs sft \|", report, re.M)

@@ -53,6 +53,21 @@ def resolve_data_dir(config, run_dir: pathlib.Path, data_arg: str) -> pathlib.Pa
     return own
 
 
+def _report_only(config, run_dir: pathlib.Path) -> int:
+    from vsalmonn_jax.demo.pipeline import finished_records
+    from vsalmonn_jax.demo.report import write_report
+
+    records, missing = finished_records(config, run_dir)
+    if "sft" not in records:
+        print(f"vsalmonn-jax demo: {run_dir}: the sft stage has not finished; no report",
+              file=sys.stderr)
+        return 2
+    report = write_report(run_dir, records, config, wall_s=0.0, missing=missing)
+    print(f"Report (partial: {len(missing)} stage(s) unfinished) written to {report}"
+          if missing else f"Report written to {report}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     from vsalmonn_jax.config import split_config_args
 
@@ -79,6 +94,8 @@ def main(argv: list[str]) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = pathlib.Path(args.out or f"{config.workdir}/demo-{stamp}{'-quick' if args.quick else ''}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:   # reads the finished stages only: no data folder, config.json untouched
+        return _report_only(config, run_dir)
     data_dir = resolve_data_dir(config, run_dir, args.data)
     config.demo.data_dir = str(data_dir.absolute())   # caption --checkpoint RUN reads it (demo/serve.py)
     (run_dir / "config.json").write_text(config.to_json_best_effort(indent=1))
@@ -91,19 +108,8 @@ def main(argv: list[str]) -> int:
         log_file.write(line + "\n")
         log_file.flush()
 
-    from vsalmonn_jax.demo.pipeline import Preempted, finished_records, run_demo
+    from vsalmonn_jax.demo.pipeline import Preempted, run_demo
     from vsalmonn_jax.demo.report import write_report
-
-    if args.report_only:
-        records, missing = finished_records(config, run_dir)
-        if "sft" not in records:
-            print(f"vsalmonn-jax demo: {run_dir}: the sft stage has not finished; no report",
-                  file=sys.stderr)
-            return 2
-        report = write_report(run_dir, records, config, wall_s=0.0, missing=missing)
-        print(f"Report (partial: {len(missing)} stage(s) unfinished) written to {report}"
-              if missing else f"Report written to {report}")
-        return 0
 
     log(f"vsalmonn-jax demo{' --quick' if args.quick else ''}: run directory {run_dir}")
     try:
