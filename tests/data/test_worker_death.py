@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from machine import scaled
 
 RUNNER = pathlib.Path(__file__).with_name("worker_death_run.py")
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -53,17 +54,17 @@ def _start(data, workdir, log):
 
 def _finish(proc, timeout: float, what: str) -> str:
     try:
-        proc.wait(timeout=timeout)
+        proc.wait(timeout=scaled(timeout))
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail(f"{what} within {timeout} s")
+        pytest.fail(f"{what} within {scaled(timeout):.0f} s")
     return pathlib.Path(proc.log).read_text()
 
 
 def _wait_for_rows(proc, workdir, rows: int, timeout: float = 600):
     """Wait until metrics.jsonl has `rows` rows and both workers run; return the worker pids."""
     path = workdir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         assert proc.poll() is None, pathlib.Path(proc.log).read_text()[-3000:]
         if path.exists() and len(path.read_text().splitlines()) >= rows:
@@ -107,7 +108,7 @@ def test_dead_worker_stops_with_a_message_and_a_checkpoint(run, tmp_path):
     steps = _steps(workdir)
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [steps[-1]] and steps == list(range(1, steps[-1] + 1))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers)
@@ -135,7 +136,7 @@ def test_sigterm_while_waiting_on_data_then_kill_leaves_no_orphans(run, tmp_path
     assert _steps(workdir) == list(range(1, len(_steps(workdir)) + 1))   # no duplicate rows
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers), "orphaned data workers after kill -9 of the trainer"

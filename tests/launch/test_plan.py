@@ -168,7 +168,7 @@ def test_cli_progress_parallel_compiles_flops_and_mfu(tmp_path):
          "--mesh", "data=2,fsdp=2,tensor=2", "--remat", "none,full", "--objectives", "sft",
          "--no-reference", "--model", "llm", "--video-seconds", "2", "--text-tokens", "32",
          "--device", "v5e", "--jobs", "2", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(900))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "2 compile(s): sft (remat=none), sft (remat=full); 2 at a time (2 requested)" in proc.stderr
     assert re.search(r"compiling sft \(remat=full\)", proc.stderr)
