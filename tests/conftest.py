@@ -24,6 +24,12 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+def pytest_configure(config):
+    import cpu_profile
+
+    cpu_profile.register(config)   # VSALMONN_TEST_PROFILE=path: CPU seconds per test
+
+
 # pytest-timeout's limit (pyproject `timeout`) is for a quiet machine: stretch it by the slowdown
 # measured at collection (tests/machine.py), as the subprocess timeouts are.
 def pytest_collection_modifyitems(config, items):
