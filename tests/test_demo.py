@@ -16,7 +16,8 @@ from machine import scaled
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # `--quick` shrunk further: every stage, round and arm still runs and compiles (the same functions as
-# `--quick`), on fewer and shorter clips, batches, steps and captions (~1/3 of --quick's CPU time).
+# `--quick`), on fewer and shorter clips, batches, steps and captions: the test (demo, caption and
+# resume, cold compile cache) took 161 CPU s, where `demo --quick` alone takes 240.
 SMALL = ["--config.demo.n_train=16", "--config.demo.n_test=8", "--config.demo.n_fresh=8",
          "--config.demo.n_rebirth=8", "--config.demo.batch_size=4", "--config.demo.eval_batch=8",
          "--config.demo.pretrain_steps=3", "--config.demo.align_steps=2", "--config.demo.sft_steps=3",
