@@ -1,8 +1,9 @@
-"""XLA flags for subprocesses whose executables are only measured (memory, FLOPs), never run: the CPU
-backend's LLVM optimisation is switched off, which changes neither buffer sizes nor HLO cost analysis.
+"""Cheaper XLA CPU compiles for the tests, which compile far more than they compute: the backend's
+LLVM optimisation is switched off (the HLO passes, results, buffer sizes and cost analysis are unchanged).
 
+The test processes use FLAGS (conftest); so do subprocesses whose executables are only measured.
 Measured on the 7B plan (data=1,fsdp=16,tensor=4, 60-s video): dpo and reference peak / temp / argument
-bytes and FLOPs identical to the default flags; compile CPU time roughly halved.
+bytes and FLOPs identical to the default flags, compile CPU time roughly halved.
 """
 
 from __future__ import annotations
