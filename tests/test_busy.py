@@ -16,8 +16,10 @@ SHELLCHECK = pathlib.Path(sys.executable).parent / "shellcheck"
 
 def test_busy_runs_the_command_beside_burners_and_stops_them():
     env = dict(os.environ, BUSY_BURNERS="2")
-    proc = subprocess.run([str(REPO / ".ci" / "busy"), "sh", "-c",
-                           'for p in $BUSY_PIDS; do cat /proc/"$p"/comm; done; exit 3'],
+    # a burner just forked may not have exec'd `yes` yet: wait for it (up to 30 s, then print)
+    show = ('for p in $BUSY_PIDS; do i=0; while [ "$(cat /proc/"$p"/comm)" != yes ] && '
+            '[ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; cat /proc/"$p"/comm; done; exit 3')
+    proc = subprocess.run([str(REPO / ".ci" / "busy"), "sh", "-c", show],
                           cwd="/", env=env, capture_output=True, text=True, timeout=scaled(60))
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.split() == ["yes", "yes"]   # both burners ran while the command did
