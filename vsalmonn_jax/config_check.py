@@ -150,6 +150,7 @@ RULES: dict[str, Any] = {
     "dpo.label_smoothing": Number(low=0, high=0.5),
     "dpo.gt_ce_weight": NON_NEGATIVE,
     "dpo.reference": OneOf(("snapshot", "lora_disabled")),
+    "dpo.precompute_reference": OneOf((True, False)),
     "mrdpo.rounds": POSITIVE_INT,
     "mrdpo.steps_per_round": POSITIVE_INT,
     "mrdpo.samples_per_video": Number(low=2, integer=True),
