@@ -49,6 +49,9 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     assert round0["last_step"]["grad_norm"] > 0
     pairs = [json.loads(line) for line in open(tmp_path / "mrdpo" / "round_0" / "pairs.jsonl")]
     assert all(p["video"].endswith(".mp4") and "gt" in p for p in pairs)
+    reference = [json.loads(line)
+                 for line in open(tmp_path / "mrdpo" / "round_0" / "reference.jsonl")]
+    assert [r["id"] for r in reference] == [p["id"] for p in pairs]   # precomputed per round
     assert len(decoded) == len(set(decoded)) == 6   # each clip decoded once: pairs reuse it
 
     config = load_config("tiny", overrides + [
