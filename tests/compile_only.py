@@ -13,6 +13,12 @@ import os
 FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process with `devices` fake CPU devices (VSALMONN_TEST_XLA_OPT=1: no FLAGS)."""
+    fast = () if os.environ.get("VSALMONN_TEST_XLA_OPT") == "1" else FLAGS
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *fast])
+
+
 def env(drop=("XLA_FLAGS", "VSALMONN_PLAN_DEVICES")) -> dict[str, str]:
     """os.environ without `drop`, with XLA_FLAGS = FLAGS (a plan child adds its device count)."""
     out = {k: v for k, v in os.environ.items() if k not in drop}

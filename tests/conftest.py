@@ -12,9 +12,7 @@ import compile_only  # noqa: E402
 
 # The suite compiles far more than it computes: LLVM optimisation off (compile_only.FLAGS) cut
 # tests/training/test_steps.py from 103 to 63 CPU s, same results. VSALMONN_TEST_XLA_OPT=1 keeps it on.
-os.environ.setdefault("XLA_FLAGS", " ".join(
-    ["--xla_force_host_platform_device_count=8",
-     *(() if os.environ.get("VSALMONN_TEST_XLA_OPT") == "1" else compile_only.FLAGS)]))
+os.environ.setdefault("XLA_FLAGS", compile_only.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
