@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import compile_only
 import numpy as np
 import pytest
 from machine import scaled
@@ -17,7 +18,8 @@ from machine import scaled
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # `--quick` shrunk further: every stage, round and arm still runs and compiles (the same functions as
 # `--quick`), on fewer and shorter clips, batches, steps and captions: the test (demo, caption and
-# resume, cold compile cache) took 161 CPU s, where `demo --quick` alone takes 240.
+# resume, cold compile cache) took 161 CPU s, where `demo --quick` alone takes 240; 111 with the
+# demo compiled without LLVM optimisation (compile_only).
 SMALL = ["--config.demo.n_train=16", "--config.demo.n_test=8", "--config.demo.n_fresh=8",
          "--config.demo.n_rebirth=8", "--config.demo.batch_size=4", "--config.demo.eval_batch=8",
          "--config.demo.pretrain_steps=3", "--config.demo.align_steps=2", "--config.demo.sft_steps=3",
@@ -93,7 +95,7 @@ def test_quick_overrides_and_cli_overrides_apply_in_order():
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_resume(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as users run it
+    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1))   # one CPU device, as users run it
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vsalmonn_jax.cli", "demo", "--quick", "--out", str(out),
            f"--config.workdir={tmp_path}", *SMALL]   # the shared data folder goes under tmp_path too
