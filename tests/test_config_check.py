@@ -59,7 +59,7 @@ def test_each_rule_rejects_bad_values(field):
         assert found[0].startswith(f"{field}={value!r}: allowed: ")
         assert f"fix: --config.{field}=" in found[0]
         if isinstance(rule, OneOf):
-            assert " | ".join(rule.values) in found[0]
+            assert " | ".join(map(str, rule.values)) in found[0]
 
 
 def test_number_rule_bounds():
@@ -76,6 +76,7 @@ def test_number_rule_bounds():
     ("data.audio_channel=left", "data.audio_channel='left': allowed: first | mean | dialogue"),
     ("data.fps=0", "data.fps=0.0: allowed: a number > 0"),
     ("train.lr=-1", "train.lr=-1.0: allowed: a number > 0"),
+    ("dpo.shared_prefix='yes'", "dpo.shared_prefix='yes': allowed: True | False"),
 ])
 def test_issue_examples_fail(override, expect):
     with pytest.raises(ConfigError, match="invalid config") as err:

@@ -1,0 +1,108 @@
+"""Prefix-shared DPO rows: the sequence sets of a pair ([prompt + media | chosen | rejected | GT]) as
+ONE packed sequence per pair, so the prompt and the media are encoded and attended once.
+
+Branch ids (models/attention/mask.py): 0 = the shared prompt, k = the k-th continuation. Packing runs
+inside the step (static width: the sum of the sets' widths, padding last); a continuation token is
+predicted from the token before it, its first token from the last prefix token (`align`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PACKED_FIELDS = ("input_ids", "attention_mask", "loss_mask", "branch_ids")
+
+
+def _first_target(loss_mask, attention_mask):
+    """Index of the first target token per row ([B,T] -> [B]); the row's length when it has none."""
+    valid = attention_mask.astype(bool)
+    loss = loss_mask.astype(bool) & valid
+    length = jnp.sum(valid, axis=1)
+    return jnp.where(jnp.any(loss, axis=1), jnp.argmax(loss, axis=1), length)
+
+
+def pack_branches(parts: list[dict]) -> dict:
+    """n sequence sets {"input_ids","attention_mask","loss_mask"} [B,T_k] sharing their prompt (the
+    tokens before the first target) -> one row per pair [B, sum T_k]:
+    prompt | continuation 1 | ... | continuation n | padding, with "branch_ids" 0 | 1 | ... | n | 0.
+    Right-padded inputs; the prompts must agree (`check_shared_prompts`, host side)."""
+    prompt = jnp.min(jnp.stack([_first_target(p["loss_mask"], p["attention_mask"]) for p in parts]),
+                     axis=0)[:, None]                                                     # [B,1]
+    width = sum(p["input_ids"].shape[1] for p in parts)
+    j = jnp.arange(width)[None, :]                                                        # [1,W]
+
+    def take(x, index):  # [B,T] gathered at index [B,W] (clipped into the row)
+        return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1), axis=1)
+
+    first = parts[0]
+    in_prefix = j < prompt                                                                # [B,W]
+    ids = jnp.where(in_prefix, take(first["input_ids"], jnp.broadcast_to(j, in_prefix.shape)), 0)
+    valid, loss = in_prefix, jnp.zeros_like(in_prefix)
+    branch = jnp.zeros(in_prefix.shape, jnp.int32)
+    start = prompt
+    for k, part in enumerate(parts, start=1):
+        length = jnp.sum(part["attention_mask"].astype(bool), axis=1, keepdims=True)     # [B,1]
+        count = jnp.maximum(length - prompt, 0)
+        inside = (j >= start) & (j < start + count)
+        source = prompt + j - start
+        ids = jnp.where(inside, take(part["input_ids"], source), ids)
+        loss = jnp.where(inside, take(part["loss_mask"].astype(bool), source), loss)
+        valid = valid | inside
+        branch = jnp.where(inside, k, branch)
+        start = start + count
+    return {"input_ids": ids, "attention_mask": valid, "loss_mask": loss & valid, "branch_ids": branch}
+
+
+def predicting_index(branch_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Which position's hidden state predicts each token of a packed row: the one before it, or for
+    a continuation's first token the last prefix token. [B,L] -> [B,L]."""
+    t = jnp.arange(branch_ids.shape[1])[None, :]
+    prefix = attention_mask.astype(bool) & (branch_ids == 0)
+    last_prefix = jnp.max(jnp.where(prefix, t, 0), axis=1, keepdims=True)                # [B,1]
+    previous = jnp.concatenate([branch_ids[:, :1], branch_ids[:, :-1]], axis=1)
+    opens = (branch_ids > 0) & (branch_ids != previous) & (t > 0)
+    return jnp.where(opens, last_prefix, jnp.maximum(t - 1, 0))
+
+
+def align(out: dict) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A packed forward's {"hidden" [B,L,H], "targets" (token ids), "loss_mask", "attention_mask",
+    "branch_ids" [B,L]} -> (predicting hidden [B,L,H], targets [B,L], mask bool [B,L], branch [B,L]):
+    row t of the hidden states is the one that predicts token t."""
+    source = predicting_index(out["branch_ids"], out["attention_mask"])
+    hidden = jnp.take_along_axis(out["hidden"], source[..., None], axis=1)
+    mask = out["loss_mask"].astype(bool) & out["attention_mask"].astype(bool) & (out["branch_ids"] > 0)
+    return hidden, out["targets"], mask, out["branch_ids"]
+
+
+def check_shared_prompts(batch: dict, prefixes: tuple[str, ...]) -> None:
+    """Host check before a packed step: in every pair with a target token, each sequence set's prompt
+    (the tokens before its first target) equals the first set's. Raises ValueError naming the
+    example_id (a shared prefix cannot hold two prompts)."""
+    sets = [p for p in prefixes if p + "input_ids" in batch]
+    if len(sets) < 2:
+        return
+    ids = {p: np.asarray(batch[p + "input_ids"]) for p in sets}
+    loss = {p: np.asarray(batch[p + "loss_mask"]).astype(bool)
+            & np.asarray(batch[p + "attention_mask"]).astype(bool) for p in sets}
+    example_ids = np.asarray(batch.get("example_id", np.arange(ids[sets[0]].shape[0])))
+    for row in range(ids[sets[0]].shape[0]):
+        if not any(loss[p][row].any() for p in sets):
+            continue  # a padding row (pad_rows): no target, nothing to share
+        starts = {p: int(np.argmax(loss[p][row])) if loss[p][row].any() else -1 for p in sets}
+        n = starts[sets[0]]
+        for p in sets[1:]:
+            if starts[p] != n or not np.array_equal(ids[p][row, :n], ids[sets[0]][row, :n]):
+                raise ValueError(
+                    f"example_id {int(example_ids[row])}: the {p}prompt differs from the {sets[0]}"
+                    f"prompt (first target at {starts[p]} vs {n}); prefix-shared DPO packs one prompt "
+                    "per pair (set dpo.shared_prefix=False to run such pairs unshared)")
+
+
+def packed_output(hidden: jax.Array, row: dict) -> dict:
+    """What a task's forward_packed returns: final hidden [B,L,H] + the row's (spliced) unshifted
+    "targets" (token ids), "loss_mask", "attention_mask", "branch_ids" [B,L] (the input of `align`)."""
+    targets = row["targets"] if "targets" in row else row["input_ids"]
+    return {"hidden": hidden, "targets": targets, "loss_mask": row["loss_mask"],
+            "attention_mask": row["attention_mask"], "branch_ids": row["branch_ids"]}
