@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from toy_tasks import build, host, mesh_of, tiny_config
 
-from vsalmonn_jax.models import attention
-from vsalmonn_jax.models import av_llm
+from vsalmonn_jax.models import attention, av_llm
 from vsalmonn_jax.training import packing
 from vsalmonn_jax.training import steps as sp
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES
