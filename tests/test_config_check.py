@@ -76,7 +76,6 @@ def test_number_rule_bounds():
     ("data.audio_channel=left", "data.audio_channel='left': allowed: first | mean | dialogue"),
     ("data.fps=0", "data.fps=0.0: allowed: a number > 0"),
     ("train.lr=-1", "train.lr=-1.0: allowed: a number > 0"),
-    ("dpo.shared_prefix='yes'", "dpo.shared_prefix='yes': allowed: True | False"),
 ])
 def test_issue_examples_fail(override, expect):
     with pytest.raises(ConfigError, match="invalid config") as err:
@@ -122,6 +121,14 @@ def test_commands_refuse_bad_config_up_front(argv, expect, capsys, tmp_path, mon
     err = capsys.readouterr().err
     assert "invalid config" in err and expect in err
     assert list(tmp_path.iterdir()) == []  # nothing created: no workdir, no config.json
+
+
+def test_shared_prefix_is_a_boolean():
+    config = load_config("tiny").to_dict()
+    assert config["dpo"]["shared_prefix"] is True   # prefix-shared DPO is the default
+    config["dpo"]["shared_prefix"] = "no"
+    (line,) = problems(config)
+    assert line.startswith("dpo.shared_prefix='no': allowed: True | False")
 
 
 def test_remat_names_must_be_tagged_activations():
