@@ -134,6 +134,10 @@ def test_pack_branches_layout():
     # the rejected token (index 4) is predicted from the last prompt token (index 1)
     np.testing.assert_array_equal(packing.predicting_index(packed["branch_ids"], packed["attention_mask"])[0],
                                   [0, 0, 1, 2, 1, 4, 5, 6, 7, 8])
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(1, 10, 3)), jnp.float32)
+    aligned = packing.align(dict(packing.packed_output(hidden, packed), targets=packed["input_ids"]))[0]
+    index = packing.predicting_index(packed["branch_ids"], packed["attention_mask"])
+    np.testing.assert_array_equal(aligned, jnp.take_along_axis(hidden, index[..., None], axis=1))
     from vsalmonn_jax.models.qwen2 import branch_positions
     np.testing.assert_array_equal(branch_positions(packed["attention_mask"], packed["branch_ids"])[0][:5],
                                   [0, 1, 2, 3, 2])

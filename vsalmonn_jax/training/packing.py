@@ -55,23 +55,34 @@ def pack_branches(parts: list[dict]) -> dict:
     return {"input_ids": ids, "attention_mask": valid, "loss_mask": loss & valid, "branch_ids": branch}
 
 
-def predicting_index(branch_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Which position's hidden state predicts each token of a packed row: the one before it, or for
-    a continuation's first token the last prefix token. [B,L] -> [B,L]."""
+def _opens_and_last_prefix(branch_ids: jax.Array, attention_mask: jax.Array):
+    """(opens [B,L] bool: a continuation's first token, last_prefix [B,1]: the last prefix token)."""
     t = jnp.arange(branch_ids.shape[1])[None, :]
     prefix = attention_mask.astype(bool) & (branch_ids == 0)
     last_prefix = jnp.max(jnp.where(prefix, t, 0), axis=1, keepdims=True)                # [B,1]
     previous = jnp.concatenate([branch_ids[:, :1], branch_ids[:, :-1]], axis=1)
-    opens = (branch_ids > 0) & (branch_ids != previous) & (t > 0)
+    return (branch_ids > 0) & (branch_ids != previous) & (t > 0), last_prefix
+
+
+def predicting_index(branch_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Which position's hidden state predicts each token of a packed row: the one before it, or for
+    a continuation's first token the last prefix token. [B,L] -> [B,L]."""
+    opens, last_prefix = _opens_and_last_prefix(branch_ids, attention_mask)
+    t = jnp.arange(branch_ids.shape[1])[None, :]
     return jnp.where(opens, last_prefix, jnp.maximum(t - 1, 0))
 
 
 def align(out: dict) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """A packed forward's {"hidden" [B,L,H], "targets" (token ids), "loss_mask", "attention_mask",
     "branch_ids" [B,L]} -> (predicting hidden [B,L,H], targets [B,L], mask bool [B,L], branch [B,L]):
-    row t of the hidden states is the one that predicts token t."""
-    source = predicting_index(out["branch_ids"], out["attention_mask"])
-    hidden = jnp.take_along_axis(out["hidden"], source[..., None], axis=1)
+    row t of the hidden states is the one that predicts token t (`predicting_index`), built as the
+    states shifted by one with the last prefix token's state copied to each continuation's first
+    token (a shift and a [B,1,H] gather, no gather along the sequence)."""
+    hidden = out["hidden"]
+    opens, last_prefix = _opens_and_last_prefix(out["branch_ids"], out["attention_mask"])
+    shifted = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)                   # [B,L,H]
+    prefix_state = jnp.take_along_axis(hidden, last_prefix[..., None], axis=1)           # [B,1,H]
+    hidden = jnp.where(opens[..., None], prefix_state, shifted)
     mask = out["loss_mask"].astype(bool) & out["attention_mask"].astype(bool) & (out["branch_ids"] > 0)
     return hidden, out["targets"], mask, out["branch_ids"]
 
