@@ -82,7 +82,9 @@ def test_precomputed_reference_matches_the_in_step_reference(text_env):
         metrics.append(jax.device_get(steps.eval(run_state, device_batch(batch, steps))))
     for key in ("loss", "dpo_loss", "rewards/margins", "logps/chosen"):
         assert float(metrics[0][key]) == pytest.approx(float(metrics[1][key]), abs=1e-5)
-    assert float(metrics[0]["dpo_loss"]) == pytest.approx(np.log(2.0), abs=1e-6)
+    # policy = reference at init; packed, the policy row holds the GT answer and the reference's
+    # does not, so the two forwards differ in shape and round differently (~1e-6 in fp32)
+    assert float(metrics[0]["dpo_loss"]) == pytest.approx(np.log(2.0), abs=1e-5)
 
 
 def test_local_rows_slice_each_batch_and_pass_state_through():
