@@ -151,6 +151,7 @@ RULES: dict[str, Any] = {
     "dpo.label_smoothing": Number(low=0, high=0.5),
     "dpo.gt_ce_weight": NON_NEGATIVE,
     "dpo.reference": OneOf(("snapshot", "lora_disabled")),
+    "dpo.precompute_reference": BOOL,
     "dpo.shared_prefix": BOOL,
     "mrdpo.rounds": POSITIVE_INT,
     "mrdpo.steps_per_round": POSITIVE_INT,
