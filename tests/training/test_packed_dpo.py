@@ -143,6 +143,21 @@ def test_pack_branches_layout():
                                   [0, 1, 2, 3, 2])
 
 
+def test_a_ce_only_row_takes_its_prompt_from_the_gt():
+    """mrDPO's CE-only rows: chosen / rejected empty (no target), the GT alone defines the prompt."""
+    empty = {"input_ids": jnp.zeros((1, 4), jnp.int32), "attention_mask": jnp.zeros((1, 4), bool),
+             "loss_mask": jnp.zeros((1, 4), bool)}
+    gt = {"input_ids": jnp.asarray([[7, 8, 9, 6]]), "attention_mask": jnp.ones((1, 4), bool),
+          "loss_mask": jnp.asarray([[False, False, True, True]])}
+    packed = packing.pack_branches([empty, empty, gt])
+    np.testing.assert_array_equal(packed["input_ids"][0, :4], [7, 8, 9, 6])
+    np.testing.assert_array_equal(packed["branch_ids"][0, :5], [0, 0, 3, 3, 0])
+    np.testing.assert_array_equal(packed["loss_mask"][0, :5], [0, 0, 1, 1, 0])
+    batch = {p + k: np.asarray(v) for p, part in zip(("chosen_", "rejected_", "gt_"), (empty, empty, gt),
+                                                     strict=True) for k, v in part.items()}
+    packing.check_shared_prompts(batch, ("chosen_", "rejected_", "gt_"))
+
+
 def test_pairs_with_different_prompts_are_refused_by_example_id():
     task = build_task(tiny_config("stage=dpo"), placeholder_id=PH)
     batch = pair_batch(task)

@@ -16,29 +16,35 @@ PACKED_FIELDS = ("input_ids", "attention_mask", "loss_mask", "branch_ids")
 
 
 def _first_target(loss_mask, attention_mask):
-    """Index of the first target token per row ([B,T] -> [B]); the row's length when it has none."""
-    valid = attention_mask.astype(bool)
-    loss = loss_mask.astype(bool) & valid
-    length = jnp.sum(valid, axis=1)
-    return jnp.where(jnp.any(loss, axis=1), jnp.argmax(loss, axis=1), length)
+    """(index of the first target token [B] (0 where none), whether the row has one [B])."""
+    loss = loss_mask.astype(bool) & attention_mask.astype(bool)
+    return jnp.argmax(loss, axis=1), jnp.any(loss, axis=1)
 
 
 def pack_branches(parts: list[dict]) -> dict:
     """n sequence sets {"input_ids","attention_mask","loss_mask"} [B,T_k] sharing their prompt (the
     tokens before the first target) -> one row per pair [B, sum T_k]:
     prompt | continuation 1 | ... | continuation n | padding, with "branch_ids" 0 | 1 | ... | n | 0.
-    Right-padded inputs; the prompts must agree (`check_shared_prompts`, host side)."""
-    prompt = jnp.min(jnp.stack([_first_target(p["loss_mask"], p["attention_mask"]) for p in parts]),
-                     axis=0)[:, None]                                                     # [B,1]
+    The prompt is that of the first set with a target token (a CE-only row's GT; sets without
+    targets add only loss-free tokens). Right-padded inputs; the prompts of the sets with targets
+    must agree (`check_shared_prompts`, host side)."""
+    firsts, has = zip(*(_first_target(p["loss_mask"], p["attention_mask"]) for p in parts), strict=True)
+    has = jnp.stack(has, axis=1)                                                          # [B,n]
+    firsts = jnp.stack(firsts, axis=1)
+    prompt = jnp.min(jnp.where(has, firsts, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+    prompt = jnp.where(jnp.any(has, axis=1, keepdims=True), prompt, 0)                   # [B,1]
+    source = jnp.argmax(has, axis=1)[:, None]                                             # [B,1]
     width = sum(p["input_ids"].shape[1] for p in parts)
     j = jnp.arange(width)[None, :]                                                        # [1,W]
 
     def take(x, index):  # [B,T] gathered at index [B,W] (clipped into the row)
         return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1), axis=1)
 
-    first = parts[0]
     in_prefix = j < prompt                                                                # [B,W]
-    ids = jnp.where(in_prefix, take(first["input_ids"], jnp.broadcast_to(j, in_prefix.shape)), 0)
+    ids = jnp.zeros(in_prefix.shape, parts[0]["input_ids"].dtype)
+    for k, part in enumerate(parts):
+        mine = in_prefix & (source == k)
+        ids = jnp.where(mine, take(part["input_ids"], jnp.broadcast_to(j, in_prefix.shape)), ids)
     valid, loss = in_prefix, jnp.zeros_like(in_prefix)
     branch = jnp.zeros(in_prefix.shape, jnp.int32)
     start = prompt
@@ -46,9 +52,9 @@ def pack_branches(parts: list[dict]) -> dict:
         length = jnp.sum(part["attention_mask"].astype(bool), axis=1, keepdims=True)     # [B,1]
         count = jnp.maximum(length - prompt, 0)
         inside = (j >= start) & (j < start + count)
-        source = prompt + j - start
-        ids = jnp.where(inside, take(part["input_ids"], source), ids)
-        loss = jnp.where(inside, take(part["loss_mask"].astype(bool), source), loss)
+        index = prompt + j - start
+        ids = jnp.where(inside, take(part["input_ids"], index), ids)
+        loss = jnp.where(inside, take(part["loss_mask"].astype(bool), index), loss)
         valid = valid | inside
         branch = jnp.where(inside, k, branch)
         start = start + count
@@ -88,9 +94,10 @@ def align(out: dict) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 
 
 def check_shared_prompts(batch: dict, prefixes: tuple[str, ...]) -> None:
-    """Host check before a packed step: in every pair with a target token, each sequence set's prompt
-    (the tokens before its first target) equals the first set's. Raises ValueError naming the
-    example_id (a shared prefix cannot hold two prompts)."""
+    """Host check before a packed step: in every pair, the sequence sets that have a target token
+    share their prompt (the tokens before the first target; sets without one, e.g. the empty chosen /
+    rejected of a CE-only row, add nothing). Raises ValueError naming the example_id (a shared
+    prefix cannot hold two prompts)."""
     sets = [p for p in prefixes if p + "input_ids" in batch]
     if len(sets) < 2:
         return
@@ -99,14 +106,13 @@ def check_shared_prompts(batch: dict, prefixes: tuple[str, ...]) -> None:
             & np.asarray(batch[p + "attention_mask"]).astype(bool) for p in sets}
     example_ids = np.asarray(batch.get("example_id", np.arange(ids[sets[0]].shape[0])))
     for row in range(ids[sets[0]].shape[0]):
-        if not any(loss[p][row].any() for p in sets):
-            continue  # a padding row (pad_rows): no target, nothing to share
-        starts = {p: int(np.argmax(loss[p][row])) if loss[p][row].any() else -1 for p in sets}
-        n = starts[sets[0]]
-        for p in sets[1:]:
-            if starts[p] != n or not np.array_equal(ids[p][row, :n], ids[sets[0]][row, :n]):
+        targeted = [p for p in sets if loss[p][row].any()]  # none: a padding row (pad_rows)
+        starts = {p: int(np.argmax(loss[p][row])) for p in targeted}
+        for p in targeted[1:]:
+            first, n = targeted[0], starts[targeted[0]]
+            if starts[p] != n or not np.array_equal(ids[p][row, :n], ids[first][row, :n]):
                 raise ValueError(
-                    f"example_id {int(example_ids[row])}: the {p}prompt differs from the {sets[0]}"
+                    f"example_id {int(example_ids[row])}: the {p}prompt differs from the {first}"
                     f"prompt (first target at {starts[p]} vs {n}); prefix-shared DPO packs one prompt "
                     "per pair (set dpo.shared_prefix=False to run such pairs unshared)")
 
