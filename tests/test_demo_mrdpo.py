@@ -82,13 +82,13 @@ def test_env_samples_independently_of_batching_and_batches_both_record_kinds(dem
 
     env = DemoPolicyEnv(ctx.task, ctx.tokens, ctx.data, sample_batch=8)
     pairs = [{"video_id": it["id"], "prompt": cfg.generate.prompt, "chosen": it["exact"],
-              "rejected": it["biased"], "gt": it["biased"]} for it in items[:3]]
+              "rejected": it["annotated"], "gt": it["annotated"]} for it in items[:3]]
     batch = next(env.batches(pairs, batch_size=8, seed=0))
     assert batch["chosen_input_ids"].shape == (8, ctx.tokens.length)
     assert {"rejected_loss_mask", "gt_input_ids", "vision", "audio"} <= set(batch)
     row = ctx.data["fresh"]["items"].index(items[int(batch["example_id"][0])])
     np.testing.assert_array_equal(batch["vision"][0], ctx.data["fresh"]["media"]["vision"][row])
-    control = control_records([dict(it, caption=it["biased"]) for it in items], "Describe.")
+    control = control_records([dict(it, caption=it["annotated"]) for it in items], "Describe.")
     batch = next(env.batches(control, batch_size=8, seed=0, shuffle=False, repeat=False))
     assert batch["input_ids"].shape == (8, ctx.tokens.length) and "chosen_input_ids" not in batch
     with pytest.raises(ValueError, match="one record layout"):

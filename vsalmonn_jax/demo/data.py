@@ -23,17 +23,19 @@ import numpy as np
 
 from vsalmonn_jax.data import synthetic
 from vsalmonn_jax.data import synthetic_scene as scene_lib
+from vsalmonn_jax.data.annotator import annotated_caption, default_annotator
 from vsalmonn_jax.data.example import FeatureSettings, media_features
 from vsalmonn_jax.data.features import siglip_normalize
 from vsalmonn_jax.demo.calibrate import feature_stats, standardize
 
-SPLITS = ("train", "fresh", "test")
+SPLITS = ("train", "val", "fresh", "test")
 
 
 def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
-    """Clips per split; mrDPO round r samples pairs on fresh clips [r * n_fresh, (r + 1) * n_fresh)."""
-    return {"train": int(demo.n_train), "fresh": int(demo.n_fresh) * int(rounds),
-            "test": int(demo.n_test)}
+    """Clips per split (disjoint clip index spaces, synthetic_scene.SPLIT_BASE); mrDPO round r samples
+    pairs on fresh clips [r * n_fresh, (r + 1) * n_fresh); val: every choice is read there."""
+    return {"train": int(demo.n_train), "val": int(demo.get("n_val", 0)),
+            "fresh": int(demo.n_fresh) * int(rounds), "test": int(demo.n_test)}
 
 
 def data_key(config: ml_collections.ConfigDict) -> str:
@@ -63,14 +65,17 @@ def data_lock(data_dir: pathlib.Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict) -> list[dict]:
-    """Per clip: id, ground-truth events, exact and biased (SFT annotator) captions, QA items."""
+def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict,
+               annotator: ml_collections.ConfigDict | None = None) -> list[dict]:
+    """Per clip: id, ground-truth events, exact and annotated (the SFT annotator of `annotator`,
+    default data/annotator.py's realistic one) captions, QA items."""
+    annotator = annotator or default_annotator()
     items = []
     for i in range(count):
         scene = scene_lib.make_scene(seed, synthetic.clip_index(split, i), cfg)
         items.append({"id": f"{split}_{i:06d}", "video": synthetic.clip_path(split, i),
                       "events": scene.events, "exact": scene_lib.reference_caption(scene),
-                      "biased": scene_lib.biased_caption(scene, seed, cfg),
+                      "annotated": annotated_caption(scene, seed, annotator, cfg),
                       "qa": scene_lib.qa_items(scene, seed, cfg)})
     return items
 
@@ -154,8 +159,10 @@ def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, mode
     sizes = split_sizes(demo, int(config.mrdpo.rounds))
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "meta.json").exists():
-        log(f"[data] rendering {sizes['train']} train + {sizes['test']} test clips (.mp4 + AAC)")
-        synthetic.build_dataset(str(data_dir), n_train=sizes["train"], n_val=0, n_test=sizes["test"],
+        log(f"[data] rendering {sizes['train']} train + {sizes['val']} val + {sizes['test']} test "
+            "clips (.mp4 + AAC)")
+        synthetic.build_dataset(str(data_dir), n_train=sizes["train"], n_val=sizes["val"],
+                                n_test=sizes["test"],
                                 seed=seed, cfg=cfg, placeholder=config.model.connector.placeholder_token,
                                 vocab_size=int(config.model.llm.vocab_size),
                                 workers=int(demo.render_workers))
@@ -165,8 +172,8 @@ def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, mode
     settings = FeatureSettings.from_config(config)
     mel_frames = 2 * int(config.model.audio.max_source_positions)
     out = {}
-    for split in SPLITS:
-        items = clip_items(seed, split, sizes[split], cfg)
+    for split in (s for s in SPLITS if sizes[s] > 0):   # demo.n_val=0: no validation split
+        items = clip_items(seed, split, sizes[split], cfg, demo.get("annotator"))
         path = data_dir / "encoded" / f"{split}.npz"
         if path.exists():
             with np.load(path) as f:

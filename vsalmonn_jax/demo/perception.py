@@ -8,15 +8,11 @@ import json
 import pathlib
 from collections.abc import Mapping, Sequence
 
+from vsalmonn_jax.data.annotator import KINDS, event_kind
 from vsalmonn_jax.demo.caption import judged
 from vsalmonn_jax.eval import get_judge
 
-KINDS = ("appears", "vanishes", "moves", "turns", "sounds")
-
-
-def event_kind(event: Mapping) -> str:
-    """sounds (every audio event), else the visual action's first word: appears / vanishes / moves / turns."""
-    return "sounds" if event["modality"] == "audio" else str(event["action"]).split()[0]
+__all__ = ["KINDS", "event_kind", "perception", "perception_section"]
 
 
 def perception(items: Sequence[Mapping], captions: Sequence[Mapping]) -> dict:

@@ -1,9 +1,10 @@
-"""The demo's stages in order, each under run_dir/stages/<name>/ (eval.json, done; model.msgpack):
-a rerun skips finished stages. After every stage the test split is captioned, scored, QA answered.
+"""The demo's stages in order, each under run_dir/stages/<name>/ (eval.json, val.json, done; model.msgpack):
+a rerun skips finished stages. After every stage the validation split (where every choice is read)
+and the test split (scored once per stage, for the report) are captioned, scored, QA answered.
 
 pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only captions, plus
 text-only exact captions) -> align (audio connector on audio-only captions)
--> sft (LoRA + connectors on the biased AV captions + QA) -> mrdpo_1..R | control_1..R (the rounds
+-> sft (LoRA + connectors on the annotator's AV captions + QA) -> mrdpo_1..R | control_1..R (the rounds
 of training/mrdpo.py's run_mrdpo on fresh clips, resumable mid-round; control: DPO term off) ->
 rebirth (SFT the pre-DPO model on the final mrDPO model's captions of training clips + QA).
 """
@@ -111,7 +112,7 @@ def align(ctx: Context, prev: dict) -> dict:
 def sft(ctx: Context, prev: dict) -> dict:
     demo = ctx.config.demo
     items = ctx.data["train"]["items"]
-    examples = caption_examples(ctx, "train", [it["biased"] for it in items]) + qa_examples(ctx, "train")
+    examples = caption_examples(ctx, "train", [it["annotated"] for it in items]) + qa_examples(ctx, "train")
     it = _iterator(ctx, examples, "av", int(demo.seed) + 3)
     lora = {"llm": init_lora(jax.random.PRNGKey(int(demo.seed) + 3), prev["params"]["llm"],
                              ctx.task.model.lora)}
@@ -125,7 +126,7 @@ def sft(ctx: Context, prev: dict) -> dict:
 def _gt_caption(ctx: Context, item: dict) -> str:
     """The GT-caption guidance target: the SFT annotator's caption (as in the paper: the human
     caption) or, with demo.gt_caption=exact, the complete ground-truth caption."""
-    return item["exact"] if ctx.config.demo.gt_caption == "exact" else item["biased"]
+    return item["exact"] if ctx.config.demo.gt_caption == "exact" else item["annotated"]
 
 
 def arm_config(config, control: bool):
@@ -261,11 +262,16 @@ def run_stage(ctx: Context, name: str, build, modality: str = "av") -> tuple[dic
 
 
 def evaluate_stage(ctx: Context, model: dict, modality: str = "av") -> dict:
-    """The test split captioned (greedy) and scored, its QA answered (demo/caption.py)."""
+    """The test split captioned (greedy) and scored, its QA answered (demo/caption.py); the same on
+    the validation split (when demo.n_val > 0) under "val"."""
     demo = ctx.config.demo
     captioner = Captioner(ctx.task if model.get("lora") else ctx.base_task, ctx.tokens, model, modality)
-    return evaluate_model(captioner, ctx.data["test"], batch=int(demo.eval_batch),
-                          max_new_tokens=int(demo.max_caption_tokens))
+    run = lambda split: evaluate_model(captioner, ctx.data[split], batch=int(demo.eval_batch),
+                                       max_new_tokens=int(demo.max_caption_tokens))
+    result = run("test")
+    if "val" in ctx.data:
+        result["val"] = run("val")
+    return result
 
 
 def write_record(ctx: Context, name: str, result: dict, stats: dict, timing: dict,
@@ -274,19 +280,28 @@ def write_record(ctx: Context, name: str, result: dict, stats: dict, timing: dic
     scores. Returns the eval record."""
     folder = ctx.run_dir / "stages" / name
     folder.mkdir(parents=True, exist_ok=True)
+    val = result.pop("val", None)
+    if val is not None:   # written before done: a finished stage always has both
+        (folder / "val.json").write_text(json.dumps({"stage": name, **val}, default=float))
     captions = result.pop("captions")
     record = {"stage": name, "modality": modality, "stats": stats, **timing,
               "load_avg": os.getloadavg()[1], "cpus": os.cpu_count(), **result}
     (folder / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     (folder / "eval.json").write_text(json.dumps(record, default=float))
     (folder / "done").write_text("")
-    micro = record["aggregate"]["micro"]
     pairs = f"{stats['pairs']} pairs, " if "pairs" in stats else ""
-    ctx.log(f"[{name}] test: Miss {100 * micro['miss']:.1f} Incorrect {100 * micro['incorrect']:.1f} "
-            f"Hall {100 * micro['hallucination']:.1f} Total {100 * micro['total']:.1f} "
-            f"QA {100 * record['qa']['accuracy']:.1f} ({pairs}{record['train_s']:.0f}s train, "
+    if val is not None:
+        ctx.log(f"[{name}] val: {_scores(val)}")
+    ctx.log(f"[{name}] test: {_scores(record)} ({pairs}{record['train_s']:.0f}s train, "
             f"{record['eval_s']:.0f}s eval)")
     return record
+
+
+def _scores(result: dict) -> str:
+    micro = result["aggregate"]["micro"]
+    return (f"Miss {100 * micro['miss']:.1f} Incorrect {100 * micro['incorrect']:.1f} "
+            f"Hall {100 * micro['hallucination']:.1f} Total {100 * micro['total']:.1f} "
+            f"QA {100 * result['qa']['accuracy']:.1f}")
 
 
 def _record(ctx: Context, name: str) -> dict:
