@@ -24,6 +24,7 @@ import numpy as np
 from vsalmonn_jax.data import synthetic
 from vsalmonn_jax.data import synthetic_scene as scene_lib
 from vsalmonn_jax.data.annotator import annotated_caption, default_annotator
+from vsalmonn_jax.data.event_qa import event_qa_items
 from vsalmonn_jax.data.example import FeatureSettings, media_features
 from vsalmonn_jax.data.features import siglip_normalize
 from vsalmonn_jax.demo.calibrate import feature_stats, standardize
@@ -68,7 +69,8 @@ def data_lock(data_dir: pathlib.Path):
 def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict,
                annotator: ml_collections.ConfigDict | None = None) -> list[dict]:
     """Per clip: id, ground-truth events, exact and annotated (the SFT annotator of `annotator`,
-    default data/annotator.py's realistic one) captions, QA items."""
+    default data/annotator.py's realistic one) captions, QA items (data/event_qa.py: answered by
+    option scoring)."""
     annotator = annotator or default_annotator()
     items = []
     for i in range(count):
@@ -76,7 +78,7 @@ def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict
         items.append({"id": f"{split}_{i:06d}", "video": synthetic.clip_path(split, i),
                       "events": scene.events, "exact": scene_lib.reference_caption(scene),
                       "annotated": annotated_caption(scene, seed, annotator, cfg),
-                      "qa": scene_lib.qa_items(scene, seed, cfg)})
+                      "qa": event_qa_items(scene, seed, int(cfg.qa_per_clip))})
     return items
 
 

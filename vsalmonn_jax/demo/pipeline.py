@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from vsalmonn_jax.data.event_grammar import render_caption
-from vsalmonn_jax.data.text import load_tokenizer, mcq_answer, mcq_prompt
+from vsalmonn_jax.data.event_qa import event_qa_prompt, qa_corpus
+from vsalmonn_jax.data.text import load_tokenizer
 from vsalmonn_jax.demo import model as model_lib
 from vsalmonn_jax.demo.batches import ExampleIterator, Tokens
 from vsalmonn_jax.demo.caption import Captioner, evaluate_model, judged
@@ -58,8 +59,8 @@ def qa_examples(ctx: Context, split: str, media: bool = True) -> list[dict]:
     out = []
     for r, item in enumerate(ctx.data[split]["items"]):
         for qa in item["qa"]:
-            user = mcq_prompt(qa["question"], qa["options"])
-            answer = mcq_answer(qa["options"], qa["answer"])
+            user = event_qa_prompt(qa["question"], qa["options"])
+            answer = qa["options"][qa["answer"]]
             out.append({"split": split, "row": r, "media": media,
                         "text": ctx.tokens.response_row(answer, user, has_media=media)})
     return out
@@ -317,9 +318,10 @@ def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[C
 
     with data_lock(data_dir):
         if not (data_dir / "tokenizer").exists():
+            cfg = synthetic.synthetic_config(config)
             synthetic.build_tokenizer(
-                synthetic.tokenizer_corpus(synthetic.synthetic_config(config),
-                                           config.model.connector.placeholder_token),
+                synthetic.tokenizer_corpus(cfg, config.model.connector.placeholder_token)
+                + qa_corpus(cfg),
                 str(data_dir / "tokenizer"), int(config.model.llm.vocab_size),
                 config.model.connector.placeholder_token)
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
