@@ -17,6 +17,7 @@ from vsalmonn_jax.generate.decode import generate
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.models.qwen2 import Qwen2
 from vsalmonn_jax.training.losses import sequence_logps, token_logps
+from vsalmonn_jax.training.pairs import sentence_count
 
 _SPLICE: dict = {}   # one jitted splice per task object (stages reuse the compilation)
 _SCORE: dict = {}    # ... and one jitted response scorer
@@ -118,11 +119,15 @@ def judged(text: str, stopped: bool) -> str:
 
 
 def score_captions(items: list[dict], captions: list[tuple[str, bool]]) -> dict:
-    """Exact-judge scores + aggregate + repetition for one split's captions."""
+    """Exact-judge scores + aggregate + repetition + length (sentences of the judged captions, true
+    events) for one split's captions."""
     judge = get_judge("exact")
-    scores = judge.score_many([(judged(t, s), it["events"]) for it, (t, s) in
-                               zip(items, captions, strict=True)], ids=[it["id"] for it in items])
+    texts = [judged(t, s) for t, s in captions]
+    scores = judge.score_many([(t, it["events"]) for it, t in zip(items, texts, strict=True)],
+                              ids=[it["id"] for it in items])
     return {"aggregate": aggregate(scores),
+            "length": {"captions": len(texts), "sentences": sum(sentence_count(t) for t in texts),
+                       "events": sum(s.num_events for s in scores)},   # the report's diagnostics
             "repetition": repetition_stats([t for t, _ in captions], [s for _, s in captions]),
             "per_video": [{"id": s.id, "n": s.num_events, "missed": s.missed,
                            "incorrect": s.incorrect, "hallucinated": s.hallucinated} for s in scores]}
