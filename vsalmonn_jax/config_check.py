@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 # the allowed values live beside the code that acts on them; the table only points at them
-from vsalmonn_jax.data.annotator import ANNOTATOR_KINDS, KINDS as EVENT_KINDS
+from vsalmonn_jax.data.annotator import ANNOTATOR_KINDS
+from vsalmonn_jax.data.annotator import KINDS as EVENT_KINDS
 from vsalmonn_jax.data.media import AUDIO_CUTS, CHANNEL_MODES, FRAME_SAMPLING
 from vsalmonn_jax.data.text import PROMPT_FORMATS
 from vsalmonn_jax.data.time_tokens import TIME_TOKEN_MODES
