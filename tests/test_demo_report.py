@@ -188,3 +188,30 @@ def test_preregistered_verdict(vs_sft, vs_control, expect):
         data["mrdpo_3 - control_3"] = vs_control
     assert preregistered_verdict(data)[0] == expect   # round 1 (higher) is not the last round
     assert paper_claim(data)[0].startswith(f"**Pre-registered verdict: {expect}**")
+
+
+def test_perception_on_the_validation_split(tmp_path):
+    """Per-kind perception read from stages/<name>/val.json against the val clips rebuilt from the
+    config (issue 17: measure perception after pretraining on validation)."""
+    from vsalmonn_jax.commands.demo import demo_config
+    from vsalmonn_jax.demo.caption import score_captions
+    from vsalmonn_jax.demo.perception import ground_truth_items, perception_section
+
+    config = demo_config(True, None, ["--config.demo.n_val=6"])
+    items = ground_truth_items(config, 6, "val")
+    assert items[0]["id"] == "val_000000"
+    texts = [it["exact"] for it in items[:3]] + [""] * 3     # half the clips exact, half empty
+    records = {}
+    for name, caps in (("pretrain", texts), ("sft", [it["exact"] for it in items])):
+        folder = tmp_path / "stages" / name
+        folder.mkdir(parents=True)
+        val = {**score_captions(items, [(t, True) for t in caps]),
+               "captions": [{"id": it["id"], "caption": t, "stopped": True} for it, t in zip(items, caps)]}
+        (folder / "val.json").write_text(json.dumps(val))
+        records[name] = {}
+    lines, data = perception_section(tmp_path, records, config, split="val")
+    assert lines[0] == "## What the model perceives (validation split)"
+    assert data["sft"]["correct_events"] == sum(len(it["events"]) for it in items)
+    assert data["pretrain"]["correct_events"] == sum(len(it["events"]) for it in items[:3])
+    assert data["sft"]["distinct_captions"] == 6 and data["pretrain"]["distinct_captions"] == 4
+    assert perception_section(tmp_path, records, config) == ([], {})   # no test captions.jsonl

@@ -286,6 +286,7 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
     """items: the test clips (id, events); default: rebuilt from `config` (demo/perception.py)."""
     demo = config.demo
     perceives, perception = perception_section(run_dir, records, config, items)
+    perceives_val, perception_val = perception_section(run_dir, records, config, split="val")
     comp_lines, comp = comparisons(records, int(demo.bootstrap)) if "sft" in records else ([], {})
     _plot(run_dir / "error_rates.png", records)
     _plot_qa(run_dir / "qa_accuracy.png", records)
@@ -326,6 +327,7 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
         "![error rates](error_rates.png)", "", "![QA accuracy](qa_accuracy.png)", "",
         *([*perceives, ""] if perceives else []),
         *(["## Validation split (where choices are read)", "", *val_lines, ""] if val_lines else []),
+        *([*perceives_val, ""] if perceives_val else []),
         *(["## Length diagnostics", "",
            "Sentences per caption vs true events per clip on the test split (a captioner that "
            "over-generates writes more sentences than there are events), and per mrDPO round how "
@@ -357,7 +359,7 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
     path.write_text("\n".join(lines))
     (run_dir / "report.json").write_text(json.dumps(
         {"stages": {n: {k: v for k, v in r.items() if k != "per_video"} for n, r in records.items()},
-         "comparisons": comp, "perception": perception, "validation": val_data,
+         "comparisons": comp, "perception": perception, "perception_val": perception_val, "validation": val_data,
          "length": length_data, "verdict": preregistered_verdict(comp)[0] if comp else "UNDECIDED",
          "wall_s": wall_s}, indent=1, default=float))
     return path
