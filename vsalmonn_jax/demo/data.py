@@ -30,6 +30,7 @@ from vsalmonn_jax.data.features import siglip_normalize
 from vsalmonn_jax.demo.calibrate import feature_stats, standardize
 
 SPLITS = ("train", "val", "fresh", "test")
+DATA_FORMAT = 2   # in data_key: 2 = the tokenizer also learned the event-QA wording (issue 17)
 
 
 def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
@@ -42,7 +43,7 @@ def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
 def data_key(config: ml_collections.ConfigDict) -> str:
     """A hash of everything the rendered clips, the tokenizer and the encoded features depend on
     (data and model settings, the demo seed, split sizes): runs with the same key share one folder."""
-    parts = {"data": config.data.to_dict(), "model": config.model.to_dict(),
+    parts = {"format": DATA_FORMAT, "data": config.data.to_dict(), "model": config.model.to_dict(),
              "seed": int(config.demo.seed), "eval_batch": int(config.demo.eval_batch),
              "sizes": split_sizes(config.demo, int(config.mrdpo.rounds))}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
