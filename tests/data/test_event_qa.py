@@ -1,6 +1,8 @@
 """The demo's QA (data/event_qa.py): answers depend on the clip. An oracle that reads the clip's events
 answers every question; the same oracle reading another clip's events (shuffled media) is at chance;
-the options' text alone does not single the answer out (each subject and action twice)."""
+the options' text alone does not single the answer out (same time and action, the four shapes once
+each), and a blind scorer with the text prior of the ground truth (sentence frequencies over other
+clips, what a caption LM learns without media) is at chance."""
 
 import collections
 import math
@@ -38,7 +40,7 @@ def test_answers_depend_on_the_clip():
     assert abs(np.mean(other) - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n), np.mean(other)
 
 
-def test_options_are_a_balanced_grid_of_distinct_false_alternatives():
+def test_options_differ_only_in_the_subject():
     scenes, questions = _questions()
     answers = collections.Counter()
     for scene, qs in zip(scenes, questions):
@@ -48,12 +50,28 @@ def test_options_are_a_balanced_grid_of_distinct_false_alternatives():
             assert len(set(options)) == 4 and sum(o in true for o in options) == 1
             assert options[q["answer"]] in true and q["kind"] in QA_KINDS
             t = q["question"].split()[-2]   # "What happens at <t> s?"
-            assert all(o.startswith(f"At {t} s, ") for o in options)
-            subjects = collections.Counter(" ".join(o.split()[3:6]) for o in options)
-            assert sorted(subjects.values()) == [2, 2], options
-            assert q["options"][q["answer"]] in event_qa_prompt(q["question"], options)
+            assert all(o.startswith(f"At {t} s, the ") for o in options)
+            words = [o.split() for o in options]
+            assert sorted(w[5] for w in words) == sorted(sc.SHAPES)          # each shape once
+            assert len({" ".join(w[6:]) for w in words}) == 1                  # one action
+            if q["kind"] == "turns":                                           # no "red X turns red"
+                assert all(w[4] != w[-1].rstrip(".") for w in words)
+            assert options[q["answer"]] in event_qa_prompt(q["question"], options)
             answers[q["answer"]] += 1
     assert min(answers.values()) > 0.2 * sum(answers.values())   # answer letters near uniform
+
+
+def test_a_blind_text_prior_is_at_chance():
+    _, questions = _questions()
+    prior = collections.Counter(render_event(e) for i in range(3000)
+                                for e in sc.make_scene(9, sc.SPLIT_BASE["train"] + 10_000 + i).events)
+    rng = np.random.default_rng(1)
+    right = []
+    for q in (q for qs in questions for q in qs):
+        counts = np.asarray([prior[o] for o in q["options"]], float) + rng.random(4) * 1e-3   # ties: random
+        right.append(int(np.argmax(counts)) == q["answer"])
+    n = len(right)
+    assert abs(np.mean(right) - 0.25) < 5 * math.sqrt(0.25 * 0.75 / n), np.mean(right)
 
 
 def test_only_perceived_kinds_are_asked_and_deterministic():
