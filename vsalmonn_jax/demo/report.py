@@ -299,8 +299,8 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
         "# vsalmonn-jax demo report", "",
         f"Held-out test split: {n_test} synthetic videos, {events} ground-truth events; exact judge "
         "(parses the synthetic caption grammar), micro rates in % of ground-truth events. QA: "
-        "'What happens at t s?' with four event sentences as options (a 2 x 2 grid of subjects x "
-        "actions, only kinds the pretrained model perceives), answered by option scoring (the "
+        "'What happens at t s?' with four event sentences as options (the same action by each of "
+        "the four shapes; only kinds the pretrained model perceives), answered by option scoring (the "
         "likeliest sentence), on the same test clips; chance = 25 %. "
         + (f"Validation split: {n_val} other clips (disjoint from test). Every choice (preset, lr, "
            "pair rule, annotator, steps) is read on validation; the test split is scored once per "
