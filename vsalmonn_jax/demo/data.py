@@ -24,7 +24,7 @@ import numpy as np
 from vsalmonn_jax.data import synthetic
 from vsalmonn_jax.data import synthetic_scene as scene_lib
 from vsalmonn_jax.data.annotator import annotated_caption, default_annotator
-from vsalmonn_jax.data.event_qa import event_qa_items
+from vsalmonn_jax.data.event_qa import event_qa_items, qa_corpus
 from vsalmonn_jax.data.example import FeatureSettings, media_features
 from vsalmonn_jax.data.features import siglip_normalize
 from vsalmonn_jax.demo.calibrate import feature_stats, standardize
@@ -38,6 +38,13 @@ def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
     pairs on fresh clips [r * n_fresh, (r + 1) * n_fresh); val: every choice is read there."""
     return {"train": int(demo.n_train), "val": int(demo.get("n_val", 0)),
             "fresh": int(demo.n_fresh) * int(rounds), "test": int(demo.n_test)}
+
+
+def tokenizer_corpus(config: ml_collections.ConfigDict) -> list[str]:
+    """The demo tokenizer's training text: the synthetic grammar + chat roles, and the event-QA
+    wording (data/event_qa.py). Setup and the data set build both use it (one tokenizer on disk)."""
+    cfg = synthetic.synthetic_config(config)
+    return synthetic.tokenizer_corpus(cfg, config.model.connector.placeholder_token) + qa_corpus(cfg)
 
 
 def data_key(config: ml_collections.ConfigDict) -> str:
@@ -168,7 +175,7 @@ def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, mode
                                 n_test=sizes["test"],
                                 seed=seed, cfg=cfg, placeholder=config.model.connector.placeholder_token,
                                 vocab_size=int(config.model.llm.vocab_size),
-                                workers=int(demo.render_workers))
+                                workers=int(demo.render_workers), corpus=tokenizer_corpus(config))
     log(f"[data] rendering {sizes['fresh']} fresh clips for the mrDPO rounds")
     synthetic.render_split(str(data_dir), seed, "fresh", 0, sizes["fresh"], cfg,
                            int(demo.render_workers))

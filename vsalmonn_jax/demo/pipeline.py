@@ -21,12 +21,12 @@ import jax
 import numpy as np
 
 from vsalmonn_jax.data.event_grammar import render_caption
-from vsalmonn_jax.data.event_qa import event_qa_prompt, qa_corpus
+from vsalmonn_jax.data.event_qa import event_qa_prompt
 from vsalmonn_jax.data.text import load_tokenizer
 from vsalmonn_jax.demo import model as model_lib
 from vsalmonn_jax.demo.batches import ExampleIterator, Tokens
 from vsalmonn_jax.demo.caption import Captioner, evaluate_model, judged
-from vsalmonn_jax.demo.data import data_lock, prepare_data
+from vsalmonn_jax.demo.data import data_lock, prepare_data, tokenizer_corpus
 from vsalmonn_jax.demo.env import DemoPolicyEnv, policy_model, policy_state
 from vsalmonn_jax.demo.train import shown_metrics, train_stage
 from vsalmonn_jax.lora import init_lora
@@ -318,10 +318,8 @@ def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[C
 
     with data_lock(data_dir):
         if not (data_dir / "tokenizer").exists():
-            cfg = synthetic.synthetic_config(config)
             synthetic.build_tokenizer(
-                synthetic.tokenizer_corpus(cfg, config.model.connector.placeholder_token)
-                + qa_corpus(cfg),
+                tokenizer_corpus(config),
                 str(data_dir / "tokenizer"), int(config.model.llm.vocab_size),
                 config.model.connector.placeholder_token)
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))
