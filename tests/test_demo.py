@@ -110,6 +110,11 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
         assert total == pytest.approx(miss + incorrect + hall, abs=0.15)
         assert f"[{stage}] test: Miss" in done.stdout
     assert "What is within noise" in report and "mrdpo_3 vs control_3" in report
+    # issue 17: a validation split read per stage, length diagnostics, the pre-registered verdict
+    assert all((out / "stages" / s / "val.json").exists() for s in STAGES)
+    assert all(f"[{s}] val: Miss" in done.stdout for s in STAGES)
+    assert "## Validation split (where choices are read)" in report and "## Length diagnostics" in report
+    assert re.search(r"\*\*Pre-registered verdict: (REPRODUCED|NOT REPRODUCED|UNDECIDED)\*\*", report)
     for png in ("error_rates.png", "qa_accuracy.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "data").resolve().parent == tmp_path / "demo-data"

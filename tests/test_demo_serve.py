@@ -16,7 +16,7 @@ import pytest
 from machine import scaled
 
 pytestmark = pytest.mark.slow      # the fixture renders, decodes and encodes 12 clips (~20 s CPU)
-TINY = ["--config.demo.n_train=8", "--config.demo.n_test=2", "--config.demo.n_fresh=2",
+TINY = ["--config.demo.n_train=8", "--config.demo.n_val=2", "--config.demo.n_test=2", "--config.demo.n_fresh=2",
         "--config.demo.eval_batch=4", "--config.demo.render_workers=1", "--config.mrdpo.rounds=1",
         "--config.demo.control=False", "--config.generate.max_new_tokens=12"]
 
