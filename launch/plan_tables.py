@@ -3,8 +3,10 @@
     python launch/plan_tables.py run [--only NAME ...] [--force]   # plan each row -> launch/plans/NAME.json
     python launch/plan_tables.py write                             # JSONs -> the README tables
 
-`write` replaces what lies between the `plan-tables` markers in launch/README.md; a row whose JSON
-is missing says so (no figure is ever typed by hand). `run` skips rows that already have a JSON.
+`write` replaces what lies between the `plan-tables` markers in launch/README.md and the
+`plan-recommend` markers in launch/README.md and docs/recipe.md (the recommended mesh per cluster,
+chosen from the rows' JSONs by `recommend`); a row whose JSON is missing says so (no figure is ever
+typed by hand). `run` skips rows that already have a JSON.
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import platform
 import subprocess
 import sys
 import time
 
+from vsalmonn_jax.plan_report import HEADROOM  # what plan's suggestions leave free, 10 %
+
 HERE = pathlib.Path(__file__).resolve().parent
 PLANS = HERE / "plans"
 README = HERE / "README.md"
+RECIPE = HERE.parent / "docs" / "recipe.md"
 BEGIN, END = "<!-- plan-tables:begin -->", "<!-- plan-tables:end -->"
+REC_BEGIN, REC_END = "<!-- plan-recommend:begin -->", "<!-- plan-recommend:end -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +49,29 @@ class Row:
 
 ROWS = (
     Row("v5p64_60s", "v5p-128 (64 chips)", "v5p", "data=1,fsdp=16,tensor=4", 60),
-    Row("v5p64_110f", "v5p-128 (64 chips)", "v5p", "data=1,fsdp=16,tensor=4", 110, "dpo"),
+    Row("v5p64_110f", "v5p-128 (64 chips)", "v5p", "data=1,fsdp=16,tensor=4", 110),
     Row("h100x8_60s", "8 x H100", "h100", "data=1,fsdp=2,tensor=4", 60),
-    Row("h100x8_110f_dpo", "8 x H100", "h100", "data=1,fsdp=2,tensor=4", 110, "dpo"),
+    Row("h100x8_110f", "8 x H100", "h100", "data=1,fsdp=2,tensor=4", 110),
     Row("tensor1_64_60s", "64 chips, tensor=1 (the trap)", "v5p", "data=1,fsdp=64,tensor=1", 60),
+    Row("v5e64_110f", "v5e-64 (a quarter of v5e-256)", "v5e", "data=1,fsdp=4,context=4,tensor=4", 110),
+    Row("v5e16_110f", "v5e-16 (stretch)", "v5e", "data=1,fsdp=4,context=4", 110, "dpo"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A cluster shape and the planned rows it may run: one planned mesh replicated over `data`."""
+    name: str
+    devices: int
+    rows: tuple[str, ...]
+    frames: int = 110
+
+
+CLUSTERS = (
+    Cluster("v5p-64 (v5p-128 slice)", 64, ("v5p64_110f",)),
+    Cluster("v5e-256", 256, ("v5e64_110f", "v5e16_110f")),
+    Cluster("8 x H100 (one node)", 8, ("h100x8_110f",)),
+    Cluster("64 x H100 (8 nodes)", 64, ("h100x8_110f",)),
 )
 
 
@@ -116,16 +142,76 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def _plans() -> dict[str, dict]:
+    return {row.name: json.loads((PLANS / f"{row.name}.json").read_text())
+            for row in ROWS if (PLANS / f"{row.name}.json").exists()}
+
+
+def _mesh_text(mesh: dict, data: int = 1) -> str:
+    mesh = dict(mesh, data=mesh.get("data", 1) * data)
+    return " ".join(f"{k}={v}" for k, v in mesh.items() if v != 1 or k in ("data", "fsdp"))
+
+
+def recommend(cluster: Cluster, objective: str, plans: dict[str, dict]) -> str:
+    """The planned mesh for `objective` on `cluster`: of its rows planned at its frame count whose
+    peak leaves HEADROOM free, the highest MFU (then the lowest peak), its data axis scaled up to the
+    cluster; else why none."""
+    fits, misses = [], []
+    for name in cluster.rows:
+        plan = plans.get(name)
+        step = next((s for s in (plan or {}).get("steps", []) if s["name"] == objective), None)
+        if step is None or plan["tokens"]["frames"] != cluster.frames:
+            continue
+        devices = math.prod(plan["mesh"].values())
+        if cluster.devices % devices:
+            continue
+        entry = (step.get("mfu") or 0.0, -step["peak"], name, plan, step, cluster.devices // devices)
+        (fits if step["peak"] <= plan["budget_gb"] * 1e9 * (1 - HEADROOM) else misses).append(entry)
+    if not fits:
+        if not misses:
+            return f"not planned: `python launch/plan_tables.py run --only {' '.join(cluster.rows)}`"
+        _, _, name, plan, step, data = min(misses, key=lambda e: -e[1])
+        return (f"none planned fits with {HEADROOM:.0%} headroom (best: {_mesh_text(plan['mesh'], data)}"
+                f", {step['peak'] / 1e9:.1f} GB of {plan['budget_gb']:.0f}; row {name})")
+    mfu, _, name, plan, step, data = max(fits)
+    scaled = f", data x{data}" if data > 1 else ""
+    return (f"{_mesh_text(plan['mesh'], data)}: **{step['peak'] / 1e9:.1f} GB** of "
+            f"{plan['budget_gb']:.0f}, MFU {mfu:.0%} (row {name}{scaled})")
+
+
+def recommendations() -> str:
+    plans = _plans()
+    lines = ["| cluster | 7B SFT, 110 frames | 7B DPO, 110 frames |", "| --- | --- | --- |"]
+    lines += [f"| {c.name} | {recommend(c, 'sft', plans)} | {recommend(c, 'dpo', plans)} |"
+              for c in CLUSTERS]
+    lines += ["", f"(generated by `python launch/plan_tables.py write` from launch/plans/*.json: "
+              f"per cluster, of the planned meshes whose peak per device leaves {HEADROOM:.0%} of the "
+              f"HBM free, the highest on-paper MFU; a cluster larger than the planned mesh runs it "
+              f"replicated over `data` (same peak per device; the MFU is the planned mesh's, "
+              f"without the data all-reduce of the ~0.5 GB fp32 trainable gradients); "
+              f"`--remat full`, 1 video per data x fsdp shard)"]
+    return "\n".join(lines)
+
+
+def _fill(path: pathlib.Path, begin: str, end: str, body: str) -> bool:
+    text = path.read_text()
+    if begin not in text or end not in text:
+        print(f"plan_tables: {path} has no {begin} ... {end} markers", file=sys.stderr)
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+    return True
+
+
 def write() -> int:
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"plan_tables: {README} has no {BEGIN} ... {END} markers", file=sys.stderr)
-        return 2
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
-    print(f"plan_tables: wrote the tables of {README}")
-    return 0
+    recommended = recommendations()
+    ok = all([_fill(README, BEGIN, END, table()),
+              _fill(README, REC_BEGIN, REC_END, recommended),
+              _fill(RECIPE, REC_BEGIN, REC_END, recommended)])
+    print(f"plan_tables: wrote the tables of {README} and {RECIPE}" if ok else
+          "plan_tables: markers missing, see above")
+    return 0 if ok else 2
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,5 @@
-"""launch/plan_tables.py: the README's 7B table is rebuilt from plan JSONs between its markers;
-a row without a JSON says how to make it, never a figure."""
+"""launch/plan_tables.py: the README's 7B table and the per-cluster recommended mesh are rebuilt from
+plan JSONs between their markers; a row without a JSON says how to make it, never a figure."""
 
 import importlib.util
 import json
@@ -21,8 +21,10 @@ def test_write_fills_the_table_from_json(tmp_path, monkeypatch):
     tables = _module()
     monkeypatch.setattr(tables, "PLANS", tmp_path)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{tables.BEGIN}\nold hand-written row\n{tables.END}\noutro\n")
+    readme.write_text(f"intro\n{tables.BEGIN}\nold hand-written row\n{tables.END}\n"
+                      f"{tables.REC_BEGIN}{tables.REC_END}\noutro\n")
     monkeypatch.setattr(tables, "README", readme)
+    monkeypatch.setattr(tables, "RECIPE", readme)
     step = lambda name, peak: {"name": name, "peak": peak, "flops": 3.1e15, "mfu": 0.612}
     (tmp_path / "v5p64_60s.json").write_text(json.dumps({
         "budget_gb": 95.0, "global_batch": 16, "chip": "v5p", "seconds": 171.4,
@@ -38,3 +40,58 @@ def test_write_fills_the_table_from_json(tmp_path, monkeypatch):
     assert "3100 / 61% (v5p)" in row and "| 171 s |" in row
     assert "not planned yet: `python launch/plan_tables.py run --only h100x8_60s`" in text
     assert tables.main(["run", "--only", "nope"]) == 2
+
+
+def _plan(mesh, budget, frames, **peaks):
+    return {"mesh": mesh, "budget_gb": budget, "global_batch": 1, "chip": "v5e",
+            "tokens": {"frames": frames, "total": 20772}, "state_gb": {"params": 1.0},
+            "steps": [{"name": n, "peak": p * 1e9, "flops": 1e14, "mfu": m} for n, (p, m) in
+                      peaks.items()]}
+
+
+def test_recommend_picks_the_fitting_mesh_with_headroom_and_scales_data(tmp_path, monkeypatch):
+    tables = _module()
+    monkeypatch.setattr(tables, "PLANS", tmp_path)
+    small = {"data": 1, "fsdp": 4, "context": 4, "tensor": 1}     # 16 devices
+    big = {"data": 1, "fsdp": 4, "context": 4, "tensor": 4}       # 64 devices
+    plans = {"v5e16_110f": _plan(small, 16.0, 110, sft=(9.0, 0.7), dpo=(14.5, 0.8)),
+             "v5e64_110f": _plan(big, 16.0, 110, sft=(8.0, 0.6), dpo=(13.0, 0.5))}
+    cluster = tables.Cluster("v5e-256", 256, ("v5e64_110f", "v5e16_110f"))
+    # SFT: both fit 16 GB with 10 % headroom; the higher MFU wins, data scaled 256 / 16 = 16
+    assert tables.recommend(cluster, "sft", plans) == (
+        "data=16 fsdp=4 context=4: **9.0 GB** of 16, MFU 70% (row v5e16_110f, data x16)")
+    # DPO: 14.5 GB leaves less than 10 % of 16 GB free, so the 64-device mesh is taken
+    assert tables.recommend(cluster, "dpo", plans) == (
+        "data=4 fsdp=4 context=4 tensor=4: **13.0 GB** of 16, MFU 50% (row v5e64_110f, data x4)")
+    plans["v5e64_110f"] = _plan(big, 16.0, 110, dpo=(15.0, 0.9))
+    assert tables.recommend(cluster, "dpo", plans) == (
+        "none planned fits with 10% headroom (best: data=16 fsdp=4 context=4, 14.5 GB of 16; "
+        "row v5e16_110f)")
+    # wrong frame count, a mesh the cluster does not divide, or no JSON: not a recommendation
+    assert tables.recommend(tables.Cluster("x", 256, ("a",)), "sft", {"a": _plan(
+        small, 16.0, 60, sft=(1.0, 0.9))}).startswith("not planned: `python launch/plan_tables.py run --only a`")
+    assert tables.recommend(tables.Cluster("x", 24, ("a",)), "sft", {"a": _plan(
+        big, 16.0, 110, sft=(1.0, 0.9))}).startswith("not planned")
+
+
+def test_write_fills_the_recommendations_in_both_documents(tmp_path, monkeypatch):
+    tables = _module()
+    monkeypatch.setattr(tables, "PLANS", tmp_path)
+    docs = {}
+    for name in ("README", "RECIPE"):
+        docs[name] = tmp_path / f"{name}.md"
+        docs[name].write_text(f"a\n{tables.BEGIN}\n{tables.END}\nb\n{tables.REC_BEGIN}\nold\n"
+                              f"{tables.REC_END}\nc\n")
+        monkeypatch.setattr(tables, name, docs[name])
+    (tmp_path / "h100x8_110f.json").write_text(json.dumps(_plan(
+        {"data": 1, "fsdp": 2, "tensor": 4}, 80.0, 110, sft=(30.0, 0.8), dpo=(75.0, 0.8))))
+    assert tables.main(["write"]) == 0
+    for path in docs.values():
+        text = path.read_text()
+        assert "\nold\n" not in text and text.endswith("\nc\n")
+        rows = {line.split(" | ")[0]: line for line in text.splitlines() if "H100" in line}
+        assert ("data=8 fsdp=2 tensor=4: **30.0 GB** of 80, MFU 80% (row h100x8_110f, data x8)"
+                in rows["| 64 x H100 (8 nodes)"])
+        assert "none planned fits with 10% headroom" in rows["| 8 x H100 (one node)"]
+    docs["RECIPE"].write_text("no markers\n")
+    assert tables.main(["write"]) == 2
