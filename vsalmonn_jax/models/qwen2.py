@@ -16,7 +16,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models import kv_cache
-from vsalmonn_jax.models.attention import MaskSpec, attention, check_impl_name
+from vsalmonn_jax.models.attention import (MaskSpec, attention, balanced_layout, check_impl_name,
+                                           context_size, natural_layout, padded_length)
 from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm
 from vsalmonn_jax.models.kv_cache import init_cache  # noqa: F401  (re-exported: the cache of this model)
 
@@ -172,6 +173,15 @@ def _logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab"))
 
 
+def _balanced(parts: int, *arrays):
+    """[B,T,...] arrays (None passes) padded to context.padded_length (padding keys masked: the mask is
+    padded with False) and put in the balanced layout over `parts` context shards."""
+    length = next(x for x in arrays if x is not None).shape[1]
+    pad = padded_length(length, parts) - length
+    return tuple(None if x is None else balanced_layout(
+        jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)), parts) for x in arrays)
+
+
 def default_positions(attention_mask: jax.Array) -> jax.Array:
     """Positions that skip padding: cumsum(mask) - 1, clipped at 0 (left or right padding). [B,T]"""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -217,14 +227,22 @@ class Qwen2(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
         attention_mask = attention_mask.astype(bool)
-        mask, cache_index, cache_mask = self._mask(attention_mask, cache, length, segment_ids, branch_ids)
         if positions is None and cache is None:
             positions = default_positions(attention_mask)
-        elif positions is None:
+        parts = context_size() if cache is None else 1   # decode / prefill: replicated over context
+        if parts > 1:   # the sequence split over `context`, load-balanced (models/attention/context.py)
+            hidden, attention_mask, positions, segment_ids, branch_ids = _balanced(
+                parts, hidden, attention_mask, positions, segment_ids, branch_ids)
+        mask, cache_index, cache_mask = self._mask(attention_mask, cache, length, segment_ids, branch_ids,
+                                                   parts)
+        if positions is None:
             positions = jax.lax.dynamic_slice_in_dim(default_positions(cache_mask), cache_index, length, 1)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
         hidden, new_kv = self._layers(hidden, cos, sin, mask, cache_index, cache, deterministic)
+        if parts > 1:   # back to the natural order: logits / log-probs stay split over context
+            hidden = natural_layout(hidden, parts)[:, :length]
+            hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
         new_cache = None
         if cache is not None:
@@ -239,11 +257,12 @@ class Qwen2(nn.Module):
                            accumulate_fp32=True, name="lm_head")(hidden)
         return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab")), new_cache
 
-    def _mask(self, attention_mask, cache, length, segment_ids=None, branch_ids=None):
+    def _mask(self, attention_mask, cache, length, segment_ids=None, branch_ids=None, parts=1):
         """A MaskSpec (the attention kernels never see a [T,T] mask) without a cache or for a prompt
         filling an empty one; for a decode step (T = 1) the valid-slot mask [B,T,S]."""
         if cache is None:
-            spec = MaskSpec(causal=True, key_mask=attention_mask, segment_ids=segment_ids, branch_ids=branch_ids)
+            spec = MaskSpec(causal=True, key_mask=attention_mask, segment_ids=segment_ids,
+                            branch_ids=branch_ids, context=parts)
             return spec, jnp.zeros((), jnp.int32), None
         index = cache["index"]
         if length > 1 and not isinstance(index, jax.core.Tracer) and int(index) != 0:
