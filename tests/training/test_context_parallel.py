@@ -11,8 +11,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from toy_tasks import host, mesh_of, tiny_config
 
 from vsalmonn_jax.models import av_llm
-from vsalmonn_jax.models.attention import (MaskSpec, attention, balanced_layout, natural_layout,
-                                           padded_length, xla_attention)
+from vsalmonn_jax.models.attention import (
+    MaskSpec,
+    attention,
+    balanced_layout,
+    natural_layout,
+    padded_length,
+    xla_attention,
+)
 from vsalmonn_jax.models.attention.mask import natural_order
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training import steps as sp

@@ -16,8 +16,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models import kv_cache
-from vsalmonn_jax.models.attention import (MaskSpec, attention, balanced_layout, check_impl_name,
-                                           context_size, natural_layout, padded_length)
+from vsalmonn_jax.models.attention import (
+    MaskSpec,
+    attention,
+    balanced_layout,
+    check_impl_name,
+    context_size,
+    natural_layout,
+    padded_length,
+)
 from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm
 from vsalmonn_jax.models.kv_cache import init_cache  # noqa: F401  (re-exported: the cache of this model)
 
@@ -112,7 +119,11 @@ class Attention(_Part):
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "activation_heads", "head_dim"))
         k = apply_rope(k, cos, sin)
         if kv is not None:   # write the T new keys/values at slots [index, index + T), in place
-            kv = (kv_cache.write(kv[0], k, layer, cache_index), kv_cache.write(kv[1], v, layer, cache_index))
+            new = (k, v)
+            if isinstance(mask, MaskSpec) and mask.context > 1:   # a prompt split over context: the
+                slots = kv[0].shape[kv_cache.SLOT_AXIS]          # cache keeps the natural order
+                new = tuple(natural_layout(x, mask.context)[:, :slots] for x in new)
+            kv = tuple(kv_cache.write(buf, x, layer, cache_index) for buf, x in zip(kv, new, strict=True))
         if kv is not None and length == 1:   # decode step: attend over this layer's cache
             k_layer, v_layer = (kv_cache.layer_slice(buf, layer) for buf in kv)   # [B,K,S,D]
             out = kv_cache.decode_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask,
@@ -174,8 +185,8 @@ def _logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
 
 
 def _balanced(parts: int, *arrays):
-    """[B,T,...] arrays (None passes) padded to context.padded_length (padding keys masked: the mask is
-    padded with False) and put in the balanced layout over `parts` context shards."""
+    """[B,T,...] arrays (None passes) padded to context.padded_length (padding keys masked: the key
+    mask is padded with False) and put in the balanced layout over `parts` context shards."""
     length = next(x for x in arrays if x is not None).shape[1]
     pad = padded_length(length, parts) - length
     return tuple(None if x is None else balanced_layout(
@@ -227,16 +238,17 @@ class Qwen2(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
         attention_mask = attention_mask.astype(bool)
+        mask, cache_index, cache_mask = self._mask(attention_mask, cache, length, segment_ids, branch_ids)
         if positions is None and cache is None:
             positions = default_positions(attention_mask)
-        parts = context_size() if cache is None else 1   # decode / prefill: replicated over context
-        if parts > 1:   # the sequence split over `context`, load-balanced (models/attention/context.py)
-            hidden, attention_mask, positions, segment_ids, branch_ids = _balanced(
-                parts, hidden, attention_mask, positions, segment_ids, branch_ids)
-        mask, cache_index, cache_mask = self._mask(attention_mask, cache, length, segment_ids, branch_ids,
-                                                   parts)
-        if positions is None:
+        elif positions is None:
             positions = jax.lax.dynamic_slice_in_dim(default_positions(cache_mask), cache_index, length, 1)
+        parts = context_size() if isinstance(mask, MaskSpec) else 1   # decode: replicated over context
+        if parts > 1:   # the sequence split over `context`, load-balanced (models/attention/context.py)
+            hidden, positions, *ids = _balanced(parts, hidden, positions, mask.key_mask, mask.segment_ids,
+                                                mask.branch_ids)
+            mask = MaskSpec(causal=True, key_mask=ids[0], segment_ids=ids[1], branch_ids=ids[2],
+                            context=parts)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
         hidden, new_kv = self._layers(hidden, cos, sin, mask, cache_index, cache, deterministic)
@@ -257,12 +269,11 @@ class Qwen2(nn.Module):
                            accumulate_fp32=True, name="lm_head")(hidden)
         return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab")), new_cache
 
-    def _mask(self, attention_mask, cache, length, segment_ids=None, branch_ids=None, parts=1):
+    def _mask(self, attention_mask, cache, length, segment_ids=None, branch_ids=None):
         """A MaskSpec (the attention kernels never see a [T,T] mask) without a cache or for a prompt
         filling an empty one; for a decode step (T = 1) the valid-slot mask [B,T,S]."""
         if cache is None:
-            spec = MaskSpec(causal=True, key_mask=attention_mask, segment_ids=segment_ids,
-                            branch_ids=branch_ids, context=parts)
+            spec = MaskSpec(causal=True, key_mask=attention_mask, segment_ids=segment_ids, branch_ids=branch_ids)
             return spec, jnp.zeros((), jnp.int32), None
         index = cache["index"]
         if length > 1 and not isinstance(index, jax.core.Tracer) and int(index) != 0:

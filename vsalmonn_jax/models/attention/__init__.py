@@ -12,8 +12,13 @@ import jax
 
 from vsalmonn_jax.models.attention.context import context_attention, context_size, padded_length
 from vsalmonn_jax.models.attention.cudnn import cudnn_attention
-from vsalmonn_jax.models.attention.mask import (KINDS, MaskSpec, balanced_layout, causal_padding,
-                                                natural_layout)
+from vsalmonn_jax.models.attention.mask import (
+    KINDS,
+    MaskSpec,
+    balanced_layout,
+    causal_padding,
+    natural_layout,
+)
 from vsalmonn_jax.models.attention.reference import reference_attention
 from vsalmonn_jax.models.attention.splash import splash_attention
 from vsalmonn_jax.models.attention.xla import xla_attention

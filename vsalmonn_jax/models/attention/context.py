@@ -39,13 +39,33 @@ def _local_order(length: int, parts: int) -> jax.Array:
     return jnp.concatenate([shard * chunk + ramp, (2 * parts - 1 - shard) * chunk + ramp])
 
 
+@jax.custom_vjp
+def _gather_kv(x: jax.Array) -> jax.Array:
+    """All-gather K or V [b, T/C, K, D] over `context` -> [b, T, K, D]. Its backward reduce-scatters the
+    gradient in fp32: the exact sum of the shards' partial dK / dV (and XLA:CPU cannot reduce-scatter
+    bf16: "Invalid binary instruction opcode copy")."""
+    return jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+
+
+def _gather_kv_fwd(x):
+    return _gather_kv(x), None
+
+
+def _gather_kv_bwd(_, grad):
+    summed = jax.lax.psum_scatter(grad.astype(jnp.float32), AXIS, scatter_dimension=1, tiled=True)
+    return (summed.astype(grad.dtype),)
+
+
+_gather_kv.defvjp(_gather_kv_fwd, _gather_kv_bwd)
+
+
 def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, block: int = 512,
                       scale: float | None = None) -> jax.Array:
     """q [B,T,N,D], k/v [B,T,K,D] in balanced layout over spec.context shards -> [B,T,N,D] (same layout).
 
     A shard_map over the batch axes and `context` (tensor stays automatic: heads keep their sharding):
     each shard gathers the whole K/V (and key masks), its queries keep their T / C tokens; the
-    backward reduce-scatters dK / dV (the transpose of the all-gather).
+    backward reduce-scatters dK / dV in fp32 (_gather_kv).
     """
     parts = spec.context
     batch, length = q.shape[:2]
@@ -58,8 +78,8 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
     shards = 1
     for axis in batch_axes:
         shards *= int(mesh.shape[axis])
-    if batch % shards:
-        raise ValueError(f"context attention: batch {batch} is not a multiple of its {shards} batch shards")
+    if batch % shards:   # a batch the batch axes do not divide (e.g. a caption prompt): replicated
+        batch_axes = ()
     seq = P(batch_axes or None, AXIS)
     key_valid = jnp.ones((batch, length), bool) if spec.key_mask is None else spec.key_mask.astype(bool)
     ids = (spec.segment_ids, spec.branch_ids)
@@ -69,7 +89,7 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
         gather = lambda x: None if x is None else jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
         query_side = (*ids, _local_order(length, parts))
         key_side = (*(gather(x) for x in ids), full_order)
-        return flash_attention(q, gather(k), gather(v), gather(key_valid), query_side, key_side,
+        return flash_attention(q, _gather_kv(k), _gather_kv(v), gather(key_valid), query_side, key_side,
                                spec.causal, block, scale)
 
     id_specs = tuple(None if x is None else seq for x in ids)
