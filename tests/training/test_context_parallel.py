@@ -85,15 +85,18 @@ def test_context_attention_equals_one_device(axes, rng):
 
 
 def _av_batch(task, prefixes, n=2):
-    """AV rows (2 frames + 1 audio chunk) whose media span several context chunks; row 1 padded."""
+    """AV rows (2 frames + 1 audio chunk) whose media span several context chunks; row 1 padded;
+    the sets share their prompt (tokens before 5, the placeholder at 1), as DPO pairs do."""
     base = av_llm.dummy_batch(task.av_config, batch=n, frames=2, chunks=1, text_len=TEXT)
     rng = np.random.default_rng(0)
     out = {k: v for k, v in base.items() if k not in ("input_ids", "attention_mask", "loss_mask")}
     out["pixel_values"] = rng.normal(size=out["pixel_values"].shape).astype(np.float32)
     out["mel"] = rng.normal(size=out["mel"].shape).astype(np.float32)
+    prompt = rng.integers(3, 400, size=(n, 5)).astype(np.int32)
+    prompt[:, 1] = PH
     for prefix in prefixes:
         ids = rng.integers(3, 400, size=(n, TEXT)).astype(np.int32)
-        ids[:, 1] = PH
+        ids[:, :5] = prompt
         attn = np.ones((n, TEXT), bool)
         attn[1, -3:] = False
         loss = np.zeros((n, TEXT), bool)
