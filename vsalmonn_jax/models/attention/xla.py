@@ -54,6 +54,16 @@ def _triangular(tokens: Tokens, causal: bool) -> bool:
     return causal and tokens[1][2] is None
 
 
+def _inner_loop(lower, upper, body, init):
+    """fori_loop as a while loop whatever its bounds: a static-bound fori_loop becomes a scan, and a
+    scan nested in the layer scan / remat stacks each block pair's scores and mask (O(T^2) memory)."""
+    def step(state):
+        index, carry = state
+        return index + 1, body(index, carry)
+
+    return jax.lax.while_loop(lambda state: state[0] < upper, step, (jnp.asarray(lower, jnp.int32), init))[1]
+
+
 def _scores(q_block, k_block, scale):
     # [B,K,G,bq,D] x [B,K,bk,D] -> [B,K,G,bq,bk] fp32
     return jnp.einsum("bkgqd,bkcd->bkgqc", q_block, k_block, preferred_element_type=jnp.float32) * scale
@@ -87,8 +97,8 @@ def _forward(q, k, v, tokens, causal, block, scale):
 
         init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
                 jnp.zeros(row_shape + (q.shape[-1],), jnp.float32))
-        top, total, acc = jax.lax.fori_loop(0, i + 1 if _triangular(tokens, causal) else num_key_blocks,
-                                            key_block, init)
+        top, total, acc = _inner_loop(0, i + 1 if _triangular(tokens, causal) else num_key_blocks,
+                                      key_block, init)
         empty = total == 0  # no visible key: zero output, lse 0 (the backward masks p anyway)
         o_i = acc / jnp.where(empty, 1.0, total)[..., None]
         lse_i = jnp.where(empty, 0.0, top + jnp.log(jnp.where(empty, 1.0, total)))
@@ -129,8 +139,8 @@ def _backward(q, k, v, tokens, out, lse, d_out, causal, block, scale):
             return jax.lax.cond(jnp.any(mask), visit, lambda s: s, state)
 
         zeros = jnp.zeros(kv_block_shape, jnp.float32)
-        dq, dk_j, dv_j = jax.lax.fori_loop(j if _triangular(tokens, causal) else 0, num_blocks, query_block,
-                                            (dq, zeros, zeros))
+        dq, dk_j, dv_j = _inner_loop(j if _triangular(tokens, causal) else 0, num_blocks, query_block,
+                                     (dq, zeros, zeros))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * block, axis=2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * block, axis=2)
         return dq, dk, dv
