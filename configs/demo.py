@@ -34,7 +34,8 @@ def get_config():
     c.data.synthetic.update(dict(grid=3, frame_size=48))   # one scene cell = one 16-px patch
     c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     c.train.update(dict(lr=1e-3, warmup_ratio=0.05, grad_clip=1.0, logits_chunk=0))
-    c.dpo.update(dict(beta=0.1, gt_ce_weight=0.1, reference="snapshot"))
+    # the demo's batches (demo/env.py) do not carry stored reference log-probs: in-step reference
+    c.dpo.update(dict(beta=0.1, gt_ce_weight=0.1, reference="snapshot", precompute_reference=False))
     # k = 4, best-vs-worst under the dominance rule: the chosen caption is no worse on missed,
     # incorrect and hallucinated events each (training/pairs.py), so no pair prefers saying less
     c.mrdpo.update(dict(rounds=3, samples_per_video=4, pair_rule="dominance", drop_ties=True,

@@ -59,7 +59,7 @@ def test_each_rule_rejects_bad_values(field):
         assert found[0].startswith(f"{field}={value!r}: allowed: ")
         assert f"fix: --config.{field}=" in found[0]
         if isinstance(rule, OneOf):
-            assert " | ".join(rule.values) in found[0]
+            assert " | ".join(map(str, rule.values)) in found[0]
 
 
 def test_number_rule_bounds():

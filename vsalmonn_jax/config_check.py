@@ -90,6 +90,7 @@ TOP_P = Number(low=0, high=1, open_low=True)
 COSINE = Number(low=-1, high=1)
 MESH_AXIS = Number(low=1, integer=True, also=(-1,))
 DTYPES = OneOf(("float32", "bfloat16", "float16"))
+BOOL = OneOf((True, False))
 
 # field -> rule; the fix printed is "set --config.<field>=<one of the allowed values>"
 RULES: dict[str, Any] = {
@@ -150,6 +151,7 @@ RULES: dict[str, Any] = {
     "dpo.label_smoothing": Number(low=0, high=0.5),
     "dpo.gt_ce_weight": NON_NEGATIVE,
     "dpo.reference": OneOf(("snapshot", "lora_disabled")),
+    "dpo.precompute_reference": BOOL,
     "mrdpo.rounds": POSITIVE_INT,
     "mrdpo.steps_per_round": POSITIVE_INT,
     "mrdpo.samples_per_video": Number(low=2, integer=True),

@@ -110,7 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gt_ce_weight=0.1,
         reference="snapshot",  # snapshot | lora_disabled (official QUIRK)
-        precompute_reference=False))
+        # mrDPO: the round's reference log-probs are computed once with its pairs and stored
+        # (round_<r>/reference.jsonl); False = the reference forward runs in every step
+        precompute_reference=True))
     c.mrdpo = ml_collections.ConfigDict(dict(
         rounds=3, steps_per_round=1000, samples_per_video=2, pair_rule="total",
         drop_ties=True, judge="exact",

@@ -1,7 +1,8 @@
 """One process of the multi-host test: tiny Qwen2 + LoRA, a few SFT then DPO steps on a fixed mesh.
 
 Started by test_multiprocess.py as 2 processes x 4 fake CPU devices (explicit JAX_* env) or as one
-process x 8 devices; both write losses, trainables, a checkpoint and a merged export to compare.
+process x 8 devices; both write losses, trainables, reference log-probs (the mrDPO per-round file),
+a checkpoint and a merged export to compare.
 usage: mp_worker.py OUT_DIR [--restore-from DIR] [--export-from DIR] [--mesh data=1,fsdp=2,context=2,...]
 """
 
@@ -31,6 +32,11 @@ from vsalmonn_jax.training import state as state_lib  # noqa: E402
 from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
 from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
+from vsalmonn_jax.training.round_reference import (  # noqa: E402
+    REFERENCE_FIELDS,
+    batch_reference,
+    save_reference,
+)
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh  # noqa: E402
 from vsalmonn_jax.training.task import build_task  # noqa: E402
 
@@ -38,6 +44,7 @@ MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # --mesh overrides (e.g. with contex
 GLOBAL_BATCH = 8
 SFT_STEPS = 3
 DPO_STEPS = 2
+REFERENCE_ROWS = 12   # two global batches, the second padded with copies of row 11
 
 
 def local_rows(batch: dict, mesh) -> dict:
@@ -66,6 +73,16 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
         state, metrics = dpo.train(state, distributed.global_batch(local_rows(batch, mesh), mesh))
         losses.append(float(metrics["loss"]))
 
+    # per-round reference log-probs (mrDPO): each process its rows, gathered, process 0 writes
+    data = synthetic.dpo_examples(REFERENCE_ROWS, vocab, length=16, seed=200)
+    order = np.minimum(np.arange(2 * GLOBAL_BATCH), REFERENCE_ROWS - 1)
+    batches = [{k: v[order[i:i + GLOBAL_BATCH]] for k, v in data.items()}
+               for i in (0, GLOBAL_BATCH)]
+    reference = batch_reference(dpo, state, batches, REFERENCE_ROWS)
+    save_reference(out / "reference.jsonl", [
+        {"index": i, "id": str(i), **dict(zip(REFERENCE_FIELDS, map(float, row), strict=True))}
+        for i, row in enumerate(reference)])
+
     # checkpoint: the engine's Checkpointer, every process writes its own shards
     distributed.ensure_shared_directory(out / "ckpt")
     ckpt = Checkpointer(out / "ckpt", keep=2)
@@ -83,7 +100,7 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     distributed.export_on_primary(lambda p: save_hf(p, llm_config, out / "export"), merged)
 
     results = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count()),
-               "stop": np.asarray(stop)}
+               "stop": np.asarray(stop), "reference": reference}
     flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
         {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged,
          "params": state.params}))[0]

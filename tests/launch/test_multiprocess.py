@@ -1,8 +1,10 @@
-"""Two processes on 127.0.0.1 (4 fake CPU devices each) vs one process with 8: same SFT/DPO results,
-a two-process checkpoint restores in one process, a two-process merged export loads back whole;
-two processes with context parallelism (data=1, fsdp=2, context=2, tensor=2) give the same results.
+"""Two processes on 127.0.0.1 (4 fake CPU devices each) vs one process with 8: same SFT/DPO results
+and stored reference log-probs, a two-process checkpoint restores in one process, a two-process
+merged export loads back whole; two processes with context parallelism (data=1, fsdp=2, context=2,
+tensor=2) give the same results.
 """
 
+import json
 import os
 import pathlib
 import socket
@@ -94,6 +96,20 @@ def test_sft_and_dpo_losses_equal(runs):
     assert two["losses"].shape == (5,)  # 3 SFT + 2 DPO steps
     np.testing.assert_allclose(two["losses"], single["losses"], rtol=1e-6, atol=1e-6)
     assert single["losses"][0] > 5.0 and single["losses"][3] < 2.0  # CE ~ log(512); DPO ~ log 2 + CE
+
+
+def test_reference_logps_equal_and_written_once(runs):
+    root, two, single = runs
+    files = [[json.loads(line) for line in open(root / run / "reference.jsonl")]
+             for run in ("two", "one")]
+    assert [r["index"] for r in files[0]] == list(range(12)) == [r["index"] for r in files[1]]
+    assert not list((root / "two").glob("reference.jsonl.tmp"))
+    for field in ("ref_chosen_logps", "ref_rejected_logps"):
+        got, want = ([r[field] for r in rows] for rows in files)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=field)
+        assert max(got) < -1.0   # summed log-probs of random responses under a random model
+    np.testing.assert_allclose(two["reference"], single["reference"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(two["reference"][:, 0], [r["ref_chosen_logps"] for r in files[0]])
 
 
 def test_trainables_and_optimizer_equal(runs):

@@ -12,7 +12,7 @@ from mrdpo_helpers import LengthJudge
 from vsalmonn_jax.config import load_config
 from vsalmonn_jax.data.synthetic import build_dataset
 from vsalmonn_jax.data.synthetic_scene import default_config
-from vsalmonn_jax.training import mrdpo, rebirth
+from vsalmonn_jax.training import mrdpo_run, rebirth
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
 from export_check import assert_export_matches  # noqa: E402
@@ -40,8 +40,8 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     media_features = example_lib.media_features
     monkeypatch.setattr(example_lib, "media_features",
                         lambda video, *a, **k: decoded.append(video) or media_features(video, *a, **k))
-    summary = mrdpo.run_from_config(config, tmp_path / "mrdpo", progress=False,
-                                    judge=LengthJudge())
+    summary = mrdpo_run.run_from_config(config, tmp_path / "mrdpo", progress=False,
+                                        judge=LengthJudge())
     (round0,) = summary["history"]
     assert round0["first_step"]["dpo_loss"] == pytest.approx(0.6931472, abs=1e-5)
     assert round0["pairs"]["samples"] == 8 and round0["pairs"]["pairs"] >= 1
@@ -49,6 +49,9 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     assert round0["last_step"]["grad_norm"] > 0
     pairs = [json.loads(line) for line in open(tmp_path / "mrdpo" / "round_0" / "pairs.jsonl")]
     assert all(p["video"].endswith(".mp4") and "gt" in p for p in pairs)
+    reference = [json.loads(line)
+                 for line in open(tmp_path / "mrdpo" / "round_0" / "reference.jsonl")]
+    assert [r["id"] for r in reference] == [p["id"] for p in pairs]   # precomputed per round
     assert len(decoded) == len(set(decoded)) == 6   # each clip decoded once: pairs reuse it
 
     config = load_config("tiny", overrides + [

@@ -1,17 +1,20 @@
 """The text PolicyEnv and the round's data plumbing: batch-independent sampling, checkpointable batch
-iterators, fresh slices per round, precomputed reference log-probs equal to the in-step reference."""
+iterators, fresh slices per round; per-round reference log-probs equal to the in-step reference,
+stored, reused without recompute and checked against the pairs."""
+
+import json
 
 import jax
 import numpy as np
 import pytest
-from mrdpo_helpers import config, items, setup, tokenizer
+from mrdpo_helpers import config, fresh_state, items, setup, tokenizer
 
 from vsalmonn_jax.generate.sampling import SamplingConfig
-from vsalmonn_jax.training import state as st
-from vsalmonn_jax.training import steps as sp
-from vsalmonn_jax.training.loop import device_batch, prepare_state
-from vsalmonn_jax.training.mrdpo import precompute_reference, round_items
+from vsalmonn_jax.training import round_reference as round_reference_lib
+from vsalmonn_jax.training.loop import compiled_steps, device_batch, prepare_state
+from vsalmonn_jax.training.mrdpo import round_items
 from vsalmonn_jax.training.policy_env import ListIterator, TextPolicyEnv
+from vsalmonn_jax.training.round_reference import REFERENCE_FIELDS, REFERENCE_FILE, round_reference
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +66,61 @@ def test_round_items_take_fresh_slices():
     assert [v["id"] for v in round_items(videos, 2, 2)] == [4, 0]   # cycles
 
 
-def test_precomputed_reference_matches_the_in_step_reference(text_env):
-    cfg, env, mesh, state, _ = text_env
-    records = [{"prompt": v["prompt"], "chosen": v["caption"], "rejected": "At 1 s, a low beep "
-                "sounds.", "gt": v["caption"]} for v in items(4)]
-    records.append({"prompt": "Describe.", "gt": "At 0 s, the red circle appears."})  # CE-only
-    with_ref = precompute_reference(env, cfg, state, records, mesh, batch_size=2)
-    assert "ref_chosen_logps" not in with_ref[-1] and "ref_chosen_logps" not in records[0]
-    assert all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in with_ref[:4])
-    tx, schedule = st.make_optimizer(cfg.train, 4)
-    _, shardings = st.state_shardings(env.task, cfg, tx, mesh)
-    steps = sp.make_steps(env.task, cfg, tx, schedule, mesh, shardings)
+def _pair_records(count: int) -> list[dict]:
+    records = [{"id": f"{v['id']}:0>1", "prompt": v["prompt"], "chosen": v["caption"],
+                "rejected": "At 1 s, a low beep sounds.", "gt": v["caption"]} for v in items(count)]
+    return records + [{"id": "v9:gt", "prompt": "Describe.", "gt": "At 0 s, the red circle appears."}]
+
+
+def test_round_reference_equals_the_in_step_reference(text_env, tmp_path):
+    cfg, env, mesh, _, _ = text_env
+    state = fresh_state(env, cfg, mesh, trained_lora=True)   # policy (LoRA on) != reference (off)
+    records = _pair_records(3)                                # 3 pairs + 1 CE-only record
+    path = tmp_path / REFERENCE_FILE
+    # batches of 2 over data = 2: the second one is padded (row 2 repeated)
+    with_ref = round_reference(env, cfg, state, records, mesh, path, batch_size=2, num_steps=4)
+    assert [json.loads(line)["index"] for line in open(path)] == [0, 1, 2]
+    assert "ref_chosen_logps" not in records[0]
+    assert with_ref[3]["ref_chosen_logps"] == with_ref[3]["ref_rejected_logps"] == 0.0  # CE-only
+    tx, _, steps, _, _ = compiled_steps(env.task, cfg, 4, mesh)
     run_state, _ = prepare_state(env.task, cfg, tx, mesh, state=state)
+    batch = next(env.batches(records[:3], batch_size=4, seed=0, shuffle=False, repeat=False))
+    direct = jax.device_get(steps.reference(run_state, device_batch(batch, steps)))
+    for field in REFERENCE_FIELDS:   # each row where it belongs (other batching, no padding mix-up)
+        np.testing.assert_allclose([r[field] for r in with_ref[:3]], direct[field][:3], atol=1e-5,
+                                   rtol=0)
     metrics = []
-    for precomputed, recs in ((False, records[:4]), (True, with_ref[:4])):
+    for precomputed, recs in ((False, records[:3]), (True, with_ref[:3])):
         batch = next(env.batches(recs, batch_size=4, seed=0, shuffle=False, repeat=False))
         assert ("ref_chosen_logps" in batch) == precomputed
         metrics.append(jax.device_get(steps.eval(run_state, device_batch(batch, steps))))
-    for key in ("loss", "dpo_loss", "rewards/margins", "logps/chosen"):
-        assert float(metrics[0][key]) == pytest.approx(float(metrics[1][key]), abs=1e-5)
-    assert float(metrics[0]["dpo_loss"]) == pytest.approx(np.log(2.0), abs=1e-6)
+    assert abs(float(metrics[0]["rewards/chosen"])) > 1e-3   # the policy is not the reference
+    for key in ("loss", "dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert float(metrics[0][key]) == pytest.approx(float(metrics[1][key]), abs=1e-5), key
+
+
+def test_stored_reference_is_reused_and_checked(text_env, tmp_path, monkeypatch):
+    cfg, env, mesh, state, _ = text_env
+    records = _pair_records(2)
+    path = tmp_path / REFERENCE_FILE
+    first = round_reference(env, cfg, state, records, mesh, path, batch_size=2, num_steps=4)
+    text = path.read_text()
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the stored reference was recomputed")
+
+    monkeypatch.setattr(round_reference_lib, "compute_reference", no_compute)
+    assert round_reference(env, cfg, state, records, mesh, path, batch_size=2,
+                           num_steps=4) == first
+    assert path.read_text() == text
+    rows = [json.loads(line) for line in text.splitlines()]
+    bad = [dict(rows[0]), dict(rows[1], id="v7:0>1")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(ValueError, match=f"{path}:2: .*does not match pair record"):
+        round_reference(env, cfg, state, records, mesh, path, batch_size=2, num_steps=4)
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:2: 1 reference rows for 2 pair records"):
+        round_reference(env, cfg, state, records, mesh, path, batch_size=2, num_steps=4)
 
 
 def test_local_rows_slice_each_batch_and_pass_state_through():

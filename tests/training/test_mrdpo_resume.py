@@ -74,6 +74,10 @@ def test_every_round_starts_at_log2_and_writes_its_artefacts(uninterrupted):
     assert history[0]["last_step"]["dpo_loss"] != pytest.approx(math.log(2.0), abs=1e-4)
     pairs = [json.loads(line) for line in open(tmp / "round_0" / "pairs.jsonl")]
     assert all({"prompt", "chosen", "rejected", "gt"} <= set(p) for p in pairs)
+    # dpo.precompute_reference (the mrDPO default): one reference row per pair, stored beside them
+    reference = [json.loads(line) for line in open(tmp / "round_0" / "reference.jsonl")]
+    assert [r["id"] for r in reference] == [p["id"] for p in pairs]
+    assert all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in reference)
     assert all(p["chosen_error"] < p["rejected_error"] for p in pairs)
     assert len(open(tmp / "round_1" / "samples.jsonl").readlines()) == 12
     assert json.loads((tmp / "mrdpo.json").read_text())["round"] == 2
@@ -84,8 +88,12 @@ def test_killed_mid_round_resumes_to_the_same_result(tmp_path, tok, env_mesh, un
     with pytest.raises(Killed):   # round 1, step 3: after the step-2 checkpoint, before the end
         _run(tmp_path, tok, env_mesh, kill_at=(1, 3))
     assert (tmp_path / "round_1" / "checkpoints" / "2").is_dir()
+    stored = tmp_path / "round_1" / "reference.jsonl"   # written once with the round's pairs
+    before = (stored.stat().st_ino, stored.stat().st_mtime_ns, stored.read_text())
     state, summary = _run(tmp_path, tok, env_mesh)
     assert summary["resumed_round"] == 1
+    # the resumed round read its reference log-probs back: the file was not rewritten
+    assert (stored.stat().st_ino, stored.stat().st_mtime_ns, stored.read_text()) == before
     got = _host({"params": state.params, "trainable": state.trainable})
     jax.tree.map(np.testing.assert_array_equal, got, want)
     assert summary["history"] == want_summary["history"]

@@ -168,11 +168,11 @@ def _has_checkpoint(run: pathlib.Path) -> bool:
 
 def _run(config, args, spec: str, workdir: pathlib.Path, round_driven: bool) -> int:
     if round_driven:
-        from vsalmonn_jax.training import mrdpo, rebirth
+        from vsalmonn_jax.training import mrdpo_run, rebirth
 
         if config.stage == "mrdpo":
-            summary = mrdpo.run_from_config(config, workdir, init_from=args.init_from,
-                                            progress=not args.no_progress)
+            summary = mrdpo_run.run_from_config(config, workdir, init_from=args.init_from,
+                                                progress=not args.no_progress)
         else:
             summary = rebirth.run_from_config(config, workdir, progress=not args.no_progress)
         print(json.dumps(summary, default=float))

@@ -1,20 +1,24 @@
 """Multi-round DPO (the paper's mrDPO): sample -> judge -> pair -> DPO round -> merge LoRA -> evaluate.
 
 Each round: k captions per training video from the current policy (top-p sampling), scored against
-the ground-truth events by the configured judge, paired by the configured rule (training/pairs.py),
-optionally with precomputed reference log-probs; `steps_per_round` DPO steps (+ GT-caption CE) via
-`run_stage`; then the LoRA is merged into the base (jitted, donated), a fresh LoRA is drawn (B = 0),
-so the next round's reference (LoRA off + round-start adapter snapshot) is the policy just trained,
-and the optimizer and schedule restart. The held-out split is evaluated after every round.
+the ground-truth events by the configured judge, paired by the configured rule (training/pairs.py);
+the reference is fixed within a round (the policy it starts from), so its log-probs are computed
+once with the pairs and stored (dpo.precompute_reference, training/round_reference.py; the step
+then runs no reference forward); `steps_per_round` DPO steps (+ GT-caption CE) via `run_stage`;
+then the LoRA is merged into the base (jitted, donated), a fresh LoRA is drawn (B = 0), so the next
+round's reference (LoRA off + round-start adapter snapshot) is the policy just trained, and the
+optimizer and schedule restart. The held-out split is evaluated after every round.
 
 Resumable: the round-start state (merged base, trainables, rng) and the cursor + per-round metrics
-are an orbax checkpoint per round (`workdir/rounds`), the round's pairs a JSONL file, and the round's
-steps are run_stage checkpoints (`workdir/round_<r>/checkpoints`): a run killed anywhere resumes
-where it stopped and ends with the same trainables and metrics as an uninterrupted run.
+are an orbax checkpoint per round (`workdir/rounds`, training/round_store.py), the round's pairs and
+reference log-probs JSONL files, and the round's steps are run_stage checkpoints
+(`workdir/round_<r>/checkpoints`): a run killed anywhere resumes where it stopped and ends with the
+same trainables and metrics as an uninterrupted run. A real run's entry: training/mrdpo_run.py.
 
 Layout of `workdir`:
   rounds/<r>/                 round r's start state + cursor/history (orbax; r = rounds: final)
   round_<r>/pairs.jsonl       preference (+ CE-only) records of round r
+  round_<r>/reference.jsonl   their reference log-probs (one row per pair: index, id, values)
   round_<r>/samples.jsonl     every sampled caption with its judged counts
   round_<r>/checkpoints/      run_stage checkpoints of the round's DPO steps; metrics.jsonl
   round_<r>/first_step.json   metrics of the round's first step (DPO loss log 2: policy == reference)
@@ -33,19 +37,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.lora import LoraConfig
-from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import PairRule, Sample
 from vsalmonn_jax.training.policy_env import local_rows
+from vsalmonn_jax.training.round_reference import REFERENCE_FILE, round_reference
+from vsalmonn_jax.training.round_store import (  # noqa: F401  (re-exported: rebirth, demo, tests)
+    RoundCheckpoints,
+    load_round_state,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 
-ROUND_FIELDS = ("params", "trainable", "rng")   # what a round-start checkpoint holds
 TIMING_FIELDS = ("tokens_per_s",)   # wall-clock numbers are left out of the (reproducible) history
 
 
@@ -61,7 +69,7 @@ class MrdpoOptions:
     max_new_tokens: int = 1024
     judge: str = "exact"
     batch_size: int = 0                # pairs per step over the whole mesh; 0 = global_batch()
-    precompute_reference: bool = False
+    precompute_reference: bool = True  # reference log-probs once per round (round_reference.py)
     control: bool = False              # control arm: DPO term off (CE on the GT captions only)
     gt_guidance: bool = True           # pair records carry the GT caption for the CE term
     ce_only_records: bool = False      # videos without a pair still give a GT-only record
@@ -173,43 +181,6 @@ def control_records(items: Sequence[Mapping], default_prompt: str) -> list[dict]
     return out
 
 
-def precompute_reference(env, config, state: st.TrainState, records: list[dict], mesh,
-                         batch_size: int) -> list[dict]:
-    """Records with ref_chosen_logps / ref_rejected_logps from the round-start policy (LoRA off,
-    the current adapter: at a round start this IS the reference). One pass, no gradient."""
-    from vsalmonn_jax.training.loop import HOST_ONLY
-    from vsalmonn_jax.training.steps import StepOptions, put_batch, reference_logps
-
-    if jax.process_count() > 1:
-        raise NotImplementedError("precomputed reference log-probs are single-process; set "
-                                  "dpo.precompute_reference=False (the in-step reference is used)")
-    pair_index = [i for i, r in enumerate(records) if "chosen" in r]
-    if not pair_index:
-        return records
-    task, opts = env.task, StepOptions.from_config(config)
-    ref_state = st.snapshot_reference(state)
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-    @jax.jit
-    def ref_fn(s, batch):
-        media = jax.lax.stop_gradient(task.encode({"params": s.params}, batch))
-        return reference_logps(task, opts, s, batch, media)
-
-    subset = [records[i] for i in pair_index]
-    chosen = np.zeros(len(subset)), np.zeros(len(subset))
-    for batch in env.batches(subset, batch_size=batch_size, seed=0, shuffle=False, repeat=False):
-        ids = np.asarray(batch["example_id"])
-        device = put_batch({k: v for k, v in batch.items() if k not in HOST_ONLY}, sharding)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            c, r = jax.device_get(ref_fn(ref_state, device))
-        chosen[0][ids], chosen[1][ids] = c, r
-    out = [dict(r) for r in records]
-    for j, i in enumerate(pair_index):
-        out[i]["ref_chosen_logps"] = float(chosen[0][j])
-        out[i]["ref_rejected_logps"] = float(chosen[1][j])
-    return out
-
-
 # ------------------------------------------------------------------------------ evaluation
 
 def evaluate_captions(env, state, items: Sequence[Mapping], judge, *, max_new_tokens: int,
@@ -237,75 +208,7 @@ def evaluate_captions(env, state, items: Sequence[Mapping], judge, *, max_new_to
                          for item, s in zip(items, samples, strict=True)]}
 
 
-# ------------------------------------------------------------------------------ persistence
-
-def _write_jsonl(path: pathlib.Path, rows: Sequence[Mapping]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: pathlib.Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_json(path: pathlib.Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
-class RoundCheckpoints:
-    """orbax manager of round-start states: step r = the state entering round r + the cursor JSON."""
-
-    def __init__(self, directory: pathlib.Path):
-        # the latest round start, plus round 0 (the pre-DPO model rebirth tuning starts from)
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, keep_period=1 << 30, create=True,
-                                               enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options,
-                                             item_names=("state", "meta"))
-
-    def latest(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, round_index: int, state: st.TrainState, meta: dict) -> None:
-        tree = {name: getattr(state, name) for name in ROUND_FIELDS}
-        self.manager.save(round_index, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
-
-    def restore(self, round_index: int, target: st.TrainState) -> tuple[st.TrainState, dict]:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            {name: getattr(target, name) for name in ROUND_FIELDS})
-        restored = self.manager.restore(round_index, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return target.replace(**restored["state"]), dict(restored["meta"] or {})
-
-    def close(self) -> None:
-        self.manager.close()
-
-
 # ------------------------------------------------------------------------------ the round loop
-
-def load_round_state(workdir: str | os.PathLike, round_index: int, target: st.TrainState
-                     ) -> tuple[st.TrainState, dict]:
-    """The state entering round r (0 = the pre-DPO (SFT) model, its LoRA merged; `rounds` = the
-    final model) and the
-    cursor/history saved with it; `target` gives structure and shardings (its arrays are unused)."""
-    ckpts = RoundCheckpoints(pathlib.Path(workdir) / "rounds")
-    try:
-        if round_index not in ckpts.manager.all_steps():
-            raise FileNotFoundError(f"{workdir}/rounds has no round {round_index} (has "
-                                    f"{sorted(ckpts.manager.all_steps())})")
-        return ckpts.restore(round_index, target)
-    finally:
-        ckpts.close()
-
 
 def round_config(config, opts: MrdpoOptions):
     """The run_stage config of one round: stage mrdpo (sft for the control arm), its step count."""
@@ -374,14 +277,14 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
         for r in range(start, opts.rounds):
             rdir = workdir / f"round_{r}"
             rdir.mkdir(parents=True, exist_ok=True)
-            records, stats = _round_records(env, config, state, round_items(
+            records, stats = _round_records(env, cfg, state, round_items(
                 train_items, r, opts.videos_per_round), judge, rule, opts,
                 jax.random.fold_in(base_key, 2 * r), default_prompt, rdir, mesh)
             first_path = rdir / "first_step.json"
 
             def step_hook(step, metrics, r=r, first_path=first_path):
                 if step == 1 and jax.process_index() == 0:
-                    _write_json(first_path, metrics)
+                    write_json(first_path, metrics)
                 if on_step is not None:
                     on_step(r, step, metrics)
 
@@ -405,7 +308,7 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                 on_round(r, state, entry)
             ckpts.save(r + 1, state, {"round": r + 1, "history": history})
             if jax.process_index() == 0:
-                _write_json(workdir / "mrdpo.json", {"round": r + 1, "history": history})
+                write_json(workdir / "mrdpo.json", {"round": r + 1, "history": history})
     finally:
         ckpts.close()
     summary.update(round=opts.rounds, history=history)
@@ -420,66 +323,24 @@ def _floats(metrics: Mapping) -> dict:
 
 def _round_records(env, config, state, items, judge, rule, opts, rng, default_prompt,
                    rdir: pathlib.Path, mesh) -> tuple[list[dict], dict]:
-    """The round's records: read back when already built (resume), else sampled, judged, paired
-    (and reference log-probs precomputed) and written before any step of the round runs."""
+    """The round's records: read back when already built (resume), else sampled, judged, paired and
+    written before any step of the round runs; then (dpo.precompute_reference) the round's reference
+    log-probs attached: read from round_<r>/reference.jsonl, or computed once and stored there."""
     path, stats_path = rdir / "pairs.jsonl", rdir / "pair_stats.json"
     if path.exists() and stats_path.exists():
-        return _read_jsonl(path), json.loads(stats_path.read_text())
-    records, log, stats = make_round_records(env, state, items, judge, rule, opts, rng,
-                                             default_prompt)
-    if not records:
-        raise RuntimeError(f"{rdir.name}: no preference pairs from {len(items)} videos x "
-                           f"{opts.samples_per_video} samples (every pair tied); stats: {stats}")
-    if opts.precompute_reference and not opts.control:
-        records = precompute_reference(env, config, state, records, mesh,
-                                       global_batch(config, mesh, opts.batch_size))
-    if jax.process_index() == 0:
-        _write_jsonl(rdir / "samples.jsonl", log)
-        _write_jsonl(path, records)
-        _write_json(stats_path, stats)
-    return records, stats
-
-
-def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
-                    progress: bool = True, judge=None) -> dict:
-    """The mrDPO stage of a real run (AV model, media records), for `vsalmonn-jax train
-    --config.stage=mrdpo`: pairs are sampled on the caption records of `data.train` (id, video /
-    audio, events, caption), `data.val` (caption records) is evaluated after every round with
-    `mrdpo.judge` (or `judge`), and the first run starts from `init_from`'s (the SFT workdir's) trainables; a
-    workdir holding rounds/ resumes. Returns the summary (history per round)."""
-    from vsalmonn_jax.data.records import load_records
-    from vsalmonn_jax.data.text import load_tokenizer
-    from vsalmonn_jax.training.checkpoint import Checkpointer
-    from vsalmonn_jax.training.policy_env import AVPolicyEnv
-    from vsalmonn_jax.training.task import build_task
-
-    if not config.data.tokenizer or not config.data.train:
-        raise ValueError("mrdpo needs --config.data.tokenizer=DIR and --config.data.train=CAPTIONS"
-                         ".jsonl (caption records with events and the ground-truth caption)")
-    workdir = pathlib.Path(workdir)
-    opts = MrdpoOptions.from_config(config)
-    root = config.data.root or None
-    train = load_records(str(config.data.train), kind="caption", root=root)
-    val = load_records(str(config.data.val), kind="caption", root=root) if config.data.val else []
-    if judge is None:
-        pairs_lib.check_judgeable(train + val, opts.judge)
-    cfg = round_config(config, opts)
-    task = build_task(config)
-    mesh = make_mesh(dict(config.mesh))
-    tokenizer = load_tokenizer(config.data.tokenizer, config.model.connector.placeholder_token)
-    env = AVPolicyEnv(config, task, tokenizer, mesh=mesh, sample_batch=int(config.mrdpo.sample_batch))
-    tx, _ = st.make_optimizer(cfg.train, 1)
-    if (workdir / "rounds").is_dir():
-        state = st.abstract_state(task, cfg, tx, mesh)      # resume: structure + shardings only
+        records, stats = read_jsonl(path), json.loads(stats_path.read_text())
     else:
-        state, _, record = st.initial_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
-        write_pretrained_record(workdir, record)
-        if init_from:
-            ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints", create=False)
-            try:
-                state = ckpt.restore_trainable(state)
-            finally:
-                ckpt.close()
-    _, summary = run_mrdpo(config, env, workdir, state=state, train_items=train, eval_items=val,
-                           mesh=mesh, judge=judge, progress=progress, tensorboard=True)
-    return summary
+        records, log, stats = make_round_records(env, state, items, judge, rule, opts, rng,
+                                                 default_prompt)
+        if not records:
+            raise RuntimeError(f"{rdir.name}: no preference pairs from {len(items)} videos x "
+                               f"{opts.samples_per_video} samples (every pair tied); stats: {stats}")
+        if jax.process_index() == 0:
+            write_jsonl(rdir / "samples.jsonl", log)
+            write_jsonl(path, records)
+            write_json(stats_path, stats)
+    if opts.precompute_reference and not opts.control:
+        records = round_reference(env, config, state, records, mesh, rdir / REFERENCE_FILE,
+                                  batch_size=global_batch(config, mesh, opts.batch_size),
+                                  num_steps=opts.steps_per_round)
+    return records, stats

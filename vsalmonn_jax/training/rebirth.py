@@ -159,8 +159,9 @@ def run_from_config(config, workdir: str | os.PathLike, *, progress: bool = True
     from vsalmonn_jax.data.records import load_records
     from vsalmonn_jax.data.text import load_tokenizer
     from vsalmonn_jax.eval import get_judge
-    from vsalmonn_jax.training.mrdpo import RoundCheckpoints, evaluate_captions, load_round_state
+    from vsalmonn_jax.training.mrdpo import evaluate_captions
     from vsalmonn_jax.training.policy_env import AVPolicyEnv
+    from vsalmonn_jax.training.round_store import RoundCheckpoints, load_round_state
     from vsalmonn_jax.training.sharding import make_mesh
     from vsalmonn_jax.training.task import build_task
 
