@@ -44,7 +44,7 @@ OVERLAP_MODEL = (
     "ring collectives at the chip's link bandwidth: fsdp all-gathers of the frozen weights (per "
     "pass: forward, backward, remat recompute, DPO reference), reduce-scatter / all-reduce of the "
     "fp32 trainable gradients, tensor all-reduces of the [tokens, hidden] activations (2 per "
-    "layer per pass); model FLOPs = the matmul FLOPs of the same step with remat_policy=none; "
+    "layer per pass), context all-gathers of K/V (1 per layer per pass); model FLOPs = the matmul FLOPs of the same step with remat_policy=none; "
     "elementwise work, softmax and HBM traffic are not counted")
 
 
