@@ -41,7 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # media encoders (frozen SigLIP / Whisper) are sharded like the LLM: fsdp on their embed
     # dimension (SigLIP 1152, Whisper 1280: powers of two up to 128 / 256 divide), tensor on the MLP;
     # XLA all-gathers a layer's weights when it runs. The Q-Former's own width stays replicated.
-    ("frames", None),
+    ("frames", "context"),   # video frames of the connector (and SigLIP's output) over context
     ("vision_embed", "fsdp"),
     ("vision_mlp", "tensor"),
     ("audio_embed", "fsdp"),
