@@ -137,7 +137,7 @@ _BASELINE = {}  # objective -> the one-device results (shared by the context = 2
 
 
 def _check_equal(task, objective, axes):
-    config = tiny_config(f"stage={objective}", "train.warmup_ratio=0.0")
+    config = tiny_config(f"stage={objective}", "train.warmup_ratio=0.0", "train.logits_chunk=16")
     prefixes = ("",) if objective == "sft" else ("chosen_", "rejected_", "gt_")
     batch = _av_batch(task, prefixes)
     media = task.av_config.media_length(2, 1)
@@ -148,7 +148,7 @@ def _check_equal(task, objective, axes):
     want = _BASELINE[objective]
     got = _loss_grads_logits(task, config, mesh_of(8, **axes), batch, objective)
     np.testing.assert_allclose(got[0], want[0], atol=1e-5, err_msg=f"{objective} loss")
-    for key in want[1]:
+    for key in set(want[1]) - {"rewards/accuracy"}:  # at init policy = reference: rewards tie at 0
         np.testing.assert_allclose(got[1][key], want[1][key], atol=1e-5, err_msg=key)
     leaves = jax.tree_util.tree_leaves_with_path(want[2])
     assert len(leaves) > 10 and max(float(np.abs(g).max()) for _, g in leaves) > 1e-4
