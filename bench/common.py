@@ -10,16 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _timings(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+def _timings(fn: Callable[[], object], repeats: int, warmup: int,
+             clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Seconds of each of `repeats` calls (after `warmup` untimed calls); blocks on jax."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
+
+
+def best_process_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """CPU seconds (all of this process's threads) of the cheapest of `repeats` calls: the work done,
+    steadier than wall time on a loaded machine."""
+    return min(_timings(fn, repeats, warmup, time.process_time))
 
 
 def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -7,7 +7,12 @@ The SFT step sees the 2 x pairs sequences of the DPO batch (chosen + rejected) a
 the compiled step's argument + unaliased output + temp bytes (XLA memory_analysis, one device).
 FLOPs: frozen base => backward = input gradients only (~1 forward); SFT = 2 forwards,
 DPO = 3 forwards (policy fwd + bwd, reference fwd) of the 2 x pairs rows.
-Ends with BENCH dpo_step_vs_torch, sft_step_vs_torch, dpo_over_sft_memory, train_flops_share.
+dpo_shared_vs_unshared: the prefix-shared DPO step (the default) over the unshared one
+(dpo.shared_prefix=False), tiny AV model, 2,048-token prefix (video tokens from cached features + the
+prompt), 3 answers of 256 tokens; CPU process time (steadier than wall time on a loaded machine).
+The ours-vs-torch DPO figure is the default (prefix-shared) step against torch's unshared one.
+Ends with BENCH dpo_step_vs_torch, sft_step_vs_torch, dpo_over_sft_memory, train_flops_share,
+dpo_shared_vs_unshared. `--only-shared`: the last one alone.
 """
 
 from __future__ import annotations
@@ -22,7 +27,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import add_llm_shape_args, bench_line, best_time, matmul_peak_flops  # noqa: E402
+from common import (  # noqa: E402
+    add_llm_shape_args,
+    bench_line,
+    best_process_time,
+    best_time,
+    matmul_peak_flops,
+)
 from llm_forward import forward_flops  # noqa: E402
 
 from vsalmonn_jax.config import load_config  # noqa: E402
@@ -169,12 +180,89 @@ def our_steps(args, sft, dpo):
     return out
 
 
+# ----------------------------------------------------------------------------- shared vs unshared DPO
+
+def av_dpo_batch(task, frames: int, prompt: int, response: int, pairs: int, seed: int = 0) -> dict:
+    """A DPO batch of the tiny AV model, its video as cached encoder outputs (the step runs no frozen
+    encoder): prefix = `prompt` text tokens (one the media placeholder) + the frames' tokens; chosen,
+    rejected and GT answers of `response` tokens each."""
+    from vsalmonn_jax.models import av_llm
+    from vsalmonn_jax.training.feature_cache import FEATURE_PREFIX
+
+    cfg = task.av_config
+    rng = np.random.default_rng(seed)
+    raw = av_llm.dummy_batch(cfg, pairs, frames, 1, 8)
+    raw.pop("mel")
+    raw["has_audio"][:] = False
+    raw["pixel_values"] = rng.normal(size=raw["pixel_values"].shape).astype(np.float32)
+    params = task.init(jax.random.PRNGKey(0), ())["params"]
+    vision = jax.device_get(jax.jit(task.encode)({"params": params}, raw)["vision"])
+    batch = {k: v for k, v in raw.items() if k in av_llm.MEDIA_KEYS}
+    batch[FEATURE_PREFIX + "vision"] = np.asarray(vision)
+    head = rng.integers(3, cfg.llm.vocab_size - 1, size=(pairs, prompt))
+    head[:, 1] = cfg.placeholder_id
+    width = prompt + response
+    for prefix in ("chosen_", "rejected_", "gt_"):
+        answer = rng.integers(3, cfg.llm.vocab_size - 1, size=(pairs, response))
+        loss = np.zeros((pairs, width), bool)
+        loss[:, prompt:] = True
+        batch.update({prefix + "input_ids": np.concatenate([head, answer], 1).astype(np.int32),
+                      prefix + "attention_mask": np.ones((pairs, width), bool),
+                      prefix + "loss_mask": loss})
+    return batch
+
+
+def shared_vs_unshared(args) -> dict[bool, float]:
+    """CPU seconds (process time) of the DPO train step with dpo.shared_prefix True / False on the
+    same batch: tiny AV model, LoRA + connectors trained, GT CE on, the reference forward in the step."""
+    import flax.linen as nn
+
+    from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES
+
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    out, batch = {}, None
+    for shared in (True, False):
+        config = load_config("tiny", ["stage=dpo", f"dpo.shared_prefix={shared}",
+                                      "model.lora.dropout=0.0", "train.num_steps=1000"])
+        task = build_task(config, text_only=False)
+        if batch is None:
+            media = task.av_config.frame_tokens * args.av_frames
+            batch = av_dpo_batch(task, args.av_frames, args.av_prefix - media + 1, args.av_response,
+                                 args.pairs)
+            print(f"AV DPO: {args.pairs} pairs, prefix {media} media + {args.av_prefix - media} text "
+                  f"tokens, 3 answers x {args.av_response} tokens (chosen, rejected, GT)")
+        tx, schedule = st.make_optimizer(config.train, 1000)
+        state, shardings = st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(0))
+        steps = sp.make_steps(task, config, tx, schedule, mesh, shardings)
+        device = sp.put_batch(batch, steps.batch_sharding)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            compiled = steps.train.jitted.lower(state, device).compile()
+        holder = {"state": state}
+
+        def run(compiled=compiled, device=device, holder=holder):
+            holder["state"], metrics = compiled(holder["state"], device)
+            return metrics["loss"]
+
+        out[shared] = best_process_time(run, args.repeats)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     add_llm_shape_args(p, seq=512)
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--av-prefix", type=int, default=2048, help="shared DPO bench: prefix tokens")
+    p.add_argument("--av-frames", type=int, default=338, help="shared DPO bench: video frames")
+    p.add_argument("--av-response", type=int, default=256, help="shared DPO bench: answer tokens")
+    p.add_argument("--only-shared", action="store_true", help="only dpo_shared_vs_unshared")
     args = p.parse_args()
+    shared = shared_vs_unshared(args)
+    print(f"DPO step (CPU process time): prefix-shared {shared[True]:.2f} s, unshared "
+          f"{shared[False]:.2f} s")
+    if args.only_shared:
+        bench_line("dpo_shared_vs_unshared", shared[True] / shared[False])
+        return
     torch.manual_seed(0)
     sft, dpo = make_batches(args.pairs, args.seq, args.vocab)
 
@@ -202,6 +290,7 @@ def main() -> None:
     bench_line("sft_step_vs_torch", t_sft / t_torch_sft)
     bench_line("dpo_over_sft_memory", ours["dpo"][1] / ours["sft"][1])
     bench_line("train_flops_share", share)
+    bench_line("dpo_shared_vs_unshared", shared[True] / shared[False])
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""Test set-up: 8 fake CPU devices (must precede any jax import), fp32 highest matmul precision, seeds."""
+"""Test set-up: 8 fake CPU devices and cheap compiles (XLA_FLAGS, before any jax import), fp32 highest
+matmul precision, seeds."""
 
 import os
+import pathlib
+import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import compile_only  # noqa: E402
+
+# The suite compiles far more than it computes: LLVM optimisation off (compile_only.FLAGS) cut
+# tests/training/test_steps.py from 103 to 63 CPU s, same results. VSALMONN_TEST_XLA_OPT=1 keeps it on.
+os.environ.setdefault("XLA_FLAGS", compile_only.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 
 from vsalmonn_jax import compile_cache  # noqa: E402
 
@@ -23,6 +27,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+def pytest_configure(config):
+    import cpu_profile
+
+    cpu_profile.register(config)   # VSALMONN_TEST_PROFILE=path: CPU seconds per test
+
 
 # pytest-timeout's limit (pyproject `timeout`) is for a quiet machine: stretch it by the slowdown
 # measured at collection (tests/machine.py), as the subprocess timeouts are.

@@ -37,8 +37,8 @@ def _bad_values(rule):
 def _set(config, field, value):
     *parents, leaf = field.split(".")
     node = config
-    for name in parents:
-        node = node[name]
+    for name in parents:   # sections tiny lacks (demo.*) are made
+        node = node.setdefault(name, {})
     node[leaf] = value
 
 
@@ -124,7 +124,30 @@ def test_commands_refuse_bad_config_up_front(argv, expect, capsys, tmp_path, mon
     assert list(tmp_path.iterdir()) == []  # nothing created: no workdir, no config.json
 
 
+def test_shared_prefix_is_a_boolean():
+    config = load_config("tiny").to_dict()
+    assert config["dpo"]["shared_prefix"] is True   # prefix-shared DPO is the default
+    config["dpo"]["shared_prefix"] = "no"
+    (line,) = problems(config)
+    assert line.startswith("dpo.shared_prefix='no': allowed: True | False")
+
+
 def test_remat_names_must_be_tagged_activations():
     assert problems(load_config("tiny", ["model.llm.remat_names=('attention_out',)"])) == []
     (line,) = problems(load_config("tiny", ["model.llm.remat_names=('attention_out', 'q_proj')"]))
     assert "model.llm.remat_names" in line and "attention_out | mlp_in" in line
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("demo.annotator.kind=sloppy", "demo.annotator.kind='sloppy': allowed: realistic | biased"),
+    ("demo.annotator.omit.turns=1.5", "demo.annotator.omit.turns=1.5: allowed: a number in [0, 1]"),
+    ("demo.annotator.spread=2", "demo.annotator.spread=2.0: allowed: a number in [0, 1]"),
+    ("demo.n_val=-1", "demo.n_val=-1: allowed: an integer >= 0"),
+    ("demo.gt_caption=biased", "demo.gt_caption='biased': allowed: annotated | exact"),
+    ("mrdpo.max_length_gap=-2", "mrdpo.max_length_gap=-2: allowed: an integer >= -1"),
+])
+def test_demo17_fields_fail(override, expect):
+    """The fair-demo fields (issue 17): annotator, validation split, length-controlled pairs."""
+    with pytest.raises(ConfigError, match="invalid config") as err:
+        validate(load_config("demo", [override]))
+    assert expect in str(err.value)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from machine import scaled
 
 from vsalmonn_jax.cli import main
 from vsalmonn_jax.config import load_config
@@ -19,7 +20,7 @@ def test_config_show_prints_the_resolved_config():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "config", "show", "--config",
                            "configs/tiny.py", "--config.train.lr=0.25", "--config.data.audio_channel",
-                           "dialogue"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+                           "dialogue"], capture_output=True, text=True, timeout=scaled(300), env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "train.lr = 0.25" in lines and 'data.audio_channel = "dialogue"' in lines

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 TIMINGS = ("train_s", "eval_s", "load_avg")
-TINY = ["--config.demo.n_train=8", "--config.demo.n_test=8", "--config.demo.n_fresh=8",
+TINY = ["--config.demo.n_train=8", "--config.demo.n_val=4", "--config.demo.n_test=8", "--config.demo.n_fresh=8",
         "--config.demo.eval_batch=8", "--config.demo.batch_size=8", "--config.demo.dpo_steps=3",
         "--config.demo.render_workers=1", "--config.mrdpo.rounds=2",
         # 8 barely trained clips: with 4 samples each, round 2's samples all tied (no pair)
@@ -82,13 +82,13 @@ def test_env_samples_independently_of_batching_and_batches_both_record_kinds(dem
 
     env = DemoPolicyEnv(ctx.task, ctx.tokens, ctx.data, sample_batch=8)
     pairs = [{"video_id": it["id"], "prompt": cfg.generate.prompt, "chosen": it["exact"],
-              "rejected": it["biased"], "gt": it["biased"]} for it in items[:3]]
+              "rejected": it["annotated"], "gt": it["annotated"]} for it in items[:3]]
     batch = next(env.batches(pairs, batch_size=8, seed=0))
     assert batch["chosen_input_ids"].shape == (8, ctx.tokens.length)
     assert {"rejected_loss_mask", "gt_input_ids", "vision", "audio"} <= set(batch)
     row = ctx.data["fresh"]["items"].index(items[int(batch["example_id"][0])])
     np.testing.assert_array_equal(batch["vision"][0], ctx.data["fresh"]["media"]["vision"][row])
-    control = control_records([dict(it, caption=it["biased"]) for it in items], "Describe.")
+    control = control_records([dict(it, caption=it["annotated"]) for it in items], "Describe.")
     batch = next(env.batches(control, batch_size=8, seed=0, shuffle=False, repeat=False))
     assert batch["input_ids"].shape == (8, ctx.tokens.length) and "chosen_input_ids" not in batch
     with pytest.raises(ValueError, match="one record layout"):
@@ -136,3 +136,31 @@ def test_sigterm_mid_round_resumes_to_the_uninterrupted_result(demo_ctx, tmp_pat
     jax.tree.map(np.testing.assert_array_equal, got, want)
     assert _stage_files(tmp_path, names) == _stage_files(ctx.run_dir, names)
     assert {n: r["stats"] for n, r in resumed.items()} == {n: r["stats"] for n, r in records.items()}
+
+
+@pytest.mark.slow
+def test_qa_option_scoring_is_batch_independent_and_reads_the_clip(demo_ctx):
+    """QA answers = the option sentence with the highest summed log-probability (teacher forcing);
+    the scores do not depend on batching, and do depend on the clip's media."""
+    from vsalmonn_jax.data.event_qa import event_qa_prompt
+    from vsalmonn_jax.demo.caption import Captioner
+
+    ctx, pre = demo_ctx
+    split = ctx.data["test"]
+    captioner = Captioner(ctx.task, ctx.tokens, pre)
+    questions, predictions = captioner.answers(split, batch=8)
+    assert questions and set(predictions) == {q["id"] for q in questions}
+    rows, texts = [], []
+    for r, item in enumerate(split["items"]):
+        for qa in item["qa"]:
+            rows += [r] * 4
+            texts += [ctx.tokens.response_row(o, event_qa_prompt(qa["question"], qa["options"]))
+                      for o in qa["options"]]
+    rows = np.asarray(rows)
+    wide = captioner.response_logps(split["media"], rows, texts, batch=8)
+    narrow = captioner.response_logps(split["media"], rows, texts, batch=3)
+    np.testing.assert_allclose(narrow, wide, rtol=1e-5, atol=1e-4)
+    assert [chr(65 + int(np.argmax(wide[4 * k: 4 * k + 4]))) for k in range(len(questions))] == \
+        [predictions[q["id"]] for q in questions]
+    shuffled = captioner.response_logps(split["media"], (rows + 1) % len(split["items"]), texts, batch=8)
+    assert np.abs(shuffled - wide).max() > 1e-3

@@ -110,7 +110,7 @@ def test_report_section_skips_stages_without_captions_and_flags_wrong_ground_tru
         json.dumps({"id": it["id"], "caption": t, "stopped": True}) + "\n" for it, t in zip(ITEMS, exact)))
     write_report(tmp_path, records, config, wall_s=1.0, items=ITEMS)
     report = (tmp_path / "report.md").read_text()
-    section = report.split("## What the model perceives")[1].split("## What is within noise")[0]
+    section = report.split("## What the model perceives")[1].split("\n## ")[0]
     assert report.index("## Results per stage") < report.index("## What the model perceives")
     assert "| stage | appears % (n=2) | vanishes % (n=1) | moves % (n=1) | turns % (n=1) | " \
            "sounds % (n=4) | distinct captions |" in section
@@ -138,3 +138,80 @@ def test_report_only_rebuilds_the_ground_truth_from_the_config(tmp_path):
                      report, re.M)
     assert re.search(r"^\| mrdpo_1 \| .* \| 1 of 5 \|$", report, re.M)
     assert "no row" not in report
+
+
+def test_length_diagnostics_match_a_hand_count(tmp_path):
+    """Sentences per caption vs true events per clip per stage, and chosen-shorter pairs per round,
+    on hand-made stages (the counts below are by hand)."""
+    from vsalmonn_jax.commands.demo import demo_config
+    from vsalmonn_jax.demo.report import write_report
+    from vsalmonn_jax.training.pairs import length_stats
+
+    config = demo_config(True, None, ["--config.demo.bootstrap=20"])
+    exact = [" ".join(e["text"] for e in it["events"]) for it in ITEMS]   # 4 + 4 + 1 sentences
+    records = {"sft": _write_stage(tmp_path, "sft", ITEMS, exact)}
+    short = ["At 0 s, the red square appears. At 1 s, a low beep sounds.", "At 0 s, the blue circle appears.", ""]
+    records["mrdpo_1"] = _write_stage(tmp_path, "mrdpo_1", ITEMS, short)   # 2 + 1 + 0 sentences
+    pairs = [{"chosen": "A. B.", "rejected": "A. B. C."}, {"chosen": "A.", "rejected": "A. B. C. D."},
+             {"chosen": "A. B. C.", "rejected": "A. B."}, {"chosen": "A.", "rejected": "B."}]
+    records["mrdpo_1"]["stats"] = {"pairs": 4, **length_stats(pairs)}
+    write_report(tmp_path, records, config, wall_s=1.0, items=ITEMS)
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## Length diagnostics")[1].split("\n## ")[0]
+    assert "| sft | 3.00 | 3.00 | 1.00 |" in section
+    # 2 of 4 chosen shorter, 1 longer, 1 same; gaps -1, -3, +1, 0 -> mean -0.75
+    assert "| mrdpo_1 | 1.00 | 3.00 | 0.33 | 4 | 2 (50 %) | 1 | 1 | -0.75 |" in section
+    data = json.loads((tmp_path / "report.json").read_text())["length"]
+    assert data["mrdpo_1"]["chosen_shorter_share"] == 0.5 and data["sft"]["sentences_per_caption"] == 3.0
+    assert "mrdpo.max_length_gap = -1" in section
+
+
+def _interval(miss, hall):
+    rest = (0.0, -0.1, 0.1)
+    return {"miss": miss, "hallucination": hall, "incorrect": rest, "total": rest}
+
+
+@pytest.mark.parametrize("vs_sft, vs_control, expect", [
+    (_interval((-0.1, -0.2, -0.05), (-0.1, -0.2, -0.05)),
+     _interval((-0.1, -0.2, -0.01), (-0.1, -0.2, -0.05)), "REPRODUCED"),
+    (_interval((0.2, 0.1, 0.3), (-0.5, -0.6, -0.4)),
+     _interval((-0.1, -0.2, -0.01), (-0.1, -0.2, -0.05)), "NOT REPRODUCED"),
+    (_interval((-0.1, -0.2, -0.05), (-0.1, -0.2, -0.05)),
+     _interval((-0.1, -0.2, 0.01), (-0.1, -0.2, -0.05)), "UNDECIDED"),
+    (_interval((-0.1, -0.2, -0.05), (-0.1, -0.2, -0.05)), None, "UNDECIDED"),
+])
+def test_preregistered_verdict(vs_sft, vs_control, expect):
+    from vsalmonn_jax.demo.report import paper_claim, preregistered_verdict
+
+    data = {"mrdpo_3 - sft": vs_sft, "mrdpo_1 - sft": _interval((1, 1, 1), (1, 1, 1))}
+    if vs_control is not None:
+        data["mrdpo_3 - control_3"] = vs_control
+    assert preregistered_verdict(data)[0] == expect   # round 1 (higher) is not the last round
+    assert paper_claim(data)[0].startswith(f"**Pre-registered verdict: {expect}**")
+
+
+def test_perception_on_the_validation_split(tmp_path):
+    """Per-kind perception read from stages/<name>/val.json against the val clips rebuilt from the
+    config (issue 17: measure perception after pretraining on validation)."""
+    from vsalmonn_jax.commands.demo import demo_config
+    from vsalmonn_jax.demo.caption import score_captions
+    from vsalmonn_jax.demo.perception import ground_truth_items, perception_section
+
+    config = demo_config(True, None, ["--config.demo.n_val=6"])
+    items = ground_truth_items(config, 6, "val")
+    assert items[0]["id"] == "val_000000"
+    texts = [it["exact"] for it in items[:3]] + [""] * 3     # half the clips exact, half empty
+    records = {}
+    for name, caps in (("pretrain", texts), ("sft", [it["exact"] for it in items])):
+        folder = tmp_path / "stages" / name
+        folder.mkdir(parents=True)
+        val = {**score_captions(items, [(t, True) for t in caps]),
+               "captions": [{"id": it["id"], "caption": t, "stopped": True} for it, t in zip(items, caps)]}
+        (folder / "val.json").write_text(json.dumps(val))
+        records[name] = {}
+    lines, data = perception_section(tmp_path, records, config, split="val")
+    assert lines[0] == "## What the model perceives (validation split)"
+    assert data["sft"]["correct_events"] == sum(len(it["events"]) for it in items)
+    assert data["pretrain"]["correct_events"] == sum(len(it["events"]) for it in items[:3])
+    assert data["sft"]["distinct_captions"] == 6 and data["pretrain"]["distinct_captions"] == 4
+    assert perception_section(tmp_path, records, config) == ([], {})   # no test captions.jsonl

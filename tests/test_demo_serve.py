@@ -13,9 +13,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from machine import scaled
 
 pytestmark = pytest.mark.slow      # the fixture renders, decodes and encodes 12 clips (~20 s CPU)
-TINY = ["--config.demo.n_train=8", "--config.demo.n_test=2", "--config.demo.n_fresh=2",
+TINY = ["--config.demo.n_train=8", "--config.demo.n_val=2", "--config.demo.n_test=2", "--config.demo.n_fresh=2",
         "--config.demo.eval_batch=4", "--config.demo.render_workers=1", "--config.mrdpo.rounds=1",
         "--config.demo.control=False", "--config.generate.max_new_tokens=12"]
 
@@ -105,7 +106,7 @@ def test_caption_cli_and_api_on_a_clip_the_run_never_saw(demo_run, tmp_path):
     out = tmp_path / "captions.jsonl"
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "caption", unseen,
                            "--checkpoint", str(run), "--output", str(out), "--no-progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=scaled(900))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"demo run {run}, stage rebirth" in done.stderr
     (line,) = [json.loads(x) for x in out.read_text().splitlines()]

@@ -22,6 +22,7 @@ from hf_fixtures import (
     whisper_dir,
     whisper_model,
 )
+from machine import scaled
 
 from vsalmonn_jax.config import load_config
 from vsalmonn_jax.data.encode import write_video
@@ -57,11 +58,11 @@ def _flags(dirs, llava="llava"):
             f"--config.model.pretrained.whisper={dirs['whisper']}"]
 
 
-def _cli(*args, devices=1, timeout=1200):
+def _cli(*args, devices=1, quiet_s=1200):   # quiet_s: the timeout on a quiet machine
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=scaled(quiet_s), cwd=REPO)
 
 
 def _config(dirs, *extra, llava="llava"):
@@ -171,7 +172,7 @@ def test_official_state_dict_loads_and_checks(dirs, tmp_path, fmt):
         del sd[gone]
         torch.save(sd, path)
         run = _cli("check-weights", "--config", "configs/tiny.py",
-                   f"--config.model.pretrained.official={path}", timeout=600)
+                   f"--config.model.pretrained.official={path}", quiet_s=600)
         assert run.returncode == 1, run.stdout + run.stderr
         assert "encoder.layer.1.output_query.dense.bias" in run.stdout and "MISSING" in run.stdout
 

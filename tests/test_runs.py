@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from export_check import assert_export_matches
+from machine import scaled
 
 from vsalmonn_jax.cli import main as cli
 
@@ -55,7 +56,7 @@ def test_caption_cli_needs_no_other_flag(run, tmp_path, capsys):
     out = tmp_path / "captions.jsonl"
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "caption", *clips, "--checkpoint",
                            str(workdir), "--output", str(out), "--max-new-tokens", "6", "--no-progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=scaled(900))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"config {workdir / 'config.json'}" in done.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]

@@ -15,7 +15,8 @@ import sys
 
 ENV = "VSALMONN_JAX_CACHE_DIR"
 # Only compilations slower than this are written: tiny helper jits (casts, broadcasts) recompile in
-# milliseconds and would only add files.
+# milliseconds and would only add files. Measured (bench/demo_cache.py): 0 instead of 0.5 gave the same
+# second-vs-first `demo --quick` ratio (2.078 vs 2.079 in CPU time) with 79 files instead of 22.
 MIN_COMPILE_SECONDS = 0.5
 
 

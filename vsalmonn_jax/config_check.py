@@ -12,6 +12,8 @@ import sys
 from typing import Any
 
 # the allowed values live beside the code that acts on them; the table only points at them
+from vsalmonn_jax.data.annotator import ANNOTATOR_KINDS
+from vsalmonn_jax.data.annotator import KINDS as EVENT_KINDS
 from vsalmonn_jax.data.media import AUDIO_CUTS, CHANNEL_MODES, FRAME_SAMPLING
 from vsalmonn_jax.data.text import PROMPT_FORMATS
 from vsalmonn_jax.data.time_tokens import TIME_TOKEN_MODES
@@ -152,6 +154,7 @@ RULES: dict[str, Any] = {
     "dpo.gt_ce_weight": NON_NEGATIVE,
     "dpo.reference": OneOf(("snapshot", "lora_disabled")),
     "dpo.precompute_reference": BOOL,
+    "dpo.shared_prefix": BOOL,
     "mrdpo.rounds": POSITIVE_INT,
     "mrdpo.steps_per_round": POSITIVE_INT,
     "mrdpo.samples_per_video": Number(low=2, integer=True),
@@ -160,6 +163,7 @@ RULES: dict[str, Any] = {
     "mrdpo.judge": OneOf(("exact", "embedding", "llm")),
     "mrdpo.miss_weight": NON_NEGATIVE,
     "mrdpo.min_margin": NON_NEGATIVE,
+    "mrdpo.max_length_gap": Number(low=-1, integer=True),   # -1 = off
     "mrdpo.top_p": TOP_P,
     "mrdpo.temperature": POSITIVE,
     "mrdpo.top_k": COUNT,
@@ -186,6 +190,14 @@ RULES: dict[str, Any] = {
     "eval.embedding_cover_threshold": COSINE,
     "eval.embedding_number_rule": OneOf(("unmatched", "incorrect", "ignore")),
     "eval.embedding_threads": POSITIVE_INT,
+    # ---- the demo (configs/demo.py) ----
+    "demo.n_val": COUNT,
+    "demo.gt_caption": OneOf(("annotated", "exact")),
+    "demo.annotator.kind": OneOf(ANNOTATOR_KINDS),
+    **{f"demo.annotator.omit.{kind}": PROBABILITY for kind in EVENT_KINDS},
+    "demo.annotator.false_rate": PROBABILITY,
+    "demo.annotator.annotators": POSITIVE_INT,
+    "demo.annotator.spread": Number(low=0, high=1),
     # ---- mesh: -1 = all remaining devices ----
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,

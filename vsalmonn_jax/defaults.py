@@ -112,13 +112,17 @@ def base_config() -> ml_collections.ConfigDict:
         reference="snapshot",  # snapshot | lora_disabled (official QUIRK)
         # mrDPO: the round's reference log-probs are computed once with its pairs and stored
         # (round_<r>/reference.jsonl); False = the reference forward runs in every step
-        precompute_reference=True))
+        precompute_reference=True,
+        shared_prefix=True))    # one packed row per pair [prompt+media | chosen | rejected | GT]
     c.mrdpo = ml_collections.ConfigDict(dict(
         rounds=3, steps_per_round=1000, samples_per_video=2, pair_rule="total",
         drop_ties=True, judge="exact",
         # training/pairs.py: total | miss_weighted (miss_weight x M + I + H) | dominance (no worse
         # on M, I and H each); best_worst | all pairs
         miss_weight=2.0, pair_mode="best_worst", min_margin=0.0,
+        # NOT in the paper: keep only pairs whose captions differ by <= this many sentences
+        # (a length-controlled pair rule against "shorter wins"); -1 = off
+        max_length_gap=-1,
         # sampling the k captions per video (official: top-p 0.9, T 1.0); 0 = generate.max_new_tokens
         top_p=0.9, temperature=1.0, top_k=0, max_new_tokens=0,
         videos_per_round=0,       # 0 = all training videos every round; N = a fresh slice of N

@@ -31,7 +31,10 @@ def _misfit_hints(plan: Plan, config, name: str, best: Compiled, budget: float) 
         hints.append(f"mesh tensor={2 * tensor} (splits heads, MLP and vocabulary once more)")
     else:
         hints.append(f"tensor={tensor} is already the most the {kv_heads} KV heads allow")
-    if name.startswith("dpo") and float(config.dpo.gt_ce_weight) > 0:
+    unshared = name.startswith("dpo") and not bool(config.dpo.get("shared_prefix", True))
+    if unshared:
+        hints.append("dpo.shared_prefix=True packs each pair into one row (prompt + media once)")
+    if unshared and float(config.dpo.gt_ce_weight) > 0:  # shared: the GT answer is a short branch
         hints.append(f"dpo.gt_ce_weight=0 drops the ground-truth sequence from the policy forward "
                      f"(~{best.peak * 2 / 3 / GB:.0f} GB, estimate)")
     fixed = best.argument + max(0, best.output - best.alias)

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+from machine import scaled
+
 from vsalmonn_jax.cli import main
 
 
@@ -74,7 +76,7 @@ def test_check_free_text_events_through_the_cli(synth_dir, tmp_path):
         "A red square slides to the left.", "A low beep sounds twice."]}) + "\n")
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "data", "check", str(path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=scaled(300), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 records, 1 valid (caption 1), 0 invalid, 0 media/text failures" in done.stdout
     assert "decoded 1: frames" in done.stdout

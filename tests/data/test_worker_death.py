@@ -11,6 +11,8 @@ import sys
 import time
 
 import pytest
+from machine import scaled
+from procs import alive
 
 RUNNER = pathlib.Path(__file__).with_name("worker_death_run.py")
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -33,14 +35,6 @@ def _children(pid: int) -> list[int]:
     return sorted(out)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def _start(data, workdir, log):
     """The runner in a subprocess; its output goes to `log` (a pipe nobody reads would fill up)."""
     env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
@@ -53,17 +47,17 @@ def _start(data, workdir, log):
 
 def _finish(proc, timeout: float, what: str) -> str:
     try:
-        proc.wait(timeout=timeout)
+        proc.wait(timeout=scaled(timeout))
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail(f"{what} within {timeout} s")
+        pytest.fail(f"{what} within {scaled(timeout):.0f} s")
     return pathlib.Path(proc.log).read_text()
 
 
 def _wait_for_rows(proc, workdir, rows: int, timeout: float = 600):
     """Wait until metrics.jsonl has `rows` rows and both workers run; return the worker pids."""
     path = workdir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         assert proc.poll() is None, pathlib.Path(proc.log).read_text()[-3000:]
         if path.exists() and len(path.read_text().splitlines()) >= rows:
@@ -107,10 +101,10 @@ def test_dead_worker_stops_with_a_message_and_a_checkpoint(run, tmp_path):
     steps = _steps(workdir)
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [steps[-1]] and steps == list(range(1, steps[-1] + 1))
-    deadline = time.monotonic() + 30
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    deadline = time.monotonic() + scaled(30)
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(w) for w in workers)
+    assert not any(alive(w) for w in workers)
 
 
 @pytest.mark.slow
@@ -124,7 +118,7 @@ def test_sigterm_while_waiting_on_data_then_kill_leaves_no_orphans(run, tmp_path
     proc.send_signal(signal.SIGTERM)
     err = _finish(proc, 60, "SIGTERM was not honoured while the trainer waited on data")
     for w in workers:
-        if _alive(w):
+        if alive(w):
             os.kill(w, signal.SIGCONT)
     assert proc.returncode == 0 and "preempted=True" in err, err[-3000:]
     step = int(err.split("preempted=True step=")[1].split()[0])
@@ -135,7 +129,7 @@ def test_sigterm_while_waiting_on_data_then_kill_leaves_no_orphans(run, tmp_path
     assert _steps(workdir) == list(range(1, len(_steps(workdir)) + 1))   # no duplicate rows
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 30
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    deadline = time.monotonic() + scaled(30)
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(w) for w in workers), "orphaned data workers after kill -9 of the trainer"
+    assert not any(alive(w) for w in workers), "orphaned data workers after kill -9 of the trainer"

@@ -12,6 +12,8 @@ import re
 import threading
 import time
 
+from machine import scaled
+
 
 class FakeOpenAI:
     def __init__(self, reply, delay_s: float = 0.0):
@@ -76,7 +78,7 @@ class FakeOpenAI:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=scaled(5))
 
 
 def case_of(body: dict) -> str:

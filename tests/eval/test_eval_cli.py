@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from machine import scaled
 
 from vsalmonn_jax import cli
 from vsalmonn_jax.data import synthetic_scene
@@ -222,7 +223,7 @@ def test_free_text_ground_truth_through_the_cli_with_the_embedding_judge(tmp_pat
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "eval", "--captions",
                            str(tmp_path / "cap.jsonl"), "--gt", str(tmp_path / "gt.jsonl"),
                            "--judge", "embedding", "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=scaled(600), env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2/2 captions scored (1 of 3 ground-truth videos have no caption), 6 events" in done.stdout
     per_video = {r["id"]: r for r in map(json.loads, (tmp_path / "r" / "per_video.jsonl").open())}

@@ -8,6 +8,7 @@ import types
 
 import pytest
 from fake_openai import FakeOpenAI, case_of, is_count_prompt
+from machine import scaled
 
 from vsalmonn_jax.eval import llm_judge
 from vsalmonn_jax.eval.judge import get_judge
@@ -225,6 +226,6 @@ def test_eval_cli_stops_at_once_on_a_closed_port(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "eval", "--captions", str(captions),
                            "--gt", str(gt), "--judge", "llm", "--out", str(tmp_path / "r"),
                            f"--config.eval.llm_base_url={url}"],
-                          capture_output=True, text=True, timeout=240, env=env)   # was 12.5 min
+                          capture_output=True, text=True, timeout=scaled(240), env=env)   # was 12.5 min
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"vsalmonn-jax eval: error: llm judge: cannot connect to {url}" in done.stderr

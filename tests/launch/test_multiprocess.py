@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import compile_only
 import numpy as np
 import pytest
 from machine import scaled
@@ -31,7 +32,7 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=compile_only.xla_flags(devices), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO), **extra)
     return env
 

@@ -21,9 +21,11 @@ def _av_dpo_batch(task, n=4):
     out = {k: v for k, v in base.items() if k not in ("input_ids", "attention_mask", "loss_mask")}
     out["pixel_values"] = rng.normal(size=out["pixel_values"].shape).astype(np.float32)
     out["mel"] = rng.normal(size=out["mel"].shape).astype(np.float32)
+    prompt = rng.integers(3, 400, size=(n, 6)).astype(np.int32)  # shared by the pair's answers
+    prompt[:, 1] = PH
     for prefix in ("chosen_", "rejected_", "gt_"):
         ids = rng.integers(3, 400, size=(n, 12)).astype(np.int32)
-        ids[:, 1] = PH
+        ids[:, :6] = prompt
         loss = np.zeros((n, 12), bool)
         loss[:, 6:] = True
         out.update({prefix + "input_ids": ids, prefix + "attention_mask": np.ones((n, 12), bool),

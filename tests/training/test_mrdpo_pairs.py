@@ -138,3 +138,29 @@ def test_free_text_events_are_paired_by_the_embedding_judge(tmp_path):
     with pytest.raises(ValueError, match=r"free.jsonl:1: events\[0\] is free text .* "
                        "set --config.mrdpo.judge=embedding or llm"):
         check_judgeable([item], "exact")
+
+
+def _texts_pairs(texts, scores, rule):
+    samples = [[Sample(t) for t in texts]]
+    return build_pairs([ITEM], samples, [scores], rule, default_prompt="default")
+
+
+def test_length_controlled_pairs_and_length_stats():
+    """mrdpo.max_length_gap (not in the paper): the pair's captions differ by <= gap sentences."""
+    from vsalmonn_jax.training.pairs import length_stats
+
+    texts = ["A. B.", "A. B. C. D. E.", "A. B. C."]       # 2, 5 and 3 sentences
+    scores = [_score(m=1), _score(m=1, h=3), _score(m=1, h=1)]
+    (free,) = _texts_pairs(texts, scores, PairRule())
+    assert free["id"] == "clip0:0>1"                      # best vs worst: 2 vs 5 sentences
+    (close,) = _texts_pairs(texts, scores, PairRule(max_length_gap=1))
+    assert close["id"] == "clip0:0>2"                     # the widest pair within 1 sentence
+    assert _texts_pairs(texts, scores, PairRule(max_length_gap=0)) == []
+    wide = _texts_pairs(texts, scores, PairRule(max_length_gap=3, mode="all"))
+    assert sorted(r["id"] for r in wide) == ["clip0:0>1", "clip0:0>2", "clip0:2>1"]
+    assert length_stats(wide) == {"chosen_shorter": 3, "chosen_longer": 0, "chosen_same_length": 0,
+                                  "mean_sentence_gap": (-3 - 1 - 2) / 3}
+    assert PairRule.from_config({"mrdpo": {"pair_rule": "dominance", "max_length_gap": 2}}).max_length_gap == 2
+    assert PairRule.from_config({"pair_rule": "total"}).max_length_gap == -1
+    stats = pair_stats([ITEM], [[Sample(t) for t in texts]], [scores], [free])
+    assert (stats["chosen_shorter"], stats["chosen_longer"], stats["mean_sentence_gap"]) == (1, 0, -3)

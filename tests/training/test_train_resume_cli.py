@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from machine import scaled
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COMMON = ["--config", "tiny_sft", "--config.data.train=synthetic:64", "--config.train.log_every=1",
@@ -21,9 +22,9 @@ def _env():
     return dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
-def _train(cwd, *args, timeout=600):
+def _train(cwd, *args, timeout=600):   # seconds on the quiet reference machine
     return subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "train", *COMMON, *args],
-                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=scaled(timeout))
 
 
 def _steps(workdir):
@@ -38,12 +39,12 @@ def test_sigint_saves_then_resume_checks_the_config(tmp_path):
                             cwd=tmp_path, env=_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + scaled(600)
         while not ((workdir / "metrics.jsonl").exists() and len(_steps(workdir)) >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        proc.wait(timeout=scaled(120))
     finally:
         if proc.poll() is None:
             proc.kill()

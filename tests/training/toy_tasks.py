@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsalmonn_jax.config import load_config
+from vsalmonn_jax.models.qwen2 import branch_positions
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training import steps as sp
 from vsalmonn_jax.training.losses import shift_targets
+from vsalmonn_jax.training.packing import packed_output
 from vsalmonn_jax.training.sharding import make_mesh
 from vsalmonn_jax.training.task import TextTask, build_task, present
 
@@ -74,19 +76,38 @@ class MediaTask(TextTask):
         params = {k: v for k, v in variables["params"].items() if k != "media_encoder"}
         return present({"params": params, "lora": variables.get("lora")})
 
-    def forward(self, variables, text, media, *, deterministic, rngs):
+    def _with_media(self, variables, text, media):
+        """The media vector as one prefix token before the text: (embeds [B,1+T,H], row fields)."""
         llm = self._llm_vars(variables)
         embeds = self.model.apply(llm, text["input_ids"], method="embed")  # [B,T,H]
         prefix = (media["features"] @ variables["adapter"]["proj"])[:, None, :]  # [B,1,H]
         embeds = jnp.concatenate([prefix.astype(embeds.dtype), embeds], axis=1)
         ones = jnp.ones_like(text["attention_mask"][:, :1])
         mask = jnp.concatenate([ones, text["attention_mask"]], axis=1).astype(bool)
-        ids = jnp.concatenate([jnp.zeros_like(text["input_ids"][:, :1]), text["input_ids"]], 1)
-        loss = jnp.concatenate([jnp.zeros_like(ones), text["loss_mask"]], axis=1).astype(bool)
-        hidden, _ = self.model.apply(llm, inputs_embeds=embeds, attention_mask=mask,
+        row = {"attention_mask": mask,
+               "input_ids": jnp.concatenate([jnp.zeros_like(text["input_ids"][:, :1]), text["input_ids"]], 1),
+               "loss_mask": jnp.concatenate([jnp.zeros_like(ones), text["loss_mask"]], axis=1).astype(bool)
+               & mask}
+        if "branch_ids" in text:
+            row["branch_ids"] = jnp.concatenate([jnp.zeros_like(ones, jnp.int32), text["branch_ids"]], 1)
+        return embeds, row
+
+    def forward(self, variables, text, media, *, deterministic, rngs):
+        embeds, row = self._with_media(variables, text, media)
+        hidden, _ = self.model.apply(self._llm_vars(variables), inputs_embeds=embeds,
+                                     attention_mask=row["attention_mask"],
                                      deterministic=deterministic, return_hidden=True, rngs=rngs)
-        targets, loss_mask = shift_targets(ids, loss & mask)
+        targets, loss_mask = shift_targets(row["input_ids"], row["loss_mask"])
         return hidden, targets, loss_mask
+
+    def forward_packed(self, variables, packed, media, *, deterministic, rngs):
+        embeds, row = self._with_media(variables, packed, media)
+        positions = branch_positions(row["attention_mask"], row["branch_ids"])
+        hidden, _ = self.model.apply(self._llm_vars(variables), inputs_embeds=embeds,
+                                     attention_mask=row["attention_mask"], positions=positions,
+                                     branch_ids=row["branch_ids"], deterministic=deterministic,
+                                     return_hidden=True, rngs=rngs)
+        return packed_output(hidden, row)
 
     def logits(self, variables, hidden):
         return self.model.apply(self._llm_vars(variables), hidden, method="lm_logits")

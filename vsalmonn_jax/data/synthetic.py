@@ -167,8 +167,9 @@ def write_split(out_dir: str, split: str, start: int, count: int, *, seed: int,
 def build_dataset(out_dir: str, n_train: int | None = None, n_val: int | None = None,
                   n_test: int | None = None, seed: int | None = None,
                   cfg: ml_collections.ConfigDict | None = None, placeholder: str = "<media>",
-                  vocab_size: int = 512, workers: int = 1) -> dict:
-    """Render the clips, write every JSONL, meta.json and the tokenizer; returns the meta dict."""
+                  vocab_size: int = 512, workers: int = 1, corpus: list[str] | None = None) -> dict:
+    """Render the clips, write every JSONL, meta.json and the tokenizer (trained on `corpus`,
+    default `tokenizer_corpus`); returns the meta dict."""
     cfg = cfg or scene_lib.default_config()
     seed = cfg.seed if seed is None else seed
     counts = {"train": cfg.n_train if n_train is None else n_train,
@@ -178,8 +179,8 @@ def build_dataset(out_dir: str, n_train: int | None = None, n_val: int | None = 
     for split, count in counts.items():
         write_split(str(out), split, 0, count, seed=seed, cfg=cfg, placeholder=placeholder,
                     workers=workers)
-    build_tokenizer(tokenizer_corpus(cfg, placeholder), str(out / "tokenizer"), vocab_size,
-                    placeholder)
+    build_tokenizer(tokenizer_corpus(cfg, placeholder) if corpus is None else corpus,
+                    str(out / "tokenizer"), vocab_size, placeholder)
     info = meta(seed, cfg, counts, placeholder)
     with open(out / "meta.json", "w") as f:
         json.dump(info, f, indent=1)

@@ -1,21 +1,33 @@
 """Captioning and QA with the demo model: splice cached media into the prompt, then the project's
-KV-cache generator (generate/decode.py); scoring with the exact judge and QA accuracy.
+KV-cache generator (generate/decode.py); scoring with the exact judge; QA by option scoring.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
-from vsalmonn_jax.data.text import mcq_prompt
+from vsalmonn_jax.data.event_qa import event_qa_prompt
 from vsalmonn_jax.demo.batches import media_batch, text_batch
 from vsalmonn_jax.eval import aggregate, collapse_repeats, get_judge, repetition_stats
 from vsalmonn_jax.eval.qa import qa_accuracy
 from vsalmonn_jax.generate.decode import generate
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.models.qwen2 import Qwen2
+from vsalmonn_jax.training.losses import sequence_logps, token_logps
+from vsalmonn_jax.training.pairs import sentence_count
 
 _SPLICE: dict = {}   # one jitted splice per task object (stages reuse the compilation)
+_SCORE: dict = {}    # ... and one jitted response scorer
+
+
+def response_logps(task, variables: dict, text: dict, media: dict):
+    """Summed log p(response | prompt, media) per row: text [B, T] rows -> [B] fp32."""
+    media = task.encode(variables, media)   # as training reads a batch (fp16 features -> fp32)
+    hidden, targets, mask = task.forward(variables, text, media, deterministic=True, rngs=None)
+    return sequence_logps(token_logps(task.logits(variables, hidden), targets), mask)
 
 
 class Captioner:
@@ -68,17 +80,38 @@ class Captioner:
                         max_new_tokens=max_new_tokens, sampling=sampling or SamplingConfig(),
                         rng=jax.random.PRNGKey(0) if rng is None else rng)
 
+    def response_logps(self, media: dict, rows: np.ndarray, texts: list[tuple[np.ndarray, np.ndarray]],
+                       *, batch: int) -> np.ndarray:
+        """Summed log-probability of each (ids, loss_mask) row's response given its prompt and clip
+        `rows[i]`'s media: [N] float (teacher forcing; batches wrap-padded to `batch` rows)."""
+        if id(self.task) not in _SCORE:
+            _SCORE[id(self.task)] = jax.jit(functools.partial(response_logps, self.task))
+        out = np.zeros(len(rows), np.float64)
+        for start in range(0, len(rows), batch):
+            part = np.arange(start, min(start + batch, len(rows)))
+            take = np.resize(part, batch)
+            text = text_batch([texts[i] for i in take], self.tokens.length, self.tokens.pad_id)
+            scores = _SCORE[id(self.task)](self.variables, text, media_batch(media, rows[take], self.modality))
+            out[part] = np.asarray(scores)[: len(part)]
+        return out
+
     def answers(self, split: dict, *, batch: int) -> tuple[list[dict], dict[str, str]]:
-        """(questions, predictions) for every QA item of the split (greedy, short answers)."""
-        questions, rows, prompts = [], [], []
+        """(questions, predictions) for every QA item of the split: option scoring, the option whose
+        sentence is likeliest as the answer (data/event_qa.py) is predicted, as its letter."""
+        questions, rows, texts = [], [], []
         for r, item in enumerate(split["items"]):
             for k, qa in enumerate(item["qa"]):
                 questions.append({"id": f"{item['id']}_qa{k}", **qa})
-                rows.append(r)
-                prompts.append(self.tokens.prompt_row(mcq_prompt(qa["question"], qa["options"])))
-        texts = self.run(split["media"], np.asarray(rows), prompts, batch=batch, max_new_tokens=12,
-                         sampling=SamplingConfig(), rng=jax.random.PRNGKey(0))
-        return questions, {q["id"]: t for q, (t, _) in zip(questions, texts, strict=True)}
+                user = event_qa_prompt(qa["question"], qa["options"])
+                rows += [r] * len(qa["options"])
+                texts += [self.tokens.response_row(option, user) for option in qa["options"]]
+        logps = self.response_logps(split["media"], np.asarray(rows, np.int64), texts, batch=batch)
+        predictions, pos = {}, 0
+        for q in questions:   # ties go to the first option (a model blind to the text: always "A")
+            n = len(q["options"])
+            predictions[q["id"]] = chr(65 + int(np.argmax(logps[pos:pos + n])))
+            pos += n
+        return questions, predictions
 
 
 def judged(text: str, stopped: bool) -> str:
@@ -86,11 +119,15 @@ def judged(text: str, stopped: bool) -> str:
 
 
 def score_captions(items: list[dict], captions: list[tuple[str, bool]]) -> dict:
-    """Exact-judge scores + aggregate + repetition for one split's captions."""
+    """Exact-judge scores + aggregate + repetition + length (sentences of the judged captions, true
+    events) for one split's captions."""
     judge = get_judge("exact")
-    scores = judge.score_many([(judged(t, s), it["events"]) for it, (t, s) in
-                               zip(items, captions, strict=True)], ids=[it["id"] for it in items])
+    texts = [judged(t, s) for t, s in captions]
+    scores = judge.score_many([(t, it["events"]) for it, t in zip(items, texts, strict=True)],
+                              ids=[it["id"] for it in items])
     return {"aggregate": aggregate(scores),
+            "length": {"captions": len(texts), "sentences": sum(sentence_count(t) for t in texts),
+                       "events": sum(s.num_events for s in scores)},   # the report's diagnostics
             "repetition": repetition_stats([t for t, _ in captions], [s for _, s in captions]),
             "per_video": [{"id": s.id, "n": s.num_events, "missed": s.missed,
                            "incorrect": s.incorrect, "hallucinated": s.hallucinated} for s in scores]}

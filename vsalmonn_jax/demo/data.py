@@ -23,23 +23,34 @@ import numpy as np
 
 from vsalmonn_jax.data import synthetic
 from vsalmonn_jax.data import synthetic_scene as scene_lib
+from vsalmonn_jax.data.annotator import annotated_caption, default_annotator
+from vsalmonn_jax.data.event_qa import event_qa_items, qa_corpus
 from vsalmonn_jax.data.example import FeatureSettings, media_features
 from vsalmonn_jax.data.features import siglip_normalize
 from vsalmonn_jax.demo.calibrate import feature_stats, standardize
 
-SPLITS = ("train", "fresh", "test")
+SPLITS = ("train", "val", "fresh", "test")
+DATA_FORMAT = 2   # in data_key: 2 = the tokenizer also learned the event-QA wording (issue 17)
 
 
 def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
-    """Clips per split; mrDPO round r samples pairs on fresh clips [r * n_fresh, (r + 1) * n_fresh)."""
-    return {"train": int(demo.n_train), "fresh": int(demo.n_fresh) * int(rounds),
-            "test": int(demo.n_test)}
+    """Clips per split (disjoint clip index spaces, synthetic_scene.SPLIT_BASE); mrDPO round r samples
+    pairs on fresh clips [r * n_fresh, (r + 1) * n_fresh); val: every choice is read there."""
+    return {"train": int(demo.n_train), "val": int(demo.get("n_val", 0)),
+            "fresh": int(demo.n_fresh) * int(rounds), "test": int(demo.n_test)}
+
+
+def tokenizer_corpus(config: ml_collections.ConfigDict) -> list[str]:
+    """The demo tokenizer's training text: the synthetic grammar + chat roles, and the event-QA
+    wording (data/event_qa.py). Setup and the data set build both use it (one tokenizer on disk)."""
+    cfg = synthetic.synthetic_config(config)
+    return synthetic.tokenizer_corpus(cfg, config.model.connector.placeholder_token) + qa_corpus(cfg)
 
 
 def data_key(config: ml_collections.ConfigDict) -> str:
     """A hash of everything the rendered clips, the tokenizer and the encoded features depend on
     (data and model settings, the demo seed, split sizes): runs with the same key share one folder."""
-    parts = {"data": config.data.to_dict(), "model": config.model.to_dict(),
+    parts = {"format": DATA_FORMAT, "data": config.data.to_dict(), "model": config.model.to_dict(),
              "seed": int(config.demo.seed), "eval_batch": int(config.demo.eval_batch),
              "sizes": split_sizes(config.demo, int(config.mrdpo.rounds))}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -63,15 +74,19 @@ def data_lock(data_dir: pathlib.Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict) -> list[dict]:
-    """Per clip: id, ground-truth events, exact and biased (SFT annotator) captions, QA items."""
+def clip_items(seed: int, split: str, count: int, cfg: ml_collections.ConfigDict,
+               annotator: ml_collections.ConfigDict | None = None) -> list[dict]:
+    """Per clip: id, ground-truth events, exact and annotated (the SFT annotator of `annotator`,
+    default data/annotator.py's realistic one) captions, QA items (data/event_qa.py: answered by
+    option scoring)."""
+    annotator = annotator or default_annotator()
     items = []
     for i in range(count):
         scene = scene_lib.make_scene(seed, synthetic.clip_index(split, i), cfg)
         items.append({"id": f"{split}_{i:06d}", "video": synthetic.clip_path(split, i),
                       "events": scene.events, "exact": scene_lib.reference_caption(scene),
-                      "biased": scene_lib.biased_caption(scene, seed, cfg),
-                      "qa": scene_lib.qa_items(scene, seed, cfg)})
+                      "annotated": annotated_caption(scene, seed, annotator, cfg),
+                      "qa": event_qa_items(scene, seed, int(cfg.qa_per_clip))})
     return items
 
 
@@ -154,19 +169,21 @@ def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, mode
     sizes = split_sizes(demo, int(config.mrdpo.rounds))
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / "meta.json").exists():
-        log(f"[data] rendering {sizes['train']} train + {sizes['test']} test clips (.mp4 + AAC)")
-        synthetic.build_dataset(str(data_dir), n_train=sizes["train"], n_val=0, n_test=sizes["test"],
+        log(f"[data] rendering {sizes['train']} train + {sizes['val']} val + {sizes['test']} test "
+            "clips (.mp4 + AAC)")
+        synthetic.build_dataset(str(data_dir), n_train=sizes["train"], n_val=sizes["val"],
+                                n_test=sizes["test"],
                                 seed=seed, cfg=cfg, placeholder=config.model.connector.placeholder_token,
                                 vocab_size=int(config.model.llm.vocab_size),
-                                workers=int(demo.render_workers))
+                                workers=int(demo.render_workers), corpus=tokenizer_corpus(config))
     log(f"[data] rendering {sizes['fresh']} fresh clips for the mrDPO rounds")
     synthetic.render_split(str(data_dir), seed, "fresh", 0, sizes["fresh"], cfg,
                            int(demo.render_workers))
     settings = FeatureSettings.from_config(config)
     mel_frames = 2 * int(config.model.audio.max_source_positions)
     out = {}
-    for split in SPLITS:
-        items = clip_items(seed, split, sizes[split], cfg)
+    for split in (s for s in SPLITS if sizes[s] > 0):   # demo.n_val=0: no validation split
+        items = clip_items(seed, split, sizes[split], cfg, demo.get("annotator"))
         path = data_dir / "encoded" / f"{split}.npz"
         if path.exists():
             with np.load(path) as f:

@@ -20,6 +20,7 @@ from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, init_adapter, init_variables
 from vsalmonn_jax.models.qwen2 import Qwen2
 from vsalmonn_jax.training.losses import shift_targets
+from vsalmonn_jax.training.packing import packed_output
 from vsalmonn_jax.training.task import boxed_lora
 
 MEDIA_FIELDS = ("vision", "audio", "frame_mask", "frame_times", "audio_seconds", "has_video",
@@ -84,7 +85,7 @@ class CachedAVTask:
         v = _layout(variables)
         embeds, mask = self.model.apply(v, media, deterministic, method="connect", rngs=rngs)
         return self.model.apply(v, embeds, mask, text["input_ids"], text["attention_mask"],
-                                text["loss_mask"], method="splice")
+                                text["loss_mask"], text.get("branch_ids"), method="splice")
 
     def forward(self, variables, text, media, *, deterministic, rngs):
         spliced = self.spliced(variables, text, media, deterministic, rngs)   # Q-Former dropout
@@ -92,6 +93,13 @@ class CachedAVTask:
                                   rngs=rngs)
         targets, mask = shift_targets(spliced["targets"], spliced["loss_mask"])
         return hidden, targets, mask
+
+    def forward_packed(self, variables, packed, media, *, deterministic, rngs):
+        """Prefix-shared DPO rows (training/packing.py): one spliced row per pair."""
+        spliced = self.spliced(variables, packed, media, deterministic, rngs)
+        hidden = self.model.apply(_layout(variables), spliced, deterministic, True, method="decode",
+                                  rngs=rngs)
+        return packed_output(hidden, spliced)
 
     def logits(self, variables, hidden):
         return self.model.apply(_layout(variables), hidden, method="lm_logits")

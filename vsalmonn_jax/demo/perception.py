@@ -8,15 +8,11 @@ import json
 import pathlib
 from collections.abc import Mapping, Sequence
 
+from vsalmonn_jax.data.annotator import KINDS, event_kind
 from vsalmonn_jax.demo.caption import judged
 from vsalmonn_jax.eval import get_judge
 
-KINDS = ("appears", "vanishes", "moves", "turns", "sounds")
-
-
-def event_kind(event: Mapping) -> str:
-    """sounds (every audio event), else the visual action's first word: appears / vanishes / moves / turns."""
-    return "sounds" if event["modality"] == "audio" else str(event["action"]).split()[0]
+__all__ = ["KINDS", "event_kind", "perception", "perception_section"]
 
 
 def perception(items: Sequence[Mapping], captions: Sequence[Mapping]) -> dict:
@@ -41,19 +37,29 @@ def perception(items: Sequence[Mapping], captions: Sequence[Mapping]) -> dict:
             "distinct_captions": len({c["caption"] for c in captions}), "clips": len(captions)}
 
 
-def ground_truth_items(config, count: int) -> list[dict]:
-    """The first `count` test clips of the run's data set (ids, events), rebuilt from its config."""
+def ground_truth_items(config, count: int, split: str = "test") -> list[dict]:
+    """The first `count` clips of a split of the run's data set (ids, events), rebuilt from its config."""
     from vsalmonn_jax.data import synthetic
     from vsalmonn_jax.demo.data import clip_items
 
-    return clip_items(int(config.demo.seed), "test", count, synthetic.synthetic_config(config))
+    return clip_items(int(config.demo.seed), split, count, synthetic.synthetic_config(config),
+                      config.demo.get("annotator"))
 
 
-def _captions(run_dir: pathlib.Path, name: str) -> list[dict] | None:
-    path = run_dir / "stages" / name / "captions.jsonl"
+def _stage_files(run_dir: pathlib.Path, name: str, record: Mapping, split: str):
+    """(captions, scores record) of a stage on `split`: test = captions.jsonl + its eval.json
+    record; val = val.json (both in one file). None when the stage has no captions there."""
+    folder = run_dir / "stages" / name
+    if split == "val":
+        path = folder / "val.json"
+        if not path.exists():
+            return None
+        val = json.loads(path.read_text())
+        return val.get("captions"), val
+    path = folder / "captions.jsonl"
     if not path.exists():
         return None
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], record
 
 
 def _judged_correct(record: dict) -> float | None:
@@ -62,15 +68,19 @@ def _judged_correct(record: dict) -> float | None:
     return None if per_video is None else sum(v["n"] - v["missed"] - v["incorrect"] for v in per_video)
 
 
-def perception_section(run_dir: pathlib.Path, records: Mapping, config, items=None) -> tuple[list[str], dict]:
-    """The report's "What the model perceives" lines and {stage: perception(...)}. A stage without
-    captions.jsonl has no row; one whose ground truth (rebuilt from `config` unless `items` are given)
-    disagrees with its eval.json scores gets a note instead of a row."""
-    captions = {n: c for n in records if (c := _captions(run_dir, n)) is not None}
+def perception_section(run_dir: pathlib.Path, records: Mapping, config, items=None,
+                       split: str = "test") -> tuple[list[str], dict]:
+    """The report's "What the model perceives" lines and {stage: perception(...)} on `split` (test:
+    captions.jsonl, val: val.json). A stage without captions there has no row; one whose ground
+    truth (rebuilt from `config` unless `items` are given) disagrees with its scores gets a note
+    instead of a row."""
+    found = {n: f for n in records if (f := _stage_files(run_dir, n, records[n], split)) and f[0]}
+    captions = {n: f[0] for n, f in found.items()}
     if not captions:
         return [], {}
     if items is None:
-        items = ground_truth_items(config, max(int(config.demo.n_test), *(len(c) for c in captions.values())))
+        size = int(config.demo.n_test if split == "test" else config.demo.n_val)
+        items = ground_truth_items(config, max(size, *(len(c) for c in captions.values())), split)
     results, notes = {}, []
     for name, caps in captions.items():
         try:
@@ -78,14 +88,14 @@ def perception_section(run_dir: pathlib.Path, records: Mapping, config, items=No
         except ValueError as err:
             notes.append(f"- {name}: no row ({err}).")
             continue
-        expected = _judged_correct(records[name])
+        expected = _judged_correct(found[name][1])
         if expected is not None and abs(expected - result["correct_events"]) > 1e-6:
             notes.append(f"- {name}: no row: its captions get {result['correct_events']} events right "
                          f"against the ground truth rebuilt here, {expected:g} in its eval.json (is "
                          "this config's demo.seed / data.synthetic the run's?).")
             continue
         results[name] = result
-    lines = ["## What the model perceives", ""]
+    lines = ["## What the model perceives" + (" (validation split)" if split == "val" else ""), ""]
     if results:
         first = next(iter(results.values()))
         lines += ["| stage | " + " | ".join(f"{k} % (n={first['events'][k]})" for k in KINDS)
@@ -94,7 +104,7 @@ def perception_section(run_dir: pathlib.Path, records: Mapping, config, items=No
             cells = ["-" if r["correct"][k] is None else f"{r['correct'][k]:.1f}" for k in KINDS]
             lines.append(f"| {name} | " + " | ".join(cells)
                          + f" | {r['distinct_captions']} of {r['clips']} |")
-        lines += ["", "% of each kind's ground-truth test events that the captions state exactly "
+        lines += ["", f"% of each kind's ground-truth {split} events that the captions state exactly "
                   "(exact judge; sounds = every audio event): a kind near 0 % is not perceived, and "
                   "a handful of distinct captions means the model ignores the media and writes the "
                   "same few captions for every clip."]

@@ -1,9 +1,10 @@
-"""The demo's stages in order, each under run_dir/stages/<name>/ (eval.json, done; model.msgpack):
-a rerun skips finished stages. After every stage the test split is captioned, scored, QA answered.
+"""The demo's stages in order, each under run_dir/stages/<name>/ (eval.json, val.json, done; model.msgpack):
+a rerun skips finished stages. After every stage the validation split (where every choice is read)
+and the test split (scored once per stage, for the report) are captioned, scored, QA answered.
 
 pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only captions, plus
 text-only exact captions) -> align (audio connector on audio-only captions)
--> sft (LoRA + connectors on the biased AV captions + QA) -> mrdpo_1..R | control_1..R (the rounds
+-> sft (LoRA + connectors on the annotator's AV captions + QA) -> mrdpo_1..R | control_1..R (the rounds
 of training/mrdpo.py's run_mrdpo on fresh clips, resumable mid-round; control: DPO term off) ->
 rebirth (SFT the pre-DPO model on the final mrDPO model's captions of training clips + QA).
 """
@@ -20,11 +21,12 @@ import jax
 import numpy as np
 
 from vsalmonn_jax.data.event_grammar import render_caption
-from vsalmonn_jax.data.text import load_tokenizer, mcq_answer, mcq_prompt
+from vsalmonn_jax.data.event_qa import event_qa_prompt
+from vsalmonn_jax.data.text import load_tokenizer
 from vsalmonn_jax.demo import model as model_lib
 from vsalmonn_jax.demo.batches import ExampleIterator, Tokens
 from vsalmonn_jax.demo.caption import Captioner, evaluate_model, judged
-from vsalmonn_jax.demo.data import data_lock, prepare_data
+from vsalmonn_jax.demo.data import data_lock, prepare_data, tokenizer_corpus
 from vsalmonn_jax.demo.env import DemoPolicyEnv, policy_model, policy_state
 from vsalmonn_jax.demo.train import shown_metrics, train_stage
 from vsalmonn_jax.lora import init_lora
@@ -57,8 +59,8 @@ def qa_examples(ctx: Context, split: str, media: bool = True) -> list[dict]:
     out = []
     for r, item in enumerate(ctx.data[split]["items"]):
         for qa in item["qa"]:
-            user = mcq_prompt(qa["question"], qa["options"])
-            answer = mcq_answer(qa["options"], qa["answer"])
+            user = event_qa_prompt(qa["question"], qa["options"])
+            answer = qa["options"][qa["answer"]]
             out.append({"split": split, "row": r, "media": media,
                         "text": ctx.tokens.response_row(answer, user, has_media=media)})
     return out
@@ -111,7 +113,7 @@ def align(ctx: Context, prev: dict) -> dict:
 def sft(ctx: Context, prev: dict) -> dict:
     demo = ctx.config.demo
     items = ctx.data["train"]["items"]
-    examples = caption_examples(ctx, "train", [it["biased"] for it in items]) + qa_examples(ctx, "train")
+    examples = caption_examples(ctx, "train", [it["annotated"] for it in items]) + qa_examples(ctx, "train")
     it = _iterator(ctx, examples, "av", int(demo.seed) + 3)
     lora = {"llm": init_lora(jax.random.PRNGKey(int(demo.seed) + 3), prev["params"]["llm"],
                              ctx.task.model.lora)}
@@ -125,7 +127,7 @@ def sft(ctx: Context, prev: dict) -> dict:
 def _gt_caption(ctx: Context, item: dict) -> str:
     """The GT-caption guidance target: the SFT annotator's caption (as in the paper: the human
     caption) or, with demo.gt_caption=exact, the complete ground-truth caption."""
-    return item["exact"] if ctx.config.demo.gt_caption == "exact" else item["biased"]
+    return item["exact"] if ctx.config.demo.gt_caption == "exact" else item["annotated"]
 
 
 def arm_config(config, control: bool):
@@ -261,11 +263,16 @@ def run_stage(ctx: Context, name: str, build, modality: str = "av") -> tuple[dic
 
 
 def evaluate_stage(ctx: Context, model: dict, modality: str = "av") -> dict:
-    """The test split captioned (greedy) and scored, its QA answered (demo/caption.py)."""
+    """The test split captioned (greedy) and scored, its QA answered (demo/caption.py); the same on
+    the validation split (when demo.n_val > 0) under "val"."""
     demo = ctx.config.demo
     captioner = Captioner(ctx.task if model.get("lora") else ctx.base_task, ctx.tokens, model, modality)
-    return evaluate_model(captioner, ctx.data["test"], batch=int(demo.eval_batch),
-                          max_new_tokens=int(demo.max_caption_tokens))
+    run = lambda split: evaluate_model(captioner, ctx.data[split], batch=int(demo.eval_batch),
+                                       max_new_tokens=int(demo.max_caption_tokens))
+    result = run("test")
+    if "val" in ctx.data:
+        result["val"] = run("val")
+    return result
 
 
 def write_record(ctx: Context, name: str, result: dict, stats: dict, timing: dict,
@@ -274,19 +281,28 @@ def write_record(ctx: Context, name: str, result: dict, stats: dict, timing: dic
     scores. Returns the eval record."""
     folder = ctx.run_dir / "stages" / name
     folder.mkdir(parents=True, exist_ok=True)
+    val = result.pop("val", None)
+    if val is not None:   # written before done: a finished stage always has both
+        (folder / "val.json").write_text(json.dumps({"stage": name, **val}, default=float))
     captions = result.pop("captions")
     record = {"stage": name, "modality": modality, "stats": stats, **timing,
               "load_avg": os.getloadavg()[1], "cpus": os.cpu_count(), **result}
     (folder / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
     (folder / "eval.json").write_text(json.dumps(record, default=float))
     (folder / "done").write_text("")
-    micro = record["aggregate"]["micro"]
     pairs = f"{stats['pairs']} pairs, " if "pairs" in stats else ""
-    ctx.log(f"[{name}] test: Miss {100 * micro['miss']:.1f} Incorrect {100 * micro['incorrect']:.1f} "
-            f"Hall {100 * micro['hallucination']:.1f} Total {100 * micro['total']:.1f} "
-            f"QA {100 * record['qa']['accuracy']:.1f} ({pairs}{record['train_s']:.0f}s train, "
+    if val is not None:
+        ctx.log(f"[{name}] val: {_scores(val)}")
+    ctx.log(f"[{name}] test: {_scores(record)} ({pairs}{record['train_s']:.0f}s train, "
             f"{record['eval_s']:.0f}s eval)")
     return record
+
+
+def _scores(result: dict) -> str:
+    micro = result["aggregate"]["micro"]
+    return (f"Miss {100 * micro['miss']:.1f} Incorrect {100 * micro['incorrect']:.1f} "
+            f"Hall {100 * micro['hallucination']:.1f} Total {100 * micro['total']:.1f} "
+            f"QA {100 * result['qa']['accuracy']:.1f}")
 
 
 def _record(ctx: Context, name: str) -> dict:
@@ -303,8 +319,7 @@ def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[C
     with data_lock(data_dir):
         if not (data_dir / "tokenizer").exists():
             synthetic.build_tokenizer(
-                synthetic.tokenizer_corpus(synthetic.synthetic_config(config),
-                                           config.model.connector.placeholder_token),
+                tokenizer_corpus(config),
                 str(data_dir / "tokenizer"), int(config.model.llm.vocab_size),
                 config.model.connector.placeholder_token)
     tokenizer = load_tokenizer(str(data_dir / "tokenizer"))

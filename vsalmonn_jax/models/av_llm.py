@@ -24,7 +24,7 @@ from vsalmonn_jax.models import connectors
 from vsalmonn_jax.models.attention import resolve_impl
 from vsalmonn_jax.models.connectors import VisionConnector
 from vsalmonn_jax.models.qformer import AudioConnector, QFormerConfig
-from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config, default_positions
+from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config, branch_positions, default_positions
 from vsalmonn_jax.models.siglip import SiglipConfig, SiglipVision
 from vsalmonn_jax.models.whisper import AudioEncoder, WhisperConfig
 
@@ -219,11 +219,14 @@ class AVLLM(nn.Module):
 
     # (3) splice --------------------------------------------------------------------------------
     def splice(self, media_embeds: jax.Array, media_mask: jax.Array, input_ids: jax.Array,
-               attention_mask: jax.Array, loss_mask: jax.Array) -> dict:
+               attention_mask: jax.Array, loss_mask: jax.Array, branch_ids: jax.Array | None = None
+               ) -> dict:
         """Put the valid media embeddings where the placeholder token is. Returns, at the spliced
         length L = T + M - 1: inputs_embeds [B,L,H], attention_mask, loss_mask (False on media),
         targets (token ids; 0 on media / padding) [B,L], positions [B,L] (cumsum(mask) - 1).
-        Examples without a placeholder get no media (text-only rows of a mixed batch)."""
+        Examples without a placeholder get no media (text-only rows of a mixed batch).
+        A packed row (branch_ids [B,T], training/packing.py; the placeholder in the prefix) also
+        gets "branch_ids" [B,L] (media: 0) and positions continuing from the prefix per branch."""
         cfg = self.config
         b, t = input_ids.shape
         m = media_embeds.shape[1]
@@ -250,15 +253,21 @@ class AVLLM(nn.Module):
         embeds = jnp.where(in_media[..., None], spliced_media.astype(text_embeds.dtype), text_embeds)
         attn = in_media | (text_ok & take(attention_mask.astype(bool)))
         loss = text_ok & take(loss_mask.astype(bool)) & attn
-        return {"inputs_embeds": embeds, "attention_mask": attn, "loss_mask": loss,
-                "targets": ids, "positions": default_positions(attn)}
+        out = {"inputs_embeds": embeds, "attention_mask": attn, "loss_mask": loss, "targets": ids,
+               "positions": default_positions(attn)}
+        if branch_ids is not None:
+            out["branch_ids"] = jnp.where(in_media | ~attn, 0, take(branch_ids))
+            out["positions"] = branch_positions(attn, out["branch_ids"])
+        return out
 
     # (4) LLM -----------------------------------------------------------------------------------
     def decode(self, spliced: dict, deterministic: bool = True, return_hidden: bool = False):
-        """Qwen2 forward on spliced inputs -> logits [B,L,V] fp32 (or final hidden [B,L,H])."""
+        """Qwen2 forward on spliced inputs -> logits [B,L,V] fp32 (or final hidden [B,L,H]);
+        packed rows (a "branch_ids" entry) attend with the shared-prefix mask."""
         out, _ = self.llm(inputs_embeds=spliced["inputs_embeds"],
                           attention_mask=spliced["attention_mask"], positions=spliced["positions"],
-                          deterministic=deterministic, return_hidden=return_hidden)
+                          deterministic=deterministic, return_hidden=return_hidden,
+                          branch_ids=spliced.get("branch_ids"))
         return out
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:

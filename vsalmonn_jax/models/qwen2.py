@@ -198,6 +198,20 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def branch_positions(attention_mask: jax.Array, branch_ids: jax.Array) -> jax.Array:
+    """Positions of a packed row [prefix (branch 0) | continuation 1 | 2 | ...] (contiguous branches):
+    the prefix counts 0, 1, ...; every continuation continues from the prefix's length, as if it
+    followed the prefix alone. [B,T] -> [B,T]"""
+    valid = attention_mask.astype(jnp.int32)
+    count = jnp.cumsum(valid, axis=-1)                                   # valid tokens up to t
+    previous = jnp.concatenate([branch_ids[:, :1] - 1, branch_ids[:, :-1]], axis=1)
+    opens = branch_ids != previous                                       # a branch starts at t
+    base = jax.lax.cummax(jnp.where(opens, count - valid, 0), axis=1)    # count before its start
+    prefix = jnp.sum(valid * (branch_ids == 0), axis=-1, keepdims=True)  # [B,1]
+    own = count - base                                                   # its own tokens up to t
+    return jnp.maximum(jnp.where(branch_ids == 0, own, prefix + own) - 1, 0)
+
+
 class Qwen2(nn.Module):
     """Qwen2ForCausalLM. Call with token ids or `inputs_embeds` (media spliced in by the AV model)."""
 

@@ -2,7 +2,7 @@
 
 encode() = the frozen SigLIP / Whisper features (once per step, shared by chosen / rejected / gt /
 reference); forward() = connectors + splice + Qwen2 on the spliced sequence, returning shifted
-targets and loss mask at the spliced length. Rows without media (text-only) work too.
+targets and loss mask at the spliced length; forward_packed() the same on prefix-shared rows.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models import av_llm
 from vsalmonn_jax.training.losses import shift_targets
+from vsalmonn_jax.training.packing import packed_output
 from vsalmonn_jax.training.task import boxed_lora, present
 
 FEATURES = ("vision", "audio")
@@ -27,9 +28,9 @@ def _forward(module: av_llm.AVLLM, text: dict, media: dict | None, deterministic
         embeds = jnp.zeros((batch, 0, cfg.llm.hidden_size), cfg.llm.dtype)
         mask = jnp.zeros((batch, 0), bool)
     spliced = module.splice(embeds, mask, text["input_ids"], text["attention_mask"],
-                            text["loss_mask"])
+                            text["loss_mask"], text.get("branch_ids"))
     hidden = module.decode(spliced, deterministic, return_hidden=True)
-    return hidden, spliced["targets"], spliced["loss_mask"]
+    return hidden, {k: v for k, v in spliced.items() if k != "inputs_embeds"}
 
 
 class AVTask:
@@ -71,10 +72,16 @@ class AVTask:
         return self.model.apply({"params": variables["params"]}, batch, method="encode_frozen")
 
     def forward(self, variables, text, media, *, deterministic, rngs):
-        hidden, ids, loss = self.model.apply(present(variables), text, media, deterministic,
-                                             method=_forward, rngs=rngs)
-        targets, mask = shift_targets(ids, loss)
+        hidden, spliced = self.model.apply(present(variables), text, media, deterministic,
+                                           method=_forward, rngs=rngs)
+        targets, mask = shift_targets(spliced["targets"], spliced["loss_mask"])
         return hidden, targets, mask
+
+    def forward_packed(self, variables, packed, media, *, deterministic, rngs):
+        """One packed row per pair (training/packing.py): media connected and spliced once."""
+        hidden, spliced = self.model.apply(present(variables), packed, media, deterministic,
+                                           method=_forward, rngs=rngs)
+        return packed_output(hidden, spliced)
 
     def logits(self, variables, hidden):
         return self.model.apply(present(variables), hidden, method="lm_logits")

@@ -24,6 +24,7 @@ from vsalmonn_jax.training.checkpoint import Checkpointer
 from vsalmonn_jax.training.feature_cache import FeatureCache
 from vsalmonn_jax.training.interrupts import Interrupted, stop_signals
 from vsalmonn_jax.training.metrics_log import MetricsWriter
+from vsalmonn_jax.training.packing import check_shared_prompts
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 from vsalmonn_jax.training.steps import Steps, make_steps, put_batch
 
@@ -73,7 +74,10 @@ def pad_rows(batch: dict, multiple: int) -> dict:
 
 
 def device_batch(batch: dict, steps: Steps) -> dict:
-    """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here)."""
+    """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here);
+    a prefix-shared DPO step first checks that each pair's prompts agree."""
+    if steps.packed:
+        check_shared_prompts(batch, steps.packed)
     keep = {k: v for k, v in batch.items()
             if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
     return put_batch(keep, steps.batch_sharding)

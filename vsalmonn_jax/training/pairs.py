@@ -45,6 +45,9 @@ class PairRule:
     drop_ties: a pair whose errors tie is dropped; with False, ties are broken by fewer
                hallucinations, then fewer incorrect events (still dropped when those tie too).
     min_margin: the rejected sample's error must exceed the chosen one's by more than this.
+    max_length_gap: NOT in the paper. >= 0: a pair's captions differ by at most this many sentences
+               (a length-controlled rule against "the shorter caption wins"); best_worst then takes
+               the accepted pair with the largest error margin. -1: off.
     """
 
     rule: str = "total"
@@ -52,6 +55,7 @@ class PairRule:
     mode: str = "best_worst"
     drop_ties: bool = True
     min_margin: float = 0.0
+    max_length_gap: int = -1
 
     def __post_init__(self):
         if self.rule not in PAIR_RULES:
@@ -66,7 +70,8 @@ class PairRule:
         return cls(rule=str(section["pair_rule"]), miss_weight=float(section.get("miss_weight", 2.0)),
                    mode=str(section.get("pair_mode", "best_worst")),
                    drop_ties=bool(section.get("drop_ties", True)),
-                   min_margin=float(section.get("min_margin", 0.0)))
+                   min_margin=float(section.get("min_margin", 0.0)),
+                   max_length_gap=int(section.get("max_length_gap", -1)))
 
     def error(self, score) -> float:
         """The ranking key of one VideoScore (lower is better)."""
@@ -136,16 +141,27 @@ def score_samples(judge, items: Sequence[Mapping], samples: Sequence[Sequence[Sa
     return out
 
 
-def _choose(rule: PairRule, scores: Sequence) -> list[tuple[int, int]]:
-    """(chosen index, rejected index) pairs among one video's samples."""
+def sentence_count(text: str) -> int:
+    """Sentences of a caption (eval/text.py's splitter): the length the pair diagnostics compare."""
+    from vsalmonn_jax.eval.text import split_sentences
+
+    return len(split_sentences(text))
+
+
+def _choose(rule: PairRule, scores: Sequence, lengths: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(chosen index, rejected index) pairs among one video's samples (`lengths`: their sentence
+    counts, needed by max_length_gap >= 0)."""
     usable = [j for j, s in enumerate(scores) if not s.failed]
     if len(usable) < 2:
         return []
-    if rule.mode == "best_worst" and rule.rule != "dominance":   # a ranking: its two ends
+    gap = rule.max_length_gap
+    if rule.mode == "best_worst" and rule.rule != "dominance" and gap < 0:   # a ranking: its two ends
         order = sorted(usable, key=lambda j: (rule.key(scores[j]), j))
         best, worst = order[0], order[-1]
         return [(best, worst)] if rule.prefers(scores[best], scores[worst]) else []
-    accepted = [(a, b) for a, b in itertools.permutations(usable, 2) if rule.prefers(scores[a], scores[b])]
+    close = (lambda a, b: True) if gap < 0 else (lambda a, b: abs(lengths[a] - lengths[b]) <= gap)
+    accepted = [(a, b) for a, b in itertools.permutations(usable, 2)
+                if close(a, b) and rule.prefers(scores[a], scores[b])]
     if rule.mode == "all" or not accepted:
         return accepted
     margin = lambda ab: rule.error(scores[ab[1]]) - rule.error(scores[ab[0]])
@@ -173,7 +189,8 @@ def build_pairs(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
         base = {k: item[k] for k in MEDIA_FIELDS if item.get(k) is not None}
         base["prompt"] = item.get("prompt") or default_prompt
         truth = gt_caption(item) if gt else None
-        chosen = _choose(rule, row_scores)
+        lengths = [sentence_count(judged_text(sample)) for sample in row]
+        chosen = _choose(rule, row_scores, lengths)
         for c, r in chosen:
             record = dict(base, id=f"{item.get('id', '')}:{c}>{r}", video_id=str(item.get("id", "")),
                           chosen=judged_text(row[c]), rejected=judged_text(row[r]),
@@ -205,6 +222,7 @@ def pair_stats(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
     pairs = [r for r in records if "chosen" in r]
     stopped = [s.stopped for row in samples for s in row]
     return {
+        **length_stats(pairs),
         "videos": len(items),
         "samples": len(flat),
         "failed_scores": sum(1 for s in flat if s.failed),
@@ -220,3 +238,12 @@ def pair_stats(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
         "mean_error_margin": (sum(r["rejected_error"] - r["chosen_error"] for r in pairs)
                               / len(pairs)) if pairs else 0.0,
     }
+
+
+def length_stats(pairs: Sequence[Mapping]) -> dict:
+    """Length diagnostics of preference records: how many chosen captions have fewer / more / as
+    many sentences as their rejected one, and the mean sentence gap (chosen - rejected)."""
+    gaps = [sentence_count(r["chosen"]) - sentence_count(r["rejected"]) for r in pairs]
+    return {"chosen_shorter": sum(g < 0 for g in gaps), "chosen_longer": sum(g > 0 for g in gaps),
+            "chosen_same_length": sum(g == 0 for g in gaps),
+            "mean_sentence_gap": sum(gaps) / len(gaps) if gaps else 0.0}

@@ -3,7 +3,8 @@
 One function per objective, built for a task model + mesh; state buffers are donated; gradients are
 taken w.r.t. `state.trainable` only. A non-finite loss or gradient never reaches the weights: the
 step keeps the previous trainables / optimizer state and reports `finite = 0` (the loop decides
-whether to stop or skip). Media are encoded once per step and shared by every forward.
+whether to stop or skip). Media are encoded once per step and shared by every forward; DPO packs
+each pair into one prefix-shared row (training/packing.py; dpo.shared_prefix=False: unshared).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vsalmonn_jax.training import losses
+from vsalmonn_jax.training import losses, packing
 from vsalmonn_jax.training.feature_cache import cached_features
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES
 from vsalmonn_jax.training.state import TrainState
@@ -39,6 +40,7 @@ class StepOptions:
     label_smoothing: float = 0.0
     gt_ce_weight: float = 0.1
     reference: str = "snapshot"  # snapshot | lora_disabled
+    shared_prefix: bool = True   # DPO: one packed row per pair (training/packing.py)
 
     @classmethod
     def from_config(cls, config) -> StepOptions:
@@ -48,7 +50,8 @@ class StepOptions:
                    or float(config.model.qformer.get("dropout", 0.0)) > 0,
                    beta=float(config.dpo.beta), loss_type=str(config.dpo.loss_type),
                    label_smoothing=float(config.dpo.label_smoothing),
-                   gt_ce_weight=float(config.dpo.gt_ce_weight), reference=str(config.dpo.reference))
+                   gt_ce_weight=float(config.dpo.gt_ce_weight), reference=str(config.dpo.reference),
+                   shared_prefix=bool(config.dpo.get("shared_prefix", True)))
 
 
 def text_fields(batch: dict, prefix: str = "") -> dict:
@@ -106,41 +109,72 @@ def sft_loss(task, opts: StepOptions, params, trainable, batch, *, deterministic
     return ce, {"ce": ce, "target_tokens": count}
 
 
+def shares_prefix(task, opts: StepOptions) -> bool:
+    """Whether DPO runs prefix-shared: asked for, and the task has a packed forward."""
+    return opts.shared_prefix and hasattr(task, "forward_packed")
+
+
+def branch_logps(task, variables, batch, media, opts: StepOptions, prefixes, *, deterministic,
+                 rngs) -> list[tuple[jax.Array, jax.Array]]:
+    """Per sequence set of `prefixes` ("chosen_", ...): (token log-probs, target mask), in ONE forward.
+
+    Prefix-shared (default): one packed row per pair [prompt + media | set 1 | set 2 | ...]
+    (training/packing.py), media once per pair; each set's arrays are the whole row [B,L] with the
+    mask cut to its branch. Unshared (dpo.shared_prefix=False, for checking): the sets stacked on the
+    batch axis with tiled media; each set's arrays are its own rows [B,T].
+    """
+    parts = [text_fields(batch, p) for p in prefixes]
+    if shares_prefix(task, opts):
+        out = task.forward_packed(variables, packing.pack_branches(parts), media,
+                                  deterministic=deterministic, rngs=rngs)
+        hidden, targets, mask, branch = packing.align(out)
+        logps = losses.chunked_token_logps(hidden, targets, mask,
+                                           lambda h: task.logits(variables, h), opts.logits_chunk)
+        return [(logps, mask & (branch == k)) for k in range(1, len(prefixes) + 1)]
+    n = parts[0]["input_ids"].shape[0]
+    logps, mask = _token_logps(task, variables, stack_texts(parts), tile_media(media, len(parts)),
+                               opts, deterministic=deterministic, rngs=rngs)
+    return [(logps[k * n:(k + 1) * n], mask[k * n:(k + 1) * n]) for k in range(len(parts))]
+
+
+def reference_forward(task, opts: StepOptions, state: TrainState, batch, media
+                      ) -> tuple[jax.Array, jax.Array]:
+    """The reference network's log pi(chosen), log pi(rejected) [B] on `batch` (GT-free rows, packed
+    like the policy's unless dpo.shared_prefix=False): LoRA off, the round-start adapter snapshot
+    ("snapshot") or the current one ("lora_disabled", the official quirk). No gradient."""
+    adapter = state.ref_adapter if opts.reference == "snapshot" else state.trainable.get("adapter")
+    variables = jax.lax.stop_gradient(present({"params": state.params, "adapter": adapter}))
+    (chosen, chosen_mask), (rejected, rejected_mask) = branch_logps(
+        task, variables, batch, media, opts, PAIR_PREFIXES, deterministic=True, rngs=None)
+    return (jax.lax.stop_gradient(losses.sequence_logps(chosen, chosen_mask)),
+            jax.lax.stop_gradient(losses.sequence_logps(rejected, rejected_mask)))
+
+
 def reference_logps(task, opts: StepOptions, state: TrainState, batch, media) -> tuple[jax.Array, jax.Array]:
-    """Reference log pi(chosen), log pi(rejected) [B]: precomputed in the batch, or the same network
-    with LoRA off and the round-start adapter snapshot ("snapshot") or the current one
-    ("lora_disabled", the official quirk). No gradient."""
+    """Reference log pi(chosen), log pi(rejected) [B]: precomputed in the batch, else
+    `reference_forward`."""
     if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
         return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    adapter = state.ref_adapter if opts.reference == "snapshot" else state.trainable.get("adapter")
-    variables = present({"params": state.params, "adapter": adapter})
-    n = batch["chosen_input_ids"].shape[0]
-    text = stack_texts([text_fields(batch, p) for p in PAIR_PREFIXES])
-    logps, mask = _token_logps(task, jax.lax.stop_gradient(variables), text, tile_media(media, 2),
-                               opts, deterministic=True, rngs=None)
-    seq = jax.lax.stop_gradient(losses.sequence_logps(logps, mask))
-    return seq[:n], seq[n:]
+    return reference_forward(task, opts, state, batch, media)
 
 
 def dpo_loss(task, opts: StepOptions, params, trainable, batch, media, ref, *, deterministic=False,
              rngs=None):
     """Chosen, rejected (and ground truth, if in the batch and weighted) in ONE policy forward."""
-    n = batch["chosen_input_ids"].shape[0]
     use_gt = opts.gt_ce_weight > 0 and "gt_input_ids" in batch
     prefixes = PAIR_PREFIXES + (("gt_",) if use_gt else ())
-    text = stack_texts([text_fields(batch, p) for p in prefixes])
     variables = present({"params": params, **trainable})
-    logps, mask = _token_logps(task, variables, text, tile_media(media, len(prefixes)), opts,
-                               deterministic=deterministic, rngs=rngs)
-    seq = losses.sequence_logps(logps[:2 * n], mask[:2 * n])
+    sets = branch_logps(task, variables, batch, media, opts, prefixes, deterministic=deterministic,
+                        rngs=rngs)
+    chosen, rejected = (losses.sequence_logps(*s) for s in sets[:2])
     per_example, chosen_r, rejected_r = losses.dpo_loss(
-        seq[:n], seq[n:], ref[0], ref[1], beta=opts.beta, loss_type=opts.loss_type,
+        chosen, rejected, ref[0], ref[1], beta=opts.beta, loss_type=opts.loss_type,
         label_smoothing=opts.label_smoothing)
-    gt_ce = losses.masked_ce(logps[2 * n:], mask[2 * n:])[0] if use_gt else None
+    gt_ce = losses.masked_ce(*sets[2])[0] if use_gt else None
     loss = losses.gt_guided_dpo(per_example, gt_ce, opts.gt_ce_weight)
     metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r)
-    metrics.update({"logps/chosen": jnp.mean(seq[:n]), "logps/rejected": jnp.mean(seq[n:]),
-                    "target_tokens": jnp.sum(mask.astype(jnp.float32))})
+    metrics.update({"logps/chosen": jnp.mean(chosen), "logps/rejected": jnp.mean(rejected),
+                    "target_tokens": sum(jnp.sum(m.astype(jnp.float32)) for _, m in sets)})
     if use_gt:
         metrics["gt_ce"] = gt_ce
     return loss, metrics
@@ -235,6 +269,7 @@ class Steps:
     mesh: Mesh
     batch_sharding: NamedSharding
     reference: Callable | None = None  # DPO: (state, batch) -> {"ref_chosen_logps", ...} [B]
+    packed: tuple[str, ...] = ()       # prefix-shared DPO: the sequence sets packed per pair
 
 
 def make_steps(task, config, tx, schedule, mesh: Mesh, shardings, objective: str | None = None,
@@ -265,8 +300,11 @@ def make_steps(task, config, tx, schedule, mesh: Mesh, shardings, objective: str
     if objective == "dpo":  # for precomputing reference log-probs once per round
         reference = in_context(jax.jit(_dpo_reference(task, opts), in_shardings=(shardings, data),
                                        out_shardings=data))
+    packed = ()
+    if objective == "dpo" and shares_prefix(task, opts):
+        packed = PAIR_PREFIXES + (("gt_",) if opts.gt_ce_weight > 0 else ())
     return Steps(train=in_context(train_jit), eval=in_context(eval_jit), objective=objective,
-                 mesh=mesh, batch_sharding=data, reference=reference)
+                 mesh=mesh, batch_sharding=data, reference=reference, packed=packed)
 
 
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:

@@ -29,6 +29,10 @@ class TaskModel(Protocol):
         mask bool [B,T]): text = {"input_ids","attention_mask","loss_mask"} [B,T]; targets/mask are
         already shifted (position t predicts targets[t]) and cover the spliced sequence.
     logits(variables, hidden) -> [B,T,V] fp32 (applied chunk by chunk by the losses).
+    forward_packed(variables, packed, media, *, deterministic, rngs) -> training/packing.py's
+        packed_output dict: the prefix-shared DPO forward on packed rows (packed = pack_branches'
+        fields [B,W]); media are those of the B pairs (once per pair). Optional: a task without it
+        runs DPO unshared.
     Optional, for train.feature_cache: raw_media_keys (batch fields the encoders read),
     encoder_params(params), encoder_fingerprint, with_features(batch, features) -> media.
     Variables passed in: "params" always; "lora" absent = LoRA disabled (the DPO reference).
@@ -93,6 +97,17 @@ class TextTask:
                                      deterministic=deterministic, return_hidden=True, rngs=rngs)
         targets, loss_mask = shift_targets(text["input_ids"], text["loss_mask"] & mask)
         return hidden, targets, loss_mask
+
+    def forward_packed(self, variables, packed, media, *, deterministic, rngs):
+        from vsalmonn_jax.models.qwen2 import branch_positions
+        from vsalmonn_jax.training.packing import packed_output
+
+        mask = packed["attention_mask"].astype(bool)
+        hidden, _ = self.model.apply(present(variables), packed["input_ids"], attention_mask=mask,
+                                     positions=branch_positions(mask, packed["branch_ids"]),
+                                     branch_ids=packed["branch_ids"], deterministic=deterministic,
+                                     return_hidden=True, rngs=rngs)
+        return packed_output(hidden, packed)
 
     def logits(self, variables, hidden):
         return self.model.apply(present(variables), hidden, method="lm_logits")

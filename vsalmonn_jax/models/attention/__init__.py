@@ -1,7 +1,8 @@
 """The attention room: `attention(q, k, v, mask_spec, impl, block)` dispatches to one backend file.
 
 Backends: xla (blockwise flash kernel, any device), splash (TPU Pallas), cudnn (GPU fused); `auto`
-picks splash on TPU, cudnn on GPU, xla on CPU. What each backend can express is in SUPPORTED.
+picks splash on TPU, cudnn on GPU, xla on CPU, and xla wherever the mask needs more than the
+platform's backend expresses (packed DPO rows). What each backend can express is in SUPPORTED.
 A MaskSpec with context > 1 (tokens in balanced layout over the mesh's `context` axis) runs
 context.py: the xla kernel per shard with all-gathered K/V, whatever the backend.
 """
@@ -56,12 +57,15 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
 def check_supported(impl: str, kinds) -> str:
     """Raise (naming the backend, the kinds and the fix) unless `impl` expresses every mask kind in
     `kinds`; returns the resolved backend. Call it at config time where the kinds are known (e.g. a
-    packed-DPO stage needs {"prefix"}); `attention` calls it again while tracing."""
+    packed-DPO stage needs {"prefix"}); `attention` calls it again while tracing. `auto` falls back
+    to xla (every kind) where the platform's backend lacks one."""
     resolved = resolve_impl(impl)
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown mask kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
     missing = set(kinds) - SUPPORTED[resolved]
+    if missing and impl == "auto":  # e.g. packed DPO rows on GPU / TPU: the blockwise xla kernel
+        return "xla"
     if missing:
         able = [name for name, ok in SUPPORTED.items() if set(kinds) <= ok]
         raise ValueError(f"attention_impl {impl!r} ({resolved}) cannot express the {sorted(missing)} "
