@@ -1,5 +1,6 @@
 """Context parallelism (mesh axis `context`): the load-balanced layout, attention with K/V all-gathered
-over context, and SFT / DPO forward logits and gradients of the tiny AV model equal to one device.
+over context, and SFT / prefix-shared DPO forward logits and gradients of the tiny AV model equal to
+one device.
 """
 
 import flax.linen as nn
@@ -138,6 +139,8 @@ _BASELINE = {}  # objective -> the one-device results (shared by the context = 2
 
 def _check_equal(task, objective, axes):
     config = tiny_config(f"stage={objective}", "train.warmup_ratio=0.0", "train.logits_chunk=16")
+    # DPO runs prefix-shared: one packed row per pair, its branch ids and positions permuted too
+    assert objective == "sft" or sp.shares_prefix(task, sp.StepOptions.from_config(config))
     prefixes = ("",) if objective == "sft" else ("chosen_", "rejected_", "gt_")
     batch = _av_batch(task, prefixes)
     media = task.av_config.media_length(2, 1)
