@@ -76,6 +76,7 @@ def test_number_rule_bounds():
     ("data.audio_channel=left", "data.audio_channel='left': allowed: first | mean | dialogue"),
     ("data.fps=0", "data.fps=0.0: allowed: a number > 0"),
     ("train.lr=-1", "train.lr=-1.0: allowed: a number > 0"),
+    ("mesh.context=0", "mesh.context=0: allowed: an integer >= 1 (or -1)"),
 ])
 def test_issue_examples_fail(override, expect):
     with pytest.raises(ConfigError, match="invalid config") as err:

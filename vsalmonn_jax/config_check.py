@@ -201,6 +201,7 @@ RULES: dict[str, Any] = {
     # ---- mesh: -1 = all remaining devices ----
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,
+    "mesh.context": MESH_AXIS,
     "mesh.tensor": MESH_AXIS,
 }
 

@@ -153,6 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
         embedding_cover_threshold=0.65, embedding_number_rule="unmatched", embedding_negation_rule=True,
         embedding_clauses=True, embedding_threads=1))
 
-    # ---- parallelism: mesh (data, fsdp, tensor); -1 = all remaining devices ----
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # ---- parallelism: mesh (data, fsdp, context, tensor); -1 = all remaining devices ----
+    # context > 1 splits each sequence over that many devices (load-balanced causal layout, K/V
+    # all-gathered in attention) for SFT, DPO and the reference; decode stays replicated over it.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
     return c

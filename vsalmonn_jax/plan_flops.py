@@ -44,7 +44,7 @@ OVERLAP_MODEL = (
     "ring collectives at the chip's link bandwidth: fsdp all-gathers of the frozen weights (per "
     "pass: forward, backward, remat recompute, DPO reference), reduce-scatter / all-reduce of the "
     "fp32 trainable gradients, tensor all-reduces of the [tokens, hidden] activations (2 per "
-    "layer per pass); model FLOPs = the matmul FLOPs of the same step with remat_policy=none; "
+    "layer per pass), context all-gathers of K/V (1 per layer per pass); model FLOPs = the matmul FLOPs of the same step with remat_policy=none; "
     "elementwise work, softmax and HBM traffic are not counted")
 
 
@@ -100,8 +100,9 @@ def comm_bytes(config, mesh: Mapping[str, int], name: str, remat: str, frozen_ll
     """Bytes one device sends in a step (ring collectives move (n-1)/n of the full size per pass).
 
     frozen_*_bytes / trainable_bytes: whole-model sizes; shard_tokens: LLM tokens of one data x
-    fsdp shard's examples (per-device batch x tokens per sequence)."""
+    fsdp shard's examples (per-device batch x tokens per sequence), split over `context`."""
     data, fsdp, tensor = (int(mesh[a]) for a in ("data", "fsdp", "tensor"))
+    context = int(mesh.get("context", 1))
     ring = lambda n: (n - 1) / n
     policy, reference = sequences(name, config)
     trained_passes = (2 + (remat != "none")) if policy else 0   # forward, backward, recompute
@@ -114,7 +115,11 @@ def comm_bytes(config, mesh: Mapping[str, int], name: str, remat: str, frozen_ll
     width = int(llm.hidden_size) * (2 if "16" in str(llm.dtype) else 4)
     activation_passes = policy * trained_passes + reference  # in sequences x passes
     # an all-reduce moves 2 (n-1)/n of its size; 2 per layer per pass (attention and MLP outputs)
-    total += 2 * ring(tensor) * shard_tokens * width * 2 * int(llm.num_layers) * activation_passes
+    total += 2 * ring(tensor) * shard_tokens / context * width * 2 * int(llm.num_layers) * activation_passes
+    # context: each layer all-gathers K and V over `context` (forward, recompute) and reduce-scatters
+    # dK / dV (backward): (n-1)/n of the whole sequence's K/V per pass; heads split over tensor
+    kv_width = 2 * int(llm.num_kv_heads) * int(llm.head_dim) * width // int(llm.hidden_size) / tensor
+    total += ring(context) * shard_tokens * kv_width * int(llm.num_layers) * activation_passes
     return total
 
 

@@ -86,7 +86,8 @@ def format_plan(plan: Plan) -> str:
     """Human-readable report (GB = 1e9 bytes, per device unless said otherwise)."""
     t = plan.tokens
     lines = [
-        f"mesh data={plan.mesh['data']} fsdp={plan.mesh['fsdp']} tensor={plan.mesh['tensor']} "
+        f"mesh data={plan.mesh['data']} fsdp={plan.mesh['fsdp']} context={plan.mesh.get('context', 1)} "
+        f"tensor={plan.mesh['tensor']} "
         f"({int(np.prod(list(plan.mesh.values())))} devices), budget {plan.budget_gb:.0f} GB/device",
         f"sequence: {t.frames} frames -> {t.visual} visual + {t.audio} audio + {t.text} text = "
         f"{t.total} tokens; global batch {plan.global_batch} "

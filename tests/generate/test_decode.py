@@ -208,31 +208,57 @@ def test_lora_generation_equals_merged_weights(tiny_pair):
     assert not np.allclose(np.asarray(with_lora.logprobs), np.asarray(base.logprobs), atol=1e-3)
 
 
-def test_sharded_generation_matches_single_device(tiny_pair):
+def _on_mesh(tiny_pair, axes):
+    """(model, params placed on a mesh of `axes`, the mesh)."""
     import flax.linen as nn
 
-    from vsalmonn_jax.training.sharding import batch_sharding, logical_rules, make_mesh, sharding_of
+    from vsalmonn_jax.training.sharding import make_mesh, sharding_of
 
     _, model, variables = tiny_pair
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = make_mesh(axes)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     shardings = sharding_of(abstract, mesh)
     params = jax.tree.map(jax.device_put, variables["params"], nn.unbox(shardings["params"]))
     assert len(params["embed_tokens"]["embedding"].sharding.device_set) == 8
+    return model, params, mesh
+
+
+def _generate_on(model, params, mesh, ids, mask):
+    from vsalmonn_jax.training.sharding import batch_sharding, logical_rules
+
+    with jax.set_mesh(mesh), logical_rules():
+        return generate(model, {"params": params}, input_ids=jax.device_put(ids, batch_sharding(mesh)),
+                        attention_mask=jax.device_put(mask, batch_sharding(mesh)), max_new_tokens=NEW,
+                        rng=jax.random.key(3), sampling=SAMPLE, mesh=mesh)
+
+
+def test_sharded_generation_matches_single_device(tiny_pair):
+    from vsalmonn_jax.training.sharding import logical_rules
+
+    model, params, mesh = _on_mesh(tiny_pair, {"data": 2, "fsdp": 2, "tensor": 2})
     prompts = PROMPTS + [[7, 7, 8]]
     ids, mask = right_padded(prompts)
-    ref = generate(model, variables, input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
+    ref = generate(model, tiny_pair[2], input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
                    rng=jax.random.key(3), sampling=SAMPLE)
-    with jax.set_mesh(mesh), logical_rules():
-        out = generate(model, {"params": params}, input_ids=jax.device_put(ids, batch_sharding(mesh)),
-                       attention_mask=jax.device_put(mask, batch_sharding(mesh)), max_new_tokens=NEW,
-                       rng=jax.random.key(3), sampling=SAMPLE, mesh=mesh)
+    out = _generate_on(model, params, mesh, ids, mask)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-4)
     with jax.set_mesh(mesh), logical_rules():      # a batch that does not divide: replicated, same tokens
         odd = generate(model, {"params": params}, input_ids=ids[:3], attention_mask=mask[:3],
                        max_new_tokens=NEW, rng=jax.random.key(3), sampling=SAMPLE, mesh=mesh)
     np.testing.assert_array_equal(np.asarray(odd.tokens), np.asarray(ref.tokens)[:3])
+
+
+def test_context_parallel_prefill_matches_single_device(tiny_pair):
+    """The prompt split over context = 2 (padded 7 -> 8 tokens, load-balanced), its K/V written to
+    the cache in natural order; decode replicated over context: the same tokens and log-probs."""
+    model, params, mesh = _on_mesh(tiny_pair, {"fsdp": 2, "context": 2, "tensor": 2})
+    ids, mask = right_padded(PROMPTS + [[7, 7, 8]])
+    ref = generate(model, tiny_pair[2], input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
+                   rng=jax.random.key(3), sampling=SAMPLE)
+    out = _generate_on(model, params, mesh, ids, mask)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors(tiny_pair):

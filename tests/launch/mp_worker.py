@@ -3,7 +3,7 @@
 Started by test_multiprocess.py as 2 processes x 4 fake CPU devices (explicit JAX_* env) or as one
 process x 8 devices; both write losses, trainables, reference log-probs (the mrDPO per-round file),
 a checkpoint and a merged export to compare.
-usage: mp_worker.py OUT_DIR [--restore-from DIR] [--export-from DIR]
+usage: mp_worker.py OUT_DIR [--restore-from DIR] [--export-from DIR] [--mesh data=1,fsdp=2,context=2,...]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ SPEC = distributed.initialize()  # before any other jax use
 import flax.linen as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vsalmonn_jax.commands.plan import parse_mesh  # noqa: E402
 from vsalmonn_jax.config import load_config  # noqa: E402
 from vsalmonn_jax.lora import merge  # noqa: E402
 from vsalmonn_jax.models.qwen2 import load_hf, save_hf  # noqa: E402
@@ -39,7 +40,7 @@ from vsalmonn_jax.training.round_reference import (  # noqa: E402
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh  # noqa: E402
 from vsalmonn_jax.training.task import build_task  # noqa: E402
 
-MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # --mesh overrides (e.g. with context parallelism)
 GLOBAL_BATCH = 8
 SFT_STEPS = 3
 DPO_STEPS = 2
@@ -52,10 +53,10 @@ def local_rows(batch: dict, mesh) -> dict:
     return {k: v[start:stop] for k, v in batch.items() if k != "example_id"}
 
 
-def run(out: pathlib.Path, restore_from: str | None, export_from: str | None) -> None:
+def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, mesh_spec: dict) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     config = load_config("tiny", ["train.lr=0.01", "train.warmup_ratio=0.0", "train.num_steps=10"])
-    mesh = make_mesh(MESH)
+    mesh = make_mesh(mesh_spec)
     task = build_task(config, text_only=True)
     tx, schedule = state_lib.make_optimizer(config.train, 10)
     state, shardings = state_lib.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(0))
@@ -128,8 +129,9 @@ def main(argv: list[str]) -> int:
     out = pathlib.Path(argv[0])
     restore_from = argv[argv.index("--restore-from") + 1] if "--restore-from" in argv else None
     export_from = argv[argv.index("--export-from") + 1] if "--export-from" in argv else None
+    mesh_spec = parse_mesh(argv[argv.index("--mesh") + 1]) if "--mesh" in argv else MESH
     out.mkdir(parents=True, exist_ok=True)
-    run(out, restore_from, export_from)
+    run(out, restore_from, export_from, mesh_spec)
     print(f"worker {jax.process_index()}/{jax.process_count()} ({SPEC.kind}) done", flush=True)
     return 0
 

@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (4 fake CPU devices each) vs one process with 8: same SFT/DPO results
 and stored reference log-probs, a two-process checkpoint restores in one process, a two-process
-merged export loads back whole.
+merged export loads back whole; two processes with context parallelism (data=1, fsdp=2, context=2,
+tensor=2) give the same results.
 """
 
 import json
@@ -49,26 +50,31 @@ def _check(procs, logs):
         assert proc.returncode == 0, f"worker {i} failed (rc {proc.returncode}):\n{text[-4000:]}"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost")
+def _two_processes(root: pathlib.Path, name: str, *args: str) -> dict:
+    """Run mp_worker.py as 2 processes x 4 devices into root / name; its results.npz."""
     port = _free_port()
     procs, logs = [], []
     for pid in range(2):
-        log = open(root / f"two_{pid}.log", "w+")
+        log = open(root / f"{name}_{pid}.log", "w+")
         env = _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(root / "two")], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(root / name), *args], env=env,
                                       stdout=log, stderr=subprocess.STDOUT, cwd=root))
         logs.append(log)
     _check(procs, logs)
+    return dict(np.load(root / name / "results.npz"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    two = _two_processes(root, "two")
     log = open(root / "one.log", "w+")
     one = subprocess.Popen([sys.executable, str(WORKER), str(root / "one"),
                             "--restore-from", str(root / "two" / "ckpt"),
                             "--export-from", str(root / "two" / "export")],
                            env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=root)
     _check([one], [log])
-    two = dict(np.load(root / "two" / "results.npz"))
     single = dict(np.load(root / "one" / "results.npz"))
     return root, two, single
 
@@ -143,3 +149,27 @@ def test_two_process_merged_export_holds_base_and_loads(runs):
             assert np.abs(value - base).max() > 1e-4, f"{key}: LoRA not merged"
         else:
             np.testing.assert_array_equal(value, base, err_msg=key)  # untouched base weights
+
+
+CONTEXT_MESH = "data=1,fsdp=2,context=2,tensor=2"
+
+
+def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path):
+    """2 processes x 4 devices, each sequence split over context = 2 (with fsdp and tensor): the
+    same SFT / DPO losses and trained weights as one process x 8 devices on that mesh, and the same
+    losses as without context parallelism (weights to Adam's amplification of summation order)."""
+    _, _, single = runs
+    context = _two_processes(tmp_path, "two", "--mesh", CONTEXT_MESH)
+    log = open(tmp_path / "one.log", "w+")
+    one = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "one"), "--mesh", CONTEXT_MESH],
+                           env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    _check([one], [log])
+    one = dict(np.load(tmp_path / "one" / "results.npz"))
+    assert int(context["process_count"]) == 2 and int(one["process_count"]) == 1
+    np.testing.assert_allclose(context["losses"], one["losses"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(context["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+    keys = [k for k in single if k.startswith(("['trainable']", "['opt_state']"))]
+    assert len(keys) > 10
+    for key in keys:
+        np.testing.assert_allclose(context[key], one[key], rtol=1e-4, atol=2e-5, err_msg=key)
+        np.testing.assert_allclose(context[key], single[key], rtol=1e-2, atol=1e-4, err_msg=key)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import compile_only
+import jax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,9 +36,10 @@ def test_video_tokens_match_the_paper():
 
 
 def test_parse_mesh():
-    assert parse_mesh("data=2,fsdp=16,tensor=2") == {"data": 2, "fsdp": 16, "tensor": 2}
-    assert parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "tensor": 1}
-    with pytest.raises(ValueError, match="expected data=N, fsdp=N or tensor=N"):
+    assert parse_mesh("data=2,fsdp=16,tensor=2") == {"data": 2, "fsdp": 16, "context": 1, "tensor": 2}
+    assert parse_mesh("fsdp=-1") == {"data": 1, "fsdp": -1, "context": 1, "tensor": 1}
+    assert parse_mesh("fsdp=4,context=4") == {"data": 1, "fsdp": 4, "context": 4, "tensor": 1}
+    with pytest.raises(ValueError, match="expected data=N, fsdp=N, context=N or tensor=N"):
         parse_mesh("model=4")
     with pytest.raises(ValueError, match="'x' is not an integer"):
         parse_mesh("data=x")
@@ -106,6 +108,21 @@ def test_tiny_plan_in_process():
 
 
 @pytest.mark.slow
+def test_tiny_plan_with_context_parallelism_in_process():
+    """The sequence split over context = 2 (with fsdp and tensor): compiles, and a shard of the
+    context-parallel step needs less temporary memory than the same step on the sequence whole."""
+    config = load_config("tiny")
+    kwargs = dict(video_seconds=2, text_tokens=256, remat_policies=("full",), objectives=("sft",),
+                  reference=False, budget_gb=16, model="llm")
+    whole = plan_lib.make_plan(config, {"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4],
+                               **kwargs)
+    split = plan_lib.make_plan(config, {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}, **kwargs)
+    assert split.issues == [] and split.mesh["context"] == 2
+    assert split.to_json()["mesh"] == {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}
+    assert split.steps[0].temp < whole.steps[0].temp
+
+
+@pytest.mark.slow
 def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     """7B + LoRA DPO (with the reference path) for a 60-s video on data=1,fsdp=16,tensor=4. Only DPO
     is compiled (the largest step; SFT's plan is the tiny tests' subject), without LLVM optimisation
@@ -121,7 +138,7 @@ def test_7b_plan_on_64_devices_fits_v5p(tmp_path):
     peak_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     plan = json.loads(out.read_text())
-    assert plan["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4}
+    assert plan["mesh"] == {"data": 1, "fsdp": 16, "context": 1, "tensor": 4}
     assert plan["tokens"]["total"] == 11552 and plan["global_batch"] == 16
     assert plan["model"] == "av" and plan["notes"] == []  # SigLIP + Whisper + connectors + LLM
     # Qwen2-7B 7.62B + SigLIP-so400m (26 used layers) ~0.4B + Whisper-large-v3 encoder ~0.64B
@@ -158,7 +175,10 @@ def test_cli_usage_errors(capsys):
                           "16"]) == 2
     assert "has 15 devices, --devices says 16" in capsys.readouterr().err
     assert plan_cmd.main(["--config", "configs/7b.py", "--mesh", "gpu=8"]) == 2
-    assert "expected data=N, fsdp=N or tensor=N" in capsys.readouterr().err
+    assert "expected data=N, fsdp=N, context=N or tensor=N" in capsys.readouterr().err
+    assert plan_cmd.main(["--config", "configs/7b.py", "--mesh", "fsdp=4", "--context", "4",
+                          "--devices", "8"]) == 2
+    assert "'context': 4" in capsys.readouterr().err and "has 16 devices, --devices says 8"
 
 
 def test_cli_progress_parallel_compiles_flops_and_mfu(tmp_path):

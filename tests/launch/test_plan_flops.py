@@ -62,3 +62,7 @@ def test_overlap_model_and_collective_bytes():
     tensor = comm_bytes(config, {"data": 1, "fsdp": 1, "tensor": 4}, "reference", "full", 0.0, 0.0,
                         0.0, 1000.0)
     assert tensor == pytest.approx(2 * 0.75 * 1000 * 3584 * 2 * 2 * 28 * 2)  # 2 reference sequences
+    # context: each layer all-gathers the sequence's K and V (4 kv heads x 128, bf16) per pass
+    context = comm_bytes(config, {"data": 1, "fsdp": 1, "context": 4, "tensor": 1}, "reference",
+                         "full", 0.0, 0.0, 0.0, 1000.0)
+    assert context == pytest.approx(0.75 * 1000 * 2 * 4 * 128 * 2 * 28 * 2)

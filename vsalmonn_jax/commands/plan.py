@@ -16,12 +16,13 @@ CHILD_ENV = "VSALMONN_PLAN_DEVICES"
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """'data=1,fsdp=16,tensor=4' -> {"data": 1, "fsdp": 16, "tensor": 4} (missing axes = 1, -1 = rest)."""
-    out = {"data": 1, "fsdp": 1, "tensor": 1}
+    """'data=1,fsdp=16,tensor=4' -> {"data": 1, "fsdp": 16, "context": 1, "tensor": 4} (missing axes
+    = 1, -1 = rest)."""
+    out = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep or name not in out:
-            raise ValueError(f"--mesh item {part!r}: expected data=N, fsdp=N or tensor=N")
+            raise ValueError(f"--mesh item {part!r}: expected data=N, fsdp=N, context=N or tensor=N")
         try:
             out[name] = int(value)
         except ValueError as err:
@@ -33,7 +34,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vsalmonn-jax plan", description=__doc__.splitlines()[0])
-    p.add_argument("--mesh", default="", help="data=..,fsdp=..,tensor=.. (default: config.mesh)")
+    p.add_argument("--mesh", default="", help="data=..,fsdp=..,context=..,tensor=.. (default: config.mesh)")
+    p.add_argument("--context", type=int, default=0, help="context-parallel shards of each sequence "
+                   "(overrides the mesh's context; launch/README.md 'Context parallelism')")
     p.add_argument("--devices", type=int, default=0,
                    help="number of devices (default: the product of --mesh; needed with -1)")
     p.add_argument("--video-seconds", type=float, default=60.0)
@@ -64,8 +67,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args, config) -> tuple[dict[str, int], int]:
-    mesh = parse_mesh(args.mesh) if args.mesh else {k: int(config.mesh[k]) for k in
-                                                    ("data", "fsdp", "tensor")}
+    mesh = parse_mesh(args.mesh) if args.mesh else {k: int(config.mesh.get(k, 1)) for k in
+                                                    ("data", "fsdp", "context", "tensor")}
+    if args.context:
+        if args.context < 1:
+            raise ValueError(f"--context {args.context}: a positive number of shards")
+        mesh["context"] = args.context
     known = 1
     for v in mesh.values():
         known *= v if v > 0 else 1
@@ -75,7 +82,7 @@ def _resolve(args, config) -> tuple[dict[str, int], int]:
         if args.devices % known:
             raise ValueError(f"--devices {args.devices} is not a multiple of {known} (mesh {mesh})")
         mesh = {k: (args.devices // known if v == -1 else v) for k, v in mesh.items()}
-    devices = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    devices = mesh["data"] * mesh["fsdp"] * mesh["context"] * mesh["tensor"]
     if args.devices and args.devices != devices:
         raise ValueError(f"mesh {mesh} has {devices} devices, --devices says {args.devices}")
     return mesh, devices

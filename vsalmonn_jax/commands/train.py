@@ -42,7 +42,7 @@ def _local_batch(config) -> int:
 
     from vsalmonn_jax.training.sharding import mesh_shape
 
-    data, fsdp, _ = mesh_shape(dict(config.mesh))
+    data, fsdp, _, _ = mesh_shape(dict(config.mesh))
     return int(config.data.batch_size) * data * fsdp // jax.process_count()
 
 

@@ -95,10 +95,11 @@ class AVConfig:
         return frames * (self.frame_tokens + time_slots) + audio + extra
 
 
-def _batch_sharded(x: jax.Array) -> jax.Array:
+def _batch_sharded(x: jax.Array, frames: bool = False) -> jax.Array:
     """Keep media activations split over the batch axes (data, fsdp) on their leading dimension, so
-    no device encodes or projects every video of the step."""
-    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+    no device encodes or projects every video of the step; `frames`: [B, F, ...] also split on F
+    over `context` (the devices sharing a sequence project different frames)."""
+    return nn.with_logical_constraint(x, ("batch",) + ("frames",) * frames + (None,) * (x.ndim - 1 - frames))
 
 
 class AVLLM(nn.Module):
@@ -128,7 +129,7 @@ class AVLLM(nn.Module):
             b, f = pixels.shape[:2]
             frames = _batch_sharded(pixels.reshape(b * f, *pixels.shape[2:]))  # [B*F, S, S, 3]
             features = self.vision(frames)
-            media["vision"] = _batch_sharded(features.reshape(b, f, *features.shape[1:]))
+            media["vision"] = _batch_sharded(features.reshape(b, f, *features.shape[1:]), frames=True)
         if "mel" in batch:
             mel = jnp.asarray(batch["mel"])
             if mel.ndim != 4:
@@ -154,7 +155,7 @@ class AVLLM(nn.Module):
             raise ValueError("connect(): the media pytree has neither 'vision' nor 'audio' features")
         b = ref.shape[0]
         if "vision" in media:
-            visual = _batch_sharded(self.vision_connector(media["vision"]))  # [B, F, V, H]
+            visual = _batch_sharded(self.vision_connector(media["vision"]), frames=True)  # [B, F, V, H]
             frame_mask = media.get("frame_mask", jnp.ones(visual.shape[:2], bool))
             n_frames = jnp.sum(frame_mask & media.get("has_video", jnp.ones((b,), bool))[:, None], 1)
         else:

@@ -16,7 +16,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models import kv_cache
-from vsalmonn_jax.models.attention import MaskSpec, attention, check_impl_name
+from vsalmonn_jax.models.attention import (
+    MaskSpec,
+    attention,
+    balanced_layout,
+    check_impl_name,
+    context_size,
+    natural_layout,
+    padded_length,
+)
 from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm
 from vsalmonn_jax.models.kv_cache import init_cache  # noqa: F401  (re-exported: the cache of this model)
 
@@ -111,7 +119,11 @@ class Attention(_Part):
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "activation_heads", "head_dim"))
         k = apply_rope(k, cos, sin)
         if kv is not None:   # write the T new keys/values at slots [index, index + T), in place
-            kv = (kv_cache.write(kv[0], k, layer, cache_index), kv_cache.write(kv[1], v, layer, cache_index))
+            new = (k, v)
+            if isinstance(mask, MaskSpec) and mask.context > 1:   # a prompt split over context: the
+                slots = kv[0].shape[kv_cache.SLOT_AXIS]          # cache keeps the natural order
+                new = tuple(natural_layout(x, mask.context)[:, :slots] for x in new)
+            kv = tuple(kv_cache.write(buf, x, layer, cache_index) for buf, x in zip(kv, new, strict=True))
         if kv is not None and length == 1:   # decode step: attend over this layer's cache
             k_layer, v_layer = (kv_cache.layer_slice(buf, layer) for buf in kv)   # [B,K,S,D]
             out = kv_cache.decode_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask,
@@ -170,6 +182,15 @@ def _logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     """[B,T,H] @ [H,V] -> [B,T,V], accumulated and returned in fp32."""
     logits = jnp.dot(hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab"))
+
+
+def _balanced(parts: int, *arrays):
+    """[B,T,...] arrays (None passes) padded to context.padded_length (padding keys masked: the key
+    mask is padded with False) and put in the balanced layout over `parts` context shards."""
+    length = next(x for x in arrays if x is not None).shape[1]
+    pad = padded_length(length, parts) - length
+    return tuple(None if x is None else balanced_layout(
+        jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)), parts) for x in arrays)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -236,9 +257,18 @@ class Qwen2(nn.Module):
             positions = default_positions(attention_mask)
         elif positions is None:
             positions = jax.lax.dynamic_slice_in_dim(default_positions(cache_mask), cache_index, length, 1)
+        parts = context_size() if isinstance(mask, MaskSpec) else 1   # decode: replicated over context
+        if parts > 1:   # the sequence split over `context`, load-balanced (models/attention/context.py)
+            hidden, positions, *ids = _balanced(parts, hidden, positions, mask.key_mask, mask.segment_ids,
+                                                mask.branch_ids)
+            mask = MaskSpec(causal=True, key_mask=ids[0], segment_ids=ids[1], branch_ids=ids[2],
+                            context=parts)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
         hidden, new_kv = self._layers(hidden, cos, sin, mask, cache_index, cache, deterministic)
+        if parts > 1:   # back to the natural order: logits / log-probs stay split over context
+            hidden = natural_layout(hidden, parts)[:, :length]
+            hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
         new_cache = None
         if cache is not None:

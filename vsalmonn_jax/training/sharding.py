@@ -1,4 +1,4 @@
-"""The device mesh `(data, fsdp, tensor)` and the one table mapping logical axis names to mesh axes.
+"""The device mesh `(data, fsdp, context, tensor)` and the one table mapping logical axis names to mesh axes.
 
 Modules annotate parameters with `nn.with_logical_partitioning` and activations with
 `nn.with_logical_constraint`; this table alone decides where each logical axis lives.
@@ -14,14 +14,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Logical name -> mesh axes. Batch is split over data and fsdp (FSDP shards the batch too);
-# weights are sharded over fsdp on their embed dimension and over tensor on heads / mlp / vocab.
+# weights are sharded over fsdp on their embed dimension and over tensor on heads / mlp / vocab;
+# the sequence of activations over context (the LLM puts it in the load-balanced layout and
+# all-gathers K/V over context in attention: models/attention/context.py; size 1 = no split).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("kv_length", None),
+    ("length", "context"),
+    ("kv_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -39,7 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # media encoders (frozen SigLIP / Whisper) are sharded like the LLM: fsdp on their embed
     # dimension (SigLIP 1152, Whisper 1280: powers of two up to 128 / 256 divide), tensor on the MLP;
     # XLA all-gathers a layer's weights when it runs. The Q-Former's own width stays replicated.
-    ("frames", None),
+    ("frames", "context"),   # video frames of the connector (and SigLIP's output) over context
     ("vision_embed", "fsdp"),
     ("vision_mlp", "tensor"),
     ("audio_embed", "fsdp"),
@@ -52,8 +54,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def mesh_shape(spec: Mapping[str, int], num_devices: int | None = None) -> tuple[int, int, int]:
-    """Resolve {data, fsdp, tensor} sizes (one may be -1 = the rest) against the device count."""
+def mesh_shape(spec: Mapping[str, int], num_devices: int | None = None) -> tuple[int, int, int, int]:
+    """Resolve {data, fsdp, context, tensor} sizes (one may be -1 = the rest) against the device count."""
     num_devices = jax.device_count() if num_devices is None else num_devices
     sizes = [int(spec.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
@@ -71,7 +73,7 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int | None = None) -> tuple
 
 
 def make_mesh(spec: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor); Auto axis types (logical-rule sharding style)."""
+    """A mesh with axes (data, fsdp, context, tensor); Auto axis types (logical-rule sharding style)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(spec or {"data": -1}, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

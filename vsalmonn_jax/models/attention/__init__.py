@@ -3,20 +3,30 @@
 Backends: xla (blockwise flash kernel, any device), splash (TPU Pallas), cudnn (GPU fused); `auto`
 picks splash on TPU, cudnn on GPU, xla on CPU, and xla wherever the mask needs more than the
 platform's backend expresses (packed DPO rows). What each backend can express is in SUPPORTED.
+A MaskSpec with context > 1 (tokens in balanced layout over the mesh's `context` axis) runs
+context.py: the xla kernel per shard with all-gathered K/V, whatever the backend.
 """
 
 from __future__ import annotations
 
 import jax
 
+from vsalmonn_jax.models.attention.context import context_attention, context_size, padded_length
 from vsalmonn_jax.models.attention.cudnn import cudnn_attention
-from vsalmonn_jax.models.attention.mask import KINDS, MaskSpec, causal_padding
+from vsalmonn_jax.models.attention.mask import (
+    KINDS,
+    MaskSpec,
+    balanced_layout,
+    causal_padding,
+    natural_layout,
+)
 from vsalmonn_jax.models.attention.reference import reference_attention
 from vsalmonn_jax.models.attention.splash import splash_attention
 from vsalmonn_jax.models.attention.xla import xla_attention
 
-__all__ = ["IMPLS", "KINDS", "SUPPORTED", "MaskSpec", "attention", "causal_padding", "check_impl_name",
-           "check_supported", "reference_attention", "resolve_impl", "xla_attention"]
+__all__ = ["IMPLS", "KINDS", "SUPPORTED", "MaskSpec", "attention", "balanced_layout", "causal_padding",
+           "check_impl_name", "check_supported", "context_size", "natural_layout", "padded_length",
+           "reference_attention", "resolve_impl", "xla_attention"]
 
 IMPLS = ("auto", "xla", "splash", "cudnn")
 SUPPORTED = {  # mask kinds (beyond causal / bidirectional) each backend expresses without O(T^2)
@@ -71,6 +81,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_spec: MaskSpec, imp
     splash's Pallas kernel in interpret mode (CPU tests only). `scale` defaults to D**-0.5.
     """
     backend = check_supported(impl, mask_spec.kinds())
+    if mask_spec.context > 1:
+        return context_attention(q, k, v, mask_spec, block, scale)
     if backend == "splash":
         return splash_attention(q, k, v, mask_spec, block, scale, interpret)
     if backend == "cudnn":

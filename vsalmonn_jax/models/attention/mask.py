@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("padding", "segments", "prefix")  # what a MaskSpec may ask of a backend beyond causal
 
@@ -28,9 +29,12 @@ class MaskSpec:
                    continuation (e.g. [prompt+media | chosen | rejected | GT] = 0 | 1 | 2 | 3).
     segment_ids and branch_ids describe self-attention (T == S). A query row with no visible key
     gives a zero output (and zero gradients).
+    context  the tokens (and every array here) are in context.py's load-balanced order over this
+             many `context` shards (1 = natural order); "causal" still means the natural order.
     """
 
     causal: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    context: int = dataclasses.field(default=1, metadata=dict(static=True))
     key_mask: jax.Array | None = None
     segment_ids: jax.Array | None = None
     branch_ids: jax.Array | None = None
@@ -44,7 +48,8 @@ class MaskSpec:
         """[B or 1, T, S] bool: the same rule as a dense array (reference and tests only: O(T*S))."""
         allowed = jnp.ones((1, q_len, kv_len), bool)
         if self.causal:
-            allowed = allowed & (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])[None]
+            rows, cols = natural_order(q_len, self.context), natural_order(kv_len, self.context)
+            allowed = allowed & (cols[None, :] <= rows[:, None])[None]
         if self.key_mask is not None:
             allowed = allowed & self.key_mask.astype(bool)[:, None, :]
         if self.segment_ids is not None:
@@ -53,6 +58,39 @@ class MaskSpec:
             key_branch = self.branch_ids[:, None, :]
             allowed = allowed & ((key_branch == 0) | (key_branch == self.branch_ids[:, :, None]))
         return allowed
+
+
+def balanced_layout(x, parts: int, axis: int = 1):
+    """Natural -> load-balanced order along `axis` (its length a multiple of 2 * parts): the axis is cut
+    into 2 * parts chunks and shard i of `parts` gets chunks i and 2 * parts - 1 - i, so every shard
+    holds as much causal attention work as any other (MaxText's context-parallel reordering)."""
+    if parts == 1:
+        return x
+    xp = jnp if isinstance(x, jax.Array) else np
+    n = x.shape[axis]
+    chunks = x.reshape(x.shape[:axis] + (2 * parts, n // (2 * parts)) + x.shape[axis + 1:])
+    lead = (slice(None),) * axis
+    first = chunks[lead + (slice(0, parts),)]                            # chunks 0 .. parts-1
+    second = xp.flip(chunks[lead + (slice(parts, None),)], axis=axis)    # chunks 2p-1 .. parts
+    return xp.stack([first, second], axis=axis + 1).reshape(x.shape)   # [.., parts, 2, chunk, ..]
+
+
+def natural_layout(x, parts: int, axis: int = 1):
+    """The inverse of balanced_layout."""
+    if parts == 1:
+        return x
+    xp = jnp if isinstance(x, jax.Array) else np
+    n = x.shape[axis]
+    pairs = x.reshape(x.shape[:axis] + (parts, 2, n // (2 * parts)) + x.shape[axis + 1:])
+    lead = (slice(None),) * (axis + 1)
+    first = pairs[lead + (0,)]                                           # chunks 0 .. parts-1
+    second = xp.flip(pairs[lead + (1,)], axis=axis)                      # chunks parts .. 2p-1
+    return xp.concatenate([first, second], axis=axis).reshape(x.shape)
+
+
+def natural_order(length: int, parts: int) -> np.ndarray:
+    """[length] int32: the natural-order index of each token of the balanced layout."""
+    return balanced_layout(np.arange(length, dtype=np.int32)[None], parts)[0]
 
 
 def causal_padding(key_mask: jax.Array | None) -> MaskSpec:

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 
 from vsalmonn_jax.models.attention.mask import MaskSpec
 
-# Per-token mask inputs after padding T to a multiple of the block: (key_valid [B,Tp] bool,
-# segment_ids [B,Tp] int | None, branch_ids [B,Tp] int | None).
+# Per-token mask inputs after padding to a multiple of the block: (key_valid [B,Sp] bool,
+# query side (segment_ids [B,Tp] | None, branch_ids [B,Tp] | None, index [Tp] | None),
+# key side (segment_ids [B,Sp] | None, branch_ids [B,Sp] | None, index [Sp] | None)).
+# index = each token's place in the natural (causal) order; None = its packed position (self-attention).
 Tokens = tuple
 
 
@@ -28,21 +30,38 @@ def _add_slice(x: jax.Array, update: jax.Array, index, block: int, axis: int) ->
     return jax.lax.dynamic_update_slice_in_dim(x, _slice(x, index, block, axis) + update, index * block, axis)
 
 
+def _order(index, i, block: int) -> jax.Array:
+    """Natural-order indices of block i: [block]."""
+    return i * block + jnp.arange(block) if index is None else _slice(index, i, block, 0)
+
+
 def _block_mask(tokens: Tokens, causal: bool, i, j, block: int) -> jax.Array:
     """Visibility of key block j from query block i: [B,1,1,bq,bk] bool."""
-    key_valid, segment_ids, branch_ids = tokens
+    key_valid, (q_segment, q_branch, q_index), (k_segment, k_branch, k_index) = tokens
     allowed = _slice(key_valid, j, block, 1)[:, None, :]  # [B,1,bk]
     if causal:
-        rows = i * block + jnp.arange(block)
-        cols = j * block + jnp.arange(block)
-        allowed = allowed & (cols[None, :] <= rows[:, None])[None]
-    if segment_ids is not None:
-        allowed = allowed & (_slice(segment_ids, i, block, 1)[:, :, None]
-                             == _slice(segment_ids, j, block, 1)[:, None, :])
-    if branch_ids is not None:
-        key_branch = _slice(branch_ids, j, block, 1)[:, None, :]
-        allowed = allowed & ((key_branch == 0) | (key_branch == _slice(branch_ids, i, block, 1)[:, :, None]))
+        allowed = allowed & (_order(k_index, j, block)[None, :] <= _order(q_index, i, block)[:, None])[None]
+    if q_segment is not None:
+        allowed = allowed & (_slice(q_segment, i, block, 1)[:, :, None] == _slice(k_segment, j, block, 1)[:, None, :])
+    if q_branch is not None:
+        key_branch = _slice(k_branch, j, block, 1)[:, None, :]
+        allowed = allowed & ((key_branch == 0) | (key_branch == _slice(q_branch, i, block, 1)[:, :, None]))
     return allowed[:, None, None]  # [B,1,1,bq,bk]
+
+
+def _triangular(tokens: Tokens, causal: bool) -> bool:
+    """Causal in packed order (no index arrays): key block j > query block i is never visible."""
+    return causal and tokens[1][2] is None
+
+
+def _inner_loop(lower, upper, body, init):
+    """fori_loop as a while loop whatever its bounds: a static-bound fori_loop becomes a scan, and a
+    scan nested in the layer scan / remat stacks each block pair's scores and mask (O(T^2) memory)."""
+    def step(state):
+        index, carry = state
+        return index + 1, body(index, carry)
+
+    return jax.lax.while_loop(lambda state: state[0] < upper, step, (jnp.asarray(lower, jnp.int32), init))[1]
 
 
 def _scores(q_block, k_block, scale):
@@ -51,8 +70,8 @@ def _scores(q_block, k_block, scale):
 
 
 def _forward(q, k, v, tokens, causal, block, scale):
-    """q [B,K,G,Tp,D], k/v [B,K,Tp,D] -> out [B,K,G,Tp,D] (q dtype), lse [B,K,G,Tp] fp32."""
-    num_blocks = q.shape[3] // block
+    """q [B,K,G,Tp,D], k/v [B,K,Sp,D] -> out [B,K,G,Tp,D] (q dtype), lse [B,K,G,Tp] fp32."""
+    num_blocks, num_key_blocks = q.shape[3] // block, k.shape[2] // block
     row_shape = q.shape[:3] + (block,)  # [B,K,G,bq]
 
     def query_block(i, carry):
@@ -78,7 +97,8 @@ def _forward(q, k, v, tokens, causal, block, scale):
 
         init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
                 jnp.zeros(row_shape + (q.shape[-1],), jnp.float32))
-        top, total, acc = jax.lax.fori_loop(0, i + 1 if causal else num_blocks, key_block, init)
+        top, total, acc = _inner_loop(0, i + 1 if _triangular(tokens, causal) else num_key_blocks,
+                                      key_block, init)
         empty = total == 0  # no visible key: zero output, lse 0 (the backward masks p anyway)
         o_i = acc / jnp.where(empty, 1.0, total)[..., None]
         lse_i = jnp.where(empty, 0.0, top + jnp.log(jnp.where(empty, 1.0, total)))
@@ -92,7 +112,7 @@ def _forward(q, k, v, tokens, causal, block, scale):
 
 def _backward(q, k, v, tokens, out, lse, d_out, causal, block, scale):
     """Recompute each visible block's probabilities from lse; dq, dk, dv in fp32 accumulators."""
-    num_blocks = q.shape[3] // block
+    num_blocks, num_key_blocks = q.shape[3] // block, k.shape[2] // block
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B,K,G,Tp]
     kv_block_shape = k.shape[:2] + (block, k.shape[-1])  # [B,K,bk,D]
 
@@ -119,13 +139,14 @@ def _backward(q, k, v, tokens, out, lse, d_out, causal, block, scale):
             return jax.lax.cond(jnp.any(mask), visit, lambda s: s, state)
 
         zeros = jnp.zeros(kv_block_shape, jnp.float32)
-        dq, dk_j, dv_j = jax.lax.fori_loop(j if causal else 0, num_blocks, query_block, (dq, zeros, zeros))
+        dq, dk_j, dv_j = _inner_loop(j if _triangular(tokens, causal) else 0, num_blocks, query_block,
+                                     (dq, zeros, zeros))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * block, axis=2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * block, axis=2)
         return dq, dk, dv
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dq, dk, dv = jax.lax.fori_loop(0, num_blocks, key_block, init)
+    dq, dk, dv = jax.lax.fori_loop(0, num_key_blocks, key_block, init)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -156,6 +177,35 @@ def _pad_axis(x: jax.Array, pad: int, axis: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, query_side: tuple,
+                    key_side: tuple, causal: bool, block: int = 512, scale: float | None = None) -> jax.Array:
+    """q [B,T,N,D], k/v [B,S,K,D] (N % K == 0), key_valid [B,S] bool -> [B,T,N,D].
+
+    query_side / key_side = (segment_ids [B,T|S] | None, branch_ids | None, index [T|S] | None): the
+    MaskSpec rule with each side's own ids; `index` gives each token's natural-order place for the
+    causal test (context.py's load-balanced shards), None = packed order (then T == S). Both lengths
+    are padded internally to a multiple of the block (padded keys masked, padded rows dropped).
+    """
+    batch, length, heads, dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    if query_side[2] is None and causal and kv_len != length:
+        raise ValueError(f"causal attention in packed order needs as many keys ({kv_len}) as queries "
+                         f"({length}); give index arrays otherwise")
+    scale = dim**-0.5 if scale is None else scale
+    block = min(block, -(-max(length, kv_len) // 8) * 8)
+    pad_q, pad_k = -length % block, -kv_len % block
+    pad_side = lambda side, pad: tuple(None if x is None else _pad_axis(x, pad, x.ndim - 1) for x in side)
+    tokens = (_pad_axis(key_valid.astype(bool), pad_k, 1, False), pad_side(query_side, pad_q),
+              pad_side(key_side, pad_k))
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,D]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,D]
+    out = _flash(_pad_axis(qg, pad_q, 3), _pad_axis(kt, pad_k, 2), _pad_axis(vt, pad_k, 2), tokens,
+                 causal, block, scale)[:, :, :, :length]  # [B,K,G,T,D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, block: int = 512,
                   scale: float | None = None) -> jax.Array:
     """q [B,T,N,D], k/v [B,T,K,D] (self-attention, N % K == 0) -> [B,T,N,D].
@@ -163,21 +213,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, bloc
     T is padded internally to a multiple of the block (padded keys are masked, padded rows dropped);
     sequences shorter than `block` use one block of their own length (rounded up to 8).
     """
-    batch, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    batch, length = q.shape[:2]
     if k.shape[1] != length:
         raise ValueError(f"xla attention is self-attention: q has {length} tokens, k/v {k.shape[1]}")
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
-    scale = dim**-0.5 if scale is None else scale
-    block = min(block, -(-length // 8) * 8)
-    pad = -length % block
-    key_valid = jnp.ones((batch, length), bool) if spec.key_mask is None else spec.key_mask.astype(bool)
-    tokens = (_pad_axis(key_valid, pad, 1, False),
-              None if spec.segment_ids is None else _pad_axis(spec.segment_ids, pad, 1),
-              None if spec.branch_ids is None else _pad_axis(spec.branch_ids, pad, 1))
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, dim).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,D]
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,D]
-    out = _flash(_pad_axis(qg, pad, 3), _pad_axis(kt, pad, 2), _pad_axis(vt, pad, 2), tokens,
-                 spec.causal, block, scale)[:, :, :, :length]  # [B,K,G,T,D]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+    key_valid = jnp.ones((batch, length), bool) if spec.key_mask is None else spec.key_mask
+    side = (spec.segment_ids, spec.branch_ids, None)
+    return flash_attention(q, k, v, key_valid, side, side, spec.causal, block, scale)
