@@ -43,8 +43,8 @@ def test_write_fills_the_table_from_json(tmp_path, monkeypatch):
 
 
 def _plan(mesh, budget, frames, **peaks):
-    return {"mesh": mesh, "budget_gb": budget, "global_batch": 1, "chip": "v5e",
-            "tokens": {"frames": frames, "total": 20772}, "state_gb": {"params": 1.0},
+    return {"mesh": mesh, "budget_gb": budget, "global_batch": mesh["data"] * mesh["fsdp"],
+            "chip": "v5e", "tokens": {"frames": frames, "total": 20772}, "state_gb": {"params": 1.0},
             "steps": [{"name": n, "peak": p * 1e9, "flops": 1e14, "mfu": m} for n, (p, m) in
                       peaks.items()]}
 
@@ -52,17 +52,23 @@ def _plan(mesh, budget, frames, **peaks):
 def test_recommend_picks_the_fitting_mesh_with_headroom_and_scales_data(tmp_path, monkeypatch):
     tables = _module()
     monkeypatch.setattr(tables, "PLANS", tmp_path)
-    small = {"data": 1, "fsdp": 4, "context": 4, "tensor": 1}     # 16 devices
-    big = {"data": 1, "fsdp": 4, "context": 4, "tensor": 4}       # 64 devices
+    small = {"data": 1, "fsdp": 4, "context": 4, "tensor": 1}     # 16 devices, 4 videos/step
+    big = {"data": 1, "fsdp": 4, "context": 4, "tensor": 4}       # 64 devices, 4 videos/step
     plans = {"v5e16_110f": _plan(small, 16.0, 110, sft=(9.0, 0.7), dpo=(14.5, 0.8)),
              "v5e64_110f": _plan(big, 16.0, 110, sft=(8.0, 0.6), dpo=(13.0, 0.5))}
     cluster = tables.Cluster("v5e-256", 256, ("v5e64_110f", "v5e16_110f"))
-    # SFT: both fit 16 GB with 10 % headroom; the higher MFU wins, data scaled 256 / 16 = 16
+    # SFT: both fit 16 GB with 10 % headroom; 4 x 4 = 16 videos per step beat 4 x 16 = 64,
+    # a higher MFU notwithstanding
     assert tables.recommend(cluster, "sft", plans) == (
-        "data=16 fsdp=4 context=4: **9.0 GB** of 16, MFU 70% (row v5e16_110f, data x16)")
-    # DPO: 14.5 GB leaves less than 10 % of 16 GB free, so the 64-device mesh is taken
-    assert tables.recommend(cluster, "dpo", plans) == (
-        "data=4 fsdp=4 context=4 tensor=4: **13.0 GB** of 16, MFU 50% (row v5e64_110f, data x4)")
+        "data=4 fsdp=4 context=4 tensor=4, 16 videos/step: **8.0 GB** of 16, MFU 60% "
+        "(row v5e64_110f, data x4)")
+    # as many videos per step: the higher MFU wins
+    twin = tables.Cluster("v5e-16", 16, ("a", "b"))
+    twins = {"a": _plan(small, 16.0, 110, sft=(8.0, 0.6)), "b": _plan(small, 16.0, 110, sft=(9.0, 0.7))}
+    assert tables.recommend(twin, "sft", twins) == (
+        "data=1 fsdp=4 context=4, 4 videos/step: **9.0 GB** of 16, MFU 70% (row b)")
+    # DPO: 14.5 GB leaves less than 10 % of 16 GB free
+    assert tables.recommend(cluster, "dpo", plans).startswith("data=4 fsdp=4 context=4 tensor=4, ")
     plans["v5e64_110f"] = _plan(big, 16.0, 110, dpo=(15.0, 0.9))
     assert tables.recommend(cluster, "dpo", plans) == (
         "none planned fits with 10% headroom (best: data=16 fsdp=4 context=4, 14.5 GB of 16; "
@@ -72,6 +78,7 @@ def test_recommend_picks_the_fitting_mesh_with_headroom_and_scales_data(tmp_path
         small, 16.0, 60, sft=(1.0, 0.9))}).startswith("not planned: `python launch/plan_tables.py run --only a`")
     assert tables.recommend(tables.Cluster("x", 24, ("a",)), "sft", {"a": _plan(
         big, 16.0, 110, sft=(1.0, 0.9))}).startswith("not planned")
+    assert tables.recommend(tables.Cluster("x", 16, ("a",)), "sft", {}).startswith("not planned")
 
 
 def test_write_fills_the_recommendations_in_both_documents(tmp_path, monkeypatch):
@@ -90,7 +97,8 @@ def test_write_fills_the_recommendations_in_both_documents(tmp_path, monkeypatch
         text = path.read_text()
         assert "\nold\n" not in text and text.endswith("\nc\n")
         rows = {line.split(" | ")[0]: line for line in text.splitlines() if "H100" in line}
-        assert ("data=8 fsdp=2 tensor=4: **30.0 GB** of 80, MFU 80% (row h100x8_110f, data x8)"
+        assert ("data=8 fsdp=2 tensor=4, 16 videos/step: **30.0 GB** of 80, MFU 80% "
+                "(row h100x8_110f, data x8)"
                 in rows["| 64 x H100 (8 nodes)"])
         assert "none planned fits with 10% headroom" in rows["| 8 x H100 (one node)"]
     docs["RECIPE"].write_text("no markers\n")
