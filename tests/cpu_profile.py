@@ -52,7 +52,8 @@ class Profile:
             f.write(json.dumps(row) + "\n")
 
     def pytest_terminal_summary(self, terminalreporter):
-        if os.environ.get("PYTEST_XDIST_WORKER") or not os.path.exists(self.path):
+        # an xdist worker has `workerinput` (the env var also reaches a pytest the tests start)
+        if hasattr(terminalreporter.config, "workerinput") or not os.path.exists(self.path):
             return
         terminalreporter.section(f"CPU time per test ({self.path})")
         for line in top(read(self.path)):
