@@ -32,20 +32,27 @@ def pytest_configure(config):
     import cpu_profile
 
     cpu_profile.register(config)   # VSALMONN_TEST_PROFILE=path: CPU seconds per test
+    if config.pluginmanager.hasplugin("xdist"):
+        import xdist_crash_safe
+
+        config.pluginmanager.register(xdist_crash_safe)   # a dead worker must not hang the run
 
 
 # pytest-timeout's limit (pyproject `timeout`) is for a quiet machine: stretch it by the slowdown
-# measured at collection (tests/machine.py), as the subprocess timeouts are.
+# measured at collection (tests/machine.py), as the subprocess timeouts are, up to a cap that keeps a
+# hung test from eating CI's whole budget. The `thread` method (pyproject) also stops a test stuck in
+# native code: it ends the worker, which xdist reports and replaces (tests/xdist_crash_safe.py).
+MAX_TEST_TIMEOUT_S = 2400
 def pytest_collection_modifyitems(config, items):
     from machine import session_slowdown
 
     base = float(config.getini("timeout") or 0)
     if not base:
         return
-    factor = session_slowdown()
+    limit = int(min(base * session_slowdown(), MAX_TEST_TIMEOUT_S))
     for item in items:
         if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(int(base * factor)))
+            item.add_marker(pytest.mark.timeout(limit))
 
 
 @pytest.fixture

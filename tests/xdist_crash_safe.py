@@ -1,0 +1,46 @@
+"""`--dist loadgroup` that survives a crashed worker: pytest-xdist 3.8.0's scheduler deadlocks the run
+after it replaces a worker that died (the CI run of 091bf0d hung at 99 % until its 90-min limit).
+
+Three faults of `LoadScopeScheduling` (xdist issues #1323, #1327, #1371, #1378), fixed here:
+- the dead worker's finished work units were queued again; sent as empty work, they never complete,
+  so nothing reschedules and every worker waits for ever;
+- the test the worker died on was queued again, so a test that kills its process kills the next one;
+- a worker given a single test waits for a second one (it needs the next item before it runs one) that
+  is only sent when a test completes.
+"""
+
+from __future__ import annotations
+
+from xdist.scheduler import LoadGroupScheduling
+
+
+class CrashSafeLoadGroupScheduling(LoadGroupScheduling):
+    def remove_node(self, node):
+        workload = self.assigned_work.pop(node)
+        unfinished = {scope: unit for scope, unit in workload.items() if not all(unit.values())}
+        if not unfinished:
+            return None
+        crashitem = next(nodeid for unit in unfinished.values()
+                         for nodeid, done in unit.items() if not done)
+        for unit in unfinished.values():   # reported as crashed by xdist; not run again
+            unit.pop(crashitem, None)
+        self.workqueue.update({scope: unit for scope, unit in unfinished.items() if unit})
+        for other in self.assigned_work:
+            self._reschedule(other)
+        return crashitem
+
+    def _reschedule(self, node) -> None:
+        if node.shutting_down:
+            return
+        # Top the worker up to 3 pending tests, as xdist does, but in a loop: a worker runs a test only
+        # once the next one has arrived. It is told to finish as soon as nothing is left to hand out.
+        while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
+            self._assign_work_unit(node)
+        if not self.workqueue:
+            node.shutdown()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadgroup":
+        return CrashSafeLoadGroupScheduling(config, log)
+    return None
