@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 
 import jax
@@ -120,7 +119,7 @@ def test_sigterm_mid_round_resumes_to_the_uninterrupted_result(demo_ctx, tmp_pat
 
     def on_step(r, step, metrics):
         if (r, step) == (1, 2):
-            os.kill(os.getpid(), signal.SIGTERM)   # the loop saves at the end of this step
+            signal.raise_signal(signal.SIGTERM)   # to this (main) thread; the loop saves after the step
 
     with pytest.raises(Preempted, match=r"\[mrdpo_2\] preempted .* step 2"):
         mrdpo_arm(stopped, pre, "mrdpo", on_step=on_step)

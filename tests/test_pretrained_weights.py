@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import compile_only
 import jax
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def _flags(dirs, llava="llava"):
 
 
 def _cli(*args, devices=1, quiet_s=1200):   # quiet_s: the timeout on a quiet machine
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=scaled(quiet_s), cwd=REPO)

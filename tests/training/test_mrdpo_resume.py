@@ -118,7 +118,6 @@ def test_round_zero_state_is_the_pre_dpo_model(uninterrupted, tok, env_mesh):
 
 
 def test_sigterm_mid_round_saves_and_resumes(tmp_path, tok, env_mesh, uninterrupted):
-    import os
     import signal
 
     _, want, want_summary = uninterrupted
@@ -127,7 +126,7 @@ def test_sigterm_mid_round_saves_and_resumes(tmp_path, tok, env_mesh, uninterrup
 
     def on_step(r, step, metrics):
         if (r, step) == (0, 1):
-            os.kill(os.getpid(), signal.SIGTERM)   # the loop saves at the end of this step
+            signal.raise_signal(signal.SIGTERM)   # to this (main) thread; the loop saves after the step
 
     state, summary = run_mrdpo(cfg, env, tmp_path, state=fresh_state(env, cfg, mesh,
                                                                       trained_lora=True),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import compile_only
 import pytest
 from machine import scaled
 
@@ -19,7 +20,7 @@ COMMON = ["--config", "tiny_sft", "--config.data.train=synthetic:64", "--config.
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
 def _train(cwd, *args, timeout=600):   # seconds on the quiet reference machine
