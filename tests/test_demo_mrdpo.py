@@ -1,29 +1,25 @@
 """The demo's mrDPO arms through training/mrdpo.py: the cached-features PolicyEnv (state layout,
-batch-independent sampling, pair / control batches) and a SIGTERM mid-round that resumes to the
-same trainables and stage records as an uninterrupted run."""
+batch-independent sampling, pair / control batches) and a SIGTERM mid-round that resumes, in a new
+process as a preempted job does, to the same trainables and stage records as an uninterrupted run."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import signal
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
+import compile_only
 import jax
 import numpy as np
 import pytest
+from demo_mrdpo_child import STOP_AT, pre_dpo, tiny_config
+from machine import scaled
 
 TIMINGS = ("train_s", "eval_s", "load_avg")
-TINY = ["--config.demo.n_train=8", "--config.demo.n_val=4", "--config.demo.n_test=8", "--config.demo.n_fresh=8",
-        "--config.demo.eval_batch=8", "--config.demo.batch_size=8", "--config.demo.dpo_steps=3",
-        "--config.demo.render_workers=1", "--config.mrdpo.rounds=2",
-        # 8 barely trained clips: with 4 samples each, round 2's samples all tied (no pair)
-        "--config.mrdpo.samples_per_video=8"]
-
-
-def _config():
-    from vsalmonn_jax.commands.demo import demo_config
-
-    return demo_config(True, None, TINY)
+CHILD = pathlib.Path(__file__).with_name("demo_mrdpo_child.py")
 
 
 def test_cached_task_state_has_the_demo_model_layout():
@@ -32,7 +28,7 @@ def test_cached_task_state_has_the_demo_model_layout():
     from vsalmonn_jax.demo import model as model_lib
     from vsalmonn_jax.models.av_llm import init_variables
 
-    av_cfg, lcfg = model_lib.configs(_config(), placeholder_id=3)
+    av_cfg, lcfg = model_lib.configs(tiny_config(), placeholder_id=3)
     task = model_lib.CachedAVTask(av_cfg, lcfg)
     state = nn.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
     demo = nn.unbox(jax.eval_shape(lambda r: init_variables(r, av_cfg, lcfg), jax.random.PRNGKey(0)))
@@ -45,15 +41,10 @@ def test_cached_task_state_has_the_demo_model_layout():
 @pytest.fixture(scope="module")
 def demo_ctx(tmp_path_factory):
     from vsalmonn_jax.demo.pipeline import setup
-    from vsalmonn_jax.lora import init_lora
 
     root = tmp_path_factory.mktemp("demo")
-    ctx, base = setup(_config(), root / "a", root / "data", lambda message: None)
-    lora = init_lora(jax.random.PRNGKey(1), base["params"]["llm"], ctx.task.model.lora)
-    noise = np.random.default_rng(0)   # an SFT-like LoRA (B != 0): merged before round 1
-    lora = jax.tree.map(lambda x: np.asarray(x) + 0.02 * noise.standard_normal(x.shape).astype(
-        np.float32), jax.device_get(lora))
-    return ctx, dict(base, lora={"llm": lora})
+    ctx, base = setup(tiny_config(), root / "a", root / "data", lambda message: None)
+    return ctx, pre_dpo(ctx, base)
 
 
 @pytest.mark.slow
@@ -103,38 +94,42 @@ def _stage_files(run_dir, names):
     return out
 
 
+def _arm(mode: str, data_dir: pathlib.Path, run_dir: pathlib.Path) -> tuple[dict, dict]:
+    """demo_mrdpo_child.py MODE in a new process on one CPU device (as users run the demo): its
+    JSON result and, for a finished arm, its final model's arrays. A crash shows the child's stderr."""
+    out = run_dir.parent / f"{run_dir.name}-{mode}"
+    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1))
+    done = subprocess.run([sys.executable, "-X", "faulthandler", str(CHILD), mode, str(data_dir),
+                           str(run_dir), str(out)], cwd=CHILD.parent.parent, env=env,
+                          capture_output=True, text=True, timeout=scaled(900))
+    assert done.returncode == 0, f"{mode}: exit code {done.returncode}\n{done.stderr[-8000:]}"
+    result = json.loads(pathlib.Path(f"{out}.json").read_text())
+    model = dict(np.load(f"{out}.npz")) if "stats" in result else {}
+    return result, model
+
+
 @pytest.mark.slow
-def test_sigterm_mid_round_resumes_to_the_uninterrupted_result(demo_ctx, tmp_path):
-    from vsalmonn_jax.demo.pipeline import Preempted, arm_model, mrdpo_arm
-
-    ctx, pre = demo_ctx
+def test_sigterm_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
     names = ["mrdpo_1", "mrdpo_2"]
-    records = mrdpo_arm(ctx, pre, "mrdpo")
-    assert list(records) == names and records["mrdpo_1"]["stats"]["pairs"] > 0
-    want = arm_model(ctx, pre, "mrdpo", 2)
+    data, whole, stopped = tmp_path / "data", tmp_path / "whole", tmp_path / "stopped"
+    records, want = _arm("full", data, whole)
+    assert list(records["stats"]) == names and records["stats"]["mrdpo_1"]["pairs"] > 0
 
-    stopped = dataclasses.replace(ctx, run_dir=tmp_path)
-    logs = []
-    stopped.log = logs.append
+    first, _ = _arm("stop", data, stopped)
+    assert re.search(rf"\[mrdpo_2\] preempted .* step {STOP_AT[1]}", first.get("preempted", ""))
+    assert (stopped / "stages" / "mrdpo_1" / "done").exists()
+    assert not (stopped / "stages" / "mrdpo_2").exists()
+    assert (stopped / "rounds" / "mrdpo" / "round_1" / "checkpoints" / str(STOP_AT[1])).is_dir()
 
-    def on_step(r, step, metrics):
-        if (r, step) == (1, 2):
-            signal.raise_signal(signal.SIGTERM)   # to this (main) thread; the loop saves after the step
-
-    with pytest.raises(Preempted, match=r"\[mrdpo_2\] preempted .* step 2"):
-        mrdpo_arm(stopped, pre, "mrdpo", on_step=on_step)
-    assert (tmp_path / "stages" / "mrdpo_1" / "done").exists()
-    assert not (tmp_path / "stages" / "mrdpo_2").exists()
-    assert (tmp_path / "rounds" / "mrdpo" / "round_1" / "checkpoints" / "2").is_dir()
-
-    logs.clear()
-    resumed = mrdpo_arm(stopped, pre, "mrdpo")
+    resumed, got = _arm("resume", data, stopped)
+    logs = resumed["logs"]
     assert "[mrdpo_1] finished earlier: skipped" in " ".join(logs)
     assert [m for m in logs if m.startswith("[mrdpo_2] step")][0].startswith("[mrdpo_2] step 3/3")
-    got = arm_model(stopped, pre, "mrdpo", 2)
-    jax.tree.map(np.testing.assert_array_equal, got, want)
-    assert _stage_files(tmp_path, names) == _stage_files(ctx.run_dir, names)
-    assert {n: r["stats"] for n, r in resumed.items()} == {n: r["stats"] for n, r in records.items()}
+    assert sorted(got) == sorted(want) and len(want) > 10
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert _stage_files(stopped, names) == _stage_files(whole, names)
+    assert resumed["stats"] == records["stats"]
 
 
 @pytest.mark.slow
