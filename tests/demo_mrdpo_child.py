@@ -57,7 +57,7 @@ def main(mode: str, data_dir: str, run_dir: str, out: str) -> int:
     logs: list[str] = []
     ctx, base = setup(tiny_config(), pathlib.Path(run_dir), pathlib.Path(data_dir), logs.append)
     pre = pre_dpo(ctx, base)
-    result: dict = {"mode": mode}
+    result: dict = {}
 
     def on_step(r, step, metrics):
         if mode == "stop" and (r, step) == STOP_AT:
