@@ -7,6 +7,9 @@ Three faults of `LoadScopeScheduling` (xdist issues #1323, #1327, #1371, #1378),
 - the test the worker died on was queued again, so a test that kills its process kills the next one;
 - a worker given a single test waits for a second one (it needs the next item before it runs one) that
   is only sent when a test completes.
+And one race of its own: a dying worker's last report can arrive before xdist notices the death; work
+sent to it then fails with OSError (INTERNALERROR). Such a worker gets nothing more; the units already
+given to it go back to the queue when xdist removes it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from xdist.scheduler import LoadGroupScheduling
 
 
 class CrashSafeLoadGroupScheduling(LoadGroupScheduling):
+    def __init__(self, config, log=None):
+        super().__init__(config, log)
+        self.unreachable: set = set()   # workers a send failed to (dead; not yet removed by xdist)
+
     def remove_node(self, node):
+        self.unreachable.discard(node)
         workload = self.assigned_work.pop(node)
         unfinished = {scope: unit for scope, unit in workload.items() if not all(unit.values())}
         if not unfinished:
@@ -30,14 +38,17 @@ class CrashSafeLoadGroupScheduling(LoadGroupScheduling):
         return crashitem
 
     def _reschedule(self, node) -> None:
-        if node.shutting_down:
+        if node.shutting_down or node in self.unreachable:
             return
         # Top the worker up to 3 pending tests, as xdist does, but in a loop: a worker runs a test only
         # once the next one has arrived. It is told to finish as soon as nothing is left to hand out.
-        while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
-            self._assign_work_unit(node)
-        if not self.workqueue:
-            node.shutdown()
+        try:
+            while self.workqueue and self._pending_of(self.assigned_work[node]) <= 2:
+                self._assign_work_unit(node)   # the unit is recorded as the worker's before the send
+            if not self.workqueue:
+                node.shutdown()
+        except OSError:   # its channel is closed: the worker died; remove_node requeues its units
+            self.unreachable.add(node)
 
 
 def pytest_xdist_make_scheduler(config, log):
