@@ -102,8 +102,8 @@ def test_calibrate_against_exact_labels_then_use_thresholds(tmp_path, judge, cap
     import json
 
     from vsalmonn_jax import cli
+    from vsalmonn_jax.atomic_file import write_jsonl
     from vsalmonn_jax.eval.inject import ErrorRates, inject_errors, long_scene_events
-    from vsalmonn_jax.eval.records import write_jsonl
 
     rng = np.random.default_rng(1)
     events = [long_scene_events(9, i, 12) for i in range(10)]

@@ -9,11 +9,12 @@ import pytest
 from machine import scaled
 
 from vsalmonn_jax import cli
+from vsalmonn_jax.atomic_file import write_jsonl
 from vsalmonn_jax.data import synthetic_scene
 from vsalmonn_jax.data.event_grammar import render_caption
 from vsalmonn_jax.eval.exact import ExactJudge
 from vsalmonn_jax.eval.inject import inject_errors
-from vsalmonn_jax.eval.records import load_captions, load_gt, write_jsonl
+from vsalmonn_jax.eval.records import load_captions, load_gt
 from vsalmonn_jax.eval.run import evaluate
 
 

@@ -162,7 +162,7 @@ def test_parsers_reject_bad_replies():
 
 def test_cli_with_llm_judge_reports_failures_and_reuses_its_cache(judge_env, tmp_path, capsys):
     from vsalmonn_jax import cli
-    from vsalmonn_jax.eval.records import write_jsonl
+    from vsalmonn_jax.atomic_file import write_jsonl
 
     write_jsonl(tmp_path / "gt.jsonl", [{"id": c, "events": EVENTS} for c in ("good", "down")])
     write_jsonl(tmp_path / "cap.jsonl", [{"id": c, "caption": f"CASE {c}. A door opens."}

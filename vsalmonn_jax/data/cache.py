@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
+
+from vsalmonn_jax.atomic_file import atomic_open
 
 
 def file_digest(path: str, block: int = 1 << 20) -> str:
@@ -43,11 +44,5 @@ def load(cache_dir: str, key: str) -> dict[str, np.ndarray] | None:
 def save(cache_dir: str, key: str, arrays: Mapping[str, np.ndarray]) -> None:
     folder = os.path.join(cache_dir, key[:2])
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, os.path.join(folder, f"{key}.npz"))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(os.path.join(folder, f"{key}.npz"), "wb") as f:
+        np.savez(f, **arrays)

@@ -22,6 +22,7 @@ import pathlib
 
 import ml_collections
 
+from vsalmonn_jax.atomic_file import write_json, write_jsonl
 from vsalmonn_jax.data import synthetic_scene as scene_lib
 from vsalmonn_jax.data.encode import write_video
 from vsalmonn_jax.data.event_grammar import render_event
@@ -135,12 +136,6 @@ def render_split(out_dir: str, seed: int, split: str, start: int, count: int,
         list(pool.map(_render_job, jobs, chunksize=16))
 
 
-def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 def write_split(out_dir: str, split: str, start: int, count: int, *, seed: int,
                 cfg: ml_collections.ConfigDict, placeholder: str = "<media>", workers: int = 1,
                 suffix: str = "") -> dict[str, str]:
@@ -157,10 +152,10 @@ def write_split(out_dir: str, split: str, start: int, count: int, *, seed: int,
     name = f"{split}{suffix}"
     paths = {"caption": out / f"{name}.jsonl", "qa": out / f"qa_{name}.jsonl",
              "sft": out / f"sft_{name}.jsonl", "sft_clean": out / f"sft_{name}_clean.jsonl"}
-    _write_jsonl(paths["caption"], [r["caption"] for r in rows])
-    _write_jsonl(paths["qa"], [q for r in rows for q in r["qa"]])
-    _write_jsonl(paths["sft"], [fill(s) for r in rows for s in r["sft"]])
-    _write_jsonl(paths["sft_clean"], [fill(s) for r in rows for s in r["sft_clean"]])
+    write_jsonl(paths["caption"], [r["caption"] for r in rows])
+    write_jsonl(paths["qa"], [q for r in rows for q in r["qa"]])
+    write_jsonl(paths["sft"], [fill(s) for r in rows for s in r["sft"]])
+    write_jsonl(paths["sft_clean"], [fill(s) for r in rows for s in r["sft_clean"]])
     return {kind: str(path) for kind, path in paths.items()}
 
 
@@ -182,6 +177,5 @@ def build_dataset(out_dir: str, n_train: int | None = None, n_val: int | None = 
     build_tokenizer(tokenizer_corpus(cfg, placeholder) if corpus is None else corpus,
                     str(out / "tokenizer"), vocab_size, placeholder)
     info = meta(seed, cfg, counts, placeholder)
-    with open(out / "meta.json", "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(out / "meta.json", info, indent=1)
     return info

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from vsalmonn_jax.atomic_file import write_bytes
 from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.models.av_llm import AVLLM, AVConfig, init_adapter, init_variables
 from vsalmonn_jax.models.qwen2 import Qwen2
@@ -107,9 +108,7 @@ class CachedAVTask:
 
 def save_tree(path: pathlib.Path, tree) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, jax.device_get(tree))))
-    tmp.replace(path)
+    write_bytes(path, serialization.msgpack_serialize(jax.tree.map(np.asarray, jax.device_get(tree))))
 
 
 def load_tree(path: pathlib.Path):

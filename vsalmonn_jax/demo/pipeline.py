@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from vsalmonn_jax.atomic_file import write_json, write_jsonl
 from vsalmonn_jax.data.event_grammar import render_caption
 from vsalmonn_jax.data.event_qa import event_qa_prompt
 from vsalmonn_jax.data.text import load_tokenizer
@@ -283,12 +284,12 @@ def write_record(ctx: Context, name: str, result: dict, stats: dict, timing: dic
     folder.mkdir(parents=True, exist_ok=True)
     val = result.pop("val", None)
     if val is not None:   # written before done: a finished stage always has both
-        (folder / "val.json").write_text(json.dumps({"stage": name, **val}, default=float))
+        write_json(folder / "val.json", {"stage": name, **val}, default=float)
     captions = result.pop("captions")
     record = {"stage": name, "modality": modality, "stats": stats, **timing,
               "load_avg": os.getloadavg()[1], "cpus": os.cpu_count(), **result}
-    (folder / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
-    (folder / "eval.json").write_text(json.dumps(record, default=float))
+    write_jsonl(folder / "captions.jsonl", captions)
+    write_json(folder / "eval.json", record, default=float)
     (folder / "done").write_text("")
     pairs = f"{stats['pairs']} pairs, " if "pairs" in stats else ""
     if val is not None:

@@ -22,13 +22,13 @@ import logging
 import os
 import pathlib
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from vsalmonn_jax.atomic_file import write_json
 from vsalmonn_jax.eval.judge import Judge, JudgeUnavailable, check_pairs, options_from_config
 from vsalmonn_jax.eval.llm_prompt import build_messages, parse_counts, parse_full
 from vsalmonn_jax.eval.metrics import VideoScore
@@ -88,10 +88,7 @@ class ResponseCache:
             return
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
-                                         encoding="utf-8") as handle:
-            json.dump({**meta, "content": content}, handle)
-        os.replace(handle.name, path)
+        write_json(path, {**meta, "content": content})
 
 
 @dataclasses.dataclass

@@ -140,9 +140,3 @@ def is_synthetic_event(event) -> bool:
     return isinstance(event, Mapping) and all(event.get(k) is not None for k in _SYNTHETIC_KEYS)
 
 
-def write_jsonl(path: str | pathlib.Path, rows) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")

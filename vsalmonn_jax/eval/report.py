@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from vsalmonn_jax.eval.records import write_jsonl
+from vsalmonn_jax.atomic_file import write_jsonl
 
 RATE_KEYS = (("miss", "Miss"), ("incorrect", "Incorrect"), ("hallucination", "Hallucination"),
              ("total", "Total"))

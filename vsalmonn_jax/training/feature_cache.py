@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import tempfile
 
 import jax
 import numpy as np
+
+from vsalmonn_jax.atomic_file import atomic_open
 
 FEATURE_PREFIX = "features/"
 
@@ -66,10 +67,8 @@ class FeatureCache:
     def _save(self, key: str, arrays: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
 
     def attach(self, batch: dict) -> dict:
         """The batch with "features/<name>" rows (cached or computed now) instead of raw media."""

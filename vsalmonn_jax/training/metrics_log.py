@@ -9,6 +9,8 @@ import pathlib
 
 import jax
 
+from vsalmonn_jax.atomic_file import write_text
+
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
@@ -56,9 +58,7 @@ def repair_jsonl(path: pathlib.Path, max_step: int) -> tuple[int, int]:
             continue
         keep.append(line)
     if partial or dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in keep))
     return partial, dropped
 
 

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from vsalmonn_jax.atomic_file import write_json, write_jsonl
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.training import pairs as pairs_lib
@@ -49,8 +50,6 @@ from vsalmonn_jax.training.round_store import (  # noqa: F401  (re-exported: reb
     RoundCheckpoints,
     load_round_state,
     read_jsonl,
-    write_json,
-    write_jsonl,
 )
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 
@@ -284,7 +283,7 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
 
             def step_hook(step, metrics, r=r, first_path=first_path):
                 if step == 1 and jax.process_index() == 0:
-                    write_json(first_path, metrics)
+                    write_json(first_path, metrics, indent=1)
                 if on_step is not None:
                     on_step(r, step, metrics)
 
@@ -308,7 +307,7 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                 on_round(r, state, entry)
             ckpts.save(r + 1, state, {"round": r + 1, "history": history})
             if jax.process_index() == 0:
-                write_json(workdir / "mrdpo.json", {"round": r + 1, "history": history})
+                write_json(workdir / "mrdpo.json", {"round": r + 1, "history": history}, indent=1)
     finally:
         ckpts.close()
     summary.update(round=opts.rounds, history=history)
@@ -338,7 +337,7 @@ def _round_records(env, config, state, items, judge, rule, opts, rng, default_pr
         if jax.process_index() == 0:
             write_jsonl(rdir / "samples.jsonl", log)
             write_jsonl(path, records)
-            write_json(stats_path, stats)
+            write_json(stats_path, stats, indent=1)
     if opts.precompute_reference and not opts.control:
         records = round_reference(env, config, state, records, mesh, rdir / REFERENCE_FILE,
                                   batch_size=global_batch(config, mesh, opts.batch_size),

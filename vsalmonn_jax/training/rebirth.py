@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vsalmonn_jax.atomic_file import write_json
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import MEDIA_FIELDS, Sample, judged_text
@@ -82,9 +83,7 @@ def _load_or(path: pathlib.Path, build: Callable[[], Any]):
         return json.loads(path.read_text())
     value = build()
     if jax.process_index() == 0:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(value, default=float))
-        os.replace(tmp, path)
+        write_json(path, value, default=float)
     return value
 
 

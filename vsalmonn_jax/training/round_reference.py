@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from vsalmonn_jax.training.round_store import write_jsonl
+from vsalmonn_jax.atomic_file import write_jsonl
 
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 REFERENCE_FILE = "reference.jsonl"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,24 +16,9 @@ from vsalmonn_jax.training import state as st
 ROUND_FIELDS = ("params", "trainable", "rng")   # what a round-start checkpoint holds
 
 
-def write_jsonl(path: pathlib.Path, rows: Sequence[Mapping]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def read_jsonl(path: pathlib.Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_json(path: pathlib.Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
 
 
 class RoundCheckpoints:

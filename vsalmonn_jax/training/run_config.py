@@ -15,6 +15,8 @@ import os
 import pathlib
 from typing import Any
 
+from vsalmonn_jax.atomic_file import write_json
+
 RECORDS_KEY = "run_records"
 # fields that do not change the trained weights: logging / checkpoint cadence, where the run lives,
 # how the data is fed (workers, caches, quarantine file), the device mesh; a trailing ".*" = section
@@ -60,13 +62,6 @@ def config_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 
-def _write_json(path: pathlib.Path, data: dict) -> None:
-    """Write whole or not at all (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def read_run_config(workdir: str | os.PathLike) -> dict | None:
     """The saved config.json of a run (with its records), or None when the run has none."""
     path = pathlib.Path(workdir) / "config.json"
@@ -88,7 +83,7 @@ def write_run_config(workdir: str | os.PathLike, config, *, allow_change: bool =
     new = as_dict(config)
     saved = read_run_config(workdir)
     if saved is None:
-        _write_json(workdir / "config.json", new)
+        write_json(workdir / "config.json", new, indent=2)
         return {}
     changes = config_changes(saved, new)
     guarded = {k: v for k, v in changes.items() if not is_free(k)}
@@ -102,10 +97,10 @@ def write_run_config(workdir: str | os.PathLike, config, *, allow_change: bool =
         records = saved.setdefault(RECORDS_KEY, {})
         resumes = records.setdefault("config_changes", [])
         index = len(resumes) + 1
-        _write_json(workdir / f"config.resume-{index}.json", new)
+        write_json(workdir / f"config.resume-{index}.json", new, indent=2)
         resumes.append({"resume": index, "config": f"config.resume-{index}.json",
                         "changes": {k: list(v) for k, v in guarded.items()}})
-        _write_json(workdir / "config.json", saved)
+        write_json(workdir / "config.json", saved, indent=2)
     return {k: list(v) for k, v in changes.items()}
 
 
@@ -117,4 +112,4 @@ def add_record(workdir: str | os.PathLike, key: str, value) -> None:
     if saved is None:
         raise FileNotFoundError(f"{path} does not exist: write_run_config first")
     saved.setdefault(RECORDS_KEY, {})[key] = value
-    _write_json(path, saved)
+    write_json(path, saved, indent=2)
