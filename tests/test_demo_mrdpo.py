@@ -135,7 +135,8 @@ def test_sigterm_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
 @pytest.mark.slow
 def test_qa_option_scoring_is_batch_independent_and_reads_the_clip(demo_ctx):
     """QA answers = the option sentence with the highest summed log-probability (teacher forcing);
-    the scores do not depend on batching, and do depend on the clip's media."""
+    the packed scores (one row per question, its options after one shared prompt) equal each option
+    scored in its own row, do not depend on batching, and do depend on the clip's media."""
     from vsalmonn_jax.data.event_qa import event_qa_prompt
     from vsalmonn_jax.demo.caption import Captioner
 
@@ -144,17 +145,21 @@ def test_qa_option_scoring_is_batch_independent_and_reads_the_clip(demo_ctx):
     captioner = Captioner(ctx.task, ctx.tokens, pre)
     questions, predictions = captioner.answers(split, batch=8)
     assert questions and set(predictions) == {q["id"] for q in questions}
-    rows, texts = [], []
+    rows, options = [], []
     for r, item in enumerate(split["items"]):
         for qa in item["qa"]:
-            rows += [r] * 4
-            texts += [ctx.tokens.response_row(o, event_qa_prompt(qa["question"], qa["options"]))
-                      for o in qa["options"]]
+            rows.append(r)
+            options.append([ctx.tokens.response_row(o, event_qa_prompt(qa["question"], qa["options"]))
+                            for o in qa["options"]])
     rows = np.asarray(rows)
-    wide = captioner.response_logps(split["media"], rows, texts, batch=8)
-    narrow = captioner.response_logps(split["media"], rows, texts, batch=3)
-    np.testing.assert_allclose(narrow, wide, rtol=1e-5, atol=1e-4)
-    assert [chr(65 + int(np.argmax(wide[4 * k: 4 * k + 4]))) for k in range(len(questions))] == \
-        [predictions[q["id"]] for q in questions]
-    shuffled = captioner.response_logps(split["media"], (rows + 1) % len(split["items"]), texts, batch=8)
-    assert np.abs(shuffled - wide).max() > 1e-3
+    assert all(len(o) == 4 for o in options)
+    packed = np.stack(captioner.option_logps(split["media"], rows, options, batch=8))     # [Q, 4]
+    narrow = np.stack(captioner.option_logps(split["media"], rows, options, batch=3))
+    np.testing.assert_allclose(narrow, packed, rtol=1e-5, atol=1e-4)
+    one_each = captioner.response_logps(split["media"], np.repeat(rows, 4),
+                                        [t for o in options for t in o], batch=8).reshape(-1, 4)
+    np.testing.assert_allclose(packed, one_each, rtol=1e-5, atol=1e-4)   # fp32, other summation order
+    assert [chr(65 + int(np.argmax(s))) for s in packed] == [predictions[q["id"]] for q in questions]
+    shuffled = np.stack(captioner.option_logps(split["media"], (rows + 1) % len(split["items"]),
+                                               options, batch=8))
+    assert np.abs(shuffled - packed).max() > 1e-3

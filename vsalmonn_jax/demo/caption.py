@@ -1,5 +1,6 @@
 """Captioning and QA with the demo model: splice cached media into the prompt, then the project's
-KV-cache generator (generate/decode.py); scoring with the exact judge; QA by option scoring.
+KV-cache generator (generate/decode.py); scoring with the exact judge; QA by option scoring, the
+options of a question packed after their one shared prompt + media (training/packing.py).
 """
 
 from __future__ import annotations
@@ -7,20 +8,23 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vsalmonn_jax.data.event_qa import event_qa_prompt
-from vsalmonn_jax.demo.batches import media_batch, text_batch
+from vsalmonn_jax.demo.batches import media_batch, pad_rows, text_batch
 from vsalmonn_jax.eval import aggregate, collapse_repeats, get_judge, repetition_stats
 from vsalmonn_jax.eval.qa import qa_accuracy
 from vsalmonn_jax.generate.decode import generate
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.models.qwen2 import Qwen2
+from vsalmonn_jax.training import packing
 from vsalmonn_jax.training.losses import sequence_logps, token_logps
 from vsalmonn_jax.training.pairs import sentence_count
 
 _SPLICE: dict = {}   # one jitted splice per task object (stages reuse the compilation)
-_SCORE: dict = {}    # ... and one jitted response scorer
+_SCORE: dict = {}    # ... one jitted response scorer
+_OPTIONS: dict = {}  # ... and one jitted option scorer (per option count)
 
 
 def response_logps(task, variables: dict, text: dict, media: dict):
@@ -28,6 +32,32 @@ def response_logps(task, variables: dict, text: dict, media: dict):
     media = task.encode(variables, media)   # as training reads a batch (fp16 features -> fp32)
     hidden, targets, mask = task.forward(variables, text, media, deterministic=True, rngs=None)
     return sequence_logps(token_logps(task.logits(variables, hidden), targets), mask)
+
+
+def option_logps(task, n_options: int, variables: dict, packed: dict, media: dict):
+    """Summed log p(option k | prompt, media) of packed rows [B, L] (prompt | option 1 | ... ;
+    branch_ids 0 | 1 | ...) -> [B, n_options] fp32: the prompt and the media go through the LLM once
+    per question instead of once per option."""
+    out = task.forward_packed(variables, packed, task.encode(variables, media), deterministic=True,
+                              rngs=None)
+    hidden, targets, mask, branch = packing.align(out)
+    logps = jnp.where(mask, token_logps(task.logits(variables, hidden), targets), 0.0)   # [B, L]
+    onehot = branch[..., None] == jnp.arange(1, n_options + 1)                          # [B, L, n]
+    return jnp.einsum("bl,bln->bn", logps, onehot.astype(logps.dtype))
+
+
+def pack_options(options: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One question's (ids, loss_mask) rows, identical up to their first target token -> one packed
+    row (ids, loss_mask, branch_ids): the shared prompt once, then each option's target tokens."""
+    first = [int(np.argmax(m)) if m.any() else len(m) for _, m in options]
+    n = first[0]
+    if any(f != n or not np.array_equal(ids[:n], options[0][0][:n]) for f, (ids, _) in zip(first, options)):
+        raise ValueError("the options of a question must share their prompt (the tokens before the answer)")
+    ids = [options[0][0][:n]] + [i[n:] for i, _ in options]
+    loss = [np.zeros(n, bool)] + [m[n:] for _, m in options]
+    branch = [np.zeros(n, np.int32)] + [np.full(len(i) - n, k, np.int32)
+                                        for k, (i, _) in enumerate(options, start=1)]
+    return np.concatenate(ids), np.concatenate(loss), np.concatenate(branch)
 
 
 class Captioner:
@@ -95,22 +125,41 @@ class Captioner:
             out[part] = np.asarray(scores)[: len(part)]
         return out
 
+    def option_logps(self, media: dict, rows: np.ndarray, questions: list[list[tuple[np.ndarray, np.ndarray]]],
+                     *, batch: int) -> list[np.ndarray]:
+        """Per question (its options' (ids, loss_mask) rows, clip `rows[i]`), each option's summed
+        log-probability given the prompt and the clip, as `response_logps` scores them one row each,
+        from one packed row per question (`pack_options`; width = the Tokens length, or wider when a
+        question's options do not fit). Batches wrap-padded to `batch` rows."""
+        n_options = max(len(q) for q in questions)
+        packed = [pack_options(q) for q in questions]
+        width = max([self.tokens.length] + [len(ids) for ids, _, _ in packed])
+        key = (id(self.task), n_options)
+        if key not in _OPTIONS:
+            _OPTIONS[key] = jax.jit(functools.partial(option_logps, self.task, n_options))
+        out = np.zeros((len(rows), n_options), np.float64)
+        for start in range(0, len(rows), batch):
+            part = np.arange(start, min(start + batch, len(rows)))
+            take = np.resize(part, batch)
+            text = text_batch([packed[i][:2] for i in take], width, self.tokens.pad_id)
+            text["branch_ids"] = pad_rows([packed[i][2] for i in take], width, 0, np.int32)
+            scores = _OPTIONS[key](self.variables, text, media_batch(media, rows[take], self.modality))
+            out[part] = np.asarray(scores)[: len(part)]
+        return [out[i, :len(q)] for i, q in enumerate(questions)]
+
     def answers(self, split: dict, *, batch: int) -> tuple[list[dict], dict[str, str]]:
         """(questions, predictions) for every QA item of the split: option scoring, the option whose
         sentence is likeliest as the answer (data/event_qa.py) is predicted, as its letter."""
-        questions, rows, texts = [], [], []
+        questions, rows, options = [], [], []
         for r, item in enumerate(split["items"]):
             for k, qa in enumerate(item["qa"]):
                 questions.append({"id": f"{item['id']}_qa{k}", **qa})
                 user = event_qa_prompt(qa["question"], qa["options"])
-                rows += [r] * len(qa["options"])
-                texts += [self.tokens.response_row(option, user) for option in qa["options"]]
-        logps = self.response_logps(split["media"], np.asarray(rows, np.int64), texts, batch=batch)
-        predictions, pos = {}, 0
-        for q in questions:   # ties go to the first option (a model blind to the text: always "A")
-            n = len(q["options"])
-            predictions[q["id"]] = chr(65 + int(np.argmax(logps[pos:pos + n])))
-            pos += n
+                rows.append(r)
+                options.append([self.tokens.response_row(option, user) for option in qa["options"]])
+        logps = self.option_logps(split["media"], np.asarray(rows, np.int64), options, batch=batch)
+        # ties go to the first option (a model blind to the text: always "A")
+        predictions = {q["id"]: chr(65 + int(np.argmax(s))) for q, s in zip(questions, logps, strict=True)}
         return questions, predictions
 
 
