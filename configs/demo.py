@@ -1,10 +1,10 @@
 """The `vsalmonn-jax demo` preset: tiny AV shapes sized for 2 CPU cores, data sizes and stage settings.
 
 `--quick` applies `demo.quick` on top (the end-to-end test); every field is overridable on the CLI.
-Measured on 2 quiet CPU cores (main at 9ad2d55, empty compile cache, data rendered anew): 18 min 49 s
-for the whole demo (data 161 s, pretrain 253 s, align 67 s, SFT 161 s, 3 mrDPO rounds 222 s, 3 control
-rounds 186 s, rebirth 74 s). --quick measured 2 min 14 s before issue 17 (before the validation split
-and QA option scoring).
+Measured on 2 quiet CPU cores (code at 7dbddbb, empty compile cache, data rendered anew): 18 min 50 s
+for the whole demo (data 178 s, pretrain 255 s, align 54 s, SFT 169 s, 3 mrDPO rounds 225 s, 3 control
+rounds 172 s, rebirth 73 s; each stage's evaluation 13-20 s of that). --quick: 3 min 1 s with an empty
+compile cache and no data, 1 min 30 s for a second run (bench/demo_cache.py).
 dpo_lr 2e-4 over-optimised the tiny LoRA: round-1 DPO loss fell to 0.38 and the GT-caption CE rose
 0.29 -> 0.78 within 60 steps, and by round 3 the captions had degenerated to fragments ("At 1").
 """
