@@ -27,8 +27,10 @@ def test_a_finished_write_replaces_the_file_and_obeys_the_umask(tmp_path):
         write_jsonl(path, [{"id": "é"}, {"id": 2}])
     finally:
         os.umask(old)
-    assert path.read_text(encoding="utf-8") == '{"id": "é"}\n{"id": 2}\n'
+    assert path.read_bytes() == b'{"id": "\\u00e9"}\n{"id": 2}\n'   # ASCII: any reader's locale
     assert stat.S_IMODE(path.stat().st_mode) == 0o644   # not mkstemp's 0600: readable by others
+    write_jsonl(path, [{"id": "é"}], ensure_ascii=False)
+    assert path.read_text(encoding="utf-8") == '{"id": "é"}\n'
     write_jsonl(path, [])
     assert path.read_text() == ""
 

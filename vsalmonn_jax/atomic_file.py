@@ -53,8 +53,9 @@ def write_json(path: str | os.PathLike, value: Any, **dumps: Any) -> None:
     write_text(path, json.dumps(value, **dumps))
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> None:
-    """One JSON object per line (UTF-8, non-ASCII kept as is), written atomically."""
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping], *, ensure_ascii: bool = True) -> None:
+    """One JSON object per line, written atomically. ensure_ascii (json's default) escapes non-ASCII
+    text, so a reader in any locale gets the same rows; False keeps it readable (UTF-8)."""
     with atomic_open(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=ensure_ascii) + "\n")

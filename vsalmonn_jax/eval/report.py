@@ -118,7 +118,7 @@ def write_report(out_dir: str | pathlib.Path, result: dict) -> dict[str, pathlib
     paths["report.json"].write_text(json.dumps(summary(result), indent=1, default=str) + "\n")
     write_jsonl(paths["per_video.jsonl"],
                 ({"model": g["model"], "stage": g["stage"], "sample": g["sample"], **s.to_dict()}
-                 for g in result["groups"] for s in g["scores"]))
+                 for g in result["groups"] for s in g["scores"]), ensure_ascii=False)
     paths["report.md"].write_text(markdown(result))
     labels = [g["label"] for g in result["groups"]]
     micro = [g["aggregate"]["micro"] or {} for g in result["groups"]]
