@@ -52,7 +52,7 @@ def config_from_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
 
     path = pathlib.Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"config {path}: cannot read it as JSON ({err})") from err
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):

@@ -2,8 +2,12 @@
 a resume that changes a weight-affecting field is refused unless allowed, then recorded."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+from machine import scaled
 
 from vsalmonn_jax.config import load_config
 from vsalmonn_jax.training.run_config import (
@@ -78,3 +82,20 @@ def test_unreadable_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text('{"stage": "sf')
     with pytest.raises(ValueError, match=f"{tmp_path}/config.json: not valid JSON"):
         write_run_config(tmp_path, load_config("tiny_sft"))
+
+
+def test_a_hand_edited_utf8_config_reads_back_under_an_ascii_locale(tmp_path):
+    """Our JSON readers decode UTF-8 whatever the locale: a run's config.json with a non-ASCII path
+    (written by hand or another tool) reads back in a process whose default encoding is ASCII."""
+    write_run_config(tmp_path, load_config("tiny_sft"))
+    saved = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    saved["data"]["train"] = "/données/train.jsonl"
+    (tmp_path / "config.json").write_text(json.dumps(saved, ensure_ascii=False), encoding="utf-8")
+    env = dict(os.environ, PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", LC_ALL="C", LANG="C")
+    code = ("import locale, sys; from vsalmonn_jax.training.run_config import read_run_config; "
+            "assert locale.getpreferredencoding(False) != 'UTF-8', locale.getpreferredencoding(False); "
+            f"print(ascii(read_run_config({str(tmp_path)!r})['data']['train']))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=scaled(300))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ascii("/données/train.jsonl")

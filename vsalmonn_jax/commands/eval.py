@@ -67,7 +67,7 @@ def _make_judge(name, config, gt, thresholds):
     if thresholds:
         if name != "embedding":
             raise ValueError("--thresholds applies to the embedding judge only")
-        options.update(json.loads(pathlib.Path(thresholds).read_text())["fitted"])
+        options.update(json.loads(pathlib.Path(thresholds).read_text(encoding="utf-8"))["fitted"])
     return get_judge(name, config, **options)
 
 

@@ -203,7 +203,7 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
                 "files": files, "base": "checkpoint" if "params" in state else base,
                 "connectors": {k: list(v.shape) for k, v in adapter.items()},
                 "encoders": sorted({k.split(".")[0] for k in encoders}),
-                "llm_config": json.loads((out / "config.json").read_text())}
+                "llm_config": json.loads((out / "config.json").read_text(encoding="utf-8"))}
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -111,7 +111,7 @@ def meta(seed: int, cfg: ml_collections.ConfigDict, counts: dict[str, int], plac
 
 
 def load_meta(data_dir: str) -> dict:
-    with open(pathlib.Path(data_dir) / "meta.json") as f:
+    with open(pathlib.Path(data_dir) / "meta.json", encoding="utf-8") as f:
         return json.load(f)
 
 

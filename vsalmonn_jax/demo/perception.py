@@ -54,12 +54,13 @@ def _stage_files(run_dir: pathlib.Path, name: str, record: Mapping, split: str):
         path = folder / "val.json"
         if not path.exists():
             return None
-        val = json.loads(path.read_text())
+        val = json.loads(path.read_text(encoding="utf-8"))
         return val.get("captions"), val
     path = folder / "captions.jsonl"
     if not path.exists():
         return None
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], record
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()], record
 
 
 def _judged_correct(record: dict) -> float | None:

@@ -307,7 +307,7 @@ def _scores(result: dict) -> str:
 
 
 def _record(ctx: Context, name: str) -> dict:
-    return json.loads((ctx.run_dir / "stages" / name / "eval.json").read_text())
+    return json.loads((ctx.run_dir / "stages" / name / "eval.json").read_text(encoding="utf-8"))
 
 
 def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[Context, dict]:
@@ -374,7 +374,7 @@ def finished_records(config, run_dir: pathlib.Path) -> tuple[dict, list[str]]:
     for name in stage_names(config):
         folder = run_dir / "stages" / name
         if (folder / "done").exists():
-            records[name] = json.loads((folder / "eval.json").read_text())
+            records[name] = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
         else:
             missing.append(name)
     return records, missing

@@ -240,7 +240,7 @@ def validation_rows(run_dir: pathlib.Path, names) -> tuple[list[str], dict]:
         path = run_dir / "stages" / name / "val.json"
         if not path.exists():
             continue
-        val = json.loads(path.read_text())
+        val = json.loads(path.read_text(encoding="utf-8"))
         micro = val["aggregate"]["micro"]
         data[name] = {**{k: micro[k] for k, _ in RATES}, "qa_accuracy": val["qa"]["accuracy"],
                       "videos": val["aggregate"]["videos"]}

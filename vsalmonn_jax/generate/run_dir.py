@@ -20,7 +20,7 @@ SEARCH_LEVELS = 4     # run/checkpoints/<step>/state: config.json is at most thi
 def is_run_config(path: pathlib.Path) -> bool:
     """A config.json that `train` / `demo` wrote (a `model.llm` section), not a transformers one."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and isinstance(data.get("model"), dict) and "llm" in data["model"]

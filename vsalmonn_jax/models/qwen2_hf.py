@@ -163,7 +163,7 @@ def load_hf(path, config: Qwen2Config | None = None, *, param_dtype: str | None 
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{path}: no config.json (pass `config=` explicitly)")
-        config = config_from_hf(json.loads(config_file.read_text()))
+        config = config_from_hf(json.loads(config_file.read_text(encoding="utf-8")))
     overrides = {k: v for k, v in dict(param_dtype=param_dtype, scan_layers=scan_layers).items()
                  if v is not None}
     config = config.replace(**overrides)

@@ -299,8 +299,8 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
             state = merge_round(state, lora_config, jax.random.fold_in(base_key, 2 * r + 1),
                                 shardings, mesh)
             last = {k: v for k, v in result["last"].items() if k not in TIMING_FIELDS}
-            entry = {"round": r, "pairs": stats, "last_step": last,
-                     "first_step": json.loads(first_path.read_text()) if first_path.exists() else {},
+            first = json.loads(first_path.read_text(encoding="utf-8")) if first_path.exists() else {}
+            entry = {"round": r, "pairs": stats, "last_step": last, "first_step": first,
                      "eval": _floats(eval_fn(state)) if eval_fn is not None else {}}
             history.append(entry)
             if on_round is not None:
@@ -327,7 +327,7 @@ def _round_records(env, config, state, items, judge, rule, opts, rng, default_pr
     log-probs attached: read from round_<r>/reference.jsonl, or computed once and stored there."""
     path, stats_path = rdir / "pairs.jsonl", rdir / "pair_stats.json"
     if path.exists() and stats_path.exists():
-        records, stats = read_jsonl(path), json.loads(stats_path.read_text())
+        records, stats = read_jsonl(path), json.loads(stats_path.read_text(encoding="utf-8"))
     else:
         records, log, stats = make_round_records(env, state, items, judge, rule, opts, rng,
                                                  default_prompt)

@@ -80,7 +80,7 @@ def rebirth_config(config):
 
 def _load_or(path: pathlib.Path, build: Callable[[], Any]):
     if path.exists():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     value = build()
     if jax.process_index() == 0:
         write_json(path, value, default=float)

@@ -88,7 +88,7 @@ def load_reference(path: pathlib.Path, records: Sequence[Mapping]) -> list[dict]
     a mismatch is a ValueError naming path:line."""
     index = pair_index(records)
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     for k, (n, line) in enumerate(lines):
         try:

@@ -17,7 +17,7 @@ ROUND_FIELDS = ("params", "trainable", "rng")   # what a round-start checkpoint 
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
