@@ -53,7 +53,8 @@ def write_json(path: str | os.PathLike, value: Any, **dumps: Any) -> None:
     write_text(path, json.dumps(value, **dumps))
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping], *, ensure_ascii: bool = True) -> None:
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping], *,
+                ensure_ascii: bool = True) -> None:
     """One JSON object per line, written atomically. ensure_ascii (json's default) escapes non-ASCII
     text, so a reader in any locale gets the same rows; False keeps it readable (UTF-8)."""
     with atomic_open(path) as f:

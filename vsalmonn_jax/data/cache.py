@@ -42,7 +42,5 @@ def load(cache_dir: str, key: str) -> dict[str, np.ndarray] | None:
 
 
 def save(cache_dir: str, key: str, arrays: Mapping[str, np.ndarray]) -> None:
-    folder = os.path.join(cache_dir, key[:2])
-    os.makedirs(folder, exist_ok=True)
-    with atomic_open(os.path.join(folder, f"{key}.npz"), "wb") as f:
+    with atomic_open(os.path.join(cache_dir, key[:2], f"{key}.npz"), "wb") as f:
         np.savez(f, **arrays)

@@ -46,14 +46,17 @@ def option_logps(task, n_options: int, variables: dict, packed: dict, media: dic
     return jnp.einsum("bl,bln->bn", logps, onehot.astype(logps.dtype))
 
 
-def pack_options(options: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack_options(options: list[tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One question's (ids, loss_mask) rows, identical up to their first target token -> one packed
     row (ids, loss_mask, branch_ids): the shared prompt once, then each option's target tokens."""
     first = [int(np.argmax(m)) if m.any() else len(m) for _, m in options]
     n = first[0]
-    if any(f != n or not np.array_equal(ids[:n], options[0][0][:n]) for f, (ids, _) in zip(first, options)):
-        raise ValueError("the options of a question must share their prompt (the tokens before the answer)")
-    ids = [options[0][0][:n]] + [i[n:] for i, _ in options]
+    prompt = options[0][0][:n]
+    if any(f != n or not np.array_equal(ids[:n], prompt) for f, (ids, _) in zip(first, options)):
+        raise ValueError("the options of a question must share their prompt (the tokens before "
+                         "the answer)")
+    ids = [prompt] + [i[n:] for i, _ in options]
     loss = [np.zeros(n, bool)] + [m[n:] for _, m in options]
     branch = [np.zeros(n, np.int32)] + [np.full(len(i) - n, k, np.int32)
                                         for k, (i, _) in enumerate(options, start=1)]
@@ -125,8 +128,9 @@ class Captioner:
             out[part] = np.asarray(scores)[: len(part)]
         return out
 
-    def option_logps(self, media: dict, rows: np.ndarray, questions: list[list[tuple[np.ndarray, np.ndarray]]],
-                     *, batch: int) -> list[np.ndarray]:
+    def option_logps(self, media: dict, rows: np.ndarray,
+                     questions: list[list[tuple[np.ndarray, np.ndarray]]], *, batch: int
+                     ) -> list[np.ndarray]:
         """Per question (its options' (ids, loss_mask) rows, clip `rows[i]`), each option's summed
         log-probability given the prompt and the clip, as `response_logps` scores them one row each,
         from one packed row per question (`pack_options`; width = the Tokens length, or wider when a
@@ -143,7 +147,8 @@ class Captioner:
             take = np.resize(part, batch)
             text = text_batch([packed[i][:2] for i in take], width, self.tokens.pad_id)
             text["branch_ids"] = pad_rows([packed[i][2] for i in take], width, 0, np.int32)
-            scores = _OPTIONS[key](self.variables, text, media_batch(media, rows[take], self.modality))
+            scores = _OPTIONS[key](self.variables, text,
+                                   media_batch(media, rows[take], self.modality))
             out[part] = np.asarray(scores)[: len(part)]
         return [out[i, :len(q)] for i, q in enumerate(questions)]
 
@@ -159,7 +164,8 @@ class Captioner:
                 options.append([self.tokens.response_row(option, user) for option in qa["options"]])
         logps = self.option_logps(split["media"], np.asarray(rows, np.int64), options, batch=batch)
         # ties go to the first option (a model blind to the text: always "A")
-        predictions = {q["id"]: chr(65 + int(np.argmax(s))) for q, s in zip(questions, logps, strict=True)}
+        predictions = {q["id"]: chr(65 + int(np.argmax(s)))
+                       for q, s in zip(questions, logps, strict=True)}
         return questions, predictions
 
 

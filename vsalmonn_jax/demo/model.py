@@ -107,7 +107,6 @@ class CachedAVTask:
 
 
 def save_tree(path: pathlib.Path, tree) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, serialization.msgpack_serialize(jax.tree.map(np.asarray, jax.device_get(tree))))
 
 

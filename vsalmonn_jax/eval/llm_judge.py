@@ -86,9 +86,7 @@ class ResponseCache:
     def put(self, key: str, content: str, meta: dict) -> None:
         if not self.dir:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {**meta, "content": content})
+        write_json(self._path(key), {**meta, "content": content})
 
 
 @dataclasses.dataclass

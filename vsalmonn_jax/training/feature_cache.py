@@ -65,9 +65,7 @@ class FeatureCache:
             return {k: f[k] for k in f.files}
 
     def _save(self, key: str, arrays: dict) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path, "wb") as f:
+        with atomic_open(self._path(key), "wb") as f:
             np.savez(f, **arrays)
 
     def attach(self, batch: dict) -> dict:

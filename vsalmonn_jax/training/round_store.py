@@ -1,5 +1,5 @@
 """mrDPO round storage: round-start states (orbax, one step per round) and the round's JSON / JSONL
-files (pairs, samples, stats, reference log-probs), written atomically (tmp file + rename).
+files (pairs, samples, stats, reference log-probs), written whole by atomic_file.py.
 """
 
 from __future__ import annotations
