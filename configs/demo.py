@@ -34,7 +34,9 @@ def get_config():
                                 initializer_range=0.125))
     c.model.connector.update(dict(pool_stride=1,    # 3x3 tokens + 3 image_newline per frame
                                   initializer_range=0.125))
-    c.data.update(dict(max_frames=8))
+    # time tokens after every frame, audio-visual too (not in the release, data/time_tokens.py):
+    # without them the demo LLM places events by counting frames (docs/recipe.md)
+    c.data.update(dict(max_frames=8, time_tokens="all"))
     c.data.synthetic.update(dict(grid=3, frame_size=48))   # one scene cell = one 16-px patch
     c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     c.train.update(dict(lr=1e-3, warmup_ratio=0.05, grad_clip=1.0, logits_chunk=0))
@@ -51,7 +53,9 @@ def get_config():
         n_train=1500, n_val=200, n_test=500, n_fresh=300, n_rebirth=400,   # val: every choice
         max_caption_tokens=136, max_prompt_tokens=64, max_text_tokens=168,
         pretrain_steps=1000, pretrain_lr=2e-3,     # the tiny "pretrained" visual LLM (full parameters)
-        align_steps=300, align_lr=2e-3,            # audio connector on audio-only captions
+        align_steps=500, align_lr=2e-3,            # audio connector on audio-only captions;
+        align_llm=True,                            # + the LLM, video captions replayed (not in
+                                                   # the paper: pipeline.align says why)
         sft_steps=600, sft_lr=1e-3,                # LoRA + connectors on the annotated AV captions + QA
         dpo_steps=60, dpo_lr=5e-5,                 # per mrDPO round (release: 2e-5; see above)
         rebirth_steps=200, rebirth_lr=1e-3,

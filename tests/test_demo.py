@@ -77,6 +77,37 @@ def test_media_batch_keeps_only_the_stage_modality():
     assert set(media_batch(media, rows, "av")) >= {"vision", "audio", "frame_mask"}
 
 
+class _CharTokenizer:
+    """One token per character (its code point): enough for time_token_fields."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_time_tokens_reach_the_batches_their_mode_gives():
+    """data.time_tokens=all: video and audio-visual batches carry frame i's "i.0"; official: only
+    the video-only batches (the release: video with audio gets none); none: no time fields."""
+    from vsalmonn_jax.demo.batches import media_batch
+    from vsalmonn_jax.demo.data import add_time_tokens
+
+    media = {"vision": np.zeros((2, 8, 9, 4), np.float16), "audio": np.ones((2, 1, 40, 4), np.float16),
+             "frame_mask": np.arange(8)[None, :] < np.array([[3], [5]]),
+             "frame_times": np.zeros((2, 8), np.float32), "audio_seconds": np.array([3.0, 5.0]),
+             "video_seconds": np.array([3.0, 5.0])}
+    rows = np.array([1, 0])
+    assert "time_ids" not in media_batch(add_time_tokens(media, _CharTokenizer(), "none"), rows, "av")
+    timed = add_time_tokens(media, _CharTokenizer(), "all")
+    for modality in ("video", "av"):
+        batch = media_batch(timed, rows, modality)
+        text = lambda b, i: "".join(chr(c) for c in batch["time_ids"][b, i][batch["time_mask"][b, i]])
+        assert [text(0, i) for i in range(6)] == ["1.0", "2.0", "3.0", "4.0", "5.0", ""]
+        assert [text(1, i) for i in range(4)] == ["1.0", "2.0", "3.0", ""]
+    assert "time_ids" not in media_batch(timed, rows, "audio")
+    official = add_time_tokens(media, _CharTokenizer(), "official")
+    assert media_batch(official, rows, "video")["time_mask"].sum() == 3 * (5 + 3)
+    assert not media_batch(official, rows, "av")["time_mask"].any()
+
+
 def test_text_batch_pads_to_the_fixed_length():
     from vsalmonn_jax.demo.batches import text_batch
 

@@ -85,7 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_format="clean",    # clean: `<media>\nprompt` (one newline) | official: the release's
                                   # `user\n<media>\n` + tokens of "\n" + prompt (two newline tokens)
         time_tokens="none",       # none | official: per-frame time tokens (str(round(T / F * i, 1))
-                                  # after frame i's visual tokens) for video WITHOUT audio only
+                                  # after frame i's visual tokens) for video WITHOUT audio only |
+                                  # all: for every video, audio-visual too (not in the release)
         audio_cut="none",         # none: the whole track | video: cut to the video's duration, as
                                   # the release's data loader does (no extra 30-s chunk for a track
                                   # slightly longer than the video)

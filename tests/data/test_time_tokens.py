@@ -1,5 +1,5 @@
 """Per-frame time tokens (data.time_tokens=official): the release's strings, a video-only record
-gets them through the Featurizer and collate, a record with audio does not."""
+gets them through the Featurizer and collate, a record with audio does not (it does under "all")."""
 
 import numpy as np
 import pytest
@@ -52,3 +52,18 @@ def test_video_without_audio_gets_time_tokens_and_with_audio_none(clips, synth_d
     assert "time_ids" not in clean({"kind": "caption", "video": str(clips / "silent.mp4"), "index": 0})
     with pytest.raises(ValueError, match="time_tokens must be one of"):
         Featurizer.from_config(load_config("tiny", ["data.time_tokens=yes"]))
+
+
+def test_all_gives_audio_visual_video_time_tokens_too(clips, synth_dir):
+    """data.time_tokens=all (not in the release): a video with audio gets the same time tokens a
+    silent one gets under "official"; a record without video gets none."""
+    featurizer = Featurizer.from_config(load_config("tiny", [
+        f"data.tokenizer={synth_dir / 'tokenizer'}", "data.time_tokens=all"]))
+    tok = featurizer.tokenizer
+    sound = featurizer({"kind": "caption", "video": str(clips / "sound.mp4"), "index": 1})
+    assert "failed" not in sound and sound["has_audio"]
+    texts = [tok.decode(ids[mask]) for ids, mask in zip(sound["time_ids"], sound["time_mask"],
+                                                       strict=True)]
+    assert texts == ["1.0", "2.0", "3.0"]
+    audio_only = featurizer({"kind": "caption", "audio": str(clips / "sound.mp4"), "index": 2})
+    assert "failed" not in audio_only and "time_ids" not in audio_only

@@ -208,7 +208,8 @@ def test_media_activations_stay_batch_sharded(setup):
 
 def test_time_tokens_follow_each_frame_of_video_without_audio(setup, rng):
     """The release's --add_time_token: per frame [visual, time-token embeddings, zero vectors up to
-    the example's longest time string]; a row with audio gets none (the AV interleave)."""
+    the example's longest time string]; a row whose time_mask is all False (the host's choice for
+    a row with audio under data.time_tokens=official) is unchanged."""
     import dataclasses
 
     cfg, lora, variables = setup
@@ -226,7 +227,7 @@ def test_time_tokens_follow_each_frame_of_video_without_audio(setup, rng):
     plain, plain_mask = run("connect", media)
     ids = np.zeros((2, 3, 4), np.int32)
     ids[:, 0, :3], ids[:, 1, :4] = [20, 21, 22], [23, 24, 25, 26]
-    timed = dict(media, time_ids=jnp.asarray(ids), time_mask=jnp.asarray(ids > 0))
+    timed = dict(media, time_ids=jnp.asarray(ids), time_mask=jnp.asarray((ids > 0) & (np.arange(2) == 0)[:, None, None]))
     embeds, mask = run("connect", timed)
     v = cfg.frame_tokens
     assert embeds.shape[1] == plain.shape[1] + 3 * 4
@@ -238,3 +239,55 @@ def test_time_tokens_follow_each_frame_of_video_without_audio(setup, rng):
     np.testing.assert_allclose(embeds[0, :2 * v + 8], expected, atol=1e-6)
     np.testing.assert_array_equal(embeds[1, :plain.shape[1]], plain[1])   # with audio: unchanged
     assert not embeds[0, 2 * v + 8:].any() and not embeds[1, plain.shape[1]:].any()
+
+
+def test_time_tokens_sit_between_each_frame_and_its_audio(setup, rng):
+    """data.time_tokens=all in the timestamp interleave: per frame [visual, its time tokens, the
+    audio tokens of its second]; the video-only plan equals the closed form of the release's."""
+    cfg, lora, variables = setup
+    batch = dummy_batch(cfg, batch=1, frames=3, chunks=1, text_len=6)
+    batch["pixel_values"] = rng.normal(size=batch["pixel_values"].shape).astype(np.float32)
+    batch["mel"] = rng.normal(size=batch["mel"].shape).astype(np.float32)
+    batch["frame_times"] = np.array([[0.0, 1.0, 2.0]], np.float32)
+    batch["audio_seconds"] = np.array([3.0], np.float32)   # 2 audio tokens per frame's second
+    model = AVLLM(cfg, lora)
+    run = lambda method, *args: jax.jit(functools.partial(model.apply, method=method))(
+        variables, *args)
+    media = run("encode_frozen", batch)
+    plain, plain_mask = run("connect", media)
+    ids = np.zeros((1, 3, 4), np.int32)
+    ids[0, :, :3] = [[20, 21, 22], [23, 24, 25], [26, 27, 28]]
+    ids[0, 2, 3] = 29                                       # frame 2's string is the longest: 4
+    embeds, mask = run("connect", dict(media, time_ids=jnp.asarray(ids),
+                                       time_mask=jnp.asarray(ids > 0)))
+    v, table = cfg.frame_tokens, np.asarray(variables["params"]["llm"]["embed_tokens"]["embedding"])
+    plain, embeds = np.asarray(plain)[0], np.asarray(embeds)[0]
+    zero = np.zeros((1, table.shape[1]))
+    pieces, at = [], 0
+    for i in range(3):
+        pieces += [plain[at:at + v], table[ids[0, i][ids[0, i] > 0]]]
+        pieces += [zero] if i < 2 else []                   # padded to the longest string
+        pieces += [plain[at + v:at + v + 2]]                # the 2 audio tokens of second i
+        at += v + 2
+    expected = np.concatenate(pieces)
+    assert int(np.asarray(mask).sum()) == int(plain_mask.sum()) + 3 * 4
+    np.testing.assert_allclose(embeds[:len(expected)], expected, atol=1e-6)
+    assert not embeds[len(expected):].any()
+
+
+def test_time_token_plan_of_video_only_is_the_release_layout():
+    """Frames back to back (video only): frame i's visual tokens then its n_time slots; slots after
+    the valid length point at the zero row."""
+    from vsalmonn_jax.models import connectors
+
+    f, v, k, extra = 3, 4, 2, 5              # 3 frame slots, 4 tokens each, 2 slots, 5 more tokens
+    m = f * v + extra
+    index = jnp.concatenate([jnp.arange(2 * v), jnp.full((m - 2 * v,), f * v + 9)])  # 2 frames
+    out, length = connectors.plan_time_tokens(index, jnp.int32(2 * v), f, v, k, jnp.int32(2),
+                                              jnp.int32(2))
+    media = list(range(v))
+    slots = lambda i: [m + i * k, m + i * k + 1]
+    expected = media + slots(0) + [x + v for x in media] + slots(1)
+    assert int(length) == 2 * v + 4
+    assert np.asarray(out)[:int(length)].tolist() == expected
+    assert (np.asarray(out)[int(length):] == m + f * k).all()

@@ -1,5 +1,7 @@
-"""Per-frame time tokens for video without audio (the release's --add_time_token, set by every
-release script): after frame i's visual tokens, the tokens of str(round(T / F * i, 1)), i = 1..F.
+"""Per-frame time tokens: after frame i's visual tokens, the tokens of str(round(T / F * i, 1)),
+i = 1..F. `data.time_tokens`: "official" gives them to video without audio only (the release's
+--add_time_token, set by every release script); "all" to every video, audio-visual included (not
+in the release, whose audio-visual sequences carry no time anchor; the demo uses it).
 
 T = the video's duration, F = the sampled frames. Host side (Python's round and str, the
 tokenizer); the model embeds the ids and zero-fills each frame's slots up to the longest string of
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-TIME_TOKEN_MODES = ("none", "official")
+TIME_TOKEN_MODES = ("none", "official", "all")
 
 
 def time_strings(video_seconds: float, num_frames: int) -> list[str]:
@@ -37,7 +39,8 @@ def time_token_fields(tokenizer, video_seconds: float, num_frames: int) -> dict[
 
 
 def wants_time_tokens(mode: str, has_video: bool, has_audio: bool) -> bool:
-    """`data.time_tokens` "official": video records without audio get time tokens."""
+    """`data.time_tokens` "official": video records without audio get time tokens; "all": every
+    record with video."""
     if mode not in TIME_TOKEN_MODES:
         raise ValueError(f"data.time_tokens must be one of {TIME_TOKEN_MODES}, got {mode!r}")
-    return mode == "official" and has_video and not has_audio
+    return has_video and (mode == "all" or (mode == "official" and not has_audio))

@@ -60,15 +60,27 @@ def text_batch(rows: list[tuple[np.ndarray, np.ndarray]], length: int, pad_id: i
             prefix + "loss_mask": pad_rows([r[1] for r in rows], length, False, bool)}
 
 
-def media_batch(media: dict[str, np.ndarray], rows: np.ndarray, modality: str) -> dict[str, np.ndarray]:
-    """Cached encoder outputs of clips `rows`, restricted to `modality` (av | video | audio)."""
-    keep = MODALITIES[modality]
+def media_batch(media: dict[str, np.ndarray], rows: np.ndarray, modality: str | list[str],
+                fields: str | None = None) -> dict[str, np.ndarray]:
+    """Cached encoder outputs of clips `rows`: `modality` (av | video | audio) for every row, or
+    one per row; the batch carries the features of `fields` (default: every modality a row uses)
+    and each row's has_video / has_audio say what it uses. With time tokens when the media carry
+    them (demo/data.add_time_tokens): rows that use audio keep them where time_with_audio says so."""
     n = len(rows)
-    out = {"has_video": np.full((n,), "vision" in keep), "has_audio": np.full((n,), "audio" in keep)}
-    if "vision" in keep:
+    per_row = [modality] * n if isinstance(modality, str) else list(modality)
+    has_video = np.asarray(["vision" in MODALITIES[m] for m in per_row], bool)
+    has_audio = np.asarray(["audio" in MODALITIES[m] for m in per_row], bool)
+    carried = MODALITIES[fields] if fields else (("vision",) * bool(has_video.any())
+                                                 + ("audio",) * bool(has_audio.any()))
+    out = {"has_video": has_video, "has_audio": has_audio}
+    if "vision" in carried:
         out.update(vision=media["vision"][rows], frame_mask=media["frame_mask"][rows],
                    frame_times=media["frame_times"][rows])
-    if "audio" in keep:
+        if "time_ids" in media:
+            timed = media["time_with_audio"][rows] | ~has_audio   # [n]
+            out.update(time_ids=media["time_ids"][rows],
+                       time_mask=media["time_mask"][rows] & timed[:, None, None])
+    if "audio" in carried:
         out.update(audio=media["audio"][rows], audio_seconds=media["audio_seconds"][rows])
     return out
 
@@ -76,8 +88,9 @@ def media_batch(media: dict[str, np.ndarray], rows: np.ndarray, modality: str) -
 class ExampleIterator:
     """Endless seeded shuffled batches over SFT examples {"split", "row", "text": (ids, mask)}.
 
-    `media` maps split -> cached arrays; every example of one iterator shares `modality`; an
-    example with "media": False is a text-only row (its media flags are off, no placeholder).
+    `media` maps split -> cached arrays; batches carry `modality`'s features, an example's own
+    "modality" (video | audio within "av") says which of them its row uses; an example with
+    "media": False is a text-only row (its media flags are off, no placeholder).
     """
 
     def __init__(self, examples: list[dict], media: dict[str, dict], *, batch_size: int, length: int,
@@ -105,12 +118,17 @@ class ExampleIterator:
 
 def build_batch(examples: list[dict], media: dict[str, dict], length: int, pad_id: int,
                 modality: str, prefixes: tuple[str, ...] = ("",)) -> dict[str, np.ndarray]:
+    """One batch of examples; an example's "modality" (default `modality`) picks the media it
+    uses, and the batch carries `modality`'s features."""
     splits = {e["split"] for e in examples}
+    uses = [e.get("modality", modality) for e in examples]
     if len(splits) != 1:   # media rows come from one split's arrays
-        batch_media = [media_batch(media[e["split"]], np.asarray([e["row"]]), modality) for e in examples]
+        batch_media = [media_batch(media[e["split"]], np.asarray([e["row"]]), m, fields=modality)
+                       for e, m in zip(examples, uses, strict=True)]
         joined = {k: np.concatenate([m[k] for m in batch_media]) for k in batch_media[0]}
     else:
-        joined = media_batch(media[splits.pop()], np.asarray([e["row"] for e in examples]), modality)
+        joined = media_batch(media[splits.pop()], np.asarray([e["row"] for e in examples]), uses,
+                             fields=modality)
     batch = dict(joined)
     text_only = np.asarray([not e.get("media", True) for e in examples])
     for flag in ("has_video", "has_audio"):

@@ -27,10 +27,13 @@ from vsalmonn_jax.data.annotator import annotated_caption, default_annotator
 from vsalmonn_jax.data.event_qa import event_qa_items, qa_corpus
 from vsalmonn_jax.data.example import FeatureSettings, media_features
 from vsalmonn_jax.data.features import siglip_normalize
+from vsalmonn_jax.data.time_tokens import time_token_fields, wants_time_tokens
 from vsalmonn_jax.demo.calibrate import feature_stats, standardize
 
 SPLITS = ("train", "val", "fresh", "test")
-DATA_FORMAT = 2   # in data_key: 2 = the tokenizer also learned the event-QA wording (issue 17)
+DATA_FORMAT = 3   # in data_key: 2 = the tokenizer also learned the event-QA wording (issue 17);
+                  # 3 = the encoded splits carry video_seconds (time tokens)
+TIME_SLOTS = 4    # time-token slots per frame: "8.0" is 3 tokens of the demo tokenizer
 
 
 def split_sizes(demo: ml_collections.ConfigDict, rounds: int) -> dict[str, int]:
@@ -99,7 +102,7 @@ def decode_split(data_dir: pathlib.Path, items: list[dict], settings: FeatureSet
                  max_frames: int, mel_frames: int, workers: int) -> dict[str, np.ndarray]:
     """Decode every clip (through the .npz media cache) into fixed-shape arrays:
     pixels uint8 [N, F, S, S, 3], frame_mask / frame_times [N, F], mel [N, 1, bins, mel_frames],
-    audio_seconds [N]."""
+    audio_seconds / video_seconds [N]."""
     jobs = [(str(data_dir / it["video"]), settings, str(data_dir / "media_cache")) for it in items]
     if workers > 1 and len(jobs) > 8:
         context = multiprocessing.get_context("spawn")
@@ -119,7 +122,8 @@ def pack_clips(decoded: list[dict], names: list[str], settings: FeatureSettings,
            "frame_mask": np.zeros((n, max_frames), bool),
            "frame_times": np.zeros((n, max_frames), np.float32),
            "mel": np.zeros((n, 1, settings.num_mel_bins, mel_frames), np.float32),
-           "audio_seconds": np.zeros((n,), np.float32)}
+           "audio_seconds": np.zeros((n,), np.float32),
+           "video_seconds": np.zeros((n,), np.float64)}
     for k, (name, media) in enumerate(zip(names, decoded, strict=True)):
         frames = media["pixels"].shape[0]
         if frames > max_frames or media["mel"].shape[0] != 1:
@@ -130,7 +134,30 @@ def pack_clips(decoded: list[dict], names: list[str], settings: FeatureSettings,
         out["frame_times"][k, :frames] = media["frame_times"]
         out["mel"][k] = media["mel"][:, :, :mel_frames]
         out["audio_seconds"][k] = min(float(media["audio_seconds"]), mel_frames / 100.0)
+        out["video_seconds"][k] = float(media["video_seconds"])
     return out
+
+
+def add_time_tokens(media: dict[str, np.ndarray], tokenizer, mode: str) -> dict[str, np.ndarray]:
+    """`media` plus per-frame time tokens when `data.time_tokens` (`mode`) gives video any:
+    time_ids int32 / time_mask bool [N, F, TIME_SLOTS] (data/time_tokens.py, from video_seconds
+    and the real frames) and time_with_audio bool [N] (whether a row keeps them when its audio is
+    used too: "all" yes, "official" no; batches.media_batch applies it)."""
+    if not wants_time_tokens(mode, True, False):
+        return media
+    n, f = media["frame_mask"].shape
+    ids, mask = np.zeros((n, f, TIME_SLOTS), np.int32), np.zeros((n, f, TIME_SLOTS), bool)
+    for k in range(n):
+        frames = int(media["frame_mask"][k].sum())
+        if frames == 0:
+            continue
+        fields = time_token_fields(tokenizer, float(media["video_seconds"][k]), frames)
+        width = fields["time_ids"].shape[1]
+        if width > TIME_SLOTS:
+            raise ValueError(f"clip {k}: a time string is {width} tokens > {TIME_SLOTS} slots")
+        ids[k, :frames, :width], mask[k, :frames, :width] = fields["time_ids"], fields["time_mask"]
+    return {**media, "time_ids": ids, "time_mask": mask,
+            "time_with_audio": np.full((n,), wants_time_tokens(mode, True, True))}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -155,7 +182,7 @@ def encode_split(model, params: dict, decoded: dict[str, np.ndarray], batch: int
         audio.append(a[:keep])
     return {"vision": np.concatenate(vision), "audio": np.concatenate(audio),
             "frame_mask": decoded["frame_mask"], "frame_times": decoded["frame_times"],
-            "audio_seconds": decoded["audio_seconds"]}
+            "audio_seconds": decoded["audio_seconds"], "video_seconds": decoded["video_seconds"]}
 
 
 def prepare_data(data_dir: pathlib.Path, config: ml_collections.ConfigDict, model, params: dict,

@@ -25,7 +25,7 @@ from vsalmonn_jax.training.packing import packed_output
 from vsalmonn_jax.training.task import boxed_lora
 
 MEDIA_FIELDS = ("vision", "audio", "frame_mask", "frame_times", "audio_seconds", "has_video",
-                "has_audio")
+                "has_audio", "time_ids", "time_mask")
 
 
 def configs(config, placeholder_id: int) -> tuple[AVConfig, LoraConfig]:

@@ -27,7 +27,7 @@ from vsalmonn_jax.data.text import load_tokenizer
 from vsalmonn_jax.demo import model as model_lib
 from vsalmonn_jax.demo.batches import ExampleIterator, Tokens
 from vsalmonn_jax.demo.caption import Captioner, evaluate_model, judged
-from vsalmonn_jax.demo.data import data_lock, prepare_data, tokenizer_corpus
+from vsalmonn_jax.demo.data import add_time_tokens, data_lock, prepare_data, tokenizer_corpus
 from vsalmonn_jax.demo.env import DemoPolicyEnv, policy_model, policy_state
 from vsalmonn_jax.demo.train import shown_metrics, train_stage
 from vsalmonn_jax.lora import init_lora
@@ -100,15 +100,33 @@ def pretrain(ctx: Context, base: dict) -> dict:
 
 
 def align(ctx: Context, prev: dict) -> dict:
+    """The audio connector on audio-only captions (the paper's stage 1). demo.align_llm (not in the
+    paper): the LLM and the vision connector train too, on those and on the pretraining's
+    video-only captions replayed half and half (without them it forgets what it saw): a frozen
+    2-layer LLM does not learn to read a new modality through a connector alone, as the paper's
+    7B LLM does."""
     demo = ctx.config.demo
     items = ctx.data["train"]["items"]
     texts = [render_caption(ev) for ev in _modality_events(items, "audio")]
-    it = _iterator(ctx, caption_examples(ctx, "train", texts), "audio", int(demo.seed) + 2)
-    trainable = {"adapter": {"audio_connector": prev["adapter"]["audio_connector"]}}
-    out, _ = train_stage(ctx.base_task, ctx.config, params=prev["params"],
-                         trainable=trainable, batches=it, num_steps=int(demo.align_steps),
-                         lr=float(demo.align_lr), seed=int(demo.seed) + 2, log=ctx.log, name="align")
-    return dict(prev, adapter=dict(prev["adapter"], **out["adapter"]))
+    examples = caption_examples(ctx, "train", texts)
+    connector = {"audio_connector": prev["adapter"]["audio_connector"]}
+    if not demo.get("align_llm", False):
+        it = _iterator(ctx, examples, "audio", int(demo.seed) + 2)
+        out, _ = train_stage(ctx.base_task, ctx.config, params=prev["params"],
+                             trainable={"adapter": connector}, batches=it,
+                             num_steps=int(demo.align_steps), lr=float(demo.align_lr),
+                             seed=int(demo.seed) + 2, log=ctx.log, name="align")
+        return dict(prev, adapter=dict(prev["adapter"], **out["adapter"]))
+    seen = [render_caption(ev) for ev in _modality_events(items, "visual")]
+    examples = ([dict(e, modality="audio") for e in examples]
+                + [dict(e, modality="video") for e in caption_examples(ctx, "train", seen)])
+    it = _iterator(ctx, examples, "av", int(demo.seed) + 2)
+    trainable = {"adapter": {**prev["adapter"], "llm": prev["params"]["llm"]}}   # + both connectors
+    out, _ = train_stage(ctx.base_task, ctx.config, params={}, trainable=trainable, batches=it,
+                         num_steps=int(demo.align_steps), lr=float(demo.align_lr),
+                         seed=int(demo.seed) + 2, log=ctx.log, name="align")
+    adapter = dict(out["adapter"])
+    return {"params": {"llm": adapter.pop("llm")}, "adapter": adapter, "lora": None}
 
 
 def sft(ctx: Context, prev: dict) -> dict:
@@ -337,6 +355,8 @@ def setup(config, run_dir: pathlib.Path, data_dir: pathlib.Path, log) -> tuple[C
     base_task = model_lib.CachedAVTask(av_cfg, None)
     with data_lock(data_dir):
         data = prepare_data(data_dir, config, task.model, variables["params"], log)
+    for split in data.values():
+        split["media"] = add_time_tokens(split["media"], tokenizer, config.data.time_tokens)
     timings = {"setup_s": time.perf_counter() - t0}
     log(f"[data] ready in {timings['setup_s']:.0f}s: " +
         ", ".join(f"{k} {len(v['items'])} clips" for k, v in data.items()))

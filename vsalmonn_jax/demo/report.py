@@ -249,6 +249,27 @@ def validation_rows(run_dir: pathlib.Path, names) -> tuple[list[str], dict]:
     return (lines if data else []), data
 
 
+def time_tokens_text(config) -> str:
+    """What the report says about per-frame time tokens (data.time_tokens)."""
+    mode = str(config.data.get("time_tokens", "none"))
+    return {"none": "No per-frame time tokens (data.time_tokens=none).",
+            "official": "Per-frame time tokens after each frame of video-only input (the release's "
+                        "form, data.time_tokens=official).",
+            "all": "Per-frame time tokens (the release form: the end of the frame's share of "
+                   "the video) after each frame's visual tokens, audio-visual input included "
+                   "(data.time_tokens=all; the release gives them to video without audio only)."
+            }[mode]
+
+
+def align_text(config) -> str:
+    """The align stage as configured (demo.align_llm)."""
+    if not config.demo.get("align_llm", False):
+        return "audio connector, audio-only captions"
+    return ("audio connector + LLM + vision connector on audio-only captions, the pretraining's "
+            "video-only captions replayed half and half; the paper trains the connector alone, "
+            "which the frozen 2-layer LLM cannot use: docs/recipe.md")
+
+
 def annotator_text(config) -> str:
     """One sentence on the SFT annotator of `config.demo.annotator` (data/annotator.py)."""
     annotator = config.demo.get("annotator")
@@ -312,9 +333,10 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
         "(the machine may be shared: a load above the CPU count inflates every timing).", "",
         "Encoders: frozen random SigLIP / Whisper towers run once per clip, their outputs "
         "standardised per dimension with the train split's statistics (demo/calibrate.py). "
+        f"{time_tokens_text(config)} "
         "Stages: pretrain (tiny visual LLM: LLM full-parameter + vision connector on visual-only "
-        "captions, plus text-only exact captions; evaluated with video input only) -> align (audio "
-        "connector, audio-only captions) -> "
+        "captions, plus text-only exact captions; evaluated with video input only) -> "
+        f"align ({align_text(config)}) -> "
         f"sft (LoRA + connectors on captions from {annotator_text(config)}; + QA) -> mrdpo_1..R "
         "(k samples per fresh "
         "clip, best-vs-worst pair by the exact judge, DPO + GT-caption CE, LoRA merged and re-initialised "

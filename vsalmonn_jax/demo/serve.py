@@ -126,6 +126,7 @@ class DemoBackend:
         self.stats = calibration(config, data)
         self.settings = FeatureSettings.from_config(config)
         self.max_frames = int(config.data.max_frames)
+        self.time_tokens = str(config.data.time_tokens)
         self.mel_frames = 2 * int(config.model.audio.max_source_positions)
         self.sampling, self.max_new_tokens, self.seed = sampling, int(max_new_tokens), int(seed)
         self.batch_size = int(batch_size)
@@ -135,7 +136,7 @@ class DemoBackend:
         from vsalmonn_jax.data.example import media_features
         from vsalmonn_jax.data.media import MediaError
         from vsalmonn_jax.demo.calibrate import standardize
-        from vsalmonn_jax.demo.data import encode_split, pack_clips
+        from vsalmonn_jax.demo.data import add_time_tokens, encode_split, pack_clips
         from vsalmonn_jax.generate.caption_run import UnreadableInput
 
         name = item.get("video") or item.get("audio")
@@ -148,6 +149,7 @@ class DemoBackend:
         media = encode_split(self.task.model, self.encoders, packed, batch=1)
         if self.stats is not None:
             media = standardize(media, self.stats)
+        media = add_time_tokens(media, self.tokens.tokenizer, self.time_tokens)
         return {"media": media, "prompt": prompt}
 
     def caption(self, rows: list[tuple[dict, int, dict]]) -> list[dict]:

@@ -187,7 +187,7 @@ class AVLLM(nn.Module):
             index, length = plan(n_frames, times.astype(jnp.float32), n_audio)
         embeds, mask = jax.vmap(connectors.gather_media)(visual, audio, index, length)
         if "time_ids" in media and f:
-            embeds, mask = self._time_tokens(media, embeds, mask, n_frames)
+            embeds, mask = self._time_tokens(media, embeds, index, length, n_frames)
         if cfg.newline == "video":  # [B, M + 1, H]: LLaVA-OneVision's one newline after the video
             newline = nn.unbox(self.vision_connector.variables["adapter"]["image_newline"]) \
                 if "vision" in media else jnp.zeros((h,), embeds.dtype)
@@ -196,24 +196,27 @@ class AVLLM(nn.Module):
         embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
         return embeds, mask
 
-    def _time_tokens(self, media: dict, embeds: jax.Array, mask: jax.Array, n_frames: jax.Array):
+    def _time_tokens(self, media: dict, embeds: jax.Array, index: jax.Array, length: jax.Array,
+                     n_frames: jax.Array):
         """Insert the per-frame time tokens (time_ids / time_mask [B, F, K], data/time_tokens.py)
-        after each frame's visual tokens of examples without audio. Each frame gets the example's
-        longest time string's count of slots: its token embeddings, then zero vectors (the
-        release's pad_sequence). [B, M, H] -> [B, M + F * K, H]."""
+        after each real frame's visual tokens (before the audio tokens of its span, if any). Each
+        frame gets the example's longest time string's count of slots: its token embeddings, then
+        zero vectors (the release's pad_sequence). Which examples get them is the host's choice
+        (data.time_tokens: the release gives them to video without audio only); an all-False
+        time_mask row is unchanged. `index` / `length`: the interleave plan [B, M] that built
+        `embeds`. [B, M, H] -> [B, M + F * K, H]."""
         cfg = self.config
         b, m, h = embeds.shape
         ids = jnp.asarray(media["time_ids"])
         _, f, k = ids.shape
-        has_audio = media.get("has_audio", jnp.zeros((b,), bool))
         real_frame = jnp.arange(f)[None, :] < n_frames[:, None]                    # [B, F]
-        keep = media["time_mask"] & ~has_audio[:, None, None] & real_frame[..., None]
+        keep = media["time_mask"] & real_frame[..., None]                         # [B, F, K]
         time = self.llm.embed(ids.reshape(b, f * k)).reshape(b, f, k, h)
         time = (time * keep[..., None].astype(time.dtype)).astype(embeds.dtype)   # [B, F, K, H]
         n_time = jnp.max(jnp.sum(keep, axis=2), axis=1)                          # [B]
-        plan = jax.vmap(lambda nf, nt, n: connectors.plan_time_tokens(
-            m, cfg.frame_tokens, f, k, nf, nt, n))
-        index, length = plan(n_frames, n_time, jnp.sum(mask, axis=1))
+        plan = jax.vmap(lambda i, n, nf, nt: connectors.plan_time_tokens(
+            i, n, f, cfg.frame_tokens, k, nf, nt))
+        index, length = plan(index, length, n_frames, n_time)
         # gather_media's table [first (M, H), second (F*K, H), zeros] is what the plan indexes
         return jax.vmap(connectors.gather_media)(embeds, time.reshape(b, f * k, h), index, length)
 

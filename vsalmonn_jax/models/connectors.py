@@ -3,7 +3,7 @@
 Trainable parameters (projector, image_newline) live in the `adapter` collection. The interleaving
 functions are pure index arithmetic with static shapes (jit-friendly): see `plan_timestamp`
 (the clean default), `plan_official` (video-SALMONN 2's nearest-interpolation QUIRK) and
-`plan_time_tokens` (the release's per-frame time tokens for video without audio).
+`plan_time_tokens` (per-frame time tokens after each frame's visual tokens).
 """
 
 from __future__ import annotations
@@ -208,23 +208,32 @@ def plan_official(num_frames: int, frame_tokens: int, num_audio: int, n_frames: 
     return index, n_frames * stride + (n_audio_all - front)
 
 
-def plan_time_tokens(num_media: int, frame_tokens: int, num_frames: int, time_slots: int,
-                     n_frames: jax.Array, n_time: jax.Array, length: jax.Array):
-    """Per-frame time tokens (the release's --add_time_token, video without audio): a media
-    sequence that starts with n_frames blocks of frame_tokens visual tokens becomes
-    [frame 0 visual, n_time time slots of frame 0, frame 1 visual, ...] followed by the rest.
-    Sources index concat([media (M, H), time slots (F * K, H), zeros (1, H)]); n_time = 0 is
-    the identity. Static output M + F * K; valid length = length + n_frames * n_time.
+def plan_time_tokens(index: jax.Array, length: jax.Array, num_frames: int, frame_tokens: int,
+                     time_slots: int, n_frames: jax.Array, n_time: jax.Array):
+    """Per-frame time tokens: n_time slots right after the last visual token of each of the
+    n_frames real frames of an interleaved media sequence, whatever follows it (audio tokens in
+    "timestamp" / "official", the next frame in video-only sequences):
+    [frame 0 visual, time slots of frame 0, (audio), frame 1 visual, ...].
+
+    `index` [M] / `length` are a plan above (sources in concat([visual (F * V), audio, zeros]));
+    the returned sources index concat([media (M, H), time slots (F * K, H), zeros (1, H)]), slot j
+    of frame i being M + i * K + j. n_time = 0 is the identity. Static output M + F * K; valid
+    length = length + n_frames * n_time.
     """
-    m, v, f, k = num_media, frame_tokens, num_frames, time_slots
-    o = jnp.arange(m + f * k)
-    block = v + n_time
-    i, p = o // block, o % block
-    src = jnp.where(o < n_frames * block,
-                    jnp.where(p < v, i * v + p, m + i * k + p - v),  # visual | time slot of frame i
-                    o - n_frames * n_time)                            # what followed the frames
+    m, v, f, k = index.shape[0], frame_tokens, num_frames, time_slots
+    o = jnp.arange(m)
+    valid = o < length
+    ends = valid & (index < f * v) & (index % v == v - 1) & (index // v < n_frames)  # [M]
+    before = jnp.cumsum(ends) - ends                    # frames ended before slot o
+    media_dest = jnp.where(valid, o + before * n_time, m + f * k)
+    end_at = _plan(f, m, [jnp.where(ends, index // v, f)], [o])   # [F]: slot of frame i's end
+    i, j = jnp.meshgrid(jnp.arange(f), jnp.arange(k), indexing="ij")   # [F, K]
+    time_dest = jnp.where((i < n_frames) & (j < n_time), end_at[:, None] + 1 + i * n_time + j,
+                          m + f * k)
     new_length = length + n_frames * n_time
-    return jnp.where(o < new_length, src, m + f * k).astype(jnp.int32), new_length
+    out = _plan(m + f * k, m + f * k, [media_dest, time_dest.reshape(-1)],
+                [o, m + i.reshape(-1) * k + j.reshape(-1)])
+    return out, new_length
 
 
 def gather_media(visual: jax.Array, audio: jax.Array, index: jax.Array, length: jax.Array):
