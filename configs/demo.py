@@ -1,10 +1,12 @@
 """The `vsalmonn-jax demo` preset: tiny AV shapes sized for 2 CPU cores, data sizes and stage settings.
 
 `--quick` applies `demo.quick` on top (the end-to-end test); every field is overridable on the CLI.
-Measured on 2 quiet CPU cores (code at 7dbddbb, empty compile cache, data rendered anew): 18 min 50 s
-for the whole demo (data 178 s, pretrain 255 s, align 54 s, SFT 169 s, 3 mrDPO rounds 225 s, 3 control
-rounds 172 s, rebirth 73 s; each stage's evaluation 13-20 s of that). --quick: 3 min 1 s with an empty
-compile cache and no data, 1 min 30 s for a second run (bench/demo_cache.py).
+Measured on 2 quiet CPU cores (empty compile cache, data rendered anew; docs/demo_report, 2026-12-07):
+18 min 30 s for the whole demo (data 151 s, pretrain 264 s, align 114 s, SFT 160 s, 3 mrDPO rounds
+207 s, 3 control rounds 149 s, rebirth 64 s; each stage's evaluation 13-21 s of that). align 500
+steps, n_fresh 300 and rebirth 200 took 21 min 27 s: cut to fit the 20-minute budget. --quick:
+3 min 3-5 s with an empty compile cache and no data (3 min 1 s before align_llm: its full-LLM step
+is one more compilation).
 dpo_lr 2e-4 over-optimised the tiny LoRA: round-1 DPO loss fell to 0.38 and the GT-caption CE rose
 0.29 -> 0.78 within 60 steps, and by round 3 the captions had degenerated to fragments ("At 1").
 """
@@ -50,15 +52,15 @@ def get_config():
     c.generate.update(dict(max_new_tokens=136, temperature=1.0, top_p=0.9))
     c.demo = ml_collections.ConfigDict(dict(
         seed=2024, render_workers=2, batch_size=16, eval_batch=100,
-        n_train=1500, n_val=200, n_test=500, n_fresh=300, n_rebirth=400,   # val: every choice
+        n_train=1500, n_val=200, n_test=500, n_fresh=200, n_rebirth=400,   # val: every choice
         max_caption_tokens=136, max_prompt_tokens=64, max_text_tokens=168,
         pretrain_steps=1000, pretrain_lr=2e-3,     # the tiny "pretrained" visual LLM (full parameters)
-        align_steps=500, align_lr=2e-3,            # audio connector on audio-only captions;
+        align_steps=350, align_lr=2e-3,            # audio connector on audio-only captions;
         align_llm=True,                            # + the LLM, video captions replayed (not in
                                                    # the paper: pipeline.align says why)
         sft_steps=600, sft_lr=1e-3,                # LoRA + connectors on the annotated AV captions + QA
         dpo_steps=60, dpo_lr=5e-5,                 # per mrDPO round (release: 2e-5; see above)
-        rebirth_steps=200, rebirth_lr=1e-3,
+        rebirth_steps=150, rebirth_lr=1e-3,
         standardize_features=True,                 # demo/calibrate.py: the random towers' stand-in
         # the SFT annotator (data/annotator.py): realistic (omissions + a few false events, per-
         # annotator rates) | biased (the earlier one: sounds dropped, false beeps, repeats)

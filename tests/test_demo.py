@@ -108,6 +108,27 @@ def test_time_tokens_reach_the_batches_their_mode_gives():
     assert not media_batch(official, rows, "av")["time_mask"].any()
 
 
+def test_an_example_modality_narrows_what_its_row_uses():
+    """demo.align_llm mixes audio-only and video-only rows in one "av" batch: each row's flags say
+    what it uses, and a video-only row keeps its time tokens under data.time_tokens=official."""
+    from vsalmonn_jax.demo.batches import build_batch
+    from vsalmonn_jax.demo.data import add_time_tokens
+
+    media = {"vision": np.zeros((3, 4, 9, 4), np.float16), "audio": np.ones((3, 1, 40, 4), np.float16),
+             "frame_mask": np.ones((3, 4), bool), "frame_times": np.zeros((3, 4), np.float32),
+             "audio_seconds": np.full((3,), 4.0), "video_seconds": np.full((3,), 4.0)}
+    media = add_time_tokens(media, _CharTokenizer(), "official")
+    row = (np.array([1, 2, 3], np.int32), np.array([False, True, True]))
+    examples = [{"split": "train", "row": 0, "text": row, "modality": "audio"},
+                {"split": "train", "row": 1, "text": row, "modality": "video"},
+                {"split": "train", "row": 2, "text": row}]
+    batch = build_batch(examples, {"train": media}, 8, 0, "av")
+    assert batch["has_video"].tolist() == [False, True, True]
+    assert batch["has_audio"].tolist() == [True, False, True]
+    assert "vision" in batch and "audio" in batch
+    assert batch["time_mask"].any(axis=(1, 2)).tolist() == [False, True, False]
+
+
 def test_text_batch_pads_to_the_fixed_length():
     from vsalmonn_jax.demo.batches import text_batch
 
