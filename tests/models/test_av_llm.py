@@ -206,6 +206,20 @@ def test_media_activations_stay_batch_sharded(setup):
     assert "f32[8,2,16,64]" not in hlo  # no full-batch projector output on any device
 
 
+def _random_media(cfg, rng, rows: int) -> dict:
+    """A dummy batch of `rows` examples (3 frame slots, 1 chunk) with random pixels and mel."""
+    batch = dummy_batch(cfg, batch=rows, frames=3, chunks=1, text_len=6)
+    batch["pixel_values"] = rng.normal(size=batch["pixel_values"].shape).astype(np.float32)
+    batch["mel"] = rng.normal(size=batch["mel"].shape).astype(np.float32)
+    return batch
+
+
+def _runner(model, variables):
+    """run(method, *args): a jitted model.apply of that method."""
+    return lambda method, *args: jax.jit(functools.partial(model.apply, method=method))(
+        variables, *args)
+
+
 def test_time_tokens_follow_each_frame_of_video_without_audio(setup, rng):
     """The release's --add_time_token: per frame [visual, time-token embeddings, zero vectors up to
     the example's longest time string]; a row whose time_mask is all False (the host's choice for
@@ -213,22 +227,17 @@ def test_time_tokens_follow_each_frame_of_video_without_audio(setup, rng):
     import dataclasses
 
     cfg, lora, variables = setup
-    official = dataclasses.replace(cfg, interleave="official")
-    batch = dummy_batch(cfg, batch=2, frames=3, chunks=1, text_len=6)
-    batch["pixel_values"] = rng.normal(size=batch["pixel_values"].shape).astype(np.float32)
-    batch["mel"] = rng.normal(size=batch["mel"].shape).astype(np.float32)
+    batch = _random_media(cfg, rng, 2)
     batch["frame_mask"][:] = [True, True, False]
     batch["has_audio"][:] = [False, True]
     batch["mel_mask"][:] = [[False], [True]]
-    model = AVLLM(official, lora)
-    run = lambda method, *args: jax.jit(functools.partial(model.apply, method=method))(
-        variables, *args)
+    run = _runner(AVLLM(dataclasses.replace(cfg, interleave="official"), lora), variables)
     media = run("encode_frozen", batch)
     plain, plain_mask = run("connect", media)
     ids = np.zeros((2, 3, 4), np.int32)
     ids[:, 0, :3], ids[:, 1, :4] = [20, 21, 22], [23, 24, 25, 26]
-    timed = dict(media, time_ids=jnp.asarray(ids), time_mask=jnp.asarray((ids > 0) & (np.arange(2) == 0)[:, None, None]))
-    embeds, mask = run("connect", timed)
+    keep = (ids > 0) & (np.arange(2) == 0)[:, None, None]     # row 1 (with audio): none
+    embeds, mask = run("connect", dict(media, time_ids=jnp.asarray(ids), time_mask=jnp.asarray(keep)))
     v = cfg.frame_tokens
     assert embeds.shape[1] == plain.shape[1] + 3 * 4
     assert np.asarray(mask).sum(1).tolist() == [2 * v + 2 * 4, int(plain_mask[1].sum())]
@@ -242,17 +251,13 @@ def test_time_tokens_follow_each_frame_of_video_without_audio(setup, rng):
 
 
 def test_time_tokens_sit_between_each_frame_and_its_audio(setup, rng):
-    """data.time_tokens=all in the timestamp interleave: per frame [visual, its time tokens, the
-    audio tokens of its second]; the video-only plan equals the closed form of the release's."""
+    """data.time_tokens=all in the timestamp interleave: per frame [visual, its time tokens padded
+    to the longest string, the audio tokens of its second]."""
     cfg, lora, variables = setup
-    batch = dummy_batch(cfg, batch=1, frames=3, chunks=1, text_len=6)
-    batch["pixel_values"] = rng.normal(size=batch["pixel_values"].shape).astype(np.float32)
-    batch["mel"] = rng.normal(size=batch["mel"].shape).astype(np.float32)
+    batch = _random_media(cfg, rng, 1)
     batch["frame_times"] = np.array([[0.0, 1.0, 2.0]], np.float32)
     batch["audio_seconds"] = np.array([3.0], np.float32)   # 2 audio tokens per frame's second
-    model = AVLLM(cfg, lora)
-    run = lambda method, *args: jax.jit(functools.partial(model.apply, method=method))(
-        variables, *args)
+    run = _runner(AVLLM(cfg, lora), variables)
     media = run("encode_frozen", batch)
     plain, plain_mask = run("connect", media)
     ids = np.zeros((1, 3, 4), np.int32)
