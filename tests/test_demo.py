@@ -99,9 +99,10 @@ def test_time_tokens_reach_the_batches_their_mode_gives():
     timed = add_time_tokens(media, _CharTokenizer(), "all")
     for modality in ("video", "av"):
         batch = media_batch(timed, rows, modality)
-        text = lambda b, i: "".join(chr(c) for c in batch["time_ids"][b, i][batch["time_mask"][b, i]])
-        assert [text(0, i) for i in range(6)] == ["1.0", "2.0", "3.0", "4.0", "5.0", ""]
-        assert [text(1, i) for i in range(4)] == ["1.0", "2.0", "3.0", ""]
+        text = ["".join(chr(c) for c in ids[keep]) for ids, keep in
+                zip(batch["time_ids"].reshape(-1, 4), batch["time_mask"].reshape(-1, 4))]
+        assert text[:6] == ["1.0", "2.0", "3.0", "4.0", "5.0", ""]          # row 0: clip 1, 5 frames
+        assert text[8:12] == ["1.0", "2.0", "3.0", ""]                      # row 1: clip 0, 3 frames
     assert "time_ids" not in media_batch(timed, rows, "audio")
     official = add_time_tokens(media, _CharTokenizer(), "official")
     assert media_batch(official, rows, "video")["time_mask"].sum() == 3 * (5 + 3)
