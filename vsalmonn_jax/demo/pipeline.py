@@ -109,11 +109,11 @@ def align(ctx: Context, prev: dict) -> dict:
     items = ctx.data["train"]["items"]
     texts = [render_caption(ev) for ev in _modality_events(items, "audio")]
     examples = caption_examples(ctx, "train", texts)
-    connector = {"audio_connector": prev["adapter"]["audio_connector"]}
     if not demo.get("align_llm", False):
         it = _iterator(ctx, examples, "audio", int(demo.seed) + 2)
+        trainable = {"adapter": {"audio_connector": prev["adapter"]["audio_connector"]}}
         out, _ = train_stage(ctx.base_task, ctx.config, params=prev["params"],
-                             trainable={"adapter": connector}, batches=it,
+                             trainable=trainable, batches=it,
                              num_steps=int(demo.align_steps), lr=float(demo.align_lr),
                              seed=int(demo.seed) + 2, log=ctx.log, name="align")
         return dict(prev, adapter=dict(prev["adapter"], **out["adapter"]))
