@@ -108,6 +108,7 @@ RULES: dict[str, Any] = {
     "model.lora.alpha": POSITIVE,
     "model.lora.dropout": SHARE_BELOW_ONE,
     "model.vision.frame_chunk": COUNT,         # 0 = all frames at once
+    "model.vision.position_init_std": POSITIVE,
     "model.audio.chunk_batch": COUNT,          # 0 = all chunks at once
     "model.connector.pool_mode": OneOf(POOL_MODES),
     "model.connector.pool_stride": POSITIVE_INT,

@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
         rank=128, alpha=256.0, dropout=0.05, targets=("q_proj", "k_proj", "v_proj")))
     c.model.vision = ml_collections.ConfigDict(dict(   # SigLIP vision tower
         hidden_size=0, intermediate_size=0, num_layers=0, num_heads=0, image_size=384,
-        patch_size=14, layer_norm_eps=1e-6, select_layer=-2, frame_chunk=16))
+        patch_size=14, layer_norm_eps=1e-6, select_layer=-2, frame_chunk=16,
+        position_init_std=0.02))   # learned positions at random init (real weights replace them)
     c.model.audio = ml_collections.ConfigDict(dict(    # Whisper encoder
         num_mel_bins=128, d_model=0, num_layers=0, num_heads=0, ffn_dim=0,
         max_source_positions=1500, chunk_seconds=30, chunk_batch=4))

@@ -177,3 +177,61 @@ def test_sounds_are_separable_in_a_16_bin_log_mel():
     distance = ((windows[half:, None, :] - centroids[None]) ** 2).sum(-1)
     accuracy = (distance.argmin(1) == labels[half:]).mean()
     assert len(labels) > 60 and accuracy >= 0.95
+
+
+def test_places_grammar_says_where_shapes_appear_and_move_to():
+    """`places`: "appears at the <cell>" / "moves to the <cell>" name the shape's cell in the scene's
+    tracks at that second; the rest of the caption, and the scene itself, are as without it."""
+    cfg = sc.default_config()
+    cfg.update(dict(grid=3, places=True))
+    plain_cfg = sc.default_config()
+    plain_cfg.grid = 3
+    vocab = sc.vocabulary(3, places=True)
+    assert sc.cell_name((0, 0), 3) == "top left" and sc.cell_name((1, 1), 3) == "centre"
+    assert sc.cell_name((2, 1), 3) == "middle right" and sc.cell_name((3, 0), 4) == "row 1 column 4"
+    assert len({sc.cell_name((c, r), 3) for c in range(3) for r in range(3)}) == 9
+    said = 0
+    for i in range(100):
+        scene, plain = sc.make_scene(0, i, cfg), sc.make_scene(0, i, plain_cfg)
+        assert [(e["time"], e["subject"]) for e in scene.events] == \
+            [(e["time"], e["subject"]) for e in plain.events]
+        events, unparsed = parse_caption(sc.reference_caption(scene), vocab)
+        assert not unparsed and [event_key(e) for e in events] == [event_key(e) for e in scene.events]
+        for event, before in zip(scene.events, plain.events, strict=True):
+            kind = before["action"].split()[0]
+            if kind not in ("appears", "moves"):
+                assert event["action"] == before["action"]
+                continue
+            track = next(tr for tr in scene.tracks if event["subject"].endswith(" " + tr.shape))
+            cell = sc.cell_name(track.cell[event["time"]], 3)
+            word = "at" if kind == "appears" else "to"
+            assert event["action"] == f"{kind} {word} the {cell}" and event["action"] in sc.said_actions(cfg)
+            said += 1
+    assert said > 150
+    assert sc.said_actions(plain_cfg) == sc.VISUAL_ACTIONS
+
+
+def test_places_grammar_reaches_qa_annotator_and_tokenizer():
+    """Which-shape-appears questions still exist, false events use the grammar's actions, and the
+    tokenizer corpus holds every sentence of it."""
+    from vsalmonn_jax.data.annotator import annotated_events, default_annotator
+    from vsalmonn_jax.data.synthetic import tokenizer_corpus
+
+    cfg = sc.default_config()
+    cfg.update(dict(grid=3, places=True))
+    annotator = default_annotator()
+    annotator.false_rate = 0.5
+    actions = set(sc.said_actions(cfg))
+    appears_questions, false_visual = 0, 0
+    for i in range(60):
+        scene = sc.make_scene(0, i, cfg)
+        appears_questions += sum(q["question"].startswith("Which shape appears") for q in sc.qa_items(scene, 0, cfg))
+        truth = {event_key(e) for e in scene.events}
+        for event in annotated_events(scene, 0, annotator, cfg):
+            if event["modality"] == "visual" and event_key(event) not in truth:
+                false_visual += 1
+                assert event["action"] in actions
+    assert appears_questions > 10 and false_visual > 10
+    corpus = set(tokenizer_corpus(cfg, "<image>"))
+    assert "At 3 s, the red circle moves to the bottom right." in corpus
+    assert "At 0 s, the blue cross appears at the centre." in corpus

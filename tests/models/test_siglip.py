@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +44,22 @@ def test_siglip_drops_last_layer_and_counts_params():
     leaves = jax.tree.leaves(variables)
     assert sum(x.size for x in leaves) == num_params(cfg)
     assert variables["params"]["layers"]["q_proj"]["kernel"].shape == (2, 32, 32)
+
+
+def test_position_init_std_scales_only_the_random_positions():
+    """vision.position_init_std: the learned positions' std at random init (0.02 = SigLIP's own);
+    nothing else in the tower changes."""
+    _, cfg, _ = _tiny()
+    pixels = jnp.zeros((1, 56, 56, 3))
+    init = {s: nn.unbox(SiglipVision(dataclasses.replace(cfg, position_init_std=s)).init(
+        jax.random.PRNGKey(0), pixels)) for s in (0.02, 1.0)}
+    for s, variables in init.items():
+        std = float(np.std(variables["params"]["embeddings"]["position_embedding"]))
+        assert abs(std - s) < 0.2 * s
+    rest = [{k: v for k, v in init[s]["params"].items() if k != "embeddings"} for s in (0.02, 1.0)]
+    jax.tree.map(np.testing.assert_array_equal, rest[0], rest[1])
+    np.testing.assert_array_equal(init[0.02]["params"]["embeddings"]["patch_embedding"],
+                                  init[1.0]["params"]["embeddings"]["patch_embedding"])
 
 
 def test_siglip_rejects_wrong_image_size():

@@ -40,7 +40,8 @@ def annotator_scales(annotators: int, spread: float) -> np.ndarray:
     return 1.0 + float(spread) * (np.linspace(-1.0, 1.0, int(annotators)) if annotators > 1 else np.zeros(1))
 
 
-def _false_event(rng, scene: scene_lib.Scene, taken: set[tuple[int, str]]) -> dict | None:
+def _false_event(rng, scene: scene_lib.Scene, taken: set[tuple[int, str]],
+                 actions: tuple[str, ...] = scene_lib.VISUAL_ACTIONS) -> dict | None:
     """A plausible false event at a (second, modality) without a true event, or None if none is free."""
     free = [(t, m) for t in range(scene.seconds) for m in ("visual", "audio") if (t, m) not in taken]
     if not free:
@@ -51,13 +52,14 @@ def _false_event(rng, scene: scene_lib.Scene, taken: set[tuple[int, str]]) -> di
                                 "sounds")
     track = scene.tracks[int(rng.integers(len(scene.tracks)))]
     colour = track.colour[t]   # the shape's colour at that second (plausible even if not visible)
-    action = scene_lib.VISUAL_ACTIONS[int(rng.integers(len(scene_lib.VISUAL_ACTIONS)))]
+    action = actions[int(rng.integers(len(actions)))]
     return scene_lib._event(t, "visual", f"the {colour} {track.shape}", action)
 
 
-def realistic_events(scene: scene_lib.Scene, seed: int, annotator: ml_collections.ConfigDict) -> list[dict]:
-    """What the realistic annotator writes for one clip (events in time order). Deterministic per
-    (seed, clip)."""
+def realistic_events(scene: scene_lib.Scene, seed: int, annotator: ml_collections.ConfigDict,
+                     actions: tuple[str, ...] = scene_lib.VISUAL_ACTIONS) -> list[dict]:
+    """What the realistic annotator writes for one clip (events in time order; false visual events
+    draw from `actions`, the data set's grammar). Deterministic per (seed, clip)."""
     rng = np.random.default_rng([int(seed), int(scene.index), 3])
     scale = annotator_scales(int(annotator.annotators), float(annotator.spread))[
         int(rng.integers(int(annotator.annotators)))]
@@ -67,7 +69,7 @@ def realistic_events(scene: scene_lib.Scene, seed: int, annotator: ml_collection
         if rng.random() >= min(1.0, float(annotator.omit[event_kind(event)]) * scale):
             written.append(event)
         if rng.random() < min(1.0, float(annotator.false_rate) * scale):
-            extra = _false_event(rng, scene, taken)
+            extra = _false_event(rng, scene, taken, actions)
             if extra is not None:
                 taken.add((extra["time"], extra["modality"]))
                 false.append(extra)
@@ -80,7 +82,8 @@ def annotated_events(scene: scene_lib.Scene, seed: int, annotator: ml_collection
     if annotator.kind == "biased":
         return scene_lib.biased_events(scene, seed, cfg)
     if annotator.kind == "realistic":
-        return realistic_events(scene, seed, annotator)
+        return realistic_events(scene, seed, annotator,
+                                scene_lib.said_actions(cfg or scene_lib.default_config()))
     raise ValueError(f"demo.annotator.kind must be one of {ANNOTATOR_KINDS}, got {annotator.kind!r}")
 
 

@@ -89,7 +89,7 @@ def clip_records(seed: int, split: str, i: int, cfg: ml_collections.ConfigDict) 
 def tokenizer_corpus(cfg: ml_collections.ConfigDict, placeholder: str) -> list[str]:
     """Every sentence the grammar can produce at every second, the QA text and the chat roles."""
     corpus = [f"system\n{SYSTEM_PROMPT}", f"user\n{placeholder}\n{cfg.prompt}", "assistant\n"]
-    visual = [a for a in scene_lib.VISUAL_ACTIONS]
+    visual = scene_lib.said_actions(cfg)
     for t in range(cfg.max_seconds + 1):
         for subject in scene_lib.subjects()["visual"]:
             corpus += [render_event({"time": t, "subject": subject, "action": a}) for a in visual]
@@ -105,7 +105,7 @@ def tokenizer_corpus(cfg: ml_collections.ConfigDict, placeholder: str) -> list[s
 
 def meta(seed: int, cfg: ml_collections.ConfigDict, counts: dict[str, int], placeholder: str) -> dict:
     return {"seed": int(seed), "config": cfg.to_dict(), "splits": counts,
-            "vocabulary": scene_lib.vocabulary(), "subjects": scene_lib.subjects(),
+            "vocabulary": scene_lib.vocabulary(int(cfg.grid), bool(cfg.places)), "subjects": scene_lib.subjects(),
             "grammar": "At {time} s, {subject} {action}.", "placeholder": placeholder,
             "system_prompt": SYSTEM_PROMPT, "split_base": scene_lib.SPLIT_BASE}
 

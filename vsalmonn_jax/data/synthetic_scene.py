@@ -19,15 +19,54 @@ SOUNDS = ("a high beep", "a low beep", "a rising chirp", "a falling chirp", "a n
 MOVES = {"moves left": (-1, 0), "moves right": (1, 0), "moves up": (0, -1), "moves down": (0, 1)}
 VISUAL_ACTIONS = ("appears", "vanishes", *MOVES, *(f"turns {c}" for c in COLOURS))
 AUDIO_ACTIONS = ("sounds",)
+ROW_WORDS, COLUMN_WORDS = ("top", "middle", "bottom"), ("left", "centre", "right")
 
 # clip index spaces per split: disjoint, and unlimited within each
 SPLIT_BASE = {"train": 0, "val": 1 << 32, "test": 2 << 32, "fresh": 3 << 32,
               "tokenizer": 4 << 32}
 
 
-def vocabulary() -> dict[str, dict[str, str]]:
-    """action -> {"modality"}: what `event_grammar.parse_caption` needs to read captions back."""
-    vocab = {action: {"modality": "visual"} for action in VISUAL_ACTIONS}
+def cell_name(cell, grid: int) -> str:
+    """A grid cell (column, row) in words: "top left" .. "centre" .. "bottom right" on a 3x3 grid,
+    "row 2 column 4" on any other."""
+    column, row = int(cell[0]), int(cell[1])
+    if grid != 3:
+        return f"row {row + 1} column {column + 1}"
+    if (row, column) == (1, 1):
+        return "centre"
+    return f"{ROW_WORDS[row]} {COLUMN_WORDS[column]}" if row != 1 else f"middle {COLUMN_WORDS[column]}"
+
+
+def placed_action(action: str, cell, grid: int) -> str:
+    """The action as the `places` grammar says it: where a shape appears, where it moves to
+    ("appears at the top left", "moves to the centre"); other actions unchanged."""
+    if action == "appears":
+        return f"appears at the {cell_name(cell, grid)}"
+    if action in MOVES:
+        return f"moves to the {cell_name(cell, grid)}"
+    return action
+
+
+def said_actions(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The visual actions a data set's captions use (its `grid` and `places`)."""
+    return visual_actions(int(cfg.grid), bool(cfg.get("places", False)))
+
+
+def visual_actions(grid: int = 3, places: bool = False) -> tuple[str, ...]:
+    """Every visual action of the grammar (`places`: with the cells of a grid x grid scene)."""
+    if not places:
+        return VISUAL_ACTIONS
+    cells = [(c, r) for r in range(grid) for c in range(grid)]
+    return (*(f"appears at the {cell_name(cell, grid)}" for cell in cells), "vanishes",
+            *(f"moves to the {cell_name(cell, grid)}" for cell in cells),
+            *(f"turns {c}" for c in COLOURS))
+
+
+def vocabulary(grid: int = 3, places: bool = False) -> dict[str, dict[str, str]]:
+    """action -> {"modality"}: what `event_grammar.parse_caption` needs to read captions back
+    (`places`: the standard actions plus those of the places grammar on a grid x grid scene)."""
+    actions = VISUAL_ACTIONS + (visual_actions(grid, True) if places else ())
+    vocab = {action: {"modality": "visual"} for action in actions}
     vocab.update({action: {"modality": "audio"} for action in AUDIO_ACTIONS})
     return vocab
 
@@ -43,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
         seed=2024, min_seconds=4, max_seconds=8, fps=1, frame_size=64, sample_rate=16000,
         # grid 4: 4x4 cells of 16 px, i.e. one 14-px patch each once resized to 56 px (tiny)
         grid=4, max_objects=2, visual_event_prob=0.6, audio_event_prob=0.4,
+        # captions say where a shape appears and where it moves to ("moves to the top left")
+        # instead of the direction ("moves left"): not in the paper (docs/recipe.md, moves)
+        places=False,
         n_train=1000, n_val=100, n_test=200, qa_per_clip=2,
         prompt="Please describe the video in detail.",
         # the SFT annotator's systematic habits (ground-truth events stay exact)
@@ -120,7 +162,9 @@ def make_scene(seed: int, index: int, cfg: ml_collections.ConfigDict | None = No
                 options = [o for o in options if o[0] == "appears"]
             action, k, arg = options[int(rng.integers(len(options)))]
             tr = tracks[k]
-            events.append(_event(t, "visual", f"the {tr['colour']} {tr['shape']}", action))
+            said = placed_action(action, arg if action in MOVES else tr["cell"], cfg.grid) \
+                if cfg.places else action
+            events.append(_event(t, "visual", f"the {tr['colour']} {tr['shape']}", said))
             if action == "appears":
                 tr["state"], tr["since"] = "visible", t
             elif action == "vanishes":
@@ -192,7 +236,7 @@ def qa_items(scene: Scene, seed: int, cfg: ml_collections.ConfigDict | None = No
     for t, name in scene.sounds:
         candidates.append(_mcq(rng, f"What sound is heard at {t} s?", name, list(SOUNDS)))
     for e in scene.events:
-        if e["action"] == "appears":
+        if e["action"].split()[0] == "appears":
             shape = e["subject"].split()[-1]
             candidates.append(_mcq(rng, f"Which shape appears at {e['time']} s?", shape, list(SHAPES)))
     count = len(scene.sounds)

@@ -108,7 +108,7 @@ class ExactJudge(Judge):
     def score_many(self, pairs, ids=None) -> list[VideoScore]:
         ids = check_pairs(pairs, ids)
         synthetic = [[e for e in events if is_synthetic_event(e)] for _, events in pairs]
-        vocabulary = {**synthetic_scene.vocabulary(), **build_vocabulary(synthetic), **self.vocabulary}
+        vocabulary = {**synthetic_scene.vocabulary(places=True), **build_vocabulary(synthetic), **self.vocabulary}
         scores = []
         for video_id, (caption, events) in zip(ids, pairs, strict=True):
             try:

@@ -36,6 +36,7 @@ class SiglipConfig:
     param_dtype: str = "float32"
     remat: bool = False
     attention_impl: str = "xla"   # xla | cudnn (set from model.llm.attention_impl)
+    position_init_std: float = 0.02   # learned positions at random init (checkpoints replace them)
 
     @classmethod
     def from_config(cls, section, **overrides) -> SiglipConfig:
@@ -77,7 +78,7 @@ class SiglipEmbeddings(nn.Module):
                          (None, None, "conv_in", "vision_embed"))
         bias = declare(self, "params", "patch_bias", nn.initializers.zeros, (cfg.hidden_size,),
                        cfg.param_dtype, ("vision_embed",))
-        positions = declare(self, "params", "position_embedding", nn.initializers.normal(0.02),
+        positions = declare(self, "params", "position_embedding", nn.initializers.normal(cfg.position_init_std),
                             (g * g, cfg.hidden_size), cfg.param_dtype, (None, "vision_embed"))
         x = pixel_values[:, : g * ps, : g * ps].astype(cfg.dtype)  # conv 'valid' drops the remainder
         x = x.reshape(n, g, ps, g, ps, c).transpose(0, 1, 3, 2, 4, 5)  # [N, g, g, ps, ps, C]
