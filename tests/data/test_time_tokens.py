@@ -8,7 +8,7 @@ from vsalmonn_jax.config import load_config
 from vsalmonn_jax.data.collate import collate
 from vsalmonn_jax.data.encode import write_video
 from vsalmonn_jax.data.example import Featurizer
-from vsalmonn_jax.data.time_tokens import time_strings
+from vsalmonn_jax.data.time_tokens import stack_time_tokens, time_strings
 
 
 def test_time_strings_are_the_release_form():
@@ -67,3 +67,17 @@ def test_all_gives_audio_visual_video_time_tokens_too(clips, synth_dir):
     assert texts == ["1.0", "2.0", "3.0"]
     audio_only = featurizer({"kind": "caption", "audio": str(clips / "sound.mp4"), "index": 2})
     assert "failed" not in audio_only and "time_ids" not in audio_only
+
+
+def test_stack_time_tokens_pads_rows_and_refuses_a_string_wider_than_the_slots():
+    """One helper stacks per-example fields for collate (power-of-two width) and the demo (fixed
+    slots): each row left-aligned in its frames, a missing row all padding, too wide an error."""
+    a = {"time_ids": np.array([[5, 6], [7, 0]], np.int32), "time_mask": np.array([[1, 1], [1, 0]], bool)}
+    b = {"time_ids": np.array([[9]], np.int32), "time_mask": np.array([[1]], bool)}
+    out = stack_time_tokens([a, None, b], frames=3, width=4)
+    assert out["time_ids"].shape == out["time_mask"].shape == (3, 3, 4)
+    np.testing.assert_array_equal(out["time_ids"][0], [[5, 6, 0, 0], [7, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["time_mask"][0].sum(1), [2, 1, 0])
+    assert not out["time_mask"][1].any() and out["time_ids"][2, 0, 0] == 9 and out["time_mask"].sum() == 4
+    with pytest.raises(ValueError, match="row 0: a time string is 2 tokens > 1 slots"):
+        stack_time_tokens([a], frames=2, width=1)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vsalmonn_jax.data.features import CHUNK_FRAMES, siglip_normalize
+from vsalmonn_jax.data.time_tokens import stack_time_tokens
 
 TEXT_PREFIXES = ("", "chosen_", "rejected_", "gt_")
 
@@ -46,13 +47,7 @@ def _text(examples: list[dict], prefix: str, length: int, pad_id: int) -> dict[s
 def _time_tokens(examples: list[dict], frames: int) -> dict[str, np.ndarray]:
     """time_ids int32 / time_mask bool [B, F, K] (K: power of two >= 4 holding the longest)."""
     width = _pow2(max(ex["time_ids"].shape[1] for ex in examples if "time_ids" in ex), 4)
-    ids = np.zeros((len(examples), frames, width), np.int32)
-    mask = np.zeros((len(examples), frames, width), bool)
-    for b, ex in enumerate(examples):
-        if "time_ids" in ex:
-            n, k = ex["time_ids"].shape
-            ids[b, :n, :k], mask[b, :n, :k] = ex["time_ids"], ex["time_mask"]
-    return {"time_ids": ids, "time_mask": mask}
+    return stack_time_tokens([ex if "time_ids" in ex else None for ex in examples], frames, width)
 
 
 def collate(examples: list[dict], *, pad_id: int, image_size: int, num_mel_bins: int,

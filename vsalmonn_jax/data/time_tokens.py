@@ -38,6 +38,21 @@ def time_token_fields(tokenizer, video_seconds: float, num_frames: int) -> dict[
     return {"time_ids": ids, "time_mask": mask}
 
 
+def stack_time_tokens(fields: list[dict | None], frames: int, width: int) -> dict[str, np.ndarray]:
+    """Examples' `time_token_fields` (None: no time tokens) in one padded pair, time_ids int32 /
+    time_mask bool [B, frames, width]; a string longer than `width` slots is an error."""
+    ids = np.zeros((len(fields), frames, width), np.int32)
+    mask = np.zeros((len(fields), frames, width), bool)
+    for b, field in enumerate(fields):
+        if field is None:
+            continue
+        n, k = field["time_ids"].shape
+        if k > width:
+            raise ValueError(f"row {b}: a time string is {k} tokens > {width} slots")
+        ids[b, :n, :k], mask[b, :n, :k] = field["time_ids"], field["time_mask"]
+    return {"time_ids": ids, "time_mask": mask}
+
+
 def wants_time_tokens(mode: str, has_video: bool, has_audio: bool) -> bool:
     """`data.time_tokens` "official": video records without audio get time tokens; "all": every
     record with video."""

@@ -27,7 +27,7 @@ from vsalmonn_jax.data.annotator import annotated_caption, default_annotator
 from vsalmonn_jax.data.event_qa import event_qa_items, qa_corpus
 from vsalmonn_jax.data.example import FeatureSettings, media_features
 from vsalmonn_jax.data.features import siglip_normalize
-from vsalmonn_jax.data.time_tokens import time_token_fields, wants_time_tokens
+from vsalmonn_jax.data.time_tokens import stack_time_tokens, time_token_fields, wants_time_tokens
 from vsalmonn_jax.demo.calibrate import feature_stats, standardize
 
 SPLITS = ("train", "val", "fresh", "test")
@@ -146,17 +146,10 @@ def add_time_tokens(media: dict[str, np.ndarray], tokenizer, mode: str) -> dict[
     if not wants_time_tokens(mode, True, False):
         return media
     n, f = media["frame_mask"].shape
-    ids, mask = np.zeros((n, f, TIME_SLOTS), np.int32), np.zeros((n, f, TIME_SLOTS), bool)
-    for k in range(n):
-        frames = int(media["frame_mask"][k].sum())
-        if frames == 0:
-            continue
-        fields = time_token_fields(tokenizer, float(media["video_seconds"][k]), frames)
-        width = fields["time_ids"].shape[1]
-        if width > TIME_SLOTS:
-            raise ValueError(f"clip {k}: a time string is {width} tokens > {TIME_SLOTS} slots")
-        ids[k, :frames, :width], mask[k, :frames, :width] = fields["time_ids"], fields["time_mask"]
-    return {**media, "time_ids": ids, "time_mask": mask,
+    frames = media["frame_mask"].sum(1)
+    fields = [time_token_fields(tokenizer, float(media["video_seconds"][k]), int(frames[k]))
+              if frames[k] else None for k in range(n)]
+    return {**media, **stack_time_tokens(fields, f, TIME_SLOTS),
             "time_with_audio": np.full((n,), wants_time_tokens(mode, True, True))}
 
 
