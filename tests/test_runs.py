@@ -18,7 +18,8 @@ from machine import scaled
 
 from vsalmonn_jax.cli import main as cli
 
-pytestmark = pytest.mark.slow      # trains a run through the CLI, captions in a subprocess
+# trains a run through the CLI, captions in a subprocess; one worker builds the module's run once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("runs")]
 
 
 @pytest.fixture(scope="module")

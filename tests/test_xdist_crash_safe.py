@@ -86,3 +86,33 @@ def test_a_report_from_a_dying_worker_sends_it_nothing_and_its_units_return_to_t
     # the unit it was running (less g1, done, and g2, crashed) and the one it never got are rerun
     assert sorted(collection[i] for i in alive.sent) == ["t.py::g3@g", "u.py::a", "u.py::b"]
     assert alive.shutting_down   # nothing left to hand out
+
+
+def test_loadgroup_keeps_a_group_on_one_worker(tmp_path):
+    """pytest 9 + xdist 3.8.0 alone split an `xdist_group` over the workers (the suffix went to a
+    field pytest 9 no longer reads), so a grouped module built its module fixture once per worker."""
+    (tmp_path / "conftest.py").write_text("pytest_plugins = ['xdist_crash_safe']\n")
+    (tmp_path / "test_group.py").write_text(textwrap.dedent("""
+        import os, pathlib, time, pytest
+
+        def _log(name):
+            time.sleep(0.2)
+            pathlib.Path(name).write_text(os.environ["PYTEST_XDIST_WORKER"])
+
+        @pytest.mark.parametrize("i", range(6))
+        @pytest.mark.xdist_group("g")
+        def test_grouped(i):
+            _log(f"grouped_{i}")
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_free(i):
+            _log(f"free_{i}")
+    """))
+    env = {"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup",
+                          "-p", "no:cacheprovider", "-p", "no:randomly", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=scaled(120))
+    assert out.returncode == 0 and "12 passed" in out.stdout, out.stdout + out.stderr
+    workers = {p.name: p.read_text() for p in tmp_path.glob("*_[0-9]")}
+    assert len({workers[f"grouped_{i}"] for i in range(6)}) == 1, workers
+    assert len(set(workers.values())) == 2, workers   # the free tests still spread

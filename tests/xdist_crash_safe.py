@@ -10,11 +10,30 @@ Three faults of `LoadScopeScheduling` (xdist issues #1323, #1327, #1371, #1378),
 And one race of its own: a dying worker's last report can arrive before xdist notices the death; work
 sent to it then fails with OSError (INTERNALERROR). Such a worker gets nothing more; the units already
 given to it go back to the queue when xdist removes it.
+
+Also: pytest 9 keeps a node's id in `_id`, while xdist 3.8.0's worker writes the `@group` suffix to
+`_nodeid`, so `--dist loadgroup` grouped nothing (each module-scoped fixture of a grouped module was
+built on both workers). `pytest_collection_modifyitems` below writes the suffix where pytest 9 reads it.
 """
 
 from __future__ import annotations
 
+import pytest
+from _pytest.nodeid import NodeId
 from xdist.scheduler import LoadGroupScheduling
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """On a loadgroup worker: `<nodeid>@<groups>` for every test marked `xdist_group` (xdist's rule)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 class CrashSafeLoadGroupScheduling(LoadGroupScheduling):

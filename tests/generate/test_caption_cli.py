@@ -9,6 +9,8 @@ import pytest
 
 from vsalmonn_jax.data.encode import write_video
 
+pytestmark = pytest.mark.xdist_group("caption_cli")   # one worker builds the module fixture once
+
 CORPUS = ["Please describe the video in detail.", "At 1 s, a red square moves left.",
           "At 2 s, a low beep sounds.", "A blue circle appears and a high tone plays."] * 4
 

@@ -16,6 +16,8 @@ from vsalmonn_jax.training import steps as sp
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES
 from vsalmonn_jax.training.task import build_task
 
+pytestmark = pytest.mark.xdist_group("packed_dpo")   # one worker builds the module fixture once
+
 PH = 500
 WIDTH = 16
 # per pair: (prompt length incl. the placeholder, chosen, rejected, GT continuation lengths)
