@@ -114,6 +114,7 @@ RULES: dict[str, Any] = {
     "model.connector.pool_stride": POSITIVE_INT,
     "model.connector.newline": OneOf(NEWLINE_MODES),
     "model.connector.interleave": OneOf(INTERLEAVE_MODES),
+    "model.connector.cell_embedding": BOOL,
     "model.qformer.dropout": SHARE_BELOW_ONE,
     # ---- data ----
     "data.fps": POSITIVE,

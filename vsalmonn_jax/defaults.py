@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # video: one after the media (LLaVA-OneVision video path) | none
         interleave="timestamp",   # timestamp (clean) | official (the release: nearest-interpolation
                                   # QUIRK; configs/7b.py)
+        cell_embedding=False,     # a learned vector per pooled cell added to its tokens (not in the
+                                  # release: docs/recipe.md, what blocks moves)
         placeholder_token="<media>",
     ))
 

@@ -89,3 +89,22 @@ def test_projector_init_std_is_configurable():
         params = nn.unbox(connector.init(jax.random.PRNGKey(0), features))["adapter"]["projector"]
         for layer in ("linear_1", "linear_2"):
             assert abs(np.asarray(params[layer]["kernel"]).std() / std - 1) < 0.05, (layer, std)
+
+
+def test_cell_embedding_adds_one_learned_vector_per_pooled_cell():
+    """connector.cell_embedding (not in the release): each pooled cell's tokens gain its own vector;
+    the newlines and everything else are as without it, and without it there is no such parameter."""
+    import flax.linen as nn
+
+    features = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 9, 12)), jnp.float32)
+    plain = VisionConnector(16, grid=3, pool_stride=1)
+    celled = VisionConnector(16, grid=3, pool_stride=1, cell_embedding=True)
+    variables = nn.unbox(celled.init(jax.random.PRNGKey(0), features))
+    cells = np.asarray(variables["adapter"]["cell_embedding"])          # [3, 3, 16]
+    assert cells.shape == (3, 3, 16) and np.abs(cells).max() > 0
+    assert "cell_embedding" not in nn.unbox(plain.init(jax.random.PRNGKey(0), features))["adapter"]
+    without = {"adapter": {k: v for k, v in variables["adapter"].items() if k != "cell_embedding"}}
+    base = np.asarray(plain.apply(without, features)).reshape(2, 3, 3, 4, 16)   # rows of 3 + newline
+    got = np.asarray(celled.apply(variables, features)).reshape(2, 3, 3, 4, 16)
+    np.testing.assert_allclose(got[..., :3, :], base[..., :3, :] + cells[None, None], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[..., 3, :], base[..., 3, :])

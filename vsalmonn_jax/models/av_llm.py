@@ -45,6 +45,7 @@ class AVConfig:
     newline: str = "grid"
     interleave: str = "timestamp"
     connector_init_std: float = 0.02   # vision projector kernels at init (connector.initializer_range)
+    cell_embedding: bool = False       # a learned vector per pooled cell (not in the release)
 
     @classmethod
     def from_config(cls, config, placeholder_id: int) -> AVConfig:
@@ -64,7 +65,8 @@ class AVConfig:
         return cls(llm=llm, vision=vision, audio=audio, qformer=qformer,
                    placeholder_id=int(placeholder_id), pool_mode=c.pool_mode,
                    pool_stride=int(c.pool_stride), newline=c.newline, interleave=c.interleave,
-                   connector_init_std=float(c.get("initializer_range", 0.02)))
+                   connector_init_std=float(c.get("initializer_range", 0.02)),
+                   cell_embedding=bool(c.get("cell_embedding", False)))
 
     @property
     def frame_tokens(self) -> int:
@@ -85,7 +87,8 @@ class AVConfig:
         """The trainable vision connector module (projector, pooling, image_newline)."""
         return VisionConnector(self.llm.hidden_size, self.vision.grid, self.pool_mode,
                                self.pool_stride, self.newline, dtype=self.llm.dtype,
-                               param_dtype="float32", init_std=self.connector_init_std)
+                               param_dtype="float32", init_std=self.connector_init_std,
+                               cell_embedding=self.cell_embedding)
 
     def media_length(self, frames: int, chunks: int, time_slots: int = 0) -> int:
         """Static media length M for F frame slots, C chunk slots and K time-token slots per frame

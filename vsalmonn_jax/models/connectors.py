@@ -99,6 +99,7 @@ class VisionConnector(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.02
+    cell_embedding: bool = False   # + a learned vector per pooled cell (not in the release)
 
     @nn.compact
     def __call__(self, vision_features: jax.Array) -> jax.Array:
@@ -111,6 +112,12 @@ class VisionConnector(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", None, None, "activation_embed"))
         x = pool_grid(x.reshape(b * f, self.grid, self.grid, self.features), self.pool_mode,
                       self.pool_stride)  # [B*F, r, r, H]
+        if self.cell_embedding:   # where each token sits, as a vector the LLM reads directly
+            r = x.shape[1]
+            cells = declare(self, self.collection, "cell_embedding",
+                            nn.initializers.normal(1.0 / math.sqrt(self.features)),
+                            (r, r, self.features), self.param_dtype, (None, None, "embed"))
+            x = x + cells.astype(x.dtype)[None]
         if self.newline not in NEWLINE_MODES:
             raise ValueError(f"connector.newline must be one of {NEWLINE_MODES}, got {self.newline!r}")
         if self.newline != "none":
