@@ -20,6 +20,7 @@ MOVES = {"moves left": (-1, 0), "moves right": (1, 0), "moves up": (0, -1), "mov
 VISUAL_ACTIONS = ("appears", "vanishes", *MOVES, *(f"turns {c}" for c in COLOURS))
 AUDIO_ACTIONS = ("sounds",)
 ROW_WORDS, COLUMN_WORDS = ("top", "middle", "bottom"), ("left", "centre", "right")
+APPEARS_AT, MOVES_TO = "appears at the {}", "moves to the {}"   # the `places` grammar's actions
 
 # clip index spaces per split: disjoint, and unlimited within each
 SPLIT_BASE = {"train": 0, "val": 1 << 32, "test": 2 << 32, "fresh": 3 << 32,
@@ -32,18 +33,16 @@ def cell_name(cell, grid: int) -> str:
     column, row = int(cell[0]), int(cell[1])
     if grid != 3:
         return f"row {row + 1} column {column + 1}"
-    if (row, column) == (1, 1):
-        return "centre"
-    return f"{ROW_WORDS[row]} {COLUMN_WORDS[column]}" if row != 1 else f"middle {COLUMN_WORDS[column]}"
+    return "centre" if (row, column) == (1, 1) else f"{ROW_WORDS[row]} {COLUMN_WORDS[column]}"
 
 
 def placed_action(action: str, cell, grid: int) -> str:
     """The action as the `places` grammar says it: where a shape appears, where it moves to
     ("appears at the top left", "moves to the centre"); other actions unchanged."""
     if action == "appears":
-        return f"appears at the {cell_name(cell, grid)}"
+        return APPEARS_AT.format(cell_name(cell, grid))
     if action in MOVES:
-        return f"moves to the {cell_name(cell, grid)}"
+        return MOVES_TO.format(cell_name(cell, grid))
     return action
 
 
@@ -57,8 +56,8 @@ def visual_actions(grid: int = 3, places: bool = False) -> tuple[str, ...]:
     if not places:
         return VISUAL_ACTIONS
     cells = [(c, r) for r in range(grid) for c in range(grid)]
-    return (*(f"appears at the {cell_name(cell, grid)}" for cell in cells), "vanishes",
-            *(f"moves to the {cell_name(cell, grid)}" for cell in cells),
+    return (*(APPEARS_AT.format(cell_name(cell, grid)) for cell in cells), "vanishes",
+            *(MOVES_TO.format(cell_name(cell, grid)) for cell in cells),
             *(f"turns {c}" for c in COLOURS))
 
 
