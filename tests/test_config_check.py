@@ -23,7 +23,8 @@ def _bad_values(rule):
     if isinstance(rule, OneOf):
         return ["bogus"]
     if isinstance(rule, SubsetOf):
-        return [("bogus",), (*rule.values, "bogus")]
+        missing = [tuple(v for v in rule.values if v != need) for need in rule.required]
+        return [("bogus",), (*rule.values, "bogus"), *missing]
     bad = ["text", True]
     if math.isfinite(rule.low):
         bad.append(rule.low if rule.open_low else rule.low - 1)

@@ -215,3 +215,15 @@ def test_perception_on_the_validation_split(tmp_path):
     assert data["pretrain"]["correct_events"] == sum(len(it["events"]) for it in items[:3])
     assert data["sft"]["distinct_captions"] == 6 and data["pretrain"]["distinct_captions"] == 4
     assert perception_section(tmp_path, records, config) == ([], {})   # no test captions.jsonl
+
+
+def test_the_report_names_the_visual_kinds_left_out():
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.demo.report import scene_kinds_text
+
+    config = load_config("demo")
+    config.data.synthetic.visual_kinds = ("appears", "vanishes", "moves", "turns")
+    assert scene_kinds_text(config) == "Visual events in the scenes: appears, vanishes, moves, turns."
+    config.data.synthetic.visual_kinds = ("appears", "turns")
+    text = scene_kinds_text(config)
+    assert text.startswith("Visual events in the scenes: appears, turns (vanishes and moves left out")

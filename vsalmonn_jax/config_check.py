@@ -15,6 +15,7 @@ from typing import Any
 from vsalmonn_jax.data.annotator import ANNOTATOR_KINDS
 from vsalmonn_jax.data.annotator import KINDS as EVENT_KINDS
 from vsalmonn_jax.data.media import AUDIO_CUTS, CHANNEL_MODES, FRAME_SAMPLING
+from vsalmonn_jax.data.synthetic_scene import VISUAL_KINDS
 from vsalmonn_jax.data.text import PROMPT_FORMATS
 from vsalmonn_jax.data.time_tokens import TIME_TOKEN_MODES
 from vsalmonn_jax.models.attention import IMPLS as ATTENTION_IMPLS
@@ -72,14 +73,16 @@ class Number:
 
 @dataclasses.dataclass(frozen=True)
 class SubsetOf:
-    """A list / tuple whose every item is one of `values`."""
+    """A list / tuple whose every item is one of `values`, holding each of `required`."""
     values: tuple
+    required: tuple = ()
 
     def problem(self, value) -> str | None:
         items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        if all(item in self.values for item in items):
+        if all(item in self.values for item in items) and all(item in items for item in self.required):
             return None
-        return f"allowed: a list of {' | '.join(map(str, self.values))}"
+        must = f" including {' and '.join(map(str, self.required))}" if self.required else ""
+        return f"allowed: a list of {' | '.join(map(str, self.values))}{must}"
 
 
 POSITIVE_INT = Number(low=1, integer=True)
@@ -132,6 +135,7 @@ RULES: dict[str, Any] = {
     "data.batch_size": POSITIVE_INT,
     "data.num_workers": COUNT,
     "data.max_failure_share": PROBABILITY,
+    "data.synthetic.visual_kinds": SubsetOf(VISUAL_KINDS, required=("appears",)),
     # ---- optimisation ----
     "train.lr": POSITIVE,
     "train.warmup_ratio": PROBABILITY,

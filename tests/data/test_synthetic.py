@@ -1,6 +1,7 @@
 """Synthetic data set: determinism, exact ground truth vs biased SFT captions, media that shows the
 events (shapes at their cells and colours, sounds at their seconds), files on disk, tokenizer."""
 
+import collections
 import json
 
 import numpy as np
@@ -235,3 +236,18 @@ def test_places_grammar_reaches_qa_annotator_and_tokenizer():
     corpus = set(tokenizer_corpus(cfg, "<image>"))
     assert "At 3 s, the red circle moves to the bottom right." in corpus
     assert "At 0 s, the blue cross appears at the centre." in corpus
+
+
+def test_visual_kinds_limit_the_scenes_events():
+    """Scenes drawn with visual_kinds=(appears, turns) hold only those visual kinds (and every shape
+    still appears first); all four kinds give the default scenes event for event."""
+    cfg = sc.default_config()
+    cfg.visual_kinds = ("appears", "turns")
+    kinds = collections.Counter(e["action"].split()[0] for i in range(100)
+                                for e in sc.make_scene(3, i, cfg).events if e["modality"] == "visual")
+    assert set(kinds) == {"appears", "turns"} and kinds["turns"] > 50
+    cfg.visual_kinds = sc.VISUAL_KINDS
+    assert all(sc.make_scene(3, i, cfg).events == sc.make_scene(3, i).events for i in range(30))
+    cfg.visual_kinds = ("turns",)
+    with pytest.raises(ValueError, match="appears among them"):
+        sc.make_scene(3, 0, cfg)

@@ -10,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+from vsalmonn_jax.data.synthetic_scene import VISUAL_KINDS
 from vsalmonn_jax.demo.perception import perception_section
 
 RATES = (("miss", "Miss"), ("incorrect", "Incorrect"), ("hallucination", "Hallucination"),
@@ -261,6 +262,17 @@ def time_tokens_text(config) -> str:
             }[mode]
 
 
+def scene_kinds_text(config) -> str:
+    """What the report says about the scenes' visual event kinds (data.synthetic.visual_kinds)."""
+    kinds = tuple(config.data.synthetic.get("visual_kinds", VISUAL_KINDS))
+    left = [k for k in VISUAL_KINDS if k not in kinds]
+    text = f"Visual events in the scenes: {', '.join(kinds)}"
+    if not left:
+        return text + "."
+    return (text + f" ({' and '.join(left)} left out by data.synthetic.visual_kinds: the demo's "
+            "2-layer LLM does not learn to see them within the budget, docs/recipe.md).")
+
+
 def align_text(config) -> str:
     """The align stage as configured (demo.align_llm)."""
     if not config.demo.get("align_llm", False):
@@ -322,7 +334,7 @@ def write_report(run_dir: pathlib.Path, records: dict, config, wall_s: float,
         "(parses the synthetic caption grammar), micro rates in % of ground-truth events. QA: "
         "'What happens at t s?' with four event sentences as options (the same action by each of "
         "the four shapes; only kinds the pretrained model perceives), answered by option scoring (the "
-        "likeliest sentence), on the same test clips; chance = 25 %. "
+        f"likeliest sentence), on the same test clips; chance = 25 %. {scene_kinds_text(config)} "
         + (f"Validation split: {n_val} other clips (disjoint from test). Every choice (preset, lr, "
            "pair rule, annotator, steps) is read on validation; the test split is scored once per "
            "stage, for this report. " if val_data else
