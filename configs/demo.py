@@ -6,7 +6,8 @@ scenes): 18 min 30 s for the whole demo (data 151 s, pretrain 264 s, align 114 s
 207 s, 3 control rounds 149 s, rebirth 64 s; each stage's evaluation 13-21 s of that). align 500
 steps, n_fresh 300 and rebirth 200 took 21 min 27 s: cut to fit the 20-minute budget. --quick:
 3 min 3-5 s with an empty compile cache and no data (3 min 1 s before align_llm: its full-LLM step
-is one more compilation). Without moves (docs/demo_report, its data folder already rendered): 15 min 9 s.
+is one more compilation). Without moves (the preset, 2026-12-07): 17 min 38 s with an empty compile
+cache and data rendered anew (data 151 s), every test figure equal to docs/demo_report's.
 dpo_lr 2e-4 over-optimised the tiny LoRA: round-1 DPO loss fell to 0.38 and the GT-caption CE rose
 0.29 -> 0.78 within 60 steps, and by round 3 the captions had degenerated to fragments ("At 1").
 """
