@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
         places=False,
         # the visual event kinds scenes draw from (appears is always one: every shape enters so);
         # the demo preset leaves out what its LLM cannot learn to see (docs/recipe.md, moves)
-        visual_kinds=("appears", "vanishes", "moves", "turns"),
+        visual_kinds=VISUAL_KINDS,
         n_train=1000, n_val=100, n_test=200, qa_per_clip=2,
         prompt="Please describe the video in detail.",
         # the SFT annotator's systematic habits (ground-truth events stay exact)
@@ -122,14 +122,17 @@ def _event(time: int, modality: str, subject: str, action: str) -> dict:
     return event
 
 
-def _visual_options(t: int, tracks: list[dict], cfg) -> list[tuple]:
-    """Every visual change of the allowed kinds (`cfg.visual_kinds`) possible at second t given the
-    state just before it."""
-    kinds = set(cfg.get("visual_kinds", VISUAL_KINDS))
-    unknown = kinds - set(VISUAL_KINDS)
-    if unknown or "appears" not in kinds:
+def _allowed_kinds(cfg) -> frozenset[str]:
+    """`cfg.visual_kinds` checked: kinds of VISUAL_KINDS, appears among them."""
+    kinds = frozenset(cfg.get("visual_kinds", VISUAL_KINDS))
+    if not kinds <= set(VISUAL_KINDS) or "appears" not in kinds:
         raise ValueError(f"data.synthetic.visual_kinds={tuple(cfg.visual_kinds)!r}: allowed kinds are "
                          f"{VISUAL_KINDS}, appears among them")
+    return kinds
+
+
+def _visual_options(t: int, tracks: list[dict], cfg, kinds: frozenset[str]) -> list[tuple]:
+    """Every visual change of the allowed `kinds` possible at second t given the state just before it."""
     options = []
     occupied = {tuple(tr["cell"]) for tr in tracks if tr["state"] == "visible"}
     used_colours = {tr["colour"] for tr in tracks if tr["state"] == "visible"}
@@ -151,6 +154,7 @@ def _visual_options(t: int, tracks: list[dict], cfg) -> list[tuple]:
 def make_scene(seed: int, index: int, cfg: ml_collections.ConfigDict | None = None) -> Scene:
     """Clip `index` of `seed`: tracks, sounds and the exact ground-truth event list."""
     cfg = cfg or default_config()
+    kinds = _allowed_kinds(cfg)
     rng = np.random.default_rng([int(seed), int(index), 0])
     seconds = int(rng.integers(cfg.min_seconds, cfg.max_seconds + 1))
     count = int(rng.integers(1, cfg.max_objects + 1))
@@ -164,7 +168,7 @@ def make_scene(seed: int, index: int, cfg: ml_collections.ConfigDict | None = No
                      [""] * seconds) for tr in tracks]
     events = []
     for t in range(seconds):
-        options = _visual_options(t, tracks, cfg)
+        options = _visual_options(t, tracks, cfg, kinds)
         happens = t == first or (t > first and rng.random() < cfg.visual_event_prob)
         if happens and options:
             if t == first:
