@@ -124,6 +124,25 @@ def test_report_section_skips_stages_without_captions_and_flags_wrong_ground_tru
     assert set(data) == {"align", "sft"} and data["align"]["distinct_captions"] == 1
 
 
+@pytest.mark.parametrize("sft_learnt", [False, True])
+def test_report_warns_when_no_stage_names_a_true_event(tmp_path, sft_learnt):
+    """--quick's schedule is too short to caption: every stage missing every event gets a warning
+    above the table; one stage naming one true event is enough to drop it."""
+    from vsalmonn_jax.commands.demo import demo_config
+    from vsalmonn_jax.demo.report import write_report
+
+    config = demo_config(True, None, ["--config.demo.bootstrap=20"])
+    noise = ["At 9 s, the green star appears."] * 3
+    records = {"pretrain": _write_stage(tmp_path, "pretrain", ITEMS, noise),
+               "sft": _write_stage(tmp_path, "sft", ITEMS, ["At 1 s, a low beep sounds."] * 3
+                                   if sft_learnt else noise)}
+    write_report(tmp_path, records, config, wall_s=1.0, items=ITEMS)
+    table = (tmp_path / "report.md").read_text().split("## Results per stage")[1].split("\n## ")[0]
+    warned = "No stage names a single true event (Miss 100 % at every stage): " \
+             f"{int(config.demo.pretrain_steps)} pretraining steps are too few" in table
+    assert warned != sft_learnt
+
+
 def test_report_only_rebuilds_the_ground_truth_from_the_config(tmp_path):
     from vsalmonn_jax.commands.demo import demo_config, main
     from vsalmonn_jax.demo.perception import ground_truth_items
