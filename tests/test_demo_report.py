@@ -238,7 +238,7 @@ def test_perception_on_the_validation_split(tmp_path):
 
 def test_the_report_names_the_visual_kinds_left_out():
     from vsalmonn_jax.config import load_config
-    from vsalmonn_jax.demo.report import scene_kinds_text
+    from vsalmonn_jax.demo.report_settings import scene_kinds_text
 
     config = load_config("demo")
     config.data.synthetic.visual_kinds = ("appears", "vanishes", "moves", "turns")
