@@ -1,6 +1,8 @@
 """models/attention: the xla flash kernel (forward and dq/dk/dv) equals a plain reference for every mask
 kind and GQA ratio, on 1 and 8 devices; splash (interpret) equals xla; dispatch and its refusals."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,47 @@ def test_xla_sharded_over_batch_and_heads_equals_single_device():
     spec_sharding = jax.tree.map(lambda _: tokens, spec)
     sharded = jax.jit(fn, in_shardings=(heads, heads, heads, heads, spec_sharding))
     got = sharded(*jax.device_put((q, k, v, cotangent), heads), jax.device_put(spec, spec_sharding))
+    assert len(got[1].sharding.device_set) == 8
+    _compare(got, single)
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _loop_collectives(hlo: str) -> list[str]:
+    """Collective instructions in while bodies / conditions and everything they call (compiled HLO)."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):
+            name = line.split()[0].lstrip("%")
+            bodies[name] = []
+        elif name is not None:
+            bodies[name].append(line)
+    called = lambda lines: {c for line in lines for c in re.findall(r"%([\w.\-]+)", line) if c in bodies}
+    todo = {c for lines in bodies.values() for line in lines if " while(" in line
+            for c in re.findall(r"(?:body|condition)=%([\w.\-]+)", line)}
+    seen = set()
+    while todo:
+        seen.add(current := todo.pop())
+        todo |= called(bodies[current]) - seen
+    return [line.strip()[:120] for c in seen for line in bodies[c] if any(f" {op}(" in line for op in COLLECTIVES)]
+
+
+def test_xla_under_a_mesh_has_no_collective_inside_its_block_loops():
+    """data=2 x fsdp=2 x tensor=2 (the training mesh's axes): the kernel runs per batch shard, so no
+    device waits for the others to decide whether a block pair is visible (an automatically
+    partitioned cond all-reduces its predicate at every block pair of every layer); same values."""
+    q, k, v, cotangent = _qkv(batch=4, heads=4, kv_heads=2)
+    spec = _spec("everything", batch=4)
+    fn = lambda q, k, v, c, s: _value_and_grads(lambda q, k, v: attention(q, k, v, s, "xla", BLOCK), q, k, v, c)  # noqa: E731
+    single = jax.jit(fn)(q, k, v, cotangent, spec)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # the batch split as in training
+    args = jax.device_put((q, k, v, cotangent, spec), rows)
+    with jax.set_mesh(mesh), sharding.logical_rules():
+        compiled = jax.jit(fn).lower(*args).compile()
+        hlo, got = compiled.as_text(), compiled(*args)
+    assert " while(" in hlo and _loop_collectives(hlo) == []
     assert len(got[1].sharding.device_set) == 8
     _compare(got, single)
 

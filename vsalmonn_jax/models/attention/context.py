@@ -7,12 +7,12 @@ masked by the tokens' natural-order indices. MaxText's all-gather context-parall
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from vsalmonn_jax.models.attention.mask import MaskSpec, natural_order
+from vsalmonn_jax.models.attention.shards import batch_axes
 from vsalmonn_jax.models.attention.xla import flash_attention
 
 AXIS = "context"
@@ -72,15 +72,9 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
     if length % (2 * parts):
         raise ValueError(f"context attention: {length} tokens do not split into 2 x {parts} chunks "
                          "(the model pads to context.padded_length)")
-    batch_axes = nn.logical_to_mesh_axes(("batch",))[0]
-    batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    rows = batch_axes(batch)
     mesh = jax.sharding.get_abstract_mesh()
-    shards = 1
-    for axis in batch_axes:
-        shards *= int(mesh.shape[axis])
-    if batch % shards:   # a batch the batch axes do not divide (e.g. a caption prompt): replicated
-        batch_axes = ()
-    seq = P(batch_axes or None, AXIS)
+    seq = P(rows or None, AXIS)
     key_valid = jnp.ones((batch, length), bool) if spec.key_mask is None else spec.key_mask.astype(bool)
     ids = (spec.segment_ids, spec.branch_ids)
     full_order = jnp.asarray(natural_order(length, parts))  # [T] natural index of every gathered key
@@ -94,4 +88,4 @@ def context_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, 
 
     id_specs = tuple(None if x is None else seq for x in ids)
     return jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, seq, id_specs), out_specs=seq,
-                         axis_names=frozenset(batch_axes) | {AXIS}, check_vma=False)(q, k, v, key_valid, ids)
+                         axis_names=frozenset(rows) | {AXIS}, check_vma=False)(q, k, v, key_valid, ids)

@@ -12,8 +12,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from vsalmonn_jax.models.attention.mask import MaskSpec
+from vsalmonn_jax.models.attention.shards import batch_axes
 
 # Per-token mask inputs after padding to a multiple of the block: (key_valid [B,Sp] bool,
 # query side (segment_ids [B,Tp] | None, branch_ids [B,Tp] | None, index [Tp] | None),
@@ -212,10 +214,25 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, bloc
 
     T is padded internally to a multiple of the block (padded keys are masked, padded rows dropped);
     sequences shorter than `block` use one block of their own length (rounded up to 8).
+    Under a mesh, a shard_map over the batch axes (shards.batch_axes; the rest stays automatic): each
+    device decides which of its own block pairs to skip, with no collective inside the block loops (an
+    automatically partitioned `cond` would all-reduce its predicate over the batch shards at every
+    block pair of every layer).
     """
     batch, length = q.shape[:2]
     if k.shape[1] != length:
         raise ValueError(f"xla attention is self-attention: q has {length} tokens, k/v {k.shape[1]}")
     key_valid = jnp.ones((batch, length), bool) if spec.key_mask is None else spec.key_mask
-    side = (spec.segment_ids, spec.branch_ids, None)
-    return flash_attention(q, k, v, key_valid, side, side, spec.causal, block, scale)
+    side = (spec.segment_ids, spec.branch_ids)
+
+    def local(q, k, v, key_valid, side):
+        ids = (*side, None)
+        return flash_attention(q, k, v, key_valid, ids, ids, spec.causal, block, scale)
+
+    rows = batch_axes(batch)
+    if not rows:
+        return local(q, k, v, key_valid, side)
+    split = P(rows)
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), check_vma=False,
+                         in_specs=(split, split, split, split, tuple(None if x is None else split for x in side)),
+                         out_specs=split, axis_names=frozenset(rows))(q, k, v, key_valid, side)
