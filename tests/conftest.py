@@ -8,12 +8,13 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import compile_only  # noqa: E402
+import fake_devices  # noqa: E402
 
 # The suite compiles far more than it computes: cheaper XLA CPU compiles (compile_only.FLAGS) took the
 # suite from 1,672 to 1,095 CPU s with an empty compile cache, same results. VSALMONN_TEST_XLA_OPT=1:
-# XLA's defaults.
-os.environ.setdefault("XLA_FLAGS", compile_only.xla_flags(8))
+# XLA's defaults. PJRT_NPROC: thread pools the 8 devices' collectives cannot deadlock (fake_devices).
+for name, value in fake_devices.env(8, {}).items():
+    os.environ.setdefault(name, value)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

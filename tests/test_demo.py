@@ -4,13 +4,12 @@ stages), plus fast unit checks of its report statistics, batching and config han
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import compile_only
+import fake_devices
 import numpy as np
 import pytest
 from machine import scaled
@@ -152,7 +151,7 @@ def test_quick_overrides_and_cli_overrides_apply_in_order():
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_resume(tmp_path):
-    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1))   # one CPU device, as users run it
+    env = fake_devices.env(1)   # one CPU device, as users run it
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vsalmonn_jax.cli", "demo", "--quick", "--out", str(out),
            f"--config.workdir={tmp_path}", *SMALL]   # the shared data folder goes under tmp_path too

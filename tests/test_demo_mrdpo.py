@@ -5,13 +5,12 @@ process as a preempted job does, to the same trainables and stage records as an 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import compile_only
+import fake_devices
 import jax
 import numpy as np
 import pytest
@@ -98,7 +97,7 @@ def _arm(mode: str, data_dir: pathlib.Path, run_dir: pathlib.Path) -> tuple[dict
     """demo_mrdpo_child.py MODE in a new process on one CPU device (as users run the demo): its
     JSON result and, for a finished arm, its final model's arrays. A crash shows the child's stderr."""
     out = run_dir.parent / f"{run_dir.name}-{mode}"
-    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1))
+    env = fake_devices.env(1)
     done = subprocess.run([sys.executable, "-X", "faulthandler", str(CHILD), mode, str(data_dir),
                            str(run_dir), str(out)], cwd=CHILD.parent.parent, env=env,
                           capture_output=True, text=True, timeout=scaled(900))

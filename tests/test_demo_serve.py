@@ -6,11 +6,10 @@ API, and a training clip's input path (decode, frozen towers, standardisation) e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-import compile_only
+import fake_devices
 import jax
 import numpy as np
 import pytest
@@ -103,7 +102,7 @@ def test_caption_cli_and_api_on_a_clip_the_run_never_saw(demo_run, tmp_path):
     from vsalmonn_jax import Captioner
 
     run, _, _, unseen = demo_run
-    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1))   # one CPU device, as users run it
+    env = fake_devices.env(1)   # one CPU device, as users run it
     out = tmp_path / "captions.jsonl"
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "caption", unseen,
                            "--checkpoint", str(run), "--output", str(out), "--no-progress"],

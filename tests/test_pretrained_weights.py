@@ -4,12 +4,11 @@ checkpoints built by transformers here, loaded through config.model.pretrained b
 the results are compared with transformers' own models on the same frames and tokens."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
-import compile_only
+import fake_devices
 import jax
 import numpy as np
 import pytest
@@ -60,8 +59,7 @@ def _flags(dirs, llava="llava"):
 
 
 def _cli(*args, devices=1, quiet_s=1200):   # quiet_s: the timeout on a quiet machine
-    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(devices),
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env = dict(fake_devices.env(devices), JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=scaled(quiet_s), cwd=REPO)
 

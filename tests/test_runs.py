@@ -6,11 +6,10 @@ a wrong preset names the mismatched shapes, `export` writes a directory transfor
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-import compile_only
+import fake_devices
 import numpy as np
 import pytest
 from export_check import assert_export_matches
@@ -54,7 +53,7 @@ def test_the_run_keeps_its_config_and_tokenizer(run):
 
 def test_caption_cli_needs_no_other_flag(run, tmp_path, capsys):
     workdir, clips = run
-    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1))   # one CPU device
+    env = fake_devices.env(1)   # one CPU device
     out = tmp_path / "captions.jsonl"
     done = subprocess.run([sys.executable, "-m", "vsalmonn_jax.cli", "caption", *clips, "--checkpoint",
                            str(workdir), "--output", str(out), "--max-new-tokens", "6", "--no-progress"],

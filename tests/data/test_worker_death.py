@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-import compile_only
+import fake_devices
 import pytest
 from machine import scaled
 from procs import alive
@@ -38,7 +38,7 @@ def _children(pid: int) -> list[int]:
 
 def _start(data, workdir, log):
     """The runner in a subprocess; its output goes to `log` (a pipe nobody reads would fill up)."""
-    env = dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env = dict(fake_devices.env(1), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(RUNNER), str(data), str(workdir)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, text=True)

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 
-import compile_only
+import fake_devices
 import numpy as np
 import pytest
 from machine import scaled
@@ -31,9 +31,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
-    env.update(XLA_FLAGS=compile_only.xla_flags(devices), JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO), **extra)
+    env = fake_devices.env(devices, {k: v for k, v in os.environ.items()
+                                     if not k.startswith(("JAX_", "SLURM_", "TPU_"))})
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
     return env
 
 

@@ -3,14 +3,13 @@ message; --workdir reaches config.workdir; a resume with a changed lr is refused
 unless --allow-config-change (recorded); --init-from a typo creates nothing; metrics rows stay unique."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
 
-import compile_only
+import fake_devices
 import pytest
 from machine import scaled
 
@@ -20,7 +19,7 @@ COMMON = ["--config", "tiny_sft", "--config.data.train=synthetic:64", "--config.
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS=compile_only.xla_flags(1), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return dict(fake_devices.env(1), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
 def _train(cwd, *args, timeout=600):   # seconds on the quiet reference machine
