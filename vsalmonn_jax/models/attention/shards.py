@@ -13,7 +13,8 @@ import jax
 
 
 def batch_axes(batch: int) -> tuple[str, ...]:
-    """The mesh axes (of the mesh in scope) that split a batch of `batch` rows; () = not split."""
+    """The mesh axes (of the mesh in scope) that split a batch of `batch` rows; () = not split (also
+    when they have one shard in all: a one-device run keeps its plain program)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
@@ -21,4 +22,4 @@ def batch_axes(batch: int) -> tuple[str, ...]:
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     axes = tuple(axis for axis in axes if axis in mesh.axis_names)
     shards = math.prod(int(mesh.shape[axis]) for axis in axes)
-    return axes if batch % shards == 0 else ()
+    return axes if shards > 1 and batch % shards == 0 else ()
