@@ -50,7 +50,9 @@ OVERLAP_MODEL = (
 
 def matmul_flops(jaxpr) -> float:
     """FLOPs of every dot_general and convolution in a (closed) jaxpr, sub-jaxprs included, scan
-    bodies times their length, the larger branch of a cond. 2 x output elements x contraction."""
+    bodies times their length, the larger branch of a cond, a shard_map body times its shards (the
+    whole computation's FLOPs, as without it). 2 x output elements x contraction. A while_loop body
+    counts once (its trip count is not in the jaxpr)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -67,6 +69,8 @@ def matmul_flops(jaxpr) -> float:
         inner = sum(s for s in subs if s is not None)
         if name == "cond":
             inner = max((s for s in subs if s is not None), default=0.0)
+        if name == "shard_map":  # its body has one shard's shapes: times the shards of its manual axes
+            inner *= math.prod(int(eqn.params["mesh"].shape[a]) for a in eqn.params["newly_manual_axes"])
         total += inner * (int(eqn.params["length"]) if name == "scan" else 1)
     return total
 

@@ -4,6 +4,7 @@ cost_analysis), the collective-bytes model and the overlap model, on hand-checka
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from vsalmonn_jax.config import load_config
 from vsalmonn_jax.plan_flops import CHIPS, comm_bytes, matmul_flops, mfu, sequences
@@ -36,6 +37,16 @@ def test_matmul_flops_conv_and_cond():
     a = jax.ShapeDtypeStruct((4, 5), jnp.float32)
     branchy = lambda p, a: jax.lax.cond(p, lambda a: a @ a.T @ a, lambda a: a * 2.0, a)
     assert matmul_flops(jax.make_jaxpr(branchy)(True, a)) == 2 * 4 * 4 * 5 + 2 * 4 * 5 * 4
+
+
+def test_matmul_flops_of_a_shard_map_count_every_shard():
+    """A matmul run per batch shard (xla / context attention) costs what it costs unsplit."""
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((16, 4), jnp.float32)
+    split = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"),
+                          axis_names=frozenset({"data"}), check_vma=False)
+    assert matmul_flops(jax.make_jaxpr(split)(x, w)) == matmul_flops(jax.make_jaxpr(jnp.matmul)(x, w)) == 2 * 8 * 16 * 4
 
 
 def test_overlap_model_and_collective_bytes():
