@@ -48,6 +48,8 @@ def demo_ctx(tmp_path_factory):
 
 @pytest.mark.slow
 def test_env_samples_independently_of_batching_and_batches_both_record_kinds(demo_ctx):
+    """Pair records (a pair whose clip has no GT caption among them: an empty GT row) and control
+    (SFT) records; one stream takes one kind."""
     from vsalmonn_jax.demo.env import DemoPolicyEnv, policy_state
     from vsalmonn_jax.demo.pipeline import arm_config
     from vsalmonn_jax.generate.sampling import SamplingConfig
@@ -77,6 +79,10 @@ def test_env_samples_independently_of_batching_and_batches_both_record_kinds(dem
     assert {"rejected_loss_mask", "gt_input_ids", "vision", "audio"} <= set(batch)
     row = ctx.data["fresh"]["items"].index(items[int(batch["example_id"][0])])
     np.testing.assert_array_equal(batch["vision"][0], ctx.data["fresh"]["media"]["vision"][row])
+    no_gt = {k: v for k, v in pairs[2].items() if k != "gt"}   # a clip its annotator wrote nothing for
+    mixed = next(env.batches([no_gt, *pairs[:2]], batch_size=3, seed=0, shuffle=False))
+    assert [bool(m.any()) for m in mixed["gt_loss_mask"]] == [False, True, True]   # no CE term
+    assert all(m.any() for m in mixed["chosen_loss_mask"]) and all(m.any() for m in mixed["rejected_loss_mask"])
     control = control_records([dict(it, caption=it["annotated"]) for it in items], "Describe.")
     batch = next(env.batches(control, batch_size=8, seed=0, shuffle=False, repeat=False))
     assert batch["input_ids"].shape == (8, ctx.tokens.length) and "chosen_input_ids" not in batch

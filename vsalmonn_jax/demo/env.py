@@ -76,6 +76,10 @@ class DemoPolicyEnv:
         if not records:
             raise ValueError("no records to batch (the round produced no pairs?)")
         examples = [self.example(record, i) for i, record in enumerate(records)]
+        if any("gt" in e for e in examples):   # a pair whose clip has no GT caption (an annotator
+            for e in examples:                 # wrote nothing): an empty GT row, no CE term, as
+                if "chosen" in e:              # data/example.py does for such records
+                    e.setdefault("gt", (np.zeros((0,), np.int32), np.zeros((0,), bool)))
         keys = [k for k in TEXT_KEYS if k in examples[0]]
         odd = [e["example_id"] for e in examples if [k for k in TEXT_KEYS if k in e] != keys]
         if odd:
