@@ -7,7 +7,7 @@ thread until every device joins. A device that starts a loop with a collective i
 gradient all-reduce) before an earlier independent all-reduce has got a thread leaves that all-reduce
 queued behind 8 blocked threads: XLA aborts after 40 s ("Termination timeout for all reduce ...
 only 1 of them arrived"). Seen in CI in tests/training/test_steps.py; here 4 aborts in about 70 runs
-of one DPO step test with 8 threads, 0 in 80 with PJRT_NPROC=32. Users' runs are not affected: one
+of one DPO step test with 8 threads, 0 in 66 with PJRT_NPROC=32. Users' runs are not affected: one
 CPU device, or real accelerators.
 """
 
