@@ -196,6 +196,18 @@ def test_splash_interpret_sharded_equals_xla_with_padding_and_segments():
     _compare(splash[1:], xla[1:])
 
 
+def test_splash_under_a_mesh_that_does_not_divide_batch_or_heads():
+    """A one-row caption prompt on a data=2 x tensor=4 mesh, 2 kv heads: splash's shard_map keeps the
+    batch and heads whole (shards.mesh_axes) instead of failing "2 does not evenly divide 1"."""
+    q, k, v, _ = _qkv(batch=1, length=150, heads=4, kv_heads=2)
+    spec = MaskSpec(causal=True)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4}, jax.devices()[:8])
+    with jax.set_mesh(mesh), sharding.logical_rules():
+        out = jax.jit(lambda q, k, v: attention(q, k, v, spec, "splash", 128, interpret=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, spec)),
+                               atol=1e-5)
+
+
 def test_auto_picks_the_platform_backend():
     assert resolve_impl("auto", "tpu") == "splash"
     assert resolve_impl("auto", "gpu") == "cudnn"

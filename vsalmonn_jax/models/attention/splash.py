@@ -1,18 +1,19 @@
 """TPU splash attention (Pallas) behind the MaskSpec interface; runs on CPU with interpret=True (tests).
 
 Causal / full masks are static splash masks; padding and packed segments become splash segment ids.
-Under a mesh, a shard_map splits batch and heads as the logical axis rules do (T stays whole).
+Under a mesh, a shard_map splits batch and heads as the logical axis rules do where those axes divide
+them (shards.py; else that dimension is replicated); T stays whole.
 The shared-prefix branch mask is not expressible here (dispatch refuses it before tracing).
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
+from vsalmonn_jax.models.attention import shards
 from vsalmonn_jax.models.attention.mask import MaskSpec
 
 LANE = 128  # splash block sizes are multiples of the TPU lane width
@@ -64,7 +65,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, b
     if mesh.empty:
         out = local(qs, ks, vs, segments)
     else:  # batch and heads split as the logical rules split the activations; T whole per device
-        batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "activation_heads"))
+        batch_axes = shards.batch_axes(batch) or None
+        head_axes = shards.mesh_axes("activation_heads", k.shape[2]) or None  # K | N: both split
         heads_spec = P(batch_axes, head_axes, None, None)
         out = jax.shard_map(local, mesh=mesh, check_vma=False,
                             in_specs=(heads_spec, heads_spec, heads_spec, None if segments is None else P(batch_axes, None)),
