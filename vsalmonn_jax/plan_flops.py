@@ -4,6 +4,7 @@
 Why not `compiled.cost_analysis()["flops"]` alone: XLA counts a while-loop body once, not once per
 trip (measured, jax 0.10.2: a 10-step scan of one matmul reports the FLOPs of one), and the decoder
 layers, the frame chunks and the attention blocks are all loops. It is reported beside, as `xla_flops`.
+A while_loop's trip count is not in the jaxpr: loops built with loop_trips.counted_while declare it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+
+from vsalmonn_jax.loop_trips import mean_trips
 
 GB = 1e9
 
@@ -52,7 +55,8 @@ def matmul_flops(jaxpr) -> float:
     """FLOPs of every dot_general and convolution in a (closed) jaxpr, sub-jaxprs included, scan
     bodies times their length, the larger branch of a cond, a shard_map body times its shards (the
     whole computation's FLOPs, as without it). 2 x output elements x contraction. A while_loop body
-    counts once (its trip count is not in the jaxpr)."""
+    counts its loop_trips estimate times (once for a while loop without one: its trip count is not
+    in the jaxpr)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -71,6 +75,9 @@ def matmul_flops(jaxpr) -> float:
             inner = max((s for s in subs if s is not None), default=0.0)
         if name == "shard_map":  # its body has one shard's shapes: times the shards of its manual axes
             inner *= math.prod(int(eqn.params["mesh"].shape[a]) for a in eqn.params["newly_manual_axes"])
+        if name == "while":
+            inner = _sub_flops(eqn.params["cond_jaxpr"]) + mean_trips(eqn.params["body_jaxpr"]) * _sub_flops(
+                eqn.params["body_jaxpr"])
         total += inner * (int(eqn.params["length"]) if name == "scan" else 1)
     return total
 

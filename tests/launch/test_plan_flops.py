@@ -49,6 +49,22 @@ def test_matmul_flops_of_a_shard_map_count_every_shard():
     assert matmul_flops(jax.make_jaxpr(split)(x, w)) == matmul_flops(jax.make_jaxpr(jnp.matmul)(x, w)) == 2 * 8 * 16 * 4
 
 
+@pytest.mark.parametrize("causal,pairs", [(True, 8 * 9 // 2), (False, 8 * 8)])
+def test_matmul_flops_of_xla_attention_count_every_visited_block_pair(causal, pairs):
+    """The xla kernel's key / query block loops are while loops (data-dependent trip counts) whose
+    bodies declare their mean trips (loop_trips): 8 blocks of 8 tokens, a causal mask visits 36 block
+    pairs and a full one 64, each with 2 matmuls forward and 5 backward. Counting each while body once
+    gave 8 pairs per pass."""
+    from vsalmonn_jax.models.attention import MaskSpec, attention
+
+    q = jax.ShapeDtypeStruct((1, 64, 4, 8), jnp.float32)       # [B, T, N heads, D]
+    kv = jax.ShapeDtypeStruct((1, 64, 2, 8), jnp.float32)      # 2 kv heads: GQA
+    loss = lambda q, k, v: attention(q, k, v, MaskSpec(causal=causal), "xla", 8).sum()
+    pair = 2 * 8 * 8 * 8 * 4                                   # one [8 x 8] block matmul, all heads
+    assert matmul_flops(jax.make_jaxpr(loss)(q, kv, kv)) == 2 * pairs * pair
+    assert matmul_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv)) == 7 * pairs * pair
+
+
 def test_overlap_model_and_collective_bytes():
     chip = CHIPS["v5p"]
     compute_bound = mfu(flops=4.59e14, model_flops=3.0e14, comm=1e9, chip=chip)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vsalmonn_jax.loop_trips import counted_while
 from vsalmonn_jax.models.attention.mask import MaskSpec
 from vsalmonn_jax.models.attention.shards import batch_axes
 
@@ -56,14 +57,12 @@ def _triangular(tokens: Tokens, causal: bool) -> bool:
     return causal and tokens[1][2] is None
 
 
-def _inner_loop(lower, upper, body, init):
-    """fori_loop as a while loop whatever its bounds: a static-bound fori_loop becomes a scan, and a
-    scan nested in the layer scan / remat stacks each block pair's scores and mask (O(T^2) memory)."""
-    def step(state):
-        index, carry = state
-        return index + 1, body(index, carry)
-
-    return jax.lax.while_loop(lambda state: state[0] < upper, step, (jnp.asarray(lower, jnp.int32), init))[1]
+def _inner_loop(lower, upper, body, init, causal: bool, blocks: int):
+    """fori_loop over the other side's blocks as a while loop (a static-bound fori_loop becomes a scan,
+    and a scan nested in the layer scan / remat stacks each block pair's scores and mask: O(T^2)
+    memory). For `plan`'s FLOPs it visits (blocks + 1) / 2 blocks on average when causal (exact for a
+    causal triangle; packed / prefix / padded rows skip more, data-dependently), all when not."""
+    return counted_while(lower, upper, body, init, (blocks + 1) / 2 if causal else blocks)
 
 
 def _scores(q_block, k_block, scale):
@@ -100,7 +99,7 @@ def _forward(q, k, v, tokens, causal, block, scale):
         init = (jnp.full(row_shape, -jnp.inf, jnp.float32), jnp.zeros(row_shape, jnp.float32),
                 jnp.zeros(row_shape + (q.shape[-1],), jnp.float32))
         top, total, acc = _inner_loop(0, i + 1 if _triangular(tokens, causal) else num_key_blocks,
-                                      key_block, init)
+                                      key_block, init, causal, num_key_blocks)
         empty = total == 0  # no visible key: zero output, lse 0 (the backward masks p anyway)
         o_i = acc / jnp.where(empty, 1.0, total)[..., None]
         lse_i = jnp.where(empty, 0.0, top + jnp.log(jnp.where(empty, 1.0, total)))
@@ -142,7 +141,7 @@ def _backward(q, k, v, tokens, out, lse, d_out, causal, block, scale):
 
         zeros = jnp.zeros(kv_block_shape, jnp.float32)
         dq, dk_j, dv_j = _inner_loop(j if _triangular(tokens, causal) else 0, num_blocks, query_block,
-                                     (dq, zeros, zeros))
+                                     (dq, zeros, zeros), causal, num_blocks)
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * block, axis=2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * block, axis=2)
         return dq, dk, dv
