@@ -1,5 +1,5 @@
-"""The persistent compilation cache: where it lives, how it is switched off, and that a second CLI run
-of the same job compiles nothing new (every executable comes from the cache)."""
+"""The persistent compilation cache: where it lives, how it is switched off, that a second CLI run
+of the same job compiles nothing new (every executable comes from the cache), and its size limit."""
 
 import os
 import pathlib
@@ -9,7 +9,7 @@ import sys
 import pytest
 from machine import scaled, slowdown
 
-from vsalmonn_jax import compile_cache
+from vsalmonn_jax import cli, compile_cache
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -57,3 +57,35 @@ def test_slowdown_grows_with_the_load(monkeypatch):
 def test_an_empty_setting_means_the_default_folder(monkeypatch, value):
     monkeypatch.setenv(compile_cache.ENV, value)
     assert compile_cache.cache_dir().parts[-2:] == ("vsalmonn_jax", "xla")
+
+
+def test_trim_deletes_the_least_recently_used_entries_first(tmp_path):
+    """Five 100-byte entries used at t = 1..5 (access or write time, whichever is later), a limit of
+    250 bytes: the three oldest go; files that are not JAX entries stay whatever their size."""
+    for t, name in enumerate(["e", "a", "d", "b", "c"], start=1):
+        entry = tmp_path / f"jit_step-{name}-cache"
+        entry.write_bytes(b"x" * 100)
+        os.utime(entry, (t, 1) if name != "a" else (1, 9))   # "a": read long ago, written at t = 9
+    (tmp_path / "notes.txt").write_bytes(b"y" * 1000)
+    (tmp_path / "xla_gpu").mkdir()
+    assert compile_cache.trim(tmp_path, 250) == (3, 300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "jit_step-a-cache", "jit_step-c-cache", "notes.txt", "xla_gpu"]
+    assert compile_cache.trim(tmp_path, 250) == (0, 0)
+    assert compile_cache.trim(tmp_path, 0) == (2, 200)
+
+
+def test_the_size_limit_follows_the_environment(monkeypatch, capsys):
+    monkeypatch.delenv(compile_cache.MAX_GB_ENV, raising=False)
+    assert compile_cache.max_bytes() == compile_cache.DEFAULT_MAX_GB * 1e9
+    monkeypatch.setenv(compile_cache.MAX_GB_ENV, "2.5")
+    assert compile_cache.max_bytes() == 2.5e9
+    monkeypatch.setenv(compile_cache.MAX_GB_ENV, "unlimited")
+    assert compile_cache.max_bytes() == float("inf")
+    for bad in ("abc", "0", "-1", "nan"):
+        monkeypatch.setenv(compile_cache.MAX_GB_ENV, bad)
+        with pytest.raises(ValueError, match=f"VSALMONN_JAX_CACHE_MAX_GB='{bad}': give a size in GB"):
+            compile_cache.max_bytes()
+    # the CLI stops before any work with that message
+    assert cli.main(["config", "show", "--config", "configs/tiny.py"]) == 2
+    assert "VSALMONN_JAX_CACHE_MAX_GB='nan'" in capsys.readouterr().err

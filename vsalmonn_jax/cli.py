@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from vsalmonn_jax import compile_cache
 
-    compile_cache.enable()
+    try:
+        compile_cache.enable()
+    except ValueError as err:   # a bad $VSALMONN_JAX_CACHE_MAX_GB
+        print(f"vsalmonn-jax: {err}", file=sys.stderr)
+        return 2
     try:
         module = importlib.import_module(f"vsalmonn_jax.commands.{name.replace('-', '_')}")
     except ModuleNotFoundError as err:

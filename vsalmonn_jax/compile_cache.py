@@ -3,12 +3,15 @@ same shapes loads its executables from disk instead of recompiling them.
 
 Where: `$VSALMONN_JAX_CACHE_DIR` if set (`off` disables it), else `$XDG_CACHE_HOME/vsalmonn_jax/xla`
 (`~/.cache/vsalmonn_jax/xla`). Entries are keyed by JAX on the computation, the devices and the
-compiler version, so one folder serves every config, topology and checkout; delete it to free space.
-Multi-host runs: each process reads and writes the folder it sees (a shared filesystem shares it).
+compiler version, so one folder serves every config, topology and checkout. Size: at each start, the
+least recently used entries beyond `$VSALMONN_JAX_CACHE_MAX_GB` (default 10; `unlimited` keeps all)
+are deleted (`trim`). Multi-host runs: each process reads, writes and trims the folder it sees (a
+shared filesystem shares it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import sys
@@ -18,6 +21,9 @@ ENV = "VSALMONN_JAX_CACHE_DIR"
 # milliseconds and would only add files. Measured (bench/demo_cache.py): 0 instead of 0.5 gave the same
 # second-vs-first `demo --quick` ratio (2.078 vs 2.079 in CPU time) with 79 files instead of 22.
 MIN_COMPILE_SECONDS = 0.5
+MAX_GB_ENV = "VSALMONN_JAX_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 10.0
+ENTRY = "*-cache"   # JAX's entry files (XLA's own caches, in sub-folders, are not touched)
 
 
 def cache_dir() -> pathlib.Path | None:
@@ -29,6 +35,48 @@ def cache_dir() -> pathlib.Path | None:
         return pathlib.Path(value).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(base) / "vsalmonn_jax" / "xla"
+
+
+def max_bytes() -> float:
+    """The size the folder is trimmed to: $VSALMONN_JAX_CACHE_MAX_GB GB (inf = unlimited)."""
+    value = os.environ.get(MAX_GB_ENV, "").strip().lower()
+    if value in ("unlimited", "off", "none", "inf"):
+        return math.inf
+    try:
+        gb = float(value) if value else DEFAULT_MAX_GB
+    except ValueError:
+        gb = -1.0
+    if not gb > 0 or math.isinf(gb):
+        raise ValueError(f"{MAX_GB_ENV}={os.environ[MAX_GB_ENV]!r}: give a size in GB > 0 (e.g. 10) "
+                         "or 'unlimited'")
+    return gb * 1e9
+
+
+def trim(folder: pathlib.Path, limit: float) -> tuple[int, int]:
+    """Delete the least recently used entries (oldest access or write time first) until the folder's
+    entries take at most `limit` bytes; returns (entries deleted, bytes freed). An entry another
+    process deletes or reads meanwhile is safe: a missing entry is a cache miss."""
+    entries = []
+    for path in folder.glob(ENTRY):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((max(stat.st_atime, stat.st_mtime), stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    deleted = freed = 0
+    for _, size, path in sorted(entries, key=lambda e: (e[0], e[2].name)):
+        if total - freed <= limit:
+            break
+        try:
+            path.unlink()
+            deleted += 1
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        freed += size
+    return deleted, freed
 
 
 def enable() -> pathlib.Path | None:
@@ -50,6 +98,12 @@ def enable() -> pathlib.Path | None:
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": (int, "0")}
     for name, (_, value) in settings.items():
         os.environ.setdefault(name, value)
+    limit = max_bytes()
+    deleted, freed = trim(pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"]), limit)
+    if deleted:
+        print(f"compile cache {os.environ['JAX_COMPILATION_CACHE_DIR']}: removed the {deleted} least "
+              f"recently used entries ({freed / 1e9:.2f} GB) to stay under {limit / 1e9:g} GB "
+              f"(${MAX_GB_ENV})", file=sys.stderr)
     if "jax" in sys.modules:
         import jax
 
