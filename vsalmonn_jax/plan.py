@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from vsalmonn_jax.plan_compile import Compiled, Job, compile_step, parallel_jobs, run_jobs, say
 from vsalmonn_jax.plan_flops import CHIPS, GB, comm_bytes, mfu
 from vsalmonn_jax.plan_report import REMAT_ORDER, format_plan, suggest
-from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, MESH_AXES, make_mesh
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_to_shapes, make_mesh
 
 __all__ = ["Compiled", "compile_step", "format_plan", "make_plan", "REMAT_ORDER", "video_tokens"]
 
@@ -68,10 +68,6 @@ def video_tokens(config, seconds: float, text_tokens: int) -> TokenBudget:
 
 # ------------------------------------------------------------------ shapes, shardings, bytes
 
-def _path(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _ways(sharding: NamedSharding, ndim: int) -> list[int]:
     """How many pieces each array dimension is cut into by the sharding's mesh axes."""
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
@@ -96,21 +92,6 @@ def shard_bytes(abstract: Any, shardings: Any) -> int:
 def total_bytes(abstract: Any) -> int:
     return int(sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
                    for x in jax.tree.leaves(abstract)))
-
-
-def indivisible(abstract: Any, shardings: Any) -> list[str]:
-    """Every array dimension that its mesh axes do not divide: 'params/.../kernel dim 1 (152064) ...'."""
-    issues = []
-    flat_a = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    flat_s = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
-    for (path, leaf), sharding in zip(flat_a, flat_s, strict=True):
-        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
-        for dim, (axes, ways) in enumerate(zip(spec, _ways(sharding, len(leaf.shape)), strict=True)):
-            if ways > 1 and leaf.shape[dim] % ways:
-                names = "x".join((axes,) if isinstance(axes, str) else axes)
-                issues.append(f"{_path(path)} dim {dim} ({leaf.shape[dim]}) is not divisible by "
-                              f"{names} = {ways}")
-    return issues
 
 
 def mesh_issues(config, mesh_sizes: Mapping[str, int], global_batch: int) -> list[str]:
@@ -219,8 +200,10 @@ def _state_breakdown(config, mesh: Mesh, model: str, rules=LOGICAL_AXIS_RULES):
 
     task = make_task(config, model)
     tx, _ = state_lib.make_optimizer(config.train, max(1, int(config.train.num_steps)))
-    abstract, shardings = state_lib.state_shardings(task, config, tx, mesh, rules)
+    abstract, rule_shardings = state_lib.state_shardings(task, config, tx, mesh, rules, fit=False)
     abstract = nn.unbox(abstract)
+    # what training does with a dimension the mesh does not divide: replicate it (costed as such)
+    shardings, replicated = fit_to_shapes(abstract, rule_shardings)
     parts = {"params": (abstract.params, shardings.params),
              "opt_state": (abstract.opt_state, shardings.opt_state),
              "ref_adapter": (abstract.ref_adapter, shardings.ref_adapter)}
@@ -231,8 +214,7 @@ def _state_breakdown(config, mesh: Mesh, model: str, rules=LOGICAL_AXIS_RULES):
     whole["frozen_llm"] = total_bytes(abstract.params.get("llm", abstract.params)) / GB
     counts = {k: int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(a)))
               for k, (a, _) in parts.items() if k != "opt_state"}
-    issues = indivisible(abstract, shardings)
-    return per_device, whole, counts, issues
+    return per_device, whole, counts, replicated
 
 
 def _jobs(objectives, remat_policies, reference: bool, precomputed_reference: bool) -> list[Job]:
@@ -303,10 +285,10 @@ def make_plan(config, mesh_spec: Mapping[str, int], *, video_seconds: float = 60
             breakdown = _state_breakdown(config, mesh, model)
     else:
         breakdown = _state_breakdown(config, mesh, model)
-    state_gb, state_total, counts, shape_issues = breakdown
-    issues += shape_issues
+    state_gb, state_total, counts, replicated = breakdown
+    notes += [f"{line} on every device" for line in replicated]
     compiled: list[Compiled] = []
-    if not any("global batch" in i for i in issues) and not shape_issues:
+    if not any("global batch" in i for i in issues):
         todo = _jobs(objectives, remat_policies, reference, precomputed_reference)
         workers, why = parallel_jobs(jobs, len(todo))
         say(f"{len(todo)} compile(s): " + ", ".join(j.label for j in todo)

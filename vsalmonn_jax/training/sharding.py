@@ -7,7 +7,9 @@ Modules annotate parameters with `nn.with_logical_partitioning` and activations 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -97,6 +99,34 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 def sharding_of(abstract_variables, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """Shardings for a (boxed) variable tree, e.g. the output of `jax.eval_shape(model.init, ...)`."""
     return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
+
+
+def path_name(path) -> str:
+    """A tree path as 'params/llm/embed_tokens/embedding'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def fit_to_shapes(abstract, shardings) -> tuple[Any, list[str]]:
+    """`shardings` (NamedSharding tree) with every array dimension that its mesh axes do not divide
+    replicated instead (jit refuses an indivisible sharding), and one line per such dimension, e.g.
+    the 7B SigLIP's 1152-wide embed on fsdp = 256. `abstract`: the matching tree of shapes."""
+    lines = []
+
+    def fit(path, leaf, sharding):
+        spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+        out = []
+        for dim, (size, axes) in enumerate(zip(leaf.shape, spec, strict=True)):
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(int(sharding.mesh.shape[a]) for a in names)
+            if ways > 1 and size % ways:
+                lines.append(f"{path_name(path)} dim {dim} ({size}) is not divisible by "
+                             f"{'x'.join(names)} = {ways}: replicated")
+                axes = None
+            out.append(axes)
+        return NamedSharding(sharding.mesh, PartitionSpec(*out))
+
+    fitted = jax.tree_util.tree_map_with_path(fit, abstract, shardings)
+    return fitted, lines
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

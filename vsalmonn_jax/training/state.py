@@ -8,6 +8,7 @@ clipping, gradient accumulation with optax.MultiSteps.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -18,7 +19,10 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec
 
-from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, logical_to_sharding
+from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, fit_to_shapes, logical_to_sharding
+
+log = logging.getLogger(__name__)
+_WARNED: set = set()
 
 
 @struct.dataclass
@@ -109,12 +113,25 @@ def _once(spec: PartitionSpec) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def state_shardings(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """(abstract boxed state, NamedSharding tree) without allocating anything."""
+def state_shardings(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES, *, fit: bool = True):
+    """(abstract boxed state, NamedSharding tree) without allocating anything. fit: a dimension the
+    mesh axes of its logical name do not divide is replicated (sharding.fit_to_shapes; warned once
+    per mesh); fit=False gives the rules' shardings as they are (`plan` reports both)."""
     abstract = jax.eval_shape(_init_fn(task, config, tx), jax.random.PRNGKey(0))
     specs = jax.tree.map(_once, nn.get_partition_spec(abstract),
                          is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return abstract, logical_to_sharding(specs, mesh, rules)
+    shardings = logical_to_sharding(specs, mesh, rules)
+    if not fit:
+        return abstract, shardings
+    shardings, replicated = fit_to_shapes(values(abstract), shardings)
+    key = (tuple(mesh.shape.items()), tuple(replicated))
+    if replicated and key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("mesh %s does not divide %d state dimension(s); they are replicated (more "
+                    "memory per device; `vsalmonn-jax plan` shows how much): %s%s",
+                    dict(mesh.shape), len(replicated), "; ".join(replicated[:4]),
+                    " ..." if len(replicated) > 4 else "")
+    return abstract, shardings
 
 
 def abstract_state(task, config, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
