@@ -237,12 +237,33 @@ def process_batch_rows(global_batch: int, mesh: Mesh) -> tuple[int, int]:
     return start, stop
 
 
+def batch_shard(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): this process loads part `index` of `count` equal, contiguous parts of every
+    global batch (its data loader's shard). count = the process count when each process's devices
+    hold rows of their own; fewer when `tensor` / `context` span processes (e.g. one process per
+    GPU with data=1 fsdp=2 tensor=4: 8 processes, 2 parts): processes whose devices hold the same
+    rows share an index and load the same records."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    start, stop = process_batch_rows(shards, mesh)   # one row per (data x fsdp) shard
+    rows = stop - start
+    if start % rows or shards % rows:
+        raise ValueError(f"this process holds batch shards [{start}, {stop}) of {shards} on mesh "
+                         f"{dict(mesh.shape)}: not one of equal parts; order the devices by process")
+    return start // rows, shards // rows
+
+
+def local_batch_shards(mesh: Mesh) -> int:
+    """How many (data x fsdp) batch shards this process's devices hold (1 when a shard spans
+    processes): its rows of a global batch are this many shards' rows."""
+    return mesh.shape["data"] * mesh.shape["fsdp"] // batch_shard(mesh)[1]
+
+
 def global_batch(local_batch: Any, mesh: Mesh, global_size: int | None = None) -> Any:
     """Per-process batch tree (numpy, leading axis = this process's rows) -> global jax.Arrays
     sharded on their batch axis over (data, fsdp)."""
     def one(x):
         x = np.asarray(x)
-        size = global_size or x.shape[0] * jax.process_count()
+        size = global_size or x.shape[0] * batch_shard(mesh)[1]
         check_global_batch(size, mesh)
         start, stop = process_batch_rows(size, mesh)
         if x.shape[0] != stop - start:

@@ -23,9 +23,12 @@ SPEC = distributed.initialize()  # before any other jax use
 
 import flax.linen as nn  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
+from vsalmonn_jax.commands import train as train_command  # noqa: E402
 from vsalmonn_jax.commands.plan import parse_mesh  # noqa: E402
 from vsalmonn_jax.config import load_config  # noqa: E402
+from vsalmonn_jax.data import pipeline  # noqa: E402
 from vsalmonn_jax.lora import merge  # noqa: E402
 from vsalmonn_jax.models.qwen2 import load_hf, save_hf  # noqa: E402
 from vsalmonn_jax.training import state as state_lib  # noqa: E402
@@ -56,6 +59,8 @@ def local_rows(batch: dict, mesh) -> dict:
 def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, mesh_spec: dict) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     config = load_config("tiny", ["train.lr=0.01", "train.warmup_ratio=0.0", "train.num_steps=10"])
+    with config.unlocked():
+        config.mesh.update(mesh_spec)
     mesh = make_mesh(mesh_spec)
     task = build_task(config, text_only=True)
     tx, schedule = state_lib.make_optimizer(config.train, 10)
@@ -68,10 +73,15 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
         batch = synthetic.sft_examples(GLOBAL_BATCH, vocab, length=16, seed=i)
         state, metrics = sft.train(state, distributed.global_batch(local_rows(batch, mesh), mesh))
         losses.append(float(metrics["loss"]))
-    for i in range(DPO_STEPS):
+    for i in range(DPO_STEPS):  # through the train loop's batch placement (steps.put_batch)
         batch = synthetic.dpo_examples(GLOBAL_BATCH, vocab, length=16, seed=100 + i)
-        state, metrics = dpo.train(state, distributed.global_batch(local_rows(batch, mesh), mesh))
+        state, metrics = dpo.train(state, steps_lib.put_batch(local_rows(batch, mesh), dpo.batch_sharding))
         losses.append(float(metrics["loss"]))
+    # each process's data shard and rows per step, as the train CLI and the data loader see them
+    config.data.batch_size = GLOBAL_BATCH // (mesh.shape["data"] * mesh.shape["fsdp"])
+    shard = [*distributed.batch_shard(mesh), distributed.local_batch_shards(mesh),
+             train_command._local_batch(config), *pipeline.host_shard(config)]
+    shards = multihost_utils.process_allgather(np.asarray(shard, np.int64))
 
     # per-round reference log-probs (mrDPO): each process its rows, gathered, process 0 writes
     data = synthetic.dpo_examples(REFERENCE_ROWS, vocab, length=16, seed=200)
@@ -100,7 +110,8 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     distributed.export_on_primary(lambda p: save_hf(p, llm_config, out / "export"), merged)
 
     results = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count()),
-               "stop": np.asarray(stop), "reference": reference}
+               "stop": np.asarray(stop), "reference": reference,
+               "shards": np.asarray(shards).reshape(jax.process_count(), -1)}
     flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
         {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged,
          "params": state.params}))[0]

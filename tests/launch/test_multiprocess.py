@@ -1,7 +1,8 @@
 """Two processes on 127.0.0.1 (4 fake CPU devices each) vs one process with 8: same SFT/DPO results
 and stored reference log-probs, a two-process checkpoint restores in one process, a two-process
 merged export loads back whole; two processes with context parallelism (data=1, fsdp=2, context=2,
-tensor=2) give the same results.
+tensor=2) give the same results, and so do two processes that share one batch shard (tensor and
+context spanning processes).
 """
 
 import json
@@ -173,3 +174,19 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
     for key in keys:
         np.testing.assert_allclose(context[key], one[key], rtol=1e-4, atol=2e-5, err_msg=key)
         np.testing.assert_allclose(context[key], single[key], rtol=1e-2, atol=1e-4, err_msg=key)
+
+
+def test_processes_sharing_a_batch_shard(runs, tmp_path):
+    """data x fsdp = 1 batch shard held by both processes (context=2 x tensor=4 span them), as one
+    process per GPU on an 8-GPU node with data=1 fsdp=2 tensor=4 (8 processes, 2 shards): each
+    process loads the whole shard's rows (data loader shard 0 of 1, the train CLI's local batch =
+    the global one) and the results equal one process on the first mesh. This divided by zero
+    (data x fsdp // process count) before."""
+    _, _, single = runs
+    shared = _two_processes(tmp_path, "two", "--mesh", "data=1,fsdp=1,context=2,tensor=4")
+    # per process: batch_shard (index, count), local_batch_shards, train's local batch, loader shard
+    np.testing.assert_array_equal(shared["shards"], [[0, 1, 1, 8, 0, 1]] * 2)
+    np.testing.assert_array_equal(single["shards"], [[0, 1, 4, 8, 0, 1]])
+    np.testing.assert_array_equal(runs[1]["shards"], [[0, 2, 2, 4, 0, 2], [1, 2, 2, 4, 1, 2]])
+    np.testing.assert_allclose(shared["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shared["reference"], single["reference"], rtol=0, atol=1e-4)

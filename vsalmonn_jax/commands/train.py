@@ -38,12 +38,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _local_batch(config) -> int:
     """Rows per host per step: data.batch_size per (data x fsdp) shard of this host's devices."""
-    import jax
+    from vsalmonn_jax.distributed import local_batch_shards
+    from vsalmonn_jax.training.sharding import make_mesh
 
-    from vsalmonn_jax.training.sharding import mesh_shape
-
-    data, fsdp, _, _ = mesh_shape(dict(config.mesh))
-    return int(config.data.batch_size) * data * fsdp // jax.process_count()
+    return int(config.data.batch_size) * local_batch_shards(make_mesh(dict(config.mesh)))
 
 
 def synthetic_iterator(config, spec: str, batch: int):

@@ -47,11 +47,18 @@ def _init_worker(index: int, count: int) -> None:
     _WORKER_LIMITS.append(threadpool_limits(limits=1))
 
 
-def host_shard() -> tuple[int, int]:
-    """(this process's index, process count) from jax, for per-host data sharding."""
+def host_shard(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(index, count) of this process's part of every batch on `config.mesh`: (0, 1) in one process,
+    else distributed.batch_shard (processes whose devices hold the same rows, e.g. `tensor` spanning
+    processes, share an index and load the same records)."""
     import jax
 
-    return jax.process_index(), jax.process_count()
+    if jax.process_count() == 1:
+        return 0, 1
+    from vsalmonn_jax.distributed import batch_shard
+    from vsalmonn_jax.training.sharding import make_mesh
+
+    return batch_shard(make_mesh(dict(config.mesh)))
 
 
 def make_dataset(records: Sequence[dict], featurizer: Featurizer, *, seed: int = 0,
@@ -175,10 +182,12 @@ def make_loader(records: Sequence[dict], config: ml_collections.ConfigDict, *,
         quarantine_path = data.quarantine
         if quarantine_path and not os.path.isabs(quarantine_path):
             quarantine_path = os.path.join(config.workdir, quarantine_path)
-    shard = shard or host_shard()
-    if quarantine_path and shard[1] > 1:   # one file per host: no concurrent appends
+    import jax
+
+    shard = shard or host_shard(config)
+    if quarantine_path and jax.process_count() > 1:   # one file per process: no concurrent appends
         stem, ext = os.path.splitext(quarantine_path)
-        quarantine_path = f"{stem}.host{shard[0]}{ext}"
+        quarantine_path = f"{stem}.host{jax.process_index()}{ext}"
     dataset = make_dataset(records, featurizer,
                            seed=int(data.shuffle_seed if seed is None else seed), shuffle=shuffle,
                            num_epochs=num_epochs, shard=shard)

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsalmonn_jax.distributed import any_process
+from vsalmonn_jax.distributed import any_process, local_batch_shards
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
@@ -39,7 +39,7 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
     """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity)."""
     sums: dict[str, float] = {}
     count = 0
-    shards = steps.mesh.shape["data"] * steps.mesh.shape["fsdp"] // jax.process_count()
+    shards = local_batch_shards(steps.mesh)
     for batch in batches:
         batch = pad_rows(batch, shards)
         metrics = jax.device_get(steps.eval(state, device_batch(batch, steps)))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vsalmonn_jax.distributed import local_batch_shards
 from vsalmonn_jax.training import losses, packing
 from vsalmonn_jax.training.feature_cache import cached_features
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES
@@ -309,10 +310,9 @@ def make_steps(task, config, tx, schedule, mesh: Mesh, shardings, objective: str
 
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Host numpy batch (this process's rows) -> global arrays sharded on the batch axis."""
-    mesh = sharding.mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    shards = local_batch_shards(sharding.mesh)
     for k, v in batch.items():
         if v.ndim == 0 or v.shape[0] % shards:
             raise ValueError(f"batch field {k!r} has shape {v.shape}: its leading (batch) axis must "
-                             f"be a multiple of data x fsdp = {shards} local shards")
+                             f"be a multiple of this process's {shards} (data x fsdp) batch shards")
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
