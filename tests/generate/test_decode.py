@@ -261,6 +261,22 @@ def test_context_parallel_prefill_matches_single_device(tiny_pair):
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
 
 
+def test_one_prompt_on_a_data_context_tensor_mesh(tiny_pair):
+    """One row on data=2 x context=2 x tensor=2: the batch and the decode position are smaller than
+    their shards, so they are replicated (models/shards.constrain). Padded instead, the [1, 1, V]
+    decode logits came out wrong (XLA's partitioner) and so did the tokens."""
+    from vsalmonn_jax.training.sharding import logical_rules
+
+    model, params, mesh = _on_mesh(tiny_pair, {"data": 2, "context": 2, "tensor": 2})
+    ids, mask = right_padded(PROMPTS[1:2])
+    ref = generate(model, tiny_pair[2], input_ids=ids, attention_mask=mask, max_new_tokens=NEW)
+    with jax.set_mesh(mesh), logical_rules():
+        out = generate(model, {"params": params}, input_ids=ids, attention_mask=mask,
+                       max_new_tokens=NEW, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors(tiny_pair):
     _, model, variables = tiny_pair
     ids, mask = right_padded(PROMPTS)

@@ -25,6 +25,7 @@ from vsalmonn_jax.models.attention import resolve_impl
 from vsalmonn_jax.models.connectors import VisionConnector
 from vsalmonn_jax.models.qformer import AudioConnector, QFormerConfig
 from vsalmonn_jax.models.qwen2 import Qwen2, Qwen2Config, branch_positions, default_positions
+from vsalmonn_jax.models.shards import constrain
 from vsalmonn_jax.models.siglip import SiglipConfig, SiglipVision
 from vsalmonn_jax.models.whisper import AudioEncoder, WhisperConfig
 
@@ -102,7 +103,7 @@ def _batch_sharded(x: jax.Array, frames: bool = False) -> jax.Array:
     """Keep media activations split over the batch axes (data, fsdp) on their leading dimension, so
     no device encodes or projects every video of the step; `frames`: [B, F, ...] also split on F
     over `context` (the devices sharing a sequence project different frames)."""
-    return nn.with_logical_constraint(x, ("batch",) + ("frames",) * frames + (None,) * (x.ndim - 1 - frames))
+    return constrain(x, ("batch",) + ("frames",) * frames + (None,) * (x.ndim - 1 - frames))
 
 
 class AVLLM(nn.Module):
@@ -196,7 +197,7 @@ class AVLLM(nn.Module):
                 if "vision" in media else jnp.zeros((h,), embeds.dtype)
             embeds, mask = jax.vmap(connectors.append_newline, in_axes=(0, 0, 0, None))(
                 embeds, mask, n_frames > 0, newline)
-        embeds = nn.with_logical_constraint(embeds, ("batch", "length", "activation_embed"))
+        embeds = constrain(embeds, ("batch", "length", "activation_embed"))
         return embeds, mask
 
     def _time_tokens(self, media: dict, embeds: jax.Array, index: jax.Array, length: jax.Array,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsalmonn_jax.models.media_layers import ADAPTER, Dense, declare, gelu
+from vsalmonn_jax.models.shards import constrain
 
 POOL_MODES = ("max", "average", "bilinear")
 # grid: image_newline after every pooled row (video-SALMONN 2); video: one after the whole media
@@ -109,7 +110,7 @@ class VisionConnector(nn.Module):
         x = VisionProjector(self.features, self.collection, self.dtype, self.param_dtype,
                             self.init_std, name="projector")(vision_features)
         # [B, F, g*g, H]: the largest connector activation; keep it split over the batch axes
-        x = nn.with_logical_constraint(x, ("batch", None, None, "activation_embed"))
+        x = constrain(x, ("batch", None, None, "activation_embed"))
         x = pool_grid(x.reshape(b * f, self.grid, self.grid, self.features), self.pool_mode,
                       self.pool_stride)  # [B*F, r, r, H]
         if self.cell_embedding:   # where each token sits, as a vector the LLM reads directly

@@ -27,6 +27,7 @@ from vsalmonn_jax.models.attention import (
 )
 from vsalmonn_jax.models.decoder_layers import Dense, RMSNorm
 from vsalmonn_jax.models.kv_cache import init_cache  # noqa: F401  (re-exported: the cache of this model)
+from vsalmonn_jax.models.shards import constrain
 
 # Activations tagged with `checkpoint_name` in a decoder layer (what the *_names policies can keep):
 # attention_out = the attention's output before o_proj [B,T,N*D]; mlp_in = the normed MLP input [B,T,H].
@@ -116,7 +117,7 @@ class Attention(_Part):
         q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)       # [B,T,N,D]
         k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)    # [B,T,K,D]
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "activation_heads", "head_dim"))
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "activation_heads", "head_dim"))
         k = apply_rope(k, cos, sin)
         if kv is not None:   # write the T new keys/values at slots [index, index + T), in place
             new = (k, v)
@@ -129,8 +130,8 @@ class Attention(_Part):
             out = kv_cache.decode_attention(q, k_layer.astype(q.dtype), v_layer.astype(q.dtype), mask,
                                             cache_index + length, cfg.attention_block)
         else:                # no cache, or a prompt filling an empty one: causal over its own K/V
-            k = nn.with_logical_constraint(k, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
-            v = nn.with_logical_constraint(v, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
+            k = constrain(k, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
+            v = constrain(v, ("batch", "kv_length", "activation_kv_heads", "head_dim"))
             out = attention(q, k, v, mask, cfg.attention_impl, cfg.attention_block,
                             cfg.attention_interpret)                     # [B,T,N,D]
         out = out.reshape(batch, length, cfg.num_heads * cfg.head_dim)
@@ -147,7 +148,7 @@ class MLP(_Part):
         dense = _dense_factory(cfg, self.lora, self.deterministic)
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), False, "gate_proj")(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), False, "up_proj")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "activation_mlp"))
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "activation_mlp"))
         return dense(cfg.hidden_size, ("mlp", "embed"), False, "down_proj")(h)
 
 
@@ -165,7 +166,7 @@ class DecoderLayer(_Part):
         hidden = hidden + attn_out
         mlp_in = checkpoint_name(norm("post_attention_layernorm")(hidden), "mlp_in")
         hidden = hidden + MLP(cfg, self.lora, self.deterministic, name="mlp")(mlp_in)
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
+        hidden = constrain(hidden, ("batch", "length", "activation_embed"))
         return (hidden, kv), None
 
 
@@ -181,7 +182,7 @@ def _dense_factory(cfg: Qwen2Config, lora: LoraConfig | None, deterministic: boo
 def _logits(hidden: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     """[B,T,H] @ [H,V] -> [B,T,V], accumulated and returned in fp32."""
     logits = jnp.dot(hidden.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab"))
+    return constrain(logits, ("batch", "length", "activation_vocab"))
 
 
 def _balanced(parts: int, *arrays):
@@ -264,11 +265,11 @@ class Qwen2(nn.Module):
             mask = MaskSpec(causal=True, key_mask=ids[0], segment_ids=ids[1], branch_ids=ids[2],
                             context=parts)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
+        hidden = constrain(hidden, ("batch", "length", "activation_embed"))
         hidden, new_kv = self._layers(hidden, cos, sin, mask, cache_index, cache, deterministic)
         if parts > 1:   # back to the natural order: logits / log-probs stay split over context
             hidden = natural_layout(hidden, parts)[:, :length]
-            hidden = nn.with_logical_constraint(hidden, ("batch", "length", "activation_embed"))
+            hidden = constrain(hidden, ("batch", "length", "activation_embed"))
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(hidden)
         new_cache = None
         if cache is not None:
@@ -281,7 +282,7 @@ class Qwen2(nn.Module):
         else:
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), False, cfg.dtype, cfg.param_dtype,
                            accumulate_fp32=True, name="lm_head")(hidden)
-        return nn.with_logical_constraint(logits, ("batch", "length", "activation_vocab")), new_cache
+        return constrain(logits, ("batch", "length", "activation_vocab")), new_cache
 
     def _mask(self, attention_mask, cache, length, segment_ids=None, branch_ids=None):
         """A MaskSpec (the attention kernels never see a [T,T] mask) without a cache or for a prompt

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from vsalmonn_jax.models.attention.mask import MaskSpec, natural_order
-from vsalmonn_jax.models.attention.shards import batch_axes
 from vsalmonn_jax.models.attention.xla import flash_attention
+from vsalmonn_jax.models.shards import batch_axes
 
 AXIS = "context"
 

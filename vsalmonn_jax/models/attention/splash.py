@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
-from vsalmonn_jax.models.attention import shards
+from vsalmonn_jax.models import shards
 from vsalmonn_jax.models.attention.mask import MaskSpec
 
 LANE = 128  # splash block sizes are multiples of the TPU lane width

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from vsalmonn_jax.loop_trips import counted_while
 from vsalmonn_jax.models.attention.mask import MaskSpec
-from vsalmonn_jax.models.attention.shards import batch_axes
+from vsalmonn_jax.models.shards import batch_axes
 
 # Per-token mask inputs after padding to a multiple of the block: (key_valid [B,Sp] bool,
 # query side (segment_ids [B,Tp] | None, branch_ids [B,Tp] | None, index [Tp] | None),
