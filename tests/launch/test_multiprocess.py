@@ -1,8 +1,7 @@
 """Two processes on 127.0.0.1 (4 fake CPU devices each) vs one process with 8: same SFT/DPO results
 and stored reference log-probs, a two-process checkpoint restores in one process, a two-process
-merged export loads back whole; two processes with context parallelism (data=1, fsdp=2, context=2,
-tensor=2) give the same results, and so do two processes that share one batch shard (tensor and
-context spanning processes).
+merged export loads back whole; two processes with context parallelism (data=1, fsdp=1, context=2,
+tensor=4: both processes hold the one batch shard) give the same results.
 """
 
 import json
@@ -152,15 +151,24 @@ def test_two_process_merged_export_holds_base_and_loads(runs):
             np.testing.assert_array_equal(value, base, err_msg=key)  # untouched base weights
 
 
-CONTEXT_MESH = "data=1,fsdp=2,context=2,tensor=2"
+CONTEXT_MESH = "data=1,fsdp=1,context=2,tensor=4"
 
 
 def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path):
-    """2 processes x 4 devices, each sequence split over context = 2 (with fsdp and tensor): the
-    same SFT / DPO losses and trained weights as one process x 8 devices on that mesh, and the same
-    losses as without context parallelism (weights to Adam's amplification of summation order)."""
-    _, _, single = runs
+    """2 processes x 4 devices, each sequence split over context = 2 (with tensor): the same SFT /
+    DPO losses and trained weights as one process x 8 devices on that mesh, and the same losses as
+    without context parallelism (weights to Adam's amplification of summation order).
+
+    context x tensor span both processes, so they hold one data x fsdp batch shard together (as one
+    process per GPU on an 8-GPU node with data=1 fsdp=2 tensor=4: 8 processes, 2 shards): each
+    loads the whole shard's rows (loader shard 0 of 1; the train CLI's local batch = the global
+    one). This divided by zero (data x fsdp // process count) before distributed.batch_shard."""
+    _, two, single = runs
     context = _two_processes(tmp_path, "two", "--mesh", CONTEXT_MESH)
+    # per process: batch_shard (index, count), local_batch_shards, train's local batch, loader shard
+    np.testing.assert_array_equal(context["shards"], [[0, 1, 1, 8, 0, 1]] * 2)
+    np.testing.assert_array_equal(two["shards"], [[0, 2, 2, 4, 0, 2], [1, 2, 2, 4, 1, 2]])
+    np.testing.assert_array_equal(single["shards"], [[0, 1, 4, 8, 0, 1]])
     log = open(tmp_path / "one.log", "w+")
     one = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "one"), "--mesh", CONTEXT_MESH],
                            env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -169,24 +177,10 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
     assert int(context["process_count"]) == 2 and int(one["process_count"]) == 1
     np.testing.assert_allclose(context["losses"], one["losses"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(context["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(context["reference"], one["reference"], rtol=0, atol=1e-5)
     keys = [k for k in single if k.startswith(("['trainable']", "['opt_state']"))]
     assert len(keys) > 10
     for key in keys:
         np.testing.assert_allclose(context[key], one[key], rtol=1e-4, atol=2e-5, err_msg=key)
         np.testing.assert_allclose(context[key], single[key], rtol=1e-2, atol=1e-4, err_msg=key)
 
-
-def test_processes_sharing_a_batch_shard(runs, tmp_path):
-    """data x fsdp = 1 batch shard held by both processes (context=2 x tensor=4 span them), as one
-    process per GPU on an 8-GPU node with data=1 fsdp=2 tensor=4 (8 processes, 2 shards): each
-    process loads the whole shard's rows (data loader shard 0 of 1, the train CLI's local batch =
-    the global one) and the results equal one process on the first mesh. This divided by zero
-    (data x fsdp // process count) before."""
-    _, _, single = runs
-    shared = _two_processes(tmp_path, "two", "--mesh", "data=1,fsdp=1,context=2,tensor=4")
-    # per process: batch_shard (index, count), local_batch_shards, train's local batch, loader shard
-    np.testing.assert_array_equal(shared["shards"], [[0, 1, 1, 8, 0, 1]] * 2)
-    np.testing.assert_array_equal(single["shards"], [[0, 1, 4, 8, 0, 1]])
-    np.testing.assert_array_equal(runs[1]["shards"], [[0, 2, 2, 4, 0, 2], [1, 2, 2, 4, 1, 2]])
-    np.testing.assert_allclose(shared["losses"], single["losses"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(shared["reference"], single["reference"], rtol=0, atol=1e-4)
