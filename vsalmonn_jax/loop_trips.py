@@ -18,7 +18,7 @@ _PATTERN = re.compile(re.escape(SCOPE) + r"([0-9.]+)")
 def counted_while(lower, upper, body, init, mean_trips: float):
     """`fori_loop(lower, upper, body, init)` as a while_loop whatever its bounds (a static-bound
     fori_loop becomes a scan), its body in the scope that says it runs `mean_trips` times on average."""
-    scope = f"{SCOPE}{float(mean_trips):g}"
+    scope = f"{SCOPE}{float(mean_trips):.3f}"   # fixed-point: the pattern reads no exponent
 
     def step(state):
         index, carry = state
