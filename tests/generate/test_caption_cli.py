@@ -155,3 +155,15 @@ def test_reading_the_saved_fields_logs_no_metadata_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert saved_fields(tmp_path, latest_step(tmp_path)) == ["params", "trainable"]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_more_than_one_process_stops_with_a_message(monkeypatch, capsys, tmp_path):
+    """Multi-host captioning is not built (tokens would not be gathered and every process would
+    append the same lines): a multi-process run stops at once, before any model or input is read."""
+    from vsalmonn_jax.commands import caption
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert caption.main([str(tmp_path / "missing.mp4"), "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "runs on one host; this run has 2 processes" in err
+    assert not (tmp_path / "out.jsonl").exists()

@@ -75,6 +75,14 @@ def main(argv: list[str]) -> int:
 
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
+    import jax
+
+    if jax.process_count() > 1:
+        print(f"vsalmonn-jax caption: runs on one host; this run has {jax.process_count()} "
+              "processes (multi-host captioning would neither gather the generated tokens nor "
+              "write the output once). Caption on one host: the 7B model fits one host's devices",
+              file=sys.stderr)
+        return 2
     try:
         config, run_dir, source = resolve_config(args.checkpoint, config_path, overrides)
     except (FileNotFoundError, ValueError, KeyError) as err:
