@@ -24,7 +24,13 @@ from jax.sharding import Mesh, NamedSharding
 from vsalmonn_jax.plan_compile import Compiled, Job, compile_step, parallel_jobs, run_jobs, say
 from vsalmonn_jax.plan_flops import CHIPS, GB, comm_bytes, mfu
 from vsalmonn_jax.plan_report import REMAT_ORDER, format_plan, suggest
-from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_to_shapes, make_mesh
+from vsalmonn_jax.training.sharding import (
+    LOGICAL_AXIS_RULES,
+    MESH_AXES,
+    dim_ways,
+    fit_to_shapes,
+    make_mesh,
+)
 
 __all__ = ["Compiled", "compile_step", "format_plan", "make_plan", "REMAT_ORDER", "video_tokens"]
 
@@ -68,23 +74,13 @@ def video_tokens(config, seconds: float, text_tokens: int) -> TokenBudget:
 
 # ------------------------------------------------------------------ shapes, shardings, bytes
 
-def _ways(sharding: NamedSharding, ndim: int) -> list[int]:
-    """How many pieces each array dimension is cut into by the sharding's mesh axes."""
-    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    out = []
-    for axes in spec:
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        out.append(int(np.prod([sharding.mesh.shape[a] for a in axes])))
-    return out
-
-
 def shard_bytes(abstract: Any, shardings: Any) -> int:
     """Bytes one device holds for a tree of ShapeDtypeStructs under a tree of NamedShardings
     (an indivisible dimension counts as padded up, which is what it would cost)."""
     total = 0
     for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(
             shardings, is_leaf=lambda s: isinstance(s, NamedSharding)), strict=True):
-        shape = [-(-d // w) for d, w in zip(leaf.shape, _ways(sharding, len(leaf.shape)), strict=True)]
+        shape = [-(-d // w) for d, w in zip(leaf.shape, dim_ways(sharding, len(leaf.shape)), strict=True)]
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
     return total
 

@@ -101,6 +101,16 @@ def sharding_of(abstract_variables, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
 
 
+def dim_ways(sharding: NamedSharding, ndim: int) -> list[int]:
+    """How many pieces each of an array's `ndim` dimensions is cut into by the sharding's mesh axes."""
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    out = []
+    for axes in spec:
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        out.append(math.prod(int(sharding.mesh.shape[a]) for a in axes))
+    return out
+
+
 def path_name(path) -> str:
     """A tree path as 'params/llm/embed_tokens/embedding'."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -115,10 +125,10 @@ def fit_to_shapes(abstract, shardings) -> tuple[Any, list[str]]:
     def fit(path, leaf, sharding):
         spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
         out = []
-        for dim, (size, axes) in enumerate(zip(leaf.shape, spec, strict=True)):
-            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            ways = math.prod(int(sharding.mesh.shape[a]) for a in names)
+        for dim, (size, axes, ways) in enumerate(zip(leaf.shape, spec, dim_ways(sharding, len(spec)),
+                                                     strict=True)):
             if ways > 1 and size % ways:
+                names = (axes,) if isinstance(axes, str) else tuple(axes)
                 lines.append(f"{path_name(path)} dim {dim} ({size}) is not divisible by "
                              f"{'x'.join(names)} = {ways}: replicated")
                 axes = None
