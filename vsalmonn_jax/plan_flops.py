@@ -69,15 +69,14 @@ def matmul_flops(jaxpr) -> float:
             rhs = eqn.invars[1].aval.shape
             out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
             total += 2.0 * _size(eqn.outvars[0].aval.shape) * _size(rhs) / out_features
-        subs = [_sub_flops(v) for v in eqn.params.values()]
-        inner = sum(s for s in subs if s is not None)
+        subs = {k: f for k, f in ((k, _sub_flops(v)) for k, v in eqn.params.items()) if f is not None}
+        if name == "while":  # the body its loop_trips estimate times
+            subs["body_jaxpr"] *= mean_trips(eqn.params["body_jaxpr"])
+        inner = sum(subs.values())
         if name == "cond":
-            inner = max((s for s in subs if s is not None), default=0.0)
+            inner = max(subs.values(), default=0.0)
         if name == "shard_map":  # its body has one shard's shapes: times the shards of its manual axes
             inner *= math.prod(int(eqn.params["mesh"].shape[a]) for a in eqn.params["newly_manual_axes"])
-        if name == "while":
-            inner = _sub_flops(eqn.params["cond_jaxpr"]) + mean_trips(eqn.params["body_jaxpr"]) * _sub_flops(
-                eqn.params["body_jaxpr"])
         total += inner * (int(eqn.params["length"]) if name == "scan" else 1)
     return total
 

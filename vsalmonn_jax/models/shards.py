@@ -50,7 +50,6 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     def fit(name, size):
         if name not in DATA_AXES:
             return name
-        shards = _axes(name)[1]
-        return None if size < shards and size % shards else name
+        return None if 0 < size < _axes(name)[1] else name
 
     return nn.with_logical_constraint(x, tuple(map(fit, names, x.shape)))
