@@ -158,12 +158,48 @@ def test_reading_the_saved_fields_logs_no_metadata_warning(tmp_path, caplog):
 
 
 def test_more_than_one_process_stops_with_a_message(monkeypatch, capsys, tmp_path):
-    """Multi-host captioning is not built (tokens would not be gathered and every process would
-    append the same lines): a multi-process run stops at once, before any model or input is read."""
+    """One SPMD caption over several processes is not built (tokens would not be gathered and every
+    process would append the same lines): a multi-process run stops at once, before any model or
+    input is read, and points at one job per host with --shard."""
     from vsalmonn_jax.commands import caption
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert caption.main([str(tmp_path / "missing.mp4"), "--output", str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert "runs on one host; this run has 2 processes" in err
+    assert "one process per job; this run has 2 processes" in err and "--shard K/N" in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_shards_split_the_items_and_each_line_is_the_unsharded_one(caption_setup, capsys,
+                                                                     monkeypatch, tmp_path):
+    """--shard K/N (one job per host): disjoint shards whose union is the unsharded output, line
+    for line (per-item keys), an unreadable item in its own shard's errors file; bad values rc 2."""
+    from vsalmonn_jax.commands.caption import main
+
+    root, overrides, run, paths, corrupt, _ = caption_setup
+    monkeypatch.chdir(tmp_path)
+    records = tmp_path / "clips.jsonl"      # fixed ids: shard 0 = {clip1}, 1 = {clip0, clip2, corrupt}
+    names = {f"clip{i}": pathlib.Path(p).name for i, p in enumerate(paths)}
+    records.write_text("".join(json.dumps({"id": k, "video": v}) + "\n"
+                               for k, v in {**names, "corrupt": pathlib.Path(corrupt).name}.items()))
+    argv = [str(records), "--data-root", str(pathlib.Path(corrupt).parent), "--checkpoint", run,
+            "--config", "tiny", *overrides, "--max-new-tokens", "3", "--batch-size", "4",
+            "--no-progress", "--top-p", "0.9"]
+    assert main(argv) == 1                                              # the corrupt file
+    assert "3 written, 0 already done, 1 unreadable, 0 bad inputs" in capsys.readouterr().err
+    whole = sorted((tmp_path / "captions.jsonl").read_text().splitlines())
+    lines = []
+    for k, ids, rc in ((0, {"clip1"}, 0), (1, {"clip0", "clip2"}, 1)):
+        assert main([*argv, "--shard", f"{k}/2"]) == rc
+        assert f"caption: shard {k}/2: {len(ids) + k} of 4 items" in capsys.readouterr().err
+        shard_lines = (tmp_path / f"captions-{k:05d}-of-00002.jsonl").read_text().splitlines()
+        assert {json.loads(x)["id"] for x in shard_lines} == ids
+        lines += shard_lines
+    assert (tmp_path / "captions-00000-of-00002.errors.jsonl").read_text() == ""
+    (error,) = (tmp_path / "captions-00001-of-00002.errors.jsonl").read_text().splitlines()
+    assert json.loads(error)["id"] == "corrupt"
+    assert sorted(lines) == whole
+    for bad_value in ("2/2", "x", "1/0", "-1/3"):
+        assert main([*argv, f"--shard={bad_value}"]) == 2
+        assert "--shard" in capsys.readouterr().err

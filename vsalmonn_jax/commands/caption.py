@@ -4,7 +4,7 @@
                        [--config configs/X.py | RUN/config.json] [--output captions.jsonl] [--prompt TEXT] [--num-samples N]
                        [--greedy | --top-p P --temperature T --top-k K] [--max-new-tokens N]
                        [--batch-size B] [--seed S] [--step STEP] [--tokenizer DIR] [--data-root DIR]
-                       [--config.a.b=value ...]
+                       [--shard K/N] [--config.a.b=value ...]
 Writes one JSON line per (video, sample): {"id", "video"|"audio", "sample", "caption", "stopped",
 "num_tokens", "logprob"}. The model's config and tokenizer come from the run (its config.json and
 tokenizer copy, found at or above --checkpoint); --config / --tokenizer / --config.a.b=v override
@@ -13,6 +13,9 @@ mrDPO round); a stage folder (RUN/stages/<name>) with that stage. Running it aga
 missing ones done). Unreadable media are reported on stderr and in <output>.errors.jsonl, and the
 rest still finish; the exit status is then 1 (0 when every item was captioned). Two JSONL records
 with the same id stop the command before the model is loaded (the error names both lines).
+A set too large for one host: one job per host with `--shard K/N` (K = 0..N-1), each writing
+<output>-0000K-of-0000N.jsonl; the shards are disjoint and together hold every item (a hash of the
+id picks the shard: give every job the same inputs), sampled with the keys an unsharded run uses.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: the run's tokenizer copy, else config.data.tokenizer")
     p.add_argument("--data-root", default=None, help="media root for JSONL records (default: "
                    "config.data.root, else each JSONL's folder)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="caption only shard K of N (0 <= K < N; items split by a hash of their id) "
+                   "and add -0000K-of-0000N to the output and errors file names: one job per host "
+                   "captions a pod-wide set, `cat` joins the files")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -78,11 +85,23 @@ def main(argv: list[str]) -> int:
     import jax
 
     if jax.process_count() > 1:
-        print(f"vsalmonn-jax caption: runs on one host; this run has {jax.process_count()} "
-              "processes (multi-host captioning would neither gather the generated tokens nor "
-              "write the output once). Caption on one host: the 7B model fits one host's devices",
+        print(f"vsalmonn-jax caption: runs as one process per job; this run has "
+              f"{jax.process_count()} processes. Start it without the multi-host launcher, one "
+              "job per host with --shard K/N (the 7B model fits one host's devices)",
               file=sys.stderr)
         return 2
+    from vsalmonn_jax.generate import caption_io
+
+    output, errors_output, shard = args.output, args.errors, None
+    if args.shard is not None:
+        try:
+            shard = caption_io.parse_shard(args.shard)
+        except ValueError as err:
+            print(f"vsalmonn-jax caption: {err}", file=sys.stderr)
+            return 2
+        output, errors_output = (path and caption_io.shard_output(path, *shard)
+                                 for path in (output, errors_output))
+    errors_output = errors_output or os.path.splitext(output)[0] + ".errors.jsonl"
     try:
         config, run_dir, source = resolve_config(args.checkpoint, config_path, overrides)
     except (FileNotFoundError, ValueError, KeyError) as err:
@@ -113,20 +132,21 @@ def main(argv: list[str]) -> int:
         print("vsalmonn-jax caption: --num-samples > 1 needs sampling (greedy decoding would give "
               "identical samples); pass --top-p / --temperature", file=sys.stderr)
         return 2
-    from vsalmonn_jax.generate.caption_io import InputError, discover_items
-
     try:
-        items, input_errors = discover_items(args.inputs, args.data_root or config.data.root or None)
-    except InputError as err:
+        items, input_errors = caption_io.discover_items(args.inputs,
+                                                        args.data_root or config.data.root or None)
+    except caption_io.InputError as err:
         print(f"vsalmonn-jax caption: {err}", file=sys.stderr)
         return 2
     for error in input_errors:
         print(f"caption: skipped input {error}", file=sys.stderr)
-    errors_output = args.errors or (os.path.splitext(args.output)[0] + ".errors.jsonl")
+    if shard is not None:
+        found, items = len(items), caption_io.shard_items(items, *shard)
+        print(f"caption: shard {shard[0]}/{shard[1]}: {len(items)} of {found} items", file=sys.stderr)
     try:
         summary = caption_items(config, items, checkpoint=args.checkpoint, step=args.step,
                                 sampling=sampling, num_samples=args.num_samples,
-                                batch_size=args.batch_size, output=args.output,
+                                batch_size=args.batch_size, output=output,
                                 errors_output=errors_output, max_new_tokens=args.max_new_tokens
                                 or int(config.generate.max_new_tokens),
                                 seed=int(config.seed if args.seed is None else args.seed),
@@ -135,7 +155,7 @@ def main(argv: list[str]) -> int:
         print(f"vsalmonn-jax caption: {err}", file=sys.stderr)
         return 2
     print(f"caption: {summary.written} written, {summary.already_done} already done, "
-          f"{len(summary.failed)} unreadable, {len(input_errors)} bad inputs -> {args.output}",
+          f"{len(summary.failed)} unreadable, {len(input_errors)} bad inputs -> {output}",
           file=sys.stderr)
     if summary.failed:
         print(f"caption: unreadable items listed in {errors_output}", file=sys.stderr)

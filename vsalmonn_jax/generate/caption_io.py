@@ -7,6 +7,7 @@ crash is dropped (the file is truncated to its last complete line) and redone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -95,6 +96,36 @@ def discover_items(inputs: Iterable[str], root: str | None = None) -> tuple[list
                 raise InputError(f"duplicate id {item['id']!r}: {_place(first)} and {_place(item)}; "
                                  "captions are keyed by id, give each record its own")
     return items, errors
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"K/N" (0 <= K < N) -> (K, N); ValueError with the accepted form otherwise."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected INDEX/COUNT, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text!r}: INDEX must be in [0, COUNT), COUNT >= 1")
+    return index, count
+
+
+def shard_items(items: list[dict], index: int, count: int) -> list[dict]:
+    """The items of shard `index` of `count`: those whose id hashes there (SHA-256 of the id; crc32's
+    low bits are affine in the input bits and put ids like clip0..clip2 all in one of two shards).
+
+    A function of the id alone, so jobs that list the same items in any order (one per host) split
+    them into disjoint shards whose union is every item, and a shard keeps its items on resume.
+    """
+    def shard(item_id) -> int:
+        return int.from_bytes(hashlib.sha256(str(item_id).encode()).digest()[:8], "big") % count
+
+    return [it for it in items if shard(it["id"]) == index]
+
+
+def shard_output(path: str, index: int, count: int) -> str:
+    """captions.jsonl -> captions-00001-of-00004.jsonl (shard 1 of 4)."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{index:05d}-of-{count:05d}{ext or '.jsonl'}"
 
 
 def _place(item: dict) -> str:
