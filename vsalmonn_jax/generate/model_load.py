@@ -82,7 +82,7 @@ def restore_for_inference(config, task, mesh, checkpoint: str | pathlib.Path | N
     pretrained ones (the official release) or fresh.
     """
     tx, _ = st.make_optimizer(config.train, st.num_updates(config.train))
-    root = fields = None
+    base_saved = False
     if checkpoint is not None:
         root = checkpoint_root(checkpoint)
         step = latest_step(root) if step is None else int(step)
@@ -90,18 +90,18 @@ def restore_for_inference(config, task, mesh, checkpoint: str | pathlib.Path | N
         fields = sorted(saved.keys())
         if "trainable" not in fields:
             raise ValueError(f"{root / str(step)}: no 'trainable' in the saved state (fields: {fields})")
-    base_saved = fields is not None and "params" in fields
-    state, shardings, record = st.initial_state(task, config, tx, mesh,
-                                                jax.random.PRNGKey(int(config.seed)),
-                                                pretrained=not base_saved)
+        base_saved = "params" in fields
+        # shapes checked on the abstract state, before any weight is built or read (a wrong 7B
+        # preset fails in seconds, not after initialising or loading the model)
+        wanted = ["trainable"] + (["params"] if base_saved else [])
+        abstract = st.abstract_state(task, config, tx, mesh)
+        target = {name: getattr(abstract, name) for name in wanted}
+        check_shapes({name: saved[name] for name in wanted}, target, str(root / str(step)))
+    state, _, record = st.initial_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)),
+                                        pretrained=not base_saved)
     info = {"checkpoint": None, "step": None, "pretrained": record,
             "base": "from the checkpoint" if base_saved else describe(record)}
     if checkpoint is not None:
-        wanted = ["trainable"] + (["params"] if base_saved else [])
-        target = {name: jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            getattr(state, name), getattr(shardings, name)) for name in wanted}
-        check_shapes({name: saved[name] for name in wanted}, target, str(root / str(step)))
         manager = ocp.CheckpointManager(root, item_names=("state", "meta"))
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
