@@ -252,6 +252,30 @@ def batch_shard(mesh: Mesh) -> tuple[int, int]:
     return start // rows, shards // rows
 
 
+def check_shared_rows(fingerprint: int, mesh: Mesh) -> None:
+    """Processes that share a batch shard (`tensor` / `context` spanning hosts) must have loaded the
+    same rows: each fills its own devices' part of one global array, so different rows (a record
+    one host could not read and skipped) would be spliced into one example without any error.
+
+    `fingerprint`: a hash of this process's rows (e.g. their example ids). A no-op where no shard is
+    shared; else one tiny all-gather per batch, and every process raises on a mismatch (none hangs).
+    """
+    index, count = batch_shard(mesh)
+    if count == jax.process_count():
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.asarray([index, fingerprint & 0x7FFFFFFF, (fingerprint >> 31) & 0x7FFFFFFF], np.int32)
+    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 3)
+    for shard in sorted(set(table[:, 0].tolist())):
+        peers = np.flatnonzero(table[:, 0] == shard)
+        if len({tuple(table[p, 1:]) for p in peers}) > 1:
+            raise RuntimeError(
+                f"processes {peers.tolist()} share batch shard {shard} but loaded different rows "
+                "for this batch: one skipped or quarantined a record another read (see each host's "
+                "quarantine file); every host must read the same media")
+
+
 def local_batch_shards(mesh: Mesh) -> int:
     """How many (data x fsdp) batch shards this process's devices hold (1 when a shard spans
     processes): its rows of a global batch are this many shards' rows."""

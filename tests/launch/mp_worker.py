@@ -35,6 +35,7 @@ from vsalmonn_jax.training import state as state_lib  # noqa: E402
 from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
 from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
+from vsalmonn_jax.training.loop import device_batch  # noqa: E402
 from vsalmonn_jax.training.round_reference import (  # noqa: E402
     REFERENCE_FIELDS,
     batch_reference,
@@ -82,6 +83,19 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     shard = [*distributed.batch_shard(mesh), distributed.local_batch_shards(mesh),
              train_command._local_batch(config), *pipeline.host_shard(config)]
     shards = multihost_utils.process_allgather(np.asarray(shard, np.int64))
+    # processes that share a batch shard must load the same rows: the same batch passes, a
+    # different example id on the last process stops every process (no silent splice, no hang)
+    start, stop = distributed.process_batch_rows(GLOBAL_BATCH, mesh)
+    probe = {k: v[start:stop] for k, v in synthetic.sft_examples(GLOBAL_BATCH, vocab, 16, seed=0).items()}
+    device_batch(probe, sft)
+    if jax.process_index() == jax.process_count() - 1:
+        probe["example_id"] = probe["example_id"] + 1
+    try:
+        device_batch(probe, sft)
+        mismatch = ""
+    except RuntimeError as err:
+        mismatch = str(err)
+    raised = multihost_utils.process_allgather(np.asarray([bool(mismatch)], np.int32))
 
     # per-round reference log-probs (mrDPO): each process its rows, gathered, process 0 writes
     data = synthetic.dpo_examples(REFERENCE_ROWS, vocab, length=16, seed=200)
@@ -111,7 +125,8 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
 
     results = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count()),
                "stop": np.asarray(stop), "reference": reference,
-               "shards": np.asarray(shards).reshape(jax.process_count(), -1)}
+               "shards": np.asarray(shards).reshape(jax.process_count(), -1),
+               "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel()}
     flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
         {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged,
          "params": state.params}))[0]

@@ -169,6 +169,11 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
     np.testing.assert_array_equal(context["shards"], [[0, 1, 1, 8, 0, 1]] * 2)
     np.testing.assert_array_equal(two["shards"], [[0, 2, 2, 4, 0, 2], [1, 2, 2, 4, 1, 2]])
     np.testing.assert_array_equal(single["shards"], [[0, 1, 4, 8, 0, 1]])
+    # sharing the shard, the processes check that they loaded the same rows: a different example id
+    # on one (a record it skipped) stops both; processes holding shards of their own do not check
+    assert context["mismatch_raised"].tolist() == [1, 1]
+    assert "processes [0, 1] share batch shard 0 but loaded different rows" in str(context["mismatch"])
+    assert two["mismatch_raised"].tolist() == [0, 0] and single["mismatch_raised"].tolist() == [0]
     log = open(tmp_path / "one.log", "w+")
     one = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "one"), "--mesh", CONTEXT_MESH],
                            env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)

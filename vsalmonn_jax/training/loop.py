@@ -8,6 +8,7 @@ by round; `vsalmonn-jax train` is a thin CLI over it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pathlib
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsalmonn_jax.distributed import any_process, local_batch_shards
+from vsalmonn_jax.distributed import any_process, batch_shard, check_shared_rows, local_batch_shards
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
@@ -75,12 +76,24 @@ def pad_rows(batch: dict, multiple: int) -> dict:
 
 def device_batch(batch: dict, steps: Steps) -> dict:
     """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here);
-    a prefix-shared DPO step first checks that each pair's prompts agree."""
+    a prefix-shared DPO step first checks that each pair's prompts agree, and processes that share
+    a batch shard check that they loaded the same rows."""
     if steps.packed:
         check_shared_prompts(batch, steps.packed)
+    if batch_shard(steps.mesh)[1] < jax.process_count():
+        check_shared_rows(rows_fingerprint(batch), steps.mesh)
     keep = {k: v for k, v in batch.items()
             if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
     return put_batch(keep, steps.batch_sharding)
+
+
+def rows_fingerprint(batch: dict) -> int:
+    """A 62-bit hash of which rows a host batch holds: its example ids and token ids."""
+    digest = hashlib.sha256()
+    for key in sorted(batch):
+        if key == "example_id" or key.endswith("input_ids"):
+            digest.update(key.encode() + np.ascontiguousarray(batch[key]).tobytes())
+    return int.from_bytes(digest.digest()[:8], "big") >> 2
 
 
 def prepare_state(task, config, tx, mesh, *, state=None, params=None, shardings=None):
