@@ -1,5 +1,6 @@
 """Per-test CPU-time profile (`VSALMONN_TEST_PROFILE=path pytest ...`): one JSON line per test with its
-wall seconds and the CPU seconds of the test process and of the subprocesses it waited for.
+wall seconds, the CPU seconds of the test process and of the subprocesses it waited for, and when it
+ended (unix seconds: how the xdist workers' load was spread over the run).
 
 CPU time, unlike wall time, hardly changes when other jobs load the machine, so hot tests can be found
 on a shared machine; xdist workers append to the same file. The slowest are listed at the session end.
@@ -47,7 +48,7 @@ class Profile:
         own2, kids2 = _cpu()
         row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - wall, 3),
                "cpu_s": round(own2 - own, 3), "children_cpu_s": round(kids2 - kids, 3),
-               "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+               "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "end": round(time.time(), 1)}
         with open(self.path, "a") as f:   # one short append per line: safe across xdist workers
             f.write(json.dumps(row) + "\n")
 

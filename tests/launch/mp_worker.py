@@ -127,25 +127,19 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
                "stop": np.asarray(stop), "reference": reference,
                "shards": np.asarray(shards).reshape(jax.process_count(), -1),
                "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel()}
-    flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
-        {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged,
-         "params": state.params}))[0]
-    for path, leaf in flat:
-        results[jax.tree_util.keystr(path)] = leaf
+    def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it
+        for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(tree))[0]:
+            results[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf)
 
+    store("", {"trainable": state.trainable, "opt_state": state.opt_state, "merged": merged,
+               "params": state.params})
     if restore_from:  # a checkpoint written by another topology, restored here
         restored, meta = Checkpointer(restore_from).restore(state)
         assert meta == {"stage": "dpo"}, meta
-        flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(
-            {"trainable": restored.trainable, "opt_state": restored.opt_state,
-             "step": restored.step}))[0]
-        for path, leaf in flat:
-            results["restored" + jax.tree_util.keystr(path)] = leaf
+        store("restored", {"trainable": restored.trainable, "opt_state": restored.opt_state,
+                           "step": restored.step})
     if export_from:
-        params, _ = load_hf(export_from)
-        flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, params))[0]
-        for path, leaf in flat:
-            results["loaded" + jax.tree_util.keystr(path)] = leaf
+        store("loaded", load_hf(export_from)[0])
     if distributed.is_primary():
         np.savez(out / "results.npz", **results)
     distributed.barrier("mp_worker_done")
