@@ -35,7 +35,7 @@ from vsalmonn_jax.training import state as state_lib  # noqa: E402
 from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
 from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
-from vsalmonn_jax.training.loop import device_batch  # noqa: E402
+from vsalmonn_jax.training.loop import device_batch, evaluate  # noqa: E402
 from vsalmonn_jax.training.round_reference import (  # noqa: E402
     REFERENCE_FIELDS,
     batch_reference,
@@ -96,6 +96,14 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     except RuntimeError as err:
         mismatch = str(err)
     raised = multihost_utils.process_allgather(np.asarray([bool(mismatch)], np.int32))
+    # evaluation over uneven streams (a val set that does not split evenly): rows A (8) as one
+    # global batch, then rows B (2) on batch shard 0 only; one process: [A, B]
+    rows = synthetic.sft_examples(10, vocab, 16, seed=300)
+    index, count = distributed.batch_shard(mesh)
+    part = slice(index * 8 // count, (index + 1) * 8 // count)
+    stream = [{k: v[part] for k, v in rows.items()}] + (
+        [{k: v[8:] for k, v in rows.items()}] if index == 0 else [])
+    eval_loss = evaluate(sft, state, stream)["loss"]
 
     # per-round reference log-probs (mrDPO): each process its rows, gathered, process 0 writes
     data = synthetic.dpo_examples(REFERENCE_ROWS, vocab, length=16, seed=200)
@@ -126,7 +134,8 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     results = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count()),
                "stop": np.asarray(stop), "reference": reference,
                "shards": np.asarray(shards).reshape(jax.process_count(), -1),
-               "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel()}
+               "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel(),
+               "eval_loss": np.asarray(eval_loss)}
     def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it
         for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(tree))[0]:
             results[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf)

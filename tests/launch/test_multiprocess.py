@@ -174,6 +174,10 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
     assert context["mismatch_raised"].tolist() == [1, 1]
     assert "processes [0, 1] share batch shard 0 but loaded different rows" in str(context["mismatch"])
     assert two["mismatch_raised"].tolist() == [0, 0] and single["mismatch_raised"].tolist() == [0]
+    # evaluation over uneven per-process streams: one more batch on shard 0 (the other process fills
+    # in rows with no target; it waited forever before), the loss of every row once
+    np.testing.assert_allclose(two["eval_loss"], single["eval_loss"], rtol=1e-6)
+    np.testing.assert_allclose(context["eval_loss"], single["eval_loss"], rtol=1e-5)
     log = open(tmp_path / "one.log", "w+")
     one = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "one"), "--mesh", CONTEXT_MESH],
                            env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)

@@ -37,12 +37,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
-    """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity)."""
+    """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity).
+
+    Each process passes its own stream (its shard of the val set). Every eval step is a collective,
+    so with several processes they agree per step on the rows (`_agreed_rows`): a process whose
+    stream is shorter, or whose batch is, fills in rows with no target token (exact for SFT), instead
+    of the others waiting for it forever."""
     sums: dict[str, float] = {}
     count = 0
-    shards = local_batch_shards(steps.mesh)
-    for batch in batches:
-        batch = pad_rows(batch, shards)
+    stream, template = iter(batches), None
+    while True:
+        batch = next(stream, None)
+        rows = _agreed_rows(steps.mesh, batch, template is not None)
+        if not rows:
+            break
+        template = batch = pad_rows(batch if batch is not None else _no_targets(template, 1), rows)
         metrics = jax.device_get(steps.eval(state, device_batch(batch, steps)))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -57,31 +66,49 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
     return out
 
 
-def pad_rows(batch: dict, multiple: int) -> dict:
-    """Pad a short (last) batch to a multiple of the batch shards with copies of row 0 whose loss
-    masks are all False: they add no target token (SFT eval is exact; DPO eval means count them)."""
-    size = len(next(iter(batch.values())))
-    extra = -size % multiple
-    if not extra:
+def _agreed_rows(mesh, batch: dict | None, seen_one: bool) -> int:
+    """This eval step's local rows (0: every stream is done): the batch's, rounded up to a multiple
+    of this process's batch shards; with several processes the largest any process has."""
+    rows = 0 if batch is None else len(next(iter(batch.values())))
+    shards = local_batch_shards(mesh)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        table = np.asarray(multihost_utils.process_allgather(
+            np.asarray([rows, int(seen_one or rows > 0)], np.int32))).reshape(-1, 2)
+        if table[:, 0].any() and not table[:, 1].all():
+            raise ValueError(f"evaluation: process(es) {np.flatnonzero(table[:, 1] == 0).tolist()} "
+                             "hold no record of the val set: use a val set with at least one "
+                             "record per host's batch shard")
+        rows = int(table[:, 0].max())
+    return -(-rows // shards) * shards
+
+
+def _no_targets(batch: dict, rows: int) -> dict:
+    """The first `rows` rows of `batch` with every loss mask False (they add no target token)."""
+    return {k: np.zeros_like(v[:rows]) if k.endswith("loss_mask") else np.asarray(v)[:rows]
+            for k, v in batch.items()}
+
+
+def pad_rows(batch: dict, rows: int) -> dict:
+    """Pad a short batch to `rows` rows with copies of row 0 whose loss masks are all False: they
+    add no target token (SFT eval is exact; DPO eval means count them)."""
+    extra = rows - len(next(iter(batch.values())))
+    if extra <= 0:
         return batch
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        fill = np.repeat(v[:1], extra, axis=0)
-        if k.endswith("loss_mask"):
-            fill = np.zeros_like(fill)
-        out[k] = np.concatenate([v, fill])
-    return out
+    fill = _no_targets({k: np.repeat(np.asarray(v)[:1], extra, axis=0) for k, v in batch.items()},
+                       extra)
+    return {k: np.concatenate([np.asarray(v), fill[k]]) for k, v in batch.items()}
 
 
 def device_batch(batch: dict, steps: Steps) -> dict:
-    """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here);
-    a prefix-shared DPO step first checks that each pair's prompts agree, and processes that share
-    a batch shard check that they loaded the same rows."""
+    """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here).
+    Processes that share a batch shard first check that they loaded the same rows, and a
+    prefix-shared DPO step that each pair's prompts agree."""
+    if batch_shard(steps.mesh)[1] < jax.process_count():   # first: a collective every process joins
+        check_shared_rows(rows_fingerprint(batch), steps.mesh)
     if steps.packed:
         check_shared_prompts(batch, steps.packed)
-    if batch_shard(steps.mesh)[1] < jax.process_count():
-        check_shared_rows(rows_fingerprint(batch), steps.mesh)
     keep = {k: v for k, v in batch.items()
             if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
     return put_batch(keep, steps.batch_sharding)
