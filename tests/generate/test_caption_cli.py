@@ -176,6 +176,7 @@ def test_shards_split_the_items_and_each_line_is_the_unsharded_one(caption_setup
     """--shard K/N (one job per host): disjoint shards whose union is the unsharded output, line
     for line (per-item keys), an unreadable item in its own shard's errors file; bad values rc 2."""
     from vsalmonn_jax.commands.caption import main
+    from vsalmonn_jax.generate.caption_io import shard_items
 
     root, overrides, run, paths, corrupt, _ = caption_setup
     monkeypatch.chdir(tmp_path)
@@ -188,7 +189,7 @@ def test_shards_split_the_items_and_each_line_is_the_unsharded_one(caption_setup
             "--no-progress", "--top-p", "0.9"]
     assert main(argv) == 1                                              # the corrupt file
     assert "3 written, 0 already done, 1 unreadable, 0 bad inputs" in capsys.readouterr().err
-    whole = sorted((tmp_path / "captions.jsonl").read_text().splitlines())
+    whole = (tmp_path / "captions.jsonl").read_text().splitlines()
     lines = []
     for k, ids, rc in ((0, {"clip1"}, 0), (1, {"clip0", "clip2"}, 1)):
         assert main([*argv, "--shard", f"{k}/2"]) == rc
@@ -199,7 +200,13 @@ def test_shards_split_the_items_and_each_line_is_the_unsharded_one(caption_setup
     assert (tmp_path / "captions-00000-of-00002.errors.jsonl").read_text() == ""
     (error,) = (tmp_path / "captions-00001-of-00002.errors.jsonl").read_text().splitlines()
     assert json.loads(error)["id"] == "corrupt"
-    assert sorted(lines) == whole
+    got, want = (sorted(map(json.loads, x), key=lambda r: r["id"]) for x in (lines, whole))
+    assert [{**r, "logprob": 0} for r in got] == [{**r, "logprob": 0} for r in want]
+    np.testing.assert_allclose([r["logprob"] for r in got], [r["logprob"] for r in want], rtol=1e-5)
+    ids = [{"id": i} for i in ("clip0", "clip1", "clip2", "corrupt")]
+    empty = next(k for k in range(16) if not shard_items(ids, k, 16))
+    assert main([*argv, "--shard", f"{empty}/16"]) == 0          # no item: stops before any model
+    assert "0 of 4 items" in capsys.readouterr().err
     for bad_value in ("2/2", "x", "1/0", "-1/3"):
         assert main([*argv, f"--shard={bad_value}"]) == 2
         assert "--shard" in capsys.readouterr().err

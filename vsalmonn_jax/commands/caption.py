@@ -14,8 +14,9 @@ missing ones done). Unreadable media are reported on stderr and in <output>.erro
 rest still finish; the exit status is then 1 (0 when every item was captioned). Two JSONL records
 with the same id stop the command before the model is loaded (the error names both lines).
 A set too large for one host: one job per host with `--shard K/N` (K = 0..N-1), each writing
-<output>-0000K-of-0000N.jsonl; the shards are disjoint and together hold every item (a hash of the
-id picks the shard: give every job the same inputs), sampled with the keys an unsharded run uses.
+captions-0000K-of-0000N.jsonl for --output captions.jsonl; the shards are disjoint and together
+hold every item (a hash of the id picks the shard: give every job the same inputs), sampled with
+the keys an unsharded run uses (launch/README.md, "Captioning on many hosts").
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="caption only shard K of N (0 <= K < N; items split by a hash of their id) "
                    "and add -0000K-of-0000N to the output and errors file names: one job per host "
-                   "captions a pod-wide set, `cat` joins the files")
+                   "captions a set too large for one")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -143,6 +144,8 @@ def main(argv: list[str]) -> int:
     if shard is not None:
         found, items = len(items), caption_io.shard_items(items, *shard)
         print(f"caption: shard {shard[0]}/{shard[1]}: {len(items)} of {found} items", file=sys.stderr)
+        if not items:   # nothing to do: no model is loaded
+            return 1 if input_errors else 0
     try:
         summary = caption_items(config, items, checkpoint=args.checkpoint, step=args.step,
                                 sampling=sampling, num_samples=args.num_samples,
