@@ -252,24 +252,36 @@ def batch_shard(mesh: Mesh) -> tuple[int, int]:
     return start // rows, shards // rows
 
 
-def check_shared_rows(fingerprint: int, mesh: Mesh) -> None:
-    """Processes that share a batch shard (`tensor` / `context` spanning hosts) must have loaded the
-    same rows: each fills its own devices' part of one global array, so different rows (a record
-    one host could not read and skipped) would be spliced into one example without any error.
+def check_batches(rows: int, layout: int, mesh: Mesh, describe: Callable[[], str]) -> None:
+    """Before a batch becomes global arrays (multi-process runs; one tiny all-gather per batch):
 
-    `fingerprint`: a hash of this process's rows (e.g. their example ids). A no-op where no shard is
-    shared; else one tiny all-gather per batch, and every process raises on a mismatch (none hangs).
+    - every process must hold fields of the same names, shapes and dtypes (`layout`, a hash):
+      each builds the global arrays and compiles the step from its own, so different shapes
+      (text lengths, frame or mel buckets of its own examples) would give the processes different
+      programs, which crash or hang at their first collective;
+    - processes that share a batch shard (`tensor` / `context` spanning hosts) must have loaded the
+      same rows (`rows`, a hash): each fills its own devices' part of one global array, so a record
+      one host skipped would be spliced into another host's example without any error.
+
+    Every process raises the same error (none hangs); `describe()` is this process's layout, for
+    the message. 62-bit hashes.
     """
-    index, count = batch_shard(mesh)
-    if count == jax.process_count():
-        return
     from jax.experimental import multihost_utils
 
-    mine = np.asarray([index, fingerprint & 0x7FFFFFFF, (fingerprint >> 31) & 0x7FFFFFFF], np.int32)
-    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 3)
+    index = batch_shard(mesh)[0]
+    mine = np.asarray([index, rows & 0x7FFFFFFF, (rows >> 31) & 0x7FFFFFFF,
+                       layout & 0x7FFFFFFF, (layout >> 31) & 0x7FFFFFFF], np.int32)
+    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 5)
+    if len({tuple(row) for row in table[:, 3:]}) > 1:
+        raise RuntimeError(
+            "the processes built batches of different shapes (this process "
+            f"{jax.process_index()}: {describe()}): multi-host training needs every host's batch "
+            "padded alike, which the data pipeline does not do yet for text lengths, frame or mel "
+            "buckets that differ between hosts; pad them to one size (data.length_buckets with a "
+            "single length, clips of one length) or train on one host")
     for shard in sorted(set(table[:, 0].tolist())):
         peers = np.flatnonzero(table[:, 0] == shard)
-        if len({tuple(table[p, 1:]) for p in peers}) > 1:
+        if len({tuple(table[p, 1:3]) for p in peers}) > 1:
             raise RuntimeError(
                 f"processes {peers.tolist()} share batch shard {shard} but loaded different rows "
                 "for this batch: one skipped or quarantined a record another read (see each host's "

@@ -174,6 +174,12 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
     assert context["mismatch_raised"].tolist() == [1, 1]
     assert "processes [0, 1] share batch shard 0 but loaded different rows" in str(context["mismatch"])
     assert two["mismatch_raised"].tolist() == [0, 0] and single["mismatch_raised"].tolist() == [0]
+    # batches of different shapes on the two processes stop both (they compiled different programs
+    # and crashed in their first collective): process 0's message names its own shapes
+    for run in (two, context):
+        assert "the processes built batches of different shapes (this process 0: " in str(run["shapes"])
+        assert "input_ids [" in str(run["shapes"])
+    assert str(single["shapes"]) == ""
     # evaluation over uneven per-process streams: one more batch on shard 0 (the other process fills
     # in rows with no target; it waited forever before), the loss of every row once
     np.testing.assert_allclose(two["eval_loss"], single["eval_loss"], rtol=1e-6)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsalmonn_jax.distributed import any_process, batch_shard, check_shared_rows, local_batch_shards
+from vsalmonn_jax.distributed import any_process, check_batches, local_batch_shards
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
@@ -103,23 +103,29 @@ def pad_rows(batch: dict, rows: int) -> dict:
 
 def device_batch(batch: dict, steps: Steps) -> dict:
     """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here).
-    Processes that share a batch shard first check that they loaded the same rows, and a
-    prefix-shared DPO step that each pair's prompts agree."""
-    if batch_shard(steps.mesh)[1] < jax.process_count():   # first: a collective every process joins
-        check_shared_rows(rows_fingerprint(batch), steps.mesh)
+    With several processes they first check that their batches agree (distributed.check_batches);
+    a prefix-shared DPO step checks that each pair's prompts agree."""
+    keep = {k: np.asarray(v) for k, v in batch.items()
+            if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
+    if jax.process_count() > 1:   # first: a collective every process joins
+        layout = sorted((k, v.shape, v.dtype.str) for k, v in keep.items())
+        check_batches(rows_fingerprint(batch), _hash([repr(layout).encode()]), steps.mesh,
+                      lambda: ", ".join(f"{k} {list(shape)}" for k, shape, _ in layout))
     if steps.packed:
         check_shared_prompts(batch, steps.packed)
-    keep = {k: v for k, v in batch.items()
-            if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
     return put_batch(keep, steps.batch_sharding)
 
 
 def rows_fingerprint(batch: dict) -> int:
     """A 62-bit hash of which rows a host batch holds: its example ids and token ids."""
+    return _hash([key.encode() + np.ascontiguousarray(batch[key]).tobytes() for key in sorted(batch)
+                  if key == "example_id" or key.endswith("input_ids")])
+
+
+def _hash(parts: list[bytes]) -> int:
     digest = hashlib.sha256()
-    for key in sorted(batch):
-        if key == "example_id" or key.endswith("input_ids"):
-            digest.update(key.encode() + np.ascontiguousarray(batch[key]).tobytes())
+    for part in parts:
+        digest.update(part)
     return int.from_bytes(digest.digest()[:8], "big") >> 2
 
 
