@@ -252,33 +252,34 @@ def batch_shard(mesh: Mesh) -> tuple[int, int]:
     return start // rows, shards // rows
 
 
-def check_batches(rows: int, layout: int, mesh: Mesh, describe: Callable[[], str]) -> None:
-    """Before a batch becomes global arrays (multi-process runs; one tiny all-gather per batch):
+def agree_batches(rows: int, kinds: int, dims: np.ndarray, mesh: Mesh,
+                  describe: Callable[[], str]) -> np.ndarray:
+    """Before a batch becomes global arrays (multi-process runs): the dims every process pads its
+    batch to (the largest of each), after checking what padding cannot fix.
 
-    - every process must hold fields of the same names, shapes and dtypes (`layout`, a hash):
-      each builds the global arrays and compiles the step from its own, so different shapes
-      (text lengths, frame or mel buckets of its own examples) would give the processes different
-      programs, which crash or hang at their first collective;
+    - every process must hold fields of the same names, ranks and dtypes (`kinds`, a hash; e.g.
+      per-frame time tokens that only some hosts' batches carry cannot be made up);
     - processes that share a batch shard (`tensor` / `context` spanning hosts) must have loaded the
       same rows (`rows`, a hash): each fills its own devices' part of one global array, so a record
       one host skipped would be spliced into another host's example without any error.
-
-    Every process raises the same error (none hangs); `describe()` is this process's layout, for
-    the message. 62-bit hashes.
+    `dims`: every field's shape, concatenated in one fixed order (the same length on every process
+    once `kinds` agree). Each process bucketed its own examples (text lengths, frame and mel-chunk
+    buckets), and different shapes would give the processes different programs, which crash or
+    hang at their first collective. Two tiny all-gathers per batch; every process raises the same
+    error (none hangs); `describe()` is this process's fields, for the message. 62-bit hashes.
     """
     from jax.experimental import multihost_utils
 
     index = batch_shard(mesh)[0]
     mine = np.asarray([index, rows & 0x7FFFFFFF, (rows >> 31) & 0x7FFFFFFF,
-                       layout & 0x7FFFFFFF, (layout >> 31) & 0x7FFFFFFF], np.int32)
+                       kinds & 0x7FFFFFFF, (kinds >> 31) & 0x7FFFFFFF], np.int32)
     table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 5)
     if len({tuple(row) for row in table[:, 3:]}) > 1:
         raise RuntimeError(
-            "the processes built batches of different shapes (this process "
-            f"{jax.process_index()}: {describe()}): multi-host training needs every host's batch "
-            "padded alike, which the data pipeline does not do yet for text lengths, frame or mel "
-            "buckets that differ between hosts; pad them to one size (data.length_buckets with a "
-            "single length, clips of one length) or train on one host")
+            "the processes built batches with different fields (this process "
+            f"{jax.process_index()}: {describe()}); e.g. per-frame time tokens "
+            "(data.time_tokens=official gives them to videos without audio only) in one host's "
+            "batch and not in another's: use data.time_tokens=all or none for multi-host training")
     for shard in sorted(set(table[:, 0].tolist())):
         peers = np.flatnonzero(table[:, 0] == shard)
         if len({tuple(table[p, 1:3]) for p in peers}) > 1:
@@ -286,6 +287,8 @@ def check_batches(rows: int, layout: int, mesh: Mesh, describe: Callable[[], str
                 f"processes {peers.tolist()} share batch shard {shard} but loaded different rows "
                 "for this batch: one skipped or quarantined a record another read (see each host's "
                 "quarantine file); every host must read the same media")
+    everyone = multihost_utils.process_allgather(np.asarray(dims, np.int32))
+    return np.asarray(everyone).reshape(jax.process_count(), -1).max(axis=0)
 
 
 def local_batch_shards(mesh: Mesh) -> int:

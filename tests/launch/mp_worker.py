@@ -96,15 +96,21 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     except RuntimeError as err:
         mismatch = str(err)
     raised = multihost_utils.process_allgather(np.asarray([bool(mismatch)], np.int32))
-    # batches of different shapes (the last process's text 16 tokens longer) stop every process
+    # batches of different shapes (the last process's text 16 tokens longer, as its own bucket):
+    # every process pads to the largest, the loss is unchanged; a field only one process has stops all
     probe["example_id"] = probe["example_id"] - (jax.process_index() == jax.process_count() - 1)
-    if jax.process_index() == jax.process_count() - 1:
+    same_loss = evaluate(sft, state, [probe])["loss"]
+    own_rows = distributed.batch_shard(mesh)[1] == jax.process_count()   # sharing rows: same shapes
+    if own_rows and jax.process_index() == jax.process_count() - 1:
         probe = {k: np.pad(v, [(0, 0), (0, 16)]) if v.ndim == 2 else v for k, v in probe.items()}
+    padded_loss = evaluate(sft, state, [probe])["loss"]
+    if jax.process_index() == jax.process_count() - 1:
+        probe["answer"] = np.zeros(len(probe["example_id"]), np.int32)
     try:
         device_batch(probe, sft)
-        shapes = ""
+        fields = ""
     except RuntimeError as err:
-        shapes = str(err)
+        fields = str(err)
     # evaluation over uneven streams (a val set that does not split evenly): rows A (8) as one
     # global batch, then rows B (2) on batch shard 0 only; one process: [A, B]
     rows = synthetic.sft_examples(10, vocab, 16, seed=300)
@@ -144,7 +150,8 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
                "stop": np.asarray(stop), "reference": reference,
                "shards": np.asarray(shards).reshape(jax.process_count(), -1),
                "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel(),
-               "eval_loss": np.asarray(eval_loss), "shapes": np.asarray(shapes)}
+               "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields),
+               "padded_loss": np.asarray([same_loss, padded_loss])}
     def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it
         for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(tree))[0]:
             results[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf)

@@ -174,12 +174,15 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
     assert context["mismatch_raised"].tolist() == [1, 1]
     assert "processes [0, 1] share batch shard 0 but loaded different rows" in str(context["mismatch"])
     assert two["mismatch_raised"].tolist() == [0, 0] and single["mismatch_raised"].tolist() == [0]
-    # batches of different shapes on the two processes stop both (they compiled different programs
-    # and crashed in their first collective): process 0's message names its own shapes
+    # batches of different shapes (each host buckets its own examples): padded to the largest, the
+    # same loss (they compiled different programs and crashed at the first collective before); a
+    # field only one process has stops both, naming process 0's fields
     for run in (two, context):
-        assert "the processes built batches of different shapes (this process 0: " in str(run["shapes"])
-        assert "input_ids [" in str(run["shapes"])
-    assert str(single["shapes"]) == ""
+        np.testing.assert_allclose(run["padded_loss"][1], run["padded_loss"][0], rtol=1e-6)
+        assert "the processes built batches with different fields (this process 0: " in str(run["fields"])
+        assert "input_ids [" in str(run["fields"])
+    np.testing.assert_allclose(two["padded_loss"], single["padded_loss"], rtol=1e-6)
+    assert str(single["fields"]) == ""
     # evaluation over uneven per-process streams: one more batch on shard 0 (the other process fills
     # in rows with no target; it waited forever before), the loss of every row once
     np.testing.assert_allclose(two["eval_loss"], single["eval_loss"], rtol=1e-6)

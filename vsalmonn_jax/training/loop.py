@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsalmonn_jax.distributed import any_process, check_batches, local_batch_shards
+from vsalmonn_jax.distributed import agree_batches, any_process, local_batch_shards
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
@@ -103,17 +103,35 @@ def pad_rows(batch: dict, rows: int) -> dict:
 
 def device_batch(batch: dict, steps: Steps) -> dict:
     """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here).
-    With several processes they first check that their batches agree (distributed.check_batches);
-    a prefix-shared DPO step checks that each pair's prompts agree."""
+    With several processes their batches are first padded to shapes they agree on (`_agreed`); a
+    prefix-shared DPO step checks that each pair's prompts agree."""
     keep = {k: np.asarray(v) for k, v in batch.items()
             if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
-    if jax.process_count() > 1:   # first: a collective every process joins
-        layout = sorted((k, v.shape, v.dtype.str) for k, v in keep.items())
-        check_batches(rows_fingerprint(batch), _hash([repr(layout).encode()]), steps.mesh,
-                      lambda: ", ".join(f"{k} {list(shape)}" for k, shape, _ in layout))
+    if jax.process_count() > 1:   # first: collectives every process joins
+        keep = _agreed(keep, rows_fingerprint(batch), steps.mesh)
     if steps.packed:
-        check_shared_prompts(batch, steps.packed)
+        check_shared_prompts({**batch, **keep}, steps.packed)
     return put_batch(keep, steps.batch_sharding)
+
+
+def _agreed(fields: dict, rows: int, mesh) -> dict:
+    """`fields` padded at the end of each axis to the largest shape any process has (masks False,
+    token ids repeating their last column, the rest zeros): padding the collate step itself uses,
+    so losses and log-probs are unchanged (distributed.agree_batches)."""
+    names = sorted(fields)
+    kinds = _hash([repr([(k, fields[k].ndim, fields[k].dtype.str) for k in names]).encode()])
+    dims = np.concatenate([np.asarray(fields[k].shape, np.int32) for k in names])
+    target = agree_batches(rows, kinds, dims, mesh,
+                           lambda: ", ".join(f"{k} {list(fields[k].shape)}" for k in names))
+    out, at = {}, 0
+    for k in names:
+        v, want = fields[k], target[at:at + fields[k].ndim]
+        at += v.ndim
+        pad = [(0, int(w) - n) for w, n in zip(want, v.shape, strict=True)]
+        if any(after for _, after in pad):
+            v = np.pad(v, pad, mode="edge" if k.endswith("input_ids") else "constant")
+        out[k] = v
+    return out
 
 
 def rows_fingerprint(batch: dict) -> int:
