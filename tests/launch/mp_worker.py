@@ -35,7 +35,7 @@ from vsalmonn_jax.training import state as state_lib  # noqa: E402
 from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
 from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
-from vsalmonn_jax.training.loop import device_batch, evaluate  # noqa: E402
+from vsalmonn_jax.training.loop import _agreed, device_batch, evaluate  # noqa: E402
 from vsalmonn_jax.training.round_reference import (  # noqa: E402
     REFERENCE_FIELDS,
     batch_reference,
@@ -111,6 +111,15 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
         fields = ""
     except RuntimeError as err:
         fields = str(err)
+    # time tokens only in the last process's batch (data.time_tokens=official): filled in (all
+    # False) on the others, frames padded to the largest bucket: [time_mask shape, its sum] each
+    pid, last = jax.process_index(), jax.process_index() == jax.process_count() - 1
+    media = {"frame_mask": np.ones((2, 3 + pid), bool)}
+    if last:
+        media.update(time_ids=np.ones((2, 3 + pid, 8), np.int32), time_mask=np.ones((2, 3 + pid, 8), bool))
+    agreed = _agreed(media, 0, mesh)
+    time_fill = multihost_utils.process_allgather(np.asarray(
+        [*agreed["time_mask"].shape, agreed["time_mask"].sum(), *agreed["frame_mask"].shape], np.int32))
     # evaluation over uneven streams (a val set that does not split evenly): rows A (8) as one
     # global batch, then rows B (2) on batch shard 0 only; one process: [A, B]
     rows = synthetic.sft_examples(10, vocab, 16, seed=300)
@@ -150,7 +159,7 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
                "stop": np.asarray(stop), "reference": reference,
                "shards": np.asarray(shards).reshape(jax.process_count(), -1),
                "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel(),
-               "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields),
+               "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields), "time_fill": np.asarray(time_fill).reshape(jax.process_count(), -1),
                "padded_loss": np.asarray([same_loss, padded_loss])}
     def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it
         for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(tree))[0]:

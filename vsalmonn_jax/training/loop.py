@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsalmonn_jax.distributed import agree_batches, any_process, local_batch_shards
+from vsalmonn_jax.distributed import any_process, check_batches, largest, local_batch_shards
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
@@ -114,15 +114,28 @@ def device_batch(batch: dict, steps: Steps) -> dict:
     return put_batch(keep, steps.batch_sharding)
 
 
+OPTIONAL = ("time_ids", "time_mask")   # per-frame time tokens: some batches have them
+
+
 def _agreed(fields: dict, rows: int, mesh) -> dict:
-    """`fields` padded at the end of each axis to the largest shape any process has (masks False,
-    token ids repeating their last column, the rest zeros): padding the collate step itself uses,
-    so losses and log-probs are unchanged (distributed.agree_batches)."""
+    """`fields` as every process's batch agrees (multi-process runs): each host bucketed its own
+    examples (text lengths, frame and mel-chunk buckets; time tokens only for some videos under
+    data.time_tokens=official), and different shapes would give the processes different programs,
+    which crash or hang at their first collective. So: time tokens filled in where another host's
+    batch has them (an all-False time_mask changes nothing), then every axis padded at its end to
+    the largest any process has (masks False, token ids repeating their last column, the rest
+    zeros: collate's own padding, so losses and log-probs are unchanged)."""
+    base = sorted(k for k in fields if k not in OPTIONAL)
+    kinds = _hash([repr([(k, fields[k].ndim, fields[k].dtype.str) for k in base]).encode()])
+    has_time = all(k in fields for k in OPTIONAL)
+    if check_batches(rows, kinds, has_time, mesh,
+                     lambda: ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(fields.items()))) \
+            and not has_time:
+        size, frames = fields["frame_mask"].shape
+        fields = dict(fields, time_ids=np.zeros((size, frames, 4), np.int32),
+                      time_mask=np.zeros((size, frames, 4), bool))
     names = sorted(fields)
-    kinds = _hash([repr([(k, fields[k].ndim, fields[k].dtype.str) for k in names]).encode()])
-    dims = np.concatenate([np.asarray(fields[k].shape, np.int32) for k in names])
-    target = agree_batches(rows, kinds, dims, mesh,
-                           lambda: ", ".join(f"{k} {list(fields[k].shape)}" for k in names))
+    target = largest(np.concatenate([np.asarray(fields[k].shape, np.int32) for k in names]))
     out, at = {}, 0
     for k in names:
         v, want = fields[k], target[at:at + fields[k].ndim]
