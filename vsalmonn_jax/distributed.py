@@ -252,47 +252,6 @@ def batch_shard(mesh: Mesh) -> tuple[int, int]:
     return start // rows, shards // rows
 
 
-def check_batches(rows: int, kinds: int, optional: bool, mesh: Mesh,
-                  describe: Callable[[], str]) -> bool:
-    """Before a batch becomes global arrays (multi-process runs; one tiny all-gather per batch):
-
-    - every process must hold fields of the same names, ranks and dtypes (`kinds`, a hash, of the
-      fields every batch has; `optional`: this batch has the fields some batches lack, e.g.
-      per-frame time tokens; returns whether any process's batch has them, to be filled in);
-    - processes that share a batch shard (`tensor` / `context` spanning hosts) must have loaded the
-      same rows (`rows`, a hash): each fills its own devices' part of one global array, so a record
-      one host skipped would be spliced into another host's example without any error.
-    Every process raises the same error (none hangs); `describe()` is this process's fields, for the
-    message. 62-bit hashes.
-    """
-    from jax.experimental import multihost_utils
-
-    index = batch_shard(mesh)[0]
-    mine = np.asarray([index, rows & 0x7FFFFFFF, (rows >> 31) & 0x7FFFFFFF,
-                       kinds & 0x7FFFFFFF, (kinds >> 31) & 0x7FFFFFFF, int(optional)], np.int32)
-    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 6)
-    if len({tuple(row) for row in table[:, 3:5]}) > 1:
-        raise RuntimeError(
-            "the processes built batches with different fields (this process "
-            f"{jax.process_index()}: {describe()}); every host must read records of one kind")
-    for shard in sorted(set(table[:, 0].tolist())):
-        peers = np.flatnonzero(table[:, 0] == shard)
-        if len({tuple(table[p, 1:3]) for p in peers}) > 1:
-            raise RuntimeError(
-                f"processes {peers.tolist()} share batch shard {shard} but loaded different rows "
-                "for this batch: one skipped or quarantined a record another read (see each host's "
-                "quarantine file); every host must read the same media")
-    return bool(table[:, 5].any())
-
-
-def largest(dims: np.ndarray) -> np.ndarray:
-    """The element-wise largest of every process's `dims` (int32, one length on all processes)."""
-    from jax.experimental import multihost_utils
-
-    everyone = multihost_utils.process_allgather(np.asarray(dims, np.int32))
-    return np.asarray(everyone).reshape(jax.process_count(), -1).max(axis=0)
-
-
 def local_batch_shards(mesh: Mesh) -> int:
     """How many (data x fsdp) batch shards this process's devices hold (1 when a shard spans
     processes): its rows of a global batch are this many shards' rows."""

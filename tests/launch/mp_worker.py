@@ -35,7 +35,8 @@ from vsalmonn_jax.training import state as state_lib  # noqa: E402
 from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
 from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
-from vsalmonn_jax.training.loop import _agreed, device_batch, evaluate  # noqa: E402
+from vsalmonn_jax.training.host_batches import agree  # noqa: E402
+from vsalmonn_jax.training.loop import device_batch, evaluate  # noqa: E402
 from vsalmonn_jax.training.round_reference import (  # noqa: E402
     REFERENCE_FIELDS,
     batch_reference,
@@ -117,7 +118,7 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     media = {"frame_mask": np.ones((2, 3 + pid), bool)}
     if last:
         media.update(time_ids=np.ones((2, 3 + pid, 8), np.int32), time_mask=np.ones((2, 3 + pid, 8), bool))
-    agreed = _agreed(media, 0, mesh)
+    agreed = agree(media, 0, mesh)
     time_fill = multihost_utils.process_allgather(np.asarray(
         [*agreed["time_mask"].shape, agreed["time_mask"].sum(), *agreed["frame_mask"].shape], np.int32))
     # evaluation over uneven streams (a val set that does not split evenly): rows A (8) as one

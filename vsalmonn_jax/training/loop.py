@@ -8,7 +8,6 @@ by round; `vsalmonn-jax train` is a thin CLI over it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pathlib
 import time
@@ -18,11 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsalmonn_jax.distributed import any_process, check_batches, largest, local_batch_shards
+from vsalmonn_jax.distributed import any_process
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
 from vsalmonn_jax.training.feature_cache import FeatureCache
+from vsalmonn_jax.training.host_batches import agree, agreed_rows, rows_fingerprint
 from vsalmonn_jax.training.interrupts import Interrupted, stop_signals
 from vsalmonn_jax.training.metrics_log import MetricsWriter
 from vsalmonn_jax.training.packing import check_shared_prompts
@@ -40,15 +40,15 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
     """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity).
 
     Each process passes its own stream (its shard of the val set). Every eval step is a collective,
-    so with several processes they agree per step on the rows (`_agreed_rows`): a process whose
-    stream is shorter, or whose batch is, fills in rows with no target token (exact for SFT), instead
-    of the others waiting for it forever."""
+    so with several processes they agree per step on the rows (host_batches.agreed_rows): a process
+    whose stream is shorter, or whose batch is, fills in rows with no target token (exact for SFT),
+    instead of the others waiting for it forever."""
     sums: dict[str, float] = {}
     count = 0
     stream, template = iter(batches), None
     while True:
         batch = next(stream, None)
-        rows = _agreed_rows(steps.mesh, batch, template is not None)
+        rows = agreed_rows(steps.mesh, batch, template is not None)
         if not rows:
             break
         template = batch = pad_rows(batch if batch is not None else _no_targets(template, 1), rows)
@@ -64,24 +64,6 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     out.pop("ce_sum", None)
     return out
-
-
-def _agreed_rows(mesh, batch: dict | None, seen_one: bool) -> int:
-    """This eval step's local rows (0: every stream is done): the batch's, rounded up to a multiple
-    of this process's batch shards; with several processes the largest any process has."""
-    rows = 0 if batch is None else len(next(iter(batch.values())))
-    shards = local_batch_shards(mesh)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        table = np.asarray(multihost_utils.process_allgather(
-            np.asarray([rows, int(seen_one or rows > 0)], np.int32))).reshape(-1, 2)
-        if table[:, 0].any() and not table[:, 1].all():
-            raise ValueError(f"evaluation: process(es) {np.flatnonzero(table[:, 1] == 0).tolist()} "
-                             "hold no record of the val set: use a val set with at least one "
-                             "record per host's batch shard")
-        rows = int(table[:, 0].max())
-    return -(-rows // shards) * shards
 
 
 def _no_targets(batch: dict, rows: int) -> dict:
@@ -103,61 +85,15 @@ def pad_rows(batch: dict, rows: int) -> dict:
 
 def device_batch(batch: dict, steps: Steps) -> dict:
     """The numeric fields of a host batch, sharded on the batch axis (ids / strings stay here).
-    With several processes their batches are first padded to shapes they agree on (`_agreed`); a
+    With several processes their batches are first made alike (host_batches.agree); a
     prefix-shared DPO step checks that each pair's prompts agree."""
     keep = {k: np.asarray(v) for k, v in batch.items()
             if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
     if jax.process_count() > 1:   # first: collectives every process joins
-        keep = _agreed(keep, rows_fingerprint(batch), steps.mesh)
+        keep = agree(keep, rows_fingerprint(batch), steps.mesh)
     if steps.packed:
         check_shared_prompts({**batch, **keep}, steps.packed)
     return put_batch(keep, steps.batch_sharding)
-
-
-OPTIONAL = ("time_ids", "time_mask")   # per-frame time tokens: some batches have them
-
-
-def _agreed(fields: dict, rows: int, mesh) -> dict:
-    """`fields` as every process's batch agrees (multi-process runs): each host bucketed its own
-    examples (text lengths, frame and mel-chunk buckets; time tokens only for some videos under
-    data.time_tokens=official), and different shapes would give the processes different programs,
-    which crash or hang at their first collective. So: time tokens filled in where another host's
-    batch has them (an all-False time_mask changes nothing), then every axis padded at its end to
-    the largest any process has (masks False, token ids repeating their last column, the rest
-    zeros: collate's own padding, so losses and log-probs are unchanged)."""
-    base = sorted(k for k in fields if k not in OPTIONAL)
-    kinds = _hash([repr([(k, fields[k].ndim, fields[k].dtype.str) for k in base]).encode()])
-    has_time = all(k in fields for k in OPTIONAL)
-    if check_batches(rows, kinds, has_time, mesh,
-                     lambda: ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(fields.items()))) \
-            and not has_time:
-        size, frames = fields["frame_mask"].shape
-        fields = dict(fields, time_ids=np.zeros((size, frames, 4), np.int32),
-                      time_mask=np.zeros((size, frames, 4), bool))
-    names = sorted(fields)
-    target = largest(np.concatenate([np.asarray(fields[k].shape, np.int32) for k in names]))
-    out, at = {}, 0
-    for k in names:
-        v, want = fields[k], target[at:at + fields[k].ndim]
-        at += v.ndim
-        pad = [(0, int(w) - n) for w, n in zip(want, v.shape, strict=True)]
-        if any(after for _, after in pad):
-            v = np.pad(v, pad, mode="edge" if k.endswith("input_ids") else "constant")
-        out[k] = v
-    return out
-
-
-def rows_fingerprint(batch: dict) -> int:
-    """A 62-bit hash of which rows a host batch holds: its example ids and token ids."""
-    return _hash([key.encode() + np.ascontiguousarray(batch[key]).tobytes() for key in sorted(batch)
-                  if key == "example_id" or key.endswith("input_ids")])
-
-
-def _hash(parts: list[bytes]) -> int:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part)
-    return int.from_bytes(digest.digest()[:8], "big") >> 2
 
 
 def prepare_state(task, config, tx, mesh, *, state=None, params=None, shardings=None):
