@@ -35,7 +35,7 @@ from vsalmonn_jax.training import state as state_lib  # noqa: E402
 from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
 from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
-from vsalmonn_jax.training.host_batches import agree  # noqa: E402
+from vsalmonn_jax.training.host_batches import DataErrorElsewhere, agree, report_failure  # noqa: E402
 from vsalmonn_jax.training.loop import device_batch, evaluate  # noqa: E402
 from vsalmonn_jax.training.round_reference import (  # noqa: E402
     REFERENCE_FIELDS,
@@ -121,6 +121,27 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     agreed = agree(media, 0, mesh)
     time_fill = multihost_utils.process_allgather(np.asarray(
         [*agreed["time_mask"].shape, agreed["time_mask"].sum(), *agreed["frame_mask"].shape], np.int32))
+    # a data error on one process (the last): the others stop at the same point instead of waiting
+    # (training: at their batch check; evaluation: at the rows agreement); 1 = stopped, per path
+    def broken():
+        yield rows_probe
+        raise OSError("disk gone")
+
+    rows_probe = synthetic.sft_examples(2, vocab, 16, seed=7)
+    stopped = []
+    for path in ("train", "eval") if jax.process_count() > 1 else ():
+        try:
+            if path == "train" and last:   # as run_stage does when next(train_iter) raises
+                report_failure(mesh)
+                raise OSError("disk gone")
+            elif path == "train":
+                device_batch(rows_probe, sft)
+            else:
+                evaluate(sft, state, broken() if last else [rows_probe] * 3)
+            stopped.append(0)
+        except (DataErrorElsewhere, OSError) as err:
+            stopped.append(1 if isinstance(err, OSError) == last else 2)
+    data_errors = multihost_utils.process_allgather(np.asarray(stopped or [0, 0], np.int32))
     # evaluation over uneven streams (a val set that does not split evenly): rows A (8) as one
     # global batch, then rows B (2) on batch shard 0 only; one process: [A, B]
     rows = synthetic.sft_examples(10, vocab, 16, seed=300)
@@ -160,7 +181,7 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
                "stop": np.asarray(stop), "reference": reference,
                "shards": np.asarray(shards).reshape(jax.process_count(), -1),
                "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel(),
-               "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields), "time_fill": np.asarray(time_fill).reshape(jax.process_count(), -1),
+               "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields), "data_errors": np.asarray(data_errors).reshape(jax.process_count(), -1), "time_fill": np.asarray(time_fill).reshape(jax.process_count(), -1),
                "padded_loss": np.asarray([same_loss, padded_loss])}
     def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it
         for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(tree))[0]:

@@ -182,6 +182,10 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
         assert "the processes built batches with different fields (this process 0: " in str(run["fields"])
         assert "input_ids [" in str(run["fields"])
     np.testing.assert_allclose(two["padded_loss"], single["padded_loss"], rtol=1e-6)
+    # a data error on process 1 (training: its iterator raised; evaluation: its val stream did):
+    # process 0 stops at the same point (DataErrorElsewhere), process 1 with its own error
+    for run in (two, context):
+        assert run["data_errors"].tolist() == [[1, 1], [1, 1]]
     # time tokens in one process's batch only: filled in (all False) on the other, 4 frames on both
     for run in (two, context):
         assert run["time_fill"].tolist() == [[2, 4, 8, 0, 2, 4], [2, 4, 8, 64, 2, 4]]

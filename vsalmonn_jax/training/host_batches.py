@@ -63,6 +63,27 @@ def _hash(parts: list[bytes]) -> int:
     return int.from_bytes(digest.digest()[:8], "big") >> 2
 
 
+class DataErrorElsewhere(RuntimeError):
+    """Another process could not load its batch (its own error is in its log); raised on the others
+    at the same point, so every process stops (after a save) instead of waiting for it."""
+
+
+def _raise_if_failed(table: np.ndarray) -> None:
+    failed = np.flatnonzero(table[:, -1]).tolist()
+    if failed:
+        raise DataErrorElsewhere(f"process(es) {failed} could not load their batch (the reason is in "
+                                 "their log); every process stops")
+
+
+def report_failure(mesh, evaluation: bool = False) -> None:
+    """A process whose data iterator raised joins the collective the others are in (the batch check,
+    or in `evaluation` the rows agreement) with its failure flag set; it then raises its own error."""
+    from jax.experimental import multihost_utils
+
+    width = 3 if evaluation else 7
+    multihost_utils.process_allgather(np.asarray([0] * (width - 1) + [1], np.int32))
+
+
 def agreed_rows(mesh, batch: dict | None, seen_one: bool) -> int:
     """This eval step's local rows (0: every stream is done): the batch's, rounded up to a multiple
     of this process's batch shards; with several processes the largest any process has."""
@@ -72,7 +93,8 @@ def agreed_rows(mesh, batch: dict | None, seen_one: bool) -> int:
         from jax.experimental import multihost_utils
 
         table = np.asarray(multihost_utils.process_allgather(
-            np.asarray([rows, int(seen_one or rows > 0)], np.int32))).reshape(-1, 2)
+            np.asarray([rows, int(seen_one or rows > 0), 0], np.int32))).reshape(-1, 3)
+        _raise_if_failed(table)
         if table[:, 0].any() and not table[:, 1].all():
             raise ValueError(f"evaluation: process(es) {np.flatnonzero(table[:, 1] == 0).tolist()} "
                              "hold no record of the val set: use a val set with at least one "
@@ -92,14 +114,16 @@ def check_batches(rows: int, kinds: int, optional: bool, mesh: Mesh,
       same rows (`rows`, a hash): each fills its own devices' part of one global array, so a record
       one host skipped would be spliced into another host's example without any error.
     Every process raises the same error (none hangs); `describe()` is this process's fields, for the
-    message. 62-bit hashes.
+    message. A process whose data iterator failed joins with `report_failure`: the others raise
+    DataErrorElsewhere. 62-bit hashes.
     """
     from jax.experimental import multihost_utils
 
     index = batch_shard(mesh)[0]
     mine = np.asarray([index, rows & 0x7FFFFFFF, (rows >> 31) & 0x7FFFFFFF,
-                       kinds & 0x7FFFFFFF, (kinds >> 31) & 0x7FFFFFFF, int(optional)], np.int32)
-    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 6)
+                       kinds & 0x7FFFFFFF, (kinds >> 31) & 0x7FFFFFFF, int(optional), 0], np.int32)
+    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 7)
+    _raise_if_failed(table)   # a process whose data iterator raised (report_failure)
     if len({tuple(row) for row in table[:, 3:5]}) > 1:
         raise RuntimeError(
             "the processes built batches with different fields (this process "

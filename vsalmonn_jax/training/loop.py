@@ -22,7 +22,13 @@ from vsalmonn_jax.models.pretrained import write_record as write_pretrained_reco
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
 from vsalmonn_jax.training.feature_cache import FeatureCache
-from vsalmonn_jax.training.host_batches import agree, agreed_rows, rows_fingerprint
+from vsalmonn_jax.training.host_batches import (
+    DataErrorElsewhere,
+    agree,
+    agreed_rows,
+    report_failure,
+    rows_fingerprint,
+)
 from vsalmonn_jax.training.interrupts import Interrupted, stop_signals
 from vsalmonn_jax.training.metrics_log import MetricsWriter
 from vsalmonn_jax.training.packing import check_shared_prompts
@@ -47,7 +53,12 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
     count = 0
     stream, template = iter(batches), None
     while True:
-        batch = next(stream, None)
+        try:
+            batch = next(stream, None)
+        except Exception:
+            if jax.process_count() > 1:
+                report_failure(steps.mesh, evaluation=True)   # the others stop too
+            raise
         rows = agreed_rows(steps.mesh, batch, template is not None)
         if not rows:
             break
@@ -187,6 +198,11 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
                 "data": train_iter.get_state() if hasattr(train_iter, "get_state") else None}
         ckpt.save(state, meta, force=force)
 
+    def keep_steps_done() -> None:   # before an error propagates
+        if step > (ckpt.latest_step() or 0):
+            save(force=True)
+            ckpt.wait()
+
     step = int(jax.device_get(state.step))
     bar = _progress(num_steps, step, progress)
     window_tokens, window_start = 0.0, time.perf_counter()
@@ -201,9 +217,9 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
                 except Interrupted:
                     batch = None
                 except Exception:
-                    if step > (ckpt.latest_step() or 0):   # keep the steps done, then the error
-                        save(force=True)
-                        ckpt.wait()
+                    if jax.process_count() > 1:
+                        report_failure(steps.mesh)   # the others stop at their batch check
+                    keep_steps_done()
                     raise
                 if batch is None:   # stopped while waiting on data
                     if step != ckpt.latest_step():
@@ -213,7 +229,12 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
                     break
                 if cache is not None:
                     batch = cache.attach(batch)
-                state, metrics = steps.train(state, device_batch(batch, steps))
+                try:
+                    inputs = device_batch(batch, steps)
+                except DataErrorElsewhere:
+                    keep_steps_done()   # with the process that failed (a save is collective)
+                    raise
+                state, metrics = steps.train(state, inputs)
                 current["state"] = state
                 step += 1
                 last = _scalars(metrics)
