@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vsalmonn_jax.distributed import any_process, barrier
 from vsalmonn_jax.training.state import TrainState
 
 
@@ -99,12 +100,16 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, str]] = []
         for candidate in steps:
+            reason = ""
             try:
                 out = restore(candidate)
             except Exception as err:  # noqa: BLE001 - orbax / tensorstore / json raise many kinds
                 text = str(err).strip()
                 reason = f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
-                failures.append((candidate, reason))
+            # each process reads its own shards: one that fails makes every process fall back
+            # (else the hosts would continue from different steps)
+            if any_process(bool(reason)):
+                failures.append((candidate, reason or "unreadable on another process"))
                 continue
             if failures:
                 self._set_aside([s for s, _ in failures])
@@ -127,6 +132,7 @@ class Checkpointer:
                 while target.exists():
                     target, n = aside / f"{s}.{n}", n + 1
                 os.replace(self.directory / str(s), target)
+        barrier("vsalmonn_checkpoint_set_aside")   # every process then lists the same steps
         self.manager.reload()
 
     def wait(self) -> None:
