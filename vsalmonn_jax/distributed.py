@@ -311,11 +311,21 @@ def ensure_shared_directory(directory: str | os.PathLike) -> None:
     directory = str(directory)
     if "://" in directory or jax.process_count() == 1:
         return
+    from jax.experimental import multihost_utils
+
+    # this check's own token (from process 0): a marker an earlier run left behind does not count
+    token = str(int(multihost_utils.broadcast_one_to_all(
+        np.asarray(int.from_bytes(os.urandom(4), "big") >> 1, np.int32))))
     path = pathlib.Path(directory).resolve() / ".vsalmonn_hosts"
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"process_{jax.process_index()}").write_text(os.uname().nodename)
+    (path / f"process_{jax.process_index()}").write_text(f"{token} {os.uname().nodename}")
+
+    def seen(i: int) -> bool:
+        marker = path / f"process_{i}"
+        return marker.exists() and marker.read_text().split(" ")[0] == token
+
     barrier("vsalmonn_shared_dir_written")
-    missing = [i for i in range(jax.process_count()) if not (path / f"process_{i}").exists()]
+    missing = [i for i in range(jax.process_count()) if not seen(i)]
     barrier("vsalmonn_shared_dir_checked")
     if missing:
         raise RuntimeError(

@@ -163,6 +163,16 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
 
     # checkpoint: the engine's Checkpointer, every process writes its own shards
     distributed.ensure_shared_directory(out / "ckpt")
+    # a folder per process ("local disks") holding every process's marker from an earlier run
+    local = out / f"local_{jax.process_index()}" / ".vsalmonn_hosts"
+    local.mkdir(parents=True, exist_ok=True)
+    for i in range(jax.process_count()):
+        (local / f"process_{i}").write_text("123 an-earlier-run")
+    try:
+        distributed.ensure_shared_directory(local.parent)
+        not_shared = ""
+    except RuntimeError as err:
+        not_shared = str(err)
     ckpt = Checkpointer(out / "ckpt", keep=2)
     ckpt.save(state, {"stage": "dpo"}, force=True)
     ckpt.close()
@@ -181,7 +191,7 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
                "stop": np.asarray(stop), "reference": reference,
                "shards": np.asarray(shards).reshape(jax.process_count(), -1),
                "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel(),
-               "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields), "data_errors": np.asarray(data_errors).reshape(jax.process_count(), -1), "time_fill": np.asarray(time_fill).reshape(jax.process_count(), -1),
+               "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields), "not_shared": np.asarray(not_shared), "data_errors": np.asarray(data_errors).reshape(jax.process_count(), -1), "time_fill": np.asarray(time_fill).reshape(jax.process_count(), -1),
                "padded_loss": np.asarray([same_loss, padded_loss])}
     def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it
         for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(tree))[0]:

@@ -182,6 +182,11 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
         assert "the processes built batches with different fields (this process 0: " in str(run["fields"])
         assert "input_ids [" in str(run["fields"])
     np.testing.assert_allclose(two["padded_loss"], single["padded_loss"], rtol=1e-6)
+    # a folder per process with an earlier run's markers is still found not shared (process 0's
+    # message names process 1); one process never checks
+    for run in (two, context):
+        assert "is not shared between hosts" in str(run["not_shared"]) and "[1]" in str(run["not_shared"])
+    assert str(single["not_shared"]) == ""
     # a data error on process 1 (training: its iterator raised; evaluation: its val stream did):
     # process 0 stops at the same point (DataErrorElsewhere), process 1 with its own error
     for run in (two, context):

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsalmonn_jax.distributed import any_process
+from vsalmonn_jax.distributed import any_process, ensure_shared_directory
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.checkpoint import Checkpointer
@@ -179,6 +179,7 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
         write_pretrained_record(workdir, init.record if params is None else {"base": "given params"})
     else:
         state, _ = prepare_state(task, config, tx, mesh, state=state, shardings=shardings)
+    ensure_shared_directory(workdir)   # several processes: one folder they all see (else a hang)
     ckpt = Checkpointer(workdir / "checkpoints", keep=int(tcfg.keep_checkpoints),
                         async_save=async_checkpoints, include_params=include_params)
     skipped = 0
