@@ -4,7 +4,7 @@
 #
 # usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator v5p-128 [options] -- COMMAND ARGS...
 #   e.g. launch/tpu_pod.sh --name vs2 --zone us-east5-a --accelerator v5p-128 --spot -- \
-#          train --config configs/7b.py --config.workdir=gs://BUCKET/runs/sft --config.mesh.fsdp=-1
+#          train --config configs/7b.py --config.workdir=/mnt/BUCKET/runs/sft --config.mesh.fsdp=-1
 # options:
 #   --project P         gcloud project (default: gcloud's configured one)
 #   --version V         TPU software version (default: derived from the accelerator generation)
@@ -17,7 +17,7 @@
 #   --no-install --no-logs  skip those steps
 #   --dry-run           print every command instead of running it
 # Re-running the same command after a preemption resumes: the run restores the latest checkpoint
-# from --config.workdir (use a gs:// bucket: every worker must see the same checkpoint directory).
+# from --config.workdir (every worker must mount it at one path: Filestore / NFS or gcsfuse).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -11,6 +11,7 @@ from vsalmonn_jax.config import load_config
 from vsalmonn_jax.config_check import (
     RULES,
     ConfigError,
+    LocalPath,
     Number,
     OneOf,
     SubsetOf,
@@ -22,6 +23,8 @@ from vsalmonn_jax.config_check import (
 def _bad_values(rule):
     if isinstance(rule, OneOf):
         return ["bogus"]
+    if isinstance(rule, LocalPath):
+        return ["gs://bucket/runs/sft", 3]
     if isinstance(rule, SubsetOf):
         missing = [tuple(v for v in rule.values if v != need) for need in rule.required]
         return [("bogus",), (*rule.values, "bogus"), *missing]
@@ -113,6 +116,8 @@ def test_unknown_fields_are_not_errors():
      "data.missing_audio='ignore'"),
     (["export", "--config", "tiny", "--config.data.fps=0", "--checkpoint", "x", "--out", "y"], "data.fps=0.0"),
     (["plan", "--config", "tiny", "--config.train.lr=-1"], "train.lr=-1.0"),
+    (["train", "--config", "tiny_sft", "--config.data.train=synthetic:4", "--workdir",
+      "gs://bucket/runs/sft"], "workdir='gs://bucket/runs/sft': allowed: a path on a file system"),
     (["demo", "--quick", "--config.train.log_every=0"], "train.log_every=0"),
     (["caption", "--config", "tiny", "--config.data.audio_channel=left", "--tokenizer", "t",
       "--checkpoint", "x", "v.mp4"], "data.audio_channel='left'"),

@@ -85,6 +85,18 @@ class SubsetOf:
         return f"allowed: a list of {' | '.join(map(str, self.values))}{must}"
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalPath:
+    """A path this process opens with the file system: not a URL (gs://...), which every run file
+    (config.json, metrics, checkpoints) would take as a local folder named "gs:"."""
+
+    def problem(self, value) -> str | None:
+        if isinstance(value, str) and "://" not in value:
+            return None
+        return ("allowed: a path on a file system (URLs such as gs://BUCKET/... are not supported "
+                "yet: mount the bucket, e.g. with gcsfuse, at one path on every host)")
+
+
 POSITIVE_INT = Number(low=1, integer=True)
 COUNT = Number(low=0, integer=True)            # 0 allowed (usually "off" / "all" / "default")
 POSITIVE = Number(low=0, open_low=True)
@@ -100,6 +112,7 @@ BOOL = OneOf((True, False))
 # field -> rule; the fix printed is "set --config.<field>=<one of the allowed values>"
 RULES: dict[str, Any] = {
     "stage": OneOf(("align", "sft", "dpo", "mrdpo", "rebirth")),
+    "workdir": LocalPath(),
     # ---- model ----
     "model.llm.dtype": DTYPES,
     "model.llm.param_dtype": DTYPES,

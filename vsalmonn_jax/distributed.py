@@ -331,7 +331,8 @@ def ensure_shared_directory(directory: str | os.PathLike) -> None:
         raise RuntimeError(
             f"checkpoint directory {directory} is not shared between hosts: process "
             f"{jax.process_index()} on {os.uname().nodename} cannot see the marker of process(es) "
-            f"{missing}; use a shared file system or a gs:// bucket")
+            f"{missing}; use a file system every host mounts at one path (NFS, Filestore, a "
+            "gcsfuse-mounted bucket)")
 
 
 def any_process(flag: bool) -> bool:

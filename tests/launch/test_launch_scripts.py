@@ -40,7 +40,7 @@ def test_shellcheck_clean():
 def test_tpu_pod_dry_run_full():
     out = run(["launch/tpu_pod.sh", "--name", "vs2", "--zone", "us-east5-a", "--accelerator",
                "v5p-128", "--project", "proj", "--spot", "--run-id", "r1", "--dry-run", "--",
-               "train", "--config", "configs/7b.py", "--config.workdir=gs://bkt/runs/a b"]).stdout
+               "train", "--config", "configs/7b.py", "--config.workdir=/mnt/bkt/runs/a b"]).stdout
     cmds = commands(out)
     gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
     loc = ["--zone=us-east5-a", "--project=proj"]
@@ -65,7 +65,7 @@ def test_tpu_pod_dry_run_full():
     # the run's arguments survive two rounds of quoting (local shell, then the worker's shell)
     assert shlex.split(start) == ["cd", "vsalmonn", "&&", "VSALMONN_CLUSTER=tpu", "nohup", "python3",
                                   "-m", "vsalmonn_jax.distributed", "train", "--config",
-                                  "configs/7b.py", "--config.workdir=gs://bkt/runs/a b", ">",
+                                  "configs/7b.py", "--config.workdir=/mnt/bkt/runs/a b", ">",
                                   "logs/r1.log", "2>&1", "<", "/dev/null", "&"]
     assert cmds[8] == gcloud + ["ssh", "vs2", *loc, "--worker=0",
                                 "--command=tail -n +1 -F vsalmonn/logs/r1.log"]

@@ -102,6 +102,8 @@ def main(argv: list[str]) -> int:
         print("vsalmonn-jax train: --config configs/X.py is required", file=sys.stderr)
         return 2
     config = load_config(config_path, overrides)
+    if args.workdir:
+        config.workdir = args.workdir   # checked with the rest of the config (config_check)
     from vsalmonn_jax.models.pretrained import resolve_tokenizer
 
     resolve_tokenizer(config)  # data.tokenizer empty: the one beside model.pretrained's weights
