@@ -27,7 +27,8 @@ def agree(fields: dict, rows: int, mesh) -> dict:
     which crash or hang at their first collective. So: time tokens filled in where another host's
     batch has them (an all-False time_mask changes nothing), then every axis padded at its end to
     the largest any process has (masks False, token ids repeating their last column, the rest
-    zeros: collate's own padding, so losses and log-probs are unchanged)."""
+    zeros: all under masks that are False, as collate's padding is, so losses and log-probs are
+    unchanged)."""
     base = sorted(k for k in fields if k not in OPTIONAL)
     kinds = _hash([repr([(k, fields[k].ndim, fields[k].dtype.str) for k in base]).encode()])
     has_time = all(k in fields for k in OPTIONAL)
@@ -77,7 +78,8 @@ def _raise_if_failed(table: np.ndarray) -> None:
 
 def report_failure(mesh, evaluation: bool = False) -> None:
     """A process whose data iterator raised joins the collective the others are in (the batch check,
-    or in `evaluation` the rows agreement) with its failure flag set; it then raises its own error."""
+    or in `evaluation` the rows agreement) with its failure flag set; its caller then raises its own
+    error."""
     from jax.experimental import multihost_utils
 
     width = 3 if evaluation else 7
