@@ -18,6 +18,10 @@ from jax.sharding import Mesh
 from vsalmonn_jax.distributed import batch_shard, local_batch_shards
 
 OPTIONAL = ("time_ids", "time_mask")   # per-frame time tokens: some batches have them
+# the int32 vectors the processes all-gather (report_failure sends one of the same width); last
+# column: "my data iterator failed"
+BATCH_CHECK_WIDTH = 7    # shard index, rows hash (2), fields hash (2), has time tokens, failed
+EVAL_ROWS_WIDTH = 3      # rows, has had a batch, failed
 
 
 def agree(fields: dict, rows: int, mesh) -> dict:
@@ -82,7 +86,7 @@ def report_failure(mesh, evaluation: bool = False) -> None:
     error."""
     from jax.experimental import multihost_utils
 
-    width = 3 if evaluation else 7
+    width = EVAL_ROWS_WIDTH if evaluation else BATCH_CHECK_WIDTH
     multihost_utils.process_allgather(np.asarray([0] * (width - 1) + [1], np.int32))
 
 
@@ -95,7 +99,7 @@ def agreed_rows(mesh, batch: dict | None, seen_one: bool) -> int:
         from jax.experimental import multihost_utils
 
         table = np.asarray(multihost_utils.process_allgather(
-            np.asarray([rows, int(seen_one or rows > 0), 0], np.int32))).reshape(-1, 3)
+            np.asarray([rows, int(seen_one or rows > 0), 0], np.int32))).reshape(-1, EVAL_ROWS_WIDTH)
         _raise_if_failed(table)
         if table[:, 0].any() and not table[:, 1].all():
             raise ValueError(f"evaluation: process(es) {np.flatnonzero(table[:, 1] == 0).tolist()} "
@@ -124,7 +128,7 @@ def check_batches(rows: int, kinds: int, optional: bool, mesh: Mesh,
     index = batch_shard(mesh)[0]
     mine = np.asarray([index, rows & 0x7FFFFFFF, (rows >> 31) & 0x7FFFFFFF,
                        kinds & 0x7FFFFFFF, (kinds >> 31) & 0x7FFFFFFF, int(optional), 0], np.int32)
-    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 7)
+    table = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, BATCH_CHECK_WIDTH)
     _raise_if_failed(table)   # a process whose data iterator raised (report_failure)
     if len({tuple(row) for row in table[:, 3:5]}) > 1:
         raise RuntimeError(
