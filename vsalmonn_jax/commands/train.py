@@ -131,6 +131,14 @@ def main(argv: list[str]) -> int:
         return 2
     workdir = pathlib.Path(args.workdir or config.workdir)
     config.workdir = str(workdir)   # quarantine and config.json follow --workdir
+    from vsalmonn_jax.distributed import ensure_shared_directory
+
+    try:   # several processes: before anything reads a checkpoint or a round folder
+        for folder in (workdir, *([args.init_from] if args.init_from else [])):
+            ensure_shared_directory(folder)
+    except RuntimeError as err:
+        print(f"vsalmonn-jax train: {err}", file=sys.stderr)
+        return 2
     from vsalmonn_jax.training.run_config import write_run_config
 
     try:
