@@ -40,6 +40,9 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
     media_features = example_lib.media_features
     monkeypatch.setattr(example_lib, "media_features",
                         lambda video, *a, **k: decoded.append(video) or media_features(video, *a, **k))
+    # a run killed before round 0 was saved left an empty rounds/ folder: this run starts afresh
+    # (it took the resume path and merged abstract arrays before)
+    (tmp_path / "mrdpo" / "rounds").mkdir(parents=True)
     summary = mrdpo_run.run_from_config(config, tmp_path / "mrdpo", progress=False,
                                         judge=LengthJudge())
     (round0,) = summary["history"]

@@ -13,7 +13,20 @@ from vsalmonn_jax.models.pretrained import write_record as write_pretrained_reco
 from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.mrdpo import MrdpoOptions, round_config, run_mrdpo
+from vsalmonn_jax.training.round_store import RoundCheckpoints
 from vsalmonn_jax.training.sharding import make_mesh
+
+
+def _has_round(rounds: pathlib.Path) -> bool:
+    """A round-start state was saved (a run killed before round 0's save leaves `rounds/` empty:
+    that run starts afresh, not as a resume)."""
+    if not rounds.is_dir():
+        return False
+    ckpts = RoundCheckpoints(rounds)
+    try:
+        return ckpts.latest() is not None
+    finally:
+        ckpts.close()
 
 
 def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
@@ -45,7 +58,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     tokenizer = load_tokenizer(config.data.tokenizer, config.model.connector.placeholder_token)
     env = AVPolicyEnv(config, task, tokenizer, mesh=mesh, sample_batch=int(config.mrdpo.sample_batch))
     tx, _ = st.make_optimizer(cfg.train, 1)
-    if (workdir / "rounds").is_dir():
+    if _has_round(workdir / "rounds"):
         state = st.abstract_state(task, cfg, tx, mesh)      # resume: structure + shardings only
     else:
         state, _, record = st.initial_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
