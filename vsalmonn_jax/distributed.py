@@ -8,6 +8,7 @@ build global arrays from per-process batches, gather for export, shared checkpoi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -346,6 +347,29 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray([bool(flag)], np.int32))
     return bool(np.any(flags))
+
+
+def gather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in process order, on every process (one process: [value]).
+
+    Two all-gathers (the encoded lengths, then the bytes padded to the longest); call it at the same
+    point on every process, e.g. to checkpoint each host's data-iterator position.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+    mine = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([mine.size], np.int32))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:mine.size] = mine
+    table = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n])) for row, n in zip(table, lengths, strict=True)]
+
+
+def primary_value(value: Any) -> Any:
+    """Process 0's JSON-able `value` on every process (e.g. a checkpoint listing: a lagging network
+    file system could show the hosts different steps, and they must restore the same one)."""
+    return gather_json(value)[0]
 
 
 # ---------------------------------------------------------------- entry point

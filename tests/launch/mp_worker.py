@@ -176,6 +176,17 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     ckpt = Checkpointer(out / "ckpt", keep=2)
     ckpt.save(state, {"stage": "dpo"}, force=True)
     ckpt.close()
+    # each process's data-iterator position is its own (its shard of the records): all are kept
+    ckpt = Checkpointer(out / "ckpt_data", keep=2, async_save=False)
+    ckpt.save(state, {"stage": "dpo", "data": {"process": jax.process_index()}}, force=True)
+    own_data = ckpt.restore(state)[1]["data"]["process"]
+    # a lagging network file system: the last process does not list the newest step yet; every
+    # process restores the step process 0 lists (else they restore different steps)
+    ckpt.save(state.replace(step=state.step + 1), {"stage": "dpo"}, force=True)
+    if jax.process_count() > 1 and last:
+        ckpt.all_steps = lambda: [int(state.step)]
+    lagging_step = int(ckpt.restore(state)[0].step)
+    ckpt.close()
     # stopping is agreed: only the last process "got SIGTERM", every process learns it
     stop = distributed.any_process(jax.process_index() == jax.process_count() - 1)
 
@@ -192,7 +203,9 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
                "shards": np.asarray(shards).reshape(jax.process_count(), -1),
                "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel(),
                "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields), "not_shared": np.asarray(not_shared), "data_errors": np.asarray(data_errors).reshape(jax.process_count(), -1), "time_fill": np.asarray(time_fill).reshape(jax.process_count(), -1),
-               "padded_loss": np.asarray([same_loss, padded_loss])}
+               "padded_loss": np.asarray([same_loss, padded_loss]),
+               "lagging_step": np.asarray(multihost_utils.process_allgather(np.asarray([lagging_step]))).ravel(),
+               "own_data": np.asarray(multihost_utils.process_allgather(np.asarray([own_data]))).ravel()}
     def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it
         for path, leaf in jax.tree_util.tree_flatten_with_path(distributed.to_host(tree))[0]:
             results[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf)
@@ -202,6 +215,9 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     if restore_from:  # a checkpoint written by another topology, restored here
         restored, meta = Checkpointer(restore_from).restore(state)
         assert meta == {"stage": "dpo"}, meta
+        saved_data = Checkpointer(pathlib.Path(restore_from).parent / "ckpt_data").restore(
+            state, step=int(state.step))[1]
+        results["data_restored"] = np.asarray(saved_data["data"]["process"])
         store("restored", {"trainable": restored.trainable, "opt_state": restored.opt_state,
                            "step": restored.step})
     if export_from:

@@ -135,6 +135,22 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
     assert int(single["restored['step']"]) == 5
 
 
+def test_each_process_resumes_its_own_data_position(runs):
+    """orbax writes a checkpoint's JSON item on process 0 only: every process's data-iterator state
+    is gathered into it, each restores its own; one process restoring two's takes process 0's, and
+    says the positions cannot carry over."""
+    root, two, single = runs
+    assert two["own_data"].tolist() == [0, 1] and single["own_data"].tolist() == [0]
+    assert int(single["data_restored"]) == 0
+    assert "saved by 2 processes and this run has 1" in (root / "one.log").read_text()
+
+
+def test_processes_restore_the_step_process_0_lists(runs):
+    """A process whose listing lags (the newest step not yet visible) restores process 0's step."""
+    _, two, single = runs
+    assert two["lagging_step"].tolist() == [6, 6] and single["lagging_step"].tolist() == [6]
+
+
 def test_two_process_merged_export_holds_base_and_loads(runs):
     _, two, single = runs
     loaded = {k[len("loaded"):]: v for k, v in single.items() if k.startswith("loaded")}

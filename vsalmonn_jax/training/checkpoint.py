@@ -1,4 +1,5 @@
-"""orbax checkpoints of a stage: step, trainables, optimizer, rng, DPO reference, data iterator state.
+"""orbax checkpoints of a stage: step, trainables, optimizer, rng, DPO reference, data iterator state
+(each process's own: every host reads its own shard of the records).
 
 The frozen base is not saved by default (it is re-loaded / re-initialised bit-identically); mrDPO,
 whose base changes at each round's merge, saves it with `include_params=True`. Restores always use
@@ -16,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from vsalmonn_jax.distributed import any_process, barrier
+from vsalmonn_jax.distributed import any_process, barrier, gather_json, is_primary, primary_value
 from vsalmonn_jax.training.state import TrainState
 
 
@@ -25,6 +26,8 @@ class CheckpointError(RuntimeError):
 
 
 STATE_FIELDS = ("step", "trainable", "opt_state", "rng", "ref_adapter")
+DATA = "data"                          # meta key: this process's data-iterator state
+DATA_BY_PROCESS = "data_by_process"    # saved by several processes: every one's, in process order
 
 
 class Checkpointer:
@@ -49,17 +52,28 @@ class Checkpointer:
         return {name: getattr(state, name) for name in self._fields()}
 
     def save(self, state: TrainState, meta: dict | None = None, force: bool = False) -> bool:
-        """Save at `state.step` (async unless disabled). `meta` must be JSON-able."""
+        """Save at `state.step` (async unless disabled). `meta` must be JSON-able; its "data" entry is
+        this process's (orbax writes the JSON item on process 0 only, so with several processes
+        every one's is gathered into it first: call it on every process, as the state save)."""
         step = int(jax.device_get(state.step))
+        meta = dict(meta or {})
+        if DATA in meta and jax.process_count() > 1:
+            meta[DATA_BY_PROCESS] = gather_json(meta[DATA])
+            meta[DATA] = meta[DATA_BY_PROCESS][0]   # what a one-process resume takes
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self._tree(state)),
-            meta=ocp.args.JsonSave(meta or {})), force=force)
+            meta=ocp.args.JsonSave(meta)), force=force)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def steps_on_disk(self) -> list[int]:
+        """The saved steps, newest first, as process 0 lists them (every process: the same list;
+        a collective)."""
+        return [int(s) for s in primary_value(sorted(self.all_steps(), reverse=True))]
 
     def path_of(self, step: int | None) -> str | None:
         return None if step is None else str(self.directory / str(step))
@@ -76,7 +90,7 @@ class Checkpointer:
             self._tree(target))
         restored = self._readable(step, lambda s: self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())))
-        return target.replace(**restored["state"]), dict(restored["meta"] or {})
+        return target.replace(**restored["state"]), _own_data(dict(restored["meta"] or {}))
 
     def restore_trainable(self, target: TrainState, step: int | None = None) -> TrainState:
         """Only the trainables (and the base, if saved) into `target`: start a new stage from a
@@ -95,7 +109,7 @@ class Checkpointer:
         """`restore(step)`; without `step` the newest checkpoint that reads, newest first. Unreadable
         newer ones (truncated data file, empty metadata, ...) are reported (which, why, which one is
         used instead) and moved to `<directory>.corrupt/` so later saves at those steps succeed."""
-        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        steps = [step] if step is not None else self.steps_on_disk()
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, str]] = []
@@ -141,3 +155,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _own_data(meta: dict) -> dict:
+    """meta with "data" = this process's saved data state. Saved by another number of processes:
+    the shards hold other records, so no position carries over exactly; each process takes process
+    0's (the same number of batches into its shard) and process 0 says so."""
+    states = meta.pop(DATA_BY_PROCESS, None)
+    if states is None:
+        return meta
+    if len(states) == jax.process_count():
+        meta[DATA] = states[jax.process_index()]
+    else:
+        meta[DATA] = states[0]
+        if is_primary():
+            print(f"checkpoint: the data positions were saved by {len(states)} processes and this run "
+                  f"has {jax.process_count()}: each process continues from process 0's position in its "
+                  "own shard (the shards now hold other records: this epoch may repeat or miss some)",
+                  file=sys.stderr, flush=True)
+    return meta

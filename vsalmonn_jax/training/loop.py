@@ -183,7 +183,7 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
     ckpt = Checkpointer(workdir / "checkpoints", keep=int(tcfg.keep_checkpoints),
                         async_save=async_checkpoints, include_params=include_params)
     skipped = 0
-    if ckpt.latest_step() is not None:
+    if ckpt.steps_on_disk():   # the processes decide together (process 0's listing)
         state, meta = ckpt.restore(state)
         skipped = int(meta.get("skipped", 0))
         if meta.get("data") is not None and hasattr(train_iter, "set_state"):

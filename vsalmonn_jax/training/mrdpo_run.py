@@ -9,6 +9,7 @@ import pathlib
 
 import jax
 
+from vsalmonn_jax.distributed import primary_value
 from vsalmonn_jax.models.pretrained import write_record as write_pretrained_record
 from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
@@ -19,8 +20,8 @@ from vsalmonn_jax.training.sharding import make_mesh
 
 def _has_round(rounds: pathlib.Path) -> bool:
     """A round-start state was saved (a run killed before round 0's save leaves `rounds/` empty:
-    that run starts afresh, not as a resume)."""
-    if not rounds.is_dir():
+    that run starts afresh, not as a resume). Every process decides as process 0 sees it."""
+    if not primary_value(rounds.is_dir()):
         return False
     ckpts = RoundCheckpoints(rounds)
     try:

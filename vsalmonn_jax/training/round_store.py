@@ -11,6 +11,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from vsalmonn_jax.distributed import primary_value
 from vsalmonn_jax.training import state as st
 
 ROUND_FIELDS = ("params", "trainable", "rng")   # what a round-start checkpoint holds
@@ -32,7 +33,8 @@ class RoundCheckpoints:
                                              item_names=("state", "meta"))
 
     def latest(self) -> int | None:
-        return self.manager.latest_step()
+        """The latest round start as process 0 lists it (every process resumes the same round)."""
+        return primary_value(self.manager.latest_step())
 
     def save(self, round_index: int, state: st.TrainState, meta: dict) -> None:
         tree = {name: getattr(state, name) for name in ROUND_FIELDS}
