@@ -128,19 +128,24 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
         raise OSError("disk gone")
 
     rows_probe = synthetic.sft_examples(2, vocab, 16, seed=7)
+    pair_probe = local_rows(synthetic.dpo_examples(GLOBAL_BATCH, vocab, length=16, seed=9), mesh)
+    if last:   # a pair whose chosen and rejected prompts differ (prefix-shared DPO refuses it)
+        pair_probe["chosen_input_ids"][:, 0] += 1
     stopped = []
-    for path in ("train", "eval") if jax.process_count() > 1 else ():
+    for path in ("train", "eval", "pair") if jax.process_count() > 1 else ():
         try:
             if path == "train" and last:   # as run_stage does when next(train_iter) raises
                 report_failure(mesh)
                 raise OSError("disk gone")
             elif path == "train":
                 device_batch(rows_probe, sft)
-            else:
+            elif path == "eval":
                 evaluate(sft, state, broken() if last else [rows_probe] * 3)
+            else:   # a host-side check that fails on one process only: the others do not go on
+                device_batch(pair_probe, dpo)
             stopped.append(0)
-        except (DataErrorElsewhere, OSError) as err:
-            stopped.append(1 if isinstance(err, OSError) == last else 2)
+        except (DataErrorElsewhere, OSError, ValueError) as err:
+            stopped.append(1 if isinstance(err, (OSError, ValueError)) == last else 2)
     data_errors = multihost_utils.process_allgather(np.asarray(stopped or [0, 0], np.int32))
     # evaluation over uneven streams (a val set that does not split evenly): rows A (8) as one
     # global batch, then rows B (2) on batch shard 0 only; one process: [A, B]

@@ -203,10 +203,11 @@ def test_two_processes_with_context_parallelism_equal_one_process(runs, tmp_path
     for run in (two, context):
         assert "is not shared between hosts" in str(run["not_shared"]) and "[1]" in str(run["not_shared"])
     assert str(single["not_shared"]) == ""
-    # a data error on process 1 (training: its iterator raised; evaluation: its val stream did):
-    # process 0 stops at the same point (DataErrorElsewhere), process 1 with its own error
+    # a data error on process 1 (training: its iterator raised; evaluation: its val stream did; a
+    # prefix-shared pair with two prompts): process 0 stops at the same point (DataErrorElsewhere),
+    # process 1 with its own error
     for run in (two, context):
-        assert run["data_errors"].tolist() == [[1, 1], [1, 1]]
+        assert run["data_errors"].tolist() == [[1, 1, 1], [1, 1, 1]]
     # time tokens in one process's batch only: filled in (all False) on the other, 4 frames on both
     for run in (two, context):
         assert run["time_fill"].tolist() == [[2, 4, 8, 0, 2, 4], [2, 4, 8, 64, 2, 4]]

@@ -100,10 +100,15 @@ def device_batch(batch: dict, steps: Steps) -> dict:
     prefix-shared DPO step checks that each pair's prompts agree."""
     keep = {k: np.asarray(v) for k, v in batch.items()
             if k not in HOST_ONLY and np.asarray(v).dtype.kind not in "OUSV"}
-    if jax.process_count() > 1:   # first: collectives every process joins
-        keep = agree(keep, rows_fingerprint(batch), steps.mesh)
     if steps.packed:
-        check_shared_prompts({**batch, **keep}, steps.packed)
+        try:
+            check_shared_prompts(batch, steps.packed)
+        except ValueError:
+            if jax.process_count() > 1:
+                report_failure(steps.mesh)   # the others stop at their batch check, not in the step
+            raise
+    if jax.process_count() > 1:   # collectives every process joins
+        keep = agree(keep, rows_fingerprint(batch), steps.mesh)
     return put_batch(keep, steps.batch_sharding)
 
 
@@ -232,8 +237,8 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
                     batch = cache.attach(batch)
                 try:
                     inputs = device_batch(batch, steps)
-                except DataErrorElsewhere:
-                    keep_steps_done()   # with the process that failed (a save is collective)
+                except (DataErrorElsewhere, ValueError):
+                    keep_steps_done()   # every process: the one that failed and the others (a save is collective)
                     raise
                 state, metrics = steps.train(state, inputs)
                 current["state"] = state
