@@ -104,7 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- optimisation (official recipe) ----
     c.train = ml_collections.ConfigDict(dict(
         lr=2e-5, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.999,
-        eps=1e-8, grad_clip=1.0, grad_accum=1, num_steps=1000, epochs=0,
+        eps=1e-8, grad_clip=1.0, grad_accum=1,
+        num_steps=1000,   # loop steps of a stage (micro-batches with grad_accum > 1)
+        epochs=0,         # > 0: passes over data.train's records instead (num_steps derived from them)
         log_every=10, eval_every=500, checkpoint_every=500, keep_checkpoints=3,
         on_nan="stop",  # stop | skip
         trainable=("lora", "adapter"),

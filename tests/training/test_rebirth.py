@@ -49,6 +49,23 @@ def test_mix_errors_are_clear():
         mix_records([{"id": "c"}], QA, 1.0, seed=0)
 
 
+def test_rebirth_steps_come_from_its_records_under_train_epochs():
+    """The 7B rebirth preset gives train.epochs=1 (the release): one pass over the rebirth mix
+    (captions + non-caption records); rebirth.num_steps, when set, wins; epochs=0: train.num_steps."""
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.training.rebirth import rebirth_config
+
+    cfg = load_config("tiny", ["train.epochs=1", "train.num_steps=1000", "rebirth.num_steps=0"])
+    assert rebirth_config(cfg, records=130, rows_per_step=8).train.num_steps == 17   # ceil(130 / 8)
+    cfg.train.epochs = 3
+    assert rebirth_config(cfg, records=130, rows_per_step=8).train.num_steps == 49   # ceil(390 / 8)
+    cfg.rebirth.num_steps = 5
+    assert rebirth_config(cfg, records=130, rows_per_step=8).train.num_steps == 5
+    cfg.rebirth.num_steps, cfg.train.epochs = 0, 0
+    assert rebirth_config(cfg, records=130, rows_per_step=8).train.num_steps == 1000
+    assert load_config("7b_rebirth").train.epochs == 1
+
+
 @pytest.mark.slow
 def test_rebirth_trains_the_pre_dpo_model_on_final_captions(tmp_path):
     tok = tokenizer(str(tmp_path / "tok"))

@@ -77,18 +77,23 @@ def test_train_cli_usage_errors(capsys):
 
 @pytest.mark.slow
 def test_train_cli_av_pipeline(tmp_path, capsys):
-    """Real synthetic .mp4 records through the data pipeline into the AV model (SFT, eval)."""
+    """Real synthetic .mp4 records through the data pipeline into the AV model (SFT, eval), for
+    train.epochs passes (the 7B presets give epochs, as the release: num_steps was ignored)."""
     data = tmp_path / "data"
     assert main(["data", "synth", "--out", str(data), "--n", "4", "--n-val", "2", "--n-test", "0"]) == 0
     run = tmp_path / "run"
     rc = main(["train", "--config", "tiny", "--config.stage=sft", "--config.mesh.data=-1",
                f"--config.data.train={data}/sft_train.jsonl", f"--config.data.val={data}/sft_val.jsonl",
                f"--config.data.root={data}", f"--config.data.tokenizer={data}/tokenizer",
-               "--config.train.num_steps=2", "--config.train.eval_every=2", "--workdir", str(run),
-               "--no-progress"])
+               "--config.train.epochs=1", "--config.train.num_steps=1000", "--config.train.eval_every=2",
+               "--workdir", str(run), "--no-progress"])
     assert rc == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out, err = capsys.readouterr()
+    report = json.loads(out.strip().splitlines()[-1])
+    # 12 records, 1 row per (data x fsdp) shard on 8 devices: one pass is 2 steps
+    assert "train.epochs=1 over 12 records at 8 rows per step: train.num_steps=2" in err
     assert report["step"] == 2 and report["last"]["target_tokens"] > 0
+    assert json.loads((run / "config.json").read_text())["train"]["num_steps"] == 2
     records = _lines(run / "metrics.jsonl")
     evals = [r for r in records if r["split"] == "eval"]
     assert len(evals) == 1 and 0 < evals[0]["loss"] < 20 and evals[0]["target_tokens"] > 0

@@ -71,25 +71,43 @@ def pipeline_iterator(config, path: str, batch: int, shuffle: bool = True, epoch
                        drop_remainder=epochs is None)
 
 
-def _records_problem(path: str, config) -> str:
-    """Why the training JSONL cannot train anything ("" when it can): read before any model is built."""
+def _read_records(path: str, config) -> tuple[str, int]:
+    """(why the training JSONL cannot train anything, "" when it can; its record count): read
+    before any model is built."""
     from vsalmonn_jax.data.records import RecordError, load_records
 
     try:
         records = load_records(path, root=config.data.root or None)
     except RecordError as err:
-        return str(err)
+        return str(err), 0
     if not records:
         return (f"{path}: holds no records (empty file): nothing to train on "
-                "(check it with `vsalmonn-jax data check`)")
+                "(check it with `vsalmonn-jax data check`)"), 0
     if config.stage in ("mrdpo", "rebirth"):       # the round judge must read the ground truth
         from vsalmonn_jax.training.pairs import check_judgeable
 
         try:
             check_judgeable(records, str(config.mrdpo.judge))
         except ValueError as err:
-            return str(err)
-    return ""
+            return str(err), len(records)
+    return "", len(records)
+
+
+def _apply_epochs(config, records: int) -> None:
+    """train.epochs > 0 (the 7B presets: SFT 5, DPO 3, rebirth 1, as the release): num_steps =
+    that many passes over the records at the global batch; said on stderr, recorded in config.json."""
+    from vsalmonn_jax.training.mrdpo import global_batch
+    from vsalmonn_jax.training.sharding import make_mesh
+    from vsalmonn_jax.training.state import steps_for_epochs
+
+    rows = global_batch(config, make_mesh(dict(config.mesh)))
+    steps = steps_for_epochs(config.train, records, rows)
+    if steps is None:
+        return
+    config.train.num_steps = steps
+    print(f"vsalmonn-jax train: train.epochs={int(config.train.epochs)} over {records:,} records at "
+          f"{rows} rows per step: train.num_steps={steps} (train.epochs=0 uses train.num_steps)",
+          file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
@@ -120,10 +138,12 @@ def main(argv: list[str]) -> int:
               "set --config.data.train=PATH.jsonl (id, video/audio, events)", file=sys.stderr)
         return 2
     if not spec.startswith("synthetic"):
-        problem = _records_problem(spec, config)
+        problem, records = _read_records(spec, config)
         if problem:
             print(f"vsalmonn-jax train: {problem}", file=sys.stderr)
             return 2
+        if not round_driven:   # mrDPO: mrdpo.steps_per_round; rebirth counts its own records
+            _apply_epochs(config, records)
     if args.init_from and not _has_checkpoint(pathlib.Path(args.init_from)):
         print(f"vsalmonn-jax train: --init-from {args.init_from}: no checkpoint there (expected "
               f"{pathlib.Path(args.init_from) / 'checkpoints'}/<step>/); pass the workdir of a "

@@ -68,11 +68,14 @@ def mix_records(caption_recs: Sequence[Mapping], non_caption: Sequence[Mapping],
     return [mixed[int(i)] for i in order]
 
 
-def rebirth_config(config):
-    """The run_stage config: stage rebirth (SFT objective), rebirth.num_steps (0 = train.num_steps)."""
+def rebirth_config(config, records: int = 0, rows_per_step: int = 1):
+    """The run_stage config: stage rebirth (SFT objective) for rebirth.num_steps steps; 0 = train.epochs
+    passes over the `records` rebirth records when train.epochs > 0 (the 7B preset: 1), else
+    train.num_steps."""
     cfg = config.copy_and_resolve_references()
     cfg.stage = "rebirth"
-    steps = int(config.rebirth.get("num_steps", 0))
+    steps = int(config.rebirth.get("num_steps", 0)) or (
+        st.steps_for_epochs(config.train, records, rows_per_step) if records else None)
     if steps:
         cfg.train.num_steps = steps
     return cfg
@@ -127,12 +130,12 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
                            f"came out empty (ids {built['skipped_empty'][:5]}...): nothing to tune on")
     before = _load_or(workdir / "eval_before.json",
                       lambda: eval_fn(pre_dpo_state) if eval_fn is not None else {})
-    cfg = rebirth_config(config)
     from vsalmonn_jax.training.mrdpo import global_batch
     from vsalmonn_jax.training.sharding import make_mesh
 
     mesh = mesh or make_mesh(dict(config.mesh))
     rows = global_batch(config, mesh)
+    cfg = rebirth_config(config, len(built["records"]), rows)
     iterator = local_rows(env.batches(built["records"], batch_size=rows,
                                       seed=int(config.data.shuffle_seed)), mesh, rows)
     # the base is the pre-DPO model (its LoRA merged): saved with the checkpoints, so caption and
