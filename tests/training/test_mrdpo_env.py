@@ -58,6 +58,32 @@ def test_list_iterator_resumes_pads_and_covers():
         ListIterator([], collate, 2, 0, True, True)
 
 
+def test_list_iterator_stopped_while_collating_keeps_that_batch():
+    """A stop signal raised inside the collate (the AV one builds the pixel arrays) leaves the
+    position at that batch: the saved state resumes with it (it was skipped before)."""
+    from vsalmonn_jax.training.interrupts import Interrupted
+
+    examples = [{"x": np.int64(i)} for i in range(5)]
+    calls = []
+
+    def collate(rows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted("SIGTERM")
+        return {"x": np.asarray([r["x"] for r in rows])}
+
+    it = ListIterator(examples, collate, 2, seed=1, shuffle=True, repeat=True)
+    whole = ListIterator(examples, lambda rows: {"x": np.asarray([r["x"] for r in rows])}, 2, seed=1,
+                         shuffle=True, repeat=True)
+    expected = [next(whole)["x"].tolist() for _ in range(5)]   # crosses an epoch boundary
+    got = [next(it)["x"].tolist() for _ in range(2)]
+    with pytest.raises(Interrupted):
+        next(it)
+    resumed = ListIterator(examples, collate, 2, seed=1, shuffle=True, repeat=True)
+    resumed.set_state(it.get_state())
+    assert got + [next(resumed)["x"].tolist() for _ in range(3)] == expected
+
+
 def test_round_items_take_fresh_slices():
     videos = [{"id": i} for i in range(5)]
     assert round_items(videos, 0, 0) == videos

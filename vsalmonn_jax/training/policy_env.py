@@ -69,28 +69,31 @@ class ListIterator:
         self.batch_size, self.seed, self.shuffle, self.repeat = int(batch_size), seed, shuffle, repeat
         self.epoch, self.position = 0, 0
 
-    def _order(self) -> np.ndarray:
+    def _order(self, epoch: int) -> np.ndarray:
         n = len(self.examples)
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([int(self.seed), self.epoch]).permutation(n)
+        return np.random.default_rng([int(self.seed), epoch]).permutation(n)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         n = len(self.examples)
-        if self.position >= n or (self.repeat and self.position + self.batch_size > n
-                                  and n >= self.batch_size):
+        epoch, position = self.epoch, self.position
+        if position >= n or (self.repeat and position + self.batch_size > n and n >= self.batch_size):
             if not self.repeat:
                 raise StopIteration
-            self.epoch, self.position = self.epoch + 1, 0
-        order = self._order()
-        index = list(order[self.position:self.position + self.batch_size])
-        self.position += self.batch_size
+            epoch, position = epoch + 1, 0
+        order = self._order(epoch)
+        index = list(order[position:position + self.batch_size])
         while len(index) < self.batch_size:   # pad (one-pass tail, or fewer records than a batch)
             index.append(index[-1] if not self.repeat else order[len(index) % n])
-        return self.collate_fn([self.examples[int(i)] for i in index])
+        batch = self.collate_fn([self.examples[int(i)] for i in index])
+        # the position moves only once the batch exists: a stop signal raised while collating (the
+        # AV collate builds the pixel arrays) leaves the state at this batch, which a resume redoes
+        self.epoch, self.position = epoch, position + self.batch_size
+        return batch
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
