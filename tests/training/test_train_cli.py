@@ -49,6 +49,23 @@ def test_train_cli_sft_then_dpo(tmp_path, capsys):
         kernels.append(params["layers"]["self_attn"]["q_proj"]["kernel"])
     assert not np.allclose(*kernels)      # the DPO base is not the seed's
 
+    # a stage started from the DPO run gets the base that run's LoRA was trained on (its saved,
+    # SFT-merged base), not the seed's: its own base = DPO base + DPO LoRA merged
+    from vsalmonn_jax.lora import merge
+    from vsalmonn_jax.training.task import build_task
+
+    again = tmp_path / "dpo_again"
+    assert main(["train", *common, "--config.stage=dpo", "--config.data.train=synthetic:16",
+                 "--workdir", str(again), "--init-from", str(dpo)]) == 0
+    params, lora, config = _inference_variables(dpo)
+    want = merge(params, lora, build_task(config, text_only=True).lora_config.scale)
+    got = _inference_variables(again)[0]
+    for name in ("q_proj", "v_proj"):
+        np.testing.assert_allclose(got["layers"]["self_attn"][name]["kernel"],
+                                   want["layers"]["self_attn"][name]["kernel"], rtol=1e-6, atol=1e-7)
+    record = json.loads((again / "config.json").read_text())["run_records"]["pretrained"]
+    assert record["base"] == f"the base saved with {dpo}'s checkpoint"
+
 
 def _inference_variables(run):
     """(LLM params, LoRA, config) of a text-only run as caption / export restore them."""

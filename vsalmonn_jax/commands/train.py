@@ -255,7 +255,7 @@ def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
 
     from vsalmonn_jax.models.pretrained import write_record
     from vsalmonn_jax.training import state as st
-    from vsalmonn_jax.training.checkpoint import Checkpointer
+    from vsalmonn_jax.training.checkpoint import restore_init_from
     from vsalmonn_jax.training.loop import compiled_steps
     from vsalmonn_jax.training.sharding import make_mesh
 
@@ -263,12 +263,11 @@ def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
     # the same cached initializer (and step) run_stage uses next: compiled once
     _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps), mesh)
     fresh = init(jax.random.PRNGKey(int(config.seed)))
-    write_record(workdir, dict(init.record, trainables=f"from {previous}"))
-    ckpt = Checkpointer(previous / "checkpoints", create=False)
-    try:
-        state = ckpt.restore_trainable(fresh)
-    finally:
-        ckpt.close()
+    state, with_base = restore_init_from(previous, fresh)
+    record = dict(init.record, trainables=f"from {previous}")
+    if with_base:   # e.g. a DPO run: its LoRA was trained on its saved (merged) base
+        record["base"] = f"the base saved with {previous}'s checkpoint"
+    write_record(workdir, record)
     if _merges_base(config, task) and "lora" in state.trainable:
         # the reference of a DPO stage is the previous stage's model: fold its LoRA into the base
         state = st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1))

@@ -92,10 +92,23 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())))
         return target.replace(**restored["state"]), _own_data(dict(restored["meta"] or {}))
 
-    def restore_trainable(self, target: TrainState, step: int | None = None) -> TrainState:
-        """Only the trainables (and the base, if saved) into `target`: start a new stage from a
-        previous stage's checkpoint whatever its optimizer looked like (fresh opt_state / step)."""
-        fields = ("trainable",) + (("params",) if self.include_params else ())
+    def saved_fields(self, step: int) -> set[str]:
+        """The state fields checkpoint `step` holds (its base `params` or not), from its metadata."""
+        reader = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(create=False),
+            item_handlers={"state": ocp.StandardCheckpointHandler()})
+        try:
+            return set(reader.item_metadata(step)["state"].keys())
+        finally:
+            reader.close()
+
+    def restore_trainable(self, target: TrainState, step: int | None = None,
+                          with_base: bool | None = None) -> TrainState:
+        """Only the trainables (and the base: `with_base`, default: if this Checkpointer saves it)
+        into `target`: start a new stage from a previous stage's checkpoint whatever its optimizer
+        looked like (fresh opt_state / step)."""
+        with_base = self.include_params if with_base is None else with_base
+        fields = ("trainable",) + (("params",) if with_base else ())
         item = {name: jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             getattr(target, name)) for name in fields}
@@ -174,3 +187,16 @@ def _own_data(meta: dict) -> dict:
                   "own shard (the shards now hold other records: this epoch may repeat or miss some)",
                   file=sys.stderr, flush=True)
     return meta
+
+
+def restore_init_from(folder: str | os.PathLike, target: TrainState) -> tuple[TrainState, bool]:
+    """`target` with the trainables of run `folder`'s latest checkpoint and, when that checkpoint
+    holds it, the base they were trained on (a DPO stage saves its base, the previous LoRA merged
+    in: its LoRA without that base is another model). Returns (state, whether the base came too)."""
+    ckpt = Checkpointer(pathlib.Path(folder) / "checkpoints", create=False)
+    try:
+        steps = ckpt.steps_on_disk()
+        with_base = bool(steps) and "params" in ckpt.saved_fields(steps[0])
+        return ckpt.restore_trainable(target, with_base=with_base), with_base
+    finally:
+        ckpt.close()

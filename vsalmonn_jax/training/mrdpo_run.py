@@ -39,7 +39,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     workdir holding rounds/ resumes. Returns the summary (history per round)."""
     from vsalmonn_jax.data.records import load_records
     from vsalmonn_jax.data.text import load_tokenizer
-    from vsalmonn_jax.training.checkpoint import Checkpointer
+    from vsalmonn_jax.training.checkpoint import restore_init_from
     from vsalmonn_jax.training.policy_env import AVPolicyEnv
     from vsalmonn_jax.training.task import build_task
 
@@ -64,12 +64,8 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     else:
         state, _, record = st.initial_state(task, cfg, tx, mesh, jax.random.PRNGKey(int(config.seed)))
         write_pretrained_record(workdir, record)
-        if init_from:
-            ckpt = Checkpointer(pathlib.Path(init_from) / "checkpoints", create=False)
-            try:
-                state = ckpt.restore_trainable(state)
-            finally:
-                ckpt.close()
+        if init_from:   # its trainables (and its base, if that run saved one: a DPO run)
+            state, _ = restore_init_from(init_from, state)
     _, summary = run_mrdpo(config, env, workdir, state=state, train_items=train, eval_items=val,
                            mesh=mesh, judge=judge, progress=progress, tensorboard=True)
     return summary
