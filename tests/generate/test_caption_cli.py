@@ -136,6 +136,63 @@ def test_caption_in_the_release_format_reads_a_video_without_audio(caption_setup
     assert results["release"]["logprob"] != pytest.approx(results["no_time"]["logprob"], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_a_still_image_and_a_too_long_video_do_not_stop_the_run(caption_setup, capsys, monkeypatch):
+    """Release format (time tokens): a still image (one frame, no duration) gets no time tokens,
+    and an item whose prompt + new tokens would pass max_position_embeddings is skipped with the
+    reason before decoding, its batch going on (both aborted the whole run, rerun included).
+    Three items ask for three rows per batch, not eight."""
+    from PIL import Image
+
+    from vsalmonn_jax.commands.caption import main
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.data.example import Featurizer
+    from vsalmonn_jax.generate import backend
+    from vsalmonn_jax.generate.captioner import prompt_positions
+    from vsalmonn_jax.training.av_task import build
+
+    root, overrides, run, paths, _, _ = caption_setup
+    folder = root / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    still, long = folder / "still.png", folder / "long.mp4"
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(still)
+    write_video(long, rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), fps=1, audio=_tone(500, 8.0))
+    release = ["--config.data.time_tokens=official"]
+    config = load_config("tiny", overrides + release)
+    featurizer, av = Featurizer.from_config(config), build(config).av_config
+    need = {p: prompt_positions(featurizer({"id": p, "video": p, "kind": "caption"}), av)
+            for p in (paths[0], str(long))}
+    assert need[str(long)] > need[paths[0]]
+    rows = []
+    opened = backend.open_backend
+    monkeypatch.setattr(backend, "open_backend", lambda *a, **k: rows.append(k["batch_size"]) or opened(*a, **k))
+    out = root / "mixed.jsonl"
+    argv = [paths[0], str(still), str(long), "--checkpoint", run, "--config", "tiny", *overrides,
+            *release, f"--config.model.llm.max_position_embeddings={need[paths[0]] + 4}",
+            "--output", str(out), "--max-new-tokens", "4", "--no-progress"]
+    assert main(argv) == 1   # one item skipped
+    err = capsys.readouterr().err
+    assert f"caption: skipped {long}: too long: its prompt takes up to {need[str(long)]} positions" in err
+    lines = {json.loads(x)["video"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert set(lines) == {paths[0], str(still)} and all(r["num_tokens"] >= 1 for r in lines.values())
+    assert rows == [3]
+
+
+def test_batch_size_or_new_tokens_below_one_are_refused(caption_setup, capsys):
+    """--batch-size -3 collected every item into one batch (nothing written until the end);
+    --max-new-tokens 0 silently became the config's 1024."""
+    from vsalmonn_jax.commands.caption import main
+
+    root, overrides, run, paths, _, _ = caption_setup
+    base = [paths[0], "--checkpoint", run, "--config", "tiny", *overrides, "--no-progress",
+            "--output", str(root / "refused.jsonl")]
+    for flag, value in (("--batch-size", "-3"), ("--max-new-tokens", "0")):
+        assert main([*base, flag, value]) == 2
+        assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
+    assert not (root / "refused.jsonl").exists()
+
+
 def test_reading_the_saved_fields_logs_no_metadata_warning(tmp_path, caplog):
     """Every caption run printed `WARNING:absl:Metadata file does not exist` (orbax metadata read)."""
     import logging

@@ -48,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: config.generate.max_new_tokens")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows (item x sample) decoded together (default 8; a run with fewer rows "
+                   "decodes that many, not 8 copies)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: config.seed)")
     p.add_argument("--tokenizer", default=None,
                    help="default: the run's tokenizer copy, else config.data.tokenizer")
@@ -129,6 +132,10 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"vsalmonn-jax caption: {err}", file=sys.stderr)
         return 2
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            print(f"vsalmonn-jax caption: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     if args.num_samples < 1 or (args.num_samples > 1 and sampling.greedy):
         print("vsalmonn-jax caption: --num-samples > 1 needs sampling (greedy decoding would give "
               "identical samples); pass --top-p / --temperature", file=sys.stderr)
@@ -150,8 +157,9 @@ def main(argv: list[str]) -> int:
         summary = caption_items(config, items, checkpoint=args.checkpoint, step=args.step,
                                 sampling=sampling, num_samples=args.num_samples,
                                 batch_size=args.batch_size, output=output,
-                                errors_output=errors_output, max_new_tokens=args.max_new_tokens
-                                or int(config.generate.max_new_tokens),
+                                errors_output=errors_output,
+                                max_new_tokens=int(config.generate.max_new_tokens
+                                                   if args.max_new_tokens is None else args.max_new_tokens),
                                 seed=int(config.seed if args.seed is None else args.seed),
                                 progress=not args.no_progress, run_dir=run_dir, source=source)
     except (FileNotFoundError, ValueError) as err:
@@ -171,8 +179,9 @@ def caption_items(config, items, *, checkpoint, step, sampling, num_samples, bat
     from vsalmonn_jax.generate.backend import open_backend
     from vsalmonn_jax.generate.caption_run import run_captions
 
+    rows = max(1, min(int(batch_size), len(items) * int(num_samples)))   # one video: one row, not 8
     backend, what = open_backend(config, run_dir, checkpoint, step=step, sampling=sampling,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+                                 max_new_tokens=max_new_tokens, batch_size=rows, seed=seed)
     print(f"caption: {what}; config {source or 'given'}; {len(items)} items x {num_samples} "
           f"samples, {sampling}", file=sys.stderr)
     return run_captions(items, backend, output=output, errors_output=errors_output,

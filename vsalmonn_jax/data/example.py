@@ -167,6 +167,18 @@ class Featurizer:
                            default_prompt=self.default_prompt, has_media=has_media,
                            prompt_format=self.prompt_format)
 
+    def _time_tokens(self, record: dict, fields: dict) -> dict:
+        """Per-frame time tokens of a video without audio; a still image (one frame, no duration)
+        has no time and gets none; a moving video whose duration is unknown cannot be timed."""
+        seconds, frames = float(fields["video_seconds"]), int(fields["pixels"].shape[0])
+        if seconds > 0:
+            return time_token_fields(self.tokenizer, seconds, frames)
+        if frames == 1:
+            return {}
+        raise MediaError(record.get("video", ""), "no-duration",
+                         f"{frames} frames but no duration: the per-frame time tokens "
+                         "(data.time_tokens) need it; remux the file into a container (.mp4 / .mkv)")
+
     def __call__(self, record: dict) -> dict:
         base = {"example_id": np.int64(record.get("index", -1)), "id": record.get("id", ""),
                 "source": record.get("source", ""), "line": record.get("line", 0),
@@ -182,8 +194,7 @@ class Featurizer:
                                              self.settings, self.cache_dir))
                 if wants_time_tokens(self.time_tokens, bool(fields["has_video"]),
                                      bool(fields["has_audio"])):
-                    fields.update(time_token_fields(self.tokenizer, float(fields["video_seconds"]),
-                                                    fields["pixels"].shape[0]))
+                    fields.update(self._time_tokens(record, fields))
             else:
                 fields.update(has_video=np.bool_(False), has_audio=np.bool_(False),
                               audio_seconds=np.float32(0.0))

@@ -54,6 +54,19 @@ def spliced_inputs(module, variables: dict, batch: dict) -> tuple[jax.Array, jax
     return module.apply(variables, batch, method=_spliced_inputs)
 
 
+def prompt_positions(example: dict, av_config) -> int:
+    """An upper bound on the positions a featurised example's prompt takes: its text tokens with
+    the media placeholder replaced by its media tokens (its own frames, audio chunks and per-frame
+    time-token slots: padding inside them included, so never fewer than the model's count)."""
+    frames = example["pixels"].shape[0] if bool(example.get("has_video")) and "pixels" in example else 0
+    chunks = example["mel"].shape[0] if bool(example.get("has_audio")) and "mel" in example else 0
+    slots = example["time_ids"].shape[1] if "time_ids" in example else 0
+    text = len(example["input_ids"])
+    if not frames and not chunks:
+        return text
+    return text - 1 + av_config.media_length(frames, chunks, slots)
+
+
 class AVCaptioner:
     """`CaptionBackend` over the AV model. `variables` = {"params", "adapter", ["lora"]} (unboxed)."""
 
@@ -77,6 +90,13 @@ class AVCaptioner:
         example = self.featurizer({**record, "kind": "caption"})
         if "failed" in example:
             raise UnreadableInput(f"{example['failed']}: {example.get('detail', '')}".rstrip(": "))
+        prompt, limit = prompt_positions(example, self.task.av_config), self.llm.config.max_position_embeddings
+        if prompt + self.max_new_tokens > limit:   # refused here, not by generate: the batch goes on
+            raise UnreadableInput(
+                f"too long: its prompt takes up to {prompt} positions (media + text) and "
+                f"max_new_tokens {self.max_new_tokens} more, over the model's {limit} "
+                "(max_position_embeddings); use fewer frames (--config.data.max_frames) or fewer "
+                "new tokens (--max-new-tokens)")
         return example
 
     def caption(self, rows: list[tuple[dict, int, dict]]) -> list[dict]:
