@@ -72,6 +72,13 @@ def test_av_mrdpo_rebirth_and_export_from_config(tmp_path, monkeypatch):
                 for s in generate(self, *args, **kwargs)]
 
     monkeypatch.setattr(AVPolicyEnv, "generate", nonempty)
+    # an mrDPO run that has not ended (here: started for 2 rounds, 1 done) is refused: its last
+    # round start is not the final model (rebirth took it as one)
+    unfinished = config.copy_and_resolve_references()
+    unfinished.mrdpo.rounds = 2
+    with pytest.raises(ValueError, match="has finished 1 of its 2 rounds"):
+        rebirth.run_from_config(unfinished, tmp_path / "rebirth_early", progress=False)
+    assert not (tmp_path / "rebirth_early").exists()
     reborn = rebirth.run_from_config(config, tmp_path / "rebirth", progress=False)
     assert reborn["captions"] == 4 and reborn["records"] == 8 and not reborn["preempted"]
     assert {"miss", "hallucination", "total"} <= set(reborn["before"]) & set(reborn["after"])

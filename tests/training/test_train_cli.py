@@ -141,3 +141,16 @@ def test_empty_or_invalid_training_file_stops_before_the_model(tmp_path, capsys,
         assert main([*argv, f"--config.data.train={free}"]) == 2
         assert f"{free}:1: events[0] is free text" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stopped_round_stage_says_so_and_how_to_resume(capsys):
+    """mrDPO / rebirth returned 0 with no word when stopped (Ctrl-C included): now as the other
+    stages, the message and 130 after Ctrl-C, 0 after SIGTERM (a preempted job saved its work)."""
+    from vsalmonn_jax.commands.train import _stopped
+
+    assert _stopped({"preempted": True, "signal": "SIGINT", "round": 1, "step": 3}, "round 1 ") == 130
+    assert ("stopped by SIGINT at round 1 step 3; run the same command to resume"
+            in capsys.readouterr().err)
+    assert _stopped({"preempted": True, "signal": "SIGTERM", "step": 7}, "") == 0
+    assert "stopped by SIGTERM at step 7" in capsys.readouterr().err
+    assert _stopped({"preempted": False, "step": 9}, "") == 0 and not capsys.readouterr().err

@@ -204,7 +204,7 @@ def _run(config, args, spec: str, workdir: pathlib.Path, round_driven: bool) -> 
         else:
             summary = rebirth.run_from_config(config, workdir, progress=not args.no_progress)
         print(json.dumps(summary, default=float))
-        return 0
+        return _stopped(summary, f"round {summary.get('round')} " if "round" in summary else "")
 
     from vsalmonn_jax.training import loop
     from vsalmonn_jax.training.task import build_task
@@ -236,10 +236,17 @@ def _run(config, args, spec: str, workdir: pathlib.Path, round_driven: bool) -> 
             train_iter.close()
     report = {k: summary[k] for k in ("step", "skipped_steps", "preempted", "checkpoint", "last")}
     print(json.dumps(report, default=float))
-    if summary["preempted"]:
-        print(f"vsalmonn-jax train: stopped by {summary['signal']} at step {summary['step']}; "
-              f"checkpoint {summary['checkpoint']}; run the same command to resume", file=sys.stderr)
-    return 130 if summary["signal"] == "SIGINT" else 0
+    return _stopped(summary, "", f"; checkpoint {summary['checkpoint']}")
+
+
+def _stopped(summary: dict, where: str, saved: str = "") -> int:
+    """The exit code of a finished or stopped stage (0; 130 after Ctrl-C), saying how to resume."""
+    if not summary.get("preempted"):
+        return 0
+    signal = summary.get("signal") or "SIGTERM"
+    print(f"vsalmonn-jax train: stopped by {signal} at {where}step {summary.get('step')}{saved}; "
+          "run the same command to resume", file=sys.stderr)
+    return 130 if signal == "SIGINT" else 0
 
 
 def _merges_base(config, task) -> bool:

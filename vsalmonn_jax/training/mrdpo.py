@@ -294,7 +294,7 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                                       num_steps=opts.steps_per_round, on_step=step_hook,
                                       progress=progress, tensorboard=tensorboard)
             if result["preempted"]:
-                summary.update(preempted=True, round=r, step=result["step"])
+                summary.update(preempted=True, round=r, step=result["step"], signal=result["signal"])
                 return state, dict(summary, history=history)
             state = merge_round(state, lora_config, jax.random.fold_in(base_key, 2 * r + 1),
                                 shardings, mesh)

@@ -143,7 +143,8 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
     state, result = run_stage(cfg, iterator, workdir, task=env.task, state=pre_dpo_state,
                               mesh=mesh, progress=progress, tensorboard=tensorboard,
                               include_params=True)
-    summary = {"preempted": result["preempted"], "records": len(built["records"]),
+    summary = {"preempted": result["preempted"], "signal": result["signal"], "step": result["step"],
+               "records": len(built["records"]),
                "captions": built["captions"], "skipped_empty": built["skipped_empty"],
                "before": before, "last_step": result["last"]}
     if result["preempted"]:
@@ -151,6 +152,16 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
     summary["after"] = _load_or(workdir / "eval_after.json",
                                 lambda: eval_fn(state) if eval_fn is not None else {})
     return state, summary
+
+
+def _mrdpo_rounds(source: pathlib.Path, config) -> int:
+    """The rounds the mrDPO run in `source` was started for: its config.json (written by `train`),
+    else this config's mrdpo.rounds."""
+    try:
+        saved = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        return int(saved["mrdpo"]["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(config.mrdpo.rounds)
 
 
 def run_from_config(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -174,15 +185,20 @@ def run_from_config(config, workdir: str | os.PathLike, *, progress: bool = True
     if not config.data.tokenizer or not config.data.train:
         raise ValueError("rebirth needs --config.data.tokenizer=DIR and --config.data.train="
                          "CAPTIONS.jsonl (the training videos to caption)")
-    task = build_task(config)
-    mesh = make_mesh(dict(config.mesh))
-    cfg = rebirth_config(config)
-    tx, _ = st.make_optimizer(cfg.train, 1)
     ckpts = RoundCheckpoints(source / "rounds")
     try:
         last = ckpts.latest()
     finally:
         ckpts.close()
+    rounds = _mrdpo_rounds(source, config)
+    if last is None or last < rounds:   # rounds/<R> is the final model, saved after the last round
+        raise ValueError(f"rebirth: the mrDPO run {source} has finished {last or 0} of its {rounds} "
+                         "rounds (stopped or still running): resume it (the same train command) "
+                         "until it ends, then start rebirth")
+    task = build_task(config)
+    mesh = make_mesh(dict(config.mesh))
+    cfg = rebirth_config(config)
+    tx, _ = st.make_optimizer(cfg.train, 1)
     pre, _ = load_round_state(source, 0, st.abstract_state(task, cfg, tx, mesh))
     final, _ = load_round_state(source, last, st.abstract_state(task, cfg, tx, mesh))
     tokenizer = load_tokenizer(config.data.tokenizer, config.model.connector.placeholder_token)
