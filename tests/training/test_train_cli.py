@@ -140,6 +140,14 @@ def test_empty_or_invalid_training_file_stops_before_the_model(tmp_path, capsys,
     if stage == "mrdpo":     # the default round judge (exact) cannot read free text
         assert main([*argv, f"--config.data.train={free}"]) == 2
         assert f"{free}:1: events[0] is free text" in capsys.readouterr().err
+        # no GT caption: the GT-guidance CE would be silently 0 (refused; the flag turns it off)
+        uncaptioned = tmp_path / "uncaptioned.jsonl"
+        event = {"time": 1, "modality": "visual", "subject": "the red cross", "action": "appears"}
+        uncaptioned.write_text(json.dumps({"video": "a.mp4", "events": [event], "caption": "At 1 s, x."})
+                               + "\n" + json.dumps({"video": "b.mp4", "events": [event]}) + "\n")
+        assert main([*argv, f"--config.data.train={uncaptioned}"]) == 2
+        assert (f'{uncaptioned}:2: no ground-truth "caption" (1 of 2 records lack one)'
+                in capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 
 

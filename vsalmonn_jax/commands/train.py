@@ -84,10 +84,12 @@ def _read_records(path: str, config) -> tuple[str, int]:
         return (f"{path}: holds no records (empty file): nothing to train on "
                 "(check it with `vsalmonn-jax data check`)"), 0
     if config.stage in ("mrdpo", "rebirth"):       # the round judge must read the ground truth
-        from vsalmonn_jax.training.pairs import check_judgeable
+        from vsalmonn_jax.training.pairs import check_gt_captions, check_judgeable
 
         try:
             check_judgeable(records, str(config.mrdpo.judge))
+            if config.stage == "mrdpo":
+                check_gt_captions(records, config)
         except ValueError as err:
             return str(err), len(records)
     return "", len(records)

@@ -53,6 +53,7 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     val = load_records(str(config.data.val), kind="caption", root=root) if config.data.val else []
     if judge is None:
         pairs_lib.check_judgeable(train + val, opts.judge)
+    pairs_lib.check_gt_captions(train, config)
     cfg = round_config(config, opts)
     task = build_task(config)
     mesh = make_mesh(dict(config.mesh))

@@ -115,6 +115,22 @@ def check_judgeable(records: Sequence[Mapping], judge: str) -> None:
                                  "set --config.mrdpo.judge=embedding or llm")
 
 
+def check_gt_captions(records: Sequence[Mapping], config) -> None:
+    """mrDPO with GT guidance (mrdpo.gt_guidance, dpo.gt_ce_weight > 0: the paper's + 0.1 x CE on
+    the ground-truth caption) needs each record's "caption": without one the term is silently 0.
+    ValueError naming the first record (file:line) that lacks it, raised before any model is built."""
+    if not bool(config.mrdpo.gt_guidance) or float(config.dpo.gt_ce_weight) <= 0:
+        return
+    missing = [r for r in records if gt_caption(r) is None]
+    if missing:
+        first = missing[0]
+        raise ValueError(
+            f"{first.get('source', '?')}:{first.get('line', '?')}: no ground-truth \"caption\" "
+            f"({len(missing)} of {len(records)} records lack one): mrDPO's GT guidance "
+            f"(dpo.gt_ce_weight={float(config.dpo.gt_ce_weight):g} x CE on the GT caption) would be 0 "
+            "for them; add the captions, or set --config.mrdpo.gt_guidance=False (not the paper's recipe)")
+
+
 def judged_text(sample: Sample) -> str:
     """What the judge reads: a caption without an end token has its runaway repeats collapsed."""
     from vsalmonn_jax.eval import collapse_repeats
