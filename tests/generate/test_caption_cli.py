@@ -109,6 +109,12 @@ def test_caption_command_skips_corrupt_and_resumes(caption_setup, capsys):
     assert "1 written, 5 already done, 1 unreadable" in capsys.readouterr().err
     again = [json.loads(x) for x in out.read_text().splitlines()]
     assert again == lines                         # same caption: per-(id, sample) keys
+    # a resume with other settings would mix two runs in one file: refused, nothing written
+    other = [a if a != "0.9" else "0.5" for a in argv]   # --top-p 0.5
+    assert main(other) == 2
+    assert "holds captions written with other settings (sampling: " in capsys.readouterr().err
+    assert [json.loads(x) for x in out.read_text().splitlines()] == lines
+    assert json.loads((root / "out" / "captions.jsonl.settings.json").read_text())["max_new_tokens"] == 5
 
 
 @pytest.mark.slow

@@ -184,5 +184,10 @@ def caption_items(config, items, *, checkpoint, step, sampling, num_samples, bat
                                  max_new_tokens=max_new_tokens, batch_size=rows, seed=seed)
     print(f"caption: {what}; config {source or 'given'}; {len(items)} items x {num_samples} "
           f"samples, {sampling}", file=sys.stderr)
+    from vsalmonn_jax.generate.caption_io import check_settings
+
+    check_settings(output, {"model": what, "prompt": str(config.generate.prompt),
+                            "sampling": str(sampling), "max_new_tokens": int(max_new_tokens),
+                            "seed": int(seed)})
     return run_captions(items, backend, output=output, errors_output=errors_output,
                         num_samples=num_samples, progress=progress)

@@ -16,7 +16,7 @@ def open_backend(config, run_dir: pathlib.Path | None, checkpoint, *, step=None,
     if is_demo_run(run_dir, config):
         backend = DemoBackend(run_dir, config, checkpoint, sampling=sampling,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-        return backend, f"demo run {run_dir}, stage {backend.stage}"
+        return backend, f"demo run {pathlib.Path(run_dir).resolve()}, stage {backend.stage}"
 
     from vsalmonn_jax.data.text import load_tokenizer
     from vsalmonn_jax.generate.captioner import AVCaptioner

@@ -2,7 +2,8 @@
 
 An item is `{"id", "video", "audio", "prompt"}` (+ the record's other fields). Output lines are keyed by
 (id, sample): a restarted run reads them back and only does what is missing; a line cut short by a
-crash is dropped (the file is truncated to its last complete line) and redone.
+crash is dropped (the file is truncated to its last complete line) and redone. `<output>.settings.json`
+records the model, prompt and sampling that wrote it: a resume with others is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
+from vsalmonn_jax.atomic_file import write_json
 from vsalmonn_jax.data.media import AUDIO_EXTENSIONS
 from vsalmonn_jax.data.records import jsonl_lines, resolve_media
 
@@ -156,6 +158,36 @@ def read_done(path: str) -> set[tuple[str, int]]:
             raise InputError(f"{path}:{number}: not a caption line ({err}); refusing to resume "
                              "into a file this command did not write") from err
     return done
+
+
+def settings_path(output: str) -> str:
+    """The file beside a captions JSONL recording what wrote it: `<output>.settings.json`."""
+    return output + ".settings.json"
+
+
+def check_settings(output: str, settings: dict) -> None:
+    """Resuming into `output` must not mix two runs: when it holds captions written with other
+    `settings` (model, prompt, sampling, ...), InputError naming each change; else the settings
+    are recorded beside it (an older file without a record is taken as this run's)."""
+    path = settings_path(output)
+    has_rows = os.path.exists(output) and os.path.getsize(output) > 0
+    if has_rows and os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path}: unreadable ({err}); delete it to resume {output} as is") from err
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            raise InputError(
+                f"{output} holds captions written with other settings ("
+                + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                + "): resuming would mix two runs in one file; write to another --output, or delete "
+                "it (and its settings file) to start over")
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    write_json(path, settings, indent=1)
 
 
 class JsonlWriter:
