@@ -43,6 +43,23 @@ def test_siglip_pixels_match_hf_downsampling(media_dir, siglip_hf):
                                _hf_pixels(siglip_hf, frames, 384), atol=1e-4, rtol=0)
 
 
+def test_frames_resized_while_decoding_equal_the_whole_set_resized(media_dir, monkeypatch):
+    """load_media(image_size=S) (the featurizer's path) resizes a chunk of picked frames at a time:
+    the same pixels as decoding every pick at full resolution, then resizing; at most one chunk of
+    full-resolution frames is held (a 4K video's 110 picks were 2.7 GB)."""
+    from vsalmonn_jax.data import media as media_lib
+
+    path = str(media_dir / "fps5_30s.mp4")
+    whole = load_media(path, max_frames=20).frames                    # 20 full-resolution picks
+    chunks = []
+    resize = media_lib.resize_bicubic_uint8
+    monkeypatch.setattr(media_lib, "resize_bicubic_uint8",
+                        lambda frames, h, w: chunks.append(len(frames)) or resize(frames, h, w))
+    small = load_media(path, max_frames=20, image_size=56).frames
+    assert small.shape == (20, 56, 56, 3) and chunks == [8, 8, 4]
+    np.testing.assert_array_equal(small, features.siglip_resize(whole, 56))
+
+
 @pytest.mark.parametrize("shape", [(37, 91, 56, 56), (10, 13, 56, 21), (300, 200, 384, 384),
                                    (1080, 1920, 384, 384), (384, 384, 384, 384)])
 def test_resize_is_bit_equal_to_pillow_bicubic(shape):

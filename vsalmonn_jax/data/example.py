@@ -47,7 +47,8 @@ class FeatureSettings:
         return load_media(video, audio, fps=self.fps, max_frames=self.max_frames,
                           sample_rate=self.sample_rate, min_audio_seconds=self.min_audio_seconds,
                           missing_audio=self.missing_audio, channel=self.channel,
-                          frame_sampling=self.frame_sampling, audio_cut=self.audio_cut)
+                          frame_sampling=self.frame_sampling, audio_cut=self.audio_cut,
+                          image_size=self.image_size)
 
 
 def media_features(video: str | None, audio: str | None, settings: FeatureSettings,

@@ -94,7 +94,7 @@ def _resize_fn(in_h: int, in_w: int, height: int, width: int):
     return jax.jit(resize)
 
 
-_FRAME_CHUNK = 8   # frames per jitted call: one compiled shape per source resolution
+RESIZE_CHUNK = 8   # frames per jitted call: one compiled shape per source resolution
 
 
 def resize_bicubic_uint8(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -110,11 +110,11 @@ def resize_bicubic_uint8(frames: np.ndarray, height: int, width: int) -> np.ndar
     jax, cpu = _cpu_jax()
     fn = _resize_fn(in_h, in_w, height, width)
     out = np.empty((n, height, width, channels), np.uint8)
-    for i in range(0, n, _FRAME_CHUNK):
-        chunk = frames[i:i + _FRAME_CHUNK]
+    for i in range(0, n, RESIZE_CHUNK):
+        chunk = frames[i:i + RESIZE_CHUNK]
         count = chunk.shape[0]
-        if count < _FRAME_CHUNK:
-            chunk = np.concatenate([chunk, np.zeros((_FRAME_CHUNK - count, *chunk.shape[1:]), np.uint8)])
+        if count < RESIZE_CHUNK:
+            chunk = np.concatenate([chunk, np.zeros((RESIZE_CHUNK - count, *chunk.shape[1:]), np.uint8)])
         out[i:i + count] = np.asarray(fn(jax.device_put(chunk, cpu)))[:count]
     return out
 

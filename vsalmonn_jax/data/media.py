@@ -14,6 +14,8 @@ import av
 import numpy as np
 import soxr
 
+from vsalmonn_jax.data.features import RESIZE_CHUNK, resize_bicubic_uint8
+
 # what damaged streams raise from inside the decoder / converters (never a bug of ours)
 _DECODE_ERRORS = (av.FFmpegError, OSError, EOFError, ValueError, AttributeError)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus")
@@ -145,15 +147,42 @@ def _video_seconds(stream) -> float | None:
     return None
 
 
-def _pick_frames(path: str, container, targets: np.ndarray):
+class _Kept:
+    """The picked frames, resized to `size` x `size` (Pillow bicubic, as the featurizer's) in chunks as
+    they are decoded: at most one chunk of full-resolution frames is held, not every pick (110
+    frames of a 4K video are 2.7 GB). size None: kept as decoded."""
+
+    def __init__(self, size: int | None):
+        self.size, self.done, self.pending = size, [], []
+
+    def add(self, frame: np.ndarray) -> None:
+        self.pending.append(frame)
+        if len(self.pending) == RESIZE_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending and self.size:
+            self.done.extend(resize_bicubic_uint8(np.stack(self.pending), self.size, self.size))
+        else:
+            self.done.extend(self.pending)
+        self.pending = []
+
+    def frames(self) -> list[np.ndarray]:
+        self._flush()
+        return self.done
+
+
+def _pick_frames(path: str, container, targets: np.ndarray, size: int | None = None):
     """Decode EVERY frame of the first video stream; keep the first frame at or after each target
-    time. -> (frames, times, index of the first target each kept frame serves, last frame's time)."""
+    time (resized to `size` when given). -> (frames, times, index of the first target each kept
+    frame serves, last frame's time)."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     rate = float(stream.average_rate) if stream.average_rate else 0.0
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     tolerance = 0.5 / rate if rate > 0 else 1e-3
-    frames, times, served, next_target, count, last = [], [], [], 0, 0, 0.0
+    kept, first_size = _Kept(size), None
+    times, served, next_target, count, last = [], [], 0, 0, 0.0
     try:
         for frame in container.decode(stream):           # to the end: a stream may outlast its
             t = (float(frame.pts * stream.time_base) - start) if frame.pts is not None \
@@ -161,9 +190,10 @@ def _pick_frames(path: str, container, targets: np.ndarray):
             count, last = count + 1, max(last, t)
             if next_target >= len(targets) or t + tolerance < targets[next_target]:
                 continue
-            if frames and (frame.width, frame.height) != (frames[0].shape[1], frames[0].shape[0]):
-                frame = frame.reformat(width=frames[0].shape[1], height=frames[0].shape[0])
-            frames.append(frame.to_ndarray(format="rgb24"))   # a mid-stream size change is rescaled
+            first_size = first_size or (frame.width, frame.height)
+            if (frame.width, frame.height) != first_size:   # a mid-stream size change is rescaled
+                frame = frame.reformat(width=first_size[0], height=first_size[1])
+            kept.add(frame.to_ndarray(format="rgb24"))
             times.append(t)
             served.append(next_target)
             while next_target < len(targets) and targets[next_target] <= t + tolerance:
@@ -172,11 +202,11 @@ def _pick_frames(path: str, container, targets: np.ndarray):
         raise MediaError(path, "corrupt", f"video decode failed after {count} frames: {err}") from err
     if not count:
         raise MediaError(path, "no_frames", "no video frame could be decoded")
-    return frames, times, served, last
+    return kept.frames(), times, served, last
 
 
 def _decode_frames(path: str, container, fps: float, max_frames: int,
-                   sampling: str = "grid") -> tuple[np.ndarray, np.ndarray]:
+                   sampling: str = "grid", size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Frames at the 1/fps grid up to the last decoded frame (not the stated duration: a VFR stream
     may run past it, an mkv states the container's). Truncated = frames end > 1/fps before the
     video stream's own stated duration. Above max_frames, `sampling` "file" takes the release's
@@ -185,7 +215,7 @@ def _decode_frames(path: str, container, fps: float, max_frames: int,
     stated = _video_seconds(stream)
     hint = stated or (container.duration / 1e6 if container.duration else 0.0)
     targets = target_times(path, hint, fps, max_frames, sampling)
-    frames, times, served, last = _pick_frames(path, container, targets)
+    frames, times, served, last = _pick_frames(path, container, targets, size)
     rate = float(stream.average_rate) if stream.average_rate else 0.0
     if stated is not None and stated - (last + (1.0 / rate if rate > 0 else 0.0)) > 1.0 / fps:
         raise MediaError(path, "truncated", f"frames end at {last:.2f} s of {stated:.2f} s")
@@ -197,7 +227,7 @@ def _decode_frames(path: str, container, fps: float, max_frames: int,
         frames, times = [frames[k] for k in keep], [times[k] for k in keep]
     else:                                                 # the stated duration was wrong: again
         with _open(path) as again:
-            frames, times, _, _ = _pick_frames(path, again, wanted)
+            frames, times, _, _ = _pick_frames(path, again, wanted, size)
     return np.stack(frames), np.asarray(times, np.float32)
 
 
@@ -260,13 +290,15 @@ def load_audio(path: str, sample_rate: int = 16000, channel: str = "first") -> n
 def load_media(video: str | None = None, audio: str | None = None, *, fps: float = 1.0,
                max_frames: int = 110, sample_rate: int = 16000, min_audio_seconds: float = 1.0,
                missing_audio: str = "silence", channel: str = "first",
-               frame_sampling: str = "grid", audio_cut: str = "none") -> Media:
+               frame_sampling: str = "grid", audio_cut: str = "none",
+               image_size: int | None = None) -> Media:
     """Decode one record's media: a video (with its audio track) and/or a separate audio file.
 
     A video without an audio track: `missing_audio="silence"` gives silence of the video's
     length with `has_audio=False`; `"error"` raises MediaError("no_audio"). A separate audio
     file, when given, is used instead of the video's track. `frame_sampling` (target_times) and
-    `audio_cut` (cut_audio) choose the release's forms.
+    `audio_cut` (cut_audio) choose the release's forms. `image_size`: frames come resized to
+    image_size x image_size (as siglip_resize would), decoded a chunk at a time.
     """
     if video is None and audio is None:
         raise ValueError("load_media needs a video or an audio path")
@@ -277,7 +309,8 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
         with _open(video) as container:
             if not container.streams.video:
                 raise MediaError(video, "no_video", "file has no video track")
-            frames, times = _decode_frames(video, container, fps, max_frames, frame_sampling)
+            frames, times = _decode_frames(video, container, fps, max_frames, frame_sampling,
+                                           image_size)
             stream = container.streams.video[0]   # the video's own duration, not the container's
             duration = _video_seconds(stream) or _stream_seconds(stream, container)
         if audio is None:
