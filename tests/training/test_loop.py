@@ -84,6 +84,10 @@ def _resume_run(workdir, on_step=None):
 def test_kill_and_resume_is_bit_exact(tmp_path):
     full, summary = _resume_run(tmp_path / "full")
     assert summary["step"] == 6 and not summary["preempted"]
+    # killed after the last step's save (e.g. before mrDPO saved the next round's start): a restart
+    # runs no step, and reports the last step's metrics as the run had them (it reported {})
+    _, again = _resume_run(tmp_path / "full")
+    assert again["resumed_from"] == 6 and again["last"] == summary["last"] and summary["last"]
 
     def sigterm_at_3(step, _):
         if step == 3:

@@ -30,7 +30,7 @@ from vsalmonn_jax.training.host_batches import (
     rows_fingerprint,
 )
 from vsalmonn_jax.training.interrupts import Interrupted, stop_signals
-from vsalmonn_jax.training.metrics_log import MetricsWriter
+from vsalmonn_jax.training.metrics_log import MetricsWriter, logged_row
 from vsalmonn_jax.training.packing import check_shared_prompts
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
 from vsalmonn_jax.training.steps import Steps, make_steps, put_batch
@@ -289,6 +289,8 @@ def run_stage(config, train_iter: Iterator[dict], workdir: str | pathlib.Path, *
         writer.close()
     if cache is not None:
         summary["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    if not last and step == num_steps and summary["resumed_from"] == num_steps:
+        last = logged_row(writer.path, step)   # resumed at the end: the last step as it was logged
     summary.update(step=step, skipped_steps=skipped, last=last, steps=steps,
                    checkpoint=ckpt.path_of(ckpt.latest_step()))
     return state, summary

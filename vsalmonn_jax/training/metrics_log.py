@@ -62,6 +62,21 @@ def repair_jsonl(path: pathlib.Path, max_step: int) -> tuple[int, int]:
     return partial, dropped
 
 
+def logged_row(path: pathlib.Path, step: int, split: str = "train") -> dict[str, float]:
+    """The scalars logged at `step` in a metrics.jsonl ({} if none): a run resumed at its end runs
+    no step, and reports the last one from here."""
+    row: dict[str, float] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step") == step and record.get("split") == split:
+                row = {k: v for k, v in record.items() if k not in ("step", "split")}
+    return row
+
+
 class MetricsWriter:
     """Scalars to `metrics.jsonl` (appended across resumes) and TensorBoard, from process 0 only.
     `resume_step`: the step training continues from; rows beyond it are removed first."""
