@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # all: for every video, audio-visual too (not in the release)
         audio_cut="none",         # none: the whole track | video: cut to the video's duration, as
                                   # the release's data loader does (no extra 30-s chunk for a track
-                                  # slightly longer than the video)
+                                  # slightly longer than the video); audio-only records to
+                                  # max_frames / fps seconds (the release's max_time, 110 s)
         frame_sampling="grid",    # above max_frames: grid = evenly over the 1/fps grid | file =
                                   # the release: linspace over ALL frame indices of the file
         batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,

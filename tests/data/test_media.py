@@ -153,3 +153,7 @@ def test_audio_cut_to_the_video_duration_gives_one_chunk(format_clips):
     assert log_mel_chunks(whole.audio, 16).shape[0] == 2
     with pytest.raises(ValueError, match="audio_cut must be one of"):
         load_media(path, audio_cut="yes")
+    # an audio-only record: the release cuts it to max_time = max_frames / fps (here 20 s)
+    audio_only = load_media(audio=path, audio_cut="video", max_frames=10, fps=0.5)
+    assert audio_only.audio.shape == (320000,) and not audio_only.has_video
+    assert load_media(audio=path, max_frames=10, fps=0.5).audio_seconds == pytest.approx(31.0, abs=0.05)

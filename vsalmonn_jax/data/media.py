@@ -98,14 +98,18 @@ def target_times(path: str, duration: float, fps: float, max_frames: int,
     return times[file_frame_indices(times.shape[0], max_frames)]
 
 
-def cut_audio(wave: np.ndarray, video_seconds: float, sample_rate: int, mode: str) -> np.ndarray:
-    """`mode` "video": a video record's audio cut to the video's duration (the release's data
-    loader: audio[:round(sr * real_time)]); "none": the whole track."""
+def cut_audio(wave: np.ndarray, video_seconds: float, sample_rate: int, mode: str,
+              max_seconds: float = 0.0) -> np.ndarray:
+    """`mode` "video", as the release's data loader (llava/dataset/av_dataset.py): a video record's
+    audio cut to the video's duration (audio[:round(sr * real_time)]), an audio-only record's (no
+    video duration) to `max_seconds` (audio[:round(sr * max_time)], max_time = data.max_frames /
+    data.fps: 110 s); "none": the whole track."""
     if mode not in AUDIO_CUTS:
         raise ValueError(f"data.audio_cut must be one of {AUDIO_CUTS}, got {mode!r}")
-    if mode == "none" or video_seconds <= 0:
+    seconds = video_seconds if video_seconds > 0 else max_seconds
+    if mode == "none" or seconds <= 0:
         return wave
-    return wave[: int(round(video_seconds * sample_rate))]
+    return wave[: int(round(seconds * sample_rate))]
 
 
 def _check_file(path: str) -> None:
@@ -328,7 +332,7 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
             raise MediaError(audio, "no_samples", "audio track decodes to zero samples")
     if wave is None:
         wave = np.zeros((int(round(duration * sample_rate)),), np.float32)
-    wave = cut_audio(wave, duration, sample_rate, audio_cut)
+    wave = cut_audio(wave, duration, sample_rate, audio_cut, max_frames / fps if fps > 0 else 0.0)
     seconds = wave.shape[0] / sample_rate
     minimum = int(np.ceil(min_audio_seconds * sample_rate))
     if wave.shape[0] < minimum:
