@@ -171,6 +171,7 @@ RULES: dict[str, Any] = {
     "dpo.loss_type": OneOf(("sigmoid", "ipo")),
     "dpo.label_smoothing": Number(low=0, high=0.5),
     "dpo.gt_ce_weight": NON_NEGATIVE,
+    "dpo.gt_ce_mean": OneOf(("tokens", "rows")),
     "dpo.reference": OneOf(("snapshot", "lora_disabled")),
     "dpo.precompute_reference": BOOL,
     "dpo.shared_prefix": BOOL,

@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gt_ce_weight=0.1,
+        # tokens: mean DPO + weight x CE pooled over the batch's GT tokens | rows: the release's step
+        # (one row per device): per row DPO + weight x its GT token-mean CE, a CE-only row CE x 1
+        gt_ce_mean="tokens",
         reference="snapshot",  # snapshot | lora_disabled (official QUIRK)
         # mrDPO: the round's reference log-probs are computed once with its pairs and stored
         # (round_<r>/reference.jsonl); False = the reference forward runs in every step

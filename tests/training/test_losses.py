@@ -65,6 +65,29 @@ def test_gt_guided_objective():
     assert float(m["rewards/margins"]) == pytest.approx(0.0)
 
 
+def test_release_step_is_the_mean_of_one_row_steps(rng):
+    """dpo.gt_ce_mean=rows: the release trains one row per device (scripts/run.sh TRAIN_BS=1) and
+    averages gradients, so the step's loss is the mean of the rows' own losses: a pair row DPO +
+    0.1 x its GT token-mean CE, a CE-only row its CE (dpo_trainer.py `ce_only`: weight 1); a
+    padding row (no pair, no GT) is left out. Recomputed row by row in PyTorch."""
+    dpo = rng.normal(size=4).astype(np.float32) ** 2
+    gt_logps = -np.abs(rng.normal(size=(4, 6))).astype(np.float32)
+    gt_mask = np.zeros((4, 6), bool)
+    gt_mask[0, :2], gt_mask[1, :5], gt_mask[2, 1:4] = True, True, True   # row 3: padding
+    has_pair = np.array([True, True, False, False])
+    loss, gt_ce = losses.gt_guided_dpo_rows(jnp.asarray(dpo), jnp.asarray(gt_logps),
+                                            jnp.asarray(gt_mask), jnp.asarray(has_pair), 0.1)
+    rows = []
+    for b in range(3):   # each row as its own one-row step
+        ce = -torch.from_numpy(gt_logps[b][gt_mask[b]]).mean()   # HF's token-mean CE of the row
+        rows.append(dpo[b] + 0.1 * ce if has_pair[b] else ce)
+    assert float(loss) == pytest.approx(float(torch.stack([torch.as_tensor(r) for r in rows]).mean()), abs=1e-6)
+    assert float(gt_ce) == pytest.approx(float(np.mean([-gt_logps[b][gt_mask[b]].mean() for b in range(3)])),
+                                         abs=1e-6)
+    pooled = losses.gt_guided_dpo(jnp.asarray(dpo), losses.masked_ce(jnp.asarray(gt_logps), jnp.asarray(gt_mask))[0])
+    assert abs(float(pooled) - float(loss)) > 1e-3   # the default (tokens) is another objective
+
+
 def test_shift_and_masked_ce_equals_torch(rng):
     b, t, v = 3, 11, 37
     logits = rng.normal(size=(b, t, v)).astype(np.float32) * 3

@@ -112,6 +112,23 @@ def gt_guided_dpo(dpo_losses: jax.Array, gt_ce: jax.Array | None, gt_ce_weight: 
     return loss
 
 
+def gt_guided_dpo_rows(dpo_losses: jax.Array, gt_logps: jax.Array, gt_mask: jax.Array,
+                       has_pair: jax.Array, gt_ce_weight: float = 0.1) -> tuple[jax.Array, jax.Array]:
+    """The release's step (dpo.gt_ce_mean=rows): it trains one row per device and averages the
+    gradients, so per row: a pair's DPO loss + weight x its GT caption's token-mean CE; a CE-only
+    row (no pair: llava/train/dpo_trainer.py's `ce_only`) its CE at weight 1; then the mean over
+    the rows that have a pair or a GT caption (padding rows out).
+    dpo_losses / has_pair [B]; gt_logps / gt_mask [B, T]. Returns (loss, mean GT CE over GT rows)."""
+    count = jnp.sum(gt_mask.astype(jnp.float32), axis=-1)                               # [B]
+    ce = -jnp.sum(jnp.where(gt_mask, gt_logps, 0.0), axis=-1) / jnp.maximum(count, 1.0)  # [B]
+    row = jnp.where(has_pair, dpo_losses + gt_ce_weight * ce, ce)
+    used = has_pair | (count > 0)
+    loss = jnp.sum(jnp.where(used, row, 0.0)) / jnp.maximum(jnp.sum(used.astype(jnp.float32)), 1.0)
+    has_gt = count > 0
+    gt_ce = jnp.sum(jnp.where(has_gt, ce, 0.0)) / jnp.maximum(jnp.sum(has_gt.astype(jnp.float32)), 1.0)
+    return loss, gt_ce
+
+
 def dpo_metrics(losses: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array
                 ) -> dict[str, jax.Array]:
     """Scalars for logging: DPO loss, rewards, margin and preference accuracy (batch means)."""

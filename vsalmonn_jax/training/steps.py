@@ -40,6 +40,7 @@ class StepOptions:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     gt_ce_weight: float = 0.1
+    gt_ce_mean: str = "tokens"   # tokens: pooled over the batch's GT tokens | rows: the release's step
     reference: str = "snapshot"  # snapshot | lora_disabled
     shared_prefix: bool = True   # DPO: one packed row per pair (training/packing.py)
 
@@ -51,7 +52,9 @@ class StepOptions:
                    or float(config.model.qformer.get("dropout", 0.0)) > 0,
                    beta=float(config.dpo.beta), loss_type=str(config.dpo.loss_type),
                    label_smoothing=float(config.dpo.label_smoothing),
-                   gt_ce_weight=float(config.dpo.gt_ce_weight), reference=str(config.dpo.reference),
+                   gt_ce_weight=float(config.dpo.gt_ce_weight),
+                   gt_ce_mean=str(config.dpo.get("gt_ce_mean", "tokens")),
+                   reference=str(config.dpo.reference),
                    shared_prefix=bool(config.dpo.get("shared_prefix", True)))
 
 
@@ -171,8 +174,12 @@ def dpo_loss(task, opts: StepOptions, params, trainable, batch, media, ref, *, d
     per_example, chosen_r, rejected_r = losses.dpo_loss(
         chosen, rejected, ref[0], ref[1], beta=opts.beta, loss_type=opts.loss_type,
         label_smoothing=opts.label_smoothing)
-    gt_ce = losses.masked_ce(*sets[2])[0] if use_gt else None
-    loss = losses.gt_guided_dpo(per_example, gt_ce, opts.gt_ce_weight)
+    if use_gt and opts.gt_ce_mean == "rows":
+        has_pair = jnp.any(sets[0][1], axis=-1) | jnp.any(sets[1][1], axis=-1)          # [B]
+        loss, gt_ce = losses.gt_guided_dpo_rows(per_example, *sets[2], has_pair, opts.gt_ce_weight)
+    else:
+        gt_ce = losses.masked_ce(*sets[2])[0] if use_gt else None
+        loss = losses.gt_guided_dpo(per_example, gt_ce, opts.gt_ce_weight)
     metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r)
     metrics.update({"logps/chosen": jnp.mean(chosen), "logps/rejected": jnp.mean(rejected),
                     "target_tokens": sum(jnp.sum(m.astype(jnp.float32)) for _, m in sets)})
