@@ -133,6 +133,30 @@ def test_median_of_passes_seeds_and_concurrency(judge_env):
         assert score.event_labels == ["missed", "missed", "correct", "correct"]  # the median pass
 
 
+def test_the_run_takes_its_median_pass_not_per_video_medians():
+    """The paper reports the median of its passes. Per-video, per-category medians pushed errors a
+    judge reports in one pass only to zero: videos A, B, C each missing 5 of 10 events in a
+    different pass (every pass's micro Miss 5/30) gave Miss 0 %, and D's (3,0,0) / (0,3,0) /
+    (0,0,3) gave Total 0. Now one pass (the median by run-level errors) scores every video."""
+    P = llm_judge.PassResult
+
+    def ok(counts, missed=()):
+        return P(ok=True, kind="full", counts=counts,
+                 lists={"missed": list(missed), "incorrect": [], "hallucinated": []})
+
+    events = [f"event {k}" for k in range(10)]
+    spread = [[ok((5, 0, 0), range(5)) if p == v else ok((0, 0, 0)) for p in range(3)] for v in range(3)]
+    rotated = [ok((3, 0, 0), range(3)), ok((0, 3, 0)), ok((0, 0, 3))]
+    judge = llm_judge.LlmJudge.__new__(llm_judge.LlmJudge)
+    for videos, want_miss, want_total in ((spread, 5 / 30, 5 / 30), (spread + [rotated], 5 / 40, 8 / 40)):
+        chosen = llm_judge.median_pass(videos)
+        scores = [judge.combine(str(v), events, passes, chosen) for v, passes in enumerate(videos)]
+        micro = aggregate(scores)["micro"]
+        assert micro["miss"] == pytest.approx(want_miss) and micro["total"] == pytest.approx(want_total)
+        for score in scores:   # labels and counts come from the same pass
+            assert score.event_labels.count("missed") == score.missed
+
+
 def test_a_failed_pass_is_reported_not_hidden(judge_env):
     cache_dir, _ = judge_env
     with FakeOpenAI(scripted) as server:

@@ -4,9 +4,12 @@ Per video and pass p: a JSON-output prompt (temperature 0, top_p 0.1, seed = see
 missed / incorrect event numbers and the hallucinated statements; an unparsable reply or an API error
 is retried with exponential backoff (max_retries), then a count-only fallback prompt is tried. An
 endpoint that cannot be connected to at all (refused, unknown host) is probed `connect_retries` more
-times (a few seconds) and then stops the whole run with JudgeUnavailable naming the URL. The
-video's counts are the per-category median over the passes that succeeded; a video whose passes all
-failed is returned with failed=True and its errors (reported, never dropped). Parsed replies are
+times (a few seconds) and then stops the whole run with JudgeUnavailable naming the URL. The paper
+reports the median of its passes: the pass whose run-level error count (every video's missed +
+incorrect + hallucinated) is the median of the passes' gives every video its counts and labels, so
+the micro rates are that pass's and Total = M + I + H; a video whose median pass failed takes the
+per-category median of its passes that succeeded; a video whose passes all failed is returned with
+failed=True and its errors (reported, never dropped). Parsed replies are
 cached on disk (keyed by endpoint, model, messages, sampling settings and seed) so a rerun costs
 nothing. The API key is read from the environment (api_key_env, first set variable wins) and is
 never logged, cached or written into a report.
@@ -123,6 +126,25 @@ def _cannot_connect(err: Exception) -> bool:
             return True
         cause = cause.__cause__
     return False
+
+
+def median_pass(results: list[list[PassResult]]) -> int | None:
+    """The pass whose run-level error count is the median of the passes' (lower middle for an even
+    count, ties to the lower index): the paper's "7 passes, report the median". The denominator
+    (all events) is the same for every pass; a video whose pass p failed counts in pass p with the
+    per-category median of its passes that succeeded (a video with none counts nowhere)."""
+    passes = len(results[0]) if results else 0
+    if not passes:
+        return None
+    totals = []
+    for p in range(passes):
+        total = 0.0
+        for video in results:
+            ok = [r.counts for r in video if r.ok]
+            if ok:
+                total += float(np.sum(video[p].counts if video[p].ok else np.median(np.array(ok, float), axis=0)))
+        totals.append(total)
+    return sorted(range(passes), key=lambda p: (totals[p], p))[(passes - 1) // 2]
 
 
 class LlmJudge(Judge):
@@ -271,9 +293,12 @@ class LlmJudge(Judge):
         return result
 
     # ---- a video from its passes ----
-    def combine(self, video_id: str, events: Sequence, passes: list[PassResult]) -> VideoScore:
+    def combine(self, video_id: str, events: Sequence, passes: list[PassResult],
+                chosen: int | None = None) -> VideoScore:
+        """A video's score from pass `chosen` (the run's median pass), else (that pass failed, or
+        none chosen) the per-category median of its passes that succeeded."""
         ok = [p for p in passes if p.ok]
-        details = {"passes": len(passes), "passes_ok": len(ok),
+        details = {"passes": len(passes), "passes_ok": len(ok), "median_pass": chosen,
                    "fallback_passes": sum(p.kind == "count" for p in ok),
                    "cached_passes": sum(p.cached for p in ok),
                    "requests": sum(p.requests for p in passes),
@@ -283,12 +308,17 @@ class LlmJudge(Judge):
             last = details["errors"][-1] if details["errors"] else "no reply"
             return VideoScore(id=video_id, num_events=len(events), failed=True,
                               error=f"all {len(passes)} passes failed; last error: {last}", details=details)
-        counts = np.median(np.array([p.counts for p in ok], float), axis=0)  # [3]
+        if chosen is not None and passes[chosen].ok:
+            counts = np.array(passes[chosen].counts, float)
+            full = [passes[chosen]] if passes[chosen].kind == "full" else []
+        else:
+            counts = np.median(np.array([p.counts for p in ok], float), axis=0)  # [3]
+            full = [p for p in ok if p.kind == "full"]
+            details["median_pass"] = None
         m, i, h = (float(c) if c != int(c) else int(c) for c in counts)
-        full = [p for p in ok if p.kind == "full"]
         score = VideoScore(id=video_id, num_events=len(events), missed=m, incorrect=i, hallucinated=h,
                            details=details)
-        if full:  # lists from the full pass whose counts are closest to the medians
+        if full:  # lists from that pass, else the full pass whose counts are closest to the medians
             rep = min(full, key=lambda p: float(np.abs(np.array(p.counts) - counts).sum()))
             texts = [event_text(e) for e in events]
             labels = ["correct"] * len(events)
@@ -325,7 +355,8 @@ class LlmJudge(Judge):
             except JudgeUnavailable:
                 pool.shutdown(cancel_futures=True)
                 raise
-        return [self.combine(video_id, events, results[v])
+        chosen = median_pass(results)
+        return [self.combine(video_id, events, results[v], chosen)
                 for v, (video_id, (_, events)) in enumerate(zip(ids, pairs, strict=True))]
 
     def describe(self) -> dict:
