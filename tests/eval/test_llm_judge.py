@@ -157,6 +157,19 @@ def test_the_run_takes_its_median_pass_not_per_video_medians():
             assert score.event_labels.count("missed") == score.missed
 
 
+def test_the_cache_key_holds_the_endpoint_the_client_uses(judge_env, monkeypatch):
+    """With eval.llm_base_url unset the client reads OPENAI_BASE_URL: two servers of the same model
+    name shared cache keys (keyed on the empty setting), so one's answers were reused for the other."""
+    cache_dir, _ = judge_env
+    keys, described = [], []
+    for url in ("http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"):
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        judge = get_judge("llm", {}, model="judge-test", cache_dir=str(cache_dir))
+        keys.append(judge._cache_key([{"role": "user", "content": "x"}], 2024))
+        described.append(judge.describe()["base_url"])
+    assert keys[0] != keys[1] and described[0].startswith("http://127.0.0.1:9/v1")
+
+
 def test_a_failed_pass_is_reported_not_hidden(judge_env):
     cache_dir, _ = judge_env
     with FakeOpenAI(scripted) as server:

@@ -10,7 +10,7 @@ incorrect + hallucinated) is the median of the passes' gives every video its cou
 the micro rates are that pass's and Total = M + I + H; a video whose median pass failed takes the
 per-category median of its passes that succeeded; a video whose passes all failed is returned with
 failed=True and its errors (reported, never dropped). Parsed replies are
-cached on disk (keyed by endpoint, model, messages, sampling settings and seed) so a rerun costs
+cached on disk (keyed by the endpoint the client resolved, model, messages, sampling settings and seed) so a rerun costs
 nothing. The API key is read from the environment (api_key_env, first set variable wins) and is
 never logged, cached or written into a report.
 """
@@ -188,10 +188,16 @@ class LlmJudge(Judge):
                                              max_retries=0, timeout=self.options.timeout_s)
             return self._client
 
+    def endpoint(self) -> str:
+        """The URL the requests go to, as the client resolved it (eval.llm_base_url, else the
+        client's default: OPENAI_BASE_URL or api.openai.com): part of every cache key, so answers
+        of another endpoint serving the same model name are never reused."""
+        return str(getattr(self._get_client(), "base_url", "") or self.options.base_url)
+
     # ---- one request ----
     def _cache_key(self, messages: list[dict], seed: int) -> str:
         o = self.options
-        blob = json.dumps({"v": PROMPT_VERSION, "base_url": o.base_url, "model": o.model,
+        blob = json.dumps({"v": PROMPT_VERSION, "base_url": self.endpoint(), "model": o.model,
                            "messages": messages, "temperature": o.temperature, "top_p": o.top_p,
                            "max_tokens": o.max_tokens, "json_mode": o.json_mode, "seed": seed},
                           sort_keys=True)
@@ -225,7 +231,7 @@ class LlmJudge(Judge):
         return parsed
 
     def _unreachable(self, err: Exception, attempts: int) -> JudgeUnavailable:
-        url = str(getattr(self._get_client(), "base_url", "") or self.options.base_url)
+        url = self.endpoint()
         with self._lock:
             if self._unavailable is None:
                 cause = f"{type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else str(err)
@@ -361,7 +367,7 @@ class LlmJudge(Judge):
 
     def describe(self) -> dict:
         o = self.options
-        return {"judge": self.name, "model": o.model, "base_url": o.base_url or "(client default)",
+        return {"judge": self.name, "model": o.model, "base_url": self.endpoint(),
                 "passes": o.passes, "seed": o.seed, "temperature": o.temperature, "top_p": o.top_p,
                 "max_retries": o.max_retries, "fallback_retries": o.fallback_retries,
                 "connect_retries": o.connect_retries,
