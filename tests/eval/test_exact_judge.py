@@ -60,6 +60,18 @@ def test_each_error_kind():
     assert score.missed_events == [render_event(EVENTS[2]), render_event(EVENTS[3])]
 
 
+def test_a_repeated_statement_never_takes_another_events_slot():
+    """A second copy of a correct sentence described no other event: it was scored 'incorrect' on a
+    still-missed event at the same second and modality (cutting Miss, adding no hallucination),
+    but hallucinated when no such event existed. Now hallucinated either way."""
+    events = [ev(3, "visual", "the red circle", "appears"), ev(3, "visual", "the blue square", "vanishes")]
+    once = ExactJudge().score_many([(render_caption([events[0]]), events)])[0]
+    twice = ExactJudge().score_many([(render_caption([events[0], events[0]]), events)])[0]
+    assert (once.missed, once.incorrect, once.hallucinated) == (1, 0, 0)
+    assert (twice.missed, twice.incorrect, twice.hallucinated) == (1, 0, 1)
+    assert twice.event_labels == ["correct", "missed"]
+
+
 def test_exact_match_wins_over_earlier_near_miss():
     # the wrong sentence comes first; the right one still matches, the wrong one is hallucinated
     caption = render_caption([ev(1, "visual", "the green cross", "moves left"), EVENTS[1]])

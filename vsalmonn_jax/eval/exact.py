@@ -1,8 +1,9 @@
 """The `exact` judge for the synthetic data set: parse captions with the event grammar and compare keys.
 
 A parsed event equal to an unmatched ground-truth event is correct; then one with the same (time,
-modality) as a still-unmatched event but another subject / action makes that event incorrect; every
-other parsed event and every sentence outside the grammar is hallucinated; the rest are missed.
+modality) as a still-unmatched event but another subject / action makes that event incorrect (a
+repeat of a statement already counted correct never does: it is hallucinated, as every other
+parsed event and every sentence outside the grammar); the rest are missed.
 Free text is not scored as if it were the grammar: ground-truth events that are not structured raise
 ValueError, and with `free_text="refuse"` (the `eval` command) a caption none of whose sentences
 parses is returned failed with the reason instead of as 100 % missed + every sentence hallucinated.
@@ -62,15 +63,19 @@ def score_events(caption: str, events: Sequence[Mapping], vocabulary: Mapping,
     open_by_key: dict[tuple, list[int]] = {}
     for index, event in enumerate(events):
         open_by_key.setdefault(event_key(event), []).append(index)
-    leftovers = []
+    leftovers, matched = [], set()
     for item in parsed:  # pass 1: exact matches
         slots = open_by_key.get(event_key(item))
         if slots:
             labels[slots.pop(0)] = "correct"
+            matched.add(event_key(item))
         else:
             leftovers.append(item)
     incorrect, hallucinated = [], []
     for item in leftovers:  # pass 2: same (time, modality), wrong subject / action
+        if event_key(item) in matched:   # a repeat of a statement already counted correct: it
+            hallucinated.append(render_event(item))   # describes no other event
+            continue
         candidates = [i for i, e in enumerate(events) if labels[i] == "missed"
                       and (int(e["time"]), e["modality"]) == (item["time"], item["modality"])]
         if candidates:
