@@ -33,6 +33,8 @@ def test_prompt_lists_letters_and_strips_given_prefixes():
     ("A dog is barking in the clip.", "C"),      # article "A", then the option text
     ("a low beep", "B"), ("A or B", None), ("", None), ("No idea.", None),
     ("E", None),                                  # not an option of a 4-way question
+    ("Option A is incorrect; the answer is C.", "C"),   # an option named to reject it (was A)
+    ("Choice B would be wrong, so the answer is D", "D"), ("Option A or option C", None),
 ])
 def test_extract_answer(response, expected):
     assert extract_answer(response, OPTIONS) == expected

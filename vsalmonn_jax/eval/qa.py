@@ -41,10 +41,16 @@ def extract_answer(response: str, options: Sequence[str] | None = None,
     text = (response or "").strip()
     if not text:
         return None
-    explicit = re.search(rf"(?i:answer|option|choice)(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\)?(?![\w'])",
-                         text)
-    if explicit:
-        return explicit.group(1)
+    # "the answer is C" wins over options the response names to reject ("Option A is incorrect");
+    # the last answer statement is the conclusion; several options named without one: ambiguous
+    answers = re.findall(rf"(?i:answer)(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\)?(?![\w'])", text)
+    if answers:
+        return answers[-1]
+    named = set(re.findall(rf"(?i:option|choice)(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\)?(?![\w'])", text))
+    if len(named) == 1:
+        return named.pop()
+    if named:
+        return None
     leading = re.match(rf"^\(?([{letters}])(?:[.):]|\s*$)", text)
     if leading:
         return leading.group(1)
