@@ -185,6 +185,9 @@ def caption_items(config, items, *, checkpoint, step, sampling, num_samples, bat
     print(f"caption: {what}; config {source or 'given'}; {len(items)} items x {num_samples} "
           f"samples, {sampling}", file=sys.stderr)
     from vsalmonn_jax.generate.caption_io import check_settings
+    from vsalmonn_jax.generate.generation_config import warn_unapplied
+
+    warn_unapplied(config, sampling, "caption")
 
     check_settings(output, {"model": what, "prompt": str(config.generate.prompt),
                             "sampling": str(sampling), "max_new_tokens": int(max_new_tokens),

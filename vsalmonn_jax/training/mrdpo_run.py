@@ -54,6 +54,9 @@ def run_from_config(config, workdir: str | os.PathLike, *, init_from: str = "",
     if judge is None:
         pairs_lib.check_judgeable(train + val, opts.judge)
     pairs_lib.check_gt_captions(train, config)
+    from vsalmonn_jax.generate.generation_config import warn_unapplied
+
+    warn_unapplied(config, opts.sampling, "mrdpo sampling")
     cfg = round_config(config, opts)
     task = build_task(config)
     mesh = make_mesh(dict(config.mesh))

@@ -1,0 +1,58 @@
+"""The checkpoint's generation_config.json: what the release's Hugging Face `generate` merged into
+its calls. vsalmonn-jax decodes with its own config and flags only, so fields that would change
+the output are reported (a warning naming the file), never applied silently or ignored silently.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from vsalmonn_jax.generate.sampling import SamplingConfig
+
+# fields HF applies (greedy or not) that vsalmonn-jax does not implement, with their neutral value
+UNAPPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+             "num_beams": 1, "min_length": 0, "min_new_tokens": None}
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
+
+
+def checkpoint_generation_config(config) -> tuple[pathlib.Path | None, dict]:
+    """(path, fields) of generation_config.json in model.pretrained.official's folder, else
+    .llava's; (None, {}) when neither has one."""
+    section = config.model.get("pretrained") or {}
+    for key in ("official", "llava"):
+        folder = section.get(key)
+        path = pathlib.Path(folder) / "generation_config.json" if folder else None
+        if path is not None and path.is_file():
+            try:
+                return path, dict(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path}: unreadable generation config ({err})") from err
+    return None, {}
+
+
+def unapplied(fields: dict, sampling: SamplingConfig) -> dict:
+    """The fields of a generation config that would make HF decode otherwise than `sampling`: the
+    ones vsalmonn-jax does not implement, and (when sampling) temperature / top_k / top_p values
+    other than ours."""
+    out = {k: fields[k] for k, neutral in UNAPPLIED.items()
+           if fields.get(k) is not None and fields[k] != neutral}
+    if not sampling.greedy:
+        for name in SAMPLING_FIELDS:
+            if fields.get(name) is not None and float(fields[name]) != float(getattr(sampling, name)):
+                out[name] = fields[name]
+    return out
+
+
+def warn_unapplied(config, sampling: SamplingConfig, command: str) -> dict:
+    """Print (stderr) which fields of the checkpoint's generation_config.json this run does not
+    apply; returns them ({} when none, or no file)."""
+    path, fields = checkpoint_generation_config(config)
+    diff = unapplied(fields, sampling)
+    if diff:
+        print(f"{command}: WARNING {path} sets {', '.join(f'{k}={v}' for k, v in diff.items())}: the "
+              "release's Hugging Face generate applied them, vsalmonn-jax decodes with its own "
+              f"settings ({sampling}); outputs can differ from the release's (set the sampling flags "
+              "or generate.* to match what can be matched)", file=sys.stderr)
+    return diff
