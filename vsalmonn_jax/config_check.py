@@ -198,6 +198,7 @@ RULES: dict[str, Any] = {
     "generate.temperature": POSITIVE,
     "generate.top_p": TOP_P,
     "generate.top_k": COUNT,
+    "generate.repetition_penalty": POSITIVE,
     "eval.judge": OneOf(("exact", "embedding", "llm")),
     "eval.passes": POSITIVE_INT,
     "eval.llm_concurrency": POSITIVE_INT,

@@ -148,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
         non_caption_data=""))     # SFT JSONL of the non-caption (QA) conversations to mix in
     c.generate = ml_collections.ConfigDict(dict(
         max_new_tokens=1024, temperature=1.0, top_p=0.9, top_k=0, greedy=True,
+        # HF's repetition penalty (greedy too; 1.0 = off): set it to the checkpoint's
+        # generation_config.json value to decode as the release did (caption / mrDPO warn otherwise)
+        repetition_penalty=1.0,
         prompt="Please describe the video in detail."))
     c.eval = ml_collections.ConfigDict(dict(
         judge="embedding", passes=7, llm_base_url="", llm_model="gpt-3.5-turbo-0125",

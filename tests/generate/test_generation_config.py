@@ -1,5 +1,6 @@
-"""The checkpoint's generation_config.json: fields the release's HF generate applied and vsalmonn-jax
-does not are reported (repetition penalty even when greedy; other sampling values when sampling)."""
+"""The checkpoint's generation_config.json: fields the release's HF generate applied and this run does
+not are reported (a repetition penalty other than ours even when greedy; other sampling values when
+sampling)."""
 
 import json
 
@@ -23,6 +24,8 @@ def test_unapplied_fields_are_reported_naming_the_file(tmp_path, capsys):
     assert warn_unapplied(config, sampled, "mrdpo sampling") == {
         "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
     capsys.readouterr()
+    # the penalty set as the checkpoint's (generate.repetition_penalty / --repetition-penalty): matched
+    assert warn_unapplied(config, SamplingConfig(greedy=True, repetition_penalty=1.05), "caption") == {}
     neutral = dict(QWEN_STYLE, repetition_penalty=1.0)
     (official / "generation_config.json").write_text(json.dumps(neutral))
     assert warn_unapplied(config, SamplingConfig(greedy=True), "caption") == {}

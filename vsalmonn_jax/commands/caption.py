@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF's repetition penalty, greedy too (default: generate.repetition_penalty, 1.0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: config.generate.max_new_tokens")
     p.add_argument("--batch-size", type=int, default=8,
@@ -74,11 +76,13 @@ def sampling_from_args(args, generate_cfg):
     sampled = any(v is not None for v in (args.top_p, args.temperature, args.top_k))
     if args.greedy and sampled:
         raise ValueError("--greedy cannot be combined with --top-p / --top-k / --temperature")
+    penalty = getattr(args, "repetition_penalty", None)
     return SamplingConfig(
         greedy=args.greedy or (base.greedy and not sampled),
         temperature=base.temperature if args.temperature is None else args.temperature,
         top_k=base.top_k if args.top_k is None else args.top_k,
-        top_p=base.top_p if args.top_p is None else args.top_p)
+        top_p=base.top_p if args.top_p is None else args.top_p,
+        repetition_penalty=base.repetition_penalty if penalty is None else penalty)
 
 
 def main(argv: list[str]) -> int:

@@ -104,17 +104,28 @@ def _generate_impl(variables, input_ids, inputs_embeds, attention_mask, keys, *,
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, H]
     logits = model.apply(variables, last_hidden, method="lm_logits")[:, 0]  # [B, V]
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    rows = jnp.arange(batch)
+    # the tokens each sequence holds, for the repetition penalty (as HF: the prompt's ids when the
+    # prompt is ids, none for embeddings, then every generated token); [B, 0] when off
+    vocab = logits.shape[-1] if sampling.repetition_penalty != 1.0 else 0
+    seen = jnp.zeros((batch, vocab), bool)
+    if vocab and input_ids is not None:
+        held = jnp.zeros((batch, vocab), jnp.int32).at[rows[:, None], input_ids].add(mask.astype(jnp.int32))
+        seen = held > 0
 
-    def choose(logits, step, done):
-        token, logprob = select_tokens(logits, step_keys(keys, step), sampling)
+    def choose(logits, step, done, seen):
+        token, logprob = select_tokens(logits, step_keys(keys, step), sampling,
+                                       seen if vocab else None)
         token = jnp.where(done, pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)
-        return token, logprob, done | jnp.isin(token, stop)
+        if vocab:
+            seen = seen.at[rows, token].set(True)
+        return token, logprob, done | jnp.isin(token, stop), seen
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)
     not_done = jnp.zeros((batch,), bool)
-    token, logprob, done = choose(logits, 0, not_done)
+    token, logprob, done, seen = choose(logits, 0, not_done, seen)
     lengths = jnp.ones((batch,), jnp.int32)
     tokens = tokens.at[:, 0].set(token)
     logprobs = logprobs.at[:, 0].set(logprob)
@@ -124,17 +135,17 @@ def _generate_impl(variables, input_ids, inputs_embeds, attention_mask, keys, *,
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, cache, token, done, tokens, logprobs, lengths = state
+        step, cache, token, done, tokens, logprobs, lengths, seen = state
         step_logits, cache = decode_step(model, variables, cache, token, num_real + step - 1)
         cache = _constrain(cache, mesh)
-        new_token, new_logprob, new_done = choose(step_logits, step, done)
+        new_token, new_logprob, new_done, seen = choose(step_logits, step, done, seen)
         tokens = tokens.at[:, step].set(new_token)
         logprobs = logprobs.at[:, step].set(new_logprob)
         lengths = lengths + (~done).astype(jnp.int32)
-        return step + 1, cache, new_token, new_done, tokens, logprobs, lengths
+        return step + 1, cache, new_token, new_done, tokens, logprobs, lengths, seen
 
-    state = (jnp.int32(1), cache, token, done, tokens, logprobs, lengths)
-    _, _, _, done, tokens, logprobs, lengths = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(1), cache, token, done, tokens, logprobs, lengths, seen)
+    _, _, _, done, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, state)
     # `done` is only ever set by a stop token, so it is exactly "stopped"
     return GenerateOutput(tokens=tokens, logprobs=logprobs, lengths=lengths, stopped=done)
 

@@ -12,9 +12,9 @@ import sys
 from vsalmonn_jax.generate.sampling import SamplingConfig
 
 # fields HF applies (greedy or not) that vsalmonn-jax does not implement, with their neutral value
-UNAPPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-             "num_beams": 1, "min_length": 0, "min_new_tokens": None}
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
+UNAPPLIED = {"encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": 1,
+             "min_length": 0, "min_new_tokens": None}
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p")   # compared when sampling
 
 
 def checkpoint_generation_config(config) -> tuple[pathlib.Path | None, dict]:
@@ -34,10 +34,13 @@ def checkpoint_generation_config(config) -> tuple[pathlib.Path | None, dict]:
 
 def unapplied(fields: dict, sampling: SamplingConfig) -> dict:
     """The fields of a generation config that would make HF decode otherwise than `sampling`: the
-    ones vsalmonn-jax does not implement, and (when sampling) temperature / top_k / top_p values
-    other than ours."""
+    ones vsalmonn-jax does not implement, a repetition penalty other than ours, and (when
+    sampling) temperature / top_k / top_p values other than ours."""
     out = {k: fields[k] for k, neutral in UNAPPLIED.items()
            if fields.get(k) is not None and fields[k] != neutral}
+    penalty = fields.get("repetition_penalty")
+    if penalty is not None and float(penalty) != float(sampling.repetition_penalty):   # greedy too
+        out["repetition_penalty"] = penalty
     if not sampling.greedy:
         for name in SAMPLING_FIELDS:
             if fields.get(name) is not None and float(fields[name]) != float(getattr(sampling, name)):
@@ -53,6 +56,6 @@ def warn_unapplied(config, sampling: SamplingConfig, command: str) -> dict:
     if diff:
         print(f"{command}: WARNING {path} sets {', '.join(f'{k}={v}' for k, v in diff.items())}: the "
               "release's Hugging Face generate applied them, vsalmonn-jax decodes with its own "
-              f"settings ({sampling}); outputs can differ from the release's (set the sampling flags "
-              "or generate.* to match what can be matched)", file=sys.stderr)
+              f"settings ({sampling}); outputs can differ from the release's (set them with "
+              "generate.* / the sampling flags, e.g. generate.repetition_penalty)", file=sys.stderr)
     return diff

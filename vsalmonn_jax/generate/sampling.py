@@ -20,12 +20,15 @@ class SamplingConfig:
     temperature: logits are divided by it before filtering (> 0).
     top_k: keep the k most likely tokens (0 = off; ties with the k-th logit are kept).
     top_p: keep the smallest set of most likely tokens whose probability mass reaches top_p (1.0 = off).
+    repetition_penalty: HF's (greedy too): the logit of every token already in the sequence is
+    divided by it when positive, multiplied when negative, before choosing (1.0 = off).
     """
 
     greedy: bool = True
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if not self.greedy and not self.temperature > 0:
@@ -34,12 +37,14 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
 
     @classmethod
     def from_config(cls, c) -> SamplingConfig:
-        """From the `generate` config section (greedy, temperature, top_k, top_p)."""
+        """From the `generate` config section (greedy, temperature, top_k, top_p, repetition_penalty)."""
         return cls(greedy=bool(c.greedy), temperature=float(c.temperature), top_k=int(c.top_k),
-                   top_p=float(c.top_p))
+                   top_p=float(c.top_p), repetition_penalty=float(c.get("repetition_penalty", 1.0)))
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
@@ -82,16 +87,25 @@ def step_keys(keys: jax.Array, step: jax.Array | int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
 
 
-def select_tokens(logits: jax.Array, keys: jax.Array, config: SamplingConfig
-                  ) -> tuple[jax.Array, jax.Array]:
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF's RepetitionPenaltyLogitsProcessor: logits [B, V] of the tokens in `seen` (bool [B, V])
+    divided by `penalty` when positive, multiplied when negative."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def select_tokens(logits: jax.Array, keys: jax.Array, config: SamplingConfig,
+                  seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Choose one token per row. Returns (tokens int32 [B], model log-probs float32 [B]).
 
     logits: [B, V] from the model; keys: [B] per-sequence PRNG keys for this step (unused when
-    greedy). The returned log-prob is of the chosen token under the model's own distribution
-    (log_softmax of the raw logits, before temperature and filtering).
+    greedy); seen: bool [B, V], the tokens already in each sequence (config.repetition_penalty).
+    The returned log-prob is of the chosen token under the model's own distribution (log_softmax
+    of the raw logits, before the penalty, temperature and filtering).
     """
     logits = logits.astype(jnp.float32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)                  # [B, V]
+    if seen is not None and config.repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, seen, config.repetition_penalty)
     if config.greedy:
         tokens = jnp.argmax(logits, axis=-1)
     else:
