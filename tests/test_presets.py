@@ -52,3 +52,13 @@ def test_each_official_form_has_its_clean_flag():
     assert StepOptions.from_config(config).dropout     # LoRA dropout 0.05 still draws rngs
     assert not StepOptions.from_config(load_config("tiny")).dropout
 
+
+
+def test_the_7b_mrdpo_preset_samples_as_the_release():
+    """The release's DPO sampling passes do_sample and top_p 0.9 to HF generate under transformers
+    4.39.2, whose defaults add temperature 1.0 and top_k 50 (the preset had top_k 0: no cut)."""
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.training.mrdpo import MrdpoOptions
+
+    sampling = MrdpoOptions.from_config(load_config("7b_mrdpo")).sampling
+    assert (sampling.greedy, sampling.temperature, sampling.top_k, sampling.top_p) == (False, 1.0, 50, 0.9)

@@ -133,7 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
         # NOT in the paper: keep only pairs whose captions differ by <= this many sentences
         # (a length-controlled pair rule against "shorter wins"); -1 = off
         max_length_gap=-1,
-        # sampling the k captions per video (official: top-p 0.9, T 1.0); 0 = generate.max_new_tokens
+        # sampling the k captions per video (official: top-p 0.9, T 1.0 and transformers 4.39's
+        # default top_k 50: configs/7b_mrdpo.py); max_new_tokens 0 = generate.max_new_tokens
         top_p=0.9, temperature=1.0, top_k=0, max_new_tokens=0,
         videos_per_round=0,       # 0 = all training videos every round; N = a fresh slice of N
         batch_size=0,             # pairs per step over the mesh; 0 = data.batch_size per data x fsdp
