@@ -5,6 +5,7 @@ clearly, the run folder is found from its checkpoints, and the tokenizer copy tr
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 
@@ -56,6 +57,26 @@ def test_run_dir_found_from_its_checkpoints_and_tokenizer_copied(tmp_path):
     assert preset.model.llm.hidden_size == 96 and preset.data.tokenizer == str(run / "tokenizer")
     with pytest.raises(FileNotFoundError, match="no run config.json"):
         resolve_config(tmp_path / "hf")
+
+
+def test_only_tokenizer_files_travel_from_a_weights_folder(tmp_path):
+    """data.tokenizer found in the LLaVA / official weights folder (resolve_tokenizer): the run's
+    copy took the whole folder (15+ GB at 7B), and export copied its model.safetensors over the
+    merged model it had just written (transformers then loaded the pre-training LLM)."""
+    from vsalmonn_jax.generate.run_dir import save_tokenizer, tokenizer_files
+
+    weights = tmp_path / "llava"
+    weights.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "merges.txt", "vocab.json",
+                 "model.safetensors", "model-00001-of-00002.safetensors", "config.json",
+                 "generation_config.json"):
+        (weights / name).write_text(name)
+    assert sorted(p.name for p in tokenizer_files(weights)) == [
+        "merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    config = load_config("tiny", [f"--config.data.tokenizer={weights}"])
+    copy = save_tokenizer(config, tmp_path / "run")
+    assert sorted(p.name for p in pathlib.Path(copy).iterdir()) == [
+        "merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
 
 
 def test_a_runs_records_are_not_read_back_as_settings(tmp_path):

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vsalmonn_jax.generate.run_dir import tokenizer_files
+
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 AV_DIR = "av"   # the AV parts beside the transformers LLM
 
@@ -178,9 +180,8 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
     files = {"llm": "model.safetensors"}
     tokenizer = str(config.data.get("tokenizer", "") or "")
     if tokenizer and pathlib.Path(tokenizer).is_dir():
-        for item in pathlib.Path(tokenizer).iterdir():
-            if item.is_file() and item.name != "config.json":
-                shutil.copy2(item, out / item.name)
+        for item in tokenizer_files(tokenizer):   # never the weights of a folder it was found in
+            shutil.copy2(item, out / item.name)
         files["tokenizer"] = "./"
     cast = (lambda x: x.astype(np.dtype(dtype)) if dtype and np.issubdtype(x.dtype, np.floating)
             else x)

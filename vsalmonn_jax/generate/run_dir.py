@@ -14,6 +14,17 @@ import shutil
 
 RUN_CONFIG = "config.json"
 RUN_TOKENIZER = "tokenizer"
+# what makes a Hugging Face tokenizer: copied from a tokenizer folder, nothing else (data.tokenizer
+# may be a weights folder: its safetensors / config.json must never travel with the tokenizer)
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "chat_template.json", "chat_template.jinja")
+
+
+def tokenizer_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """The tokenizer files of `folder` (TOKENIZER_NAMES that exist)."""
+    return [pathlib.Path(folder) / name for name in TOKENIZER_NAMES
+            if (pathlib.Path(folder) / name).is_file()]
 SEARCH_LEVELS = 4     # run/checkpoints/<step>/state: config.json is at most this many folders up
 
 
@@ -80,8 +91,9 @@ def resolve_config(checkpoint: str | pathlib.Path | None, config_path: str | Non
 
 
 def save_tokenizer(config, workdir: str | pathlib.Path) -> str:
-    """Copy `data.tokenizer` (a local folder) into <workdir>/tokenizer once, so the run carries the
-    tokenizer it trained with. Returns the copy's path ("" when there is no local tokenizer)."""
+    """Copy the tokenizer files of `data.tokenizer` (a local folder: possibly the weights folder it
+    was found in) into <workdir>/tokenizer once, so the run carries the tokenizer it trained with.
+    Returns the copy's path ("" when there is no local tokenizer)."""
     source = pathlib.Path(str(config.data.get("tokenizer", "") or ""))
     target = pathlib.Path(workdir) / RUN_TOKENIZER
     if not str(source) or str(source) == "." or not source.is_dir():
@@ -91,6 +103,8 @@ def save_tokenizer(config, workdir: str | pathlib.Path) -> str:
     if not target.is_dir():
         tmp = target.with_name(RUN_TOKENIZER + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
+        tmp.mkdir(parents=True)
+        for path in tokenizer_files(source):
+            shutil.copy2(path, tmp / path.name)
         tmp.replace(target)
     return str(target)
