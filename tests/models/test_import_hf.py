@@ -137,3 +137,24 @@ def test_bf16_safetensors_directory_streams(cfg, tmp_path):
     assert fc1.dtype == "bfloat16" and fc1.shape == (v.used_layers, v.hidden_size, v.intermediate_size)
     np.testing.assert_array_equal(fc1[1].astype(np.float32),
                                   model.encoder.layers[1].mlp.fc1.weight.detach().float().numpy().T)
+
+
+def test_release_checkpoint_files_load_as_the_release_does(tmp_path, capsys):
+    """A release output folder holds all_parameters.bin + checkpoint-N.bin per saved step: the
+    folder merged every .bin in name order (checkpoint-2000 after checkpoint-15475); a single
+    checkpoint-N.bin (the trained tensors only) was loaded without its all_parameters.bin."""
+    from vsalmonn_jax.models.import_release import open_official
+    from vsalmonn_jax.safetensors_io import CheckpointError
+
+    torch.save({"frozen": torch.ones(2), "lora": torch.zeros(2)}, tmp_path / "all_parameters.bin")
+    torch.save({"lora": torch.full((2,), 15475.0)}, tmp_path / "checkpoint-15475.bin")
+    state = open_official(tmp_path / "checkpoint-15475.bin")
+    assert float(state["frozen"][0]) == 1.0 and float(state["lora"][0]) == 15475.0
+    assert float(open_official(tmp_path)["lora"][0]) == 15475.0      # one step: that one
+    torch.save({"lora": torch.full((2,), 2000.0)}, tmp_path / "checkpoint-2000.bin")
+    with pytest.raises(CheckpointError, match="holds 2 release checkpoints"):
+        open_official(tmp_path)
+    assert float(open_official(tmp_path / "checkpoint-2000.bin")["lora"][0]) == 2000.0
+    (tmp_path / "all_parameters.bin").unlink()
+    assert set(open_official(tmp_path / "checkpoint-2000.bin")) == {"lora"}
+    assert "no all_parameters.bin is beside it" in capsys.readouterr().err

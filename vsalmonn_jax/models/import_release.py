@@ -8,6 +8,7 @@ it on the host (tests, bench). Commands stream the plans onto the mesh (models/p
 from __future__ import annotations
 
 import pathlib
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -106,9 +107,7 @@ def open_official(path: str | pathlib.Path) -> Mapping[str, object]:
         return SafetensorsReader(path)
     if path.suffix == ".safetensors":
         return SafetensorsReader(path)
-    files = sorted(path.glob("*.bin")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise CheckpointError(f"{path}: no *.safetensors or *.bin weights (model.pretrained.official)")
+    files = release_bin_files(path)
     import torch
 
     state: dict = {}
@@ -119,6 +118,36 @@ def open_official(path: str | pathlib.Path) -> Mapping[str, object]:
             raise CheckpointError(f"{file}: not a torch state dict readable with weights_only=True "
                                   f"({type(err).__name__}: {err})") from err
     return state
+
+
+def release_bin_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The torch files to load, in order, as the release does (llava/model/utils.py): a
+    `checkpoint-N.bin` holds the trained tensors only, so `all_parameters.bin` beside it comes
+    first; a folder with several `checkpoint-*.bin` is ambiguous (the newest is not the last name):
+    an error naming them; any other folder of `.bin` files (shards) loads whole."""
+    from vsalmonn_jax.safetensors_io import CheckpointError
+
+    if path.is_dir():
+        steps = sorted(path.glob("checkpoint-*.bin"))
+        if len(steps) > 1:
+            raise CheckpointError(
+                f"{path}: holds {len(steps)} release checkpoints ({', '.join(p.name for p in steps)}): "
+                "set model.pretrained.official to the file of the step you want (its "
+                "all_parameters.bin is loaded first, as the release does)")
+        files = steps or sorted(path.glob("*.bin"))
+        path = steps[0] if steps else path
+    else:
+        files = [path]
+    if not files or not all(f.is_file() for f in files):
+        raise CheckpointError(f"{path}: no *.safetensors or *.bin weights (model.pretrained.official)")
+    if path.name.startswith("checkpoint-"):
+        full = path.parent / "all_parameters.bin"
+        if full.is_file():
+            return [full, path]
+        print(f"official weights: {path} holds the trained tensors only and no all_parameters.bin "
+              "is beside it (the release loads that first): the rest comes from "
+              "model.pretrained.llava / .whisper", file=sys.stderr)
+    return files
 
 
 def official_view(state: Mapping[str, object]) -> tuple[Source, Source]:
