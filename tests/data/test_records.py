@@ -62,6 +62,11 @@ def test_every_kind_validates(tmp_path):
     ({"video": "a.mp4", "events": [{"time": None, "modality": "audio", "subject": "s",
                                     "action": "a"}]}, r"events\[0\] has no 'time' \(or it is null\) and no 'text'"),
     ({"video": "a.mp4", "events": ["A dog barks.", "  "]}, r"events\[1\] is an empty string"),
+    # the release's image and segment records: refused with the reason (were trained on as if
+    # the field were absent: text only / the whole video)
+    ({"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                          {"from": "gpt", "value": "A."}]}, "image records are not supported"),
+    ({"video": "a.mp4", "timestamps": [3, 9], "events": []}, "segment records"),
 ])
 def test_schema_errors_name_file_and_line(tmp_path, row, message):
     path = _write(tmp_path / "bad.jsonl", [GOOD[0], row])
@@ -71,6 +76,15 @@ def test_schema_errors_name_file_and_line(tmp_path, row, message):
     assert re.search(message, errors[0])
     with pytest.raises(RecordError, match="bad.jsonl:2: "):
         load_records(path)
+
+
+def test_null_media_is_no_media(tmp_path):
+    """`"video": null` in an SFT record was put back as video None: the featurizer then crashed
+    the loader (load_media needs a path) instead of training the text."""
+    path = _write(tmp_path / "null.jsonl", [{"video": None, "conversations": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}])
+    (record,) = load_records(path)
+    assert "video" not in record and record["kind"] == "sft"
 
 
 def test_malformed_json_stops_with_file_and_line(tmp_path):

@@ -125,6 +125,10 @@ def test_official_prompt_format_puts_two_newline_tokens_after_the_media(tok):
     # a placeholder given in the text is moved to the front (the release's preprocess_multimodal)
     moved = text.encode_prompt(tok, f"{prompt} <media>", prompt_format="official")
     np.testing.assert_array_equal(moved, official)
+    # the release's records write LLaVA's `<image>`: it is the media place (was kept as text, with
+    # a second placeholder put in front)
+    release = text.encode_prompt(tok, f"<image>\n{prompt}", prompt_format="official")
+    np.testing.assert_array_equal(release, official)
     ids, mask = text.encode_response(tok, prompt, "ok", prompt_format="official")
     np.testing.assert_array_equal(ids[:len(official)], official)
     assert tok.decode(ids[mask]) == "ok<|im_end|>"

@@ -18,6 +18,16 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 MODALITIES = ("visual", "audio")
 
 
+# fields of the release's data format that change what a record means but are not implemented:
+# refused with the reason, never trained on as if absent
+UNSUPPORTED = {
+    "image": "image records are not supported (the release's image path, LLaVA-OneVision's "
+             "anyres tiling, is not implemented); give the image as a one-frame 'video' or drop it",
+    "timestamps": "segment records ([start, end] of the video) are not supported: the whole video "
+                  "and its audio would be trained on; cut the segment into its own file",
+}
+
+
 class RecordError(ValueError):
     """A record that violates its schema; the message starts with file:line."""
 
@@ -132,6 +142,9 @@ def validate(record, kind: str | None, root: str, require_media: bool | None = N
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r} (kinds: {KINDS})")
     out = {"kind": kind}
+    for key, why in UNSUPPORTED.items():
+        if record.get(key) is not None:
+            raise ValueError(f"field {key!r}: {why}")
     if "id" in record:
         out["id"] = _record_id(record["id"])
     for key in ("video", "audio"):
@@ -174,7 +187,8 @@ def validate(record, kind: str | None, root: str, require_media: bool | None = N
             raise ValueError(f"'answer' must be an option index in [0, {len(options)}), got {answer!r}")
         out["options"], out["answer"] = list(options), answer
     for key, value in record.items():   # keep extra fields (clip, seconds, ...) untouched
-        out.setdefault(key, value)
+        if not (key in ("video", "audio") and value is None):   # null media: none
+            out.setdefault(key, value)
     return out
 
 

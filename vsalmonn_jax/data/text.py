@@ -25,6 +25,9 @@ ROLES = ("system", "user", "assistant")
 PROMPT_FORMATS = ("clean", "official")
 
 
+RELEASE_PLACEHOLDER = "<image>"   # LLaVA's DEFAULT_IMAGE_TOKEN: the media place in the release's records
+
+
 def load_tokenizer(path: str, placeholder: str | None = None):
     """A transformers tokenizer from a local directory (never downloads).
 
@@ -70,7 +73,8 @@ def encode_conversation(tokenizer, turns: Sequence[Mapping[str, str]], *, placeh
     """Turns [{"role", "content"}] -> (input_ids int32 [T], loss_mask bool [T]).
 
     With media, exactly one placeholder token must appear (none: one is put before the first
-    user message; more than one: error). Without media, none may appear.
+    user message; more than one: error; the release's `<image>` counts as one). Without media,
+    none may appear.
     `add_generation_prompt` appends "<|im_start|>assistant\\n" (for captioning / sampling).
     `prompt_format` "official": the user turn holding the placeholder is encoded as the release
     does (module docstring).
@@ -84,6 +88,8 @@ def encode_conversation(tokenizer, turns: Sequence[Mapping[str, str]], *, placeh
     for k, turn in enumerate(turns):
         if turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
             raise ValueError(f"turn {k} must be {{'role': one of {ROLES}, 'content': str}}, got {turn!r}")
+        if has_media and placeholder != RELEASE_PLACEHOLDER:   # the release's records write <image>
+            turn["content"] = turn["content"].replace(RELEASE_PLACEHOLDER, placeholder)
     count = sum(t["content"].count(placeholder) for t in turns)
     if has_media and count == 0:
         first_user = next((t for t in turns if t["role"] == "user"), None)
