@@ -228,6 +228,15 @@ def test_worker_processes_give_the_same_batches_and_resume(synth_dir, tmp_path):
     assert len(rest) == 2
     for a, b in zip(rest, inline[2:], strict=True):
         _assert_same(a, b)
+    # grain's position is per worker: another worker count stops with the fix (it raised KeyError /
+    # IndexError from inside grain), and data.num_workers is not a free change of a resumed run
+    from vsalmonn_jax.data.pipeline import DataPositionError
+    from vsalmonn_jax.training.run_config import is_free
+
+    inline_loader = make_loader(records, config, shard=(0, 1), workers=0)
+    with pytest.raises(DataPositionError, match="saved with data.num_workers=2 and this run has 0"):
+        inline_loader.set_state(state)
+    assert not is_free("data.num_workers")
 
 
 def test_bucket_sizes():

@@ -183,12 +183,13 @@ def main(argv: list[str]) -> int:
 
 def _run_errors() -> tuple[type[Exception], ...]:
     """Errors that end a run with a message (no traceback): each names the file / step / fix."""
+    from vsalmonn_jax.data.pipeline import DataPositionError
     from vsalmonn_jax.data.quarantine import TooManyFailures
     from vsalmonn_jax.data.worker_watch import WorkerDied
     from vsalmonn_jax.training.checkpoint import CheckpointError
     from vsalmonn_jax.training.loop import NonFiniteLossError
 
-    return WorkerDied, CheckpointError, TooManyFailures, NonFiniteLossError
+    return WorkerDied, CheckpointError, TooManyFailures, NonFiniteLossError, DataPositionError
 
 
 def _has_checkpoint(run: pathlib.Path) -> bool:

@@ -76,6 +76,10 @@ def make_dataset(records: Sequence[dict], featurizer: Featurizer, *, seed: int =
     return ds.map(featurizer)
 
 
+class DataPositionError(RuntimeError):
+    """A saved data position this loader cannot take up (saved with another worker count)."""
+
+
 class BatchIterator:
     """Iterates padded batches; failed records go to the quarantine, never into a batch."""
 
@@ -84,6 +88,7 @@ class BatchIterator:
                  length_buckets: Sequence[int] = (), drop_remainder: bool = False,
                  read_threads: int = 1):
         self.featurizer, self.batch_size, self.pad_id = featurizer, int(batch_size), int(pad_id)
+        self.workers = int(workers)
         self.length_buckets, self.drop_remainder = tuple(length_buckets), drop_remainder
         self.quarantine = quarantine or Quarantine()
         iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
@@ -104,7 +109,7 @@ class BatchIterator:
 
     def _snapshot(self) -> dict:
         return {"grain": self._it.get_state(), "quarantine": self.quarantine.state(),
-                "batches": self.batches}
+                "batches": self.batches, "workers": self.workers}
 
     def __iter__(self):
         return self
@@ -146,6 +151,11 @@ class BatchIterator:
         return self._state
 
     def set_state(self, state: dict) -> None:
+        saved = state.get("workers", self.workers)
+        if saved != self.workers:   # grain's position is per worker: it does not carry over
+            raise DataPositionError(
+                f"the data position was saved with data.num_workers={saved} and this run has "
+                f"{self.workers}: resume with --config.data.num_workers={saved}")
         self._it.set_state(state["grain"])
         self.quarantine.restore(state["quarantine"])
         self.batches = int(state["batches"])

@@ -19,12 +19,13 @@ from vsalmonn_jax.atomic_file import write_json
 
 RECORDS_KEY = "run_records"
 # fields that do not change the trained weights: logging / checkpoint cadence, where the run lives,
-# how the data is fed (workers, caches, quarantine file), the device mesh; a trailing ".*" = section
+# how the data is fed (caches, quarantine file), the device mesh; a trailing ".*" = section.
+# Not data.num_workers: the saved data position is per grain worker (pipeline.DataPositionError)
 FREE_FIELDS = (
     "workdir", "mesh.*",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.feature_cache",
-    "data.root", "data.val", "data.test", "data.num_workers", "data.encoder_cache", "data.quarantine",
+    "data.root", "data.val", "data.test", "data.encoder_cache", "data.quarantine",
     "eval.cache_dir", "eval.llm_concurrency", "eval.embedding_threads",
 )
 
