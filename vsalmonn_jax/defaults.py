@@ -94,8 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
                                   # the release's data loader does (no extra 30-s chunk for a track
                                   # slightly longer than the video); audio-only records to
                                   # max_frames / fps seconds (the release's max_time, 110 s)
-        frame_sampling="grid",    # above max_frames: grid = evenly over the 1/fps grid | file =
-                                  # the release: linspace over ALL frame indices of the file
+        frame_sampling="grid",    # grid: the first frame at each 1/fps s, above max_frames evenly
+                                  # over that grid | file = the release: every round(file fps /
+                                  # fps)-th frame, above max_frames linspace over ALL its frames
         batch_size=1, num_workers=0, shuffle_seed=2024, max_failure_share=0.05,
         length_buckets=(), encoder_cache="",
         quarantine="quarantine.jsonl",  # failed records; a relative path goes under the workdir

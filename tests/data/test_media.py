@@ -140,6 +140,24 @@ def test_file_sampling_spaces_frames_over_all_frame_indices(format_clips):
         load_media(path, max_frames=4, frame_sampling="linspace")
 
 
+def test_file_sampling_steps_frames_as_the_release_below_max_frames(tmp_path):
+    """The release steps round(file fps / fps) frames (Python rounding) at any length: 12 frames
+    at 2.5 fps take frames 0, 2, .., 10 (6 frames for a 4.8-s clip); the 1-fps grid takes 5."""
+    from vsalmonn_jax.data.encode import write_video
+    from vsalmonn_jax.data.media import release_frame_indices
+
+    frames = np.zeros((12, 16, 16, 3), np.uint8)
+    frames[..., 0] = (20 * np.arange(12, dtype=np.uint8))[:, None, None]
+    path = str(tmp_path / "fps2.5.mp4")
+    write_video(path, frames, fps=2.5)
+    media = load_media(path, max_frames=110, frame_sampling="file")
+    np.testing.assert_array_equal(_frame_index(media.frames), [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(media.frame_times, np.arange(0, 12, 2) / 2.5, atol=1e-6)
+    assert load_media(path, max_frames=110).frames.shape[0] == 5          # the grid form
+    np.testing.assert_array_equal(release_frame_indices(100, 12.5, 1.0, 110), np.arange(0, 100, 12))
+    np.testing.assert_array_equal(release_frame_indices(100, 12.5, 1.0, 4), [0, 33, 66, 99])
+
+
 def test_audio_cut_to_the_video_duration_gives_one_chunk(format_clips):
     from vsalmonn_jax.data.features import log_mel_chunks
 

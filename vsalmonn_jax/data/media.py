@@ -70,32 +70,43 @@ def file_frame_indices(total_frames: int, max_frames: int) -> np.ndarray:
     return np.linspace(0, total_frames - 1, max_frames).astype(np.int64)
 
 
-def _packet_times(path: str) -> np.ndarray:
-    """Presentation times (s from the stream start, sorted) of every frame of the first video
-    stream, read from the packets without decoding: frame index -> time."""
+def _packet_times(path: str) -> tuple[np.ndarray, float]:
+    """(presentation times (s from the stream start, sorted) of every frame of the first video
+    stream, read from the packets without decoding: frame index -> time; the stream's average
+    frame rate, 0 if unknown)."""
     with _open(path) as container:
         stream = container.streams.video[0]
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        rate = float(stream.average_rate) if stream.average_rate else 0.0
         try:
             pts = [float(p.pts * stream.time_base) - start for p in container.demux(stream)
                    if p.pts is not None and p.size]
         except _DECODE_ERRORS as err:
             raise MediaError(path, "corrupt", f"demuxing the video packets failed: {err}") from err
-    return np.sort(np.asarray(pts, np.float64))
+    return np.sort(np.asarray(pts, np.float64)), rate
+
+
+def release_frame_indices(total_frames: int, rate: float, fps: float, max_frames: int) -> np.ndarray:
+    """The release's frame indices (llava/dataset/av_dataset.py): every round(rate / fps)-th frame
+    of the file (Python's rounding: 12.5 fps at 1 fps steps 12 frames); more than max_frames of
+    them: file_frame_indices."""
+    step = max(round(rate / fps), 1) if rate > 0 else 1
+    picks = np.arange(0, total_frames, step, dtype=np.int64)
+    return file_frame_indices(total_frames, max_frames) if picks.shape[0] > max_frames else picks
 
 
 def target_times(path: str, duration: float, fps: float, max_frames: int,
                  sampling: str = "grid") -> np.ndarray:
-    """Frame times to decode: the 1/fps grid; above max_frames, `sampling` "grid" spaces them over
-    the grid (sample_times), "file" over all frame indices of the file (file_frame_indices)."""
+    """Frame times to decode. "grid": the 1/fps grid, above max_frames spaced over it
+    (sample_times); "file": the release's frame indices of the file (release_frame_indices)."""
     if sampling not in FRAME_SAMPLING:
         raise ValueError(f"data.frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}")
-    if sampling == "grid" or grid_count(duration, fps) <= max_frames:
+    if sampling == "grid":
         return sample_times(duration, fps, max_frames)
-    times = _packet_times(path)
-    if times.shape[0] <= max_frames:
-        return times
-    return times[file_frame_indices(times.shape[0], max_frames)]
+    times, rate = _packet_times(path)
+    if times.shape[0] == 0:
+        return sample_times(duration, fps, max_frames)
+    return times[release_frame_indices(times.shape[0], rate, fps, max_frames)]
 
 
 def cut_audio(wave: np.ndarray, video_seconds: float, sample_rate: int, mode: str,
@@ -223,7 +234,7 @@ def _decode_frames(path: str, container, fps: float, max_frames: int,
     rate = float(stream.average_rate) if stream.average_rate else 0.0
     if stated is not None and stated - (last + (1.0 / rate if rate > 0 else 0.0)) > 1.0 / fps:
         raise MediaError(path, "truncated", f"frames end at {last:.2f} s of {stated:.2f} s")
-    if sampling == "file" and grid_count(hint, fps) > max_frames:   # the file's own frame times
+    if sampling == "file":   # the release's frames of the file, as picked
         return np.stack(frames), np.asarray(times, np.float32)
     wanted = sample_times(last + 1e-3, fps, max_frames)   # every grid time the frames reach
     if len(wanted) <= len(targets) and np.array_equal(wanted, targets[:len(wanted)]):
