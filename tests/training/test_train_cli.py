@@ -162,3 +162,34 @@ def test_a_stopped_round_stage_says_so_and_how_to_resume(capsys):
     assert _stopped({"preempted": True, "signal": "SIGTERM", "step": 7}, "") == 0
     assert "stopped by SIGTERM at step 7" in capsys.readouterr().err
     assert _stopped({"preempted": False, "step": 9}, "") == 0 and not capsys.readouterr().err
+
+
+def test_dpo_on_an_official_sft_lora_merges_it_first(tmp_path, capsys):
+    """The release's DPO starts from its SFT checkpoint with --merge_and_new_lora: the SFT LoRA in
+    the base, a fresh LoRA trained, so the reference is the SFT model (first DPO loss log 2). A
+    DPO stage given such a checkpoint (model.pretrained.official) kept the LoRA unmerged: the
+    reference (LoRA off) was the pre-SFT model, the first loss not log 2."""
+    import torch
+
+    from vsalmonn_jax.config import load_config
+
+    llm = load_config("tiny").model.llm
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for i in range(llm.num_layers):
+        for p, out in (("q_proj", llm.num_heads * llm.head_dim), ("v_proj", llm.num_kv_heads * llm.head_dim)):
+            base = f"module.base_model.model.model.layers.{i}.self_attn.{p}"
+            sd[f"{base}.lora_A.default.weight"] = torch.randn(8, llm.hidden_size, generator=g)
+            sd[f"{base}.lora_B.default.weight"] = 0.5 * torch.randn(out, 8, generator=g)
+    torch.save(sd, tmp_path / "checkpoint-10.bin")
+    run = tmp_path / "dpo"
+    assert main(["train", "--config", "tiny", "--config.data.batch_size=1", "--config.train.num_steps=2",
+                 "--config.stage=dpo", "--config.data.train=synthetic:16", "--no-progress",
+                 f"--config.model.pretrained.official={tmp_path / 'checkpoint-10.bin'}",
+                 "--workdir", str(run)]) == 0
+    first = _lines(run / "metrics.jsonl")[0]
+    assert first["dpo_loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+    record = json.loads((run / "config.json").read_text())["run_records"]["pretrained"]
+    assert record["lora_loaded"] and "merged into the base" in record["lora"]
+    params, lora, _ = _inference_variables(run)   # the checkpoint holds the merged base
+    assert np.abs(np.asarray(lora["layers"]["self_attn"]["q_proj"]["b"])).max() < 0.05

@@ -229,8 +229,12 @@ def _run(config, args, spec: str, workdir: pathlib.Path, round_driven: bool) -> 
     # a resume, `caption` and `export` would rebuild the unmerged one
     merged = bool(args.init_from) and _merges_base(config, task)
     try:
-        state = _init_from(config, task, pathlib.Path(args.init_from), workdir) \
-            if args.init_from else None
+        if args.init_from:
+            state = _init_from(config, task, pathlib.Path(args.init_from), workdir)
+        elif _merges_base(config, task):   # pretrained weights with a LoRA (an SFT checkpoint)
+            state, merged = _dpo_start(config, task, workdir)
+        else:
+            state = None
         state, summary = loop.run_stage(config, train_iter, workdir, task=task, state=state,
                                         eval_fn=eval_fn, progress=not args.no_progress,
                                         include_params=merged)
@@ -250,6 +254,38 @@ def _stopped(summary: dict, where: str, saved: str = "") -> int:
     print(f"vsalmonn-jax train: stopped by {signal} at {where}step {summary.get('step')}{saved}; "
           "run the same command to resume", file=sys.stderr)
     return 130 if signal == "SIGINT" else 0
+
+
+def _dpo_start(config, task, workdir: pathlib.Path):
+    """(initial state or None, whether checkpoints hold the base) of a DPO stage without
+    --init-from. Pretrained weights that bring a LoRA (e.g. the release's SFT checkpoint-N.bin):
+    that LoRA is merged into the base and a fresh one trained, as the release's DPO does
+    (--merge_and_new_lora), so the reference is the SFT model; the base is then saved with the
+    checkpoints. A resume: (None, whether its checkpoints hold a base)."""
+    import jax
+
+    from vsalmonn_jax.models.pretrained import write_record
+    from vsalmonn_jax.training import state as st
+    from vsalmonn_jax.training.checkpoint import Checkpointer
+    from vsalmonn_jax.training.loop import compiled_steps
+    from vsalmonn_jax.training.sharding import make_mesh
+
+    if _has_checkpoint(workdir):
+        ckpt = Checkpointer(workdir / "checkpoints", create=False)
+        try:
+            steps = ckpt.steps_on_disk()
+            return None, bool(steps) and "params" in ckpt.saved_fields(steps[0])
+        finally:
+            ckpt.close()
+    mesh = make_mesh(dict(config.mesh))
+    _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps), mesh)
+    state = init(jax.random.PRNGKey(int(config.seed)))
+    if not init.record.get("lora_loaded"):
+        write_record(workdir, init.record)
+        return state, False
+    write_record(workdir, dict(init.record, lora="the pretrained LoRA merged into the base, a fresh "
+                               "LoRA trained (the release's merge_and_new_lora)"))
+    return st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1)), True
 
 
 def _merges_base(config, task) -> bool:

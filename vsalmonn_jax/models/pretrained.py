@@ -175,6 +175,7 @@ def load_pretrained_variables(config, abstract: Mapping, shardings: Mapping | No
     loaded_parts = {part_of(p) for p in out}
     wanted_parts = {part_of(p) for p in flat_abstract if p[0] in collections}
     record = {"base": "pretrained", "tensors": len(out),
+              "lora_loaded": any(p[0] == "lora" for p in out),
               "fresh_parts": sorted(wanted_parts - loaded_parts),
               "sources": {kind: {"path": info["path"], "layout": info["layout"],
                                  "tensors": sum(len(v.names) for p, v in info["plan"].items()),
@@ -191,8 +192,11 @@ def describe(record: Mapping) -> str:
         return str(record.get("base"))
     parts = ", ".join(f"{k}={v['path']} ({v['layout']})" for k, v in record["sources"].items())
     fresh = record.get("fresh_parts") or []
+    unused = record.get("not_in_model") or []
     return f"pretrained: {record['tensors']} arrays from {parts}" + \
-        (f"; initialised from config.seed: {', '.join(fresh)}" if fresh else "")
+        (f"; initialised from config.seed: {', '.join(fresh)}" if fresh else "") + \
+        (f"; stored but not in this model (train.trainable / the preset): {', '.join(unused[:3])}"
+         + (" ..." if len(unused) > 3 else "") if unused else "")
 
 
 def write_record(workdir: str | pathlib.Path, record: Mapping) -> None:
