@@ -115,3 +115,22 @@ def test_checkpoint_paths_and_errors(trained, tmp_path, capsys):
         read_checkpoint(root / "full", 9)
     assert cli(["export", "--checkpoint", str(root / "full"), "--out", str(tmp_path)]) == 1
     assert "no run config.json" in capsys.readouterr().err      # a bare checkpoint needs --config
+
+
+def test_a_float32_export_merges_a_bf16_base_in_float32():
+    """`export --dtype float32` of a bf16 base: the merge cast W + 2AB back to bf16 before the
+    upcast, losing most of the LoRA delta's digits (|W| 0.02: bf16 step ~1e-4, delta ~1e-4..1e-3)."""
+    import jax.numpy as jnp
+
+    from vsalmonn_jax.commands.export import merged_llm
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(0, 0.02, (16, 16)), jnp.bfloat16)
+    lora = {"q": {"a": rng.normal(0, 0.01, (16, 4)).astype(np.float32),
+                  "b": rng.normal(0, 0.01, (4, 16)).astype(np.float32)}}
+    exact = np.asarray(w, np.float32) + 2.0 * lora["q"]["a"] @ lora["q"]["b"]
+    wide = merged_llm({"q": {"kernel": w}}, lora, 2.0, "float32")["q"]["kernel"]
+    assert wide.dtype == np.float32
+    np.testing.assert_allclose(wide, exact, rtol=1e-6, atol=1e-8)
+    narrow = merged_llm({"q": {"kernel": w}}, lora, 2.0, None)["q"]["kernel"]   # as trained: bf16
+    assert np.abs(np.asarray(narrow, np.float32) - exact).max() > 1e-5

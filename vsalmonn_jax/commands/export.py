@@ -147,12 +147,29 @@ def check_llm_shapes(llm: Mapping, lora: Mapping | None, llm_config, lora_config
     check_shapes({"llm": llm, **({"lora": lora} if lora else {})}, jax.eval_shape(expected), where)
 
 
+def merged_llm(llm: Mapping, lora: Mapping, scale: float, dtype: str | None) -> dict:
+    """W + scale * A @ B as host arrays: in the base's dtype (as the release's bf16 merge) unless the
+    export asks for a wider one (--dtype float32 then holds the exact fp32 sum, not the
+    bf16-rounded one upcast)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vsalmonn_jax.lora import merge
+
+    def widen(x):
+        x = np.asarray(x)
+        floating = jnp.issubdtype(x.dtype, jnp.floating)   # bfloat16 included (numpy's is not)
+        return x.astype(dtype) if dtype and floating and x.dtype.itemsize < np.dtype(dtype).itemsize else x
+
+    return jax.tree.map(np.asarray, merge(jax.tree.map(widen, llm), lora, scale))
+
+
 def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None = None,
            source: str = "", step: int = 0, base: str | None = "init") -> dict:
     """Write the merged export of a restored state tree; returns the manifest."""
-    import jax
+    import jax.numpy as jnp
 
-    from vsalmonn_jax.lora import LoraConfig, merge
+    from vsalmonn_jax.lora import LoraConfig
     from vsalmonn_jax.models.qwen2 import Qwen2Config, save_hf
     from vsalmonn_jax.safetensors_io import write_safetensors
 
@@ -175,7 +192,7 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
     llm_config = Qwen2Config.from_config(config.model.llm)
     check_llm_shapes(llm, lora, llm_config, lcfg, str(source))
     if lora:
-        llm = jax.tree.map(np.asarray, merge(llm, lora, lcfg.scale))
+        llm = merged_llm(llm, lora, lcfg.scale, dtype)
     save_hf(llm, llm_config, out, dtype=dtype)
     files = {"llm": "model.safetensors"}
     tokenizer = str(config.data.get("tokenizer", "") or "")
@@ -183,7 +200,7 @@ def export(state: Mapping, config, out: str | pathlib.Path, *, dtype: str | None
         for item in tokenizer_files(tokenizer):   # never the weights of a folder it was found in
             shutil.copy2(item, out / item.name)
         files["tokenizer"] = "./"
-    cast = (lambda x: x.astype(np.dtype(dtype)) if dtype and np.issubdtype(x.dtype, np.floating)
+    cast = (lambda x: x.astype(np.dtype(dtype)) if dtype and jnp.issubdtype(x.dtype, jnp.floating)
             else x)
     meta = {"format": "vsalmonn_jax", "names": "flax tree paths joined by '.'"}
     (out / AV_DIR).mkdir(exist_ok=True)
