@@ -158,3 +158,21 @@ def test_release_checkpoint_files_load_as_the_release_does(tmp_path, capsys):
     (tmp_path / "all_parameters.bin").unlink()
     assert set(open_official(tmp_path / "checkpoint-2000.bin")) == {"lora"}
     assert "no all_parameters.bin is beside it" in capsys.readouterr().err
+
+
+def test_an_untied_output_layer_under_a_tied_config_is_reported(capsys):
+    """A config tying the embeddings never reads a stored lm_head.weight: the logits silently used
+    the embedding; now a warning names the tensor and the flag."""
+    import dataclasses
+
+    from vsalmonn_jax.models.import_hf import Source, qwen2_plan
+    from vsalmonn_jax.models.qwen2 import Qwen2Config
+
+    cfg = dataclasses.replace(Qwen2Config.from_config(load_config("tiny").model.llm), tie_word_embeddings=True)
+    names = {"model.embed_tokens.weight": np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32),
+             "lm_head.weight": np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)}
+    qwen2_plan(Source(names), cfg, missing=[])
+    assert "stores an output layer (lm_head.weight) but model.llm.tie_word_embeddings is True" in \
+        capsys.readouterr().err
+    qwen2_plan(Source({"model.embed_tokens.weight": names["model.embed_tokens.weight"]}), cfg, missing=[])
+    assert capsys.readouterr().err == ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -333,6 +334,11 @@ def qwen2_plan(source: Source, llm_cfg, missing: list[str] | None = None) -> dic
 
     prefix = source.find_prefix("embed_tokens.weight")
     heads = sorted((k for k in source.keys() if k.endswith("lm_head.weight")), key=len)
+    if llm_cfg.tie_word_embeddings and heads:   # the logits would use the embedding instead
+        print(f"weights: WARNING the checkpoint stores an output layer ({heads[0]}) but "
+              "model.llm.tie_word_embeddings is True: it is not read and the logits use the "
+              "embedding; set --config.model.llm.tie_word_embeddings=False if that checkpoint is "
+              "untied (its config.json says)", file=sys.stderr)
     entries, layer_entries = [], []
     for entry in qwen2_hf.name_map(llm_cfg, prefix, heads[0] if heads else "lm_head.weight"):
         fn = linear if entry.transpose else same
