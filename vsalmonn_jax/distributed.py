@@ -70,14 +70,22 @@ def expand_hostlist(nodelist: str) -> list[str]:
 
 
 def _tasks_per_node(env: Mapping[str, str]) -> int | None:
-    """Processes on this node: SLURM_NTASKS_PER_NODE, else the first entry of `2(x3),1`-style lists."""
+    """Processes on this node: this node's entry (SLURM_NODEID) of the step's `2(x3),1`-style
+    SLURM_STEP_TASKS_PER_NODE (else the job's SLURM_TASKS_PER_NODE), else SLURM_NTASKS_PER_NODE
+    (an srun input: it may be the allocation's, not this step's)."""
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        counts: list[int] = []
+        for part in filter(None, env.get(key, "").split(",")):
+            match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+            if not match:
+                counts = []
+                break
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+        if counts:
+            node = int(env.get("SLURM_NODEID", "0") or 0)
+            return counts[node] if 0 <= node < len(counts) else counts[0]
     if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
         return int(env["SLURM_NTASKS_PER_NODE"])
-    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-        value = env.get(key, "")
-        match = re.match(r"(\d+)", value)
-        if match:
-            return int(match.group(1))
     return None
 
 
@@ -92,11 +100,12 @@ def slurm_local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
     """
     visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if not visible:
-        return None  # no GPU restriction known: let every local device be used
+        return None  # no GPU restriction known: every local device (jax's own guess is off)
     local_id = int(env.get("SLURM_LOCALID", "0"))
     per_node = _tasks_per_node(env) or 1
-    if len(visible) == 1:
-        return (0,)
+    if len(visible) == 1 or env.get("SLURM_GPUS_PER_TASK"):
+        # --gpus-per-task binds each task to its own GPUs: CUDA_VISIBLE_DEVICES lists only them
+        return tuple(range(len(visible)))
     if per_node == 1:
         return tuple(range(len(visible)))
     if len(visible) % per_node:
@@ -197,11 +206,13 @@ def initialize(spec: ClusterSpec | None = None, timeout_s: int = 300) -> Cluster
         jax.distributed.initialize(initialization_timeout=timeout_s)
         return dataclasses.replace(spec, num_processes=jax.process_count(),
                                    process_id=jax.process_index())
+    # everything is known: jax's own cluster detection would fill local_device_ids=None with
+    # [SLURM_LOCALID] (one GPU per node with one task per node) instead of every visible device
     jax.distributed.initialize(
         coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
         process_id=spec.process_id,
         local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
-        initialization_timeout=timeout_s)
+        cluster_detection_method="deactivate", initialization_timeout=timeout_s)
     return spec
 
 

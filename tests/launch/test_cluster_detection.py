@@ -76,6 +76,36 @@ def test_slurm_one_process_per_node_sees_every_gpu():
     assert spec.num_processes == 2 and spec.process_id == 1
 
 
+def test_slurm_gpus_per_task_above_one_and_uneven_layouts():
+    """--gpus-per-task=2 binds each task to its own 2 GPUs (CUDA_VISIBLE_DEVICES lists only them):
+    task 1 got (1,), half its GPUs idle. An uneven step layout ('2(x3),1') gave the last node's
+    single task one of its 2 GPUs; '1,2' gave both tasks of node 2 the same two GPUs."""
+    env = dict(SLURM, CUDA_VISIBLE_DEVICES="2,3", SLURM_LOCALID="1", SLURM_GPUS_PER_TASK="2")
+    assert distributed.detect_cluster(env, no_tpu).local_device_ids == (0, 1)
+    uneven = dict(SLURM, CUDA_VISIBLE_DEVICES="0,1", SLURM_STEP_TASKS_PER_NODE="2(x3),1",
+                  SLURM_NODEID="3", SLURM_LOCALID="0", SLURM_NTASKS="7", SLURM_PROCID="6")
+    del uneven["SLURM_NTASKS_PER_NODE"]
+    assert distributed.detect_cluster(uneven, no_tpu).local_device_ids == (0, 1)
+    pair = dict(uneven, SLURM_STEP_TASKS_PER_NODE="1,2", SLURM_NODEID="1", SLURM_LOCALID="1",
+                SLURM_NTASKS="3", SLURM_PROCID="2")
+    assert distributed.detect_cluster(pair, no_tpu).local_device_ids == (1,)
+    # the step's own layout wins over a job-level SLURM_NTASKS_PER_NODE (an srun input)
+    stale = dict(pair, SLURM_NTASKS_PER_NODE="8")
+    assert distributed.detect_cluster(stale, no_tpu).local_device_ids == (1,)
+
+
+def test_initialize_keeps_jax_from_guessing_the_devices(monkeypatch):
+    """With every parameter known, jax.distributed's own SLURM detection still filled
+    local_device_ids=None with [SLURM_LOCALID]: one GPU per node with one task per node."""
+    import jax
+
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    spec = distributed.ClusterSpec("slurm", 2, 1, "gpu01:61440", None)
+    distributed.initialize(spec)
+    assert seen["cluster_detection_method"] == "deactivate" and seen["local_device_ids"] is None
+
+
 def test_slurm_tasks_per_node_from_list_and_errors():
     env = dict(SLURM, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", SLURM_LOCALID="1")
     del env["SLURM_NTASKS_PER_NODE"]
