@@ -23,7 +23,8 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="" ZONE="" ACCEL="" PROJECT="" VERSION="" SPOT=0 MODE=auto PACKAGE="" DRY=0
 RUN_ID="$(date -u +%Y%m%d-%H%M%S)" LOG_WORKER=0 INSTALL=1 LOGS=1 EXTRAS=audio,torch
-REMOTE_DIR=vsalmonn  # on every worker, relative to the ssh user's home
+REMOTE_DIR=vsalmonn  # on every worker, relative to the ssh user's home (its Python: .venv)
+UV_VERSION=0.13.10   # installs Python 3.11 + the package into $REMOTE_DIR/.venv on each worker
 
 # shellcheck source=launch/common.sh
 source "$REPO/launch/common.sh"
@@ -92,7 +93,15 @@ case "$MODE" in
       echo "# (create only if the describe above fails:)"
       create_slice
     elif state="$("${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null)"; then
-      echo "tpu_pod.sh: reusing slice $NAME (state $state)"
+      case "$state" in
+        READY) echo "tpu_pod.sh: reusing slice $NAME (state $state)" ;;
+        PREEMPTED|TERMINATED)   # a preempted spot slice stays listed but cannot run: recreate it
+          echo "tpu_pod.sh: slice $NAME is $state: deleting and re-creating it (the run resumes from its checkpoints)"
+          run "${GCLOUD[@]}" delete "$NAME" "${LOC[@]}" --quiet
+          create_slice ;;
+        *) echo "tpu_pod.sh: slice $NAME is $state, not READY: wait, or delete it and run this again" >&2
+           exit 3 ;;
+      esac
     else
       create_slice
     fi ;;
@@ -112,12 +121,15 @@ if [[ "$INSTALL" == 1 ]]; then
     PACKAGE="$REMOTE_DIR/${WHEEL}${EXTRAS:+[$EXTRAS]}"
   fi
   JAX_VERSION="$(sed -n 's/^ *"jax==\([0-9.]*\)".*/\1/p' "$REPO/pyproject.toml" | head -n 1)"
-  on_workers all "python3 -m pip install --quiet -c $REMOTE_DIR/constraints.txt '$PACKAGE' 'jax[tpu]==$JAX_VERSION'"
+  # the package needs Python 3.11; TPU VM images ship Ubuntu 22.04's 3.10: uv provides 3.11 in a venv
+  on_workers all "python3 -m pip install --quiet --user uv==$UV_VERSION && python3 -m uv venv --quiet \
+--allow-existing --python 3.11 $REMOTE_DIR/.venv && python3 -m uv pip install --quiet --python \
+$REMOTE_DIR/.venv/bin/python -c $REMOTE_DIR/constraints.txt '$PACKAGE' 'jax[tpu]==$JAX_VERSION'"
 fi
 
 # 3. start the run on all workers (detached, so a dropped ssh does not kill it)
 ARGS=" $(quote_all "$@")"
-on_workers all "cd $REMOTE_DIR && VSALMONN_CLUSTER=tpu nohup python3 -m vsalmonn_jax.distributed$ARGS \
+on_workers all "cd $REMOTE_DIR && VSALMONN_CLUSTER=tpu nohup .venv/bin/python -m vsalmonn_jax.distributed$ARGS \
 > logs/$RUN_ID.log 2>&1 < /dev/null &"
 
 # 4. stream the log

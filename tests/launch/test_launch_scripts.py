@@ -57,13 +57,16 @@ def test_tpu_pod_dry_run_full():
     assert cmds[5] == gcloud + ["scp", f"{REPO}/dist/{wheel}", "vs2:vsalmonn/", *loc, "--worker=all"]
     install = cmds[6][-1].removeprefix("--command=")
     assert cmds[6][:-1] == gcloud + ["ssh", "vs2", *loc, "--worker=all"]
-    assert shlex.split(install) == ["python3", "-m", "pip", "install", "--quiet", "-c",
-                                    "vsalmonn/constraints.txt", f"vsalmonn/{wheel}[audio,torch]",
-                                    "jax[tpu]==0.10.2"]
+    # the workers' Ubuntu 22.04 has Python 3.10: uv brings 3.11 into vsalmonn/.venv
+    assert shlex.split(install) == [
+        "python3", "-m", "pip", "install", "--quiet", "--user", "uv==0.13.10", "&&", "python3", "-m",
+        "uv", "venv", "--quiet", "--allow-existing", "--python", "3.11", "vsalmonn/.venv", "&&",
+        "python3", "-m", "uv", "pip", "install", "--quiet", "--python", "vsalmonn/.venv/bin/python",
+        "-c", "vsalmonn/constraints.txt", f"vsalmonn/{wheel}[audio,torch]", "jax[tpu]==0.10.2"]
     start = cmds[7][-1].removeprefix("--command=")
     assert cmds[7][:-1] == gcloud + ["ssh", "vs2", *loc, "--worker=all"]
     # the run's arguments survive two rounds of quoting (local shell, then the worker's shell)
-    assert shlex.split(start) == ["cd", "vsalmonn", "&&", "VSALMONN_CLUSTER=tpu", "nohup", "python3",
+    assert shlex.split(start) == ["cd", "vsalmonn", "&&", "VSALMONN_CLUSTER=tpu", "nohup", ".venv/bin/python",
                                   "-m", "vsalmonn_jax.distributed", "train", "--config",
                                   "configs/7b.py", "--config.workdir=/mnt/bkt/runs/a b", ">",
                                   "logs/r1.log", "2>&1", "<", "/dev/null", "&"]
@@ -131,3 +134,26 @@ def test_sbatch_inside_job_dry_run():
     assert srun.count("--config.model.llm.attention_impl=xla") == 1  # the user's choice wins
     bad = run(["launch/slurm_gpu.sbatch"], env, check=False)
     assert bad.returncode == 2 and "no command" in bad.stderr
+
+
+@pytest.mark.parametrize("state,recreated,rc", [("READY", False, 0), ("PREEMPTED", True, 0),
+                                                 ("CREATING", False, 3)])
+def test_tpu_pod_recreates_a_preempted_slice(tmp_path, state, recreated, rc):
+    """A preempted spot slice stays listed (state PREEMPTED) but cannot run: it was 'reused' and
+    the ssh steps failed. Now deleted and re-created; a slice not READY otherwise stops."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+if [[ "$*" == *" describe "* ]]; then echo {state}; fi
+""")
+    fake.chmod(0o755)
+    proc = run(["launch/tpu_pod.sh", "--name", "vs2", "--zone", "z", "--accelerator", "v5p-8",
+                "--no-install", "--no-logs", "--", "demo"],
+               env_extra={"PATH": f"{fake.parent}:{os.environ['PATH']}"}, check=False)
+    assert proc.returncode == rc, proc.stderr
+    lines = calls.read_text().splitlines()
+    assert any(" delete vs2 " in f" {line} " for line in lines) == recreated
+    assert any(" create vs2 " in f" {line} " for line in lines) == recreated
+    assert any(" ssh vs2 " in f" {line} " for line in lines) == (rc == 0)
