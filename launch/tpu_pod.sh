@@ -96,9 +96,11 @@ case "$MODE" in
       case "$state" in
         READY) echo "tpu_pod.sh: reusing slice $NAME (state $state)" ;;
         PREEMPTED|TERMINATED)   # a preempted spot slice stays listed but cannot run: recreate it
+          [[ -n "$ACCEL" ]] || die "slice $NAME is $state: pass --accelerator to re-create it"
           echo "tpu_pod.sh: slice $NAME is $state: deleting and re-creating it (the run resumes from its checkpoints)"
           run "${GCLOUD[@]}" delete "$NAME" "${LOC[@]}" --quiet
-          create_slice ;;
+          create_slice
+          INSTALL=1 ;;   # a new slice has nothing installed
         *) echo "tpu_pod.sh: slice $NAME is $state, not READY: wait, or delete it and run this again" >&2
            exit 3 ;;
       esac
@@ -129,7 +131,7 @@ fi
 
 # 3. start the run on all workers (detached, so a dropped ssh does not kill it)
 ARGS=" $(quote_all "$@")"
-on_workers all "cd $REMOTE_DIR && VSALMONN_CLUSTER=tpu nohup .venv/bin/python -m vsalmonn_jax.distributed$ARGS \
+on_workers all "cd $REMOTE_DIR && VSALMONN_CLUSTER=tpu nohup \$(test -x .venv/bin/python && echo .venv/bin/python || echo python3) -m vsalmonn_jax.distributed$ARGS \
 > logs/$RUN_ID.log 2>&1 < /dev/null &"
 
 # 4. stream the log

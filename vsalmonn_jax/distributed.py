@@ -103,8 +103,10 @@ def slurm_local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
         return None  # no GPU restriction known: every local device (jax's own guess is off)
     local_id = int(env.get("SLURM_LOCALID", "0"))
     per_node = _tasks_per_node(env) or 1
-    if len(visible) == 1 or env.get("SLURM_GPUS_PER_TASK"):
+    per_task = env.get("SLURM_GPUS_PER_TASK", "")
+    if len(visible) == 1 or (per_task.isdigit() and int(per_task) == len(visible)):
         # --gpus-per-task binds each task to its own GPUs: CUDA_VISIBLE_DEVICES lists only them
+        # (with --gpu-bind=none it lists the node's: then the split below applies)
         return tuple(range(len(visible)))
     if per_node == 1:
         return tuple(range(len(visible)))

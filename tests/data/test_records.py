@@ -85,6 +85,9 @@ def test_null_media_is_no_media(tmp_path):
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}])
     (record,) = load_records(path)
     assert "video" not in record and record["kind"] == "sft"
+    # per-sentence timestamps (ActivityNet style) are not the release's [start, end]: kept as before
+    dense = _write(tmp_path / "dense.jsonl", [dict(GOOD[0], timestamps=[[0, 2.5], [2.5, 6]])])
+    assert load_records(dense)[0]["timestamps"] == [[0, 2.5], [2.5, 6]]
 
 
 def test_malformed_json_stops_with_file_and_line(tmp_path):

@@ -35,6 +35,7 @@ def test_prompt_lists_letters_and_strips_given_prefixes():
     ("E", None),                                  # not an option of a 4-way question
     ("Option A is incorrect; the answer is C.", "C"),   # an option named to reject it (was A)
     ("Choice B would be wrong, so the answer is D", "D"), ("Option A or option C", None),
+    ("The correct answer is B. Answer A is wrong because the tone rises.", "B"),
 ])
 def test_extract_answer(response, expected):
     assert extract_answer(response, OPTIONS) == expected

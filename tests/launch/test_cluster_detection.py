@@ -82,6 +82,9 @@ def test_slurm_gpus_per_task_above_one_and_uneven_layouts():
     single task one of its 2 GPUs; '1,2' gave both tasks of node 2 the same two GPUs."""
     env = dict(SLURM, CUDA_VISIBLE_DEVICES="2,3", SLURM_LOCALID="1", SLURM_GPUS_PER_TASK="2")
     assert distributed.detect_cluster(env, no_tpu).local_device_ids == (0, 1)
+    # --gpus-per-task=1 under the sbatch's --gpu-bind=none: every task sees the node's 8 GPUs
+    unbound = dict(SLURM, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", SLURM_GPUS_PER_TASK="1")
+    assert distributed.detect_cluster(unbound, no_tpu).local_device_ids == (1,)
     uneven = dict(SLURM, CUDA_VISIBLE_DEVICES="0,1", SLURM_STEP_TASKS_PER_NODE="2(x3),1",
                   SLURM_NODEID="3", SLURM_LOCALID="0", SLURM_NTASKS="7", SLURM_PROCID="6")
     del uneven["SLURM_NTASKS_PER_NODE"]

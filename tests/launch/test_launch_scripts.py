@@ -66,7 +66,10 @@ def test_tpu_pod_dry_run_full():
     start = cmds[7][-1].removeprefix("--command=")
     assert cmds[7][:-1] == gcloud + ["ssh", "vs2", *loc, "--worker=all"]
     # the run's arguments survive two rounds of quoting (local shell, then the worker's shell)
-    assert shlex.split(start) == ["cd", "vsalmonn", "&&", "VSALMONN_CLUSTER=tpu", "nohup", ".venv/bin/python",
+    # the workers' venv python (a slice set up before it existed: python3)
+    assert shlex.split(start) == ["cd", "vsalmonn", "&&", "VSALMONN_CLUSTER=tpu", "nohup", "$(test", "-x",
+                                  ".venv/bin/python", "&&", "echo", ".venv/bin/python", "||", "echo",
+                                  "python3)",
                                   "-m", "vsalmonn_jax.distributed", "train", "--config",
                                   "configs/7b.py", "--config.workdir=/mnt/bkt/runs/a b", ">",
                                   "logs/r1.log", "2>&1", "<", "/dev/null", "&"]
@@ -150,10 +153,12 @@ if [[ "$*" == *" describe "* ]]; then echo {state}; fi
 """)
     fake.chmod(0o755)
     proc = run(["launch/tpu_pod.sh", "--name", "vs2", "--zone", "z", "--accelerator", "v5p-8",
-                "--no-install", "--no-logs", "--", "demo"],
+                "--no-install", "--no-logs", "--package", "vsalmonn_jax==0.1.0", "--", "demo"],
                env_extra={"PATH": f"{fake.parent}:{os.environ['PATH']}"}, check=False)
     assert proc.returncode == rc, proc.stderr
     lines = calls.read_text().splitlines()
     assert any(" delete vs2 " in f" {line} " for line in lines) == recreated
     assert any(" create vs2 " in f" {line} " for line in lines) == recreated
     assert any(" ssh vs2 " in f" {line} " for line in lines) == (rc == 0)
+    # a re-created slice has nothing installed: --no-install does not skip it there
+    assert any("uv venv" in line for line in lines) == recreated

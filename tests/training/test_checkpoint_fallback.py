@@ -68,3 +68,21 @@ def test_reading_a_missing_folder_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         Checkpointer(tmp_path / "typo" / "checkpoints", create=False)
     assert not (tmp_path / "typo").exists()
+
+
+def test_whether_the_base_is_saved_is_read_past_an_unreadable_newest(tmp_path):
+    """holds_base (DPO resume, --init-from a DPO run) read the newest step's metadata first: an
+    empty state metadata raised JSONDecodeError there, before the restore that skips such a step."""
+    directory = tmp_path / "checkpoints"
+    ckpt = Checkpointer(directory, async_save=False, include_params=True)
+    for step in (2, 4):
+        ckpt.save(_state(step, float(step)).replace(params={"b": np.ones(2, np.float32)}), {"at": step})
+    ckpt.close()
+    (directory / "4" / "state" / "_METADATA").write_text("")
+    reader = Checkpointer(directory, create=False)
+    assert reader.holds_base()            # from step 2
+    reader.close()
+    plain = Checkpointer(tmp_path / "plain", async_save=False)
+    plain.save(_state(2, 2.0), {"at": 2})
+    assert not plain.holds_base()
+    plain.close()

@@ -65,6 +65,16 @@ def test_train_cli_sft_then_dpo(tmp_path, capsys):
                                    want["layers"]["self_attn"][name]["kernel"], rtol=1e-6, atol=1e-7)
     record = json.loads((again / "config.json").read_text())["run_records"]["pretrained"]
     assert record["base"] == f"the base saved with {dpo}'s checkpoint"
+    # an SFT stage from the DPO run trains on that base too, so its checkpoints keep it (caption /
+    # export would otherwise pair its LoRA with the seed's base)
+    from vsalmonn_jax.training.checkpoint import Checkpointer
+
+    sft_again = tmp_path / "sft_again"
+    assert main(["train", *common, "--config.stage=sft", "--config.data.train=synthetic:16",
+                 "--workdir", str(sft_again), "--init-from", str(dpo)]) == 0
+    reader = Checkpointer(sft_again / "checkpoints", create=False)
+    assert reader.holds_base()
+    reader.close()
 
 
 def _inference_variables(run):

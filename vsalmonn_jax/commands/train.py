@@ -229,8 +229,9 @@ def _run(config, args, spec: str, workdir: pathlib.Path, round_driven: bool) -> 
     # a resume, `caption` and `export` would rebuild the unmerged one
     merged = bool(args.init_from) and _merges_base(config, task)
     try:
-        if args.init_from:
-            state = _init_from(config, task, pathlib.Path(args.init_from), workdir)
+        if args.init_from:   # a base that came with it (a DPO run's) is saved with this stage's
+            state, with_base = _init_from(config, task, pathlib.Path(args.init_from), workdir)
+            merged = merged or with_base
         elif _merges_base(config, task):   # pretrained weights with a LoRA (an SFT checkpoint)
             state, merged = _dpo_start(config, task, workdir)
         else:
@@ -264,17 +265,17 @@ def _dpo_start(config, task, workdir: pathlib.Path):
     checkpoints. A resume: (None, whether its checkpoints hold a base)."""
     import jax
 
+    from vsalmonn_jax.distributed import primary_value
     from vsalmonn_jax.models.pretrained import write_record
     from vsalmonn_jax.training import state as st
     from vsalmonn_jax.training.checkpoint import Checkpointer
     from vsalmonn_jax.training.loop import compiled_steps
     from vsalmonn_jax.training.sharding import make_mesh
 
-    if _has_checkpoint(workdir):
+    if primary_value(_has_checkpoint(workdir)):   # every process takes the same branch
         ckpt = Checkpointer(workdir / "checkpoints", create=False)
         try:
-            steps = ckpt.steps_on_disk()
-            return None, bool(steps) and "params" in ckpt.saved_fields(steps[0])
+            return None, ckpt.holds_base()
         finally:
             ckpt.close()
     mesh = make_mesh(dict(config.mesh))
@@ -295,8 +296,9 @@ def _merges_base(config, task) -> bool:
 
 
 def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
-    """A fresh state for this stage (base from config.model.pretrained, recorded in
-    the run's config.json) whose trainables come from `previous`'s latest checkpoint."""
+    """(state, whether its base came from `previous`): a fresh state for this stage (base from
+    config.model.pretrained, recorded in the run's config.json) whose trainables come from
+    `previous`'s latest checkpoint, with the base saved there when it has one (a DPO run's)."""
     import jax
 
     from vsalmonn_jax.models.pretrained import write_record
@@ -317,4 +319,4 @@ def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
     if _merges_base(config, task) and "lora" in state.trainable:
         # the reference of a DPO stage is the previous stage's model: fold its LoRA into the base
         state = st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1))
-    return state
+    return state, with_base

@@ -23,10 +23,17 @@ def file_digest(path: str, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# bumped whenever decoding changes what the same settings give (2: the release's frame steps under
+# frame_sampling=file at every length, audio-only records cut under audio_cut=video)
+DECODE_VERSION = 2
+
+
 def media_key(paths: Mapping[str, str | None], settings: Mapping) -> str:
-    """Cache key of a record's media: the content of each file and the feature settings."""
+    """Cache key of a record's media: the content of each file, the feature settings and the
+    decoder's version (an older entry is not reused)."""
     parts = {name: (file_digest(p) if p else None) for name, p in sorted(paths.items())}
-    blob = json.dumps({"files": parts, "settings": dict(settings)}, sort_keys=True)
+    blob = json.dumps({"files": parts, "settings": dict(settings), "decode": DECODE_VERSION},
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 

@@ -28,6 +28,13 @@ UNSUPPORTED = {
 }
 
 
+def _is_segment(value) -> bool:
+    """The release's `timestamps`: [start, end] seconds (other shapes, e.g. ActivityNet-style
+    per-sentence [[s, e], ...], are kept as extra fields, as before)."""
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value))
+
+
 class RecordError(ValueError):
     """A record that violates its schema; the message starts with file:line."""
 
@@ -143,7 +150,8 @@ def validate(record, kind: str | None, root: str, require_media: bool | None = N
         raise ValueError(f"unknown record kind {kind!r} (kinds: {KINDS})")
     out = {"kind": kind}
     for key, why in UNSUPPORTED.items():
-        if record.get(key) is not None:
+        value = record.get(key)
+        if value is not None and (key != "timestamps" or _is_segment(value)):
             raise ValueError(f"field {key!r}: {why}")
     if "id" in record:
         out["id"] = _record_id(record["id"])

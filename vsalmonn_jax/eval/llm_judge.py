@@ -190,14 +190,19 @@ class LlmJudge(Judge):
 
     def endpoint(self) -> str:
         """The URL the requests go to, as the client resolved it (eval.llm_base_url, else the
-        client's default: OPENAI_BASE_URL or api.openai.com): part of every cache key, so answers
-        of another endpoint serving the same model name are never reused."""
+        client's default: OPENAI_BASE_URL or api.openai.com)."""
         return str(getattr(self._get_client(), "base_url", "") or self.options.base_url)
+
+    def _endpoint_key(self) -> str:
+        """The endpoint part of the cache keys: eval.llm_base_url as given; unset, OPENAI_BASE_URL
+        (the client's choice, so another server of the same model name never shares answers), and
+        "" for the client's own default (the keys caches written before hold)."""
+        return self.options.base_url or os.environ.get("OPENAI_BASE_URL", "")
 
     # ---- one request ----
     def _cache_key(self, messages: list[dict], seed: int) -> str:
         o = self.options
-        blob = json.dumps({"v": PROMPT_VERSION, "base_url": self.endpoint(), "model": o.model,
+        blob = json.dumps({"v": PROMPT_VERSION, "base_url": self._endpoint_key(), "model": o.model,
                            "messages": messages, "temperature": o.temperature, "top_p": o.top_p,
                            "max_tokens": o.max_tokens, "json_mode": o.json_mode, "seed": seed},
                           sort_keys=True)

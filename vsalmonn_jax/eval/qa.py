@@ -42,10 +42,11 @@ def extract_answer(response: str, options: Sequence[str] | None = None,
     if not text:
         return None
     # "the answer is C" wins over options the response names to reject ("Option A is incorrect");
-    # the last answer statement is the conclusion; several options named without one: ambiguous
+    # the first answer statement is the answer ("The answer is B. Answer A is wrong because ...");
+    # several options named without one: ambiguous
     answers = re.findall(rf"(?i:answer)(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\)?(?![\w'])", text)
     if answers:
-        return answers[-1]
+        return answers[0]
     named = set(re.findall(rf"(?i:option|choice)(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\)?(?![\w'])", text))
     if len(named) == 1:
         return named.pop()

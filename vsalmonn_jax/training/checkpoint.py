@@ -102,6 +102,19 @@ class Checkpointer:
         finally:
             reader.close()
 
+    def holds_base(self) -> bool:
+        """Whether this folder's checkpoints hold the base `params`: the newest one whose metadata
+        reads decides (an unreadable newest one is skipped, as restores do); process 0's answer on
+        every process (a collective)."""
+        answer = False
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                answer = "params" in self.saved_fields(step)
+                break
+            except Exception:  # noqa: BLE001 - orbax / json raise many kinds: try an older one
+                continue
+        return bool(primary_value(answer))
+
     def restore_trainable(self, target: TrainState, step: int | None = None,
                           with_base: bool | None = None) -> TrainState:
         """Only the trainables (and the base: `with_base`, default: if this Checkpointer saves it)
@@ -195,8 +208,7 @@ def restore_init_from(folder: str | os.PathLike, target: TrainState) -> tuple[Tr
     in: its LoRA without that base is another model). Returns (state, whether the base came too)."""
     ckpt = Checkpointer(pathlib.Path(folder) / "checkpoints", create=False)
     try:
-        steps = ckpt.steps_on_disk()
-        with_base = bool(steps) and "params" in ckpt.saved_fields(steps[0])
+        with_base = ckpt.holds_base()
         return ckpt.restore_trainable(target, with_base=with_base), with_base
     finally:
         ckpt.close()
