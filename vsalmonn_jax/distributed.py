@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from vsalmonn_jax.slurm import slurm_coordinator, slurm_local_device_ids
 from vsalmonn_jax.training.sharding import batch_sharding
 
 CLUSTER_KINDS = ("auto", "single", "explicit", "slurm", "tpu")
@@ -47,88 +47,6 @@ class ClusterSpec:
 
 
 # ---------------------------------------------------------------- detection (pure, env in, spec out)
-
-def expand_hostlist(nodelist: str) -> list[str]:
-    """Expand a SLURM nodelist: `gpu[01-03,7],login1` -> [gpu01, gpu02, gpu03, gpu7, login1]."""
-    hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
-        prefix, ranges, suffix = match.group(1), match.group(2), match.group(3)
-        if not prefix and not ranges:
-            continue
-        if ranges is None:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(f"cannot parse SLURM nodelist {nodelist!r} (range {part!r})")
-            for number in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{number:0{len(lo)}d}{suffix}")
-    if not hosts:
-        raise ValueError(f"empty SLURM nodelist {nodelist!r}")
-    return hosts
-
-
-def _tasks_per_node(env: Mapping[str, str]) -> int | None:
-    """Processes on this node: this node's entry (SLURM_NODEID) of the step's `2(x3),1`-style
-    SLURM_STEP_TASKS_PER_NODE (else the job's SLURM_TASKS_PER_NODE), else SLURM_NTASKS_PER_NODE
-    (an srun input: it may be the allocation's, not this step's)."""
-    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-        counts: list[int] = []
-        for part in filter(None, env.get(key, "").split(",")):
-            match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-            if not match:
-                counts = []
-                break
-            counts += [int(match.group(1))] * int(match.group(2) or 1)
-        if counts:
-            node = int(env.get("SLURM_NODEID", "0") or 0)
-            return counts[node] if 0 <= node < len(counts) else counts[0]
-    if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
-        return int(env["SLURM_NTASKS_PER_NODE"])
-    return None
-
-
-def slurm_local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
-    """GPUs this SLURM task drives, as indices into the devices the process can see.
-
-    jax's own SLURM detection uses `[SLURM_LOCALID]`, which is wrong twice over: with one process per
-    node it leaves a single GPU visible, and with `--gpus-per-task=1` (CUDA_VISIBLE_DEVICES=3) index
-    3 does not exist inside the process. The answer depends on CUDA_VISIBLE_DEVICES:
-    one visible GPU -> [0]; one task on the node -> all visible; as many visible as tasks on the
-    node -> [SLURM_LOCALID]; a multiple -> this task's contiguous slice.
-    """
-    visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if not visible:
-        return None  # no GPU restriction known: every local device (jax's own guess is off)
-    local_id = int(env.get("SLURM_LOCALID", "0"))
-    per_node = _tasks_per_node(env) or 1
-    per_task = env.get("SLURM_GPUS_PER_TASK", "")
-    if len(visible) == 1 or (per_task.isdigit() and int(per_task) == len(visible)):
-        # --gpus-per-task binds each task to its own GPUs: CUDA_VISIBLE_DEVICES lists only them
-        # (with --gpu-bind=none it lists the node's: then the split below applies)
-        return tuple(range(len(visible)))
-    if per_node == 1:
-        return tuple(range(len(visible)))
-    if len(visible) % per_node:
-        raise ValueError(
-            f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r} lists {len(visible)} GPUs for "
-            f"{per_node} tasks on this node: not divisible; use --gpus-per-task or one task per node")
-    if local_id >= per_node:
-        raise ValueError(f"SLURM_LOCALID={local_id} but only {per_node} tasks per node")
-    k = len(visible) // per_node
-    return tuple(range(local_id * k, (local_id + 1) * k))
-
-
-def slurm_coordinator(env: Mapping[str, str], port: int | None = None) -> str:
-    """First host of the job step, port from JAX_COORDINATOR_PORT or derived from the job id."""
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        raise ValueError("SLURM run without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST: start it with srun")
-    if port is None:
-        port = int(env.get("JAX_COORDINATOR_PORT") or 0) or 61440 + int(env["SLURM_JOB_ID"]) % 4096
-    return f"{expand_hostlist(nodelist)[0]}:{port}"
-
 
 def _int_env(env: Mapping[str, str], key: str) -> int:
     try:
@@ -210,12 +128,28 @@ def initialize(spec: ClusterSpec | None = None, timeout_s: int = 300) -> Cluster
                                    process_id=jax.process_index())
     # everything is known: jax's own cluster detection would fill local_device_ids=None with
     # [SLURM_LOCALID] (one GPU per node with one task per node) instead of every visible device
-    jax.distributed.initialize(
-        coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
-        process_id=spec.process_id,
-        local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
-        cluster_detection_method="deactivate", initialization_timeout=timeout_s)
+    try:
+        jax.distributed.initialize(
+            coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
+            process_id=spec.process_id,
+            local_device_ids=list(spec.local_device_ids) if spec.local_device_ids is not None else None,
+            cluster_detection_method="deactivate", initialization_timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - jax raises XlaRuntimeError / RuntimeError kinds
+        raise RuntimeError(f"jax.distributed could not start process {spec.process_id} of "
+                           f"{spec.num_processes} ({spec.kind}, coordinator {spec.coordinator_address}) "
+                           f"within {timeout_s} s: {err}{_start_hint(spec)}") from err
     return spec
+
+
+def _start_hint(spec: ClusterSpec) -> str:
+    """Why the other processes may never have come: a SLURM 'run' started outside srun (a batch
+    shell holds the allocation's SLURM_NTASKS but is one process)."""
+    if spec.kind == "slurm" and not (os.environ.get("SLURM_STEP_ID") or os.environ.get("SLURM_STEPID")):
+        return ("; SLURM_STEP_ID is not set: this process was not started by srun, so no other "
+                "task exists. Start one task per process with srun (launch/slurm_gpu.sbatch does), "
+                "or set VSALMONN_CLUSTER=single for one process")
+    return ("; check that every process was started with the same coordinator and process count, "
+            "and that the coordinator's host and port are reachable")
 
 
 def is_primary() -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from machine import scaled
 
-from vsalmonn_jax import distributed
+from vsalmonn_jax import distributed, slurm
 from vsalmonn_jax.training.sharding import make_mesh
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1",
@@ -21,12 +21,12 @@ def no_tpu(_path):
 
 
 def test_expand_hostlist():
-    assert distributed.expand_hostlist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7",
+    assert slurm.expand_hostlist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7",
                                                                   "login1"]
-    assert distributed.expand_hostlist("node001") == ["node001"]
-    assert distributed.expand_hostlist("a[9-10]-ib") == ["a9-ib", "a10-ib"]
+    assert slurm.expand_hostlist("node001") == ["node001"]
+    assert slurm.expand_hostlist("a[9-10]-ib") == ["a9-ib", "a10-ib"]
     with pytest.raises(ValueError, match="cannot parse SLURM nodelist"):
-        distributed.expand_hostlist("gpu[a-b]")
+        slurm.expand_hostlist("gpu[a-b]")
 
 
 def test_single_process_by_default():
@@ -161,3 +161,20 @@ def test_entry_point_initialises_then_dispatches():
     assert proc.returncode == 0, proc.stderr
     assert "[vsalmonn-jax] single cluster: process 0/1" in proc.stdout
     assert "usage: vsalmonn-jax COMMAND" in proc.stdout
+
+
+def test_a_start_that_fails_says_why_for_a_batch_shell(monkeypatch):
+    """`python -m vsalmonn_jax.distributed` in an sbatch shell (no srun) looks like a 16-process
+    SLURM run: jax waited its timeout and failed without a word on srun."""
+    def fail(**kw):
+        raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    monkeypatch.delenv("SLURM_STEPID", raising=False)
+    spec = distributed.ClusterSpec("slurm", 16, 0, "gpu01:61440", None)
+    with pytest.raises(RuntimeError, match=r"(?s)process 0 of 16 .*DEADLINE_EXCEEDED.*not started by srun"):
+        distributed.initialize(spec, timeout_s=5)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    with pytest.raises(RuntimeError, match="coordinator's host and port are reachable"):
+        distributed.initialize(spec, timeout_s=5)
