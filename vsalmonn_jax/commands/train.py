@@ -263,14 +263,9 @@ def _dpo_start(config, task, workdir: pathlib.Path):
     that LoRA is merged into the base and a fresh one trained, as the release's DPO does
     (--merge_and_new_lora), so the reference is the SFT model; the base is then saved with the
     checkpoints. A resume: (None, whether its checkpoints hold a base)."""
-    import jax
-
     from vsalmonn_jax.distributed import primary_value
     from vsalmonn_jax.models.pretrained import write_record
-    from vsalmonn_jax.training import state as st
     from vsalmonn_jax.training.checkpoint import Checkpointer
-    from vsalmonn_jax.training.loop import compiled_steps
-    from vsalmonn_jax.training.sharding import make_mesh
 
     if primary_value(_has_checkpoint(workdir)):   # every process takes the same branch
         ckpt = Checkpointer(workdir / "checkpoints", create=False)
@@ -278,15 +273,35 @@ def _dpo_start(config, task, workdir: pathlib.Path):
             return None, ckpt.holds_base()
         finally:
             ckpt.close()
-    mesh = make_mesh(dict(config.mesh))
-    _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps), mesh)
-    state = init(jax.random.PRNGKey(int(config.seed)))
-    if not init.record.get("lora_loaded"):
-        write_record(workdir, init.record)
+    state, record = _fresh_state(config, task)
+    if not record.get("lora_loaded"):
+        write_record(workdir, record)
         return state, False
-    write_record(workdir, dict(init.record, lora="the pretrained LoRA merged into the base, a fresh "
+    write_record(workdir, dict(record, lora="the pretrained LoRA merged into the base, a fresh "
                                "LoRA trained (the release's merge_and_new_lora)"))
-    return st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1)), True
+    return _merge_lora(config, task, state), True
+
+
+def _fresh_state(config, task):
+    """(state, pretrained record) from the cached initializer run_stage uses next (compiled once)."""
+    import jax
+
+    from vsalmonn_jax.training.loop import compiled_steps
+    from vsalmonn_jax.training.sharding import make_mesh
+
+    _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps),
+                                      make_mesh(dict(config.mesh)))
+    return init(jax.random.PRNGKey(int(config.seed))), init.record
+
+
+def _merge_lora(config, task, state):
+    """The LoRA folded into the base and a fresh one started: a DPO stage's reference is then the
+    model it starts from."""
+    import jax
+
+    from vsalmonn_jax.training import state as st
+
+    return st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1))
 
 
 def _merges_base(config, task) -> bool:
@@ -299,24 +314,15 @@ def _init_from(config, task, previous: pathlib.Path, workdir: pathlib.Path):
     """(state, whether its base came from `previous`): a fresh state for this stage (base from
     config.model.pretrained, recorded in the run's config.json) whose trainables come from
     `previous`'s latest checkpoint, with the base saved there when it has one (a DPO run's)."""
-    import jax
-
     from vsalmonn_jax.models.pretrained import write_record
-    from vsalmonn_jax.training import state as st
     from vsalmonn_jax.training.checkpoint import restore_init_from
-    from vsalmonn_jax.training.loop import compiled_steps
-    from vsalmonn_jax.training.sharding import make_mesh
 
-    mesh = make_mesh(dict(config.mesh))
-    # the same cached initializer (and step) run_stage uses next: compiled once
-    _, _, _, _, init = compiled_steps(task, config, int(config.train.num_steps), mesh)
-    fresh = init(jax.random.PRNGKey(int(config.seed)))
+    fresh, record = _fresh_state(config, task)
     state, with_base = restore_init_from(previous, fresh)
-    record = dict(init.record, trainables=f"from {previous}")
+    record = dict(record, trainables=f"from {previous}")
     if with_base:   # e.g. a DPO run: its LoRA was trained on its saved (merged) base
         record["base"] = f"the base saved with {previous}'s checkpoint"
     write_record(workdir, record)
     if _merges_base(config, task) and "lora" in state.trainable:
-        # the reference of a DPO stage is the previous stage's model: fold its LoRA into the base
-        state = st.merge_and_reinit(state, task.lora_config, jax.random.PRNGKey(int(config.seed) + 1))
+        state = _merge_lora(config, task, state)   # the reference: the previous stage's model
     return state, with_base
