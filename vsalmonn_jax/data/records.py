@@ -18,21 +18,23 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 MODALITIES = ("visual", "audio")
 
 
-# fields of the release's data format that change what a record means but are not implemented:
-# refused with the reason, never trained on as if absent
-UNSUPPORTED = {
-    "image": "image records are not supported (the release's image path, LLaVA-OneVision's "
-             "anyres tiling, is not implemented); give the image as a one-frame 'video' or drop it",
-    "timestamps": "segment records ([start, end] of the video) are not supported: the whole video "
-                  "and its audio would be trained on; cut the segment into its own file",
-}
-
-
 def _is_segment(value) -> bool:
     """The release's `timestamps`: [start, end] seconds (other shapes, e.g. ActivityNet-style
     per-sentence [[s, e], ...], are kept as extra fields, as before)."""
     return (isinstance(value, list) and len(value) == 2
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value))
+
+
+# fields of the release's data format that change what a record means but are not implemented:
+# field -> (which values mean that, the reason); refused, never trained on as if absent
+UNSUPPORTED = {
+    "image": (lambda value: value is not None,
+              "image records are not supported (the release's image path, LLaVA-OneVision's "
+              "anyres tiling, is not implemented); give the image as a one-frame 'video' or drop it"),
+    "timestamps": (_is_segment,
+                   "segment records ([start, end] of the video) are not supported: the whole "
+                   "video and its audio would be trained on; cut the segment into its own file"),
+}
 
 
 class RecordError(ValueError):
@@ -149,9 +151,8 @@ def validate(record, kind: str | None, root: str, require_media: bool | None = N
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r} (kinds: {KINDS})")
     out = {"kind": kind}
-    for key, why in UNSUPPORTED.items():
-        value = record.get(key)
-        if value is not None and (key != "timestamps" or _is_segment(value)):
+    for key, (means_it, why) in UNSUPPORTED.items():
+        if means_it(record.get(key)):
             raise ValueError(f"field {key!r}: {why}")
     if "id" in record:
         out["id"] = _record_id(record["id"])
