@@ -216,6 +216,23 @@ def test_auto_picks_the_platform_backend():
     assert resolve_impl("splash", "cpu") == "splash"
 
 
+def test_auto_on_an_amd_gpu_is_xla(monkeypatch):
+    """jax calls an AMD GPU "gpu" too, and cuDNN does not exist there: auto picked it and the first
+    forward raised "cuDNN is not detected"."""
+    from types import SimpleNamespace
+
+    def fake(version):
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(jax, "devices", lambda *a: [SimpleNamespace(
+            client=SimpleNamespace(platform_version=version))])
+
+    fake("PJRT C API\nrocm 60342")
+    assert resolve_impl("auto") == "xla"
+    fake("PJRT C API\ncuda 12080")
+    assert resolve_impl("auto") == "cudnn"
+    assert resolve_impl("auto", "rocm") == "xla"
+
+
 def test_unknown_and_removed_impls_are_named():
     with pytest.raises(ValueError, match="'jax' was removed.*dense"):
         resolve_impl("jax")

@@ -34,7 +34,8 @@ SUPPORTED = {  # mask kinds (beyond causal / bidirectional) each backend express
     "splash": frozenset({"padding", "segments"}),
     "cudnn": frozenset({"padding"}),
 }
-PLATFORM_DEFAULT = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn"}
+# cuDNN's fused attention exists on NVIDIA GPUs only: AMD (rocm) takes the blockwise XLA kernel
+PLATFORM_DEFAULT = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla"}
 
 
 def check_impl_name(impl: str) -> str:
@@ -51,7 +52,15 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     """`auto` -> the backend of `platform` (default: jax's default backend); others are checked."""
     if check_impl_name(impl) != "auto":
         return impl
-    return PLATFORM_DEFAULT.get(platform or jax.default_backend(), "xla")
+    return PLATFORM_DEFAULT.get(platform or _default_platform(), "xla")
+
+
+def _default_platform() -> str:
+    """jax's default backend, with "gpu" told apart: "rocm" on AMD (jax names both "gpu")."""
+    backend = jax.default_backend()
+    if backend == "gpu" and "rocm" in str(jax.devices()[0].client.platform_version).lower():
+        return "rocm"
+    return backend
 
 
 def check_supported(impl: str, kinds) -> str:
