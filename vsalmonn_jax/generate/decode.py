@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vsalmonn_jax.generate.sampling import SamplingConfig, select_tokens, sequence_keys, step_keys
 from vsalmonn_jax.models import kv_cache
+from vsalmonn_jax.models.attention import resolve_impl
 
 
 @dataclasses.dataclass
@@ -86,12 +87,26 @@ def decode_step(model, variables, cache: dict, token: jax.Array, position: jax.A
     return logits[:, 0], cache
 
 
+def right_aligned(input_ids, inputs_embeds, mask):
+    """Each row's real tokens moved to its front (right padding), in order: cuDNN takes padding as
+    lengths only (a left-padded row came back NaN: token 0 repeated, silently). Exact: positions
+    are cumsum(mask) - 1, and the prefill reads each row's last real token wherever it is."""
+    order = jnp.argsort(~mask, axis=1, stable=True)                      # [B, T]
+    if input_ids is not None:
+        input_ids = jnp.take_along_axis(input_ids, order, axis=1)
+    if inputs_embeds is not None:
+        inputs_embeds = jnp.take_along_axis(inputs_embeds, order[..., None], axis=1)
+    return input_ids, inputs_embeds, jnp.take_along_axis(mask, order, axis=1)
+
+
 def _generate_impl(variables, input_ids, inputs_embeds, attention_mask, keys, *, model,
                    max_new_tokens: int, sampling: SamplingConfig,
                    stop_ids: tuple[int, ...], pad_id: int, cache_dtype, mesh: Mesh | None):
     prompt = input_ids if input_ids is not None else inputs_embeds
     batch, prompt_len = prompt.shape[:2]
     mask = attention_mask.astype(bool)                                   # [B, T]
+    if resolve_impl(model.config.attention_impl) == "cudnn":
+        input_ids, inputs_embeds, mask = right_aligned(input_ids, inputs_embeds, mask)
     num_real = mask.sum(axis=1).astype(jnp.int32)                        # [B]
     cache = kv_cache.init_cache(model.config, batch, prompt_len + max_new_tokens - 1, cache_dtype)
     cache = _constrain(cache, mesh)
