@@ -24,10 +24,11 @@ def get_config():
                                 intermediate_size=3072, window=25, num_queries=1, dropout=0.1))
     # the input format the released weights were trained on (docs/recipe.md "Input format");
     # the clean forms: interleave=timestamp, prompt_format=clean, time_tokens=none,
-    # audio_cut=none, frame_sampling=grid, qformer.dropout=0, dpo.gt_ce_mean=tokens
+    # audio_cut=none, frame_sampling=grid, video_audio=track, qformer.dropout=0,
+    # dpo.gt_ce_mean=tokens
     c.model.connector.interleave = "official"
     c.data.update(dict(prompt_format="official", time_tokens="official", audio_cut="video",
-                       frame_sampling="file"))
+                       frame_sampling="file", video_audio="record"))
     c.dpo.gt_ce_mean = "rows"   # the release's DPO step: per row, CE-only rows at weight 1
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     return c

@@ -21,7 +21,7 @@ def _format_of(config) -> dict:
     return {"interleave": av.interleave, "prompt_format": featurizer.prompt_format,
             "time_tokens": featurizer.time_tokens, "qformer_dropout": av.qformer.dropout,
             "audio_cut": settings.audio_cut, "frame_sampling": settings.frame_sampling,
-            "max_frames": settings.max_frames}
+            "max_frames": settings.max_frames, "video_audio": settings.video_audio}
 
 
 def _format(name: str) -> dict:
@@ -32,7 +32,8 @@ def _format(name: str) -> dict:
 def test_7b_presets_default_to_the_release_input_format(name):
     assert _format(name) == {"interleave": "official", "prompt_format": "official",
                              "time_tokens": "official", "qformer_dropout": 0.1,
-                             "audio_cut": "video", "frame_sampling": "file", "max_frames": 110}
+                             "audio_cut": "video", "frame_sampling": "file", "max_frames": 110,
+                             "video_audio": "record"}
     assert StepOptions.from_config(load_config(name)).dropout      # training draws dropout rngs
 
 
@@ -40,12 +41,14 @@ def test_7b_presets_default_to_the_release_input_format(name):
 def test_tiny_presets_keep_the_clean_forms(name):
     assert _format(name) == {"interleave": "timestamp", "prompt_format": "clean",
                              "time_tokens": "none", "qformer_dropout": 0.0,
-                             "audio_cut": "none", "frame_sampling": "grid", "max_frames": 110}
+                             "audio_cut": "none", "frame_sampling": "grid", "max_frames": 110,
+                             "video_audio": "track"}
 
 
 def test_each_official_form_has_its_clean_flag():
     clean = ["model.connector.interleave=timestamp", "data.prompt_format=clean",
              "data.time_tokens=none", "model.qformer.dropout=0.0", "data.audio_cut=none",
+             "data.video_audio=track",
              "data.frame_sampling=grid"]
     config = load_config("7b", clean)
     assert _format_of(config) == _format("tiny")

@@ -55,7 +55,8 @@ class Captioner:
         paths = [str(pathlib.Path(v)) for v in ([videos] if single else videos)]
         items = {}
         for path in dict.fromkeys(paths):
-            found, errors = discover_items([path])
+            own_track = self.config.data.get("video_audio", "track") == "record"
+            found, errors = discover_items([path], own_track=own_track)
             if errors or len(found) != 1 or os.path.isdir(path):
                 raise ValueError(f"{path}: not a video or audio file"
                                  + (f" ({'; '.join(errors)})" if errors else ""))

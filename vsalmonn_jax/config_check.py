@@ -14,7 +14,7 @@ from typing import Any
 # the allowed values live beside the code that acts on them; the table only points at them
 from vsalmonn_jax.data.annotator import ANNOTATOR_KINDS
 from vsalmonn_jax.data.annotator import KINDS as EVENT_KINDS
-from vsalmonn_jax.data.media import AUDIO_CUTS, CHANNEL_MODES, FRAME_SAMPLING
+from vsalmonn_jax.data.media import AUDIO_CUTS, CHANNEL_MODES, FRAME_SAMPLING, VIDEO_AUDIO
 from vsalmonn_jax.data.synthetic_scene import VISUAL_KINDS
 from vsalmonn_jax.data.text import PROMPT_FORMATS
 from vsalmonn_jax.data.time_tokens import TIME_TOKEN_MODES
@@ -141,6 +141,7 @@ RULES: dict[str, Any] = {
     "data.audio_channel": OneOf(CHANNEL_MODES),
     "data.frame_sampling": OneOf(FRAME_SAMPLING),
     "data.audio_cut": OneOf(AUDIO_CUTS),
+    "data.video_audio": OneOf(VIDEO_AUDIO),
     "data.prompt_format": OneOf(PROMPT_FORMATS),
     "data.time_tokens": OneOf(TIME_TOKEN_MODES),
     "data.max_length": POSITIVE_INT,

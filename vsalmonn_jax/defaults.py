@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
                                   # the release's data loader does (no extra 30-s chunk for a track
                                   # slightly longer than the video); audio-only records to
                                   # max_frames / fps seconds (the release's max_time, 110 s)
+        video_audio="track",      # track: a video record without "audio" takes its file's own
+                                  # track | record = the release: only the record's "audio" field
+                                  # (without it the record is visual-only: time tokens under
+                                  # time_tokens=official); files named to `caption` keep their track
         frame_sampling="grid",    # grid: the first frame at each 1/fps s, above max_frames evenly
                                   # over that grid | file = the release: every round(file fps /
                                   # fps)-th frame, above max_frames linspace over ALL its frames

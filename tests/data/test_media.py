@@ -76,6 +76,23 @@ def test_video_without_audio_track_silence_or_error(media_dir):
     assert err.value.reason == "no_audio" and "fps1_200s.mp4" in str(err.value)
 
 
+def test_release_records_take_sound_from_their_audio_field_only(media_dir):
+    """data.video_audio=record (the release's loader: the modality is the record's keys): a video
+    record without "audio" is visual-only whatever its file holds; "audio" naming the video file
+    itself is its own track (files named to `caption`), a missing track then follows missing_audio."""
+    clip = str(media_dir / "fps5_30s.mp4")                                  # has a 440 Hz track
+    silent = load_media(clip, video_audio="record")
+    assert silent.has_video and not silent.has_audio and not silent.audio.any()
+    assert silent.audio.shape == (480000,)                                  # silence of its length
+    own = load_media(clip, clip, video_audio="record")
+    np.testing.assert_array_equal(own.audio, load_media(clip).audio)
+    assert own.has_audio
+    assert not load_media(str(media_dir / "fps1_200s.mp4"), str(media_dir / "fps1_200s.mp4"),
+                          video_audio="record").has_audio                   # no track: silence
+    with pytest.raises(ValueError, match="video_audio must be one of"):
+        load_media(clip, video_audio="file")
+
+
 @pytest.mark.parametrize("name,reason", [
     ("truncated.mp4", "undecodable"),            # index (moov) lost with the tail
     ("truncated_faststart.mp4", "truncated"),    # opens, frames stop half-way

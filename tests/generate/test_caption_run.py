@@ -68,6 +68,11 @@ def test_discover_files_folders_and_jsonl(tmp_path):
                       f"{tmp_path / 'missing.mp4'}: no such file or folder"]
     with pytest.raises(InputError, match="cannot read"):
         jsonl_items(str(tmp_path / "nope.jsonl"))
+    # data.video_audio=record: a video named as a file keeps its own track ("audio" = itself);
+    # a record follows its fields (r1 has no "audio": visual-only there)
+    own, _ = discover_items([str(media), str(records)], own_track=True)
+    assert own[1]["audio"] == own[1]["video"] == str(media / "b.mp4")
+    assert "video" not in own[2] and "audio" not in own[4]
 
 
 def test_run_writes_one_line_per_sample_and_skips_bad(tmp_path):

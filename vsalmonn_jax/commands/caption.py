@@ -145,8 +145,9 @@ def main(argv: list[str]) -> int:
               "identical samples); pass --top-p / --temperature", file=sys.stderr)
         return 2
     try:
-        items, input_errors = caption_io.discover_items(args.inputs,
-                                                        args.data_root or config.data.root or None)
+        items, input_errors = caption_io.discover_items(
+            args.inputs, args.data_root or config.data.root or None,
+            own_track=config.data.get("video_audio", "track") == "record")
     except caption_io.InputError as err:
         print(f"vsalmonn-jax caption: {err}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ class FeatureSettings:
     channel: str = "first"
     frame_sampling: str = "grid"
     audio_cut: str = "none"
+    video_audio: str = "track"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> FeatureSettings:
@@ -40,7 +41,8 @@ class FeatureSettings:
                    min_audio_seconds=float(data.min_audio_seconds),
                    missing_audio=str(data.missing_audio), channel=str(data.audio_channel),
                    frame_sampling=str(data.get("frame_sampling", "grid")),
-                   audio_cut=str(data.get("audio_cut", "none")))
+                   audio_cut=str(data.get("audio_cut", "none")),
+                   video_audio=str(data.get("video_audio", "track")))
 
     def load(self, video: str | None, audio: str | None) -> Media:
         """Decode a record's media with these settings (data/media.py load_media)."""
@@ -48,7 +50,16 @@ class FeatureSettings:
                           sample_rate=self.sample_rate, min_audio_seconds=self.min_audio_seconds,
                           missing_audio=self.missing_audio, channel=self.channel,
                           frame_sampling=self.frame_sampling, audio_cut=self.audio_cut,
-                          image_size=self.image_size)
+                          image_size=self.image_size, video_audio=self.video_audio)
+
+
+def _key_settings(settings: FeatureSettings) -> dict:
+    """The settings part of a media cache key; video_audio only when not "track" (the behaviour
+    before the field existed: entries cached then keep their keys)."""
+    out = dataclasses.asdict(settings)
+    if out["video_audio"] == "track":
+        del out["video_audio"]
+    return out
 
 
 def media_features(video: str | None, audio: str | None, settings: FeatureSettings,
@@ -61,7 +72,7 @@ def media_features(video: str | None, audio: str | None, settings: FeatureSettin
     key = None
     if cache_dir:
         try:
-            key = cache.media_key({"video": video, "audio": audio}, dataclasses.asdict(settings))
+            key = cache.media_key({"video": video, "audio": audio}, _key_settings(settings))
         except OSError as err:
             raise MediaError(video or audio, "missing", str(err)) from err
         hit = cache.load(cache_dir, key)

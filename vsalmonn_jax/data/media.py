@@ -45,6 +45,9 @@ class Media:
 
 FRAME_SAMPLING = ("grid", "file")
 AUDIO_CUTS = ("none", "video")
+# where a video record's sound comes from: the file's own track when the record names no audio
+# ("track") | only the record's "audio" field, as the release (no field: a visual-only record)
+VIDEO_AUDIO = ("track", "record")
 
 
 def grid_count(duration: float, fps: float = 1.0) -> int:
@@ -306,17 +309,22 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
                max_frames: int = 110, sample_rate: int = 16000, min_audio_seconds: float = 1.0,
                missing_audio: str = "silence", channel: str = "first",
                frame_sampling: str = "grid", audio_cut: str = "none",
-               image_size: int | None = None) -> Media:
+               image_size: int | None = None, video_audio: str = "track") -> Media:
     """Decode one record's media: a video (with its audio track) and/or a separate audio file.
 
     A video without an audio track: `missing_audio="silence"` gives silence of the video's
     length with `has_audio=False`; `"error"` raises MediaError("no_audio"). A separate audio
-    file, when given, is used instead of the video's track. `frame_sampling` (target_times) and
+    file, when given, is used instead of the video's track; `audio` naming the video file itself
+    is its own track. `video_audio="record"` (the release): a video without `audio` is
+    visual-only (silence, `has_audio=False`), whatever its file holds. `frame_sampling` (target_times) and
     `audio_cut` (cut_audio) choose the release's forms. `image_size`: frames come resized to
     image_size x image_size (as siglip_resize would), decoded a chunk at a time.
     """
     if video is None and audio is None:
         raise ValueError("load_media needs a video or an audio path")
+    if video_audio not in VIDEO_AUDIO:
+        raise ValueError(f"data.video_audio must be one of {VIDEO_AUDIO}, got {video_audio!r}")
+    own_track = audio == video or (audio is None and video_audio == "track")
     frames = np.zeros((0, 1, 1, 3), np.uint8)
     times = np.zeros((0,), np.float32)
     wave, has_audio, duration = None, False, 0.0
@@ -328,7 +336,7 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
                                            image_size)
             stream = container.streams.video[0]   # the video's own duration, not the container's
             duration = _video_seconds(stream) or _stream_seconds(stream, container)
-        if audio is None:
+        if own_track:
             with _open(video) as container:
                 if container.streams.audio:
                     wave, has_audio = _decode_audio(video, container, sample_rate, channel), True
@@ -337,7 +345,7 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
                 elif missing_audio != "silence":
                     raise ValueError(f"data.missing_audio must be 'silence' or 'error', "
                                      f"got {missing_audio!r}")
-    if audio is not None:
+    if audio is not None and not own_track:
         wave, has_audio = load_audio(audio, sample_rate, channel), True
         if wave.shape[0] == 0:
             raise MediaError(audio, "no_samples", "audio track decodes to zero samples")

@@ -24,20 +24,22 @@ class InputError(ValueError):
     """An input that names nothing to caption (missing path, bad JSONL line); names the place."""
 
 
-def _file_item(path: str) -> dict:
+def _file_item(path: str, own_track: bool = False) -> dict:
+    """A media file named on the command line; `own_track`: a video's "audio" is the file itself
+    (its own track, for data.video_audio=record, where a record without "audio" has no sound)."""
     full = os.path.abspath(path)
     if full.lower().endswith(AUDIO_EXTENSIONS):
         return {"id": full, "audio": full}
-    return {"id": full, "video": full}
+    return {"id": full, "video": full, **({"audio": full} if own_track else {})}
 
 
-def _folder_items(folder: str) -> list[dict]:
+def _folder_items(folder: str, own_track: bool = False) -> list[dict]:
     found = []
     for dirpath, _, names in os.walk(folder):
         for name in names:
             if name.lower().endswith(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS):
                 found.append(os.path.join(dirpath, name))
-    return [_file_item(p) for p in sorted(found)]
+    return [_file_item(p, own_track) for p in sorted(found)]
 
 
 def jsonl_items(path: str, root: str | None = None) -> tuple[list[dict], list[str]]:
@@ -68,8 +70,11 @@ def jsonl_items(path: str, root: str | None = None) -> tuple[list[dict], list[st
     return items, errors
 
 
-def discover_items(inputs: Iterable[str], root: str | None = None) -> tuple[list[dict], list[str]]:
+def discover_items(inputs: Iterable[str], root: str | None = None,
+                   own_track: bool = False) -> tuple[list[dict], list[str]]:
     """Files, folders (recursive, media extensions) and .jsonl files -> (items, input errors).
+    `own_track`: videos named as files or folders take their own audio track whatever
+    data.video_audio says (records follow it).
 
     The same media file named twice (a file and its folder) is captioned once; two JSONL records
     with one id raise InputError naming both lines (captions are keyed by id: one would be lost).
@@ -78,14 +83,14 @@ def discover_items(inputs: Iterable[str], root: str | None = None) -> tuple[list
     items, errors, seen = [], [], {}
     for path in inputs:
         if os.path.isdir(path):
-            found = _folder_items(path)
+            found = _folder_items(path, own_track)
             if not found:
                 errors.append(f"{path}: folder holds no video or audio files")
         elif path.lower().endswith(".jsonl"):
             found, bad = jsonl_items(path, root)
             errors.extend(bad)
         elif os.path.exists(path):
-            found = [_file_item(path)]
+            found = [_file_item(path, own_track)]
         else:
             errors.append(f"{path}: no such file or folder")
             continue
