@@ -69,8 +69,12 @@ def test_merge_boundary_keeps_logits_and_next_round_starts_at_log2(media_setup):
                            old_lora["layers"]["self_attn"]["q_proj"]["a"])
     jax.tree.map(np.testing.assert_array_equal, host(state.trainable["adapter"]), adapter)
 
-    # next round: fresh optimizer, reference = round-start adapter snapshot, LoRA off
+    # next round: fresh optimizer, reference = round-start adapter snapshot, LoRA off; the rng moves
+    # on (each round drew the dropout keys of the round before)
+    rng = host(state.rng)
     state, _ = prepare_state(task, config, tx, mesh, state=state)
+    assert not np.array_equal(host(state.rng), rng)
+    jax.tree.map(np.testing.assert_array_equal, host(state.ref_adapter), adapter)
     steps = sp.make_steps(task, config, tx, schedule, mesh, shardings)
     state, metrics = steps.train(state, device_batch(data, steps))
     assert float(metrics["dpo_loss"]) == pytest.approx(math.log(2.0), abs=1e-6)

@@ -112,9 +112,14 @@ def device_batch(batch: dict, steps: Steps) -> dict:
     return put_batch(keep, steps.batch_sharding)
 
 
+NEXT_STAGE = 0x57A6E   # folded into the rng of a state that continues into another stage
+
+
 def prepare_state(task, config, tx, mesh, *, state=None, params=None, shardings=None):
     """(state, shardings) for a stage: fresh, or continuing a previous stage's `state` with a fresh
-    optimizer, step 0 and (for a snapshot-reference DPO stage) the current adapter as reference."""
+    optimizer, step 0, its own dropout keys (the rng moved on: with step 0 again, every mrDPO round
+    and rebirth drew the keys of the stage before) and (for a snapshot-reference DPO stage) the
+    current adapter as reference."""
     if state is None:
         return st.create_train_state(task, config, tx, mesh, jax.random.PRNGKey(int(config.seed)),
                                      params=params)
@@ -123,7 +128,7 @@ def prepare_state(task, config, tx, mesh, *, state=None, params=None, shardings=
     trainable = state.trainable
     fresh = st.TrainState(
         step=np.zeros((), np.int32), params=state.params, trainable=trainable,
-        opt_state=tx.init(trainable), rng=state.rng,
+        opt_state=tx.init(trainable), rng=jax.random.fold_in(state.rng, NEXT_STAGE),
         ref_adapter=jax.tree.map(np.asarray, trainable.get("adapter", {}))
         if st.uses_snapshot(config) else {})
     return jax.device_put(fresh, shardings), shardings
