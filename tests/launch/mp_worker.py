@@ -29,6 +29,7 @@ from vsalmonn_jax.commands import train as train_command  # noqa: E402
 from vsalmonn_jax.commands.plan import parse_mesh  # noqa: E402
 from vsalmonn_jax.config import load_config  # noqa: E402
 from vsalmonn_jax.data import pipeline  # noqa: E402
+from vsalmonn_jax.data.features import resize_bicubic_uint8  # noqa: E402
 from vsalmonn_jax.lora import merge  # noqa: E402
 from vsalmonn_jax.models.qwen2 import load_hf, save_hf  # noqa: E402
 from vsalmonn_jax.training import state as state_lib  # noqa: E402
@@ -36,7 +37,7 @@ from vsalmonn_jax.training import steps as steps_lib  # noqa: E402
 from vsalmonn_jax.training import synthetic  # noqa: E402
 from vsalmonn_jax.training.checkpoint import Checkpointer  # noqa: E402
 from vsalmonn_jax.training.host_batches import DataErrorElsewhere, agree, report_failure  # noqa: E402
-from vsalmonn_jax.training.loop import device_batch, evaluate  # noqa: E402
+from vsalmonn_jax.training.loop import device_batch, evaluate, prepare_state  # noqa: E402
 from vsalmonn_jax.training.round_reference import (  # noqa: E402
     REFERENCE_FIELDS,
     batch_reference,
@@ -56,6 +57,30 @@ def local_rows(batch: dict, mesh) -> dict:
     """This process's rows of a global numpy batch (what its data loader would have produced)."""
     start, stop = distributed.process_batch_rows(GLOBAL_BATCH, mesh)
     return {k: v[start:stop] for k, v in batch.items() if k != "example_id"}
+
+
+def continued_adapter(mesh) -> tuple[jax.Array, np.ndarray]:
+    """prepare_state (the start of a DPO stage or mrDPO round) on a state whose adapter kernel is
+    split over every device: (its reference snapshot, [process count, fully addressable])."""
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    split, whole = NamedSharding(mesh, P(tuple(mesh.axis_names))), NamedSharding(mesh, P())
+    values = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
+    kernel = jax.make_array_from_callback((8, 4), split, lambda index: values[index])
+    tx = optax.adam(1e-3)
+    trainable = {"adapter": {"w": kernel}}
+    state = state_lib.TrainState(step=np.zeros((), np.int32), params={}, trainable=trainable,
+                                 opt_state=tx.init(trainable), rng=jax.random.PRNGKey(0),
+                                 ref_adapter={})
+    shardings = state_lib.TrainState(
+        step=whole, params={}, trainable={"adapter": {"w": split}},
+        opt_state=jax.tree.map(lambda x: split if x.ndim == 2 else whole, tx.init(trainable)),
+        rng=whole, ref_adapter={"w": split})
+    config = load_config("tiny", ["stage=dpo", "dpo.reference=snapshot"])
+    state, _ = prepare_state(None, config, tx, mesh, state=state, shardings=shardings)
+    return state.ref_adapter["w"], np.asarray([jax.process_count(), kernel.is_fully_addressable])
 
 
 def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, mesh_spec: dict) -> None:
@@ -194,6 +219,12 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     ckpt.close()
     # stopping is agreed: only the last process "got SIGTERM", every process learns it
     stop = distributed.any_process(jax.process_index() == jax.process_count() - 1)
+    # host-side work of the AV path on every process: a frame resize (it ran on process 0's CPU
+    # device, and every other process's decoding raised), and a DPO stage continuing a state whose
+    # adapter spans hosts (its reference snapshot was a host copy, which raised)
+    resized = resize_bicubic_uint8(np.full((1, 4, 4, 3), 7 * (1 + jax.process_index()), np.uint8),
+                                   2, 2)
+    adapter, adapter_sharding = continued_adapter(mesh)
 
     # merged export: W + scale * A @ B, gathered, written once; holds every base weight
     scale = task.lora_config.scale
@@ -209,6 +240,8 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
                "mismatch": np.asarray(mismatch), "mismatch_raised": np.asarray(raised).ravel(),
                "eval_loss": np.asarray(eval_loss), "fields": np.asarray(fields), "not_shared": np.asarray(not_shared), "data_errors": np.asarray(data_errors).reshape(jax.process_count(), -1), "time_fill": np.asarray(time_fill).reshape(jax.process_count(), -1),
                "padded_loss": np.asarray([same_loss, padded_loss]),
+               "resized": np.asarray(multihost_utils.process_allgather(resized)),
+               "ref_adapter": distributed.to_host(adapter), "adapter_sharding": adapter_sharding,
                "lagging_step": np.asarray(multihost_utils.process_allgather(np.asarray([lagging_step]))).ravel(),
                "own_data": np.asarray(multihost_utils.process_allgather(np.asarray([own_data]))).ravel()}
     def store(prefix: str, tree) -> None:   # {prefix + key path: host array}, as np.savez keeps it

@@ -92,6 +92,17 @@ def test_process_counts_and_files(runs):
     assert (root / "two" / "export" / "config.json").is_file()
 
 
+def test_host_side_av_work_runs_on_every_process(runs):
+    """A frame resize on every process (it used process 0's CPU device: the other processes' media
+    decoding raised) and the reference snapshot of an adapter split over both processes (a host
+    copy raised there: DPO / mrDPO stages on fsdp spanning hosts)."""
+    _, two, single = runs
+    np.testing.assert_array_equal(two["resized"].reshape(2, -1), [[7] * 12, [14] * 12])
+    assert two["adapter_sharding"].tolist() == [2, 0]          # split over both processes
+    np.testing.assert_array_equal(two["ref_adapter"], np.arange(32).reshape(8, 4))
+    np.testing.assert_array_equal(single["ref_adapter"], two["ref_adapter"])
+
+
 def test_sft_and_dpo_losses_equal(runs):
     _, two, single = runs
     assert two["losses"].shape == (5,)  # 3 SFT + 2 DPO steps

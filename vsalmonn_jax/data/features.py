@@ -57,13 +57,15 @@ def resample_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cpu_jax():
-    """jax and its CPU device (grain workers restrict jax to the CPU platform at start-up)."""
+    """jax and this process's CPU device (grain workers restrict jax to the CPU platform at
+    start-up). A local one: in a multi-process CPU run jax.devices("cpu")[0] is process 0's, and
+    every other process's resize raised."""
     import jax
 
     try:
-        return jax, jax.devices("cpu")[0]
+        return jax, jax.local_devices(backend="cpu")[0]
     except RuntimeError:   # JAX_PLATFORMS without cpu: the default device does it
-        return jax, jax.devices()[0]
+        return jax, jax.local_devices()[0]
 
 
 def _resample_axis(jnp, x, axis: int, in_size: int, out_size: int):

@@ -18,6 +18,7 @@ import numpy as np
 from vsalmonn_jax.data.collate import collate
 from vsalmonn_jax.data.example import Featurizer
 from vsalmonn_jax.data.text import ENDOFTEXT, IM_END, token_id
+from vsalmonn_jax.distributed import to_host
 from vsalmonn_jax.generate.caption_run import UnreadableInput
 from vsalmonn_jax.generate.decode import generate
 from vsalmonn_jax.generate.sampling import SamplingConfig
@@ -128,6 +129,7 @@ class AVCaptioner:
         out = generate(self.llm, self.llm_vars, inputs_embeds=embeds[index], attention_mask=mask[index],
                        keys=keys, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
                        stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh)
+        out = to_host(out)   # every row on every process (rows may be sharded over hosts)
         tokens = out.token_lists()
         stopped, lengths = np.asarray(out.stopped), np.asarray(out.lengths)
         logprobs = np.asarray(out.logprobs).sum(axis=1)

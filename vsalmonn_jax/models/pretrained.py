@@ -169,7 +169,7 @@ def load_pretrained_variables(config, abstract: Mapping, shardings: Mapping | No
                 f"{lazy.source.stored_name(lazy.names[0])} ({'/'.join(path)}): shape {lazy.shape} in "
                 f"the checkpoint, {tuple(want.shape)} in the config; set the config's model shapes to "
                 "the checkpoint's (or use the matching preset)")
-        sharding = flat_shardings.get(path) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = flat_shardings.get(path) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         out[path] = jax.make_array_from_callback(
             tuple(want.shape), sharding, lambda index, lazy=lazy, dtype=want.dtype: lazy.read(index, dtype))
     loaded_parts = {part_of(p) for p in out}

@@ -130,7 +130,7 @@ def read_params(reader: SafetensorsReader, config: Qwen2Config, abstract_params:
             one_shape = abstract.shape[1:] if stacked else abstract.shape
             sources = [reader.get(entry.hf_name.format(i=i), _hf_shape(entry, one_shape))
                        for i in layer_ids]
-            sharding = flat_shardings.get(path) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = flat_shardings.get(path) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             out[path] = jax.make_array_from_callback(
                 abstract.shape, sharding, _slice_reader(sources, entry.transpose, stacked, abstract.dtype))
     return traverse_util.unflatten_dict(out)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vsalmonn_jax.distributed import any_process, ensure_shared_directory
@@ -129,7 +130,8 @@ def prepare_state(task, config, tx, mesh, *, state=None, params=None, shardings=
     fresh = st.TrainState(
         step=np.zeros((), np.int32), params=state.params, trainable=trainable,
         opt_state=tx.init(trainable), rng=jax.random.fold_in(state.rng, NEXT_STAGE),
-        ref_adapter=jax.tree.map(np.asarray, trainable.get("adapter", {}))
+        # a device copy: a host copy fails where the adapter spans hosts (fsdp / tensor over them)
+        ref_adapter=jax.tree.map(jnp.copy, trainable.get("adapter", {}))
         if st.uses_snapshot(config) else {})
     return jax.device_put(fresh, shardings), shardings
 

@@ -249,7 +249,8 @@ class AVPolicyEnv:
     def _captioner(self, state, sampling, seed: int, max_new_tokens: int):
         from vsalmonn_jax.generate.captioner import AVCaptioner
 
-        return AVCaptioner(self.config, self.task, jax.device_get(policy_variables(state)),
+        # the state's own (device, possibly multi-host sharded) arrays: no host copy of the base
+        return AVCaptioner(self.config, self.task, policy_variables(state),
                            self.tokenizer, sampling=sampling, max_new_tokens=int(max_new_tokens),
                            batch_size=self.sample_batch, seed=seed, mesh=self.mesh)
 
