@@ -192,6 +192,7 @@ RULES: dict[str, Any] = {
     "mrdpo.videos_per_round": COUNT,
     "mrdpo.batch_size": COUNT,
     "mrdpo.sample_batch": POSITIVE_INT,
+    "mrdpo.media_cache_gb": NON_NEGATIVE,
     "rebirth.non_caption_ratio": SHARE_BELOW_ONE,
     "rebirth.num_steps": COUNT,
     # ---- generation / evaluation ----

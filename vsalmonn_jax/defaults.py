@@ -146,6 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
         gt_guidance=True,         # pair records carry the GT caption for the dpo.gt_ce_weight CE
         ce_only_records=False,    # videos without a pair still give a GT-only (CE) record
         sample_batch=8,           # captions generated per batch (AV env; padded to the mesh)
+        media_cache_gb=4.0,       # decoded clips kept per host for reuse (AV env; least recent
+                                  # dropped first; ~55 MB per 110-frame clip)
         control=False))           # control arm: the same rounds with the DPO term off (GT CE only)
     c.rebirth = ml_collections.ConfigDict(dict(
         non_caption_ratio=0.3,    # share of non-caption (e.g. QA) records in the rebirth SFT mix

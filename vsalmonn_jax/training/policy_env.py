@@ -61,13 +61,14 @@ class ListIterator:
     its last example (one-pass mode), so every batch has `batch_size` rows.
     """
 
-    def __init__(self, examples: list[dict], collate_fn, batch_size: int, seed: int,
+    def __init__(self, examples: list, collate_fn, batch_size: int, seed: int,
                  shuffle: bool, repeat: bool):
         if not examples:
             raise ValueError("no records to batch (the round produced no pairs?)")
         self.examples, self.collate_fn = examples, collate_fn
         self.batch_size, self.seed, self.shuffle, self.repeat = int(batch_size), seed, shuffle, repeat
         self.epoch, self.position = 0, 0
+        self.rows = slice(None)   # which rows of each global batch to build (local_rows sets it)
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.examples)
@@ -89,7 +90,7 @@ class ListIterator:
         index = list(order[position:position + self.batch_size])
         while len(index) < self.batch_size:   # pad (one-pass tail, or fewer records than a batch)
             index.append(index[-1] if not self.repeat else order[len(index) % n])
-        batch = self.collate_fn([self.examples[int(i)] for i in index])
+        batch = self.collate_fn([self.examples[int(i)] for i in index[self.rows]])
         # the position moves only once the batch exists: a stop signal raised while collating (the
         # AV collate builds the pixel arrays) leaves the state at this batch, which a resume redoes
         self.epoch, self.position = epoch, position + self.batch_size
@@ -123,12 +124,17 @@ class LocalRows:
 
 
 def local_rows(iterator, mesh, batch_size: int):
-    """`iterator` itself on one process, else a LocalRows view of this process's rows."""
+    """`iterator` itself on one process, else this process's rows of it: a ListIterator builds only
+    those (its collate may decode media), any other is sliced (LocalRows)."""
     if jax.process_count() == 1:
         return iterator
     from vsalmonn_jax.distributed import process_batch_rows
 
-    return LocalRows(iterator, *process_batch_rows(batch_size, mesh))
+    start, stop = process_batch_rows(batch_size, mesh)
+    if isinstance(iterator, ListIterator):
+        iterator.rows = slice(start, stop)
+        return iterator
+    return LocalRows(iterator, start, stop)
 
 
 class TextPolicyEnv:
@@ -227,14 +233,45 @@ class TextPolicyEnv:
         return ListIterator(examples, collate_fixed, batch_size, seed, shuffle, repeat)
 
 
+class MediaCache:
+    """Featurised examples of recently used clips by item id, least recently used dropped beyond
+    `max_bytes` (their arrays' sizes): a round's clips are decoded for sampling and their pairs'
+    batches reuse them, but a whole training set of decoded clips (~55 MB each at 110 frames)
+    does not fit a host's memory."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.items, self.bytes = int(max_bytes), {}, 0
+
+    @staticmethod
+    def size(example: Mapping) -> int:
+        return sum(v.nbytes for v in example.values() if isinstance(v, np.ndarray))
+
+    def get(self, key: str) -> dict | None:
+        example = self.items.pop(key, None)
+        if example is not None:
+            self.items[key] = example   # now the most recent
+        return example
+
+    def put(self, key: str, example: dict) -> dict:
+        if key in self.items:
+            self.bytes -= self.size(self.items.pop(key))
+        self.items[key] = example
+        self.bytes += self.size(example)
+        while self.bytes > self.max_bytes and self.items:
+            self.bytes -= self.size(self.items.pop(next(iter(self.items))))
+        return example
+
+
 class AVPolicyEnv:
     """PolicyEnv of the audio-visual task (training/av_task.py) over media files.
 
     Generation goes through generate/captioner.py's AVCaptioner (frozen encoders -> connectors ->
     splice -> KV-cache decode); training batches through data/example.py's Featurizer and
     data/collate.py (the data pipeline's batch contract). Each item's media are decoded once and
-    kept (`prepared`), so later rounds and evaluations skip decoding. An unreadable item raises,
-    naming it (mrDPO items are the run's own clips: a broken one is a bug, not data noise).
+    kept in a bounded cache (`prepared`, mrdpo.media_cache_gb), so a round's pairs and evaluations
+    reuse them; training batches decode their rows when built, never a whole record set at once. An
+    unreadable item raises, naming it (mrDPO items are the run's own clips: a broken one is a bug,
+    not data noise).
     """
 
     def __init__(self, config, task, tokenizer, *, mesh=None, sample_batch: int = 8):
@@ -244,7 +281,8 @@ class AVPolicyEnv:
         self.sample_batch = int(sample_batch)
         self.featurizer = Featurizer.from_config(config)
         self.featurizer._tokenizer = tokenizer
-        self.prepared: dict[str, dict] = {}
+        gb = float(config.mrdpo.get("media_cache_gb", 4.0))
+        self.prepared = MediaCache(int(gb * 2**30))
 
     def _captioner(self, state, sampling, seed: int, max_new_tokens: int):
         from vsalmonn_jax.generate.captioner import AVCaptioner
@@ -258,15 +296,15 @@ class AVPolicyEnv:
         """Row g of `items` samples with key row_key(seed(rng), item id, g)."""
         seed = int(jax.random.randint(rng, (), 0, np.iinfo(np.int32).max))
         captioner = self._captioner(state, sampling, seed, max_new_tokens)
-        rows = []
-        for g, item in enumerate(items):
-            key = str(item["id"])
-            if key not in self.prepared:
-                self.prepared[key] = captioner.prepare(dict(item))
-            rows.append((item, g, self.prepared[key]))
         out: list[Sample] = []
-        for start in range(0, len(rows), captioner.batch_size):
-            for result in captioner.caption(rows[start:start + captioner.batch_size]):
+        for start in range(0, len(items), captioner.batch_size):   # decoded a batch at a time
+            rows = []
+            for g in range(start, min(start + captioner.batch_size, len(items))):
+                key = str(items[g]["id"])
+                example = self.prepared.get(key) or self.prepared.put(
+                    key, captioner.prepare(dict(items[g])))
+                rows.append((items[g], g, example))
+            for result in captioner.caption(rows):
                 out.append(Sample(text=result["caption"], stopped=result["stopped"],
                                   num_tokens=result["num_tokens"], logprob=result["logprob"]))
         return out
@@ -291,24 +329,35 @@ class AVPolicyEnv:
 
         if not records:
             raise ValueError("no records to batch")
-        examples = []
-        for i, record in enumerate(records):
-            record = {**record, "kind": record.get("kind") or infer_kind(record), "index": i}
-            example = self._reuse_media(record) or self.featurizer(record)
-            if "failed" in example:
-                raise ValueError(f"record {i} ({record.get('id', '?')}): {example['failed']}: "
-                                 f"{example.get('detail', '')}")
-            example.pop("has_pair", None)
-            examples.append(example)
-        longest = max(len(ex[p + "input_ids"]) for ex in examples for p in TEXT_PREFIXES
-                      if p + "input_ids" in ex)
+        records = [{**record, "kind": record.get("kind") or infer_kind(record), "index": i}
+                   for i, record in enumerate(records)]
+        longest = 0
+        for record in records:   # the text of every record now (cheap); media when batched
+            try:
+                fields = self.featurizer.text(record, has_media=True)
+            except ValueError as err:
+                raise ValueError(f"record {record['index']} ({record.get('id', '?')}): {err}") from err
+            longest = max([longest] + [len(fields[p + "input_ids"]) for p in TEXT_PREFIXES
+                                       if p + "input_ids" in fields])
         length = bucket_length(longest, tuple(self.config.data.length_buckets))
         c = self.config
 
-        def collate_fixed(batch_examples):
-            return collate(batch_examples, pad_id=self.featurizer.tokenizer.pad_token_id or 0,
+        def featurised(record: dict) -> dict:
+            example = self._reuse_media(record)
+            if example is None:
+                example = self.featurizer(record)
+                if "failed" in example:
+                    raise ValueError(f"record {record['index']} ({record.get('id', '?')}): "
+                                     f"{example['failed']}: {example.get('detail', '')}")
+                if record.get("video_id"):   # its clip's other records reuse the media
+                    self.prepared.put(str(record["video_id"]), example)
+            return {k: v for k, v in example.items() if k != "has_pair"}
+
+        def collate_fixed(batch_records):
+            return collate([featurised(r) for r in batch_records],
+                           pad_id=self.featurizer.tokenizer.pad_token_id or 0,
                            image_size=int(c.model.vision.image_size),
                            num_mel_bins=int(c.model.audio.num_mel_bins),
                            max_frames=int(c.data.max_frames), length_buckets=(length,))
 
-        return ListIterator(examples, collate_fixed, batch_size, seed, shuffle, repeat)
+        return ListIterator(records, collate_fixed, batch_size, seed, shuffle, repeat)

@@ -1,0 +1,90 @@
+"""The AV policy env's host memory: decoded clips live in a bounded cache, and training batches
+decode their own rows when built (the env held every decoded clip of every round, and featurised a
+round's whole record set before its first step: ~55 MB per 110-frame clip, far past a host's memory
+for the release's 13k DPO videos)."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+
+import vsalmonn_jax.data.example as example_lib
+from vsalmonn_jax.config import load_config
+from vsalmonn_jax.data.synthetic import build_dataset
+from vsalmonn_jax.data.synthetic_scene import default_config
+from vsalmonn_jax.training.policy_env import AVPolicyEnv, ListIterator, MediaCache
+
+
+def test_media_cache_drops_the_least_recent_past_its_budget():
+    cache = MediaCache(250)
+    for key in "abc":
+        cache.put(key, {"pixels": np.zeros(100, np.uint8)})
+    assert list(cache.items) == ["b", "c"] and cache.bytes == 200
+    assert cache.get("b") is not None and cache.get("a") is None
+    cache.put("d", {"pixels": np.zeros(100, np.uint8)})
+    assert list(cache.items) == ["b", "d"]                   # c was the least recent
+    assert MediaCache(0).put("x", {"pixels": np.zeros(1, np.uint8)}) is not None
+
+
+def test_a_list_iterator_builds_only_its_rows():
+    """A process of a multi-host run collates its own rows of each global batch (not all of them)."""
+    built = []
+
+    def collate(rows):
+        built.extend(rows)
+        return {"x": np.asarray(rows)}
+
+    whole = [next(ListIterator(list(range(8)), collate, 4, seed=3, shuffle=True, repeat=True))["x"]
+             for _ in range(1)][0]
+    built.clear()
+    mine = ListIterator(list(range(8)), collate, 4, seed=3, shuffle=True, repeat=True)
+    mine.rows = slice(2, 4)
+    np.testing.assert_array_equal(next(mine)["x"], whole[2:4])
+    assert built == whole[2:4].tolist()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    scene = default_config()
+    scene.update(dict(min_seconds=2, max_seconds=2))
+    build_dataset(str(root), n_train=3, n_val=0, n_test=0, cfg=scene)
+    items = [json.loads(line) for line in open(root / "train.jsonl")]
+    return root, items
+
+
+def _env(root, budget_gb: float) -> AVPolicyEnv:
+    config = load_config("tiny", [f"data.tokenizer={root / 'tokenizer'}", "data.max_frames=2",
+                                  f"mrdpo.media_cache_gb={budget_gb}"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    return AVPolicyEnv(config, None, tokenizer)
+
+
+def test_batches_decode_when_built_and_the_cache_stays_in_budget(clips, monkeypatch):
+    root, items = clips
+    decoded = []
+    features = example_lib.media_features
+    monkeypatch.setattr(example_lib, "media_features",
+                        lambda video, *a, **k: decoded.append(video) or features(video, *a, **k))
+    pairs = [{"video": str(root / it["video"]), "video_id": it["id"], "prompt": "Describe.",
+              "chosen": "A red circle appears.", "rejected": "A beep.", "gt": it["caption"]}
+             for it in items]
+    pairs.append(dict(pairs[0], chosen="A blue square turns."))     # a second pair of clip 0
+
+    env = _env(root, 1.0)
+    stream = env.batches(pairs, batch_size=2, seed=0, shuffle=False, repeat=False)
+    assert decoded == []                                        # nothing decoded before a batch
+    first = next(stream)
+    assert len(decoded) == 2
+    rest = list(stream)
+    assert len(decoded) == 3                                    # clip 0's second pair reused it
+    assert len(env.prepared.items) == 3 and env.prepared.bytes > 0
+
+    tight = _env(root, 0.0)                                     # nothing kept: decoded per use
+    again = list(tight.batches(pairs, batch_size=2, seed=0, shuffle=False, repeat=False))
+    assert tight.prepared.bytes == 0 and len(decoded) == 3 + 4
+    for got, want in zip(again, [first, *rest], strict=True):
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
