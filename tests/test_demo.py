@@ -222,7 +222,7 @@ def _eval_record(rng, n_videos=40):
             "qa": {"accuracy": 0.5}, **_record(counts)}
 
 
-def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path, monkeypatch):
+def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path, monkeypatch, capsys):
     import json
 
     from vsalmonn_jax.commands.demo import main
@@ -244,6 +244,15 @@ def test_report_only_writes_a_partial_report_from_finished_stages(tmp_path, monk
     assert "Partial report: stage(s) not finished: mrdpo_2, mrdpo_3, control_1" in report
     assert re.search(r"^\| mrdpo_1 vs sft \|", report, re.M)
     assert (tmp_path / "error_rates.png").exists()
+    # a resume with other settings than the run's saved ones is refused, naming them (it went on
+    # silently with the command line's, e.g. a --quick run resumed without --quick)
+    from vsalmonn_jax.commands.demo import demo_config
+
+    (tmp_path / "config.json").write_text(demo_config(True, None, []).to_json_best_effort())
+    assert main(["--resume", str(tmp_path), "--quick", "--report-only"]) == 0
+    assert main(["--resume", str(tmp_path), "--report-only"]) == 2
+    assert main(["--resume", str(tmp_path), "--quick", "--config.demo.dpo_steps=7"]) == 2
+    assert "demo.dpo_steps: 6 -> 7" in capsys.readouterr().err
 
 
 def test_runs_with_the_same_data_settings_share_one_data_folder(tmp_path):

@@ -68,6 +68,22 @@ def _report_only(config, run_dir: pathlib.Path) -> int:
     return 0
 
 
+def _settings_changed(run_dir: pathlib.Path, config) -> str:
+    """The settings of `config` that differ from the run's saved config.json ("field: saved -> new",
+    free fields and the data folder aside); "" when none differ or nothing was saved. A resume
+    rebuilds its config from the command line, and continued silently with the preset's settings
+    when the run's flags were not given again (a --quick run's data under the full sizes)."""
+    from vsalmonn_jax.training.run_config import as_dict, config_changes, is_free, read_run_config
+
+    saved = read_run_config(run_dir)
+    if saved is None:
+        return ""
+    changes = {k: v for k, v in config_changes(saved, as_dict(config)).items()
+               if not is_free(k) and k != "demo.data_dir"}
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changes.items())[:6]) + \
+        (f"; {len(changes) - 6} more" if len(changes) > 6 else "")
+
+
 def main(argv: list[str]) -> int:
     from vsalmonn_jax.config import split_config_args
 
@@ -89,6 +105,11 @@ def main(argv: list[str]) -> int:
         run_dir = pathlib.Path(args.resume)
         if not run_dir.is_dir():
             print(f"vsalmonn-jax demo: --resume {run_dir}: no such run directory", file=sys.stderr)
+            return 2
+        changed = _settings_changed(run_dir, config)
+        if changed:
+            print(f"vsalmonn-jax demo: --resume {run_dir}: the run was made with other settings "
+                  f"({changed}); pass the run's --quick / --config.* flags again", file=sys.stderr)
             return 2
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
