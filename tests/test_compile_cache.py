@@ -24,6 +24,28 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert compile_cache.cache_dir() is None and compile_cache.enable() is None
 
 
+def test_multi_process_cpu_runs_go_uncached(monkeypatch):
+    """2 CPU processes with executables from a warm cache hung in their first step's collectives
+    (a tiny AV mrDPO round, 5 of 5 tries; uncached it finished): such runs switch the cache off."""
+    import jax
+
+    monkeypatch.setenv(compile_cache.ENV, "")   # restored after the test, whatever it sets
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    assert not compile_cache.off_for_multiprocess_cpu()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not compile_cache.off_for_multiprocess_cpu() and compile_cache.ENV not in os.environ
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    before = jax.config.jax_enable_compilation_cache
+    try:
+        assert compile_cache.off_for_multiprocess_cpu()
+        assert os.environ[compile_cache.ENV] == "off" and not jax.config.jax_enable_compilation_cache
+        assert compile_cache.enable() is None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+
+
 def test_a_second_run_compiles_nothing_new(tmp_path):
     cache = tmp_path / "xla"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "JAX_PERSISTENT"))}

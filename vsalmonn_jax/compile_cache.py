@@ -6,7 +6,7 @@ Where: `$VSALMONN_JAX_CACHE_DIR` if set (`off` disables it), else `$XDG_CACHE_HO
 compiler version, so one folder serves every config, topology and checkout. Size: at each start, the
 least recently used entries beyond `$VSALMONN_JAX_CACHE_MAX_GB` (default 10; `unlimited` keeps all)
 are deleted (`trim`). Multi-host runs: each process reads, writes and trims the folder it sees (a
-shared filesystem shares it).
+shared filesystem shares it); multi-process CPU runs go uncached (`off_for_multiprocess_cpu`).
 """
 
 from __future__ import annotations
@@ -77,6 +77,21 @@ def trim(folder: pathlib.Path, limit: float) -> tuple[int, int]:
             continue
         freed += size
     return deleted, freed
+
+
+def off_for_multiprocess_cpu() -> bool:
+    """Switch the cache off in a multi-process run on CPU devices (call after jax.distributed starts);
+    True when it did. Measured here: a 2-process CPU mrDPO round with the cache warm from an
+    identical earlier run hung in its first train step, every process waiting in the step's
+    collectives (5 of 5 tries); the same run uncached, or with the cache cold, finished. GPU / TPU
+    runs keep it."""
+    import jax
+
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return False
+    os.environ[ENV] = "off"
+    jax.config.update("jax_enable_compilation_cache", False)
+    return True
 
 
 def enable() -> pathlib.Path | None:

@@ -324,6 +324,11 @@ def primary_value(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     spec = initialize()
+    from vsalmonn_jax import compile_cache
+
+    if compile_cache.off_for_multiprocess_cpu():
+        print("[vsalmonn-jax] CPU devices in several processes: the compile cache is off (runs with "
+              "cached executables hung in their collectives)", flush=True)
     print(f"[vsalmonn-jax] {spec.kind} cluster: process {jax.process_index()}/{jax.process_count()}, "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices", flush=True)
     from vsalmonn_jax import cli
