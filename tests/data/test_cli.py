@@ -53,9 +53,10 @@ def test_check_encodes_text_with_a_tokenizer(synth_dir, capsys):
 
 
 def test_check_with_the_7b_preset_cuts_audio_to_the_video(format_clips, tmp_path, capsys):
-    """configs/7b.py decodes as the release does: a 31-s track on a 30-s video is read as 30 s."""
+    """configs/7b.py decodes as the release does: a 31-s track on a 30-s video is read as 30 s (the
+    record names its sound, as the release's audio-visual records do: here the file's own track)."""
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps({"video": "v30_a31.mp4", "events": []}) + "\n")
+    path.write_text(json.dumps({"video": "v30_a31.mp4", "audio": "v30_a31.mp4", "events": []}) + "\n")
     check = ["data", "check", str(path), "--root", str(format_clips), "--config", "7b"]
     assert main(check) == 0
     assert "frames 30-30, audio 30.0-30.0 s" in capsys.readouterr().out
