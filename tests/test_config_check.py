@@ -157,3 +157,22 @@ def test_demo17_fields_fail(override, expect):
     with pytest.raises(ConfigError, match="invalid config") as err:
         validate(load_config("demo", [override]))
     assert expect in str(err.value)
+
+
+def test_step_counts_are_whole_accumulations():
+    """With grad_accum > 1 the optimizer updates every grad_accum steps: a stage of 10 steps at 4
+    applied 2 updates and dropped its last 2 micro-batches' gradients, silently."""
+    from vsalmonn_jax.training.state import steps_for_epochs
+
+    config = load_config("tiny", ["train.grad_accum=4", "train.num_steps=10",
+                                  "mrdpo.steps_per_round=8", "rebirth.num_steps=3"])
+    found = problems(config)
+    assert any(p.startswith("train.num_steps=10: not a multiple of train.grad_accum=4; its last 2")
+               and p.endswith("--config.train.num_steps=8") for p in found), found
+    assert any(p.startswith("rebirth.num_steps=3") and p.endswith("=4") for p in found)
+    assert not any(p.startswith("mrdpo.steps_per_round") for p in found)
+    config.train.epochs = 1                      # epochs: the derived count is rounded up instead
+    assert not any(p.startswith("train.num_steps") for p in problems(config))
+    assert steps_for_epochs(config.train, records=36, rows_per_step=8) == 8      # 5 -> 8
+    config.train.grad_accum = 1
+    assert steps_for_epochs(config.train, records=36, rows_per_step=8) == 5

@@ -252,11 +252,31 @@ def problems(config, *, needs_tokenizer: bool = False) -> list[str]:
         problem = rule.problem(value)
         if problem:
             out.append(f"{field}={value!r}: {problem}; fix: --config.{field}=<allowed value>")
+    out.extend(_partial_accumulation(config))
     if needs_tokenizer and not (str(lookup(config, "data.tokenizer", "") or "")
                                 or str(lookup(config, "model.pretrained.tokenizer", "") or "")):
         out.append("data.tokenizer is empty but this command reads text through the tokenizer; fix: "
                    "--config.data.tokenizer=DIR (a saved Hugging Face tokenizer) or set "
                    "model.pretrained.tokenizer")
+    return out
+
+
+def _partial_accumulation(config) -> list[str]:
+    """Step counts that are not a multiple of train.grad_accum: the last micro-batches of the stage
+    would be accumulated and never applied (the optimizer updates every grad_accum steps)."""
+    accum = lookup(config, "train.grad_accum", 1)
+    if not isinstance(accum, int) or accum <= 1:
+        return []
+    fields = ["mrdpo.steps_per_round", "rebirth.num_steps"]
+    if not lookup(config, "train.epochs", 0):   # epochs derive a multiple of grad_accum
+        fields.insert(0, "train.num_steps")
+    out = []
+    for field in fields:
+        steps = lookup(config, field, 0)
+        if isinstance(steps, int) and steps > 0 and steps % accum:
+            out.append(f"{field}={steps!r}: not a multiple of train.grad_accum={accum}; its last "
+                       f"{steps % accum} step(s) would never update the weights; fix: "
+                       f"--config.{field}={steps - steps % accum or accum}")
     return out
 
 

@@ -43,11 +43,14 @@ def num_updates(train_cfg, num_steps: int | None = None) -> int:
 
 def steps_for_epochs(train_cfg, records: int, rows_per_step: int) -> int | None:
     """Loop steps for train.epochs passes over `records` at `rows_per_step` global rows per step
-    (None when train.epochs is 0: train.num_steps is used). A pass's last partial batch counts whole."""
+    (None when train.epochs is 0: train.num_steps is used). A pass's last partial batch counts whole;
+    rounded up to a multiple of train.grad_accum (a partial accumulation would never be applied)."""
     epochs = int(train_cfg.get("epochs", 0) or 0)
     if epochs <= 0:
         return None
-    return max(1, math.ceil(epochs * int(records) / max(1, int(rows_per_step))))
+    accum = max(1, int(train_cfg.get("grad_accum", 1) or 1))
+    steps = max(1, math.ceil(epochs * int(records) / max(1, int(rows_per_step))))
+    return -(-steps // accum) * accum
 
 
 def make_schedule(train_cfg, total_updates: int) -> optax.Schedule:
