@@ -88,7 +88,8 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     """Per-example DPO losses and implicit rewards beta * (log pi - log ref) (rewards carry no grad).
 
     sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), h = (pi_c - ref_c) - (pi_r - ref_r)
-    ipo:     (h - 1 / (2 beta))^2
+    ipo:     (h - 1 / (2 beta))^2, on the same summed log-probs (TRL's IPO averages them per token,
+             which puts its 1 / (2 beta) target on another scale; not the release's loss)
     """
     logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":

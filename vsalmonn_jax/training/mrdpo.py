@@ -98,7 +98,8 @@ class MrdpoOptions:
 def merge_round(state: st.TrainState, lora_config: LoraConfig, rng: jax.Array, shardings=None,
                 mesh=None, rules=LOGICAL_AXIS_RULES) -> st.TrainState:
     """Round boundary: base <- W + scale A B, LoRA <- fresh (B = 0), jitted with the old base donated
-    (training/state.py merge_and_reinit). The policy is unchanged; the optimizer state and the
+    (training/state.py merge_and_reinit). The policy is unchanged (up to the base dtype's rounding:
+    see merge_and_reinit); the optimizer state and the
     reference snapshot are left to the next stage's `prepare_state` (fresh optimizer, adapter
     snapshot), so the next round's reference is the policy just trained."""
     if "lora" not in state.trainable:

@@ -239,7 +239,9 @@ def trainable_count(state: TrainState) -> dict[str, int]:
 
 def merge_and_reinit(state: TrainState, lora_config, rng: jax.Array, shardings=None) -> TrainState:
     """Fold the LoRA into the frozen base (W += scale A B, fp32, cast back) and start a fresh LoRA
-    (B = 0): the policy is unchanged and becomes the next DPO reference. Jitted; the old base is
+    (B = 0): the policy is unchanged (exactly in fp32; a bf16 base rounds the sum, which drops
+    much of an update far below the weights' scale, as the release's PEFT merge on its bf16 model
+    does) and becomes the next DPO reference. Jitted; the old base is
     donated so two copies never live at once. The optimizer state is left to the caller."""
     from vsalmonn_jax.lora import init_lora, merge
 
