@@ -88,3 +88,26 @@ def test_batches_decode_when_built_and_the_cache_stays_in_budget(clips, monkeypa
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_a_decode_failure_on_one_process_stops_every_process(monkeypatch):
+    """Sampling decodes its batch's clips on every process, then captions them in collectives: a
+    clip one process could not read raised there only, and the others waited in the collective."""
+    import jax
+
+    from vsalmonn_jax import distributed
+    from vsalmonn_jax.training.host_batches import DataErrorElsewhere, stop_together
+
+    stop_together(None, "decode")                                    # one process, no error
+    with pytest.raises(OSError, match="gone"):
+        stop_together(OSError("gone"), "decode")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    told = []
+    monkeypatch.setattr(distributed, "any_process", lambda flag: told.append(flag) or True)
+    with pytest.raises(DataErrorElsewhere, match="another process could not decode"):
+        stop_together(None, "decode")                                # the other one failed
+    with pytest.raises(OSError, match="gone"):
+        stop_together(OSError("gone"), "decode")                     # this one failed
+    assert told == [False, True]
+    monkeypatch.setattr(distributed, "any_process", lambda flag: flag)
+    stop_together(None, "decode")                                    # nobody failed

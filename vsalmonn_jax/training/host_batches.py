@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from vsalmonn_jax import distributed
 from vsalmonn_jax.distributed import batch_shard, local_batch_shards
 
 OPTIONAL = ("time_ids", "time_mask")   # per-frame time tokens: some batches have them
@@ -78,6 +79,18 @@ def _raise_if_failed(table: np.ndarray) -> None:
     if failed:
         raise DataErrorElsewhere(f"process(es) {failed} could not load their batch (the reason is in "
                                  "their log); every process stops")
+
+
+def stop_together(error: Exception | None, what: str) -> None:
+    """Host-side work that must succeed on every process before a collective (e.g. decoding the
+    clips a sampling batch captions): raise `error` where it happened and DataErrorElsewhere on the
+    other processes, instead of those entering the collective and waiting forever. One tiny
+    all-gather with several processes; one process: raise `error` if any."""
+    if jax.process_count() > 1 and distributed.any_process(error is not None) and error is None:
+        raise DataErrorElsewhere(f"another process could not {what} (the reason is in its log); "
+                                 "every process stops")
+    if error is not None:
+        raise error
 
 
 def report_failure(mesh, evaluation: bool = False) -> None:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from vsalmonn_jax.generate.sampling import SamplingConfig
+from vsalmonn_jax.training.host_batches import stop_together
 from vsalmonn_jax.training.pairs import Sample
 from vsalmonn_jax.training.task import present
 
@@ -298,12 +299,17 @@ class AVPolicyEnv:
         captioner = self._captioner(state, sampling, seed, max_new_tokens)
         out: list[Sample] = []
         for start in range(0, len(items), captioner.batch_size):   # decoded a batch at a time
-            rows = []
+            rows, error = [], None
             for g in range(start, min(start + captioner.batch_size, len(items))):
                 key = str(items[g]["id"])
-                example = self.prepared.get(key) or self.prepared.put(
-                    key, captioner.prepare(dict(items[g])))
+                try:
+                    example = self.prepared.get(key) or self.prepared.put(
+                        key, captioner.prepare(dict(items[g])))
+                except Exception as err:   # noqa: BLE001 - every kind stops every process
+                    error = err
+                    break
                 rows.append((items[g], g, example))
+            stop_together(error, "decode the clips of a sampling batch")   # before its collectives
             for result in captioner.caption(rows):
                 out.append(Sample(text=result["caption"], stopped=result["stopped"],
                                   num_tokens=result["num_tokens"], logprob=result["logprob"]))
