@@ -63,6 +63,11 @@ def test_gt_guided_objective():
     m = losses.dpo_metrics(jnp.array([1.0, 1.0]), jnp.array([0.2, -0.1]), jnp.array([0.1, 0.0]))
     assert float(m["rewards/accuracy"]) == pytest.approx(0.5)
     assert float(m["rewards/margins"]) == pytest.approx(0.0)
+    # rows without a pair (CE-only records, evaluation padding) are left out of the means
+    m = losses.dpo_metrics(jnp.array([0.2, 0.6931]), jnp.array([0.3, 0.0]), jnp.array([0.1, 0.0]),
+                           has_pair=jnp.array([True, False]))
+    assert float(m["rewards/accuracy"]) == 1.0 and float(m["dpo_loss"]) == pytest.approx(0.2)
+    assert float(m["rewards/margins"]) == pytest.approx(0.2)
 
 
 def test_release_step_is_the_mean_of_one_row_steps(rng):

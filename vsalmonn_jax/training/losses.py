@@ -130,14 +130,18 @@ def gt_guided_dpo_rows(dpo_losses: jax.Array, gt_logps: jax.Array, gt_mask: jax.
     return loss, gt_ce
 
 
-def dpo_metrics(losses: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array
-                ) -> dict[str, jax.Array]:
-    """Scalars for logging: DPO loss, rewards, margin and preference accuracy (batch means)."""
+def dpo_metrics(losses: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array,
+                has_pair: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Scalars for logging: DPO loss, rewards, margin and preference accuracy, means over the rows
+    that hold a pair (`has_pair` [B]; default all): a CE-only record or an evaluation's padding row
+    has no pair, and counted as a tie (loss log 2, margin 0, not accurate) it skewed every mean."""
     margins = chosen_rewards - rejected_rewards
+    weights = jnp.ones_like(losses) if has_pair is None else has_pair.astype(losses.dtype)
+    mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)  # noqa: E731
     return {
-        "dpo_loss": jnp.mean(losses),
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/margins": jnp.mean(margins),
-        "rewards/accuracy": jnp.mean((margins > 0).astype(jnp.float32)),
+        "dpo_loss": mean(losses),
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/margins": mean(margins),
+        "rewards/accuracy": mean((margins > 0).astype(losses.dtype)),
     }

@@ -174,13 +174,13 @@ def dpo_loss(task, opts: StepOptions, params, trainable, batch, media, ref, *, d
     per_example, chosen_r, rejected_r = losses.dpo_loss(
         chosen, rejected, ref[0], ref[1], beta=opts.beta, loss_type=opts.loss_type,
         label_smoothing=opts.label_smoothing)
+    has_pair = jnp.any(sets[0][1], axis=-1) | jnp.any(sets[1][1], axis=-1)              # [B]
     if use_gt and opts.gt_ce_mean == "rows":
-        has_pair = jnp.any(sets[0][1], axis=-1) | jnp.any(sets[1][1], axis=-1)          # [B]
         loss, gt_ce = losses.gt_guided_dpo_rows(per_example, *sets[2], has_pair, opts.gt_ce_weight)
     else:
         gt_ce = losses.masked_ce(*sets[2])[0] if use_gt else None
         loss = losses.gt_guided_dpo(per_example, gt_ce, opts.gt_ce_weight)
-    metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r)
+    metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r, has_pair)
     metrics.update({"logps/chosen": jnp.mean(chosen), "logps/rejected": jnp.mean(rejected),
                     "target_tokens": sum(jnp.sum(m.astype(jnp.float32)) for _, m in sets)})
     if use_gt:
