@@ -22,6 +22,7 @@ from vsalmonn_jax.models.attention import IMPLS as ATTENTION_IMPLS
 from vsalmonn_jax.models.av_llm import INTERLEAVE_MODES
 from vsalmonn_jax.models.connectors import NEWLINE_MODES, POOL_MODES
 from vsalmonn_jax.models.qwen2 import REMAT_NAMES, REMAT_POLICIES
+from vsalmonn_jax.training.pairs import UNFINISHED
 
 
 class ConfigError(ValueError):
@@ -193,6 +194,7 @@ RULES: dict[str, Any] = {
     "mrdpo.batch_size": COUNT,
     "mrdpo.sample_batch": POSITIVE_INT,
     "mrdpo.media_cache_gb": NON_NEGATIVE,
+    "mrdpo.unfinished": OneOf(UNFINISHED),
     "rebirth.non_caption_ratio": SHARE_BELOW_ONE,
     "rebirth.num_steps": COUNT,
     # ---- generation / evaluation ----

@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=0,             # pairs per step over the mesh; 0 = data.batch_size per data x fsdp
         gt_guidance=True,         # pair records carry the GT caption for the dpo.gt_ce_weight CE
         ce_only_records=False,    # videos without a pair still give a GT-only (CE) record
+        unfinished="collapsed",   # a rejected sample that never stopped trains as judged: repeats
+                                  # collapsed + <|im_end|> | as_sampled: its full text, no end
+                                  # token (DPO pushes down the loop itself); not in the release
         sample_batch=8,           # captions generated per batch (AV env; padded to the mesh)
         media_cache_gb=4.0,       # decoded clips kept per host for reuse (AV env; least recent
                                   # dropped first; ~55 MB per 110-frame clip)

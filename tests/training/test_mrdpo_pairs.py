@@ -109,6 +109,40 @@ def test_unterminated_samples_are_judged_and_trained_collapsed():
     assert scores[0][0].hallucinated == 0 and scores[0][0].missed == 2
 
 
+def test_an_unfinished_rejected_sample_as_sampled_trains_without_an_end_token(tmp_path):
+    """mrdpo.unfinished=as_sampled: a rejected sample that looped to max_new_tokens is trained as the
+    policy wrote it (full text, no <|im_end|>), not as its first cycle + an end token."""
+    import numpy as np
+    from mrdpo_helpers import tokenizer
+
+    from vsalmonn_jax.data.example import text_fields
+    from vsalmonn_jax.data.text import IM_END, token_id
+
+    looping = Sample("At 0 s, the red circle appears. " * 8, stopped=False)
+    rows = [[Sample(ITEM["caption"]), looping]]
+    scores = [[_score(), _score(h=2)]]
+    (collapsed,) = build_pairs([ITEM], rows, scores, PairRule(), default_prompt="d")
+    (sampled,) = build_pairs([ITEM], rows, scores, PairRule(), default_prompt="d",
+                             unfinished="as_sampled")
+    assert collapsed["rejected"].count("appears") == 1 and "rejected_stopped" not in collapsed
+    assert sampled["rejected"] == looping.text and sampled["rejected_stopped"] is False
+    assert sampled["chosen"] == collapsed["chosen"]
+    with pytest.raises(ValueError, match="mrdpo.unfinished must be one of"):
+        build_pairs([ITEM], rows, scores, PairRule(), default_prompt="d", unfinished="raw")
+    tok = tokenizer(str(tmp_path / "tok"))
+    end = token_id(tok, IM_END)
+    fields = {name: text_fields(dict(record, kind="preference"), tok, placeholder="<media>",
+                                has_media=False, max_length=None, truncation="error",
+                                default_prompt="d")
+              for name, record in (("collapsed", collapsed), ("sampled", sampled))}
+    for name, want_end in (("collapsed", True), ("sampled", False)):
+        ids, mask = fields[name]["rejected_input_ids"], fields[name]["rejected_loss_mask"]
+        assert (ids[-1] == end) == want_end and mask[-1]
+        assert fields[name]["chosen_input_ids"][-1] == end       # the chosen side always ends
+    assert np.count_nonzero(fields["sampled"]["rejected_loss_mask"]) > \
+        np.count_nonzero(fields["collapsed"]["rejected_loss_mask"])
+
+
 def test_bad_rule_and_missing_events_are_named():
     with pytest.raises(ValueError, match="pair_rule"):
         PairRule(rule="shortest")

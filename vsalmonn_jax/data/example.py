@@ -122,7 +122,8 @@ def text_fields(record: dict, tokenizer, *, placeholder: str, max_length: int, t
         if response is None:   # CE-only record: no pair; gt-only records have no chosen/rejected
             ids, mask = np.zeros((0,), np.int32), np.zeros((0,), bool)
         else:
-            ids, mask = text.encode_response(tokenizer, record["prompt"], response, **kw)
+            ids, mask = text.encode_response(tokenizer, record["prompt"], response,
+                                             ended=record.get(f"{name}_stopped") is not False, **kw)
         out[f"{name}_input_ids"], out[f"{name}_loss_mask"] = ids, mask
     out["has_pair"] = np.bool_(record.get("chosen") is not None)
     for name in ("ref_chosen_logps", "ref_rejected_logps"):

@@ -149,10 +149,15 @@ def encode_prompt(tokenizer, user_text: str, **kwargs) -> np.ndarray:
     return ids
 
 
-def encode_response(tokenizer, user_text: str, response: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt + one assistant response (DPO chosen / rejected / gt): (ids, loss_mask on response)."""
-    return encode_conversation(tokenizer, [{"role": "user", "content": user_text},
-                                           {"role": "assistant", "content": response}], **kwargs)
+def encode_response(tokenizer, user_text: str, response: str, ended: bool = True,
+                    **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt + one assistant response (DPO chosen / rejected / gt): (ids, loss_mask on response).
+    `ended=False`: a sample that never stopped, without the closing <|im_end|> it never wrote."""
+    ids, mask = encode_conversation(tokenizer, [{"role": "user", "content": user_text},
+                                                {"role": "assistant", "content": response}], **kwargs)
+    if not ended and len(ids) and ids[-1] == token_id(tokenizer, IM_END):
+        ids, mask = ids[:-1], mask[:-1]
+    return ids, mask
 
 
 def mcq_prompt(question: str, options: list[str]) -> str:

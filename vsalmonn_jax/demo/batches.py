@@ -32,12 +32,13 @@ class Tokens:
             raise ValueError(f"prompt is {len(ids)} tokens > demo.max_prompt_tokens {self.max_prompt}")
         return ids
 
-    def response_row(self, response: str, user: str | None = None, has_media: bool = True
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def response_row(self, response: str, user: str | None = None, has_media: bool = True,
+                     ended: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(ids, loss_mask); a response over the budget is cut (its end token is then lost).
-        has_media=False: a text-only row (no placeholder)."""
+        has_media=False: a text-only row (no placeholder); ended=False: no closing end token."""
         ids, mask = text_lib.encode_response(self.tokenizer, user or self.prompt, response,
-                                             placeholder=self.placeholder, has_media=has_media)
+                                             ended=ended, placeholder=self.placeholder,
+                                             has_media=has_media)
         return ids[: self.length], mask[: self.length]
 
     def decode(self, ids) -> str:

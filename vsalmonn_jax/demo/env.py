@@ -62,7 +62,8 @@ class DemoPolicyEnv:
         if kind == "preference":
             for key in ("chosen", "rejected", "gt"):
                 if record.get(key) is not None:
-                    out[key] = self.tokens.response_row(record[key], record.get("prompt"))
+                    out[key] = self.tokens.response_row(
+                        record[key], record.get("prompt"), ended=record.get(f"{key}_stopped") is not False)
         elif kind == "sft":
             turns = {turn["role"]: turn["content"] for turn in record["conversations"]}
             out["text"] = self.tokens.response_row(turns["assistant"], turns.get("user"))

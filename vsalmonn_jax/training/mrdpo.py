@@ -72,6 +72,7 @@ class MrdpoOptions:
     control: bool = False              # control arm: DPO term off (CE on the GT captions only)
     gt_guidance: bool = True           # pair records carry the GT caption for the CE term
     ce_only_records: bool = False      # videos without a pair still give a GT-only record
+    unfinished: str = "collapsed"      # a rejected sample that never stopped: pairs.UNFINISHED
     eval_max_new_tokens: int = 1024
 
     @classmethod
@@ -90,6 +91,7 @@ class MrdpoOptions:
             precompute_reference=bool(config.dpo.precompute_reference),
             control=bool(m.get("control", False)), gt_guidance=bool(m.get("gt_guidance", True)),
             ce_only_records=bool(m.get("ce_only_records", False)),
+            unfinished=str(m.get("unfinished", "collapsed")),
             eval_max_new_tokens=int(config.generate.max_new_tokens))
 
 
@@ -155,7 +157,8 @@ def make_round_records(env, state, items: Sequence[Mapping], judge, rule: PairRu
     samples = sample_captions(env, state, items, opts, rng)
     scores = pairs_lib.score_samples(judge, items, samples)
     records = pairs_lib.build_pairs(items, samples, scores, rule, default_prompt=default_prompt,
-                                    gt=opts.gt_guidance, ce_only_records=opts.ce_only_records)
+                                    gt=opts.gt_guidance, ce_only_records=opts.ce_only_records,
+                                    unfinished=opts.unfinished)
     stats = pairs_lib.pair_stats(items, samples, scores, records)
     if opts.control:
         records = control_records(items, default_prompt)

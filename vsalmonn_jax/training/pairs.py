@@ -190,16 +190,25 @@ def gt_caption(item: Mapping) -> str | None:
     return text if isinstance(text, str) and text.strip() else None
 
 
+UNFINISHED = ("collapsed", "as_sampled")   # how a rejected sample that never stopped is trained
+
+
 def build_pairs(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
                 scores: Sequence[Sequence], rule: PairRule, *, default_prompt: str,
-                gt: bool = True, ce_only_records: bool = False) -> list[dict]:
+                gt: bool = True, ce_only_records: bool = False,
+                unfinished: str = "collapsed") -> list[dict]:
     """Preference records for one round.
 
     Each pair record carries the video's media path(s), prompt, chosen / rejected caption texts,
     the ground-truth caption as `gt` (the CE guidance; `gt=False` leaves it out), and the scores of
     both sides for the logs. With `ce_only_records`, a video without a usable pair still gives a
-    CE-only record (gt only), as some records of the official data are.
+    CE-only record (gt only), as some records of the official data are. A sample without an end
+    token is judged with its repeats collapsed; `unfinished` "collapsed" trains it so too (with the
+    closing end token), "as_sampled" trains a rejected one as the policy wrote it: its full text,
+    no end token (`rejected_stopped: false`), so DPO pushes down the loop itself.
     """
+    if unfinished not in UNFINISHED:
+        raise ValueError(f"mrdpo.unfinished must be one of {UNFINISHED}, got {unfinished!r}")
     records = []
     for item, row, row_scores in zip(items, samples, scores, strict=True):
         base = {k: item[k] for k in MEDIA_FIELDS if item.get(k) is not None}
@@ -208,11 +217,15 @@ def build_pairs(items: Sequence[Mapping], samples: Sequence[Sequence[Sample]],
         lengths = [sentence_count(judged_text(sample)) for sample in row]
         chosen = _choose(rule, row_scores, lengths)
         for c, r in chosen:
+            sampled = unfinished == "as_sampled" and not row[r].stopped
             record = dict(base, id=f"{item.get('id', '')}:{c}>{r}", video_id=str(item.get("id", "")),
-                          chosen=judged_text(row[c]), rejected=judged_text(row[r]),
+                          chosen=judged_text(row[c]),
+                          rejected=row[r].text if sampled else judged_text(row[r]),
                           chosen_error=rule.error(row_scores[c]),
                           rejected_error=rule.error(row_scores[r]),
                           chosen_score=score_counts(row_scores[c]), rejected_score=score_counts(row_scores[r]))
+            if sampled:
+                record["rejected_stopped"] = False
             if truth is not None:
                 record["gt"] = truth
             records.append(record)
