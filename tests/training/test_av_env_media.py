@@ -61,33 +61,74 @@ def _env(root, budget_gb: float) -> AVPolicyEnv:
     return AVPolicyEnv(config, None, tokenizer)
 
 
-def test_batches_decode_when_built_and_the_cache_stays_in_budget(clips, monkeypatch):
+class FakeCaptioner:
+    """AVCaptioner's host side (prepare = the env's featuriser on a caption record); caption() writes
+    "<id>#<row>" and records each batch's rows."""
+
+    def __init__(self, env, batch_size=2, broken=()):
+        self.env, self.batch_size, self.broken, self.prepared, self.batches = env, batch_size, broken, [], []
+
+    def prepare(self, item):
+        if item["id"] in self.broken:
+            raise OSError(f"{item['id']}: gone")
+        self.prepared.append(item["id"])
+        return self.env.featurizer({**item, "kind": "caption"})
+
+    def caption(self, rows):
+        self.batches.append([g for _, g, _ in rows])
+        return [{"caption": f"{item['id']}#{g}", "stopped": True, "num_tokens": 1, "logprob": 0.0}
+                for item, g, _ in rows]
+
+
+def _sample(env, items, monkeypatch, **kw):
+    import jax
+
+    from vsalmonn_jax.generate.sampling import SamplingConfig
+
+    fake = FakeCaptioner(env, **kw)
+    monkeypatch.setattr(env, "_captioner", lambda *a: fake)
+    out = env.generate(None, items, sampling=SamplingConfig(), rng=jax.random.PRNGKey(0),
+                       max_new_tokens=4)
+    return fake, out
+
+
+def test_sampling_and_batches_decode_each_clip_once_within_budget(clips, monkeypatch):
     root, items = clips
+    items = [dict(it, video=str(root / it["video"])) for it in items]
     decoded = []
     features = example_lib.media_features
     monkeypatch.setattr(example_lib, "media_features",
                         lambda video, *a, **k: decoded.append(video) or features(video, *a, **k))
-    pairs = [{"video": str(root / it["video"]), "video_id": it["id"], "prompt": "Describe.",
+    # k = 2 samples per clip, rows sample-major (as sample_captions repeats them): a clip's two
+    # rows are sampled in one batch, in row order of the output, whatever the cache holds
+    tight = _env(root, 0.0)
+    fake, out = _sample(tight, items * 2, monkeypatch)
+    assert [s.text for s in out] == [f"{it['id']}#{g}" for g, it in enumerate(items * 2)]
+    assert fake.batches == [[0, 3], [1, 4], [2, 5]] and len(fake.prepared) == 3
+    assert tight.prepared.bytes == 0 and len(decoded) == 3
+    env = _env(root, 1.0)
+    _sample(env, items * 2, monkeypatch)
+    assert len(env.prepared.items) == 3 and len(decoded) == 6
+
+    pairs = [{"video": it["video"], "video_id": it["id"], "prompt": "Describe.",
               "chosen": "A red circle appears.", "rejected": "A beep.", "gt": it["caption"]}
              for it in items]
     pairs.append(dict(pairs[0], chosen="A blue square turns."))     # a second pair of clip 0
-
-    env = _env(root, 1.0)
+    cached = dict(env.prepared.items)
     stream = env.batches(pairs, batch_size=2, seed=0, shuffle=False, repeat=False)
-    assert decoded == []                                        # nothing decoded before a batch
     first = next(stream)
-    assert len(decoded) == 2
     rest = list(stream)
-    assert len(decoded) == 3                                    # clip 0's second pair reused it
-    assert len(env.prepared.items) == 3 and env.prepared.bytes > 0
-
-    tight = _env(root, 0.0)                                     # nothing kept: decoded per use
+    assert len(decoded) == 6                         # every pair reused its clip's sampled media
+    assert env.prepared.items == cached              # batches put nothing in sampling's cache
     again = list(tight.batches(pairs, batch_size=2, seed=0, shuffle=False, repeat=False))
-    assert tight.prepared.bytes == 0 and len(decoded) == 3 + 4
+    assert len(decoded) == 6 + 4                     # nothing cached: decoded when batched
     for got, want in zip(again, [first, *rest], strict=True):
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # batches decode lazily: nothing before the first batch
+    lazy = _env(root, 1.0).batches(pairs, batch_size=2, seed=0, shuffle=False, repeat=False)
+    assert len(decoded) == 10 and next(lazy) is not None and len(decoded) == 12
 
 
 def test_a_decode_failure_on_one_process_stops_every_process(monkeypatch):
@@ -111,3 +152,24 @@ def test_a_decode_failure_on_one_process_stops_every_process(monkeypatch):
     assert told == [False, True]
     monkeypatch.setattr(distributed, "any_process", lambda flag: flag)
     stop_together(None, "decode")                                    # nobody failed
+
+
+def test_sampling_stops_every_process_on_a_clip_one_cannot_decode(clips, monkeypatch):
+    """AVPolicyEnv.generate agrees on its batch's decoding before captioning it."""
+    import jax
+
+    from vsalmonn_jax import distributed
+    from vsalmonn_jax.training.host_batches import DataErrorElsewhere
+
+    root, items = clips
+    items = [dict(it, video=str(root / it["video"])) for it in items]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "any_process", lambda flag: True)   # another process failed
+    fake = None
+    with pytest.raises(DataErrorElsewhere):
+        fake, _ = _sample(_env(root, 1.0), items, monkeypatch)
+    with pytest.raises(OSError, match="gone"):                          # this process failed
+        _sample(_env(root, 1.0), items, monkeypatch, broken=(items[1]["id"],))
+    monkeypatch.setattr(distributed, "any_process", lambda flag: flag)
+    fake, out = _sample(_env(root, 1.0), items, monkeypatch)
+    assert len(out) == 3 and len(fake.batches) == 2

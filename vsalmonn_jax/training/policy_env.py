@@ -297,22 +297,29 @@ class AVPolicyEnv:
         """Row g of `items` samples with key row_key(seed(rng), item id, g)."""
         seed = int(jax.random.randint(rng, (), 0, np.iinfo(np.int32).max))
         captioner = self._captioner(state, sampling, seed, max_new_tokens)
-        out: list[Sample] = []
-        for start in range(0, len(items), captioner.batch_size):   # decoded a batch at a time
-            rows, error = [], None
-            for g in range(start, min(start + captioner.batch_size, len(items))):
+        # rows grouped by item, a batch at a time: a clip's k samples sit side by side, decoded and
+        # encoded once even when the cache cannot hold the round's clips; row g keeps its key
+        first: dict[str, int] = {}
+        for g, item in enumerate(items):
+            first.setdefault(str(item["id"]), g)
+        order = sorted(range(len(items)), key=lambda g: first[str(items[g]["id"])])
+        out: list[Sample | None] = [None] * len(items)
+        for start in range(0, len(order), captioner.batch_size):
+            rows, error, batch = [], None, {}
+            for g in order[start:start + captioner.batch_size]:
                 key = str(items[g]["id"])
                 try:
-                    example = self.prepared.get(key) or self.prepared.put(
+                    example = batch.get(key) or self.prepared.get(key) or self.prepared.put(
                         key, captioner.prepare(dict(items[g])))
+                    batch[key] = example
                 except Exception as err:   # noqa: BLE001 - every kind stops every process
                     error = err
                     break
                 rows.append((items[g], g, example))
             stop_together(error, "decode the clips of a sampling batch")   # before its collectives
-            for result in captioner.caption(rows):
-                out.append(Sample(text=result["caption"], stopped=result["stopped"],
-                                  num_tokens=result["num_tokens"], logprob=result["logprob"]))
+            for (_, g, _), result in zip(rows, captioner.caption(rows), strict=True):
+                out[g] = Sample(text=result["caption"], stopped=result["stopped"],
+                                num_tokens=result["num_tokens"], logprob=result["logprob"])
         return out
 
     def _reuse_media(self, record: dict) -> dict | None:
@@ -349,14 +356,11 @@ class AVPolicyEnv:
         c = self.config
 
         def featurised(record: dict) -> dict:
-            example = self._reuse_media(record)
-            if example is None:
-                example = self.featurizer(record)
-                if "failed" in example:
-                    raise ValueError(f"record {record['index']} ({record.get('id', '?')}): "
-                                     f"{example['failed']}: {example.get('detail', '')}")
-                if record.get("video_id"):   # its clip's other records reuse the media
-                    self.prepared.put(str(record["video_id"]), example)
+            example = self._reuse_media(record) or self.featurizer(record)
+            if "failed" in example:
+                raise ValueError(f"record {record['index']} ({record.get('id', '?')}): "
+                                 f"{example['failed']}: {example.get('detail', '')}")
+            # not cached: the cache holds sampling's caption examples, whose text generate() uses
             return {k: v for k, v in example.items() if k != "has_pair"}
 
         def collate_fixed(batch_records):
