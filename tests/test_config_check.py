@@ -159,20 +159,28 @@ def test_demo17_fields_fail(override, expect):
     assert expect in str(err.value)
 
 
-def test_step_counts_are_whole_accumulations():
+def test_step_counts_are_whole_accumulations(capsys):
     """With grad_accum > 1 the optimizer updates every grad_accum steps: a stage of 10 steps at 4
-    applied 2 updates and dropped its last 2 micro-batches' gradients, silently."""
+    applied 2 updates and dropped its last 2 micro-batches' gradients, silently. `train` refuses the
+    count of the stage it trains (only that one; caption / export / eval read such configs)."""
+    from vsalmonn_jax.config_check import accumulation_problems
     from vsalmonn_jax.training.state import steps_for_epochs
 
     config = load_config("tiny", ["train.grad_accum=4", "train.num_steps=10",
                                   "mrdpo.steps_per_round=8", "rebirth.num_steps=3"])
-    found = problems(config)
-    assert any(p.startswith("train.num_steps=10: not a multiple of train.grad_accum=4; its last 2")
-               and p.endswith("--config.train.num_steps=8") for p in found), found
-    assert any(p.startswith("rebirth.num_steps=3") and p.endswith("=4") for p in found)
-    assert not any(p.startswith("mrdpo.steps_per_round") for p in found)
-    config.train.epochs = 1                      # epochs: the derived count is rounded up instead
-    assert not any(p.startswith("train.num_steps") for p in problems(config))
+    (found,) = accumulation_problems(config)
+    assert found.startswith("train.num_steps=10: not a multiple of train.grad_accum=4; its last 2")
+    assert found.endswith("--config.train.num_steps=8") and not problems(config)
+    config.stage = "mrdpo"
+    assert accumulation_problems(config) == []                  # 8 steps per round: whole
+    config.stage = "rebirth"
+    (found,) = accumulation_problems(config)
+    assert found.startswith("rebirth.num_steps=3") and found.endswith("=4")
+    config.stage, config.train.epochs = "sft", 1                # epochs: rounded up instead
+    assert accumulation_problems(config) == []
     assert steps_for_epochs(config.train, records=36, rows_per_step=8) == 8      # 5 -> 8
     config.train.grad_accum = 1
     assert steps_for_epochs(config.train, records=36, rows_per_step=8) == 5
+    argv = ["train", "--config", "tiny_sft", "--config.data.train=synthetic:8",
+            "--config.train.grad_accum=4", "--config.train.num_steps=10", "--workdir", "unused"]
+    assert main(argv) == 2 and "train.num_steps=10: not a multiple" in capsys.readouterr().err

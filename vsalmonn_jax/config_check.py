@@ -254,7 +254,6 @@ def problems(config, *, needs_tokenizer: bool = False) -> list[str]:
         problem = rule.problem(value)
         if problem:
             out.append(f"{field}={value!r}: {problem}; fix: --config.{field}=<allowed value>")
-    out.extend(_partial_accumulation(config))
     if needs_tokenizer and not (str(lookup(config, "data.tokenizer", "") or "")
                                 or str(lookup(config, "model.pretrained.tokenizer", "") or "")):
         out.append("data.tokenizer is empty but this command reads text through the tokenizer; fix: "
@@ -263,23 +262,28 @@ def problems(config, *, needs_tokenizer: bool = False) -> list[str]:
     return out
 
 
-def _partial_accumulation(config) -> list[str]:
-    """Step counts that are not a multiple of train.grad_accum: the last micro-batches of the stage
-    would be accumulated and never applied (the optimizer updates every grad_accum steps)."""
+def accumulation_problems(config) -> list[str]:
+    """For `train`: the step count of the stage being trained (mrdpo: steps_per_round; rebirth: its
+    num_steps, else train's; others: train.num_steps, unless train.epochs derives it, rounded up)
+    when it is not a multiple of train.grad_accum: its last micro-batches would be accumulated and
+    never applied (the optimizer updates every grad_accum steps)."""
     accum = lookup(config, "train.grad_accum", 1)
     if not isinstance(accum, int) or accum <= 1:
         return []
-    fields = ["mrdpo.steps_per_round", "rebirth.num_steps"]
-    if not lookup(config, "train.epochs", 0):   # epochs derive a multiple of grad_accum
-        fields.insert(0, "train.num_steps")
-    out = []
-    for field in fields:
-        steps = lookup(config, field, 0)
-        if isinstance(steps, int) and steps > 0 and steps % accum:
-            out.append(f"{field}={steps!r}: not a multiple of train.grad_accum={accum}; its last "
-                       f"{steps % accum} step(s) would never update the weights; fix: "
-                       f"--config.{field}={steps - steps % accum or accum}")
-    return out
+    stage = lookup(config, "stage", "")
+    field = "train.num_steps"
+    if stage == "mrdpo":
+        field = "mrdpo.steps_per_round"
+    elif stage == "rebirth" and lookup(config, "rebirth.num_steps", 0):
+        field = "rebirth.num_steps"
+    elif lookup(config, "train.epochs", 0):
+        return []
+    steps = lookup(config, field, 0)
+    if not isinstance(steps, int) or steps <= 0 or not steps % accum:
+        return []
+    return [f"{field}={steps!r}: not a multiple of train.grad_accum={accum}; its last "
+            f"{steps % accum} step(s) would never update the weights; fix: "
+            f"--config.{field}={steps - steps % accum or accum}"]
 
 
 def validate(config, *, needs_tokenizer: bool = False) -> None:

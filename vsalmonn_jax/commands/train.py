@@ -114,7 +114,7 @@ def _apply_epochs(config, records: int) -> None:
 
 def main(argv: list[str]) -> int:
     from vsalmonn_jax.config import load_config, split_config_args
-    from vsalmonn_jax.config_check import check_for_cli
+    from vsalmonn_jax.config_check import accumulation_problems, check_for_cli
 
     config_path, overrides, rest = split_config_args(argv)
     args = _parser().parse_args(rest)
@@ -133,6 +133,9 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     if check_for_cli("vsalmonn-jax train", config, needs_tokenizer=not spec.startswith("synthetic")):
+        return 2
+    for problem in accumulation_problems(config):
+        print(f"vsalmonn-jax train: invalid config: {problem}", file=sys.stderr)
         return 2
     round_driven = config.stage == "mrdpo" or (config.stage == "rebirth" and config.rebirth.mrdpo_workdir)
     if round_driven and spec.startswith("synthetic"):
