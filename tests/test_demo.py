@@ -269,3 +269,12 @@ def test_runs_with_the_same_data_settings_share_one_data_folder(tmp_path):
     assert resolve_data_dir(config, tmp_path / "e", str(tmp_path / "mine")) == tmp_path / "mine"
     first.resolve().rmdir()   # the shared folder deleted: a resumed run makes it anew
     assert resolve_data_dir(config, tmp_path / "a", "").is_dir()
+    # a field added later keeps older folders' keys at the value they had, and changes it otherwise
+    from vsalmonn_jax.demo.data import data_key
+
+    older = config.copy_and_resolve_references()
+    with older.unlocked():
+        del older.data["video_audio"]
+    assert data_key(older) == data_key(config)
+    config.data.video_audio = "record"
+    assert data_key(config) != data_key(older)

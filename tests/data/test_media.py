@@ -76,13 +76,19 @@ def test_video_without_audio_track_silence_or_error(media_dir):
     assert err.value.reason == "no_audio" and "fps1_200s.mp4" in str(err.value)
 
 
-def test_release_records_take_sound_from_their_audio_field_only(media_dir):
+def test_release_records_take_sound_from_their_audio_field_only(media_dir, capsys):
     """data.video_audio=record (the release's loader: the modality is the record's keys): a video
     record without "audio" is visual-only whatever its file holds; "audio" naming the video file
     itself is its own track (files named to `caption`), a missing track then follows missing_audio."""
+    import vsalmonn_jax.data.media as media_lib
+
     clip = str(media_dir / "fps5_30s.mp4")                                  # has a 440 Hz track
+    media_lib._UNUSED_TRACK_NOTED = False
     silent = load_media(clip, video_audio="record")
     assert silent.has_video and not silent.has_audio and not silent.audio.any()
+    assert "fps5_30s.mp4 has an audio track that is not used" in capsys.readouterr().err
+    load_media(clip, video_audio="record")
+    assert capsys.readouterr().err == ""                                    # said once
     assert silent.audio.shape == (480000,)                                  # silence of its length
     own = load_media(clip, clip, video_audio="record")
     np.testing.assert_array_equal(own.audio, load_media(clip).audio)

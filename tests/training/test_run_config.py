@@ -14,6 +14,7 @@ from vsalmonn_jax.training.run_config import (
     RECORDS_KEY,
     ConfigChangedError,
     add_record,
+    as_dict,
     config_changes,
     is_free,
     write_run_config,
@@ -99,3 +100,16 @@ def test_a_hand_edited_utf8_config_reads_back_under_an_ascii_locale(tmp_path):
                           timeout=scaled(300))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == ascii("/données/train.jsonl")
+
+
+def test_a_new_field_with_a_new_preset_default_is_a_change(tmp_path):
+    """data.video_audio came after runs saved without it (they decoded the file's track); the 7B
+    preset now says record: resuming such a run took the new rule unnoticed. A missing field is
+    compared with the value the run had (LEGACY_VALUES)."""
+    old = as_dict(load_config("7b"))
+    del old["data"]["video_audio"]
+    assert config_changes(old, as_dict(load_config("7b"))) == {"data.video_audio": ("track", "record")}
+    assert config_changes(old, as_dict(load_config("7b", ["data.video_audio=track"]))) == {}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigChangedError, match="data.video_audio: 'track' -> 'record'"):
+        write_run_config(tmp_path, load_config("7b"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 
 import av
 import numpy as np
@@ -305,6 +306,22 @@ def load_audio(path: str, sample_rate: int = 16000, channel: str = "first") -> n
         return _decode_audio(path, container, sample_rate, channel)
 
 
+_UNUSED_TRACK_NOTED = False
+
+
+def _note_unused_track(video: str) -> None:
+    """Once per process: under data.video_audio=record a video record without "audio" is visual-only
+    even when its file has sound (right for the release's video-only records, a silent loss for
+    records that expect the file's track)."""
+    global _UNUSED_TRACK_NOTED
+    if not _UNUSED_TRACK_NOTED:
+        _UNUSED_TRACK_NOTED = True
+        print(f"data: NOTE {video} has an audio track that is not used: under data.video_audio=record "
+              "(the release's rule, configs/7b*.py) a video record without an \"audio\" field is "
+              "visual-only; name its audio in the record, or set --config.data.video_audio=track to "
+              "take every video file's own track", file=sys.stderr)
+
+
 def load_media(video: str | None = None, audio: str | None = None, *, fps: float = 1.0,
                max_frames: int = 110, sample_rate: int = 16000, min_audio_seconds: float = 1.0,
                missing_audio: str = "silence", channel: str = "first",
@@ -336,6 +353,8 @@ def load_media(video: str | None = None, audio: str | None = None, *, fps: float
                                            image_size)
             stream = container.streams.video[0]   # the video's own duration, not the container's
             duration = _video_seconds(stream) or _stream_seconds(stream, container)
+            if audio is None and not own_track and container.streams.audio:
+                _note_unused_track(video)
         if own_track:
             with _open(video) as container:
                 if container.streams.audio:

@@ -30,6 +30,14 @@ FREE_FIELDS = (
 )
 
 
+# fields added after runs were saved without them, with the behaviour those runs had: a resume that
+# sets another value is a change (a preset's new default would otherwise apply unnoticed)
+LEGACY_VALUES = {
+    "data.video_audio": "track",
+    "mrdpo.unfinished": "collapsed",
+}
+
+
 class ConfigChangedError(ValueError):
     """A resumed run's config differs from the saved one in fields that affect the trained weights."""
 
@@ -57,9 +65,11 @@ def as_dict(config) -> dict:
 
 
 def config_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """{field: (saved, new)} for fields present in both whose values differ (fields only one side
-    has, e.g. added by a newer version of the code, are not changes)."""
+    """{field: (saved, new)} for fields present in both whose values differ. A field the saved config
+    lacks (added by a newer version of the code) is compared with its LEGACY_VALUES entry, the
+    behaviour the run had; other such fields are not changes."""
     a, b = flatten({k: v for k, v in saved.items() if k != RECORDS_KEY}), flatten(new)
+    a.update({k: v for k, v in LEGACY_VALUES.items() if k not in a and k in b})
     return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 
