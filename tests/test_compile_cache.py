@@ -111,3 +111,18 @@ def test_the_size_limit_follows_the_environment(monkeypatch, capsys):
     # the CLI stops before any work with that message
     assert cli.main(["config", "show", "--config", "configs/tiny.py"]) == 2
     assert "VSALMONN_JAX_CACHE_MAX_GB='nan'" in capsys.readouterr().err
+
+
+def test_the_multi_host_entry_point_asks_for_it(monkeypatch, capsys):
+    """`python -m vsalmonn_jax.distributed CMD` starts jax.distributed, then switches the cache off
+    where off_for_multiprocess_cpu says so, before the command runs."""
+    from vsalmonn_jax import distributed
+
+    spec = distributed.ClusterSpec("explicit", 2, 0, "127.0.0.1:1", None)
+    calls = []
+    monkeypatch.setattr(distributed, "initialize", lambda: calls.append("init") or spec)
+    monkeypatch.setattr(compile_cache, "off_for_multiprocess_cpu", lambda: calls.append("off") or True)
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    assert distributed.main(["eval", "--help"]) == 0
+    assert calls == ["init", "off", ["eval", "--help"]]
+    assert "the compile cache is off" in capsys.readouterr().out
