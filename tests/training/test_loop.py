@@ -56,14 +56,26 @@ def test_dpo_toy_pairs_reach_full_accuracy(tmp_path):
     config = tiny_config("stage=dpo", "train.lr=1e-2", "train.num_steps=12", "train.log_every=1",
                          "train.checkpoint_every=1000", "dpo.gt_ce_weight=0.1")
     it = synthetic.ArrayIterator(synthetic.dpo_examples(8, 512, 12, seed=3), 8, seed=0)
-    _, summary = run_stage(config, it, tmp_path, task=build_task(config, text_only=True),
-                           mesh=mesh_of(8, data=2, fsdp=2, tensor=2), **QUIET)
+    task, mesh = build_task(config, text_only=True), mesh_of(8, data=2, fsdp=2, tensor=2)
+    state, summary = run_stage(config, it, tmp_path, task=task, mesh=mesh, **QUIET)
     train = [r for r in _records(tmp_path) if r["split"] == "train"]
     assert train[0]["dpo_loss"] == pytest.approx(np.log(2.0), abs=1e-5)
     assert train[-1]["rewards/accuracy"] == 1.0
     assert train[-1]["rewards/margins"] > train[3]["rewards/margins"] > 0
     assert train[-1]["dpo_loss"] < train[0]["dpo_loss"] - 0.05
     assert "gt_ce" in train[-1] and summary["checkpoint"].endswith("/12")
+    # evaluation over 11 pairs in batches of 8 and 3 (padded to 8): the pair metrics are means over
+    # the 11 pairs (a mean of the two batch means weighed the short batch as a full one)
+    from vsalmonn_jax.training.loop import compiled_steps, evaluate
+
+    steps = compiled_steps(task, config, 12, mesh)[2]                  # run_stage's own
+    data = synthetic.dpo_examples(11, 512, 12, seed=9)
+    rows = lambda index: {k: v[index] for k, v in data.items()}  # noqa: E731
+    got = evaluate(steps, state, [rows(slice(0, 8)), rows(slice(8, 11))])
+    alone = [evaluate(steps, state, [rows(slice(i, i + 1))]) for i in range(11)]
+    assert got["pairs"] == 11.0
+    for key in ("dpo_loss", "rewards/accuracy", "rewards/margins", "logps/chosen"):
+        assert got[key] == pytest.approx(np.mean([a[key] for a in alone]), rel=1e-5, abs=1e-6), key
 
 
 def _resume_config():

@@ -43,14 +43,21 @@ class NonFiniteLossError(RuntimeError):
     """A step produced a NaN/inf loss or gradient and train.on_nan == "stop"."""
 
 
+PAIR_MEANS = ("dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "rewards/accuracy", "logps/chosen", "logps/rejected")   # means over a batch's pairs
+
+
 def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
-    """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity).
+    """Mean of the eval-step metrics over `batches` (SFT: token-weighted CE and its perplexity; DPO:
+    the pair metrics weighted by each batch's pairs, so a short last batch counts its rows only,
+    and `pairs` their total).
 
     Each process passes its own stream (its shard of the val set). Every eval step is a collective,
     so with several processes they agree per step on the rows (host_batches.agreed_rows): a process
     whose stream is shorter, or whose batch is, fills in rows with no target token (exact for SFT),
     instead of the others waiting for it forever."""
     sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
     count = 0
     stream, template = iter(batches), None
     while True:
@@ -65,12 +72,17 @@ def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:
             break
         template = batch = pad_rows(batch if batch is not None else _no_targets(template, 1), rows)
         metrics = jax.device_get(steps.eval(state, device_batch(batch, steps)))
+        pairs = float(metrics.get("pairs", 1.0))
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            w = pairs if k in PAIR_MEANS else 1.0
+            sums[k] = sums.get(k, 0.0) + float(v) * w
+            weights[k] = weights.get(k, 0.0) + w
         count += 1
     if not count:
         return {}
-    out = {k: v / count for k, v in sums.items()}
+    out = {k: v / weights[k] if weights[k] else 0.0 for k, v in sums.items()}
+    if "pairs" in sums:
+        out["pairs"] = sums["pairs"]
     if "ce_sum" in sums and sums.get("target_tokens"):
         out["loss"] = sums["ce_sum"] / sums["target_tokens"]
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
