@@ -31,6 +31,7 @@ from vsalmonn_jax.training.host_batches import (
     rows_fingerprint,
 )
 from vsalmonn_jax.training.interrupts import Interrupted, stop_signals
+from vsalmonn_jax.training.losses import PAIR_MEANS
 from vsalmonn_jax.training.metrics_log import MetricsWriter, logged_row
 from vsalmonn_jax.training.packing import check_shared_prompts
 from vsalmonn_jax.training.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -41,10 +42,6 @@ HOST_ONLY = ("example_id",)  # batch fields kept on the host (error messages), n
 
 class NonFiniteLossError(RuntimeError):
     """A step produced a NaN/inf loss or gradient and train.on_nan == "stop"."""
-
-
-PAIR_MEANS = ("dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-              "rewards/accuracy", "logps/chosen", "logps/rejected")   # means over a batch's pairs
 
 
 def evaluate(steps: Steps, state, batches: Iterable[dict]) -> dict[str, float]:

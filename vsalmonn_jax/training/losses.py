@@ -130,18 +130,30 @@ def gt_guided_dpo_rows(dpo_losses: jax.Array, gt_logps: jax.Array, gt_mask: jax.
     return loss, gt_ce
 
 
+# the dpo_metrics that are means over a batch's pairs (evaluation weighs batches by "pairs")
+PAIR_MEANS = ("dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "rewards/accuracy", "logps/chosen", "logps/rejected")
+
+
 def dpo_metrics(losses: jax.Array, chosen_rewards: jax.Array, rejected_rewards: jax.Array,
-                has_pair: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Scalars for logging: DPO loss, rewards, margin and preference accuracy, means over the rows
-    that hold a pair (`has_pair` [B]; default all): a CE-only record or an evaluation's padding row
-    has no pair, and counted as a tie (loss log 2, margin 0, not accurate) it skewed every mean."""
+                has_pair: jax.Array | None = None, chosen_logps: jax.Array | None = None,
+                rejected_logps: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Scalars for logging: DPO loss, rewards, margin, preference accuracy (and the policy's
+    log-probs, when given), means over the rows that hold a pair (`has_pair` [B]; default all),
+    and `pairs`, their count: a CE-only record or an evaluation's padding row has no pair, and
+    counted as a tie (loss log 2, margin 0, not accurate) it skewed every mean."""
     margins = chosen_rewards - rejected_rewards
     weights = jnp.ones_like(losses) if has_pair is None else has_pair.astype(losses.dtype)
-    mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)  # noqa: E731
-    return {
+    pairs = jnp.sum(weights)
+    mean = lambda x: jnp.sum(weights * x) / jnp.maximum(pairs, 1.0)  # noqa: E731
+    out = {
+        "pairs": pairs,
         "dpo_loss": mean(losses),
         "rewards/chosen": mean(chosen_rewards),
         "rewards/rejected": mean(rejected_rewards),
         "rewards/margins": mean(margins),
         "rewards/accuracy": mean((margins > 0).astype(losses.dtype)),
     }
+    if chosen_logps is not None:
+        out.update({"logps/chosen": mean(chosen_logps), "logps/rejected": mean(rejected_logps)})
+    return out

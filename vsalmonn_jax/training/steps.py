@@ -180,12 +180,8 @@ def dpo_loss(task, opts: StepOptions, params, trainable, batch, media, ref, *, d
     else:
         gt_ce = losses.masked_ce(*sets[2])[0] if use_gt else None
         loss = losses.gt_guided_dpo(per_example, gt_ce, opts.gt_ce_weight)
-    metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r, has_pair)
-    pairs = jnp.sum(has_pair.astype(jnp.float32))
-    pair_mean = lambda x: jnp.sum(jnp.where(has_pair, x, 0.0)) / jnp.maximum(pairs, 1.0)  # noqa: E731
-    metrics.update({"pairs": pairs,
-                    "logps/chosen": pair_mean(chosen), "logps/rejected": pair_mean(rejected),
-                    "target_tokens": sum(jnp.sum(m.astype(jnp.float32)) for _, m in sets)})
+    metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r, has_pair, chosen, rejected)
+    metrics["target_tokens"] = sum(jnp.sum(m.astype(jnp.float32)) for _, m in sets)
     if use_gt:
         metrics["gt_ce"] = gt_ce
     return loss, metrics
