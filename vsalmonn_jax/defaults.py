@@ -7,6 +7,14 @@ import ml_collections
 
 from vsalmonn_jax.data.synthetic_scene import default_config as synthetic_defaults
 
+# fields added after runs and caches were saved without them, with the behaviour those had: a
+# resumed run compares a missing field with this value (training/run_config.py), and cache keys
+# leave the field out at it (data/example.py, demo/data.py), so older entries keep their keys
+LEGACY_VALUES = {
+    "data.video_audio": "track",
+    "mrdpo.unfinished": "collapsed",
+}
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()

@@ -54,12 +54,12 @@ class FeatureSettings:
 
 
 def _key_settings(settings: FeatureSettings) -> dict:
-    """The settings part of a media cache key; video_audio only when not "track" (the behaviour
-    before the field existed: entries cached then keep their keys)."""
-    out = dataclasses.asdict(settings)
-    if out["video_audio"] == "track":
-        del out["video_audio"]
-    return out
+    """The settings part of a media cache key; a field added later is left out at the value it
+    had before (defaults.LEGACY_VALUES: entries cached then keep their keys)."""
+    from vsalmonn_jax.defaults import LEGACY_VALUES
+
+    return {k: v for k, v in dataclasses.asdict(settings).items()
+            if LEGACY_VALUES.get(f"data.{k}", object()) != v}
 
 
 def media_features(video: str | None, audio: str | None, settings: FeatureSettings,

@@ -53,9 +53,9 @@ def tokenizer_corpus(config: ml_collections.ConfigDict) -> list[str]:
 def data_key(config: ml_collections.ConfigDict) -> str:
     """A hash of everything the rendered clips, the tokenizer and the encoded features depend on
     (data and model settings, the demo seed, split sizes): runs with the same key share one folder.
-    Fields added later are left out at the value earlier runs had (run_config.LEGACY_VALUES), so
+    Fields added later are left out at the value earlier runs had (defaults.LEGACY_VALUES), so
     their folders keep their keys."""
-    from vsalmonn_jax.training.run_config import LEGACY_VALUES
+    from vsalmonn_jax.defaults import LEGACY_VALUES
 
     data = {k: v for k, v in config.data.to_dict().items()
             if LEGACY_VALUES.get(f"data.{k}", object()) != v}

@@ -16,6 +16,7 @@ import pathlib
 from typing import Any
 
 from vsalmonn_jax.atomic_file import write_json
+from vsalmonn_jax.defaults import LEGACY_VALUES
 
 RECORDS_KEY = "run_records"
 # fields that do not change the trained weights: logging / checkpoint cadence, where the run lives,
@@ -28,14 +29,6 @@ FREE_FIELDS = (
     "data.root", "data.val", "data.test", "data.encoder_cache", "data.quarantine",
     "eval.cache_dir", "eval.llm_concurrency", "eval.embedding_threads",
 )
-
-
-# fields added after runs were saved without them, with the behaviour those runs had: a resume that
-# sets another value is a change (a preset's new default would otherwise apply unnoticed)
-LEGACY_VALUES = {
-    "data.video_audio": "track",
-    "mrdpo.unfinished": "collapsed",
-}
 
 
 class ConfigChangedError(ValueError):
