@@ -184,9 +184,10 @@ def run(out: pathlib.Path, restore_from: str | None, export_from: str | None, me
     # per-round reference log-probs (mrDPO): each process its rows, gathered, process 0 writes
     data = synthetic.dpo_examples(REFERENCE_ROWS, vocab, length=16, seed=200)
     order = np.minimum(np.arange(2 * GLOBAL_BATCH), REFERENCE_ROWS - 1)
-    batches = [{k: v[order[i:i + GLOBAL_BATCH]] for k, v in data.items()}
+    start, stop = distributed.process_batch_rows(GLOBAL_BATCH, mesh)   # each process its own rows
+    batches = [{k: v[order[i:i + GLOBAL_BATCH]][start:stop] for k, v in data.items()}
                for i in (0, GLOBAL_BATCH)]
-    reference = batch_reference(dpo, state, batches, REFERENCE_ROWS)
+    reference = batch_reference(dpo, state, batches, REFERENCE_ROWS, GLOBAL_BATCH)
     save_reference(out / "reference.jsonl", [
         {"index": i, "id": str(i), **dict(zip(REFERENCE_FIELDS, map(float, row), strict=True))}
         for i, row in enumerate(reference)])

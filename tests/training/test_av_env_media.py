@@ -173,3 +173,34 @@ def test_sampling_stops_every_process_on_a_clip_one_cannot_decode(clips, monkeyp
     monkeypatch.setattr(distributed, "any_process", lambda flag: flag)
     fake, out = _sample(_env(root, 1.0), items, monkeypatch)
     assert len(out) == 3 and len(fake.batches) == 2
+
+
+def test_sampling_decodes_the_next_batch_while_this_one_is_captioned(clips, monkeypatch):
+    """The clips of sampling batch i+1 are prepared (decoded, featurised) during batch i's caption
+    call, not after it: at 7B the accelerators otherwise idle through every batch's decode."""
+    import time
+
+    root, items = clips
+    items = [dict(it, video=str(root / it["video"])) for it in items]
+
+    class Waiting(FakeCaptioner):
+        seen = []
+
+        def caption(self, rows):
+            end = time.monotonic() + 60.0
+            while len(self.prepared) < len(items) and time.monotonic() < end and not self.batches:
+                time.sleep(0.01)   # the first batch waits (bounded) for the next one's decode
+            self.seen.append(len(self.prepared))
+            return super().caption(rows)
+
+    fake = Waiting(_env(root, 1.0), batch_size=2)
+    env = fake.env
+    import jax
+
+    from vsalmonn_jax.generate.sampling import SamplingConfig
+
+    monkeypatch.setattr(env, "_captioner", lambda *a: fake)
+    out = env.generate(None, items, sampling=SamplingConfig(), rng=jax.random.PRNGKey(0),
+                       max_new_tokens=4)
+    assert fake.seen == [3, 3]          # batch 2's clip was ready while batch 1 was captioned
+    assert [s.text for s in out] == [f"{it['id']}#{g}" for g, it in enumerate(items)]

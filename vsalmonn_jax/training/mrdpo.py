@@ -45,6 +45,7 @@ from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import PairRule, Sample
 from vsalmonn_jax.training.policy_env import local_rows
+from vsalmonn_jax.training.prefetch import Prefetch
 from vsalmonn_jax.training.round_reference import REFERENCE_FILE, round_reference
 from vsalmonn_jax.training.round_store import (  # noqa: F401  (re-exported: rebirth, demo, tests)
     RoundCheckpoints,
@@ -295,9 +296,10 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
             rows = global_batch(config, mesh, opts.batch_size)
             iterator = local_rows(env.batches(records, batch_size=rows,
                                               seed=int(config.data.shuffle_seed) + r), mesh, rows)
-            state, result = run_stage(cfg, iterator, rdir, task=env.task, state=state, mesh=mesh,
-                                      num_steps=opts.steps_per_round, on_step=step_hook,
-                                      progress=progress, tensorboard=tensorboard)
+            with Prefetch(iterator) as ahead:   # the next batch's media decode during the step
+                state, result = run_stage(cfg, ahead, rdir, task=env.task, state=state, mesh=mesh,
+                                          num_steps=opts.steps_per_round, on_step=step_hook,
+                                          progress=progress, tensorboard=tensorboard)
             if result["preempted"]:
                 summary.update(preempted=True, round=r, step=result["step"], signal=result["signal"])
                 return state, dict(summary, history=history)

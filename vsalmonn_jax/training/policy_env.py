@@ -16,6 +16,7 @@ import numpy as np
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training.host_batches import stop_together
 from vsalmonn_jax.training.pairs import Sample
+from vsalmonn_jax.training.prefetch import Prefetch
 from vsalmonn_jax.training.task import present
 
 MEDIA_EXAMPLE_KEYS = ("pixels", "frame_times", "mel", "audio_seconds", "has_video", "has_audio",
@@ -304,22 +305,29 @@ class AVPolicyEnv:
             first.setdefault(str(item["id"]), g)
         order = sorted(range(len(items)), key=lambda g: first[str(items[g]["id"])])
         out: list[Sample | None] = [None] * len(items)
-        for start in range(0, len(order), captioner.batch_size):
-            rows, error, batch = [], None, {}
-            for g in order[start:start + captioner.batch_size]:
-                key = str(items[g]["id"])
-                try:
-                    example = batch.get(key) or self.prepared.get(key) or self.prepared.put(
-                        key, captioner.prepare(dict(items[g])))
+
+        def prepared_batches():   # [(item, g, example)], the error that stopped the batch or None
+            for start in range(0, len(order), captioner.batch_size):
+                rows, batch = [], {}
+                for g in order[start:start + captioner.batch_size]:
+                    key = str(items[g]["id"])
+                    try:
+                        example = batch.get(key) or self.prepared.get(key) or self.prepared.put(
+                            key, captioner.prepare(dict(items[g])))
+                    except Exception as err:   # noqa: BLE001 - every kind stops every process
+                        yield rows, err
+                        return
                     batch[key] = example
-                except Exception as err:   # noqa: BLE001 - every kind stops every process
-                    error = err
-                    break
-                rows.append((items[g], g, example))
-            stop_together(error, "decode the clips of a sampling batch")   # before its collectives
-            for (_, g, _), result in zip(rows, captioner.caption(rows), strict=True):
-                out[g] = Sample(text=result["caption"], stopped=result["stopped"],
-                                num_tokens=result["num_tokens"], logprob=result["logprob"])
+                    rows.append((items[g], g, example))
+                yield rows, None
+
+        # the next batch's clips decode while this one samples
+        with Prefetch(prepared_batches(), depth=1) as ahead:
+            for rows, error in ahead:
+                stop_together(error, "decode the clips of a sampling batch")   # before its collectives
+                for (_, g, _), result in zip(rows, captioner.caption(rows), strict=True):
+                    out[g] = Sample(text=result["caption"], stopped=result["stopped"],
+                                    num_tokens=result["num_tokens"], logprob=result["logprob"])
         return out
 
     def _reuse_media(self, record: dict) -> dict | None:

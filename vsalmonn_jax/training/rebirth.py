@@ -21,6 +21,7 @@ from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import MEDIA_FIELDS, Sample, judged_text
 from vsalmonn_jax.training.policy_env import local_rows
+from vsalmonn_jax.training.prefetch import Prefetch
 
 
 def caption_records(items: Sequence[Mapping], captions: Sequence[Sample], default_prompt: str
@@ -140,9 +141,10 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
                                       seed=int(config.data.shuffle_seed)), mesh, rows)
     # the base is the pre-DPO model (its LoRA merged): saved with the checkpoints, so caption and
     # export read it instead of rebuilding the seed's
-    state, result = run_stage(cfg, iterator, workdir, task=env.task, state=pre_dpo_state,
-                              mesh=mesh, progress=progress, tensorboard=tensorboard,
-                              include_params=True)
+    with Prefetch(iterator) as ahead:   # the next batch's media decode during the step
+        state, result = run_stage(cfg, ahead, workdir, task=env.task, state=pre_dpo_state,
+                                  mesh=mesh, progress=progress, tensorboard=tensorboard,
+                                  include_params=True)
     summary = {"preempted": result["preempted"], "signal": result["signal"], "step": result["step"],
                "records": len(built["records"]),
                "captions": built["captions"], "skipped_empty": built["skipped_empty"],

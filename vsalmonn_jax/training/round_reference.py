@@ -16,27 +16,33 @@ import jax
 import numpy as np
 
 from vsalmonn_jax.atomic_file import write_jsonl
+from vsalmonn_jax.training.policy_env import local_rows
+from vsalmonn_jax.training.prefetch import Prefetch
 
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 REFERENCE_FILE = "reference.jsonl"
 
 
-def batch_reference(steps, state, batches: Iterable[dict], count: int) -> np.ndarray:
+def batch_reference(steps, state, batches: Iterable[dict], count: int, batch_size: int) -> np.ndarray:
     """(chosen, rejected) reference log-probs [count, 2] of rows 0..count-1, on every process.
 
-    batches: global host batches, the same on every process, whose "example_id" [B] is the row
-    (a padded last batch repeats rows: they write the same values again). Each process sends its
-    rows of a batch through the loop's batch-to-device path to `steps.reference` (sharded over
-    data x fsdp); the [B] outputs are gathered to every process.
+    batches: this process's rows (`process_batch_rows`) of global batches of `batch_size` rows that
+    hold rows 0..count-1 in order, the last one padded with copies of row count-1 (a one-pass,
+    unshuffled ListIterator under `local_rows`); "example_id" [rows] is the row. Each process sends
+    its rows through the loop's batch-to-device path to `steps.reference` (sharded over data x
+    fsdp); the [batch_size] outputs are gathered to every process.
     """
     from vsalmonn_jax.distributed import process_batch_rows, to_host
     from vsalmonn_jax.training.loop import device_batch
 
     out = np.full((count, 2), np.nan)
-    for batch in batches:
-        ids = np.asarray(batch["example_id"])                                  # [B]
-        start, stop = process_batch_rows(len(ids), steps.mesh)
-        local = {k: np.asarray(v)[start:stop] for k, v in batch.items()}
+    start, stop = process_batch_rows(batch_size, steps.mesh)
+    for i, local in enumerate(batches):
+        ids = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), count - 1)   # [B]
+        mine = np.asarray(local["example_id"])                                          # [rows]
+        if not np.array_equal(mine, ids[start:stop]):
+            raise RuntimeError(f"reference batch {i}: this process's rows hold examples "
+                               f"{mine.tolist()[:8]}, expected {ids[start:stop].tolist()[:8]}")
         values = to_host(steps.reference(state, device_batch(local, steps)))   # {field: [B]}
         out[ids] = np.stack([values[k] for k in REFERENCE_FIELDS], axis=1)
     bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
@@ -67,8 +73,10 @@ def compute_reference(env, config, state, records: Sequence[Mapping], mesh, *, b
     tx, _, steps, shardings, _ = compiled_steps(env.task, config, num_steps, mesh)
     ref_state, _ = prepare_state(env.task, config, tx, mesh, state=state, shardings=shardings)
     subset = [records[i] for i in index]
-    batches = env.batches(subset, batch_size=batch_size, seed=0, shuffle=False, repeat=False)
-    values = batch_reference(steps, ref_state, batches, len(subset))
+    batches = local_rows(env.batches(subset, batch_size=batch_size, seed=0, shuffle=False,
+                                     repeat=False), mesh, batch_size)
+    with Prefetch(batches) as ahead:   # the next batch's media decode while this one runs
+        values = batch_reference(steps, ref_state, ahead, len(subset), batch_size)
     return [{"index": i, "id": str(records[i].get("id", "")),
              REFERENCE_FIELDS[0]: float(c), REFERENCE_FIELDS[1]: float(r)}
             for i, (c, r) in zip(index, values, strict=True)]
