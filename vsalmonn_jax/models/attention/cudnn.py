@@ -19,7 +19,8 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec,
 
     Padding goes to cuDNN as lengths (valid tokens first: right padding). A key_mask that is not a
     valid prefix of each row (left padding, holes) cannot be expressed as a length: those rows come
-    back as NaN so the error is loud, never a silently wrong attention.
+    back as NaN so the error is loud, never a silently wrong attention. Rows of no valid token are
+    zeros.
     """
     if spec.segment_ids is not None or spec.branch_ids is not None:
         raise ValueError("cudnn attention supports causal and padding masks only (no segment_ids / "
@@ -34,4 +35,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec,
                                        implementation="cudnn")
     if lengths is None:
         return out
+    # a row without a valid token (a CE-only row's absent pair, a padding row) is zeros, as on the
+    # xla path: cuDNN's softmax over zero keys is undefined, and a NaN there would reach the loss
+    out = jnp.where((lengths > 0)[:, None, None, None], out, 0)
     return jnp.where(right_padded[:, None, None, None], out, jnp.nan).astype(out.dtype)
