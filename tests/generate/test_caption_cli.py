@@ -114,7 +114,23 @@ def test_caption_command_skips_corrupt_and_resumes(caption_setup, capsys):
     assert main(other) == 2
     assert "holds captions written with other settings (sampling: " in capsys.readouterr().err
     assert [json.loads(x) for x in out.read_text().splitlines()] == lines
-    assert json.loads((root / "out" / "captions.jsonl.settings.json").read_text())["max_new_tokens"] == 5
+    saved = json.loads((root / "out" / "captions.jsonl.settings.json").read_text())
+    assert saved["max_new_tokens"] == 5 and saved["data.max_frames"] == 110
+    # so would other inputs (frames, audio channel: every caption changes): refused before a model
+    # is loaded, naming the fields
+    import vsalmonn_jax.generate.backend as backend_lib
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the settings check")
+
+    real, backend_lib.open_backend = backend_lib.open_backend, no_load
+    try:
+        assert main([*argv, "--config.data.max_frames=2", "--config.data.audio_channel=mean"]) == 2
+    finally:
+        backend_lib.open_backend = real
+    err = capsys.readouterr().err
+    assert "data.max_frames: 110 -> 2" in err and "data.audio_channel: 'first' -> 'mean'" in err
+    assert [json.loads(x) for x in out.read_text().splitlines()] == lines
 
 
 @pytest.mark.slow

@@ -182,20 +182,22 @@ def caption_items(config, items, *, checkpoint, step, sampling, num_samples, bat
                   errors_output, max_new_tokens, seed, progress, run_dir=None, source=""):
     """Load the model once, then run the resumable caption loop over `items`."""
     from vsalmonn_jax.generate.backend import open_backend
+    from vsalmonn_jax.generate.caption_io import check_settings, input_settings
     from vsalmonn_jax.generate.caption_run import run_captions
 
     rows = max(1, min(int(batch_size), len(items) * int(num_samples)))   # one video: one row, not 8
+    inputs = input_settings(config)
+    check_settings(output, inputs, write=False)   # before a (7B) model load
     backend, what = open_backend(config, run_dir, checkpoint, step=step, sampling=sampling,
                                  max_new_tokens=max_new_tokens, batch_size=rows, seed=seed)
     print(f"caption: {what}; config {source or 'given'}; {len(items)} items x {num_samples} "
           f"samples, {sampling}", file=sys.stderr)
-    from vsalmonn_jax.generate.caption_io import check_settings
     from vsalmonn_jax.generate.generation_config import warn_unapplied
 
     warn_unapplied(config, sampling, "caption")
 
     check_settings(output, {"model": what, "prompt": str(config.generate.prompt),
                             "sampling": str(sampling), "max_new_tokens": int(max_new_tokens),
-                            "seed": int(seed)})
+                            "seed": int(seed), **inputs})
     return run_captions(items, backend, output=output, errors_output=errors_output,
                         num_samples=num_samples, progress=progress)

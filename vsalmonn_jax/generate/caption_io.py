@@ -170,10 +170,29 @@ def settings_path(output: str) -> str:
     return output + ".settings.json"
 
 
-def check_settings(output: str, settings: dict) -> None:
+# config fields a caption depends on besides the weights, the prompt and the sampling: how a file
+# becomes model input (data.*) and the model's architecture / pretrained sources (model.*)
+INPUT_FIELDS = ("data.tokenizer", "data.fps", "data.max_frames", "data.sample_rate",
+                "data.min_audio_seconds", "data.missing_audio", "data.audio_channel",
+                "data.max_length", "data.truncation", "data.prompt_format", "data.time_tokens",
+                "data.audio_cut", "data.video_audio", "data.frame_sampling", "model.*")
+
+
+def input_settings(config) -> dict:
+    """The INPUT_FIELDS of `config`, flattened ({"data.fps": 1.0, "model.llm.num_layers": 28, ...})."""
+    from vsalmonn_jax.training.run_config import as_dict, flatten
+
+    flat = flatten(as_dict(config))
+    return {k: v for k, v in flat.items() if any(
+        k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in INPUT_FIELDS)}
+
+
+def check_settings(output: str, settings: dict, *, write: bool = True) -> None:
     """Resuming into `output` must not mix two runs: when it holds captions written with other
-    `settings` (model, prompt, sampling, ...), InputError naming each change; else the settings
-    are recorded beside it (an older file without a record is taken as this run's)."""
+    `settings` (model, prompt, sampling, input config fields, ...), InputError naming each change;
+    else (write=True) the settings are recorded beside it. A field the record lacks (written by an
+    older version) is not compared; an older file without a record is taken as this run's.
+    write=False only compares (a check before the model is loaded)."""
     path = settings_path(output)
     has_rows = os.path.exists(output) and os.path.getsize(output) > 0
     if has_rows and os.path.exists(path):
@@ -182,7 +201,8 @@ def check_settings(output: str, settings: dict) -> None:
                 saved = json.load(handle)
         except (OSError, ValueError) as err:
             raise InputError(f"{path}: unreadable ({err}); delete it to resume {output} as is") from err
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        changed = {k: (saved[k], v) for k, v in json.loads(json.dumps(settings)).items()
+                   if k in saved and saved[k] != v}
         if changed:
             raise InputError(
                 f"{output} holds captions written with other settings ("
@@ -190,9 +210,10 @@ def check_settings(output: str, settings: dict) -> None:
                 + "): resuming would mix two runs in one file; write to another --output, or delete "
                 "it (and its settings file) to start over")
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    write_json(path, settings, indent=1)
+    if write:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        write_json(path, settings, indent=1)
 
 
 class JsonlWriter:
