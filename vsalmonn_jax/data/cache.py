@@ -24,8 +24,9 @@ def file_digest(path: str, block: int = 1 << 20) -> str:
 
 
 # bumped whenever decoding changes what the same settings give (2: the release's frame steps under
-# frame_sampling=file at every length, audio-only records cut under audio_cut=video)
-DECODE_VERSION = 2
+# frame_sampling=file at every length, audio-only records cut under audio_cut=video; 3: rotated
+# video upright, audio past an estimated duration kept, a held last frame not "truncated")
+DECODE_VERSION = 3
 
 
 def media_key(paths: Mapping[str, str | None], settings: Mapping) -> str:

@@ -191,28 +191,38 @@ class _Kept:
         return self.done
 
 
+def upright(frame: np.ndarray, rotation: float) -> np.ndarray:
+    """[H, W, 3] as displayed: `rotation` is the stream's display-matrix angle (PyAV's
+    frame.rotation, counter-clockwise degrees; a phone's portrait video: -90), which players and the
+    release's decord (FFmpeg's transpose) apply: -90 turns the picture 90 degrees clockwise."""
+    turns = int(round(float(rotation or 0) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(frame, k=turns)) if turns else frame
+
+
 def _pick_frames(path: str, container, targets: np.ndarray, size: int | None = None):
     """Decode EVERY frame of the first video stream; keep the first frame at or after each target
-    time (resized to `size` when given). -> (frames, times, index of the first target each kept
-    frame serves, last frame's time)."""
+    time (upright, resized to `size` when given). -> (frames, times, index of the first target each
+    kept frame serves, the end of the last frame: its time + its own duration, else 1 / avg rate)."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     rate = float(stream.average_rate) if stream.average_rate else 0.0
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     tolerance = 0.5 / rate if rate > 0 else 1e-3
     kept, first_size = _Kept(size), None
-    times, served, next_target, count, last = [], [], 0, 0, 0.0
+    times, served, next_target, count, last, end = [], [], 0, 0, 0.0, 0.0
     try:
         for frame in container.decode(stream):           # to the end: a stream may outlast its
             t = (float(frame.pts * stream.time_base) - start) if frame.pts is not None \
                 else count / max(rate, 1e-6)              # stated duration (VFR)
-            count, last = count + 1, max(last, t)
+            shown = float(frame.duration * stream.time_base) if frame.duration else (
+                1.0 / rate if rate > 0 else 0.0)          # a held last frame shows for long
+            count, last, end = count + 1, max(last, t), max(end, t + shown)
             if next_target >= len(targets) or t + tolerance < targets[next_target]:
                 continue
             first_size = first_size or (frame.width, frame.height)
             if (frame.width, frame.height) != first_size:   # a mid-stream size change is rescaled
                 frame = frame.reformat(width=first_size[0], height=first_size[1])
-            kept.add(frame.to_ndarray(format="rgb24"))
+            kept.add(upright(frame.to_ndarray(format="rgb24"), frame.rotation))
             times.append(t)
             served.append(next_target)
             while next_target < len(targets) and targets[next_target] <= t + tolerance:
@@ -221,7 +231,7 @@ def _pick_frames(path: str, container, targets: np.ndarray, size: int | None = N
         raise MediaError(path, "corrupt", f"video decode failed after {count} frames: {err}") from err
     if not count:
         raise MediaError(path, "no_frames", "no video frame could be decoded")
-    return kept.frames(), times, served, last
+    return kept.frames(), times, served, last, end
 
 
 def _decode_frames(path: str, container, fps: float, max_frames: int,
@@ -234,10 +244,9 @@ def _decode_frames(path: str, container, fps: float, max_frames: int,
     stated = _video_seconds(stream)
     hint = stated or (container.duration / 1e6 if container.duration else 0.0)
     targets = target_times(path, hint, fps, max_frames, sampling)
-    frames, times, served, last = _pick_frames(path, container, targets, size)
-    rate = float(stream.average_rate) if stream.average_rate else 0.0
-    if stated is not None and stated - (last + (1.0 / rate if rate > 0 else 0.0)) > 1.0 / fps:
-        raise MediaError(path, "truncated", f"frames end at {last:.2f} s of {stated:.2f} s")
+    frames, times, served, last, end = _pick_frames(path, container, targets, size)
+    if stated is not None and stated - end > 1.0 / fps:
+        raise MediaError(path, "truncated", f"frames end at {end:.2f} s of {stated:.2f} s")
     if sampling == "file":   # the release's frames of the file, as picked
         return np.stack(frames), np.asarray(times, np.float32)
     wanted = sample_times(last + 1e-3, fps, max_frames)   # every grid time the frames reach
@@ -246,7 +255,7 @@ def _decode_frames(path: str, container, fps: float, max_frames: int,
         frames, times = [frames[k] for k in keep], [times[k] for k in keep]
     else:                                                 # the stated duration was wrong: again
         with _open(path) as again:
-            frames, times, _, _ = _pick_frames(path, again, wanted, size)
+            frames, times, _, _, _ = _pick_frames(path, again, wanted, size)
     return np.stack(frames), np.asarray(times, np.float32)
 
 
@@ -273,6 +282,16 @@ def _to_mono(path: str, wave: np.ndarray, names: list[str], channel: str) -> np.
     return wave[0]
 
 
+def _kept_samples(decoded: int, stated_seconds: float, rate: int, frame_size: int) -> int:
+    """How many decoded samples are the track: the stated duration's when the decode overshoots it by
+    at most two codec frames (AAC / Opus / MP3 pad their last frame), else all of them: a larger
+    overshoot means the duration is FFmpeg's estimate from the bitrate (a raw .aac, an .mp3 without
+    a Xing header states a fraction of a long track), which the release's sf.read never cuts."""
+    stated = int(round(stated_seconds * rate)) if stated_seconds > 0 else decoded
+    padding = 2 * max(int(frame_size or 0), 1152)
+    return stated if 0 <= decoded - stated <= padding else decoded
+
+
 def _decode_audio(path: str, container, sample_rate: int, channel: str) -> np.ndarray:
     stream = container.streams.audio[0]
     chunks, rate, names = [], 0, []
@@ -290,9 +309,8 @@ def _decode_audio(path: str, container, sample_rate: int, channel: str) -> np.nd
     except _DECODE_ERRORS as err:
         raise MediaError(path, "corrupt", f"audio decode failed: {err}") from err
     mono = _to_mono(path, wave, names, channel)
-    duration = _stream_seconds(stream, container)
-    if duration > 0:                                          # AAC pads its last frame
-        mono = mono[: int(round(duration * rate))]
+    mono = mono[: _kept_samples(mono.shape[0], _stream_seconds(stream, container), rate,
+                                stream.codec_context.frame_size)]
     if rate != sample_rate:
         mono = soxr.resample(mono.astype(np.float32), rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
