@@ -134,3 +134,36 @@ def test_official_prompt_format_puts_two_newline_tokens_after_the_media(tok):
     assert tok.decode(ids[mask]) == "ok<|im_end|>"
     with pytest.raises(ValueError, match="prompt_format must be one of"):
         text.encode_prompt(tok, prompt, prompt_format="literal")
+
+
+def test_a_release_test_record_is_prompted_with_its_question_history_and_prefix(tok):
+    """The caption path read only "prompt": a record in the release's conversation form (its test
+    sets) was captioned with the default prompt, its question and answer prefix lost."""
+    from vsalmonn_jax.data.example import caption_prompt_ids
+
+    default = "Please describe the video in detail."
+    record = {"conversations": [
+        {"from": "human", "value": "<image>\nWhat does the red circle do?"},
+        {"from": "gpt", "value": "It appears.", "prefix": "At 1 s, the"}]}
+    ids = list(caption_prompt_ids(record, tok, default, prompt_format="official"))
+    question = list(text.encode_prompt(tok, "<image>\nWhat does the red circle do?",
+                                       prompt_format="official"))
+    assert ids[:len(question)] == question                            # the question, not the default
+    assert ids[len(question):] == tok.encode("At 1 s, the", add_special_tokens=False)
+    no_prefix = {"conversations": [dict(record["conversations"][0]),
+                                   {"from": "gpt", "value": "It appears."}]}
+    assert list(caption_prompt_ids(no_prefix, tok, default, prompt_format="official")) == question
+    # history is kept: earlier turns come before the last question
+    history = {"conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                 {"from": "gpt", "value": "At 1 s, the red circle appears."},
+                                 {"from": "human", "value": "And then?"},
+                                 {"from": "gpt", "value": ""}]}
+    ids = caption_prompt_ids(history, tok, default)
+    assert tok.decode(ids).count("<|im_start|>") == 5                  # system, 3 turns, assistant
+    assert "At 1 s, the red circle appears.<|im_end|>" in tok.decode(ids)
+    # a "prompt" field still wins; a record without either gets the default
+    assert list(caption_prompt_ids({**record, "prompt": default}, tok, "x")) == \
+        list(text.encode_prompt(tok, default))
+    assert list(caption_prompt_ids({}, tok, default)) == list(text.encode_prompt(tok, default))
+    with pytest.raises(ValueError, match="no user turn"):
+        caption_prompt_ids({"conversations": [{"from": "gpt", "value": "x"}]}, tok, default)

@@ -94,8 +94,30 @@ def media_features(video: str | None, audio: str | None, settings: FeatureSettin
     return out
 
 
-def _caption_prompt(record: dict, default: str) -> str:
-    return record.get("prompt") or default
+def caption_prompt_ids(record: dict, tokenizer, default_prompt: str, **kw) -> np.ndarray:
+    """The prompt a caption record is decoded from: its "prompt" (else `default_prompt`) as one user
+    turn; a record in the release's conversation form (its test sets: no "prompt") is prompted as the
+    release's av_dataset does: every turn but a last assistant one (history kept), then that turn's
+    "prefix", if any, after "<|im_start|>assistant\n" (the model continues it; the caption is what
+    it writes after the prefix)."""
+    turns = record.get("conversations")
+    if record.get("prompt") or not turns:
+        return text.encode_prompt(tokenizer, record.get("prompt") or default_prompt, **kw)
+    from vsalmonn_jax.data.records import conversation_turns
+
+    normalised = conversation_turns(turns, need_assistant=False)
+    prefix = ""
+    if normalised[-1]["role"] == "assistant":
+        prefix = str(turns[-1].get("prefix") or "")
+        normalised = normalised[:-1]
+    if not any(t["role"] == "user" for t in normalised):
+        raise ValueError("conversations holds no user turn before its last answer: nothing to "
+                         "prompt with")
+    ids, _ = text.encode_conversation(tokenizer, normalised, add_generation_prompt=True, **kw)
+    if prefix:
+        ids = np.concatenate([ids, np.asarray(tokenizer.encode(prefix, add_special_tokens=False),
+                                              np.int32)])
+    return ids
 
 
 def text_fields(record: dict, tokenizer, *, placeholder: str, max_length: int, truncation: str,
@@ -109,9 +131,8 @@ def text_fields(record: dict, tokenizer, *, placeholder: str, max_length: int, t
         ids, mask = text.encode_conversation(tokenizer, record["conversations"], **kw)
         return {"input_ids": ids, "loss_mask": mask}
     if kind in ("caption", "mcq"):
-        user = _caption_prompt(record, default_prompt) if kind == "caption" else \
-            text.mcq_prompt(record["question"], record["options"])
-        ids = text.encode_prompt(tokenizer, user, **kw)
+        ids = caption_prompt_ids(record, tokenizer, default_prompt, **kw) if kind == "caption" else \
+            text.encode_prompt(tokenizer, text.mcq_prompt(record["question"], record["options"]), **kw)
         out = {"input_ids": ids, "loss_mask": np.zeros(ids.shape, bool)}
         if kind == "mcq":
             out["answer"] = np.int32(record["answer"])

@@ -74,7 +74,8 @@ def _text(record: Mapping, key: str, optional: bool = False) -> str | None:
     return value
 
 
-def _conversations(turns) -> list[dict]:
+def conversation_turns(turns, need_assistant: bool = True) -> list[dict]:
+    """[{"role"|"from", "content"|"value"}] -> [{"role", "content"}] (LLaVA roles mapped)."""
     if not isinstance(turns, list) or not turns:
         raise ValueError("field 'conversations' must be a non-empty list of turns")
     out = []
@@ -87,7 +88,7 @@ def _conversations(turns) -> list[dict]:
             raise ValueError(f"conversations[{k}] needs role (user|assistant|system, or LLaVA "
                              f"human|gpt) and string content, got {dict(turn)!r}")
         out.append({"role": _LLAVA_ROLES[role], "content": content})
-    if not any(t["role"] == "assistant" for t in out):
+    if need_assistant and not any(t["role"] == "assistant" for t in out):
         raise ValueError("conversations has no assistant turn (nothing to train on)")
     return out
 
@@ -163,7 +164,7 @@ def validate(record, kind: str | None, root: str, require_media: bool | None = N
     if needs_media and "video" not in out and "audio" not in out:
         raise ValueError(f"a {kind} record needs a 'video' or 'audio' path")
     if kind == "sft":
-        out["conversations"] = _conversations(record.get("conversations"))
+        out["conversations"] = conversation_turns(record.get("conversations"))
     elif kind == "preference":
         out["prompt"] = _text(record, "prompt")
         for key in ("chosen", "rejected", "gt"):
