@@ -30,5 +30,8 @@ def get_config():
     c.data.update(dict(prompt_format="official", time_tokens="official", audio_cut="video",
                        frame_sampling="file", video_audio="record"))
     c.dpo.gt_ce_mean = "rows"   # the release's DPO step: per row, CE-only rows at weight 1
+    # caption --temperature / --top-p / --num-samples as the release's HF generate(do_sample=True,
+    # top_p=0.9) samples: HF's GenerationConfig fills in top_k 50 (greedy by default, as the release)
+    c.generate.top_k = 50
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     return c

@@ -43,7 +43,7 @@ def test_weight_affecting_change_is_refused_and_config_kept(tmp_path, override):
 
 @pytest.mark.parametrize("override", ["train.log_every=7", "train.checkpoint_every=3",
                                       "train.keep_checkpoints=9", "workdir=elsewhere",
-                                      "mesh.data=2"])
+                                      "mesh.data=2", "generate.top_k=50"])
 def test_cadence_and_placement_changes_resume(tmp_path, override):
     write_run_config(tmp_path, load_config("tiny_sft"))
     before = (tmp_path / "config.json").read_text()

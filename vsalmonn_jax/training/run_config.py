@@ -20,7 +20,8 @@ from vsalmonn_jax.defaults import LEGACY_VALUES
 
 RECORDS_KEY = "run_records"
 # fields that do not change the trained weights: logging / checkpoint cadence, where the run lives,
-# how the data is fed (caches, quarantine file), the device mesh; a trailing ".*" = section.
+# how the data is fed (caches, quarantine file), the device mesh, how `caption` samples; a trailing
+# ".*" = section.
 # Not data.num_workers: the saved data position is per grain worker (pipeline.DataPositionError)
 FREE_FIELDS = (
     "workdir", "mesh.*",
@@ -28,6 +29,8 @@ FREE_FIELDS = (
     "train.feature_cache",
     "data.root", "data.val", "data.test", "data.encoder_cache", "data.quarantine",
     "eval.cache_dir", "eval.llm_concurrency", "eval.embedding_threads",
+    # caption-time decoding (training samples with mrdpo.*; rebirth captions greedily)
+    "generate.greedy", "generate.temperature", "generate.top_p", "generate.top_k",
 )
 
 
