@@ -123,3 +123,32 @@ def test_an_aac_track_in_mp4_is_still_cut_to_its_stated_length(tmp_path):
                 audio=np.full(int(2.7 * 16000), 0.2, np.float32))
     media = load_media(str(tmp_path / "clip.mp4"))
     assert media.audio_seconds == pytest.approx(2.7, abs=0.01)
+
+
+def test_file_sampling_takes_the_releases_frame_in_a_burst(tmp_path):
+    """frame_sampling=file targets the file's own frame times (decord's indices); frames 10 ms apart
+    (a VFR burst) fell within the half-frame tolerance, so the frame BEFORE the release's was kept."""
+    from vsalmonn_jax.data.media import release_frame_indices
+
+    times = [t + d for t in np.arange(0.0, 6.0, 0.9) for d in (0.0, 0.01, 0.02)]      # bursts of 3
+    path, base = tmp_path / "bursts.mp4", Fraction(1, 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("h264", rate=100)   # a 10-ms codec time base
+        stream.width = stream.height = 32
+        stream.pix_fmt, stream.time_base = "yuv420p", base
+        stream.options = {"preset": "ultrafast", "bf": "0"}
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(round(1000 * t)), base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        rate = float(container.streams.video[0].average_rate)
+    picks = release_frame_indices(len(times), rate, 1.0, 110)
+    assert np.any(np.diff(picks) % 3)                   # the premise: some picks are mid-burst
+    media = load_media(str(path), frame_sampling="file")
+    np.testing.assert_allclose(media.frame_times, np.asarray(times)[picks], atol=1e-3)
+    index = np.round(media.frames[..., 0].astype(float).mean(axis=(1, 2)) / 10).astype(int)
+    np.testing.assert_array_equal(index, picks)

@@ -199,15 +199,17 @@ def upright(frame: np.ndarray, rotation: float) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frame, k=turns)) if turns else frame
 
 
-def _pick_frames(path: str, container, targets: np.ndarray, size: int | None = None):
+def _pick_frames(path: str, container, targets: np.ndarray, size: int | None = None,
+                 exact: bool = False):
     """Decode EVERY frame of the first video stream; keep the first frame at or after each target
-    time (upright, resized to `size` when given). -> (frames, times, index of the first target each
-    kept frame serves, the end of the last frame: its time + its own duration, else 1 / avg rate)."""
+    time (upright, resized to `size` when given); within half a frame interval unless `exact` (the
+    targets are the file's own frame times). -> (frames, times, index of the first target each kept
+    frame serves, the end of the last frame: its time + its own duration, else 1 / avg rate)."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     rate = float(stream.average_rate) if stream.average_rate else 0.0
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    tolerance = 0.5 / rate if rate > 0 else 1e-3
+    tolerance = 1e-6 if exact else (0.5 / rate if rate > 0 else 1e-3)
     kept, first_size = _Kept(size), None
     times, served, next_target, count, last, end = [], [], 0, 0, 0.0, 0.0
     try:
@@ -244,7 +246,8 @@ def _decode_frames(path: str, container, fps: float, max_frames: int,
     stated = _video_seconds(stream)
     hint = stated or (container.duration / 1e6 if container.duration else 0.0)
     targets = target_times(path, hint, fps, max_frames, sampling)
-    frames, times, served, last, end = _pick_frames(path, container, targets, size)
+    frames, times, served, last, end = _pick_frames(path, container, targets, size,
+                                                    exact=sampling == "file")
     if stated is not None and stated - end > 1.0 / fps:
         raise MediaError(path, "truncated", f"frames end at {end:.2f} s of {stated:.2f} s")
     if sampling == "file":   # the release's frames of the file, as picked
