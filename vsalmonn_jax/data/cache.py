@@ -25,7 +25,8 @@ def file_digest(path: str, block: int = 1 << 20) -> str:
 
 # bumped whenever decoding changes what the same settings give (2: the release's frame steps under
 # frame_sampling=file at every length, audio-only records cut under audio_cut=video; 3: rotated
-# video upright, audio past an estimated duration kept, a held last frame not "truncated")
+# video upright, audio past an estimated duration kept, a held last frame not "truncated", file
+# sampling's frames matched exactly)
 DECODE_VERSION = 3
 
 
