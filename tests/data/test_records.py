@@ -156,3 +156,36 @@ def test_non_utf8_jsonl_names_file_and_line(tmp_path):
     with pytest.raises(RecordError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column "
                        r"\d+\); save the file as UTF-8"):
         parse_jsonl(str(path))
+
+
+def test_release_dpo_records_become_preference_records(tmp_path):
+    """The release's DPO data form (human / gpt / reject_gpt / gt turns; "ce_only": true) was read as
+    an SFT record and refused for its roles; it is our preference record."""
+    human = {"from": "human", "value": "<image>\nPlease describe the video in detail."}
+    rows = [
+        {"video": "a.mp4", "conversations": [human, {"from": "gpt", "value": "good"},
+                                             {"from": "reject_gpt", "value": "bad"},
+                                             {"from": "gt", "value": "truth"}]},
+        {"video": "a.mp4", "conversations": [human, {"from": "reject_gpt", "value": "bad"},
+                                             {"from": "gpt", "value": "good"}]},
+        {"video": "a.mp4", "ce_only": True, "conversations": [human, {"from": "gpt", "value": "cap"}]},
+    ]
+    pair, no_gt, ce = load_records(_write(tmp_path / "dpo.jsonl", rows))
+    assert pair["kind"] == "preference" and "conversations" not in pair
+    assert (pair["prompt"], pair["chosen"], pair["rejected"], pair["gt"]) == (
+        human["value"], "good", "bad", "truth")
+    assert (no_gt["chosen"], no_gt["rejected"], no_gt["gt"]) == ("good", "bad", None)
+    assert ce["kind"] == "preference" and ce["gt"] == "cap" and ce["chosen"] is None
+    assert "ce_only" not in ce
+    bad = [
+        {"video": "a.mp4", "conversations": [human, {"from": "history_gpt", "value": "x"}, human,
+                                             {"from": "gpt", "value": "g"},
+                                             {"from": "reject_gpt", "value": "b"}]},
+        {"video": "a.mp4", "conversations": [human, {"from": "gpt", "value": "g"},
+                                             {"from": "gt", "value": "t"}]},
+    ]
+    _, errors = parse_jsonl(_write(tmp_path / "bad.jsonl", bad))
+    assert "bad.jsonl:1: a release DPO record with history" in errors[0]
+    assert "bad.jsonl:2: a release DPO record with a 'gt' turn but no 'reject_gpt'" in errors[1]
+    # a plain release SFT record stays SFT
+    assert load_records(_write(tmp_path / "sft.jsonl", [GOOD[1]]))[0]["kind"] == "sft"

@@ -144,10 +144,51 @@ def _record_id(value) -> str:
     return str(value)
 
 
+RELEASE_PAIR_ROLES = ("reject_gpt", "gt", "history_gpt")
+
+
+def release_preference(record: Mapping) -> Mapping:
+    """A DPO record in the release's form (llava/dataset/preprocess_utils.py: conversations whose
+    turns are from human / gpt (chosen) / reject_gpt (rejected) / gt (the GT caption), or
+    `"ce_only": true` for a cross-entropy-only record) -> our preference record {prompt, chosen,
+    rejected, gt}; any other record is returned as it is. Multi-turn history (history_gpt, several
+    human turns) is refused: our pairs have one prompt."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not (record.get("ce_only") is True or any(
+            isinstance(t, Mapping) and t.get("from") in RELEASE_PAIR_ROLES for t in turns)):
+        return record
+    by_role: dict[str, list[str]] = {}
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
+            raise ValueError(f"conversations[{k}] must be {{'from', 'value': str}}, got {turn!r}")
+        by_role.setdefault(str(turn.get("from")), []).append(turn["value"])
+    if "history_gpt" in by_role or len(by_role.get("human", [])) != 1:
+        raise ValueError("a release DPO record with history (history_gpt turns, or not exactly one "
+                         "human turn) is not supported: preference records have one prompt")
+    unknown = sorted(set(by_role) - {"human", "gpt", "system", *RELEASE_PAIR_ROLES})
+    if unknown or len(by_role.get("gpt", [])) != 1:
+        raise ValueError(f"a release DPO record needs one human and one gpt turn (roles "
+                         f"human | gpt | reject_gpt | gt), got roles {sorted(by_role)}")
+    out = {k: v for k, v in record.items() if k not in ("conversations", "ce_only")}
+    out["prompt"] = by_role["human"][0]
+    if record.get("ce_only") is True:   # the release's CE-only step: CE on the gpt answer
+        out["gt"] = by_role["gpt"][0]
+        return out
+    if "reject_gpt" not in by_role:
+        raise ValueError("a release DPO record with a 'gt' turn but no 'reject_gpt' turn: the "
+                         "release would ignore its gt; give reject_gpt, or \"ce_only\": true")
+    out["chosen"], out["rejected"] = by_role["gpt"][0], by_role["reject_gpt"][0]
+    if "gt" in by_role:
+        out["gt"] = by_role["gt"][0]
+    return out
+
+
 def validate(record, kind: str | None, root: str, require_media: bool | None = None) -> dict:
     """One decoded JSON value -> normalised record dict (raises ValueError with the reason)."""
     if not isinstance(record, Mapping):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    if kind in (None, "preference"):
+        record = release_preference(record)
     kind = kind or infer_kind(record)
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r} (kinds: {KINDS})")
