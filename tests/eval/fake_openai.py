@@ -82,7 +82,8 @@ class FakeOpenAI:
 
 
 def case_of(body: dict) -> str:
-    user = body["messages"][-1]["content"]
+    """The "CASE x" tag of the caption: in the first user message (a retry may add follow-ups)."""
+    user = next(m["content"] for m in body["messages"] if m["role"] == "user")
     match = re.search(r"CASE (\w+)", user)
     return match.group(1) if match else ""
 

@@ -38,7 +38,7 @@ def scripted(body, nth, auth):
     if case == "passes":  # missed grows with the seed: 2024 -> 1, 2025 -> 2, 2026 -> 3 (median 2)
         k = body["seed"] - 2023
         return 200, json.dumps({"missed": list(range(1, k + 1)), "incorrect": [],
-                                "hallucinated": ["x"] * (3 - k)})
+                                "hallucinated": [f"x{j}" for j in range(3 - k)]})
     return 500, f"unscripted case {case!r}"
 
 

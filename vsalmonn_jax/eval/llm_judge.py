@@ -2,17 +2,19 @@
 
 Per video and pass p: a JSON-output prompt (temperature 0, top_p 0.1, seed = seed + p) asks for the
 missed / incorrect event numbers and the hallucinated statements; an unparsable reply or an API error
-is retried with exponential backoff (max_retries), then a count-only fallback prompt is tried. An
-endpoint that cannot be connected to at all (refused, unknown host) is probed `connect_retries` more
-times (a few seconds) and then stops the whole run with JudgeUnavailable naming the URL. The paper
-reports the median of its passes: the pass whose run-level error count (every video's missed +
-incorrect + hallucinated) is the median of the passes' gives every video its counts and labels, so
-the micro rates are that pass's and Total = M + I + H; a video whose median pass failed takes the
-per-category median of its passes that succeeded; a video whose passes all failed is returned with
-failed=True and its errors (reported, never dropped). Parsed replies are
-cached on disk (keyed by the endpoint the client resolved, model, messages, sampling settings and seed) so a rerun costs
-nothing. The API key is read from the environment (api_key_env, first set variable wins) and is
-never logged, cached or written into a report.
+is retried with exponential backoff (max_retries; an unparsable reply's retry carries the parse
+error as a follow-up message), then a count-only fallback prompt is tried. An endpoint that cannot be
+connected to at all (refused, unknown host) is probed `connect_retries` more times (a few seconds)
+and then stops the whole run with JudgeUnavailable naming the URL; a refusal after the server
+answered only fails that pass. The paper reports the median of its passes: the pass whose run-level
+error count (every video's missed + incorrect + hallucinated) is the median of the passes' gives
+every video its counts and labels, so the micro rates are that pass's and Total = M + I + H; a video
+whose median pass failed takes the per-category median of its passes that succeeded; a video whose
+passes all failed is returned with failed=True and its errors (reported, never dropped). Parsed
+replies are cached on disk (keyed by the endpoint the client resolved, model, the first request's
+messages, sampling settings and seed) so a rerun costs nothing. The API key is read from the
+environment (api_key_env, first set variable wins) and is never logged, cached or written into a
+report.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -33,7 +36,7 @@ import numpy as np
 
 from vsalmonn_jax.atomic_file import write_json
 from vsalmonn_jax.eval.judge import Judge, JudgeUnavailable, check_pairs, options_from_config
-from vsalmonn_jax.eval.llm_prompt import build_messages, parse_counts, parse_full
+from vsalmonn_jax.eval.llm_prompt import build_messages, parse_counts, parse_full, retry_messages
 from vsalmonn_jax.eval.metrics import VideoScore
 from vsalmonn_jax.eval.records import event_text
 
@@ -246,33 +249,42 @@ class LlmJudge(Judge):
             return self._unavailable
 
     def _ask(self, result: PassResult, messages, seed, parser, retries, label) -> dict | None:
-        refused = 0
-        for attempt in range(retries + 1):
+        """`messages` until a reply parses: API errors resend the request; a reply that does not
+        parse is retried with its parse error as a follow-up (llm_prompt.retry_messages). Only
+        consecutive refused connections (1 + connect_retries) stop the run; a refusal after the
+        server was reached, with the retries spent, fails this prompt only."""
+        refused, reached, asked = 0, False, messages
+        for attempt in itertools.count():
             if self._unavailable is not None:
                 raise self._unavailable
             if attempt:
                 self._count("retries")
                 time.sleep(min(self.options.backoff_max_s, self.options.backoff_s * 2 ** (attempt - 1)))
             result.requests += 1
+            content = None
             try:
-                content = self._request(messages, seed)
+                content = self._request(asked, seed)
                 parsed = parser(content)
             except Exception as err:  # API errors and unparsable replies alike: record, maybe retry
                 message = self._redact(f"{label} attempt {attempt + 1}: {type(err).__name__}: {err}")
                 result.errors.append(message[:300])
                 log.warning("llm judge: %s", message[:300])
                 refused = refused + 1 if _cannot_connect(err) else 0
-                if refused > self.options.connect_retries or (refused and attempt == retries):
+                reached = reached or not refused
+                if refused > self.options.connect_retries:
                     raise self._unreachable(err, refused) from err
                 if not _retryable(err):
                     result.fatal = True
                     return None
+                if attempt >= retries and reached:
+                    return None
+                if content is not None:   # the server answered; tell it why its reply was unusable
+                    asked = retry_messages(messages, content, self._redact(str(err)))
                 continue
             self.cache.put(self._cache_key(messages, seed), content,
                            {"model": self.options.model, "seed": seed, "prompt": label,
                             "version": PROMPT_VERSION})
             return parsed
-        return None
 
     def run_pass(self, caption: str, events: Sequence, pass_index: int) -> PassResult:
         """One pass: the full prompt (with retries), else the count-only prompt; cache first.

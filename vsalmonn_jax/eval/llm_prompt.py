@@ -1,6 +1,11 @@
 """The llm judge's prompts (full grading, count-only fallback) and the parsing of its JSON replies.
 
-A reply that does not parse raises ValueError naming what is wrong; eval/llm_judge.py retries it.
+A reply that does not parse raises ValueError naming what is wrong; eval/llm_judge.py retries it
+with that error as a follow-up message (`retry_messages`). Parsing is strict where leniency would
+inflate counts: keys are read case-insensitively; an event number must be an integer (a bool, a
+fraction or "event 2" is a parse failure, never silently event 1 or 2); hallucinated entries that are
+empty or placeholders ("None", "n/a", "-", "null") are dropped and repeats (same text up to case and
+whitespace) count once.
 """
 
 from __future__ import annotations
@@ -60,24 +65,68 @@ def extract_json(content: str) -> dict:
     return obj
 
 
+PLACEHOLDERS = frozenset({"", "none", "n/a", "na", "null", "nil", "nothing", "-", "--"})
+
+
+def _lower_keys(obj: dict) -> dict:
+    """Keys lower-cased and stripped ("Missed" is "missed"); two spellings of one key must agree."""
+    out = {}
+    for key, value in obj.items():
+        name = str(key).strip().lower()
+        if name in out and out[name] != value:
+            raise ValueError(f"reply field {name!r} given twice with different values")
+        out[name] = value
+    return out
+
+
+def _event_number(item, key: str) -> int:
+    """1-based event number: an int, an integral float (2.0) or a digit string ("2")."""
+    if isinstance(item, bool):
+        number = None
+    elif isinstance(item, int):
+        number = item
+    elif isinstance(item, float) and item.is_integer():
+        number = int(item)
+    elif isinstance(item, str) and re.fullmatch(r"\s*\d+\s*", item):
+        number = int(item)
+    else:
+        number = None
+    if number is None:
+        raise ValueError(f"reply field {key!r} holds {item!r}, not an event number")
+    return number
+
+
 def _index_list(obj: dict, key: str, num_events: int) -> list[int]:
     value = obj.get(key)
     if not isinstance(value, list):
         raise ValueError(f"reply field {key!r} must be a list of event numbers, got {value!r}")
     out = []
     for item in value:
-        try:
-            number = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"reply field {key!r} holds {item!r}, not an event number") from None
+        number = _event_number(item, key)
         if not 1 <= number <= num_events:
             raise ValueError(f"reply field {key!r} holds event {number}, outside 1..{num_events}")
         out.append(number - 1)
     return sorted(set(out))
 
 
+def statements(items: list) -> list[str]:
+    """Hallucinated entries as strings: placeholders and empty entries dropped, each text once
+    (compared after collapsing whitespace and case), in the reply's order."""
+    out, seen = [], set()
+    for item in items:
+        if item is None:
+            continue
+        text = " ".join(str(item).split())
+        key = text.lower()
+        if key.strip(".!\"'`()[] ") in PLACEHOLDERS or key in seen:
+            continue
+        seen.add(key)
+        out.append(text)
+    return out
+
+
 def parse_full(content: str, num_events: int) -> dict:
-    obj = extract_json(content)
+    obj = _lower_keys(extract_json(content))
     missed, incorrect = _index_list(obj, "missed", num_events), _index_list(obj, "incorrect", num_events)
     both = set(missed) & set(incorrect)
     if both:
@@ -85,16 +134,16 @@ def parse_full(content: str, num_events: int) -> dict:
     hallucinated = obj.get("hallucinated")
     if not isinstance(hallucinated, list):
         raise ValueError(f"reply field 'hallucinated' must be a list, got {hallucinated!r}")
-    return {"missed": missed, "incorrect": incorrect, "hallucinated": [str(h) for h in hallucinated]}
+    return {"missed": missed, "incorrect": incorrect, "hallucinated": statements(hallucinated)}
 
 
 def parse_counts(content: str, num_events: int) -> dict:
-    obj = extract_json(content)
+    obj = _lower_keys(extract_json(content))
     counts = {}
     for key in ("missed", "incorrect", "hallucinated"):
         value = obj.get(key)
         if isinstance(value, list):
-            value = len(value)
+            value = len(statements(value))
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or value != int(value):
             raise ValueError(f"count reply field {key!r} must be a non-negative integer, got {value!r}")
         counts[key] = int(value)
@@ -102,3 +151,11 @@ def parse_counts(content: str, num_events: int) -> dict:
         raise ValueError(f"count reply has missed + incorrect = {counts['missed'] + counts['incorrect']} "
                          f"> {num_events} events")
     return counts
+
+
+def retry_messages(messages: list[dict], reply: str, error: Exception | str) -> list[dict]:
+    """The request again, followed by the reply that did not parse and why, so a retry at the same
+    seed and temperature 0 is not the same request (which would fail the same way)."""
+    return [*messages, {"role": "assistant", "content": (reply or "")[:4000]},
+            {"role": "user", "content": f"That reply could not be used: {error}. Reply again with "
+                                        "only the JSON object in the format asked for, nothing else."}]
