@@ -3,12 +3,19 @@
 Formats (one JSON object per line; blank lines are skipped, anything else that is not an object is
 an error naming the file and line):
 
-captions file   {"id": str, "caption": str, "stopped": bool = true, "model": str = "",
+captions file   {"id": str, "caption": str, "stopped": bool (see below), "model": str = "",
                  "stage": str = "", "sample": int = 0}
     `stopped` says the caption ended with an end-of-turn token; a caption without one gets the
-    runaway-repeat collapse before it is judged. (model, stage, id, sample) must be unique: one file
-    may hold the captions of several models / stages / sample indices (the `caption` command's
-    output lines), which the report compares side by side as groups.
+    runaway-repeat collapse before it is judged. Captions from elsewhere (e.g. the official
+    release's inference output, decoded keeping special tokens) may carry the tokens' text: a
+    caption is cut at its first end token (END_TOKENS: "<|im_end|>", "<|endoftext|>") and any other
+    special-token string ("<|im_start|>", ...) is removed before judging. Without a `stopped` field
+    a caption is stopped when it had an end token, provided some caption of the file without the
+    field has one (the file was decoded keeping them: one that ran to the length limit has none);
+    in a file where none has one (plain text, no way to tell) it defaults to true.
+    (model, stage, id, sample) must be unique: one file may hold the captions of several models /
+    stages / sample indices (the `caption` command's output lines), which the report compares side
+    by side as groups.
 ground-truth    {"id": str, "events": [event, ...]}
     An event is either a string (free text: embedding / llm judges) or a dict. Dicts with "time",
     "modality", "subject", "action" are synthetic events (exact judge; their text is the grammar's
@@ -25,12 +32,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 from collections.abc import Iterator, Mapping
 
 from vsalmonn_jax.data.event_grammar import render_event
 from vsalmonn_jax.data.records import check_event, jsonl_lines
 
 _SYNTHETIC_KEYS = ("time", "modality", "subject", "action")
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")        # Qwen2's end of turn / end of text
+_SPECIAL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")   # <|im_start|>, <|vision_start|>, ...
 
 
 class RecordError(ValueError):
@@ -80,27 +90,41 @@ def _require(obj: Mapping, key: str, kind: type | tuple, where: str):
     return value
 
 
+def strip_special_tokens(text: str) -> tuple[str, bool]:
+    """(caption, ended): the text before its first end token with the other special-token strings
+    removed, and whether it had an end token. Text without any is returned unchanged."""
+    if not _SPECIAL_TOKEN.search(text):
+        return text, False
+    cuts = [i for i in (text.find(token) for token in END_TOKENS) if i >= 0]
+    if cuts:
+        text = text[:min(cuts)]
+    return _SPECIAL_TOKEN.sub("", text).strip(), bool(cuts)
+
+
 def load_captions(path: str | pathlib.Path) -> list[CaptionRecord]:
-    """Read a captions file; duplicate (model, stage, id) keys are an error."""
-    records, seen = [], {}
+    """Read a captions file; duplicate (model, stage, id) keys are an error. Special-token strings
+    are stripped and a missing `stopped` is inferred from them (see the module docstring)."""
+    rows, seen = [], {}
     for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
         video_id = str(_require(obj, "id", (str, int), where))
-        caption = _require(obj, "caption", str, where)
-        stopped = obj.get("stopped", True)
-        if not isinstance(stopped, bool):
+        caption, ended = strip_special_tokens(_require(obj, "caption", str, where))
+        stopped = obj.get("stopped") if "stopped" in obj else None
+        if "stopped" in obj and not isinstance(stopped, bool):
             raise RecordError(f"{where}: field 'stopped' must be a boolean, got {stopped!r}")
         sample = obj.get("sample", 0)
         if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
             raise RecordError(f"{where}: field 'sample' must be a non-negative integer, got {sample!r}")
-        record = CaptionRecord(video_id, caption, stopped, str(obj.get("model", "") or ""),
+        record = CaptionRecord(video_id, caption, True, str(obj.get("model", "") or ""),
                                str(obj.get("stage", "") or ""), sample)
         if record.key in seen:
             raise RecordError(f"{where}: duplicate caption for id {video_id!r} (model {record.model!r}, "
                               f"stage {record.stage!r}, sample {sample}; first at line {seen[record.key]})")
         seen[record.key] = lineno
-        records.append(record)
-    return records
+        rows.append((record, stopped, ended))
+    marked = any(ended for _, stopped, ended in rows if stopped is None)   # decoded keeping them
+    return [dataclasses.replace(record, stopped=stopped if stopped is not None else (ended or not marked))
+            for record, stopped, ended in rows]
 
 
 def validate_event(event, where: str) -> None:
