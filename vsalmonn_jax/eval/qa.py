@@ -18,6 +18,10 @@ CATEGORY_FIELDS = ("category", "task_type", "duration")
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
                "Respond with only the letter of the correct option.")
 _PREFIX = re.compile(r"^\s*\(?([A-J])[.):]\s+")
+_LETTER = r"\s*\(?([{letters}])\)?(?![\w'])"
+_STATED = (r"(?i:answer|option|choice)\s*(?:(?i:is|must\s+be|would\s+be|should\s+be|will\s+be)\s*:?"
+           r"|[:\-])\s*(?:(?i:option|choice)\s+)?" + _LETTER)
+_BARE_ANSWER = r"(?i:answer)\s*" + _LETTER
 
 
 def strip_option_prefix(option: str) -> str:
@@ -41,12 +45,14 @@ def extract_answer(response: str, options: Sequence[str] | None = None,
     text = (response or "").strip()
     if not text:
         return None
-    # "the answer is C" wins over options the response names to reject ("Option A is incorrect");
-    # the first answer statement is the answer ("The answer is B. Answer A is wrong because ...");
+    # an answer statement ("the answer is / must be / would be C", "answer: C", "the correct option
+    # is C") wins over options the response names to reject ("Option A is incorrect"), and over a
+    # bare "Answer A" ("Answer A is wrong; the answer is B."); the first statement is the answer;
     # several options named without one: ambiguous
-    answers = re.findall(rf"(?i:answer)(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\)?(?![\w'])", text)
-    if answers:
-        return answers[0]
+    for pattern in (_STATED, _BARE_ANSWER):
+        answers = re.findall(pattern.format(letters=letters), text)
+        if answers:
+            return answers[0]
     named = set(re.findall(rf"(?i:option|choice)(?:\s+is)?\s*[:\-]?\s*\(?([{letters}])\)?(?![\w'])", text))
     if len(named) == 1:
         return named.pop()
