@@ -142,18 +142,24 @@ def _place(item: dict) -> str:
     return str(item.get("video") or item.get("audio"))
 
 
-def read_done(path: str) -> set[tuple[str, int]]:
-    """(id, sample) pairs already in an output JSONL; truncates a trailing partial line in place."""
+def whole_lines(path: str) -> list[bytes]:
+    """The lines of an append-only JSONL this package writes ([] when missing); a trailing partial
+    line (a crash mid-write) is cut from the file in place."""
     if not os.path.exists(path):
-        return set()
+        return []
     with open(path, "rb") as handle:
         data = handle.read()
     end = data.rfind(b"\n") + 1
     if end < len(data):              # interrupted mid-line: drop the fragment
         with open(path, "r+b") as handle:
             handle.truncate(end)
+    return data[:end].splitlines()
+
+
+def read_done(path: str) -> set[tuple[str, int]]:
+    """(id, sample) pairs already in an output JSONL; truncates a trailing partial line in place."""
     done = set()
-    for number, line in enumerate(data[:end].splitlines(), start=1):
+    for number, line in enumerate(whole_lines(path), start=1):
         if not line.strip():
             continue
         try:

@@ -3,16 +3,27 @@
 Independent of the model: a backend turns an item into a prepared example (or raises
 `UnreadableInput` naming why) and captions batches of rows. Each finished batch is flushed to the
 output before the next starts, so an interrupted run resumes where it stopped (caption_io.read_done).
+The errors file lists each unreadable item once: a resume retries the listed items but never adds a
+second line for one, drops the line of one that now has captions, and (like the output) cuts a
+partial last line left by a crash.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from vsalmonn_jax.generate.caption_io import JsonlWriter, pending, read_done
+from vsalmonn_jax.atomic_file import write_jsonl
+from vsalmonn_jax.generate.caption_io import (
+    InputError,
+    JsonlWriter,
+    pending,
+    read_done,
+    whole_lines,
+)
 
 
 class UnreadableInput(Exception):
@@ -84,16 +95,41 @@ def caption_rows(todo: Iterable[tuple[dict, int]], backend: CaptionBackend,
         yield flush()
 
 
+def read_errors(path: str) -> list[dict]:
+    """The records of an errors file (none when it is missing); truncates a partial last line."""
+    records = []
+    for number, line in enumerate(whole_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.append({**record, "id": str(record["id"])})
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{path}:{number}: not an errors line ({err}); refusing to write into a "
+                             "file this command did not write") from err
+    return records
+
+
+def settle_errors(listed: list[dict], failed: list[dict], captioned: set[str]) -> list[dict]:
+    """The errors file after a run: one line per id, the latest reason, none for a captioned id."""
+    latest = {record["id"]: record for record in listed + failed}
+    return [record for key, record in latest.items() if key not in captioned]
+
+
 def run_captions(items: list[dict], backend: CaptionBackend, *, output: str, errors_output: str,
                  num_samples: int = 1, progress: bool = True,
                  warn: Callable[[str], None] | None = None) -> CaptionSummary:
     """Caption every (item, sample) not yet in `output`; unreadable items go to `errors_output`
-    (one JSON line each, with the reason) and to `warn`, and the rest still finish."""
+    (one JSON line each, with the reason; see the module docstring) and to `warn`, and the rest
+    still finish."""
     warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
     done = read_done(output)
+    listed = read_errors(errors_output)
+    known = {record["id"] for record in listed}
     todo = list(pending(items, num_samples, done))
     summary = CaptionSummary(total=len(items) * num_samples)
     summary.already_done = summary.total - len(todo)
+    captioned = {key for key, _ in done}
     bar = _bar(summary.total, summary.already_done, progress)
     with JsonlWriter(output) as out, JsonlWriter(errors_output) as errors:
 
@@ -102,15 +138,21 @@ def run_captions(items: list[dict], backend: CaptionBackend, *, output: str, err
             record = {"id": item["id"], "video": item.get("video"), "audio": item.get("audio"),
                       "error": reason}
             summary.failed.append(record)
-            errors.write_many([record])
+            if record["id"] not in known:   # listed by an earlier run: not a second line
+                known.add(record["id"])
+                errors.write_many([record])
             warn(f"caption: skipped {where}: {reason}")
             bar.update(sum(1 for it, _ in todo if it["id"] == item["id"]))   # its skipped rows
 
         for batch in caption_rows(todo, backend, unreadable):
             out.write_many(output_row(item, sample, res) for item, sample, res in batch)
+            captioned.update(item["id"] for item, _, _ in batch)
             summary.written += len(batch)
             bar.update(len(batch))
     bar.close()
+    settled = settle_errors(listed, summary.failed, captioned)
+    if settled != read_errors(errors_output):
+        write_jsonl(errors_output, settled, ensure_ascii=False)
     return summary
 
 
