@@ -191,3 +191,36 @@ def test_help_texts_name_the_default_output_and_are_complete(capsys):
     assert "default: captions.jsonl in the current folder" in text
     assert "a trained checkpoint -> a directory that `transformers` loads directly" in text
     assert "(a transformers Qwen2 directory, text-only LLM)" in text   # the last line: complete
+
+
+def test_a_batch_the_device_fails_on_is_retried_an_item_at_a_time(tmp_path):
+    """One item too large for the device (an out-of-memory in its batch) stopped the whole run, and a
+    resume rebuilt the same batch and failed again; now only that item is reported."""
+    import jax
+
+    class Oom(FakeBackend):
+        def caption(self, rows):
+            if any(item["id"].endswith("huge.mp4") for item, _, _ in rows):
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+            return super().caption(rows)
+
+    paths = _files(tmp_path, ["a.mp4", "huge.mp4", "c.mp4", "d.mp4"])
+    items, _ = discover_items(paths)
+    out, errs = str(tmp_path / "out.jsonl"), str(tmp_path / "out.errors.jsonl")
+    backend = Oom(batch_size=4)
+    summary = run_captions(items, backend, output=out, errors_output=errs, num_samples=2,
+                           progress=False, warn=lambda text: None)
+    assert sorted((r["id"].rsplit("/", 1)[1], r["sample"]) for r in _lines(out)) == [
+        (n, s) for n in ("a.mp4", "c.mp4", "d.mp4") for s in (0, 1)]
+    assert [f["id"] for f in summary.failed] == [paths[1]]
+    assert "captioning failed on the device: JaxRuntimeError: RESOURCE_EXHAUSTED" in \
+        summary.failed[0]["error"]
+    assert _lines(errs)[0]["id"] == paths[1]
+
+    class Bug(FakeBackend):   # any other error is a bug: it propagates, nothing is hidden
+        def caption(self, rows):
+            raise TypeError("unexpected keyword")
+
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        run_captions(items, Bug(), output=str(tmp_path / "o2.jsonl"),
+                     errors_output=str(tmp_path / "e2.jsonl"), progress=False)

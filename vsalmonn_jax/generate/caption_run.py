@@ -63,18 +63,34 @@ def caption_rows(todo: Iterable[tuple[dict, int]], backend: CaptionBackend,
                  on_unreadable: Callable[[dict, str], None]) -> Iterator[list[tuple[dict, int, dict]]]:
     """(item, sample) rows, item-major -> lists of (item, sample, result), one list per backend
     batch. Each item is prepared once; an unreadable one goes to `on_unreadable(item, reason)` and
-    its rows are skipped."""
+    its rows are skipped. A batch the device fails on (out of memory, an XLA runtime error) is
+    retried an item at a time: the item that still fails is reported as unreadable, the others
+    are captioned (a resume would otherwise hit the same batch again)."""
     prepared: dict[str, Any] = {}
     bad: set[str] = set()
     rows: list[tuple[dict, int, Any]] = []
 
+    def run(batch: list[tuple[dict, int, Any]]) -> list[tuple[dict, int, dict]]:
+        try:
+            results = backend.caption(batch)
+        except Exception as err:   # noqa: BLE001 - only the device's errors are handled here
+            if not _device_error(err):
+                raise
+            keys = list(dict.fromkeys(item["id"] for item, _, _ in batch))   # in order
+            if len(keys) == 1:
+                bad.add(keys[0])
+                on_unreadable(batch[0][0], f"captioning failed on the device: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+                return []
+            return [row for key in keys for row in run([r for r in batch if r[0]["id"] == key])]
+        if len(results) != len(batch):
+            raise RuntimeError(f"caption backend returned {len(results)} results for {len(batch)} rows")
+        return [(item, sample, res) for (item, sample, _), res in zip(batch, results, strict=True)]
+
     def flush():
-        results = backend.caption(rows)
-        if len(results) != len(rows):
-            raise RuntimeError(f"caption backend returned {len(results)} results for {len(rows)} rows")
-        done = [(item, sample, res) for (item, sample, _), res in zip(rows, results, strict=True)]
+        batch = list(rows)
         rows.clear()
-        return done
+        return run(batch)
 
     for item, sample in todo:
         key = item["id"]
@@ -93,6 +109,13 @@ def caption_rows(todo: Iterable[tuple[dict, int]], backend: CaptionBackend,
             yield flush()
     if rows:
         yield flush()
+
+
+def _device_error(err: Exception) -> bool:
+    """An accelerator's failure on a batch (out of memory, an XLA runtime error), not a bug."""
+    import jax
+
+    return isinstance(err, jax.errors.JaxRuntimeError | MemoryError)
 
 
 def read_errors(path: str) -> list[dict]:
