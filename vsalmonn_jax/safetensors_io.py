@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
+import sys
 from collections.abc import Iterator
 
 import ml_dtypes
@@ -27,32 +28,103 @@ class CheckpointError(ValueError):
 
 
 def _read_header(path: pathlib.Path) -> tuple[dict, int]:
+    """(header without __metadata__, offset of the data); a file shorter than its header says (a
+    partial download) -> CheckpointError "<file>: truncated: N bytes of M"."""
+    actual = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (size,) = struct.unpack("<Q", raw)
+        if 8 + size > actual:
+            raise CheckpointError(_truncated(path, actual, 8 + size))
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    try:
+        end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors header (bad data_offsets: {err})") from err
+    if 8 + size + end > actual:
+        raise CheckpointError(_truncated(path, actual, 8 + size + end))
     return header, 8 + size
 
 
+def _truncated(path: pathlib.Path, actual: int, expected: int) -> str:
+    return (f"{path}: truncated: {actual} bytes of {expected} (an interrupted copy or download? "
+            "fetch the file again)")
+
+
+def _index_files(index: pathlib.Path) -> dict[pathlib.Path, list[str]]:
+    """{shard: [tensor names]} of a `*.safetensors.index.json` (its weight_map); a shard it names
+    that is absent -> CheckpointError naming it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        items = sorted(weight_map.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: unreadable shard index ({type(err).__name__}: {err})") from err
+    shards: dict[pathlib.Path, list[str]] = {}
+    for name, file in items:
+        shards.setdefault(index.parent / str(file), []).append(name)
+    absent = [f.name for f in shards if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"{index} names {len(absent)} shard(s) that are not there: "
+                              f"{', '.join(absent[:5])} (a partial download? fetch them again)")
+    return shards
+
+
+def checkpoint_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]]]:
+    """(safetensors files to read, {shard: names its index promises}) of a file, an index file or a
+    directory: a directory with one `*.safetensors.index.json` reads only that index's shards
+    (others beside them are named on stderr and ignored); without an index, every `*.safetensors`."""
+    if path.name.endswith(".safetensors.index.json"):
+        shards = _index_files(path)
+        return sorted(shards), shards
+    if not path.is_dir():
+        return [path], {}
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: holds {len(indexes)} shard indexes "
+                              f"({', '.join(i.name for i in indexes)}): keep one, or point at it")
+    if not indexes:
+        return sorted(path.glob("*.safetensors")), {}
+    shards = _index_files(indexes[0])
+    ignored = sorted(set(path.glob("*.safetensors")) - set(shards))
+    if ignored:
+        print(f"weights: {path}: {', '.join(f.name for f in ignored)} not in {indexes[0].name}: "
+              "ignored", file=sys.stderr)
+    return sorted(shards), shards
+
+
 class SafetensorsReader:
-    """Lazy access to all tensors of a checkpoint directory or file: `reader[name] -> np.memmap view`."""
+    """Lazy access to all tensors of a checkpoint directory or file: `reader[name] -> np.memmap view`.
+
+    A directory with a `*.safetensors.index.json` reads the files of its weight_map only (a shard or
+    a tensor it promises that is absent -> CheckpointError); one tensor in two files -> an error
+    naming both (e.g. a stale model.safetensors beside shards)."""
 
     def __init__(self, path: str | pathlib.Path):
         path = pathlib.Path(path)
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        files, promised = checkpoint_files(path)
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors files")
         self.path = path
         self._where: dict[str, tuple[pathlib.Path, dict, int]] = {}
         for file in files:
             header, data_start = _read_header(file)
+            lost = sorted(set(promised.get(file, ())) - set(header))
+            if lost:
+                raise CheckpointError(f"{file}: lacks {len(lost)} tensor(s) its index lists, e.g. "
+                                      f"{lost[0]!r} (a stale or partial shard? fetch it again)")
             for name, info in header.items():
+                if name in self._where:
+                    raise CheckpointError(
+                        f"tensor {name!r} is in both {self._where[name][0]} and {file}: remove the "
+                        "stale file (or add the shard index that says which to read)")
                 self._where[name] = (file, info, data_start)
 
     def __contains__(self, name: str) -> bool:

@@ -160,19 +160,26 @@ def test_release_checkpoint_files_load_as_the_release_does(tmp_path, capsys):
     assert "no all_parameters.bin is beside it" in capsys.readouterr().err
 
 
-def test_an_untied_output_layer_under_a_tied_config_is_reported(capsys):
+def test_an_untied_output_layer_under_a_tied_config_is_an_error(capsys):
     """A config tying the embeddings never reads a stored lm_head.weight: the logits silently used
-    the embedding; now a warning names the tensor and the flag."""
+    the embedding (then only a warning); now a stored head that differs from the embedding is an
+    error naming the tensor and the flag; one equal to it (a tied model saved whole) is fine."""
     import dataclasses
 
     from vsalmonn_jax.models.import_hf import Source, qwen2_plan
     from vsalmonn_jax.models.qwen2 import Qwen2Config
+    from vsalmonn_jax.safetensors_io import CheckpointError
 
     cfg = dataclasses.replace(Qwen2Config.from_config(load_config("tiny").model.llm), tie_word_embeddings=True)
-    names = {"model.embed_tokens.weight": np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32),
-             "lm_head.weight": np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)}
-    qwen2_plan(Source(names), cfg, missing=[])
-    assert "stores an output layer (lm_head.weight) but model.llm.tie_word_embeddings is True" in \
-        capsys.readouterr().err
-    qwen2_plan(Source({"model.embed_tokens.weight": names["model.embed_tokens.weight"]}), cfg, missing=[])
+    embed = np.arange(cfg.vocab_size * cfg.hidden_size, dtype=np.float32).reshape(cfg.vocab_size, -1)
+    head = embed.copy()
+    head[-1, -1] += 1.0      # differs in the very last value (the last row block)
+    for missing in ([], None):
+        with pytest.raises(CheckpointError, match=r"'lm_head.weight' that differs from "
+                           r"'model.embed_tokens.weight'.*tie_word_embeddings=False"):
+            qwen2_plan(Source({"model.embed_tokens.weight": embed, "lm_head.weight": head}), cfg,
+                       missing=missing)
+    qwen2_plan(Source({"model.embed_tokens.weight": embed, "lm_head.weight": embed.copy()}), cfg,
+               missing=[])
+    qwen2_plan(Source({"model.embed_tokens.weight": embed}), cfg, missing=[])
     assert capsys.readouterr().err == ""

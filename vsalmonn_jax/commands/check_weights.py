@@ -5,8 +5,9 @@ Headers only (safetensors headers; torch `.bin` memory-mapped with weights_only=
 is read, so it takes seconds at 7B. Per part (LLM, vision, projector, image_newline, Whisper,
 Q-Former, audio projections, LoRA) it prints found / missing / mis-shaped / unexpected counts and
 where the part comes from. Exit 1 when the frozen base is incomplete, a source lacks tensors of a
-part it carries, or a shape disagrees with the config; trainable parts no source carries start
-fresh (as training initialises them) and are reported as such.
+part it carries, an official tensor of a loaded part would be dropped (unread, or outside the config's
+LoRA), a trainable part is loaded only partly, or a shape disagrees with the config; trainable parts
+no source carries start fresh (as training initialises them) and are reported as such.
 """
 
 from __future__ import annotations
@@ -31,6 +32,23 @@ def part_of_name(kind: str, name: str) -> str:
         if any(n in name for n in needles):
             return part
     return "Whisper" if kind == "whisper" else "LLM"
+
+
+def dropped(kind: str, unused: list[str], tied: bool = False) -> list[str]:
+    """Problems for an official source's unread tensors that belong to a model part (their weights
+    would be lost), one line per part. `tied`: an unread lm_head equals the embedding (the plan
+    checked it)."""
+    from vsalmonn_jax.models.import_release import dropped_part
+
+    if kind != "official":
+        return []
+    by_part = defaultdict(list)
+    for name in unused:
+        if (part := dropped_part(name)) is not None and not (tied and name.endswith("lm_head.weight")):
+            by_part[part].append(name)
+    return [f"unused official: {len(names)} tensor(s) of the {part} no plan reads, e.g. "
+            f"{', '.join(names[:3])}: they would be dropped (a layer count, LoRA target or name the "
+            "config does not expect?)" for part, names in sorted(by_part.items())]
 
 
 def model_shapes(config) -> dict:
@@ -74,6 +92,9 @@ def check(config, out=sys.stdout) -> bool:
             want = shapes.get(path)
             if want is None:
                 stats[part]["unexpected"] += len(lazy.names)
+                if path[0] == "lora" and any(p[0] == "lora" for p in shapes):
+                    problems.append(f"unused {kind}: {lazy.stored_names()[0]} (LoRA of "
+                                    f"{'/'.join(path[1:-1])}) is not in model.lora.targets: dropped")
                 continue
             if tuple(lazy.shape) != want:
                 stats[part]["mis-shaped"] += len(lazy.names)
@@ -86,6 +107,7 @@ def check(config, out=sys.stdout) -> bool:
             stats[part]["missing"] += 1
             problems.append(f"missing {kind}: {name} ({part})")
         unexpected = sorted(set(store.keys()) - used)
+        problems += dropped(kind, unexpected, bool(config.model.llm.tie_word_embeddings))
         by_part = defaultdict(list)
         for name in unexpected:
             by_part[part_of_name(kind, name)].append(name)
@@ -105,6 +127,11 @@ def check(config, out=sys.stdout) -> bool:
             s["missing"] += len(needed)
             problems.append(f"missing: {part} ({len(needed)} arrays, e.g. {'/'.join(needed[0])}): no "
                             "configured source holds it")
+        partly = [p for p in uncovered[part] if p[0] != "params"] if s["found"] else []
+        if partly:
+            s["missing"] += len(partly)
+            problems.append(f"partly loaded: {part} ({len(partly)} arrays, e.g. {'/'.join(partly[0])}, "
+                            "would start fresh beside loaded ones)")
         status = "MISSING" if s["missing"] else "BAD" if s["mis-shaped"] else \
             "ok" if s["found"] else "fresh" if uncovered[part] else "-"
         print(f"{part:<18} {status:<8} {s['found']:>6} {s['missing']:>8} {s['mis-shaped']:>11} "

@@ -1,5 +1,5 @@
 """Name maps from PyTorch checkpoints (transformers SigLIP / Whisper / LLaVA-OneVision / BLIP-2 Q-Former)
-to this package's parameter trees; the official video-SALMONN 2 release is in import_official.py.
+to this package's parameter trees; the official video-SALMONN 2 release is in import_release.py.
 
 A checkpoint is read as a flat {name: tensor} (a `Source`: safetensors files memory-mapped, torch state
 dicts work too). Each map lists (our path, their name, transform) with `{i}` for the layer index. A
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sys
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -220,10 +219,12 @@ SIGLIP_LAYER_ENTRIES: list[Entry] = [
 ]
 
 
-def siglip_plan(source: Source, cfg, missing: list[str] | None = None) -> dict:
+def siglip_plan(source: Source, cfg, missing: list[str] | None = None,
+                prefix: str | None = None) -> dict:
     """SiglipVision plan; the tower's prefix (`vision_model.`, `vision_tower.vision_model.`, ...)
-    is found from its patch embedding. Layers past `cfg.used_layers` are never read."""
-    source = source.sub(source.find_prefix("embeddings.patch_embedding.weight"))
+    is found from its patch embedding unless given. Layers past `cfg.used_layers` are never read."""
+    source = source.sub(source.find_prefix("embeddings.patch_embedding.weight") if prefix is None
+                        else prefix)
     return plan_tree(source, SIGLIP_ENTRIES, cfg.used_layers, SIGLIP_LAYER_ENTRIES, missing=missing)
 
 
@@ -252,10 +253,11 @@ WHISPER_LAYER_ENTRIES: list[Entry] = [
 ]
 
 
-def whisper_plan(source: Source, cfg, missing: list[str] | None = None) -> dict:
+def whisper_plan(source: Source, cfg, missing: list[str] | None = None,
+                 prefix: str | None = None) -> dict:
     """WhisperEncoder plan; the encoder's prefix (`encoder.`, `model.encoder.`, `speech_encoder.`)
-    is found from conv1."""
-    source = source.sub(source.find_prefix("conv1.weight"))
+    is found from conv1 unless given."""
+    source = source.sub(source.find_prefix("conv1.weight") if prefix is None else prefix)
     return plan_tree(source, WHISPER_ENTRIES, cfg.num_layers, WHISPER_LAYER_ENTRIES, missing=missing)
 
 
@@ -306,16 +308,19 @@ def qformer_params(source: Source, cfg, style: str = "hf") -> dict:
 
 # ------------------------------------------- LLaVA-OneVision vision connector (projector, newline) ----
 
-def vision_connector_plan(source: Source, missing: list[str] | None = None) -> dict:
+def vision_connector_plan(source: Source, missing: list[str] | None = None,
+                          prefix: str | None = None) -> dict:
     """VisionConnector (`adapter`) plan: projector from `multi_modal_projector.linear_{1,2}`
-    (transformers) or `mm_projector.{0,2}` (LLaVA-NeXT / video-SALMONN 2), plus `image_newline`."""
-    if source.has("multi_modal_projector.linear_1.weight"):
-        base = source.find_prefix("multi_modal_projector.linear_1.weight") + "multi_modal_projector."
+    (transformers) or `mm_projector.{0,2}` (LLaVA-NeXT / video-SALMONN 2), plus `image_newline`;
+    both under `prefix` when given (else each found from its own name)."""
+    find = (lambda suffix: prefix) if prefix is not None else source.find_prefix
+    if any(k.startswith(prefix or "") and ".multi_modal_projector." in f".{k}" for k in source.keys()):
+        base = find("multi_modal_projector.linear_1.weight") + "multi_modal_projector."
         first, second = base + "linear_1", base + "linear_2"
     else:
-        base = source.find_prefix("mm_projector.0.weight") + "mm_projector."
+        base = find("mm_projector.0.weight") + "mm_projector."
         first, second = base + "0", base + "2"
-    newline = source.find_prefix("image_newline") + "image_newline"
+    newline = find("image_newline") + "image_newline"
     return plan_tree(source, lin("projector/linear_1", first) + lin("projector/linear_2", second)
                      + [("image_newline", newline, same)], missing=missing)
 
@@ -326,19 +331,18 @@ def vision_connector_params(source: Source) -> dict:
 
 # ------------------------------------------------------------------------ Qwen2 (the LLM) ----
 
-def qwen2_plan(source: Source, llm_cfg, missing: list[str] | None = None) -> dict:
+def qwen2_plan(source: Source, llm_cfg, missing: list[str] | None = None,
+               prefix: str | None = None) -> dict:
     """Qwen2 plan through the lead's name map (models/qwen2_hf.py), with the LLM's prefix found
-    from `embed_tokens.weight` (`model.`, `model.language_model.`, `language_model.model.`, ...);
-    scan layout stacks the layers, else `layers_{i}`."""
+    from `embed_tokens.weight` (`model.`, `model.language_model.`, `language_model.model.`, ...)
+    unless given; scan layout stacks the layers, else `layers_{i}`. A tied config with a stored
+    lm_head that differs from the embedding -> CheckpointError."""
     from vsalmonn_jax.models import qwen2_hf
 
-    prefix = source.find_prefix("embed_tokens.weight")
-    heads = sorted((k for k in source.keys() if k.endswith("lm_head.weight")), key=len)
+    prefix = source.find_prefix("embed_tokens.weight") if prefix is None else prefix
+    heads = sorted((k for k in source.keys() if k.endswith("lm_head.weight")), key=lambda k: (len(k), k))
     if llm_cfg.tie_word_embeddings and heads:   # the logits would use the embedding instead
-        print(f"weights: WARNING the checkpoint stores an output layer ({heads[0]}) but "
-              "model.llm.tie_word_embeddings is True: it is not read and the logits use the "
-              "embedding; set --config.model.llm.tie_word_embeddings=False if that checkpoint is "
-              "untied (its config.json says)", file=sys.stderr)
+        check_tied_head(source, heads[0], prefix + "embed_tokens.weight")
     entries, layer_entries = [], []
     for entry in qwen2_hf.name_map(llm_cfg, prefix, heads[0] if heads else "lm_head.weight"):
         fn = linear if entry.transpose else same
@@ -350,6 +354,28 @@ def qwen2_plan(source: Source, llm_cfg, missing: list[str] | None = None) -> dic
             entries += [("/".join((f"layers_{i}",) + entry.path[1:]), entry.hf_name.format(i=i), fn)
                         for i in range(llm_cfg.num_layers)]
     return plan_tree(source, entries, llm_cfg.num_layers, layer_entries, missing=missing)
+
+
+def same_tensor(source: Source, a: str, b: str, rows: int = 8192) -> bool:
+    """Whether two stored tensors are equal (shape and values), compared `rows` rows at a time."""
+    if source.meta(a)[0] != source.meta(b)[0]:
+        return False
+    x, y = np.atleast_1d(source[a]), np.atleast_1d(source[b])
+    return all(np.array_equal(np.asarray(x[i:i + rows]), np.asarray(y[i:i + rows]))
+               for i in range(0, x.shape[0], rows))
+
+
+def check_tied_head(source: Source, head: str, embed: str) -> None:
+    """A tied config never reads a stored output layer: fine when it equals the embedding (a tied
+    model saved whole), else the logits would silently differ from the checkpoint's."""
+    from vsalmonn_jax.safetensors_io import CheckpointError
+
+    if embed in source and not same_tensor(source, head, embed):
+        raise CheckpointError(
+            f"the checkpoint stores an output layer {source.stored_name(head)!r} that differs from "
+            f"{source.stored_name(embed)!r}, but model.llm.tie_word_embeddings is True (the logits "
+            "would use the embedding): set --config.model.llm.tie_word_embeddings=False (the "
+            "checkpoint's config.json says tie_word_embeddings: false)")
 
 
 def qwen2_params(source: Source, llm_cfg) -> dict:

@@ -8,7 +8,9 @@ it on the host (tests, bench). Commands stream the plans onto the mesh (models/p
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -104,6 +106,11 @@ def open_official(path: str | pathlib.Path) -> Mapping[str, object]:
 
     path = pathlib.Path(path)
     if path.is_dir() and any(path.glob("*.safetensors")):
+        ignored = sorted(p.name for p in path.glob("*.bin"))
+        if ignored:
+            print(f"official weights: {path} holds *.safetensors, so its {', '.join(ignored)} "
+                  "are ignored (point model.pretrained.official at a .bin file to use it)",
+                  file=sys.stderr)
         return SafetensorsReader(path)
     if path.suffix == ".safetensors":
         return SafetensorsReader(path)
@@ -150,51 +157,146 @@ def release_bin_files(path: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+def official_name(stored: str) -> tuple[str, bool]:
+    """(normalised name, is a PEFT LoRA tensor) of an official stored name: DeepSpeed `module.` and
+    PEFT `base_model.model.` stripped, `.base_layer` dropped, `<module>.lora_A.default.weight` ->
+    `<module>.A` (`.B`)."""
+    name = stored
+    for prefix in OFFICIAL_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    name = name.replace(".base_layer.", ".")
+    if ".lora_A." in name or ".lora_B." in name:
+        module, _, rest = name.partition(".lora_")
+        return f"{module}.{rest[0]}", True
+    return name, False
+
+
 def official_view(state: Mapping[str, object]) -> tuple[Source, Source]:
-    """Normalise an official video-SALMONN 2 state dict (all_parameters.bin / checkpoint-N.bin):
-    strip DeepSpeed `module.` and PEFT `base_model.model.` prefixes and `.base_layer`; the PEFT LoRA
-    tensors (`<module>.lora_A.default.weight`) go to a second view keyed `<module>.A` / `.B`.
-    Nothing is read: both views alias the stored names."""
+    """Normalise an official video-SALMONN 2 state dict (all_parameters.bin / checkpoint-N.bin) by
+    `official_name`: the base tensors, and the PEFT LoRA tensors in a second view keyed
+    `<module>.A` / `.B`. Nothing is read: both views alias the stored names."""
     base, lora = {}, {}
     for stored in state.keys():
-        name = stored
-        for prefix in OFFICIAL_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        name = name.replace(".base_layer.", ".")
-        if ".lora_A." in name or ".lora_B." in name:
-            module, _, rest = name.partition(".lora_")
-            lora[f"{module}.{rest[0]}"] = stored
-        else:
-            base[name] = stored
+        name, is_lora = official_name(stored)
+        (lora if is_lora else base)[name] = stored
     return Source(state, alias=base), Source(state, alias=lora)
 
 
-def official_lora_plan(lora: Source, llm_cfg, missing: list[str] | None = None) -> dict:
-    """PEFT lora_A [r, in] / lora_B [out, r] per layer -> {"llm": ...{"q_proj": {"a": [in, r],
-    "b": [r, out]}}} stacked over layers (scan layout) or per `layers_{i}`."""
-    suffix = "layers.0.self_attn.q_proj.A"
-    prefix = next((k[: -len(suffix)] for k in lora.keys() if k.endswith(suffix)), None)
+# The official file's parts by the name words that mark them (normalised names): a part is present
+# when ANY tensor carries one of its words, and is then planned whole (a missing tensor is named).
+OFFICIAL_PARTS = {
+    "Q-Former": ("speech_Qformer",),
+    "audio projections": ("speech_query_tokens", "speech_llama_proj", "final_linear"),
+    "Whisper": ("speech_encoder", "ln_speech"),
+    "vision connector": ("mm_projector", "multi_modal_projector", "image_newline"),
+    "vision": ("vision_tower", "vision_model"),
+}
+_LLM_NAME = re.compile(r"(^|\.)(embed_tokens|lm_head|norm)\.|(^|\.)layers\.\d+\.")
+_LORA_KERNELS = r"self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"   # the LLM layer's kernels
+
+
+# Tensors of a present part the model leaves unread by design: the LAVIS Q-Former's text branch
+# (SALMONN sets it to None; there when saved from a whole BERT). SigLIP's tail (layers past
+# used_layers, post_layernorm, head) is unread too: see `dropped_part`.
+_UNREAD = re.compile(r"speech_Qformer\.(cls\.|bert\.embeddings\.(word_embeddings|position_embeddings|"
+                     r"position_ids)|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+
+
+def dropped_part(stored: str) -> str | None:
+    """The part an official stored tensor that no plan reads belongs to, when leaving it unread
+    loses trained weights (check-weights calls that a problem); None: no part, or unread by design."""
+    name, is_lora = official_name(stored)
+    if is_lora:
+        return "LoRA"
+    part = official_part(name)
+    return None if part in (None, "vision") or _UNREAD.search(name) else part
+
+
+def official_part(name: str) -> str | None:
+    """The model part a normalised official name belongs to ("LLM" for the Qwen2 names); None for
+    a name of no part (e.g. a buffer)."""
+    words = set(name.split("."))
+    for part, markers in OFFICIAL_PARTS.items():
+        if words & set(markers):
+            return part
+    return "LLM" if _LLM_NAME.search(name) and not name.endswith("rotary_emb.inv_freq") else None
+
+
+def _root(names, markers, last: bool = False, default: str = "") -> str:
+    """The most common prefix of `names` before the first (last: through the last) of `markers`'
+    words; ties: the shortest. `default` when no name has one."""
+    cuts = []
+    for name in names:
+        words = name.split(".")
+        hits = [i for i, w in enumerate(words) if w in markers]
+        if hits:
+            cuts.append("".join(w + "." for w in words[:hits[-1] + 1 if last else hits[0]]))
+    counts = Counter(cuts)
+    return min(counts, key=lambda c: (-counts[c], len(c), c)) if counts else default
+
+
+def _llm_prefix(names) -> str:
+    """Where the LLM lives: before `embed_tokens`, else before `layers` / `norm`, else `model.`."""
+    return _root(names, ("embed_tokens",)) or _root(names, ("layers", "norm"), default="model.")
+
+
+def official_lora_plan(lora: Source, llm_cfg, missing: list[str] | None = None,
+                       prefix: str | None = None) -> dict:
+    """PEFT lora_A [r, in] / lora_B [out, r] of the LLM's layers (under `prefix`, else where the LoRA
+    names say) -> {"llm": ...{"q_proj": {"a": [in, r], "b": [r, out]}}} stacked over layers (scan
+    layout) or per `layers_{i}`; every adapted kernel found in some layer is planned for all layers.
+    LoRA tensors elsewhere (vision tower, Whisper, ...) the model has no place for: CheckpointError
+    (with `missing`, check-weights: left unplanned, so it reports them as unused)."""
+    from vsalmonn_jax.safetensors_io import CheckpointError
+
+    names = sorted(lora.keys())
     if prefix is None:
-        return {}
+        llm = [n for n in names if official_part(n) == "LLM"]
+        found = sorted({_root([n], ("layers",)) for n in llm if ".layers." in f".{n}"})
+        if len(found) > 1:
+            raise CheckpointError(f"official LoRA: the LLM's layers under several prefixes {found}")
+        prefix = found[0] if found else "model."
+    pattern = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.({_LORA_KERNELS})\.[AB]")
+    matches = {n: pattern.fullmatch(n) for n in names}
+    outside = [n for n, m in matches.items() if m is None or int(m.group(1)) >= llm_cfg.num_layers]
+    if outside and missing is None:
+        raise CheckpointError(
+            f"official weights: {len(outside)} LoRA tensor(s) outside the LLM's {llm_cfg.num_layers} "
+            f"layers under {prefix!r}, e.g. {', '.join(lora.stored_name(n) for n in outside[:3])}: "
+            "this model adapts only the LLM's kernels, so they would be dropped (check "
+            "model.llm.num_layers; merge other adapters into their base before importing)")
     entries, layer_entries = [], []
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        if f"{prefix}layers.0.self_attn.{proj}.A" not in lora:
-            continue
+    for kind in sorted({m.group(2) for m in matches.values() if m is not None}):
+        ours_module = kind.replace(".", "/")
         for ours, theirs in (("a", "A"), ("b", "B")):
-            name = f"{prefix}layers.{{i}}.self_attn.{proj}.{theirs}"
+            name = f"{prefix}layers.{{i}}.{kind}.{theirs}"
             if llm_cfg.scan_layers:
-                layer_entries.append((f"self_attn/{proj}/{ours}", name, linear))
+                layer_entries.append((f"{ours_module}/{ours}", name, linear))
             else:
-                entries += [(f"layers_{i}/self_attn/{proj}/{ours}", name.format(i=i), linear)
+                entries += [(f"layers_{i}/{ours_module}/{ours}", name.format(i=i), linear)
                             for i in range(llm_cfg.num_layers)]
+    if not entries and not layer_entries:
+        return {}
     return {"llm": plan_tree(lora, entries, llm_cfg.num_layers, layer_entries, missing=missing)}
+
+
+def _part_plan(where: str, part: str, names: list[str], plan, missing: list[str] | None) -> dict:
+    """`plan()` of a part the file holds; a tensor of it that is absent -> KeyError naming the file,
+    the part and the tensor (with `missing`: collected there by the plan instead)."""
+    try:
+        return plan()
+    except KeyError as err:
+        raise KeyError(f"{where}: {err.args[0]}, though it holds the {part} ({len(names)} tensors, "
+                       f"e.g. {names[0]}): a partial or mismatched checkpoint (check-weights lists "
+                       "every missing tensor)") from err
 
 
 def official_plan(state: Mapping[str, object], cfg, missing: list[str] | None = None) -> dict:
     """The parts the official file holds, as a plan {"params": {vision?, llm?, audio?}, "adapter":
     {vision_connector?, audio_connector?}, "lora": {llm}?}; absent parts are left out (the file may
-    hold only the trainables), so it merges over the LLaVA-OneVision + Whisper plans.
+    hold only the trainables), so it merges over the LLaVA-OneVision + Whisper plans. A part is
+    present when any of its tensors is (`OFFICIAL_PARTS`) and is then planned whole.
 
     Names (llava/model/language_model/video_salmonn_2.py): model.vision_tower.vision_tower.
     vision_model.*, model.mm_projector.{0,2}, model.image_newline, model.embed_tokens / layers / norm,
@@ -202,35 +304,39 @@ def official_plan(state: Mapping[str, object], cfg, missing: list[str] | None = 
     speech_query_tokens [1, Q, 768], speech_llama_proj, final_linear.{0,2}.
     """
     source, lora = official_view(state)
-    params, adapter = {}, {}
-    if source.has("embeddings.patch_embedding.weight"):
-        params["vision"] = siglip_plan(source, cfg.vision, missing)
-    if source.has("embed_tokens.weight"):
-        params["llm"] = qwen2_plan(source, cfg.llm, missing)
-    if source.has("conv1.weight"):
-        params["audio"] = {"whisper": whisper_plan(source, cfg.audio, missing)}
-        if source.has("ln_speech.weight"):
-            params["audio"].update(plan_tree(source.sub(source.find_prefix("ln_speech.weight")),
-                                             ln("ln_speech", "ln_speech"), missing=missing))
-        elif missing is not None:
-            missing.append("ln_speech.weight")
-    if source.has("mm_projector.0.weight") or source.has("multi_modal_projector.linear_1.weight"):
-        adapter["vision_connector"] = vision_connector_plan(source, missing)
-    if source.has("speech_Qformer.bert.embeddings.LayerNorm.weight"):
-        q = cfg.qformer
-        base = source.find_prefix("speech_Qformer.bert.embeddings.LayerNorm.weight")
-        connector = {"qformer": plan_tree(source.sub(base + "speech_Qformer.bert."), qformer_entries(
-            q.num_layers, q.cross_attention_freq, "lavis"), missing=missing)}
-        connector.update(plan_tree(source.sub(base), [
-            ("query", "speech_query_tokens", squeeze0), *lin("audio_proj", "speech_llama_proj"),
-            *(lin("final_linear_0", "final_linear.0") + lin("final_linear_1", "final_linear.2")
-              if q.use_final_linear else [])], missing=missing))
-        adapter["audio_connector"] = connector
-    out = {k: v for k, v in (("params", params), ("adapter", adapter)) if v}
-    lora_tree = official_lora_plan(lora, cfg.llm, missing)
+    where = str(getattr(state, "path", "the official weights"))
+    parts: dict[str, list[str]] = {}
+    for name in sorted(source.keys()):
+        parts.setdefault(official_part(name), []).append(name)
+    q = cfg.qformer
+    llm_prefix = _llm_prefix(parts.get("LLM", ()))
+    planners = {
+        "vision": lambda ns: {"params": {"vision": siglip_plan(
+            source, cfg.vision, missing, _root(ns, OFFICIAL_PARTS["vision"], last=True))}},
+        "LLM": lambda ns: {"params": {"llm": qwen2_plan(source, cfg.llm, missing, llm_prefix)}},
+        "Whisper": lambda ns: {"params": {"audio": {
+            "whisper": whisper_plan(source, cfg.audio, missing,
+                                    _root(ns, OFFICIAL_PARTS["Whisper"]) + "speech_encoder."),
+            **plan_tree(source.sub(_root(ns, OFFICIAL_PARTS["Whisper"])), ln("ln_speech", "ln_speech"),
+                        missing=missing)}}},
+        "vision connector": lambda ns: {"adapter": {"vision_connector": vision_connector_plan(
+            source, missing, _root(ns, OFFICIAL_PARTS["vision connector"]))}},
+        "Q-Former": lambda ns: {"adapter": {"audio_connector": {"qformer": plan_tree(
+            source.sub(_root(ns, ("speech_Qformer",)) + "speech_Qformer.bert."),
+            qformer_entries(q.num_layers, q.cross_attention_freq, "lavis"), missing=missing)}}},
+        "audio projections": lambda ns: {"adapter": {"audio_connector": plan_tree(
+            source.sub(_root(ns, OFFICIAL_PARTS["audio projections"])),
+            [("query", "speech_query_tokens", squeeze0), *lin("audio_proj", "speech_llama_proj"),
+             *(lin("final_linear_0", "final_linear.0") + lin("final_linear_1", "final_linear.2")
+               if q.use_final_linear else [])], missing=missing)}},
+    }
+    out = [_part_plan(where, part, parts[part], lambda p=part: planners[p](parts[p]), missing)
+           for part in planners if part in parts]
+    lora_tree = official_lora_plan(lora, cfg.llm, missing,
+                                   llm_prefix if "LLM" in parts else None)
     if lora_tree:
-        out["lora"] = lora_tree
-    return out
+        out.append({"lora": lora_tree})
+    return merge_variables(*out)
 
 
 def official_lora(lora: Mapping[str, object] | Source, llm_cfg) -> dict:
