@@ -203,6 +203,7 @@ RULES: dict[str, Any] = {
     "generate.top_p": TOP_P,
     "generate.top_k": COUNT,
     "generate.repetition_penalty": POSITIVE,
+    "generate.decode_layout": OneOf(("auto", "gathered", "train")),
     "eval.judge": OneOf(("exact", "embedding", "llm")),
     "eval.passes": POSITIVE_INT,
     "eval.llm_concurrency": POSITIVE_INT,

@@ -170,6 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
         # HF's repetition penalty (greedy too; 1.0 = off): set it to the checkpoint's
         # generation_config.json value to decode as the release did (caption / mrDPO warn otherwise)
         repetition_penalty=1.0,
+        # the LLM's weights while decoding (generate/decode_layout.py): auto | gathered (once over
+        # fsdp: no per-token all-gather of every layer) | train (as trained: fsdp-split)
+        decode_layout="auto",
         prompt="Please describe the video in detail."))
     c.eval = ml_collections.ConfigDict(dict(
         judge="embedding", passes=7, llm_base_url="", llm_model="gpt-3.5-turbo-0125",

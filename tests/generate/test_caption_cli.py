@@ -134,6 +134,27 @@ def test_caption_command_skips_corrupt_and_resumes(caption_setup, capsys):
 
 
 @pytest.mark.slow
+def test_gathered_decode_weights_caption_as_the_training_layout(caption_setup, capsys):
+    """generate.decode_layout=gathered (the LLM's weights gathered once over fsdp before decoding;
+    `auto` picks it when a GPU / TPU has the memory) writes the captions the fsdp layout writes."""
+    from vsalmonn_jax.commands.caption import main
+
+    root, overrides, run, paths, _, _ = caption_setup
+    rows = {}
+    for layout in ("train", "gathered"):
+        out = root / f"layout_{layout}.jsonl"
+        argv = [*paths, "--checkpoint", run, "--config", "tiny", *overrides, "--output", str(out),
+                "--max-new-tokens", "5", "--batch-size", "4", "--no-progress",
+                f"--config.generate.decode_layout={layout}"]
+        assert main(argv) == 0
+        assert f"LLM weights decode in the {layout} layout" in capsys.readouterr().err
+        rows[layout] = [json.loads(x) for x in out.read_text().splitlines()]
+    for a, b in zip(rows["train"], rows["gathered"], strict=True):
+        assert (a["id"], a["caption"], a["num_tokens"]) == (b["id"], b["caption"], b["num_tokens"])
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_caption_in_the_release_format_reads_a_video_without_audio(caption_setup, capsys):
     """The 7B presets' input format through `caption` (tiny model): a video without an audio
     track gets per-frame time tokens and the two-newline prompt; the output depends on the tokens."""

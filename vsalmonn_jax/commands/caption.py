@@ -191,7 +191,9 @@ def caption_items(config, items, *, checkpoint, step, sampling, num_samples, bat
     backend, what = open_backend(config, run_dir, checkpoint, step=step, sampling=sampling,
                                  max_new_tokens=max_new_tokens, batch_size=rows, seed=seed)
     print(f"caption: {what}; config {source or 'given'}; {len(items)} items x {num_samples} "
-          f"samples, {sampling}", file=sys.stderr)
+          f"samples, {sampling}; LLM weights decode in the "
+          f"{getattr(backend, 'decode_layout', 'train')} layout (generate.decode_layout)",
+          file=sys.stderr)
     from vsalmonn_jax.generate.generation_config import warn_unapplied
 
     warn_unapplied(config, sampling, "caption")

@@ -21,6 +21,7 @@ from vsalmonn_jax.data.text import ENDOFTEXT, IM_END, token_id
 from vsalmonn_jax.distributed import to_host
 from vsalmonn_jax.generate.caption_run import UnreadableInput
 from vsalmonn_jax.generate.decode import generate
+from vsalmonn_jax.generate.decode_layout import decode_layout
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.models.qwen2 import Qwen2
 from vsalmonn_jax.training.sharding import logical_rules
@@ -84,7 +85,10 @@ class AVCaptioner:
         lora = variables.get("lora") or None
         self.encode_vars = {k: variables[k] for k in ("params", "adapter") if variables.get(k)}
         self.llm = Qwen2(task.av_config.llm, lora=task.lora_config if lora else None)
-        self.llm_vars = {"params": variables["params"]["llm"], **({"lora": lora["llm"]} if lora else {})}
+        llm_vars = {"params": variables["params"]["llm"], **({"lora": lora["llm"]} if lora else {})}
+        # gathered once over fsdp when it fits: no all-gather of every layer per decoded token
+        self.llm_vars, self.decode_layout = decode_layout(
+            llm_vars, str(config.generate.get("decode_layout", "auto")))
 
     def prepare(self, item: dict) -> dict:
         record = {k: v for k, v in item.items() if k not in ("kind",)}

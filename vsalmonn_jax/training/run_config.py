@@ -31,6 +31,7 @@ FREE_FIELDS = (
     "eval.cache_dir", "eval.llm_concurrency", "eval.embedding_threads",
     # caption-time decoding (training samples with mrdpo.*; rebirth captions greedily)
     "generate.greedy", "generate.temperature", "generate.top_p", "generate.top_k",
+    "generate.decode_layout",
 )
 
 
