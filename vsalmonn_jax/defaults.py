@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
         # channels averaged) | dialogue (the centre channel of 5.1 / 7.1, where speech is mixed;
         # the mean for mono / stereo)
         audio_channel="first",
-        max_length=32768, truncation="error",  # error | truncate_response
+        # positions of text + media (the media counted once decoded); past it: error (quarantine)
+        # | truncate_response (the release cuts its embedded sequence at model_max_length 32768)
+        max_length=32768, truncation="error",
         # the release's input format (configs/7b.py sets it; docs/recipe.md "Input format"):
         prompt_format="clean",    # clean: `<media>\nprompt` (one newline) | official: the release's
                                   # `user\n<media>\n` + tokens of "\n" + prompt (two newline tokens)

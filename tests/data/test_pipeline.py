@@ -250,13 +250,14 @@ def test_bucket_sizes():
 def test_text_too_long_is_quarantined_not_dropped(synth_dir, tmp_path):
     from vsalmonn_jax.data.quarantine import Quarantine
 
-    config = _config(synth_dir, tmp_path, "data.max_length=100", "data.max_failure_share=0.9")
+    # text + media positions: 2 of the 4 records fit in 200 (the media add 107 each)
+    config = _config(synth_dir, tmp_path, "data.max_length=200", "data.max_failure_share=0.9")
     records = load_records(str(synth_dir / "sft_train.jsonl"))[:4]
     batches = list(make_loader(records, config, shard=(0, 1), shuffle=False, num_epochs=3))
     lines = [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
     kept = sum(b["example_id"].shape[0] for b in batches)
     assert kept == 2 * 3 and len(lines) == 2        # 3 epochs: still one line per record
-    assert all(x["reason"] == "text" and "> max_length 100" in x["detail"] for x in lines)
+    assert all(x["reason"] == "text" and "> max_length 200" in x["detail"] for x in lines)
     # a restarted run appending to the same file adds only new (id, reason) pairs
     again = Quarantine(str(tmp_path / "quarantine.jsonl"), max_failure_share=1.0)
     again.add({"failed": "text", "id": lines[0]["id"], "example_id": 0, "detail": "again"})

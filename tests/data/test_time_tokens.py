@@ -81,3 +81,30 @@ def test_stack_time_tokens_pads_rows_and_refuses_a_string_wider_than_the_slots()
     assert not out["time_mask"][1].any() and out["time_ids"][2, 0, 0] == 9 and out["time_mask"].sum() == 4
     with pytest.raises(ValueError, match="row 0: a time string is 2 tokens > 1 slots"):
         stack_time_tokens([a], frames=2, width=1)
+
+
+def test_max_length_counts_the_media_positions(clips, synth_dir):
+    """data.max_length counted text tokens only: a conversation that fits as text but not with its
+    ~frames x tokens-per-frame media trained past max_length (the release cuts the embedded
+    sequence at its model_max_length)."""
+    from vsalmonn_jax.data.example import media_positions
+
+    record = {"kind": "sft", "video": str(clips / "sound.mp4"), "index": 0,
+              "conversations": [{"role": "user", "content": "<media>\nDescribe."},
+                                {"role": "assistant", "content": "At 1 s, the red circle appears. " * 6}]}
+    base = [f"data.tokenizer={synth_dir / 'tokenizer'}"]
+    roomy = Featurizer.from_config(load_config("tiny", base))
+    example = roomy(dict(record))
+    media = media_positions(example, roomy.av_config)
+    text = len(example["input_ids"])
+    assert media > 0 and "failed" not in example
+    tight = [*base, f"data.max_length={text + media - 5}"]   # text fits, text + media does not
+    refused = Featurizer.from_config(load_config("tiny", tight))(dict(record))
+    assert refused["failed"] == "text" and "with its media" in refused["detail"]
+    assert f"(+{media} reserved)" in refused["detail"]
+    cut = Featurizer.from_config(load_config("tiny", [*tight, "data.truncation=truncate_response"]))(
+        dict(record))
+    assert "failed" not in cut and len(cut["input_ids"]) + media == text + media - 5
+    np.testing.assert_array_equal(cut["input_ids"], example["input_ids"][:len(cut["input_ids"])])
+    fits = Featurizer.from_config(load_config("tiny", [*base, f"data.max_length={text + media}"]))
+    np.testing.assert_array_equal(fits(dict(record))["input_ids"], example["input_ids"])

@@ -120,12 +120,25 @@ def caption_prompt_ids(record: dict, tokenizer, default_prompt: str, **kw) -> np
     return ids
 
 
+def media_positions(example: dict, av_config) -> int:
+    """Positions a featurised example's media add to its text when they replace the placeholder
+    token: its own frames, audio chunks and per-frame time-token slots (padding inside them
+    included, so never fewer than the model's count); 0 without media."""
+    frames = example["pixels"].shape[0] if bool(example.get("has_video")) and "pixels" in example else 0
+    chunks = example["mel"].shape[0] if bool(example.get("has_audio")) and "mel" in example else 0
+    slots = example["time_ids"].shape[1] if "time_ids" in example else 0
+    if not frames and not chunks:
+        return 0
+    return av_config.media_length(frames, chunks, slots) - 1
+
+
 def text_fields(record: dict, tokenizer, *, placeholder: str, max_length: int, truncation: str,
-                default_prompt: str, has_media: bool, prompt_format: str = "clean"
-                ) -> dict[str, np.ndarray]:
-    """Token ids + loss masks of a record, by kind (prompt-only kinds get an all-False mask)."""
+                default_prompt: str, has_media: bool, prompt_format: str = "clean",
+                reserved: int = 0) -> dict[str, np.ndarray]:
+    """Token ids + loss masks of a record, by kind (prompt-only kinds get an all-False mask);
+    `reserved` positions (the media's) count against max_length."""
     kw = dict(placeholder=placeholder, has_media=has_media, max_length=max_length,
-              truncation=truncation, prompt_format=prompt_format)
+              truncation=truncation, prompt_format=prompt_format, reserved=reserved)
     kind = record["kind"]
     if kind == "sft":
         ids, mask = text.encode_conversation(tokenizer, record["conversations"], **kw)
@@ -166,6 +179,7 @@ class Featurizer:
     cache_dir: str = ""
     prompt_format: str = "clean"
     time_tokens: str = "none"
+    av_config: object = None   # models.av_llm.AVConfig: max_length counts the media's positions
     _tokenizer: object = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -174,6 +188,8 @@ class Featurizer:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, tokenizer_path: str | None = None
                     ) -> Featurizer:
+        from vsalmonn_jax.models.pretrained import av_config
+
         return cls(settings=FeatureSettings.from_config(config),
                    tokenizer_path=str(tokenizer_path or config.data.tokenizer),
                    placeholder=str(config.model.connector.placeholder_token),
@@ -181,7 +197,8 @@ class Featurizer:
                    default_prompt=str(config.generate.prompt),
                    cache_dir=str(config.data.encoder_cache),
                    prompt_format=str(config.data.get("prompt_format", "clean")),
-                   time_tokens=str(config.data.get("time_tokens", "none")))
+                   time_tokens=str(config.data.get("time_tokens", "none")),
+                   av_config=av_config(config))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -194,12 +211,22 @@ class Featurizer:
             self._tokenizer = text.load_tokenizer(self.tokenizer_path, self.placeholder)
         return self._tokenizer
 
-    def text(self, record: dict, has_media: bool) -> dict[str, np.ndarray]:
+    def text(self, record: dict, has_media: bool, reserved: int = 0) -> dict[str, np.ndarray]:
         """`text_fields` of a record with this featurizer's tokenizer and text settings."""
         return text_fields(record, self.tokenizer, placeholder=self.placeholder,
                            max_length=self.max_length, truncation=self.truncation,
                            default_prompt=self.default_prompt, has_media=has_media,
-                           prompt_format=self.prompt_format)
+                           prompt_format=self.prompt_format, reserved=reserved)
+
+    def _fit_media(self, record: dict, fields: dict) -> dict:
+        """The text again with the media's positions reserved, when text + media pass max_length
+        (as the release, which cuts the embedded sequence at its model_max_length): truncated
+        under truncation=truncate_response, else ValueError."""
+        extra = media_positions(fields, self.av_config) if self.av_config is not None else 0
+        longest = max((len(v) for k, v in fields.items() if k.endswith("input_ids")), default=0)
+        if not extra or longest + extra <= self.max_length:
+            return {}
+        return self.text(record, True, reserved=extra)
 
     def _time_tokens(self, record: dict, fields: dict) -> dict:
         """Per-frame time tokens of a video without audio; a still image (one frame, no duration)
@@ -229,6 +256,10 @@ class Featurizer:
                 if wants_time_tokens(self.time_tokens, bool(fields["has_video"]),
                                      bool(fields["has_audio"])):
                     fields.update(self._time_tokens(record, fields))
+                try:
+                    fields.update(self._fit_media(record, fields))
+                except ValueError as err:   # text + media past max_length
+                    return {**base, "failed": "text", "detail": f"with its media: {err}"}
             else:
                 fields.update(has_video=np.bool_(False), has_audio=np.bool_(False),
                               audio_seconds=np.float32(0.0))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsalmonn_jax.data.collate import collate
-from vsalmonn_jax.data.example import Featurizer
+from vsalmonn_jax.data.example import Featurizer, media_positions
 from vsalmonn_jax.data.text import ENDOFTEXT, IM_END, token_id
 from vsalmonn_jax.distributed import to_host
 from vsalmonn_jax.generate.caption_run import UnreadableInput
@@ -58,15 +58,8 @@ def spliced_inputs(module, variables: dict, batch: dict) -> tuple[jax.Array, jax
 
 def prompt_positions(example: dict, av_config) -> int:
     """An upper bound on the positions a featurised example's prompt takes: its text tokens with
-    the media placeholder replaced by its media tokens (its own frames, audio chunks and per-frame
-    time-token slots: padding inside them included, so never fewer than the model's count)."""
-    frames = example["pixels"].shape[0] if bool(example.get("has_video")) and "pixels" in example else 0
-    chunks = example["mel"].shape[0] if bool(example.get("has_audio")) and "mel" in example else 0
-    slots = example["time_ids"].shape[1] if "time_ids" in example else 0
-    text = len(example["input_ids"])
-    if not frames and not chunks:
-        return text
-    return text - 1 + av_config.media_length(frames, chunks, slots)
+    the media placeholder replaced by its media tokens (data/example.py media_positions)."""
+    return len(example["input_ids"]) + media_positions(example, av_config)
 
 
 class AVCaptioner:
