@@ -7,6 +7,7 @@ caption, video/audio); records are the data pipeline's kinds (preference, sft).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -239,29 +240,32 @@ class MediaCache:
     """Featurised examples of recently used clips by item id, least recently used dropped beyond
     `max_bytes` (their arrays' sizes): a round's clips are decoded for sampling and their pairs'
     batches reuse them, but a whole training set of decoded clips (~55 MB each at 110 frames)
-    does not fit a host's memory."""
+    does not fit a host's memory. Thread-safe: batches are built ahead in a thread (Prefetch)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.items, self.bytes = int(max_bytes), {}, 0
+        self._lock = threading.Lock()
 
     @staticmethod
     def size(example: Mapping) -> int:
         return sum(v.nbytes for v in example.values() if isinstance(v, np.ndarray))
 
     def get(self, key: str) -> dict | None:
-        example = self.items.pop(key, None)
-        if example is not None:
-            self.items[key] = example   # now the most recent
-        return example
+        with self._lock:
+            example = self.items.pop(key, None)
+            if example is not None:
+                self.items[key] = example   # now the most recent
+            return example
 
     def put(self, key: str, example: dict) -> dict:
-        if key in self.items:
-            self.bytes -= self.size(self.items.pop(key))
-        self.items[key] = example
-        self.bytes += self.size(example)
-        while self.bytes > self.max_bytes and self.items:
-            self.bytes -= self.size(self.items.pop(next(iter(self.items))))
-        return example
+        with self._lock:
+            if key in self.items:
+                self.bytes -= self.size(self.items.pop(key))
+            self.items[key] = example
+            self.bytes += self.size(example)
+            while self.bytes > self.max_bytes and self.items:
+                self.bytes -= self.size(self.items.pop(next(iter(self.items))))
+            return example
 
 
 class AVPolicyEnv:
