@@ -30,6 +30,10 @@ def get_config():
     c.data.update(dict(prompt_format="official", time_tokens="official", audio_cut="video",
                        frame_sampling="file", video_audio="record"))
     c.dpo.gt_ce_mean = "rows"   # the release's DPO step: per row, CE-only rows at weight 1
+    c.train.ce_mean = "rows"    # its SFT step likewise: each row's token mean, averaged over rows
+    # its LoRA stages freeze speech_llama_proj (train.py re-enables LoRA, Q-Former, query tokens,
+    # final_linear, mm_projector, image_newline only); stage 1 (7b_align) trains it
+    c.train.frozen = ("adapter/audio_connector/audio_proj",)
     # caption --temperature / --top-p / --num-samples as the release's HF generate(do_sample=True,
     # top_p=0.9) samples: HF's GenerationConfig fills in top_k 50 (greedy by default, as the release)
     c.generate.top_k = 50

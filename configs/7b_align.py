@@ -8,5 +8,5 @@ from vsalmonn_jax.config import load_config
 def get_config():
     c = load_config("7b")
     c.stage = "align"
-    c.train.update(dict(lr=2e-5, num_steps=30000, trainable=("adapter",)))
+    c.train.update(dict(lr=2e-5, num_steps=30000, trainable=("adapter",), frozen=()))
     return c

@@ -204,6 +204,7 @@ RULES: dict[str, Any] = {
     "generate.top_k": COUNT,
     "generate.repetition_penalty": POSITIVE,
     "generate.decode_layout": OneOf(("auto", "gathered", "train")),
+    "train.ce_mean": OneOf(("tokens", "rows")),
     "eval.judge": OneOf(("exact", "embedding", "llm")),
     "eval.passes": POSITIVE_INT,
     "eval.llm_concurrency": POSITIVE_INT,

@@ -13,6 +13,8 @@ from vsalmonn_jax.data.synthetic_scene import default_config as synthetic_defaul
 LEGACY_VALUES = {
     "data.video_audio": "track",
     "mrdpo.unfinished": "collapsed",
+    "train.frozen": (),
+    "train.ce_mean": "tokens",
 }
 
 
@@ -126,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10, eval_every=500, checkpoint_every=500, keep_checkpoints=3,
         on_nan="stop",  # stop | skip
         trainable=("lora", "adapter"),
+        frozen=(),          # paths inside the trainables kept as loaded, e.g.
+                            # "adapter/audio_connector/audio_proj" (the 7B LoRA stages, as the release)
+        ce_mean="tokens",   # SFT CE: tokens (mean over the batch's target tokens) | rows (each row's
+                            # token mean, then over rows: the release, one row per device)
         logits_chunk=1024,  # lm_head + log-softmax over this many positions at a time (0 = all)
         feature_cache="",   # folder: cache the frozen SigLIP/Whisper outputs per example ("" = off)
     ))

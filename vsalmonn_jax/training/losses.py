@@ -74,9 +74,21 @@ def sequence_logps(logps: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, logps, 0.0), axis=-1)
 
 
-def masked_ce(logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Token cross-entropy, mean over all target tokens of the batch; returns (loss, token count)."""
+CE_MEANS = ("tokens", "rows")
+
+
+def masked_ce(logps: jax.Array, mask: jax.Array, mean: str = "tokens") -> tuple[jax.Array, jax.Array]:
+    """Token cross-entropy of logps / mask [B, T]; returns (loss, token count). mean "tokens": over
+    all target tokens of the batch; "rows": each row's token mean, then the mean over the rows that
+    have targets (the release's step: one row per device, gradients averaged)."""
+    if mean not in CE_MEANS:
+        raise ValueError(f"train.ce_mean must be one of {CE_MEANS}, got {mean!r}")
     count = jnp.sum(mask.astype(jnp.float32))
+    if mean == "rows":
+        per_row = jnp.sum(mask.astype(jnp.float32), axis=-1)                               # [B]
+        ce = -jnp.sum(jnp.where(mask, logps, 0.0), axis=-1) / jnp.maximum(per_row, 1.0)   # [B]
+        used = (per_row > 0).astype(jnp.float32)
+        return jnp.sum(ce * used) / jnp.maximum(jnp.sum(used), 1.0), count
     total = -jnp.sum(jnp.where(mask, logps, 0.0))
     return total / jnp.maximum(count, 1.0), count
 

@@ -66,7 +66,8 @@ def config_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     lacks (added by a newer version of the code) is compared with its LEGACY_VALUES entry, the
     behaviour the run had; other such fields are not changes."""
     a, b = flatten({k: v for k, v in saved.items() if k != RECORDS_KEY}), flatten(new)
-    a.update({k: v for k, v in LEGACY_VALUES.items() if k not in a and k in b})
+    a.update({k: json.loads(json.dumps(v)) for k, v in LEGACY_VALUES.items()   # () as saved: []
+              if k not in a and k in b})
     return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 

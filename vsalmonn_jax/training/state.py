@@ -70,14 +70,57 @@ def make_schedule(train_cfg, total_updates: int) -> optax.Schedule:
     raise ValueError(f"train.schedule must be cosine | linear | constant, got {kind!r}")
 
 
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def frozen_labels(frozen: tuple[str, ...]):
+    """param_labels for optax.multi_transform: "frozen" for the trainable leaves under one of the
+    `frozen` paths ("adapter/audio_connector/audio_proj"), else "train"; a path that names no leaf
+    of a collection the model has is a ValueError (a typo would otherwise train what it meant to
+    freeze)."""
+    def labels(tree):
+        paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        for prefix in frozen:
+            collection = prefix.split("/")[0]
+            if not any(p.startswith(collection + "/") for p in paths):
+                continue   # a model without that collection (the text-only task has no adapter)
+            if not any(p == prefix or p.startswith(prefix + "/") for p in paths):
+                raise ValueError(f"train.frozen: {prefix!r} names no trainable parameter (e.g. "
+                                 f"{paths[0] if paths else 'none'}; paths are collection/module/...)")
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "frozen" if any(_path(p) == f or _path(p).startswith(f + "/")
+                                         for f in frozen) else "train", tree)
+    return labels
+
+
+def zero_frozen(frozen: tuple[str, ...]) -> optax.GradientTransformation:
+    """Stateless: the gradients / updates of the leaves under `frozen` set to zero (frozen_labels).
+    Unlike optax.multi_transform it leaves the optimizer state's structure plain (no MaskedNode),
+    which the state's sharding rules read."""
+    labels = frozen_labels(frozen)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, label: jnp.zeros_like(u) if label == "frozen" else u,
+                            updates, labels(updates)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(train_cfg, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW + clipping (+ MultiSteps accumulation). Returns (transformation, schedule)."""
+    """AdamW + clipping (+ MultiSteps accumulation); the trainables under train.frozen get no update
+    (their gradients are zeroed before the clipping norm, their updates after AdamW's weight
+    decay). Returns (transformation, schedule)."""
     schedule = make_schedule(train_cfg, total_updates)
-    parts = []
+    frozen = tuple(str(f).strip("/") for f in (train_cfg.get("frozen") or ()))
+    parts = [zero_frozen(frozen)] if frozen else []   # the release's LoRA stages: speech_llama_proj
     if float(train_cfg.grad_clip) > 0:
         parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
     parts.append(optax.adamw(schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2),
                              eps=float(train_cfg.eps), weight_decay=float(train_cfg.weight_decay)))
+    if frozen:
+        parts.append(zero_frozen(frozen))
     tx = optax.chain(*parts)
     accum = int(train_cfg.grad_accum)
     if accum > 1:

@@ -41,6 +41,7 @@ class StepOptions:
     label_smoothing: float = 0.0
     gt_ce_weight: float = 0.1
     gt_ce_mean: str = "tokens"   # tokens: pooled over the batch's GT tokens | rows: the release's step
+    ce_mean: str = "tokens"      # SFT CE: tokens (pooled over the batch) | rows (per-row means)
     reference: str = "snapshot"  # snapshot | lora_disabled
     shared_prefix: bool = True   # DPO: one packed row per pair (training/packing.py)
 
@@ -54,6 +55,7 @@ class StepOptions:
                    label_smoothing=float(config.dpo.label_smoothing),
                    gt_ce_weight=float(config.dpo.gt_ce_weight),
                    gt_ce_mean=str(config.dpo.get("gt_ce_mean", "tokens")),
+                   ce_mean=str(config.train.get("ce_mean", "tokens")),
                    reference=str(config.dpo.reference),
                    shared_prefix=bool(config.dpo.get("shared_prefix", True)))
 
@@ -104,12 +106,12 @@ def _token_logps(task, variables, text, media, opts, *, deterministic, rngs):
 
 
 def sft_loss(task, opts: StepOptions, params, trainable, batch, *, deterministic=False, rngs=None):
-    """(mean CE over target tokens, metrics)."""
+    """(CE over target tokens, mean by train.ce_mean; metrics)."""
     media = _encode(task, params, batch)
     variables = present({"params": params, **trainable})
     logps, mask = _token_logps(task, variables, text_fields(batch), media, opts,
                                deterministic=deterministic, rngs=rngs)
-    ce, count = losses.masked_ce(logps, mask)
+    ce, count = losses.masked_ce(logps, mask, opts.ce_mean)
     return ce, {"ce": ce, "target_tokens": count}
 
 
