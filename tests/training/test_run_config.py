@@ -113,3 +113,16 @@ def test_a_new_field_with_a_new_preset_default_is_a_change(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(old))
     with pytest.raises(ConfigChangedError, match="data.video_audio: 'track' -> 'record'"):
         write_run_config(tmp_path, load_config("7b"))
+
+
+def test_runs_saved_before_frozen_and_ce_mean_resume_with_their_values_only(tmp_path):
+    """train.frozen / train.ce_mean came later (the runs before trained audio_proj and pooled the
+    CE over tokens): a missing field compares as that value, a tuple () equal to the saved []."""
+    old = as_dict(load_config("tiny_sft"))
+    del old["train"]["frozen"], old["train"]["ce_mean"]
+    assert config_changes(old, as_dict(load_config("tiny_sft"))) == {}
+    old7 = as_dict(load_config("7b_sft"))
+    del old7["train"]["frozen"], old7["train"]["ce_mean"]
+    assert config_changes(old7, as_dict(load_config("7b_sft"))) == {
+        "train.ce_mean": ("tokens", "rows"),
+        "train.frozen": ([], ["adapter/audio_connector/audio_proj"])}
