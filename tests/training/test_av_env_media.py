@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import transformers
+from machine import scaled
 
 import vsalmonn_jax.data.example as example_lib
 from vsalmonn_jax.config import load_config
@@ -187,7 +188,7 @@ def test_sampling_decodes_the_next_batch_while_this_one_is_captioned(clips, monk
         seen = []
 
         def caption(self, rows):
-            end = time.monotonic() + 60.0
+            end = time.monotonic() + scaled(60.0)
             while len(self.prepared) < len(items) and time.monotonic() < end and not self.batches:
                 time.sleep(0.01)   # the first batch waits (bounded) for the next one's decode
             self.seen.append(len(self.prepared))

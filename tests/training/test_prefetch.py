@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from machine import scaled
 
 from vsalmonn_jax.training.policy_env import ListIterator
 from vsalmonn_jax.training.prefetch import Prefetch
@@ -39,7 +40,7 @@ def _ids(it, k):
 
 
 def _wait_for(predicate, limit_s=60.0):
-    end = time.monotonic() + limit_s
+    end = time.monotonic() + scaled(limit_s)
     while not predicate() and time.monotonic() < end:
         time.sleep(0.01)
     return predicate()
@@ -56,8 +57,10 @@ def test_same_batches_and_the_position_of_the_last_batch_handed_out():
         for k in range(7):
             assert next(ahead)["example_id"].tolist() == expected[k]
             assert ahead.get_state() == states[k]
-        # it did build ahead: two batches past the one handed out, while nobody asked
-        assert _wait_for(lambda: source.built == 9)
+        # it did build ahead while nobody asked: the 2 queued batches, and maybe a third that
+        # waits for room in the queue
+        assert _wait_for(lambda: source.built >= 9)
+        assert source.built <= 10
         assert ahead.get_state() == states[6]   # not counted until handed out
 
 
