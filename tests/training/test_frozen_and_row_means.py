@@ -92,3 +92,15 @@ def test_7b_presets_freeze_audio_proj_in_the_lora_stages_only():
     assert len(frozen) == 2                                   # its kernel and bias
     text = st.frozen_labels(("adapter/audio_connector/audio_proj",))({"lora": {"q": np.zeros(2)}})
     assert text == {"lora": {"q": "train"}}                  # the text-only task has no adapter
+
+
+def test_weight_decay_spares_biases_and_norm_scales_as_hf_does():
+    """HF's Trainer decays every parameter but biases and LayerNorm weights; AdamW decayed all."""
+    grads = {"adapter": {"proj": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros((2,))},
+                         "norm": {"scale": jnp.zeros((2,))}}}
+    params, _ = _updates(_train_cfg(weight_decay=0.5), grads, start=1.0)
+    assert np.all(np.asarray(params["adapter"]["proj"]["kernel"]) < 1.0)
+    np.testing.assert_array_equal(np.asarray(params["adapter"]["proj"]["bias"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(params["adapter"]["norm"]["scale"]), 1.0)
+    labels = st.decayed({"a": {"bias": {"value": 0}, "kernel": {"value": 0}}})   # boxed leaves
+    assert labels == {"a": {"bias": {"value": False}, "kernel": {"value": True}}}

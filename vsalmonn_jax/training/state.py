@@ -94,6 +94,15 @@ def frozen_labels(frozen: tuple[str, ...]):
     return labels
 
 
+def decayed(tree):
+    """AdamW's weight-decay mask, as the HF Trainer's: every leaf but biases and norm scales
+    (flax's LayerNorm / RMSNorm `scale`, `bias`). Used when train.weight_decay > 0 only, so the
+    optimizer state of runs without decay keeps its structure."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: _path(p).split("/")[-1] not in ("bias", "scale")
+        and not _path(p).endswith(("/bias/value", "/scale/value")), tree)
+
+
 def zero_frozen(frozen: tuple[str, ...]) -> optax.GradientTransformation:
     """Stateless: the gradients / updates of the leaves under `frozen` set to zero (frozen_labels).
     Unlike optax.multi_transform it leaves the optimizer state's structure plain (no MaskedNode),
@@ -117,8 +126,10 @@ def make_optimizer(train_cfg, total_updates: int) -> tuple[optax.GradientTransfo
     parts = [zero_frozen(frozen)] if frozen else []   # the release's LoRA stages: speech_llama_proj
     if float(train_cfg.grad_clip) > 0:
         parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
+    decay = float(train_cfg.weight_decay)
     parts.append(optax.adamw(schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2),
-                             eps=float(train_cfg.eps), weight_decay=float(train_cfg.weight_decay)))
+                             eps=float(train_cfg.eps), weight_decay=decay,
+                             mask=decayed if decay > 0 else None))
     if frozen:
         parts.append(zero_frozen(frozen))
     tx = optax.chain(*parts)
