@@ -7,6 +7,7 @@ Used by every importer/exporter (Qwen2, SigLIP, Whisper, LLaVA-OneVision, the of
 from __future__ import annotations
 
 import json
+import re
 import pathlib
 import struct
 import sys
@@ -91,13 +92,48 @@ def checkpoint_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathl
         raise CheckpointError(f"{path}: holds {len(indexes)} shard indexes "
                               f"({', '.join(i.name for i in indexes)}): keep one, or point at it")
     if not indexes:
-        return sorted(path.glob("*.safetensors")), {}
+        return _without_variants(path)
     shards = _index_files(indexes[0])
     ignored = sorted(set(path.glob("*.safetensors")) - set(shards))
     if ignored:
         print(f"weights: {path}: {', '.join(f.name for f in ignored)} not in {indexes[0].name}: "
               "ignored", file=sys.stderr)
     return sorted(shards), shards
+
+
+# Hugging Face's weight variants beside the main file: model.fp32-00001-of-00002.safetensors (with
+# model.safetensors.index.fp32.json), model.fp16.safetensors (openai/whisper-large-v3 has both kinds)
+_VARIANT = re.compile(r"^[^.]+\.[A-Za-z0-9_]+(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def _without_variants(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]]]:
+    """A directory without a main shard index: its main *.safetensors files, variant files (named
+    by a `*.safetensors.index.<variant>.json` or `<name>.<variant>[-k-of-n].safetensors`) ignored
+    with a note, as HF's from_pretrained does without `variant=`; only variant files: the one
+    variant index's shards (several variants: an error naming them)."""
+    files = set(path.glob("*.safetensors"))
+    variant_indexes = sorted(path.glob("*.safetensors.index.*.json"))
+    variants = {f for f in files if _VARIANT.match(f.name)}
+    for index in variant_indexes:
+        try:
+            variants |= {path / str(f) for f in json.loads(index.read_text())["weight_map"].values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: unreadable shard index ({type(err).__name__}: {err})") \
+                from err
+    main = sorted(files - variants)
+    if main:
+        ignored = sorted(f.name for f in files & variants)
+        if ignored:
+            print(f"weights: {path}: variant files {', '.join(ignored)} ignored (reading "
+                  f"{', '.join(f.name for f in main)})", file=sys.stderr)
+        return main, {}
+    if len(variant_indexes) == 1:
+        shards = _index_files(variant_indexes[0])
+        return sorted(shards), shards
+    if len(variant_indexes) > 1:
+        raise CheckpointError(f"{path}: holds only variant weights with {len(variant_indexes)} "
+                              f"indexes ({', '.join(i.name for i in variant_indexes)}): keep one")
+    return sorted(files), {}
 
 
 class SafetensorsReader:

@@ -51,6 +51,29 @@ def test_an_index_picks_the_files_and_names_what_it_lacks(tmp_path, capsys):
         SafetensorsReader(tmp_path)
 
 
+def test_the_whisper_large_v3_download_reads_its_main_file(tmp_path, capsys):
+    """openai/whisper-large-v3 with --include "*.safetensors" "*.json" brings model.safetensors AND
+    the fp32 variant (model.fp32-0000k-of-00002.safetensors + model.safetensors.index.fp32.json),
+    every tensor in both: read the main file, as HF's from_pretrained does without variant=."""
+    save_file({"a": np.ones((2,), np.float16), "b": np.ones((3,), np.float16)},
+              str(tmp_path / "model.safetensors"))
+    save_file({"a": np.full((2,), 7.0, np.float32)}, str(tmp_path / "model.fp32-00001-of-00002.safetensors"))
+    save_file({"b": np.full((3,), 7.0, np.float32)}, str(tmp_path / "model.fp32-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.fp32.json").write_text(json.dumps({"weight_map": {
+        "a": "model.fp32-00001-of-00002.safetensors", "b": "model.fp32-00002-of-00002.safetensors"}}))
+    reader = SafetensorsReader(tmp_path)
+    assert reader.keys() == ["a", "b"] and np.asarray(reader["a"]).dtype == np.float16
+    assert "variant files model.fp32-00001-of-00002.safetensors, model.fp32-00002-of-00002" \
+        ".safetensors ignored" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").unlink()              # only the variant: its index's shards
+    reader = SafetensorsReader(tmp_path)
+    assert float(np.asarray(reader["b"]).sum()) == 21.0
+    save_file({"a": np.ones((2,), np.float16)}, str(tmp_path / "model.fp16.safetensors"))
+    (tmp_path / "model.fp32-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="names 1 shard"):   # the fp32 index, a shard short
+        SafetensorsReader(tmp_path)
+
+
 def test_a_truncated_file_is_named_when_opened(tmp_path, capsys):
     """Finding 2: a truncated shard passed the header read (and check-weights), then failed later
     with numpy's "mmap length is greater than file size"."""
