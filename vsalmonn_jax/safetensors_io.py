@@ -7,8 +7,8 @@ Used by every importer/exporter (Qwen2, SigLIP, Whisper, LLaVA-OneVision, the of
 from __future__ import annotations
 
 import json
-import re
 import pathlib
+import re
 import struct
 import sys
 from collections.abc import Iterator
