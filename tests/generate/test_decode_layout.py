@@ -97,6 +97,18 @@ def test_auto_gathers_when_the_device_says_it_fits(placed, monkeypatch):
     monkeypatch.setattr(device, "memory_stats",
                         lambda self: {"bytes_limit": 2 * after, "bytes_in_use": after})
     assert decode_layout(variables, "auto")[1] == "train"     # over half the free memory
+    # several processes decide together: one that lacks the memory keeps every process's layout
+    from vsalmonn_jax import distributed
+
+    monkeypatch.setattr(device, "memory_stats",
+                        lambda self: {"bytes_limit": 4 * after, "bytes_in_use": after})
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    asked = []
+    monkeypatch.setattr(distributed, "any_process", lambda flag: asked.append(flag) or True)
+    assert decode_layout(variables, "auto")[1] == "train" and asked == [False]
+    monkeypatch.setattr(distributed, "any_process", lambda flag: flag)
+    assert decode_layout(variables, "auto")[1] == "gathered"
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
     with pytest.raises(ValueError, match="decode_layout must be one of"):
         decode_layout(variables, "replicated")
     single = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), variables)

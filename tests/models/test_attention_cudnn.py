@@ -49,13 +49,19 @@ def test_padding_goes_as_lengths_and_causal_as_mask_type(cudnn_calls):
 def test_a_row_without_valid_tokens_is_zeros_as_on_xla(monkeypatch):
     """cuDNN's softmax over zero keys is undefined (stood in for by NaN here): such a row (a CE-only
     row's empty pair, a padding row) comes back as zeros, what the xla path gives, not NaN."""
-    monkeypatch.setattr(jax.nn, "dot_product_attention",
-                        lambda query, *a, **k: jnp.full(query.shape, jnp.nan, query.dtype))
+    given = []
+
+    def fake(query, *a, **k):
+        given.append(np.asarray(k["key_value_seq_lengths"]))
+        return jnp.full(query.shape, jnp.nan, query.dtype)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
     key_mask = np.ones((2, 12), bool)
     key_mask[1] = False
     q, k, v = _qkv()
     spec = MaskSpec(causal=True, key_mask=jnp.asarray(key_mask))
     out = np.asarray(attention(q, k, v, spec, "cudnn"))
+    np.testing.assert_array_equal(given[0], [12, 1])   # cuDNN never sees a zero length (backward)
     assert np.all(out[1] == 0) and np.all(np.isnan(out[0]))
     monkeypatch.undo()
     np.testing.assert_array_equal(np.asarray(attention(q, k, v, spec, "xla"))[1], 0)

@@ -62,6 +62,16 @@ def _fits(variables) -> bool:
     return after <= GATHER_SHARE * (limit - used)
 
 
+def _fits_everywhere(variables) -> bool:
+    """_fits on every process (they must all reshard, or none: the reshard is collective)."""
+    fits = _fits(variables)
+    if jax.process_count() == 1:
+        return fits
+    from vsalmonn_jax.distributed import any_process
+
+    return not any_process(not fits)
+
+
 def decode_layout(variables, layout: str = "auto"):
     """`variables` placed for decoding by `layout` (module docstring); leaves without a
     NamedSharding (host arrays, one device) are left as they are. -> (variables, layout used)."""
@@ -72,7 +82,7 @@ def decode_layout(variables, layout: str = "auto"):
         return variables, "train"
     if not any(gathered_spec(_named(leaf).spec) != _named(leaf).spec for leaf in named):
         return variables, "train"   # nothing split over the gathered axes
-    if layout == "auto" and not _fits(variables):
+    if layout == "auto" and not _fits_everywhere(variables):
         return variables, "train"
 
     shardings = jax.tree.map(

@@ -30,8 +30,11 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec,
         key_mask = spec.key_mask.astype(bool)
         lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)  # [B]
         right_padded = jnp.all(key_mask == (jnp.arange(key_mask.shape[1]) < lengths[:, None]), axis=-1)
+    # a row of no valid token goes to cuDNN as length 1 (its softmax, forward and backward, over
+    # zero keys is undefined) and comes back as zeros below
+    given = None if lengths is None else jnp.maximum(lengths, 1)
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=spec.causal,
-                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       query_seq_lengths=given, key_value_seq_lengths=given,
                                        implementation="cudnn")
     if lengths is None:
         return out
