@@ -160,3 +160,23 @@ def test_local_rows_slice_each_batch_and_pass_state_through():
     assert view.get_state() == {"epoch": 0, "position": 4}
     view.set_state({"epoch": 0, "position": 0})
     assert next(view)["x"].tolist() == [2, 3]
+
+
+def test_a_reference_batch_one_process_cannot_build_stops_the_others(text_env, monkeypatch):
+    """Each process builds only its rows of the reference pass: an error there (a clip it cannot
+    decode) raised on that process alone while the others waited in the batch's collectives."""
+    from vsalmonn_jax.training import host_batches
+
+    cfg, env, mesh, state, _ = text_env
+    tx, _, steps, _, _ = compiled_steps(env.task, cfg, 4, mesh)
+
+    def batches():
+        yield from []
+        raise OSError("clip3.mp4: gone")
+
+    told = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(host_batches, "report_failure", lambda mesh, **kw: told.append(mesh))
+    with pytest.raises(OSError, match="gone"):
+        round_reference_lib.batch_reference(steps, state, batches(), 3, 2)
+    assert told == [steps.mesh]

@@ -7,6 +7,7 @@ file back (no recompute) and a file that does not match the round's pairs is an 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pathlib
@@ -33,16 +34,26 @@ def batch_reference(steps, state, batches: Iterable[dict], count: int, batch_siz
     fsdp); the [batch_size] outputs are gathered to every process.
     """
     from vsalmonn_jax.distributed import process_batch_rows, to_host
+    from vsalmonn_jax.training.host_batches import report_failure
     from vsalmonn_jax.training.loop import device_batch
 
     out = np.full((count, 2), np.nan)
     start, stop = process_batch_rows(batch_size, steps.mesh)
-    for i, local in enumerate(batches):
+    stream = iter(batches)
+    for i in itertools.count():
         ids = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), count - 1)   # [B]
-        mine = np.asarray(local["example_id"])                                          # [rows]
-        if not np.array_equal(mine, ids[start:stop]):
-            raise RuntimeError(f"reference batch {i}: this process's rows hold examples "
-                               f"{mine.tolist()[:8]}, expected {ids[start:stop].tolist()[:8]}")
+        try:   # each process builds its own rows: one that fails tells the others (no hang)
+            local = next(stream, None)
+            if local is None:
+                break
+            mine = np.asarray(local["example_id"])                                      # [rows]
+            if not np.array_equal(mine, ids[start:stop]):
+                raise RuntimeError(f"reference batch {i}: this process's rows hold examples "
+                                   f"{mine.tolist()[:8]}, expected {ids[start:stop].tolist()[:8]}")
+        except Exception:
+            if jax.process_count() > 1:
+                report_failure(steps.mesh)   # the others stop at their batch check
+            raise
         values = to_host(steps.reference(state, device_batch(local, steps)))   # {field: [B]}
         out[ids] = np.stack([values[k] for k in REFERENCE_FIELDS], axis=1)
     bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
