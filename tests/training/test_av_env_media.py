@@ -55,9 +55,9 @@ def clips(tmp_path_factory):
     return root, items
 
 
-def _env(root, budget_gb: float) -> AVPolicyEnv:
+def _env(root, budget_gb: float, *overrides) -> AVPolicyEnv:
     config = load_config("tiny", [f"data.tokenizer={root / 'tokenizer'}", "data.max_frames=2",
-                                  f"mrdpo.media_cache_gb={budget_gb}"])
+                                  f"mrdpo.media_cache_gb={budget_gb}", *overrides])
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     return AVPolicyEnv(config, None, tokenizer)
 
@@ -205,3 +205,27 @@ def test_sampling_decodes_the_next_batch_while_this_one_is_captioned(clips, monk
                        max_new_tokens=4)
     assert fake.seen == [3, 3]          # batch 2's clip was ready while batch 1 was captioned
     assert [s.text for s in out] == [f"{it['id']}#{g}" for g, it in enumerate(items)]
+
+
+def test_sampling_prompts_as_the_pairs_and_cached_media_count_toward_max_length(clips, monkeypatch):
+    """A training item in the release's conversation form was sampled from its own turns while its
+    pairs were prompted by "prompt" / the default; and a pair whose clip was still cached skipped
+    the media-aware max_length check that the same pair built from the file gets."""
+    root, items = clips
+    items = [dict({k: v for k, v in it.items() if k != "prompt"}, video=str(root / it["video"]),
+                  conversations=[{"from": "human", "value": "<image>\nWho is there?"},
+                                 {"from": "gpt", "value": "x"}]) for it in items]
+    env = _env(root, 1.0)
+    fake, _ = _sample(env, items, monkeypatch)
+    default = env.featurizer.text({"kind": "caption"}, has_media=True)["input_ids"]
+    assert env.prepared.items
+    for key, example in env.prepared.items.items():
+        np.testing.assert_array_equal(example["input_ids"], default, err_msg=key)
+    pair = {"video": items[0]["video"], "video_id": items[0]["id"], "prompt": "Describe.",
+            "chosen": "A red circle appears. " * 8, "rejected": "A beep.", "gt": "A red circle."}
+    text = env.featurizer.text({**pair, "kind": "preference"}, has_media=True)
+    longest = max(len(v) for k, v in text.items() if k.endswith("input_ids"))
+    tight = _env(root, 1.0, f"data.max_length={longest + 2}")   # the text fits, + media does not
+    tight.prepared = env.prepared                                  # the clip is cached
+    with pytest.raises(ValueError, match="with its media"):
+        next(tight.batches([pair], batch_size=1, seed=0, shuffle=False, repeat=False))

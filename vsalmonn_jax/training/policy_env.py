@@ -57,6 +57,13 @@ def row_keys(rng: jax.Array, start: int, count: int) -> jax.Array:
     return jax.vmap(lambda g: jax.random.fold_in(rng, g))(np.arange(start, start + count))
 
 
+def sampling_item(item: Mapping) -> dict:
+    """The caption item mrDPO / rebirth sample from: its "prompt" (else the default), as the pair
+    and SFT records built from the samples are prompted (training/pairs.py), so a record's
+    release-form `conversations` (which `caption` would prompt with) are left out."""
+    return {k: v for k, v in item.items() if k != "conversations"}
+
+
 class ListIterator:
     """Endless (or one-pass) batches over a list of featurised examples; checkpointable position.
 
@@ -317,7 +324,7 @@ class AVPolicyEnv:
                     key = str(items[g]["id"])
                     try:
                         example = batch.get(key) or self.prepared.get(key) or self.prepared.put(
-                            key, captioner.prepare(dict(items[g])))
+                            key, captioner.prepare(sampling_item(items[g])))
                     except Exception as err:   # noqa: BLE001 - every kind stops every process
                         yield rows, err
                         return
@@ -343,6 +350,10 @@ class AVPolicyEnv:
             return None
         fields = self.featurizer.text(record, has_media=True)
         media = {k: prepared[k] for k in MEDIA_EXAMPLE_KEYS if k in prepared}
+        try:   # text + media past data.max_length: as a record featurised from its file
+            fields.update(self.featurizer._fit_media(record, {**media, **fields}))
+        except ValueError as err:
+            return {"failed": "text", "detail": f"with its media: {err}"}
         return {"example_id": np.int64(record["index"]), "id": record.get("id", ""), **media,
                 **fields}
 
