@@ -224,3 +224,18 @@ def test_a_batch_the_device_fails_on_is_retried_an_item_at_a_time(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword"):
         run_captions(items, Bug(), output=str(tmp_path / "o2.jsonl"),
                      errors_output=str(tmp_path / "e2.jsonl"), progress=False)
+
+
+def test_a_caption_resume_may_change_how_the_model_runs_not_what_it_computes():
+    """The settings a caption resume compares: frames, audio, format and the model's shapes; not
+    runtime knobs (a smaller frame_chunk after an out-of-memory error was refused)."""
+    from vsalmonn_jax.config import load_config
+    from vsalmonn_jax.generate.caption_io import RUNTIME_FIELDS, input_settings
+
+    base = input_settings(load_config("7b"))
+    runtime = ["model.vision.frame_chunk=2", "model.llm.attention_impl=xla", "model.llm.scan_layers=False",
+               "model.audio.chunk_batch=1", "model.lora.dropout=0.0", "model.llm.remat_policy=none"]
+    assert input_settings(load_config("7b", runtime)) == base
+    assert not set(RUNTIME_FIELDS) & set(base)
+    for change in ("data.max_frames=64", "model.llm.num_layers=2", "data.audio_channel=mean"):
+        assert input_settings(load_config("7b", [change])) != base, change

@@ -184,12 +184,22 @@ INPUT_FIELDS = ("data.tokenizer", "data.fps", "data.max_frames", "data.sample_ra
                 "data.audio_cut", "data.video_audio", "data.frame_sampling", "model.*")
 
 
+# how the model runs, not what it computes: free to change on a resume (e.g. a smaller frame_chunk
+# after an out-of-memory error); dropout and initialisers do nothing at inference
+RUNTIME_FIELDS = ("model.llm.scan_layers", "model.llm.remat_policy", "model.llm.remat_names",
+                  "model.llm.attention_impl", "model.llm.attention_block", "model.vision.frame_chunk",
+                  "model.audio.chunk_batch", "model.lora.dropout", "model.qformer.dropout",
+                  "model.qformer.initializer_range", "model.connector.initializer_range",
+                  "model.vision.position_init_std")
+
+
 def input_settings(config) -> dict:
-    """The INPUT_FIELDS of `config`, flattened ({"data.fps": 1.0, "model.llm.num_layers": 28, ...})."""
+    """The INPUT_FIELDS of `config` but the RUNTIME_FIELDS, flattened ({"data.fps": 1.0,
+    "model.llm.num_layers": 28, ...})."""
     from vsalmonn_jax.training.run_config import as_dict, flatten
 
     flat = flatten(as_dict(config))
-    return {k: v for k, v in flat.items() if any(
+    return {k: v for k, v in flat.items() if k not in RUNTIME_FIELDS and any(
         k == f or (f.endswith(".*") and k.startswith(f[:-1])) for f in INPUT_FIELDS)}
 
 
