@@ -217,6 +217,29 @@ def test_a_batch_the_device_fails_on_is_retried_an_item_at_a_time(tmp_path):
         summary.failed[0]["error"]
     assert _lines(errs)[0]["id"] == paths[1]
 
+    # a backend that can pad to fewer rows (AVCaptioner.rows_per_call): the huge clip fits alone
+    import contextlib
+
+    class Padded(Oom):
+        @contextlib.contextmanager
+        def rows_per_call(self, rows):
+            saved, self.batch_size = self.batch_size, rows
+            try:
+                yield
+            finally:
+                self.batch_size = saved
+
+        def caption(self, rows):
+            if self.batch_size > 2:
+                return Oom.caption(self, rows)
+            return FakeBackend.caption(self, rows)
+
+    out3 = str(tmp_path / "o3.jsonl")
+    padded = Padded(batch_size=4)
+    summary = run_captions(items, padded, output=out3, errors_output=str(tmp_path / "e3.jsonl"),
+                           num_samples=2, progress=False, warn=lambda text: None)
+    assert not summary.failed and len(_lines(out3)) == 8 and padded.batch_size == 4
+
     class Bug(FakeBackend):   # any other error is a bug: it propagates, nothing is hidden
         def caption(self, rows):
             raise TypeError("unexpected keyword")
@@ -239,3 +262,15 @@ def test_a_caption_resume_may_change_how_the_model_runs_not_what_it_computes():
     assert not set(RUNTIME_FIELDS) & set(base)
     for change in ("data.max_frames=64", "model.llm.num_layers=2", "data.audio_channel=mean"):
         assert input_settings(load_config("7b", [change])) != base, change
+
+
+def test_the_av_captioner_pads_a_retry_to_its_rows_on_the_mesh():
+    from vsalmonn_jax.generate.captioner import AVCaptioner
+
+    captioner = AVCaptioner.__new__(AVCaptioner)   # the padding rule only: no model
+    captioner.batch_size, captioner.shards = 8, 2
+    with captioner.rows_per_call(3):
+        assert captioner.batch_size == 4                 # 3 rows, a multiple of the 2 batch shards
+    assert captioner.batch_size == 8
+    with captioner.rows_per_call(20):
+        assert captioner.batch_size == 8                 # never more than the configured batch

@@ -10,6 +10,7 @@ partial last line left by a crash.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -64,25 +65,32 @@ def caption_rows(todo: Iterable[tuple[dict, int]], backend: CaptionBackend,
     """(item, sample) rows, item-major -> lists of (item, sample, result), one list per backend
     batch. Each item is prepared once; an unreadable one goes to `on_unreadable(item, reason)` and
     its rows are skipped. A batch the device fails on (out of memory, an XLA runtime error) is
-    retried an item at a time: the item that still fails is reported as unreadable, the others
-    are captioned (a resume would otherwise hit the same batch again)."""
+    retried an item at a time, in calls padded to that item's rows (a backend's rows_per_call): the
+    item that still fails is reported as unreadable, the others are captioned (a resume would
+    otherwise hit the same batch again)."""
     prepared: dict[str, Any] = {}
     bad: set[str] = set()
     rows: list[tuple[dict, int, Any]] = []
 
-    def run(batch: list[tuple[dict, int, Any]]) -> list[tuple[dict, int, dict]]:
+    def run(batch: list[tuple[dict, int, Any]], fewer: bool = True) -> list[tuple[dict, int, dict]]:
         try:
             results = backend.caption(batch)
         except Exception as err:   # noqa: BLE001 - only the device's errors are handled here
             if not _device_error(err):
                 raise
             keys = list(dict.fromkeys(item["id"] for item, _, _ in batch))   # in order
-            if len(keys) == 1:
+            if len(keys) == 1 and not fewer:
                 bad.add(keys[0])
                 on_unreadable(batch[0][0], f"captioning failed on the device: "
                               f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
                 return []
-            return [row for key in keys for row in run([r for r in batch if r[0]["id"] == key])]
+            done = []
+            for key in keys:   # each item alone, in calls padded to its rows only (when it can)
+                rows_of = [r for r in batch if r[0]["id"] == key]
+                smaller = getattr(backend, "rows_per_call", None)
+                with smaller(len(rows_of)) if smaller else contextlib.nullcontext():
+                    done += run(rows_of, fewer=False)
+            return done
         if len(results) != len(batch):
             raise RuntimeError(f"caption backend returned {len(results)} results for {len(batch)} rows")
         return [(item, sample, res) for (item, sample, _), res in zip(batch, results, strict=True)]

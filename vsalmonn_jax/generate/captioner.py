@@ -8,6 +8,7 @@ sample) row draws from its own key, so captions do not depend on batching or on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 
@@ -69,8 +70,8 @@ class AVCaptioner:
                  max_new_tokens: int, batch_size: int, seed: int = 0, mesh=None):
         self.config, self.task, self.tokenizer = config, task, tokenizer
         self.sampling, self.max_new_tokens, self.seed, self.mesh = sampling, max_new_tokens, seed, mesh
-        shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch_size = -(-int(batch_size) // shards) * shards   # rows divide over the mesh
+        self.shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch_size = -(-int(batch_size) // self.shards) * self.shards   # rows divide the mesh
         self.featurizer = Featurizer.from_config(config)
         self.featurizer._tokenizer = tokenizer             # the given tokenizer is authoritative
         self.pad_id = token_id(tokenizer, ENDOFTEXT)
@@ -82,6 +83,18 @@ class AVCaptioner:
         # gathered once over fsdp when it fits: no all-gather of every layer per decoded token
         self.llm_vars, self.decode_layout = decode_layout(
             llm_vars, str(config.generate.get("decode_layout", "auto")))
+
+    @contextlib.contextmanager
+    def rows_per_call(self, rows: int):
+        """Inside, calls pad to the fewest rows that hold `rows` (a multiple of the mesh's batch
+        shards) instead of batch_size: caption_run's retry after an out-of-memory error (one more
+        compilation for the smaller shape)."""
+        saved = self.batch_size
+        self.batch_size = min(saved, -(-int(rows) // self.shards) * self.shards)
+        try:
+            yield
+        finally:
+            self.batch_size = saved
 
     def prepare(self, item: dict) -> dict:
         record = {k: v for k, v in item.items() if k not in ("kind",)}
