@@ -230,6 +230,25 @@ def test_lora_is_the_llms_and_lora_elsewhere_is_an_error(release, tmp_path):
     assert not ok and any(line.startswith("unused official: 6 tensor(s) of the LoRA") for line in lines)
 
 
+def test_the_releases_untrained_siglip_lora_is_left_out_quietly(release, tmp_path, capsys):
+    """The release's audio-visual train.py wraps SigLIP's q/k/v in LoRA too (its hasattr(model,
+    "vision_tower") misses the tower) and never trains it (B = 0): importing such a checkpoint
+    raised, and check-weights failed it; a nonzero B elsewhere still does both."""
+    from vsalmonn_jax.models.import_release import official_lora_plan, official_view
+
+    config, sd = release
+    lora = _llm_and_vision_lora(config)
+    for name in lora:
+        if "vision_tower" in name and "lora_B" in name:
+            lora[name] = np.zeros_like(lora[name])
+    _, view = official_view(lora)
+    plan = official_lora_plan(view, config.model.llm)
+    assert set(plan["llm"]["layers"]["self_attn"]) == {"q_proj", "k_proj", "v_proj"}
+    assert "have B = 0, adding nothing: not imported" in capsys.readouterr().err
+    ok, lines = _lines(_official(tmp_path, config, dict(sd, **lora)))
+    assert not any("of the LoRA" in line for line in lines), lines
+
+
 def test_lora_kernels_are_planned_for_every_layer(release, tmp_path):
     """An adapted kernel found in one layer is planned for all (missing ones named); LoRA the config
     does not target and LoRA covering only some targeted kernels are check-weights problems."""

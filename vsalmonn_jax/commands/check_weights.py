@@ -34,17 +34,27 @@ def part_of_name(kind: str, name: str) -> str:
     return "Whisper" if kind == "whisper" else "LLM"
 
 
-def dropped(kind: str, unused: list[str], tied: bool = False) -> list[str]:
+def dropped(kind: str, unused: list[str], tied: bool = False, store=None) -> list[str]:
     """Problems for an official source's unread tensors that belong to a model part (their weights
     would be lost), one line per part. `tied`: an unread lm_head equals the embedding (the plan
-    checked it)."""
+    checked it). With `store`, an unread LoRA module whose B is all zeros adds nothing (the
+    release's never-trained SigLIP LoRA) and is not a problem."""
+    import numpy as np
+
     from vsalmonn_jax.models.import_release import dropped_part
 
     if kind != "official":
         return []
+    names = set(unused)
+
+    def adds_nothing(name: str) -> bool:
+        b = name.replace(".lora_A.", ".lora_B.")
+        return store is not None and b in names and not np.any(np.asarray(store[b], np.float32))
+
     by_part = defaultdict(list)
     for name in unused:
-        if (part := dropped_part(name)) is not None and not (tied and name.endswith("lm_head.weight")):
+        if (part := dropped_part(name)) is not None and not (tied and name.endswith("lm_head.weight")) \
+                and not (part == "LoRA" and adds_nothing(name)):
             by_part[part].append(name)
     return [f"unused official: {len(names)} tensor(s) of the {part} no plan reads, e.g. "
             f"{', '.join(names[:3])}: they would be dropped (a layer count, LoRA target or name the "
@@ -107,7 +117,7 @@ def check(config, out=sys.stdout) -> bool:
             stats[part]["missing"] += 1
             problems.append(f"missing {kind}: {name} ({part})")
         unexpected = sorted(set(store.keys()) - used)
-        problems += dropped(kind, unexpected, bool(config.model.llm.tie_word_embeddings))
+        problems += dropped(kind, unexpected, bool(config.model.llm.tie_word_embeddings), store)
         by_part = defaultdict(list)
         for name in unexpected:
             by_part[part_of_name(kind, name)].append(name)

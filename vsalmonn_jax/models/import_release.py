@@ -260,6 +260,14 @@ def official_lora_plan(lora: Source, llm_cfg, missing: list[str] | None = None,
     pattern = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.({_LORA_KERNELS})\.[AB]")
     matches = {n: pattern.fullmatch(n) for n in names}
     outside = [n for n, m in matches.items() if m is None or int(m.group(1)) >= llm_cfg.num_layers]
+    if outside and missing is None and not any(   # every B all zeros (reads those only)
+            np.any(np.asarray(lora[n], np.float32)) for n in outside if n.endswith(".B")):
+        # the release's audio-visual LoRA wraps SigLIP's q/k/v too (train.py's hasattr(model,
+        # "vision_tower") misses the tower), which never trains (frozen, no_grad): B = 0, no delta
+        print(f"official weights: {len(outside)} LoRA tensors outside the LLM (e.g. "
+              f"{lora.stored_name(outside[0])}) have B = 0, adding nothing: not imported",
+              file=sys.stderr)
+        outside = []
     if outside and missing is None:
         raise CheckpointError(
             f"official weights: {len(outside)} LoRA tensor(s) outside the LLM's {llm_cfg.num_layers} "
