@@ -75,8 +75,8 @@ def _path(path) -> str:
 
 
 def frozen_labels(frozen: tuple[str, ...]):
-    """param_labels for optax.multi_transform: "frozen" for the trainable leaves under one of the
-    `frozen` paths ("adapter/audio_connector/audio_proj"), else "train"; a path that names no leaf
+    """tree -> labels: "frozen" for the trainable leaves under one of the `frozen` paths
+    ("adapter/audio_connector/audio_proj"), else "train" (zero_frozen's); a path that names no leaf
     of a collection the model has is a ValueError (a typo would otherwise train what it meant to
     freeze)."""
     def labels(tree):
