@@ -17,10 +17,11 @@ import pathlib
 import sys
 
 ENV = "VSALMONN_JAX_CACHE_DIR"
-# Only compilations slower than this are written: tiny helper jits (casts, broadcasts) recompile in
-# milliseconds and would only add files. Measured (bench/demo_cache.py): 0 instead of 0.5 gave the same
-# second-vs-first `demo --quick` ratio (2.078 vs 2.079 in CPU time) with 79 files instead of 22.
-MIN_COMPILE_SECONDS = 0.5
+# Only compilations slower than this are written. 0: every one (a second `demo --quick` also skips
+# its many sub-0.5-s compiles: bench/demo_cache.py 2.124 and 2.15 with 90 files, against 1.97 and
+# 1.95 with 17 at 0.5, 2026-12-08; an earlier measurement, before QA option packing, saw no
+# difference). The test suite keeps 0.5 (tests/conftest.py: the cold suite was no faster at 0).
+MIN_COMPILE_SECONDS = 0.0
 MAX_GB_ENV = "VSALMONN_JAX_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 10.0
 ENTRY = "*-cache"   # JAX's entry files (XLA's own caches, in sub-folders, are not touched)
