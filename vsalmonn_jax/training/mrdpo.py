@@ -44,8 +44,7 @@ from vsalmonn_jax.lora import LoraConfig
 from vsalmonn_jax.training import pairs as pairs_lib
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import PairRule, Sample
-from vsalmonn_jax.training.policy_env import local_rows
-from vsalmonn_jax.training.prefetch import Prefetch
+from vsalmonn_jax.training.policy_env import process_batches
 from vsalmonn_jax.training.round_reference import REFERENCE_FILE, round_reference
 from vsalmonn_jax.training.round_store import (  # noqa: F401  (re-exported: rebirth, demo, tests)
     RoundCheckpoints,
@@ -294,9 +293,8 @@ def run_mrdpo(config, env, workdir: str | os.PathLike, *, state: st.TrainState,
                     on_step(r, step, metrics)
 
             rows = global_batch(config, mesh, opts.batch_size)
-            iterator = local_rows(env.batches(records, batch_size=rows,
-                                              seed=int(config.data.shuffle_seed) + r), mesh, rows)
-            with Prefetch(iterator) as ahead:   # the next batch's media decode during the step
+            with process_batches(env, records, mesh, rows,
+                                 seed=int(config.data.shuffle_seed) + r) as ahead:
                 state, result = run_stage(cfg, ahead, rdir, task=env.task, state=state, mesh=mesh,
                                           num_steps=opts.steps_per_round, on_step=step_hook,
                                           progress=progress, tensorboard=tensorboard)

@@ -58,9 +58,8 @@ def row_keys(rng: jax.Array, start: int, count: int) -> jax.Array:
 
 
 def sampling_item(item: Mapping) -> dict:
-    """The caption item mrDPO / rebirth sample from: its "prompt" (else the default), as the pair
-    and SFT records built from the samples are prompted (training/pairs.py), so a record's
-    release-form `conversations` (which `caption` would prompt with) are left out."""
+    """The caption item mrDPO / rebirth sample from: prompted as the pairs built from the samples
+    (its "prompt", else the default: training/pairs.py), so release-form `conversations` go."""
     return {k: v for k, v in item.items() if k != "conversations"}
 
 
@@ -68,8 +67,7 @@ class ListIterator:
     """Endless (or one-pass) batches over a list of featurised examples; checkpointable position.
 
     Shuffled per epoch with a fixed seed; the last partial batch of a pass is padded by repeating
-    its last example (one-pass mode), so every batch has `batch_size` rows.
-    """
+    its last example (one-pass mode), so every batch has `batch_size` rows."""
 
     def __init__(self, examples: list, collate_fn, batch_size: int, seed: int,
                  shuffle: bool, repeat: bool):
@@ -145,6 +143,12 @@ def local_rows(iterator, mesh, batch_size: int):
         iterator.rows = slice(start, stop)
         return iterator
     return LocalRows(iterator, start, stop)
+
+
+def process_batches(env, records: Sequence[Mapping], mesh, batch_size: int, **kw) -> Prefetch:
+    """`env.batches(...)`, this process's rows (local_rows), built ahead in a thread (Prefetch: the
+    next batch's media decode while this one runs); `with process_batches(...) as batches:`."""
+    return Prefetch(local_rows(env.batches(records, batch_size=batch_size, **kw), mesh, batch_size))
 
 
 class TextPolicyEnv:

@@ -20,8 +20,7 @@ from vsalmonn_jax.atomic_file import write_json
 from vsalmonn_jax.generate.sampling import SamplingConfig
 from vsalmonn_jax.training import state as st
 from vsalmonn_jax.training.pairs import MEDIA_FIELDS, Sample, judged_text
-from vsalmonn_jax.training.policy_env import local_rows
-from vsalmonn_jax.training.prefetch import Prefetch
+from vsalmonn_jax.training.policy_env import process_batches
 
 
 def caption_records(items: Sequence[Mapping], captions: Sequence[Sample], default_prompt: str
@@ -137,11 +136,10 @@ def run_rebirth(config, env, workdir: str | os.PathLike, *, pre_dpo_state: st.Tr
     mesh = mesh or make_mesh(dict(config.mesh))
     rows = global_batch(config, mesh)
     cfg = rebirth_config(config, len(built["records"]), rows)
-    iterator = local_rows(env.batches(built["records"], batch_size=rows,
-                                      seed=int(config.data.shuffle_seed)), mesh, rows)
     # the base is the pre-DPO model (its LoRA merged): saved with the checkpoints, so caption and
     # export read it instead of rebuilding the seed's
-    with Prefetch(iterator) as ahead:   # the next batch's media decode during the step
+    with process_batches(env, built["records"], mesh, rows,
+                         seed=int(config.data.shuffle_seed)) as ahead:
         state, result = run_stage(cfg, ahead, workdir, task=env.task, state=pre_dpo_state,
                                   mesh=mesh, progress=progress, tensorboard=tensorboard,
                                   include_params=True)

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 
 from vsalmonn_jax.atomic_file import write_jsonl
-from vsalmonn_jax.training.policy_env import local_rows
-from vsalmonn_jax.training.prefetch import Prefetch
+from vsalmonn_jax.training.policy_env import process_batches
 
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 REFERENCE_FILE = "reference.jsonl"
@@ -84,9 +83,8 @@ def compute_reference(env, config, state, records: Sequence[Mapping], mesh, *, b
     tx, _, steps, shardings, _ = compiled_steps(env.task, config, num_steps, mesh)
     ref_state, _ = prepare_state(env.task, config, tx, mesh, state=state, shardings=shardings)
     subset = [records[i] for i in index]
-    batches = local_rows(env.batches(subset, batch_size=batch_size, seed=0, shuffle=False,
-                                     repeat=False), mesh, batch_size)
-    with Prefetch(batches) as ahead:   # the next batch's media decode while this one runs
+    with process_batches(env, subset, mesh, batch_size, seed=0, shuffle=False,
+                         repeat=False) as ahead:
         values = batch_reference(steps, ref_state, ahead, len(subset), batch_size)
     return [{"index": i, "id": str(records[i].get("id", "")),
              REFERENCE_FIELDS[0]: float(c), REFERENCE_FIELDS[1]: float(r)}
