@@ -218,15 +218,19 @@ class Featurizer:
                            default_prompt=self.default_prompt, has_media=has_media,
                            prompt_format=self.prompt_format, reserved=reserved)
 
-    def _fit_media(self, record: dict, fields: dict) -> dict:
-        """The text again with the media's positions reserved, when text + media pass max_length
-        (as the release, which cuts the embedded sequence at its model_max_length): truncated
-        under truncation=truncate_response, else ValueError."""
+    def fit_media(self, record: dict, fields: dict) -> dict:
+        """Text fields to update `fields` (text + media) with: the text again with the media's
+        positions reserved when both pass max_length (as the release, which cuts the embedded
+        sequence at its model_max_length), truncated under truncation=truncate_response, else a
+        failure dict {"failed": "text", "detail"}; {} when they fit."""
         extra = media_positions(fields, self.av_config) if self.av_config is not None else 0
         longest = max((len(v) for k, v in fields.items() if k.endswith("input_ids")), default=0)
         if not extra or longest + extra <= self.max_length:
             return {}
-        return self.text(record, True, reserved=extra)
+        try:
+            return self.text(record, True, reserved=extra)
+        except ValueError as err:
+            return {"failed": "text", "detail": f"with its media: {err}"}
 
     def _time_tokens(self, record: dict, fields: dict) -> dict:
         """Per-frame time tokens of a video without audio; a still image (one frame, no duration)
@@ -256,10 +260,10 @@ class Featurizer:
                 if wants_time_tokens(self.time_tokens, bool(fields["has_video"]),
                                      bool(fields["has_audio"])):
                     fields.update(self._time_tokens(record, fields))
-                try:
-                    fields.update(self._fit_media(record, fields))
-                except ValueError as err:   # text + media past max_length
-                    return {**base, "failed": "text", "detail": f"with its media: {err}"}
+                fitted = self.fit_media(record, fields)
+                if "failed" in fitted:   # text + media past max_length
+                    return {**base, **fitted}
+                fields.update(fitted)
             else:
                 fields.update(has_video=np.bool_(False), has_audio=np.bool_(False),
                               audio_seconds=np.float32(0.0))

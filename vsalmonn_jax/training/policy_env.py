@@ -354,12 +354,11 @@ class AVPolicyEnv:
             return None
         fields = self.featurizer.text(record, has_media=True)
         media = {k: prepared[k] for k in MEDIA_EXAMPLE_KEYS if k in prepared}
-        try:   # text + media past data.max_length: as a record featurised from its file
-            fields.update(self.featurizer._fit_media(record, {**media, **fields}))
-        except ValueError as err:
-            return {"failed": "text", "detail": f"with its media: {err}"}
+        fitted = self.featurizer.fit_media(record, {**media, **fields})   # as one from its file
+        if "failed" in fitted:
+            return fitted
         return {"example_id": np.int64(record["index"]), "id": record.get("id", ""), **media,
-                **fields}
+                **fields, **fitted}
 
     def batches(self, records, *, batch_size, seed, shuffle=True, repeat=True):
         """All batches padded to one text length (the bucket of the longest record). Records of
