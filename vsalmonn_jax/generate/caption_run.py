@@ -156,6 +156,7 @@ def run_captions(items: list[dict], backend: CaptionBackend, *, output: str, err
     warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
     done = read_done(output)
     listed = read_errors(errors_output)
+    in_file = list(listed)                       # the errors file's lines, as this run leaves them
     known = {record["id"] for record in listed}
     todo = list(pending(items, num_samples, done))
     summary = CaptionSummary(total=len(items) * num_samples)
@@ -172,6 +173,7 @@ def run_captions(items: list[dict], backend: CaptionBackend, *, output: str, err
             if record["id"] not in known:   # listed by an earlier run: not a second line
                 known.add(record["id"])
                 errors.write_many([record])
+                in_file.append(record)
             warn(f"caption: skipped {where}: {reason}")
             bar.update(sum(1 for it, _ in todo if it["id"] == item["id"]))   # its skipped rows
 
@@ -182,7 +184,7 @@ def run_captions(items: list[dict], backend: CaptionBackend, *, output: str, err
             bar.update(len(batch))
     bar.close()
     settled = settle_errors(listed, summary.failed, captioned)
-    if settled != read_errors(errors_output):
+    if settled != in_file:
         write_jsonl(errors_output, settled, ensure_ascii=False)
     return summary
 
